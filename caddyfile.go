@@ -1,0 +1,138 @@
+package fortnox
+
+import (
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+)
+
+func init() {
+	httpcaddyfile.RegisterHandlerDirective("fortnox", parseCaddyfile)
+	// So users need no `order` line: the token goes on before the proxy.
+	httpcaddyfile.RegisterDirectiveOrder("fortnox", httpcaddyfile.Before, "reverse_proxy")
+}
+
+func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+	handler := new(Handler)
+	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	return handler, err
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	fortnox {
+//		client_id      <id>
+//		client_secret  <secret>
+//		token_url      <url>
+//		tenant_header  <header>
+//		tenant         [<alias>] <tenant_id>
+//		only_listed_tenants
+//		tenant_from_token
+//		refresh_before <duration>
+//		token_timeout  <duration>
+//	}
+func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		switch option {
+		case "client_id":
+			if err := oneArg(d, &h.ClientID); err != nil {
+				return err
+			}
+		case "client_secret":
+			if err := oneArg(d, &h.ClientSecret); err != nil {
+				return err
+			}
+		case "token_url":
+			if err := oneArg(d, &h.TokenURL); err != nil {
+				return err
+			}
+		case "tenant_header":
+			if err := oneArg(d, &h.TenantHeader); err != nil {
+				return err
+			}
+		case "tenant":
+			args := d.RemainingArgs()
+			var name, id string
+			switch len(args) {
+			case 1:
+				name, id = args[0], args[0]
+			case 2:
+				name, id = args[0], args[1]
+			default:
+				return d.Errf("tenant takes a TenantId, or an alias and a TenantId: tenant [<alias>] <tenant_id>")
+			}
+			if h.Tenants == nil {
+				h.Tenants = make(map[string]string)
+			}
+			if prev, dup := h.Tenants[name]; dup && prev != id {
+				return d.Errf("tenant %q is declared twice, for %s and %s", name, prev, id)
+			}
+			h.Tenants[name] = id
+			if err := validateTenantNames(map[string]string{name: id}); err != nil {
+				return d.Err(err.Error())
+			}
+		case "only_listed_tenants":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.OnlyListedTenants = true
+		case "tenant_from_token":
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+			h.TenantFromToken = true
+		case "refresh_before":
+			if err := durationArg(d, &h.RefreshBefore); err != nil {
+				return err
+			}
+		case "token_timeout":
+			if err := durationArg(d, &h.TokenTimeout); err != nil {
+				return err
+			}
+		default:
+			return d.Errf("unrecognized subdirective %q", option)
+		}
+	}
+	return nil
+}
+
+// oneArg reads exactly one argument into dst. Its error names the option,
+// never the values, since the value may be a secret.
+func oneArg(d *caddyfile.Dispenser, dst *string) error {
+	option := d.Val()
+	if !d.NextArg() {
+		return d.Errf("%s needs a value", option)
+	}
+	*dst = d.Val()
+	if d.NextArg() {
+		return d.Errf("%s takes exactly one value", option)
+	}
+	return nil
+}
+
+// durationArg reads one positive duration (Caddy syntax: 90s, 5m, 1d).
+func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
+	option := d.Val()
+	var raw string
+	if err := oneArg(d, &raw); err != nil {
+		return err
+	}
+	dur, err := caddy.ParseDuration(raw)
+	if err != nil {
+		return d.Errf("%s: %q is not a duration: %v", option, raw, err)
+	}
+	if dur <= 0 {
+		return d.Errf("%s must be positive, got %s", option, raw)
+	}
+	*dst = caddy.Duration(dur)
+	return nil
+}
+
+// Interface guard
+var _ caddyfile.Unmarshaler = (*Handler)(nil)

@@ -1,0 +1,276 @@
+// Package fortnox is a Caddy v2 plugin that makes Caddy a sidecar for the
+// Fortnox API: it picks the tenant of each request, gets and caches a token
+// for it, and sends the request on with `Authorization: Bearer …`.
+package fortnox
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+)
+
+// DefaultTokenURL is Fortnox's token endpoint.
+const DefaultTokenURL = "https://apps.fortnox.se/oauth-v1/token"
+
+// DefaultTenantHeader is the request header that names the tenant.
+const DefaultTenantHeader = "X-Fortnox-Tenant"
+
+func init() {
+	caddy.RegisterModule(Handler{})
+}
+
+// Handler is the `fortnox` HTTP handler. For each request it resolves the
+// tenant (a Fortnox TenantId), gets a token for it and sets
+// `Authorization: Bearer …`; the next handler (reverse_proxy) carries the
+// request to Fortnox.
+type Handler struct {
+	// The integration's client id. Placeholders such as {env.FORTNOX_CLIENT_ID}
+	// are resolved when the config loads. Required.
+	ClientID string `json:"client_id,omitempty"`
+
+	// The integration's client secret. Use a placeholder ({env.X} or
+	// {file./run/secrets/x}) so that the config holds no secret. Required.
+	ClientSecret string `json:"client_secret,omitempty"`
+
+	// Fortnox's token endpoint. Default: https://apps.fortnox.se/oauth-v1/token.
+	TokenURL string `json:"token_url,omitempty"`
+
+	// The request header that carries the customer's TenantId or alias.
+	// Default: X-Fortnox-Tenant. It is removed before the request is proxied.
+	TenantHeader string `json:"tenant_header,omitempty"`
+
+	// Tenants declared in the config: alias -> TenantId. A TenantId listed
+	// without an alias maps to itself. Aliases may be sent in the tenant
+	// header instead of the TenantId.
+	Tenants map[string]string `json:"tenants,omitempty"`
+
+	// Serve only the TenantIds named in Tenants; others get 403.
+	OnlyListedTenants bool `json:"only_listed_tenants,omitempty"`
+
+	// When a request has no tenant header, read the tenant from the tenantId
+	// claim of the app's own `Authorization: Bearer` JWT (a token from before
+	// the app used the sidecar). The signature is not checked; the token is
+	// never forwarded.
+	TenantFromToken bool `json:"tenant_from_token,omitempty"`
+
+	// How long before expiry a token is refreshed in the background (it is
+	// never refreshed before half its lifetime). Default: 5m.
+	RefreshBefore caddy.Duration `json:"refresh_before,omitempty"`
+
+	// How long one token request may take. Default: 10s.
+	TokenTimeout caddy.Duration `json:"token_timeout,omitempty"`
+
+	tokens   *tokenManager
+	resolver *tenantResolver
+	poolKey  string
+	logger   *zap.Logger
+}
+
+// CaddyModule returns the Caddy module information.
+func (Handler) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.fortnox",
+		New: func() caddy.Module { return new(Handler) },
+	}
+}
+
+var placeholderOnly = regexp.MustCompile(`^\{[^{}]+\}$`)
+
+// Provision resolves placeholders and joins the shared token manager. It
+// touches no network (it also runs for `caddy validate` and `caddy adapt`).
+func (h *Handler) Provision(ctx caddy.Context) error {
+	h.logger = ctx.Logger()
+	repl := caddy.NewReplacer()
+
+	clientID, err := resolveSetting(repl, "client_id", h.ClientID)
+	if err != nil {
+		return err
+	}
+	secret, err := resolveSetting(repl, "client_secret", h.ClientSecret)
+	if err != nil {
+		return err
+	}
+	tokenURL := DefaultTokenURL
+	if h.TokenURL != "" {
+		tokenURL = strings.TrimSpace(repl.ReplaceAll(h.TokenURL, ""))
+	}
+	if err := checkTokenURL(tokenURL); err != nil {
+		return err
+	}
+	header := h.TenantHeader
+	if header == "" {
+		header = DefaultTenantHeader
+	}
+	if strings.EqualFold(header, "Authorization") || !validHeaderName(header) {
+		return fmt.Errorf("tenant_header %q is not a usable header name", header)
+	}
+	if err := validateTenantNames(h.Tenants); err != nil {
+		return err
+	}
+	if h.OnlyListedTenants && len(h.Tenants) == 0 {
+		return errors.New("only_listed_tenants is set but no tenant is listed: add `tenant <id>` or `tenant <alias> <id>` lines")
+	}
+	refreshBefore := time.Duration(h.RefreshBefore)
+	if refreshBefore == 0 {
+		refreshBefore = defaultRefreshBefore
+	}
+	if refreshBefore < 0 {
+		return errors.New("refresh_before must not be negative")
+	}
+	timeout := time.Duration(h.TokenTimeout)
+	if timeout == 0 {
+		timeout = defaultTokenTimeout
+	}
+	if timeout < 0 {
+		return errors.New("token_timeout must not be negative")
+	}
+
+	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
+	h.poolKey = managerKey(tokenURL, clientID)
+	val, _, err := managers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
+		return newTokenManager(tokenURL, clientID), nil
+	})
+	if err != nil {
+		return err
+	}
+	h.tokens = val.(*tokenManager)
+	h.tokens.settings.Store(&managerSettings{
+		cred:          credentials{clientID: clientID, clientSecret: secret},
+		refreshBefore: refreshBefore,
+		tokenTimeout:  timeout,
+		logger:        h.logger,
+	})
+	return nil
+}
+
+// resolveSetting resolves the placeholders of a required setting. The error
+// never shows the resolved value, only the placeholder the config named.
+func resolveSetting(repl *caddy.Replacer, name, raw string) (string, error) {
+	if strings.TrimSpace(raw) == "" {
+		return "", fmt.Errorf("%s is required", name)
+	}
+	v := strings.TrimSpace(repl.ReplaceAll(raw, ""))
+	if v != "" {
+		return v, nil
+	}
+	if placeholderOnly.MatchString(strings.TrimSpace(raw)) {
+		return "", fmt.Errorf("%s is empty: its placeholder %s resolved to nothing (is the environment variable set, or the file present and non-empty?)", name, strings.TrimSpace(raw))
+	}
+	return "", fmt.Errorf("%s is empty after resolving placeholders", name)
+}
+
+func checkTokenURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("token_url %q is not an http(s) URL", raw)
+	}
+	if u.User != nil {
+		return errors.New("token_url must not contain credentials; use client_id and client_secret")
+	}
+	return nil
+}
+
+func validHeaderName(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		ok := c == '-' || c == '_' || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+		if !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// Cleanup releases this config's hold on the shared token manager.
+func (h *Handler) Cleanup() error {
+	if h.poolKey == "" {
+		return nil
+	}
+	_, err := managers.Delete(h.poolKey)
+	return err
+}
+
+// ServeHTTP resolves the tenant, puts its token on the request and hands
+// it to the next handler.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	tenant, rerr := h.resolver.resolve(r)
+	if rerr != nil {
+		if ce := h.logger.Check(zapcore.DebugLevel, "request refused"); ce != nil {
+			ce.Write(zap.String("error", rerr.code), zap.Int("status", rerr.status))
+		}
+		writeJSONError(w, rerr.status, rerr.code, rerr.message, 0)
+		return nil
+	}
+	tok, err := h.tokens.tokenFor(r.Context(), tenant)
+	if err != nil {
+		h.writeTokenError(w, r, tenant, err)
+		return nil
+	}
+	delete(r.Header, "Authorization")
+	delete(r.Header, h.resolver.header)
+	r.Header["Authorization"] = []string{tok.bearer}
+	return next.ServeHTTP(w, r)
+}
+
+// writeTokenError answers a request for which no token could be had. The
+// failure itself was logged once by the token manager.
+func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, tenant string, err error) {
+	var terr *tokenError
+	if !errors.As(err, &terr) {
+		// The caller's own context ended while it waited: the client left
+		// or its deadline passed. 503 so a proxy in front can retry.
+		if r.Context().Err() != nil {
+			writeJSONError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
+				"The request ended while it waited for a token for tenant "+tenant+".", time.Second)
+			return
+		}
+		terr = asTokenError(err)
+	}
+	var retry time.Duration
+	if terr.httpStatus() == http.StatusServiceUnavailable {
+		retry = time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
+	}
+	writeJSONError(w, terr.httpStatus(), terr.errorCode(), terr.advice(tenant), retry)
+}
+
+// errorBody is the JSON answer the app gets when the sidecar refuses a request.
+type errorBody struct {
+	Error   string `json:"error"`
+	Message string `json:"message"`
+}
+
+// writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
+// Retry-After header in whole seconds.
+func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
+	body, _ := json.Marshal(errorBody{Error: code, Message: message})
+	hdr := w.Header()
+	hdr.Set("Content-Type", "application/json")
+	hdr.Set("Cache-Control", "no-store")
+	hdr.Set("X-Content-Type-Options", "nosniff")
+	if retryAfter > 0 {
+		hdr.Set("Retry-After", strconv.Itoa(max(1, int((retryAfter+time.Second-1)/time.Second))))
+	}
+	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n'))
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Handler)(nil)
+	_ caddy.CleanerUpper          = (*Handler)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
+)

@@ -1,0 +1,142 @@
+package fortnox
+
+import (
+	"fmt"
+	"math"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// tokenFailure says why no token could be had, and so what the app is told.
+type tokenFailure int
+
+const (
+	// failNoConsent: the tenant has no usable service-account consent and no
+	// refresh token to fall back on. The customer must authorize.
+	failNoConsent tokenFailure = iota + 1
+	// failGrantRejected: Fortnox rejected the stored refresh token
+	// (invalid_grant). The customer must authorize again.
+	failGrantRejected
+	// failBadClient: Fortnox rejected the client id or secret (invalid_client).
+	failBadClient
+	// failBadAnswer: the token endpoint answered something we cannot use.
+	failBadAnswer
+	// failUnavailable: the token endpoint could not be reached, timed out, or
+	// answered 5xx or 429.
+	failUnavailable
+	// failStorage: the token store could not be read or written.
+	failStorage
+)
+
+// tokenError is what the token manager returns when it has no token for a
+// tenant. It never holds a token, a refresh token or a secret: its text is
+// safe for logs and for the app.
+type tokenError struct {
+	failure tokenFailure
+	// status is the token endpoint's HTTP status, 0 when there was no answer.
+	status int
+	// code and description are the OAuth error fields of the answer, if any
+	// (description is cut short; it is Fortnox's text, never ours).
+	code        string
+	description string
+	// cause is the underlying error (transport error, parse error), if any.
+	cause error
+	// retryAt is when the next attempt for this tenant will be made.
+	retryAt time.Time
+}
+
+func (e *tokenError) Error() string {
+	var s string
+	switch e.failure {
+	case failNoConsent:
+		s = "no service-account consent for this tenant and no refresh token stored"
+	case failGrantRejected:
+		s = "the stored refresh token was rejected"
+	case failBadClient:
+		s = "the token endpoint rejected the client id or secret"
+	case failBadAnswer:
+		s = "the token endpoint gave an answer that cannot be used"
+	case failUnavailable:
+		s = "the token endpoint is unavailable"
+	case failStorage:
+		s = "the token store failed"
+	default:
+		s = "token error"
+	}
+	if e.status != 0 {
+		s += fmt.Sprintf(" (HTTP %d", e.status)
+		if e.code != "" {
+			s += " " + e.code
+		}
+		if e.description != "" {
+			s += ": " + strconv.Quote(e.description)
+		}
+		s += ")"
+	}
+	if e.cause != nil {
+		s += ": " + e.cause.Error()
+	}
+	return s
+}
+
+func (e *tokenError) Unwrap() error { return e.cause }
+
+// httpStatus is the status the app gets for this failure (DESIGN's table).
+func (e *tokenError) httpStatus() int {
+	switch e.failure {
+	case failNoConsent, failGrantRejected:
+		return http.StatusForbidden
+	case failBadClient, failBadAnswer:
+		return http.StatusBadGateway
+	default:
+		return http.StatusServiceUnavailable
+	}
+}
+
+// errorCode is the machine-readable "error" field of the app's answer.
+func (e *tokenError) errorCode() string {
+	switch e.failure {
+	case failNoConsent:
+		return "tenant_not_authorized"
+	case failGrantRejected:
+		return "refresh_token_rejected"
+	case failBadClient:
+		return "invalid_client_credentials"
+	case failBadAnswer:
+		return "bad_token_response"
+	case failStorage:
+		return "token_storage_unavailable"
+	default:
+		return "token_endpoint_unavailable"
+	}
+}
+
+// advice is the "message" field: what happened and what to do.
+func (e *tokenError) advice(tenant string) string {
+	switch e.failure {
+	case failNoConsent:
+		return "Fortnox gave no token for tenant " + tenant + ": the customer has not given this integration a service-account consent and no refresh token is stored. " +
+			"Ask a system administrator of the customer to authorize the integration (authorization code flow with account_type=service), or store a refresh token for the tenant through the admin API."
+	case failGrantRejected:
+		return "Fortnox rejected the stored refresh token for tenant " + tenant + " (used or expired). The customer must authorize the integration again; then store the new refresh token through the admin API."
+	case failBadClient:
+		return "Fortnox rejected the configured client id or client secret. Check client_id and client_secret in the fortnox block (and the environment variables or files they name)."
+	case failBadAnswer:
+		return "Fortnox's token endpoint gave an answer that is not a usable token. Check token_url; if it is right, this is on Fortnox's side: try again later."
+	case failStorage:
+		return "The token store could not be read or written for tenant " + tenant + ". Check Caddy's storage; nothing was lost."
+	default:
+		return "Fortnox's token endpoint could not be reached or is failing, and no valid token is cached for tenant " + tenant + ". Retry after the number of seconds in Retry-After."
+	}
+}
+
+// retryAfterSeconds is the Retry-After value for an answer given at t:
+// whole seconds until the next attempt, at least 1.
+func retryAfterSeconds(retryAt, t time.Time) int {
+	s := int(math.Ceil(retryAt.Sub(t).Seconds()))
+	if s < 1 {
+		return 1
+	}
+	return s
+}

@@ -30,8 +30,8 @@ type echo struct {
 		Method   string
 		Path     string
 		Query    string
-		TenantId string //nolint:revive // named as the JSON key
-		ClientId string //nolint:revive // named as the JSON key
+		TenantID string `json:"TenantId"`
+		ClientID string `json:"ClientId"`
 		Body     string
 	}
 }
@@ -92,8 +92,8 @@ func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
 		a.Echo.Method = r.Method
 		a.Echo.Path = r.URL.Path
 		a.Echo.Query = r.URL.RawQuery
-		a.Echo.TenantId = req.Tenant
-		a.Echo.ClientId = c.ClientID
+		a.Echo.TenantID = req.Tenant
+		a.Echo.ClientID = c.ClientID
 		a.Echo.Body = string(req.Body)
 		return req.Status, a
 	}

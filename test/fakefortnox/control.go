@@ -116,8 +116,9 @@ func (s *Server) ClearFault() {
 // SetNoConsentAnswer sets what client_credentials answers for a tenant
 // without a service-account consent (Fortnox's real answer is unknown). The
 // body is {"error":errorCode,"error_description":...} as application/json;
-// with errorCode "" it is a plain-text body that is not OAuth JSON. status 0
-// means the default, 400 unauthorized_client.
+// with errorCode "" it is a plain-text body that is not OAuth JSON (and is
+// not counted by TokenErrors). status 0 means the default, 400
+// unauthorized_client.
 func (s *Server) SetNoConsentAnswer(status int, errorCode string) {
 	if status == 0 {
 		status, errorCode = http.StatusBadRequest, "unauthorized_client"

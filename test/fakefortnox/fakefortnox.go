@@ -3,7 +3,7 @@
 // the authorize page, the revoke endpoint and a small /3/ API that checks
 // Bearer tokens and enforces the per-tenant rate limit.
 //
-// It reproduces what /work/shared/FORTNOX.md says the real Fortnox does,
+// It reproduces what the project's notes on Fortnox (FORTNOX.md) say it does,
 // including its quirks (invalid_client served as text/plain, invalid_grant
 // as text/html, refresh tokens that work exactly once). Where the real
 // behaviour is unknown, the fake has a switch so tests can try each plausible
@@ -59,7 +59,8 @@ type Options struct {
 }
 
 // Fault makes the token endpoint misbehave (see SetFault). The zero value
-// is no fault.
+// is no fault. Down needs a hijackable connection (a real HTTP/1 server);
+// otherwise it aborts the handler with http.ErrAbortHandler.
 type Fault struct {
 	Down   bool          // token endpoint: hijack and close the connection with no answer
 	Status int           // token endpoint: answer this status (e.g. 500, 503, 429) with a small body
@@ -171,7 +172,7 @@ func (s *Server) Listen(addr string) error {
 	}
 	srv := &http.Server{Handler: s, ReadHeaderTimeout: 10 * time.Second}
 	s.listener, s.httpSrv = ln, srv
-	go srv.Serve(ln) //nolint:errcheck // Serve always returns ErrServerClosed after Close
+	go func() { _ = srv.Serve(ln) }() // returns ErrServerClosed after Close: nothing to report
 	return nil
 }
 

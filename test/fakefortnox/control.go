@@ -1,0 +1,151 @@
+package fakefortnox
+
+import (
+	"net/http"
+	"time"
+)
+
+// AddClient registers an integration (or changes its secret).
+func (s *Server) AddClient(id, secret string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.clients[id] = secret
+}
+
+// GrantConsent gives the client a service-account consent for the tenant,
+// with the default scopes, so that client_credentials works for it.
+func (s *Server) GrantConsent(clientID, tenant string) {
+	s.grantConsent(clientID, tenant, defaultScopes)
+}
+
+func (s *Server) grantConsent(clientID, tenant string, scopes []string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.consents[grantKey{clientID, tenant}] = scopes
+}
+
+// RevokeConsent takes the service-account consent away: client_credentials
+// for the tenant gets the no-consent answer from now on. Access tokens
+// already minted keep working (whether Fortnox kills them is unknown); call
+// RevokeAccessTokens as well to test that case.
+func (s *Server) RevokeConsent(clientID, tenant string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.consents, grantKey{clientID, tenant})
+}
+
+// IssueRefreshToken returns a new valid refresh token for the client and
+// tenant (user "1", default scopes), as if the customer had authorized.
+func (s *Server) IssueRefreshToken(clientID, tenant string) string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.issueRefreshTokenLocked(refreshGrant{
+		clientID: clientID,
+		tenant:   tenant,
+		userID:   defaultAuthorizeUser,
+		scopes:   defaultScopes,
+	})
+}
+
+// issueRefreshTokenLocked stores g under a new refresh token, issued now.
+// The caller holds s.mu.
+func (s *Server) issueRefreshTokenLocked(g refreshGrant) string {
+	token := randomHex(20) // 40 lowercase hex characters, like Fortnox's
+	g.issuedAt = s.Now()
+	s.refreshTokens[token] = g
+	return token
+}
+
+// RefreshTokenValid reports whether token would be accepted by the refresh
+// grant now, without using it up (for tests that check a stored chain).
+func (s *Server) RefreshTokenValid(token string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g, ok := s.refreshTokens[token]
+	return ok && s.Now().Before(g.issuedAt.Add(refreshTokenLifetime))
+}
+
+// RevokeAccessTokens makes /3/ reject (401) every access token minted so far
+// for the client and tenant. Tokens minted afterwards work, even within the
+// same second: revocation compares each token's sequence number, not iat.
+func (s *Server) RevokeAccessTokens(clientID, tenant string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.revokedUpTo[grantKey{clientID, tenant}] = s.tokenSeq.Load()
+}
+
+// SetTokenLifetime sets the lifetime of access tokens minted from now on
+// (d <= 0: the default 1h).
+func (s *Server) SetTokenLifetime(d time.Duration) {
+	if d <= 0 {
+		d = defaultTokenLifetime
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tokenLifetime = d
+}
+
+// SetRateLimit sets the /3/ limit to n requests per window for each client
+// and tenant. n < 0 turns it off; n == 0 and window <= 0 mean the defaults
+// (25 per 5s). Requests already counted stay in the window.
+func (s *Server) SetRateLimit(n int, window time.Duration) {
+	if n == 0 {
+		n = defaultRateLimit
+	}
+	if window <= 0 {
+		window = defaultRateWindow
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.rateLimit, s.rateWindow = n, window
+}
+
+// SetFault makes the token endpoint misbehave until ClearFault. Delay comes
+// first, then Down, then Status. Faults never touch /3/ or the other pages.
+func (s *Server) SetFault(f Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.fault = f
+}
+
+// ClearFault makes the token endpoint behave again.
+func (s *Server) ClearFault() {
+	s.SetFault(Fault{})
+}
+
+// SetNoConsentAnswer sets what client_credentials answers for a tenant
+// without a service-account consent (Fortnox's real answer is unknown). The
+// body is {"error":errorCode,"error_description":...} as application/json;
+// with errorCode "" it is a plain-text body that is not OAuth JSON (and is
+// not counted by TokenErrors). status 0 means the default, 400
+// unauthorized_client.
+func (s *Server) SetNoConsentAnswer(status int, errorCode string) {
+	if status == 0 {
+		status, errorCode = http.StatusBadRequest, "unauthorized_client"
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.noConsentStatus, s.noConsentError = status, errorCode
+}
+
+// SetAuthorizeAs sets who approves on the authorize page: the tenant and
+// user the codes it mints belong to ("" keeps the default 1234567 and 1).
+func (s *Server) SetAuthorizeAs(tenant, userID string) {
+	if tenant == "" {
+		tenant = defaultAuthorizeTenant
+	}
+	if userID == "" {
+		userID = defaultAuthorizeUser
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.authorizeTenant, s.authorizeUser = tenant, userID
+}
+
+// SetAuthorizeDeny makes the authorize page refuse: it redirects back with
+// error=errCode and error_description=description. errCode "" approves again.
+func (s *Server) SetAuthorizeDeny(errCode, description string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.denyError, s.denyDescription = errCode, description
+}

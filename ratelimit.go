@@ -1,0 +1,165 @@
+package fortnox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+)
+
+// rateLimiter admits at most limit requests per window for each key, in
+// arrival order.
+//
+// Fortnox counts requests per (client_id, tenant) over a sliding window and
+// answers 429 beyond it. Queueing here lets the app's requests wait their turn
+// instead of failing. Each arrival reserves, under its key's mutex, the
+// earliest time the window allows, then sleeps until then holding no lock.
+// Times are handed out in the order the mutex is taken, so admission is FIFO
+// per key and a burst drains at exactly the allowed rate.
+type rateLimiter struct {
+	limit  int
+	window time.Duration
+	states sync.Map // key (string) → *keyState
+}
+
+// keyState is one key's schedule of admissions.
+type keyState struct {
+	mu sync.Mutex
+	// slots is a ring of the last len(slots) reserved admission times, in
+	// the order they were reserved (which is also time order). Once the ring
+	// is full, slots[next] is the oldest: the one the next arrival must be a
+	// window apart from.
+	slots []time.Time
+	next  int
+	full  bool
+}
+
+// errRateLimited is what every rejection by the limiter is (errors.Is);
+// the *rateLimitError wrapping it says how long the wait would have been.
+var errRateLimited = errors.New("rate limited")
+
+// rateLimitError rejects a request that would have had to wait too long.
+type rateLimitError struct {
+	// RetryAfter is the wait the request would have needed. Rounding it up
+	// to whole seconds for a Retry-After header is the caller's job.
+	RetryAfter time.Duration
+}
+
+func (e *rateLimitError) Error() string {
+	return fmt.Sprintf("%v: the next free slot is %v away", errRateLimited, e.RetryAfter.Round(time.Millisecond))
+}
+
+func (e *rateLimitError) Unwrap() error { return errRateLimited }
+
+// newRateLimiter returns a limiter admitting limit requests per window per
+// key. The caller validates its configuration; nonsense here is a bug.
+func newRateLimiter(limit int, window time.Duration) *rateLimiter {
+	if limit < 1 || window <= 0 {
+		panic(fmt.Sprintf("fortnox: rate limit of %d per %v", limit, window))
+	}
+	return &rateLimiter{limit: limit, window: window}
+}
+
+// wait blocks until the request for key may go, in arrival order, and
+// returns how long it waited.
+//
+// A request whose wait would exceed maxWait, or end after ctx's deadline, is
+// rejected at once with a *rateLimitError and takes no slot: it would give
+// up before its turn, and its slot would only delay the requests behind it.
+//
+// If ctx is cancelled while waiting, wait returns ctx.Err() promptly and the
+// reserved slot is left unused rather than given back: the requests behind
+// it already sleep until times computed with it counted, so handing it to a
+// newcomer would let the newcomer jump the queue, and keeping it costs at
+// most one of limit slots for one window.
+func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	k := l.state(key)
+	k.mu.Lock()
+	start := now()
+	need := k.earliestSlot(start, l.window).Sub(start)
+	if need <= 0 {
+		k.reserve(start)
+		k.mu.Unlock()
+		return 0, nil
+	}
+	if err := rejectLongWait(ctx, need, maxWait); err != nil {
+		k.mu.Unlock()
+		return 0, err
+	}
+	k.reserve(start.Add(need))
+	k.mu.Unlock()
+	return sleep(ctx, start, need)
+}
+
+// state returns key's schedule, creating it on first use.
+func (l *rateLimiter) state(key string) *keyState {
+	if v, ok := l.states.Load(key); ok {
+		return v.(*keyState)
+	}
+	v, _ := l.states.LoadOrStore(key, &keyState{slots: make([]time.Time, l.limit)})
+	return v.(*keyState)
+}
+
+// rejectLongWait refuses a wait longer than maxWait or past ctx's deadline.
+func rejectLongWait(ctx context.Context, need, maxWait time.Duration) error {
+	if need > maxWait {
+		return &rateLimitError{RetryAfter: need}
+	}
+	if deadline, ok := ctx.Deadline(); ok && need > time.Until(deadline) {
+		return &rateLimitError{RetryAfter: need}
+	}
+	return nil
+}
+
+// sleep waits d unless ctx ends first, and returns how long it waited.
+func sleep(ctx context.Context, start time.Time, d time.Duration) (time.Duration, error) {
+	timer := time.NewTimer(d)
+	defer timer.Stop()
+	select {
+	case <-ctx.Done():
+		return now().Sub(start), ctx.Err()
+	case <-timer.C:
+		return now().Sub(start), nil
+	}
+}
+
+// earliestSlot is the first time at or after now when one more admission
+// keeps at most len(k.slots) of them in any window-long interval.
+func (k *keyState) earliestSlot(now time.Time, window time.Duration) time.Time {
+	if !k.full {
+		return now
+	}
+	return latest(now, k.slots[k.next].Add(window))
+}
+
+// reserve records slot as the newest admission, pushing out the oldest.
+func (k *keyState) reserve(slot time.Time) {
+	k.slots[k.next] = slot
+	k.next++
+	if k.next == len(k.slots) {
+		k.next = 0
+		k.full = true
+	}
+}
+
+// newest is the latest reserved slot, or the zero time if there is none.
+func (k *keyState) newest() time.Time {
+	if !k.full && k.next == 0 {
+		return time.Time{}
+	}
+	if k.next == 0 {
+		return k.slots[len(k.slots)-1]
+	}
+	return k.slots[k.next-1]
+}
+
+func latest(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}

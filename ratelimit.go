@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 )
@@ -33,7 +34,15 @@ type keyState struct {
 	slots []time.Time
 	next  int
 	full  bool
+	// pausedUntil admits nothing before it (see penalize).
+	pausedUntil time.Time
+	// waiting holds the reservations whose requests still sleep, earliest
+	// first, so that penalize can move them.
+	waiting []*reservation
 }
+
+// reservation is the admission time of one sleeping request.
+type reservation struct{ slot time.Time }
 
 // errRateLimited is what every rejection by the limiter is (errors.Is);
 // the *rateLimitError wrapping it says how long the wait would have been.
@@ -90,9 +99,11 @@ func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duratio
 		k.mu.Unlock()
 		return 0, err
 	}
-	k.reserve(start.Add(need))
+	r := &reservation{slot: start.Add(need)}
+	k.reserve(r.slot)
+	k.waiting = append(k.waiting, r)
 	k.mu.Unlock()
-	return sleep(ctx, start, need)
+	return k.sleep(ctx, r, start, need)
 }
 
 // state returns key's schedule, creating it on first use.
@@ -115,25 +126,102 @@ func rejectLongWait(ctx context.Context, need, maxWait time.Duration) error {
 	return nil
 }
 
-// sleep waits d unless ctx ends first, and returns how long it waited.
-func sleep(ctx context.Context, start time.Time, d time.Duration) (time.Duration, error) {
+// sleep waits d, and longer if penalize moves r's slot meanwhile, unless ctx
+// ends first. It returns how long the request waited since start.
+func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d time.Duration) (time.Duration, error) {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
-	select {
-	case <-ctx.Done():
-		return now().Sub(start), ctx.Err()
-	case <-timer.C:
-		return now().Sub(start), nil
+	for {
+		select {
+		case <-ctx.Done():
+			k.leave(r)
+			return now().Sub(start), ctx.Err()
+		case <-timer.C:
+		}
+		if d = k.leaveIfDue(r); d <= 0 {
+			return now().Sub(start), nil
+		}
+		timer.Reset(d)
+	}
+}
+
+// leaveIfDue takes r off the waiting list if its slot has come, and
+// otherwise returns how long it still has to wait.
+func (k *keyState) leaveIfDue(r *reservation) time.Duration {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	d := r.slot.Sub(now())
+	if d <= 0 {
+		k.removeWaiting(r)
+	}
+	return d
+}
+
+// leave takes r off the waiting list; its slot stays reserved (see wait).
+func (k *keyState) leave(r *reservation) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	k.removeWaiting(r)
+}
+
+func (k *keyState) removeWaiting(r *reservation) {
+	if i := slices.Index(k.waiting, r); i >= 0 {
+		k.waiting = slices.Delete(k.waiting, i, i+1)
+	}
+}
+
+// penalize pauses key's schedule: nothing is admitted before now()+d. The
+// caller uses it after Fortnox answered 429 anyway, because other processes
+// spend the same budget. Requests already waiting are all moved later by the
+// same amount, just enough for the earliest to go at now()+d, so they keep
+// their order and spacing and the window still holds. That makes repeated
+// calls cheap: when every request caught in one 429 storm calls penalize,
+// the second call onwards moves nothing more than the time that passed.
+func (l *rateLimiter) penalize(key string, d time.Duration) {
+	if d <= 0 {
+		return
+	}
+	k := l.state(key)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	until := now().Add(d)
+	k.pausedUntil = latest(k.pausedUntil, until)
+	k.postponeWaiting(until)
+}
+
+// postponeWaiting moves every waiting reservation, and its slot in the ring,
+// later by as much as it takes for the earliest to be no sooner than until.
+func (k *keyState) postponeWaiting(until time.Time) {
+	if len(k.waiting) == 0 {
+		return
+	}
+	first := k.waiting[0].slot
+	shift := until.Sub(first)
+	if shift <= 0 {
+		return
+	}
+	for _, r := range k.waiting {
+		r.slot = r.slot.Add(shift)
+	}
+	// Ring slots at or after the first waiting one belong to waiting or
+	// cancelled requests (or to admitted ones sharing its time, which only
+	// makes the window stricter); moving them all keeps the ring in order.
+	for i, slot := range k.slots {
+		if !slot.Before(first) {
+			k.slots[i] = slot.Add(shift)
+		}
 	}
 }
 
 // earliestSlot is the first time at or after now when one more admission
-// keeps at most len(k.slots) of them in any window-long interval.
+// keeps at most len(k.slots) of them in any window-long interval and falls
+// outside any pause.
 func (k *keyState) earliestSlot(now time.Time, window time.Duration) time.Time {
+	slot := latest(now, k.pausedUntil)
 	if !k.full {
-		return now
+		return slot
 	}
-	return latest(now, k.slots[k.next].Add(window))
+	return latest(slot, k.slots[k.next].Add(window))
 }
 
 // reserve records slot as the newest admission, pushing out the oldest.

@@ -117,7 +117,7 @@ func TestRateLimiterReturnsPromptlyWhenCancelled(t *testing.T) {
 		_, err := l.wait(ctx, "tenant", time.Minute)
 		done <- err
 	}()
-	waitUntil(t, func() bool { return !newestSlot(l, "tenant").Before(now().Add(9 * time.Second)) })
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
 
 	cancel()
 	cancelled := time.Now()
@@ -163,7 +163,7 @@ func TestRateLimiterKeepsKeysIndependent(t *testing.T) {
 		})
 	}
 	defer wg.Wait()
-	waitUntil(t, func() bool { return newestSlot(l, "busy").After(now().Add(window / 2)) })
+	waitUntil(t, func() bool { return waiting(l, "busy") == 2 })
 
 	started := time.Now()
 	mustAdmitNow(t, l, "quiet")
@@ -223,4 +223,65 @@ func waitUntil(t *testing.T, cond func() bool) {
 		}
 		time.Sleep(100 * time.Microsecond)
 	}
+}
+
+func TestRateLimiterPenalizeDelaysTheNextAdmission(t *testing.T) {
+	const pause = 150 * time.Millisecond
+	l := newRateLimiter(10, time.Second)
+	mustAdmitNow(t, l, "tenant")
+	l.penalize("tenant", pause)
+	assertWaitsAbout(t, l, "tenant", pause)
+}
+
+func TestRateLimiterPenalizeRepeatedForOne429StormDoesNotAddUp(t *testing.T) {
+	const pause = 100 * time.Millisecond
+	l := newRateLimiter(1, 50*time.Millisecond)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() { assertWaitsAbout(t, l, "tenant", pause) })
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+	// Every request that got the 429 reports it.
+	for range 5 {
+		l.penalize("tenant", pause)
+	}
+	wg.Wait()
+}
+
+func TestRateLimiterPenalizeMovesRequestsAlreadyWaiting(t *testing.T) {
+	const window, pause = 100 * time.Millisecond, 250 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() { assertWaitsAbout(t, l, "tenant", pause) })
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+
+	l.penalize("tenant", pause)
+	// The next arrival still keeps a window from the moved request.
+	_, err := l.wait(context.Background(), "tenant", 0)
+	if retryAfter := rateLimitedFor(t, err); retryAfter < pause+window-20*time.Millisecond {
+		t.Errorf("next slot is %v away; want about %v", retryAfter, pause+window)
+	}
+	wg.Wait()
+}
+
+// assertWaitsAbout fails the test unless a request for key waits about d:
+// not less, and not much more than a busy scheduler adds.
+func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration) {
+	t.Helper()
+	waited, err := l.wait(context.Background(), key, time.Minute)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if waited < d-10*time.Millisecond || waited > d+50*time.Millisecond {
+		t.Errorf("waited %v; want about %v", waited, d)
+	}
+}
+
+// waiting is the number of requests for key that sleep until their slot.
+func waiting(l *rateLimiter, key string) int {
+	k := l.state(key)
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return len(k.waiting)
 }

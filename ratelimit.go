@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -22,6 +23,8 @@ type rateLimiter struct {
 	limit  int
 	window time.Duration
 	states sync.Map // key (string) → *keyState
+	// tracked counts states, which sync.Map cannot do cheaply.
+	tracked atomic.Int64
 }
 
 // keyState is one key's schedule of admissions.
@@ -39,6 +42,10 @@ type keyState struct {
 	// waiting holds the reservations whose requests still sleep, earliest
 	// first, so that penalize can move them.
 	waiting []*reservation
+	// forgotten is set when sweep drops the state from the map. A caller
+	// that looked it up just before must look again, or its reservation
+	// would go to a schedule no one else sees.
+	forgotten bool
 }
 
 // reservation is the admission time of one sleeping request.
@@ -86,8 +93,7 @@ func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duratio
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
-	k := l.state(key)
-	k.mu.Lock()
+	k := l.lockedState(key)
 	start := now()
 	need := k.earliestSlot(start, l.window).Sub(start)
 	if need <= 0 {
@@ -106,12 +112,27 @@ func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duratio
 	return k.sleep(ctx, r, start, need)
 }
 
+// lockedState returns key's schedule with its mutex held.
+func (l *rateLimiter) lockedState(key string) *keyState {
+	for {
+		k := l.state(key)
+		k.mu.Lock()
+		if !k.forgotten {
+			return k
+		}
+		k.mu.Unlock()
+	}
+}
+
 // state returns key's schedule, creating it on first use.
 func (l *rateLimiter) state(key string) *keyState {
 	if v, ok := l.states.Load(key); ok {
 		return v.(*keyState)
 	}
-	v, _ := l.states.LoadOrStore(key, &keyState{slots: make([]time.Time, l.limit)})
+	v, loaded := l.states.LoadOrStore(key, &keyState{slots: make([]time.Time, l.limit)})
+	if !loaded {
+		l.tracked.Add(1)
+	}
 	return v.(*keyState)
 }
 
@@ -181,8 +202,7 @@ func (l *rateLimiter) penalize(key string, d time.Duration) {
 	if d <= 0 {
 		return
 	}
-	k := l.state(key)
-	k.mu.Lock()
+	k := l.lockedState(key)
 	defer k.mu.Unlock()
 	until := now().Add(d)
 	k.pausedUntil = latest(k.pausedUntil, until)
@@ -211,6 +231,56 @@ func (k *keyState) postponeWaiting(until time.Time) {
 			k.slots[i] = slot.Add(shift)
 		}
 	}
+}
+
+// run sweeps every window until ctx is done.
+func (l *rateLimiter) run(ctx context.Context) {
+	ticker := time.NewTicker(l.window)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+			l.sweep()
+		}
+	}
+}
+
+// sweep forgets the keys idle for longer than a window, so that memory for
+// tenants that stopped calling is reclaimed. Forgetting loses nothing: with
+// no admission in the last window, no one waiting and no pause, a fresh
+// schedule admits exactly what the old one would.
+func (l *rateLimiter) sweep() {
+	t := now()
+	l.states.Range(func(key, v any) bool {
+		l.forgetIfIdle(key, v.(*keyState), t)
+		return true
+	})
+}
+
+func (l *rateLimiter) forgetIfIdle(key any, k *keyState, t time.Time) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if !k.idle(t, l.window) {
+		return
+	}
+	k.forgotten = true
+	if l.states.CompareAndDelete(key, k) {
+		l.tracked.Add(-1)
+	}
+}
+
+// keys is the number of keys tracked.
+func (l *rateLimiter) keys() int {
+	return int(l.tracked.Load())
+}
+
+// idle reports whether the schedule constrains nothing after t any more.
+func (k *keyState) idle(t time.Time, window time.Duration) bool {
+	return len(k.waiting) == 0 &&
+		!k.newest().Add(window).After(t) &&
+		!k.pausedUntil.After(t)
 }
 
 // earliestSlot is the first time at or after now when one more admission

@@ -207,8 +207,7 @@ func assertPromptly(t *testing.T, started time.Time) {
 
 // newestSlot is the latest time reserved for key.
 func newestSlot(l *rateLimiter, key string) time.Time {
-	k := l.state(key)
-	k.mu.Lock()
+	k := l.lockedState(key)
 	defer k.mu.Unlock()
 	return k.newest()
 }
@@ -280,8 +279,83 @@ func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration)
 
 // waiting is the number of requests for key that sleep until their slot.
 func waiting(l *rateLimiter, key string) int {
-	k := l.state(key)
-	k.mu.Lock()
+	k := l.lockedState(key)
 	defer k.mu.Unlock()
 	return len(k.waiting)
+}
+
+func TestRateLimiterSweepForgetsIdleKeysAndKeepsActiveOnes(t *testing.T) {
+	const window = 100 * time.Millisecond
+	l := newRateLimiter(2, window)
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "active")
+	l.penalize("penalized", 10*window)
+
+	advanceClock(window + time.Millisecond)
+	mustAdmitNow(t, l, "active")
+	l.sweep()
+	assertTracked(t, l, "active", "penalized")
+
+	// A forgotten key starts afresh: a full window's worth goes at once.
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "idle")
+
+	advanceClock(10 * window)
+	l.sweep()
+	assertTracked(t, l)
+}
+
+func TestRateLimiterSweepKeepsKeysWithRequestsWaiting(t *testing.T) {
+	const window = 50 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+			t.Error(err)
+		}
+	})
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+
+	// The sleeper's slot is in the past now, but it has not gone yet.
+	advanceClock(2 * window)
+	l.sweep()
+	assertTracked(t, l, "tenant")
+	wg.Wait()
+}
+
+func TestRateLimiterRunSweepsUntilCancelled(t *testing.T) {
+	const window = 10 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	advanceClock(2 * window)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() {
+		l.run(ctx)
+		close(stopped)
+	}()
+	waitUntil(t, func() bool { return l.keys() == 0 })
+	cancel()
+	select {
+	case <-stopped:
+	case <-time.After(time.Second):
+		t.Fatal("run did not return after its context was cancelled")
+	}
+}
+
+// assertTracked fails the test unless l tracks exactly the keys given.
+func assertTracked(t *testing.T, l *rateLimiter, keys ...string) {
+	t.Helper()
+	var tracked []string
+	l.states.Range(func(key, _ any) bool {
+		tracked = append(tracked, key.(string))
+		return true
+	})
+	slices.Sort(tracked)
+	if !slices.Equal(tracked, keys) || l.keys() != len(keys) {
+		t.Errorf("tracking %v (keys() = %d); want %v", tracked, l.keys(), keys)
+	}
 }

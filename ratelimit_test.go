@@ -1,0 +1,401 @@
+package fortnox
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestRateLimiterNeverAdmitsMoreThanLimitPerWindow(t *testing.T) {
+	const limit, requests = 5, 23
+	const window = 100 * time.Millisecond
+	l := newRateLimiter(limit, window)
+
+	admitted := make([]time.Time, requests)
+	var wg sync.WaitGroup
+	for i := range requests {
+		wg.Go(func() {
+			if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+				t.Error(err)
+			}
+			admitted[i] = now()
+		})
+	}
+	wg.Wait()
+
+	slices.SortFunc(admitted, time.Time.Compare)
+	// A goroutine runs a little after its slot; allow for that lateness,
+	// which is far less than the window an extra admission would steal.
+	const lateness = 15 * time.Millisecond
+	for i := limit; i < requests; i++ {
+		if gap := admitted[i].Sub(admitted[i-limit]); gap < window-lateness {
+			t.Errorf("admissions %d and %d are %v apart; want at least %v", i-limit, i, gap, window)
+		}
+	}
+	// Waiting their turn must not cost more than the limit demands:
+	// 23 requests at 5 per window go in 5 batches, 4 windows apart.
+	ideal := (requests - 1) / limit * window
+	if took := admitted[requests-1].Sub(admitted[0]); took > ideal+window/2 {
+		t.Errorf("the burst took %v; want about %v", took, ideal)
+	}
+}
+
+func TestRateLimiterAdmitsInArrivalOrder(t *testing.T) {
+	l := newRateLimiter(1, 20*time.Millisecond)
+	var mu sync.Mutex
+	var order []int
+	var wg sync.WaitGroup
+	for i := range 8 {
+		before := newestSlot(l, "tenant")
+		wg.Go(func() {
+			if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+				t.Error(err)
+			}
+			mu.Lock()
+			order = append(order, i)
+			mu.Unlock()
+		})
+		// Let request i take its place in the queue before i+1 arrives.
+		waitUntil(t, func() bool { return newestSlot(l, "tenant").After(before) })
+	}
+	wg.Wait()
+	if want := []int{0, 1, 2, 3, 4, 5, 6, 7}; !slices.Equal(order, want) {
+		t.Errorf("admitted in order %v; want %v", order, want)
+	}
+}
+
+func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
+	l := newRateLimiter(2, time.Second)
+	mustAdmitNow(t, l, "tenant")
+	advanceClock(300 * time.Millisecond)
+	mustAdmitNow(t, l, "tenant")
+
+	// The first admission leaves the window in 700ms.
+	started := time.Now()
+	_, err := l.wait(context.Background(), "tenant", 100*time.Millisecond)
+	assertPromptly(t, started)
+	retryAfter := rateLimitedFor(t, err)
+	if retryAfter <= 600*time.Millisecond || retryAfter > 700*time.Millisecond {
+		t.Errorf("RetryAfter = %v; want just under 700ms", retryAfter)
+	}
+	if !strings.Contains(err.Error(), "ms away") {
+		t.Errorf("error %q does not say how long the wait would be", err)
+	}
+
+	// The rejected request took no slot: the next one is still 700ms away,
+	// not a window after the second admission.
+	_, err = l.wait(context.Background(), "tenant", 0)
+	if retryAfter := rateLimitedFor(t, err); retryAfter > 700*time.Millisecond {
+		t.Errorf("after a rejection the next slot is %v away; want under 700ms", retryAfter)
+	}
+}
+
+func TestRateLimiterRejectsAtOnceAWaitPastTheDeadline(t *testing.T) {
+	l := newRateLimiter(1, time.Second)
+	mustAdmitNow(t, l, "tenant")
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+
+	started := time.Now()
+	_, err := l.wait(ctx, "tenant", time.Minute)
+	assertPromptly(t, started)
+	if retryAfter := rateLimitedFor(t, err); retryAfter < 900*time.Millisecond {
+		t.Errorf("RetryAfter = %v; want about 1s", retryAfter)
+	}
+}
+
+func TestRateLimiterReturnsPromptlyWhenCancelled(t *testing.T) {
+	l := newRateLimiter(1, 10*time.Second)
+	mustAdmitNow(t, l, "tenant")
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() {
+		_, err := l.wait(ctx, "tenant", time.Minute)
+		done <- err
+	}()
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+
+	cancel()
+	cancelled := time.Now()
+	select {
+	case err := <-done:
+		assertPromptly(t, cancelled)
+		if !errors.Is(err, context.Canceled) {
+			t.Errorf("err = %v; want context.Canceled", err)
+		}
+	case <-time.After(time.Second):
+		t.Fatal("wait did not return after its context was cancelled")
+	}
+
+	// The cancelled request's slot stays reserved (see wait), so the next
+	// request queues a window behind it.
+	_, err := l.wait(context.Background(), "tenant", 0)
+	if retryAfter := rateLimitedFor(t, err); retryAfter < 19*time.Second {
+		t.Errorf("next slot is %v away; want about 20s", retryAfter)
+	}
+}
+
+func TestRateLimiterTakesNoSlotForAnAlreadyCancelledContext(t *testing.T) {
+	l := newRateLimiter(1, time.Second)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := l.wait(ctx, "tenant", time.Minute); !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v; want context.Canceled", err)
+	}
+	mustAdmitNow(t, l, "tenant")
+}
+
+func TestRateLimiterKeepsKeysIndependent(t *testing.T) {
+	const window = 200 * time.Millisecond
+	l := newRateLimiter(2, window)
+	mustAdmitNow(t, l, "busy")
+	mustAdmitNow(t, l, "busy")
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			if _, err := l.wait(context.Background(), "busy", time.Minute); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	defer wg.Wait()
+	waitUntil(t, func() bool { return waiting(l, "busy") == 2 })
+
+	started := time.Now()
+	mustAdmitNow(t, l, "quiet")
+	assertPromptly(t, started)
+
+	// Sleepers hold no lock: their own key still answers at once.
+	started = time.Now()
+	_, err := l.wait(context.Background(), "busy", 0)
+	assertPromptly(t, started)
+	rateLimitedFor(t, err)
+}
+
+// mustAdmitNow fails the test unless a request for key goes without waiting.
+func mustAdmitNow(t *testing.T, l *rateLimiter, key string) {
+	t.Helper()
+	waited, err := l.wait(context.Background(), key, 0)
+	if err != nil || waited != 0 {
+		t.Fatalf("wait(%q) = %v, %v; want it admitted at once", key, waited, err)
+	}
+}
+
+// rateLimitedFor fails the test unless err is a rate-limit rejection, and
+// returns its RetryAfter.
+func rateLimitedFor(t *testing.T, err error) time.Duration {
+	t.Helper()
+	var rl *rateLimitError
+	if !errors.As(err, &rl) || !errors.Is(err, errRateLimited) {
+		t.Fatalf("err = %v; want a *rateLimitError", err)
+	}
+	return rl.RetryAfter
+}
+
+// assertPromptly fails the test if more than a scheduling hiccup has passed
+// since started.
+func assertPromptly(t *testing.T, started time.Time) {
+	t.Helper()
+	if took := time.Since(started); took > 50*time.Millisecond {
+		t.Errorf("took %v; want an immediate answer", took)
+	}
+}
+
+// newestSlot is the latest time reserved for key.
+func newestSlot(l *rateLimiter, key string) time.Time {
+	k := l.lockedState(key)
+	defer k.mu.Unlock()
+	return k.newest()
+}
+
+// waitUntil polls cond until it holds, failing the test after a second.
+func waitUntil(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not reached within a second")
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
+func TestRateLimiterPenalizeDelaysTheNextAdmission(t *testing.T) {
+	const pause = 150 * time.Millisecond
+	l := newRateLimiter(10, time.Second)
+	mustAdmitNow(t, l, "tenant")
+	l.penalize("tenant", pause)
+	assertWaitsAbout(t, l, "tenant", pause)
+}
+
+func TestRateLimiterPenalizeRepeatedForOne429StormDoesNotAddUp(t *testing.T) {
+	const pause = 100 * time.Millisecond
+	l := newRateLimiter(1, 50*time.Millisecond)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() { assertWaitsAbout(t, l, "tenant", pause) })
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+	// Every request that got the 429 reports it.
+	for range 5 {
+		l.penalize("tenant", pause)
+	}
+	wg.Wait()
+}
+
+func TestRateLimiterPenalizeMovesRequestsAlreadyWaiting(t *testing.T) {
+	const window, pause = 100 * time.Millisecond, 250 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() { assertWaitsAbout(t, l, "tenant", pause) })
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+
+	l.penalize("tenant", pause)
+	// The next arrival still keeps a window from the moved request.
+	_, err := l.wait(context.Background(), "tenant", 0)
+	if retryAfter := rateLimitedFor(t, err); retryAfter < pause+window-20*time.Millisecond {
+		t.Errorf("next slot is %v away; want about %v", retryAfter, pause+window)
+	}
+	wg.Wait()
+}
+
+// assertWaitsAbout fails the test unless a request for key waits about d:
+// not less, and not much more than a busy scheduler adds.
+func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration) {
+	t.Helper()
+	waited, err := l.wait(context.Background(), key, time.Minute)
+	if err != nil {
+		t.Error(err)
+		return
+	}
+	if waited < d-10*time.Millisecond || waited > d+50*time.Millisecond {
+		t.Errorf("waited %v; want about %v", waited, d)
+	}
+}
+
+// waiting is the number of requests for key that sleep until their slot.
+func waiting(l *rateLimiter, key string) int {
+	k := l.lockedState(key)
+	defer k.mu.Unlock()
+	return len(k.waiting)
+}
+
+func TestRateLimiterSweepForgetsIdleKeysAndKeepsActiveOnes(t *testing.T) {
+	const window = 100 * time.Millisecond
+	l := newRateLimiter(2, window)
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "active")
+	l.penalize("penalized", 10*window)
+
+	advanceClock(window + time.Millisecond)
+	mustAdmitNow(t, l, "active")
+	l.sweep()
+	assertTracked(t, l, "active", "penalized")
+
+	// A forgotten key starts afresh: a full window's worth goes at once.
+	mustAdmitNow(t, l, "idle")
+	mustAdmitNow(t, l, "idle")
+
+	advanceClock(10 * window)
+	l.sweep()
+	assertTracked(t, l)
+}
+
+func TestRateLimiterSweepKeepsKeysWithRequestsWaiting(t *testing.T) {
+	const window = 50 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+			t.Error(err)
+		}
+	})
+	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
+
+	// The sleeper's slot is in the past now, but it has not gone yet.
+	advanceClock(2 * window)
+	l.sweep()
+	assertTracked(t, l, "tenant")
+	wg.Wait()
+}
+
+func TestRateLimiterRunSweepsUntilCancelled(t *testing.T) {
+	const window = 10 * time.Millisecond
+	l := newRateLimiter(1, window)
+	mustAdmitNow(t, l, "tenant")
+	advanceClock(2 * window)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	stopped := make(chan struct{})
+	go func() {
+		l.run(ctx)
+		close(stopped)
+	}()
+	waitUntil(t, func() bool { return l.keys() == 0 })
+	cancel()
+	select {
+	case <-stopped:
+	case <-time.After(time.Second):
+		t.Fatal("run did not return after its context was cancelled")
+	}
+}
+
+// assertTracked fails the test unless l tracks exactly the keys given.
+func assertTracked(t *testing.T, l *rateLimiter, keys ...string) {
+	t.Helper()
+	var tracked []string
+	l.states.Range(func(key, _ any) bool {
+		tracked = append(tracked, key.(string))
+		return true
+	})
+	slices.Sort(tracked)
+	if !slices.Equal(tracked, keys) || l.keys() != len(keys) {
+		t.Errorf("tracking %v (keys() = %d); want %v", tracked, l.keys(), keys)
+	}
+}
+
+// The hot path: a tenant under its limit. A window of a microsecond keeps
+// the loop under the limit while the ring is full, which is how a busy
+// tenant's requests find it. maxWait 0 makes any wait fail the benchmark.
+func BenchmarkRateLimiterUnderLimit(b *testing.B) {
+	l := newRateLimiter(25, time.Microsecond)
+	ctx, cancel := context.WithCancel(context.Background()) // as a request's context is
+	defer cancel()
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := l.wait(ctx, "tenant", 0); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// The hot path across many tenants at once.
+func BenchmarkRateLimiterUnderLimitParallel(b *testing.B) {
+	l := newRateLimiter(25, time.Microsecond)
+	tenants := make([]string, 1000)
+	for i := range tenants {
+		tenants[i] = fmt.Sprint("tenant-", i)
+	}
+	var next atomic.Int64
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		i := int(next.Add(97))
+		for pb.Next() {
+			if _, err := l.wait(ctx, tenants[i%len(tenants)], 0); err != nil {
+				b.Error(err)
+				return
+			}
+			i++
+		}
+	})
+}

@@ -212,13 +212,24 @@ http://127.0.0.1:%d {
 	fortnox {
 		client_id {env.FORTNOX_TEST_CLIENT_ID}
 		client_secret {env.FORTNOX_TEST_CLIENT_SECRET}
-		token_url %s
-		%s
+		token_url %s%s
 	}
 	reverse_proxy %s
 }
 `, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
-		strings.ReplaceAll(s.options, "\n", "\n\t\t"), s.upstream)
+		indentOptions(s.options), s.upstream)
+}
+
+// indentOptions puts each option line on its own, indented line, so the
+// generated Caddyfile is formatted (Caddy warns otherwise).
+func indentOptions(options string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(options, "\n") {
+		if line = strings.TrimSpace(line); line != "" {
+			b.WriteString("\n\t\t" + line)
+		}
+	}
+	return b.String()
 }
 
 // load (re)loads the sidecar's config into the running Caddy.

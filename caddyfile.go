@@ -1,10 +1,13 @@
 package fortnox
 
 import (
+	"strconv"
+
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"github.com/dustin/go-humanize"
 )
 
 func init() {
@@ -31,6 +34,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		tenant_from_token
 //		refresh_before <duration>
 //		token_timeout  <duration>
+//		rate_limit     <requests> <window> | off
+//		max_wait       <duration>
+//		replay_body_limit <size> | off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
@@ -95,11 +101,55 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			if err := durationArg(d, &h.TokenTimeout); err != nil {
 				return err
 			}
+		case "rate_limit":
+			rl, err := parseRateLimit(d)
+			if err != nil {
+				return err
+			}
+			h.RateLimit = rl
+		case "max_wait":
+			if err := durationArg(d, &h.MaxWait); err != nil {
+				return err
+			}
+		case "replay_body_limit":
+			var raw string
+			if err := oneArg(d, &raw); err != nil {
+				return err
+			}
+			if raw == "off" {
+				h.ReplayBodyLimit = -1
+				break
+			}
+			size, err := humanize.ParseBytes(raw)
+			if err != nil || size == 0 || size > 1<<30 {
+				return d.Errf("replay_body_limit: %q is not a size between 1 byte and 1GiB (e.g. 1MiB, 512KiB) or off", raw)
+			}
+			h.ReplayBodyLimit = int64(size)
 		default:
 			return d.Errf("unrecognized subdirective %q", option)
 		}
 	}
 	return nil
+}
+
+// parseRateLimit reads `rate_limit <requests> <window>` or `rate_limit off`.
+func parseRateLimit(d *caddyfile.Dispenser) (*RateLimit, error) {
+	args := d.RemainingArgs()
+	if len(args) == 1 && args[0] == "off" {
+		return &RateLimit{Off: true}, nil
+	}
+	if len(args) != 2 {
+		return nil, d.Errf("rate_limit takes a number of requests and a window (rate_limit 25 5s), or off")
+	}
+	n, err := strconv.Atoi(args[0])
+	if err != nil || n < 1 {
+		return nil, d.Errf("rate_limit: %q is not a positive number of requests", args[0])
+	}
+	window, err := caddy.ParseDuration(args[1])
+	if err != nil || window <= 0 {
+		return nil, d.Errf("rate_limit: %q is not a positive duration", args[1])
+	}
+	return &RateLimit{Requests: n, Window: caddy.Duration(window)}, nil
 }
 
 // oneArg reads exactly one argument into dst. Its error names the option,

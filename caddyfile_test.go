@@ -30,6 +30,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				tenant_from_token
 				refresh_before 2m
 				token_timeout 3s
+				rate_limit 20 4s
+				max_wait 7s
+				replay_body_limit 512KiB
 			}`,
 			want: Handler{
 				ClientID:          "{env.ID}",
@@ -41,8 +44,18 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				TenantFromToken:   true,
 				RefreshBefore:     caddy.Duration(2 * time.Minute),
 				TokenTimeout:      caddy.Duration(3 * time.Second),
+				RateLimit:         &RateLimit{Requests: 20, Window: caddy.Duration(4 * time.Second)},
+				MaxWait:           caddy.Duration(7 * time.Second),
+				ReplayBodyLimit:   512 << 10,
 			},
 		},
+		{name: "rate limit off", input: "fortnox {\n rate_limit off\n replay_body_limit off\n}", want: Handler{RateLimit: &RateLimit{Off: true}, ReplayBodyLimit: -1}},
+		{name: "replay limit in bytes", input: "fortnox {\n replay_body_limit 1000\n}", want: Handler{ReplayBodyLimit: 1000}},
+		{name: "rate limit one arg", input: "fortnox {\n rate_limit 25\n}", wantErr: "rate_limit takes a number of requests and a window"},
+		{name: "rate limit zero", input: "fortnox {\n rate_limit 0 5s\n}", wantErr: `rate_limit: "0" is not a positive number`},
+		{name: "rate limit bad window", input: "fortnox {\n rate_limit 25 soon\n}", wantErr: `rate_limit: "soon" is not a positive duration`},
+		{name: "bad size", input: "fortnox {\n replay_body_limit lots\n}", wantErr: `replay_body_limit: "lots" is not a size`},
+		{name: "bad max_wait", input: "fortnox {\n max_wait 0s\n}", wantErr: "max_wait must be positive"},
 		{name: "empty block", input: `fortnox`, want: Handler{}},
 		{name: "unknown option", input: "fortnox {\n\tclient_idd x\n}", wantErr: `unrecognized subdirective "client_idd", at Testfile:2`},
 		{name: "argument on directive", input: `fortnox x`, wantErr: "wrong argument count"},

@@ -23,7 +23,7 @@ func TestEachRequestCarriesItsOwnTenantsToken(t *testing.T) {
 	for _, tn := range tenants {
 		fake.GrantConsent(testClientID, tn)
 	}
-	sc := startSidecar(t, fake, "tenant acme 1234567")
+	sc := startSidecar(t, fake, "tenant acme 1234567\nrate_limit off")
 
 	var wg sync.WaitGroup
 	var failures atomic.Int64
@@ -73,7 +73,7 @@ func TestColdStartMakesOneTokenRequest(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	fake.GrantConsent(testClientID, "1234567")
 	fake.SetFault(fakefortnox.Fault{Delay: 200 * time.Millisecond}) // so all 200 arrive while it is in flight
-	sc := startSidecar(t, fake, "")
+	sc := startSidecar(t, fake, "rate_limit off")
 
 	var wg sync.WaitGroup
 	start := make(chan struct{})

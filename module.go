@@ -28,6 +28,7 @@ const DefaultTenantHeader = "X-Fortnox-Tenant"
 
 func init() {
 	caddy.RegisterModule(Handler{})
+	initMetrics()
 }
 
 // Handler is the `fortnox` HTTP handler. For each request it resolves the
@@ -71,10 +72,39 @@ type Handler struct {
 	// How long one token request may take. Default: 10s.
 	TokenTimeout caddy.Duration `json:"token_timeout,omitempty"`
 
-	tokens   *tokenManager
-	resolver *tenantResolver
-	poolKey  string
-	logger   *zap.Logger
+	// The per-tenant rate limit, shared by all requests of this process for
+	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
+	RateLimit *RateLimit `json:"rate_limit,omitempty"`
+
+	// The longest a request waits for its turn in the rate limiter before it
+	// is answered 429. Default: 20s (a burst of 100 for one tenant drains).
+	MaxWait caddy.Duration `json:"max_wait,omitempty"`
+
+	// Request bodies up to this many bytes are kept in memory so that a
+	// request Fortnox answers 401 can be sent again with a new token.
+	// Default: 1 MiB. Negative: never keep bodies (only bodiless requests
+	// are replayed).
+	ReplayBodyLimit int64 `json:"replay_body_limit,omitempty"`
+
+	tokens          *tokenManager
+	resolver        *tenantResolver
+	limiter         *rateLimiter
+	rateWindow      time.Duration
+	maxWait         time.Duration
+	replayBodyLimit int64
+	poolKey         string
+	limiterKey      string
+	logger          *zap.Logger
+}
+
+// RateLimit is the per-tenant rate limit.
+type RateLimit struct {
+	// Requests allowed per window for each tenant. Default: 25.
+	Requests int `json:"requests,omitempty"`
+	// The sliding window. Default: 5s.
+	Window caddy.Duration `json:"window,omitempty"`
+	// Off turns the limiter off (`rate_limit off`).
+	Off bool `json:"off,omitempty"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -136,6 +166,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("token_timeout must not be negative")
 	}
 
+	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
+		return err
+	}
+	h.replayBodyLimit = h.ReplayBodyLimit
+	if h.replayBodyLimit == 0 {
+		h.replayBodyLimit = defaultReplayBodyLimit
+	}
+	if err := registerMetrics(ctx.GetMetricsRegistry()); err != nil {
+		return err
+	}
+
 	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
 	h.poolKey = managerKey(tokenURL, clientID)
 	val, _, err := managers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
@@ -195,13 +236,19 @@ func validHeaderName(s string) bool {
 	return true
 }
 
-// Cleanup releases this config's hold on the shared token manager.
+// Cleanup releases this config's hold on the shared token manager and
+// rate limiter.
 func (h *Handler) Cleanup() error {
-	if h.poolKey == "" {
-		return nil
+	var errs []error
+	if h.limiterKey != "" {
+		_, err := limiters.Delete(h.limiterKey)
+		errs = append(errs, err)
 	}
-	_, err := managers.Delete(h.poolKey)
-	return err
+	if h.poolKey != "" {
+		_, err := managers.Delete(h.poolKey)
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
 }
 
 // ServeHTTP resolves the tenant, puts its token on the request and hands
@@ -215,6 +262,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		writeJSONError(w, rerr.status, rerr.code, rerr.message, 0)
 		return nil
 	}
+	if h.limiter != nil && !h.waitTurn(w, r, tenant) {
+		return nil
+	}
 	tok, err := h.tokens.tokenFor(r.Context(), tenant)
 	if err != nil {
 		h.writeTokenError(w, r, tenant, err)
@@ -223,7 +273,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	delete(r.Header, "Authorization")
 	delete(r.Header, h.resolver.header)
 	r.Header["Authorization"] = []string{tok.bearer}
-	return next.ServeHTTP(w, r)
+	return h.proxy(w, r, next, tenant, tok)
 }
 
 // writeTokenError answers a request for which no token could be had. The

@@ -139,6 +139,7 @@ func (m *tokenManager) tokenFor(ctx context.Context, tenant string) (*cachedToke
 		n := now().UnixNano()
 		if t.usableAt(n) {
 			m.hits.Add(1)
+			metrics.cacheHit.Inc()
 			if n >= t.refreshAt.Load() && t.refreshing.CompareAndSwap(false, true) {
 				go m.refreshAhead(tenant, t)
 			}
@@ -146,6 +147,7 @@ func (m *tokenManager) tokenFor(ctx context.Context, tenant string) (*cachedToke
 		}
 	}
 	m.misses.Add(1)
+	metrics.cacheMiss.Inc()
 	return m.waitForToken(ctx, tenant, nil)
 }
 
@@ -284,6 +286,8 @@ func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, too
 	st.lastError = terr
 	failures := st.failures
 	m.mu.Unlock()
+	metrics.tokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
+	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 
 	log := m.logger()
 	fields := []zap.Field{
@@ -313,6 +317,8 @@ func (m *tokenManager) recordSuccess(tenant, grant string, t *cachedToken, took 
 	st.lastError = nil
 	st.retryAt = time.Time{}
 	m.mu.Unlock()
+	metrics.tokenRequests.WithLabelValues(grant, "ok").Inc()
+	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 	m.logger().Info("token obtained",
 		zap.String("tenant", tenant),
 		zap.String("grant", grant),

@@ -34,6 +34,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		tenant_from_token
 //		refresh_before <duration>
 //		token_timeout  <duration>
+//		retry_client_credentials <duration>
+//		encryption_key <key>
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
 //		replay_body_limit <size> | off
@@ -99,6 +101,14 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 		case "token_timeout":
 			if err := durationArg(d, &h.TokenTimeout); err != nil {
+				return err
+			}
+		case "retry_client_credentials":
+			if err := durationArg(d, &h.RetryClientCredentials); err != nil {
+				return err
+			}
+		case "encryption_key":
+			if err := oneArg(d, &h.EncryptionKey); err != nil {
 				return err
 			}
 		case "rate_limit":

@@ -30,23 +30,27 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				tenant_from_token
 				refresh_before 2m
 				token_timeout 3s
+				retry_client_credentials 30m
+				encryption_key {env.KEY}
 				rate_limit 20 4s
 				max_wait 7s
 				replay_body_limit 512KiB
 			}`,
 			want: Handler{
-				ClientID:          "{env.ID}",
-				ClientSecret:      "{file./run/secrets/x}",
-				TokenURL:          "http://127.0.0.1:9/oauth-v1/token",
-				TenantHeader:      "X-Customer",
-				Tenants:           map[string]string{"acme": "1234567", "7654321": "7654321"},
-				OnlyListedTenants: true,
-				TenantFromToken:   true,
-				RefreshBefore:     caddy.Duration(2 * time.Minute),
-				TokenTimeout:      caddy.Duration(3 * time.Second),
-				RateLimit:         &RateLimit{Requests: 20, Window: caddy.Duration(4 * time.Second)},
-				MaxWait:           caddy.Duration(7 * time.Second),
-				ReplayBodyLimit:   512 << 10,
+				ClientID:               "{env.ID}",
+				ClientSecret:           "{file./run/secrets/x}",
+				TokenURL:               "http://127.0.0.1:9/oauth-v1/token",
+				TenantHeader:           "X-Customer",
+				Tenants:                map[string]string{"acme": "1234567", "7654321": "7654321"},
+				OnlyListedTenants:      true,
+				TenantFromToken:        true,
+				RefreshBefore:          caddy.Duration(2 * time.Minute),
+				TokenTimeout:           caddy.Duration(3 * time.Second),
+				RetryClientCredentials: caddy.Duration(30 * time.Minute),
+				EncryptionKey:          "{env.KEY}",
+				RateLimit:              &RateLimit{Requests: 20, Window: caddy.Duration(4 * time.Second)},
+				MaxWait:                caddy.Duration(7 * time.Second),
+				ReplayBodyLimit:        512 << 10,
 			},
 		},
 		{name: "rate limit off", input: "fortnox {\n rate_limit off\n replay_body_limit off\n}", want: Handler{RateLimit: &RateLimit{Off: true}, ReplayBodyLimit: -1}},

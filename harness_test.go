@@ -371,3 +371,6 @@ func errorAnswer(t testing.TB, resp *http.Response, body []byte) errorBody {
 	}
 	return e
 }
+
+// stopCaddy unloads the running config.
+func stopCaddy() error { return caddy.Stop() }

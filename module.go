@@ -72,6 +72,16 @@ type Handler struct {
 	// How long one token request may take. Default: 10s.
 	TokenTimeout caddy.Duration `json:"token_timeout,omitempty"`
 
+	// How often a tenant that fell back to its refresh token tries client
+	// credentials again, so that a tenant that gains a service-account
+	// consent moves over by itself. Default: 1h.
+	RetryClientCredentials caddy.Duration `json:"retry_client_credentials,omitempty"`
+
+	// A 32-byte key (base64, or 64 hex characters) to encrypt the token
+	// records in Caddy's storage with AES-256-GCM. Use a placeholder
+	// ({env.FORTNOX_STORAGE_KEY}). Optional.
+	EncryptionKey string `json:"encryption_key,omitempty"`
+
 	// The per-tenant rate limit, shared by all requests of this process for
 	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
 	RateLimit *RateLimit `json:"rate_limit,omitempty"`
@@ -177,6 +187,24 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return err
 	}
 
+	retryCC := time.Duration(h.RetryClientCredentials)
+	if retryCC == 0 {
+		retryCC = defaultRetryClientCredentials
+	}
+	if retryCC < 0 {
+		return errors.New("retry_client_credentials must not be negative")
+	}
+	records := &recordStore{storage: ctx.Storage(), clientID: clientID}
+	if strings.TrimSpace(h.EncryptionKey) != "" {
+		key, err := resolveSetting(repl, "encryption_key", h.EncryptionKey)
+		if err != nil {
+			return err
+		}
+		if records.aead, err = parseEncryptionKey(key); err != nil {
+			return err
+		}
+	}
+
 	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
 	h.poolKey = managerKey(tokenURL, clientID)
 	val, _, err := managers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
@@ -187,10 +215,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	h.tokens = val.(*tokenManager)
 	h.tokens.settings.Store(&managerSettings{
-		cred:          credentials{clientID: clientID, clientSecret: secret},
-		refreshBefore: refreshBefore,
-		tokenTimeout:  timeout,
-		logger:        h.logger,
+		cred:                   credentials{clientID: clientID, clientSecret: secret},
+		refreshBefore:          refreshBefore,
+		tokenTimeout:           timeout,
+		retryClientCredentials: retryCC,
+		records:                records,
+		logger:                 h.logger,
 	})
 	return nil
 }

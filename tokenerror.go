@@ -125,7 +125,11 @@ func (e *tokenError) advice(tenant string) string {
 	case failBadAnswer:
 		return "Fortnox's token endpoint gave an answer that is not a usable token. Check token_url; if it is right, this is on Fortnox's side: try again later."
 	case failStorage:
-		return "The token store could not be read or written for tenant " + tenant + ". Check Caddy's storage; nothing was lost."
+		msg := "The token store (Caddy's storage) could not be used for tenant " + tenant
+		if e.cause != nil {
+			msg += ": " + e.cause.Error()
+		}
+		return msg + ". Nothing stored was changed; fix the storage or the encryption_key and retry."
 	default:
 		return "Fortnox's token endpoint could not be reached or is failing, and no valid token is cached for tenant " + tenant + ". Retry after the number of seconds in Retry-After."
 	}

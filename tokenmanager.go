@@ -48,7 +48,12 @@ type managerSettings struct {
 	cred          credentials
 	refreshBefore time.Duration
 	tokenTimeout  time.Duration
-	logger        *zap.Logger
+	// retryClientCredentials: how often a tenant on the refresh-token
+	// fallback tries client credentials again.
+	retryClientCredentials time.Duration
+	// records is the token store in Caddy's storage (nil in unit tests).
+	records *recordStore
+	logger  *zap.Logger
 }
 
 // cachedToken is an access token ready to be sent. It is never changed after
@@ -80,6 +85,14 @@ type tenantState struct {
 	lastError *tokenError
 	failures  int
 	retryAt   time.Time
+	// ccRetryAt: when a tenant on the refresh-token fallback next tries
+	// client credentials (it may have gained a service-account consent).
+	ccRetryAt time.Time
+	// hasRefreshToken: a refresh token is stored for the tenant.
+	hasRefreshToken bool
+	// unsaved holds a record whose new refresh token could not be written
+	// to storage; it is written on the next chance, never dropped.
+	unsaved *tokenRecord
 }
 
 // tokenManager gets, caches and refreshes tokens for one (token_url,
@@ -200,7 +213,8 @@ func (m *tokenManager) invalidate(tenant string, t *cachedToken) {
 
 // obtain runs once per tenant at a time (single flight). It returns a fresh
 // cached token if another flight has just stored one, waits out the tenant's
-// backoff, and otherwise asks Fortnox.
+// backoff, and otherwise asks Fortnox: client credentials first, the stored
+// refresh token when the tenant has no usable service-account consent.
 func (m *tokenManager) obtain(tenant string, stale *cachedToken) (*cachedToken, error) {
 	n := now()
 	if v, ok := m.cache.Get(tenant); ok {
@@ -213,32 +227,47 @@ func (m *tokenManager) obtain(tenant string, stale *cachedToken) (*cachedToken, 
 		return nil, err
 	}
 	s := m.settings.Load()
+	if m.refreshTokenFirst(tenant, n) {
+		return m.viaRefreshToken(s, tenant, stale)
+	}
 	ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
 	defer cancel()
 	start := time.Now()
 	answer, err := m.client.clientCredentials(ctx, s.cred, tenant)
 	took := time.Since(start)
-	if err != nil {
-		terr := asTokenError(err)
-		m.recordFailure(tenant, grantClientCredentials, terr, took)
-		return nil, terr
+	if err == nil {
+		t := m.store(tenant, grantClientCredentials, answer, s.refreshBefore)
+		m.recordSuccess(tenant, grantClientCredentials, t, took)
+		return t, nil
 	}
-	t := m.store(tenant, grantClientCredentials, answer, s.refreshBefore)
-	m.recordSuccess(tenant, grantClientCredentials, t, took)
-	return t, nil
+	terr := asTokenError(err)
+	if terr.failure == failNoConsent && s.records != nil {
+		t, rerr := m.viaRefreshToken(s, tenant, stale)
+		if !errors.Is(rerr, errNoRefreshToken) {
+			m.noteClientCredentialsRefused(tenant, s)
+			metrics.tokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
+			return t, rerr
+		}
+	}
+	m.recordFailure(tenant, grantClientCredentials, terr, took)
+	return nil, terr
 }
 
 // store caches a new token for tenant and returns it.
 func (m *tokenManager) store(tenant, grant string, a *tokenAnswer, refreshBefore time.Duration) *cachedToken {
-	issued := now()
+	return m.cacheToken(tenant, grant, a.accessToken, now(), a.lifetime, refreshBefore)
+}
+
+// cacheToken caches an access token issued at issued for lifetime.
+func (m *tokenManager) cacheToken(tenant, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *cachedToken {
 	t := &cachedToken{
-		bearer:    "Bearer " + a.accessToken,
+		bearer:    "Bearer " + accessToken,
 		grant:     grant,
 		issuedAt:  issued,
-		expiresAt: issued.Add(a.lifetime).UnixNano(),
+		expiresAt: issued.Add(lifetime).UnixNano(),
 	}
-	t.refreshAt.Store(issued.Add(refreshAheadAfter(a.lifetime, refreshBefore)).UnixNano())
-	m.cache.Set(tenant, t, a.lifetime)
+	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore)).UnixNano())
+	m.cache.Set(tenant, t, max(time.Until(issued.Add(lifetime)), time.Second))
 	return t
 }
 
@@ -275,6 +304,9 @@ func (m *tokenManager) state(tenant string) *tenantState {
 func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, took time.Duration) {
 	m.mu.Lock()
 	st := m.state(tenant)
+	// The same failure again is not news: log it at DEBUG, so that each
+	// change of a tenant's state is logged once at its own level.
+	repeated := st.lastError != nil && st.lastError.failure == terr.failure && st.lastError.code == terr.code
 	st.failures++
 	delay := backoffDelay(st.failures)
 	retryAt := now().Add(delay)
@@ -286,8 +318,10 @@ func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, too
 	st.lastError = terr
 	failures := st.failures
 	m.mu.Unlock()
-	metrics.tokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
-	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+	if took > 0 { // a request was sent (not a known-dead refresh token or a storage error)
+		metrics.tokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
+		metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+	}
 
 	log := m.logger()
 	fields := []zap.Field{
@@ -299,10 +333,12 @@ func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, too
 		zap.Time("retry_at", retryAt),
 		zap.String("error", terr.Error()),
 	}
-	switch terr.failure {
-	case failNoConsent:
+	switch {
+	case repeated:
+		log.Debug("token request failed again", fields...)
+	case terr.failure == failNoConsent:
 		log.Warn("no token for tenant", fields...)
-	case failUnavailable:
+	case terr.failure == failUnavailable:
 		log.Warn("token request failed", fields...)
 	default:
 		log.Error("token request failed", fields...)

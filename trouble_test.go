@@ -133,20 +133,23 @@ func TestBurstWaitsItsTurn(t *testing.T) {
 	const window = 500 * time.Millisecond
 	fake := startFake(t, fakefortnox.Options{RateLimit: 25, RateWindow: window})
 	fake.GrantConsent(testClientID, "1234567")
-	sc := startSidecar(t, fake, "rate_limit 25 500ms")
+	// Our window is a little longer than the fake's: the built-in margin
+	// (200ms at Fortnox's 5s) shrinks to 20ms at 500ms, less than the
+	// scheduling noise of a 2-core machine running the race detector.
+	sc := startSidecar(t, fake, "rate_limit 25 600ms")
 	sc.get("/3/companyinformation", "1234567") // the token, and one slot
-	time.Sleep(window + jitterMargin(window))
+	time.Sleep(time.Second)
 
 	start := time.Now()
 	statuses := burst(sc, "1234567", 100)
 	took := time.Since(start)
 	if statuses[http.StatusOK] != 100 {
-		t.Fatalf("statuses %v, want 100 × 200", statuses)
+		t.Fatalf("statuses %v (Fortnox's 429s: %d), want 100 × 200", statuses, fake.TooMany(""))
 	}
 	if n := fake.TooMany(""); n != 0 {
 		t.Errorf("Fortnox answered 429 %d times", n)
 	}
-	if min := 3 * window; took < min || took > 10*window {
+	if min := 3 * window; took < min || took > 20*window {
 		t.Errorf("the burst took %v, want about 3-4 windows of %v", took, window)
 	}
 }

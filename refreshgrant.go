@@ -148,7 +148,7 @@ func (m *tokenManager) useStored(s *managerSettings, tenant string, rec *tokenRe
 	}
 	lifetime := rec.ExpiresAt.Sub(rec.IssuedAt)
 	n := now()
-	if !n.Before(rec.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(rec.ExpiresAt.Add(-expirySkew)) {
+	if !n.Before(rec.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(rec.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil
 	}
 	t := m.cacheToken(tenant, grantRefreshToken, rec.AccessToken, rec.IssuedAt, lifetime, s.refreshBefore)

@@ -18,7 +18,8 @@ import (
 const (
 	defaultRefreshBefore = 5 * time.Minute
 	defaultTokenTimeout  = 10 * time.Second
-	// expirySkew: a token this close to its expiry is not sent any more, so a
+	// expirySkew: a token this close to its expiry (a quarter of its
+	// lifetime at most) is not sent any more, so a
 	// request in flight does not reach Fortnox with a token that just died.
 	expirySkew = 10 * time.Second
 	// Backoff after a failed token request, per tenant: 1s, 2s, 4s ... 60s,
@@ -64,6 +65,8 @@ type cachedToken struct {
 	grant     string
 	issuedAt  time.Time
 	expiresAt int64 // unix nanoseconds, on the plugin's clock
+	// usableUntil is expiresAt less the skew (unix ns).
+	usableUntil int64
 	// refreshAt is when a background refresh should start (unix ns). It is
 	// pushed back after a failed refresh so that requests do not start
 	// another one before the tenant's backoff has passed.
@@ -75,7 +78,7 @@ func (t *cachedToken) expiry() time.Time { return time.Unix(0, t.expiresAt) }
 
 // usableAt says whether t may still be sent at time n (unix ns).
 func (t *cachedToken) usableAt(n int64) bool {
-	return n < t.expiresAt-int64(expirySkew)
+	return n < t.usableUntil
 }
 
 // tenantState is what the manager remembers about a tenant besides its
@@ -266,9 +269,16 @@ func (m *tokenManager) cacheToken(tenant, grant, accessToken string, issued time
 		issuedAt:  issued,
 		expiresAt: issued.Add(lifetime).UnixNano(),
 	}
+	t.usableUntil = t.expiresAt - int64(skewFor(lifetime))
 	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore)).UnixNano())
 	m.cache.Set(tenant, t, max(time.Until(issued.Add(lifetime)), time.Second))
 	return t
+}
+
+// skewFor is how long before its expiry a token of this lifetime is no
+// longer sent.
+func skewFor(lifetime time.Duration) time.Duration {
+	return min(expirySkew, lifetime/4)
 }
 
 // refreshAheadAfter is how long after issue a token is refreshed in the

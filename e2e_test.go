@@ -353,3 +353,39 @@ func ExampleHandler_errorBody() {
 	fmt.Print(rec.Code, " ", rec.Header().Get("Retry-After"), " ", rec.Body.String())
 	// Output: 503 3 {"error":"token_endpoint_unavailable","message":"Retry later."}
 }
+
+// A cold start of 1,000 concurrent first requests spread over 100 tenants
+// makes exactly 100 token requests.
+func TestColdStartOverManyTenants(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	var tenants []string
+	for i := range 100 {
+		tn := strconv.Itoa(3000000 + i)
+		tenants = append(tenants, tn)
+		fake.GrantConsent(testClientID, tn)
+	}
+	fake.SetFault(fakefortnox.Fault{Delay: 100 * time.Millisecond})
+	sc := startSidecar(t, fake, "rate_limit off")
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	var failures atomic.Int64
+	for i := range 1000 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			tn := tenants[i%len(tenants)]
+			if status, body, _ := sc.get("/3/companyinformation", tn); status != http.StatusOK || companyNumber(t, body) != tn {
+				failures.Add(1)
+			}
+		}()
+	}
+	close(start)
+	wg.Wait()
+	if n := failures.Load(); n != 0 {
+		t.Errorf("%d requests failed", n)
+	}
+	if n := fake.TokenRequests("", ""); n != 100 {
+		t.Errorf("%d token requests for 100 tenants, want 100", n)
+	}
+}

@@ -3,7 +3,9 @@ package fortnox
 import (
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -79,6 +81,32 @@ func BenchmarkTokenLookup(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
+		})
+	}
+}
+
+// Memory held per cached tenant (a realistic ~3 KB Fortnox token each).
+func BenchmarkMemoryPerTenant(b *testing.B) {
+	for _, n := range []int{1000, 100000} {
+		b.Run(strconv.Itoa(n)+"_tenants", func(b *testing.B) {
+			token := strings.Repeat("x", 3000)
+			var perTenant float64
+			for range b.N {
+				m := newTokenManager("http://127.0.0.1:1/token", "mem-client")
+				var before, after runtime.MemStats
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				for i := range n {
+					id := strconv.Itoa(1000000 + i)
+					m.store(id, grantClientCredentials, &tokenAnswer{accessToken: token + id, lifetime: time.Hour}, defaultRefreshBefore)
+				}
+				runtime.GC()
+				runtime.ReadMemStats(&after)
+				perTenant = float64(after.HeapAlloc-before.HeapAlloc) / float64(n)
+				runtime.KeepAlive(m)
+				_ = m.Destruct()
+			}
+			b.ReportMetric(perTenant, "bytes/tenant")
 		})
 	}
 }

@@ -231,6 +231,7 @@ func (m *tokenManager) tenantRecovered(tenant string) {
 	m.mu.Lock()
 	st := m.state(tenant)
 	st.hasRefreshToken = true
+	st.consentRevoked = false
 	st.lastError, st.failures, st.retryAt = nil, 0, time.Time{}
 	if st.mode == "" {
 		st.mode = grantRefreshToken

@@ -130,6 +130,7 @@ type caddyfileTemplate struct {
 	tokenURL        string
 	upstream        string
 	options         string // extra lines inside the fortnox block
+	extraSites      string // more site blocks, appended to the Caddyfile
 }
 
 func freePort(t testing.TB) int {
@@ -216,8 +217,8 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-`, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
-		indentOptions(s.options), s.upstream)
+%s`, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
+		indentOptions(s.options), s.upstream, s.extraSites)
 }
 
 // indentOptions puts each option line on its own, indented line, so the

@@ -27,6 +27,9 @@ const (
 	failUnavailable
 	// failStorage: the token store could not be read or written.
 	failStorage
+	// failConsentRevoked: Fortnox told us (consent webhook) that the
+	// customer revoked the integration's consent.
+	failConsentRevoked
 )
 
 // tokenError is what the token manager returns when it has no token for a
@@ -61,6 +64,8 @@ func (e *tokenError) Error() string {
 		s = "the token endpoint is unavailable"
 	case failStorage:
 		s = "the token store failed"
+	case failConsentRevoked:
+		s = "the customer revoked the consent"
 	default:
 		s = "token error"
 	}
@@ -85,7 +90,7 @@ func (e *tokenError) Unwrap() error { return e.cause }
 // httpStatus is the status the app gets for this failure (DESIGN's table).
 func (e *tokenError) httpStatus() int {
 	switch e.failure {
-	case failNoConsent, failGrantRejected:
+	case failNoConsent, failGrantRejected, failConsentRevoked:
 		return http.StatusForbidden
 	case failBadClient, failBadAnswer:
 		return http.StatusBadGateway
@@ -107,6 +112,8 @@ func (e *tokenError) errorCode() string {
 		return "bad_token_response"
 	case failStorage:
 		return "token_storage_unavailable"
+	case failConsentRevoked:
+		return "consent_revoked"
 	default:
 		return "token_endpoint_unavailable"
 	}
@@ -124,6 +131,8 @@ func (e *tokenError) advice(tenant string) string {
 		return "Fortnox rejected the configured client id or client secret. Check client_id and client_secret in the fortnox block (and the environment variables or files they name)."
 	case failBadAnswer:
 		return "Fortnox's token endpoint gave an answer that is not a usable token. Check token_url; if it is right, this is on Fortnox's side: try again later."
+	case failConsentRevoked:
+		return "The customer (tenant " + tenant + ") revoked this integration's consent in Fortnox. The customer must authorize the integration again; requests are refused until a new consent or refresh token arrives."
 	case failStorage:
 		msg := "The token store (Caddy's storage) could not be used for tenant " + tenant
 		if e.cause != nil {

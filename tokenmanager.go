@@ -96,6 +96,9 @@ type tenantState struct {
 	// unsaved holds a record whose new refresh token could not be written
 	// to storage; it is written on the next chance, never dropped.
 	unsaved *tokenRecord
+	// consentRevoked: a consent-revoked event arrived (fortnox_webhook);
+	// the tenant gets 403 until a new consent or refresh token arrives.
+	consentRevoked bool
 }
 
 // tokenManager gets, caches and refreshes tokens for one (token_url,
@@ -146,7 +149,12 @@ func (m *tokenManager) Destruct() error {
 	return nil
 }
 
-func (m *tokenManager) logger() *zap.Logger { return m.settings.Load().logger }
+func (m *tokenManager) logger() *zap.Logger {
+	if s := m.settings.Load(); s != nil {
+		return s.logger
+	}
+	return zap.NewNop()
+}
 
 // tokenFor returns a token for tenant. ctx bounds only this caller's wait.
 func (m *tokenManager) tokenFor(ctx context.Context, tenant string) (*cachedToken, error) {
@@ -225,6 +233,9 @@ func (m *tokenManager) obtain(tenant string, stale *cachedToken) (*cachedToken, 
 		if t != stale && t.usableAt(n.UnixNano()) && n.UnixNano() < t.refreshAt.Load() {
 			return t, nil
 		}
+	}
+	if err := m.revokedError(tenant); err != nil {
+		return nil, err
 	}
 	if err := m.backingOff(tenant, n); err != nil {
 		return nil, err

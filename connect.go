@@ -1,0 +1,373 @@
+package fortnox
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"html/template"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+	"go.uber.org/zap"
+)
+
+func init() {
+	caddy.RegisterModule(new(Connect))
+	httpcaddyfile.RegisterHandlerDirective("fortnox_connect", func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
+		c := new(Connect)
+		return c, c.UnmarshalCaddyfile(h.Dispenser)
+	})
+	httpcaddyfile.RegisterDirectiveOrder("fortnox_connect", httpcaddyfile.Before, "reverse_proxy")
+}
+
+// DefaultAuthorizeURL is Fortnox's authorize page.
+const DefaultAuthorizeURL = "https://apps.fortnox.se/oauth-v1/auth"
+
+const (
+	stateCookie   = "fortnox_connect_state"
+	stateLifetime = 10 * time.Minute // as long as Fortnox's codes live
+)
+
+// Connect is the `fortnox_connect` handler, for a public site: it lets a
+// customer's administrator connect the integration (the authorization-code
+// flow, with account_type=service by default so that Fortnox creates a
+// service-account consent). `GET …/connect` sends the browser to Fortnox;
+// `GET …/callback` (the redirect_uri) checks the state, exchanges the code,
+// reads the TenantId from the access token and stores the refresh token as
+// the tenant's fallback. The code is exchanged with the credentials, storage
+// and encryption key of the fortnox handler with the same client_id and
+// token_url, which must be in the same config.
+type Connect struct {
+	// The integration's client id. Required.
+	ClientID string `json:"client_id,omitempty"`
+	// The token endpoint. Default: Fortnox's.
+	TokenURL string `json:"token_url,omitempty"`
+	// Fortnox's authorize page. Default: https://apps.fortnox.se/oauth-v1/auth.
+	AuthorizeURL string `json:"authorize_url,omitempty"`
+	// The public URL of the callback, as registered in Fortnox's developer
+	// portal. Required.
+	RedirectURI string `json:"redirect_uri,omitempty"`
+	// The scopes to ask for, space separated. Required.
+	Scopes string `json:"scopes,omitempty"`
+	// account_type sent to Fortnox. Default: service; "off" sends none.
+	AccountType string `json:"account_type,omitempty"`
+	// Where to send the browser after success, with ?tenant=<TenantId>
+	// added. Default: a plain success page.
+	SuccessRedirect string `json:"success_redirect,omitempty"`
+	// A key (at least 32 bytes) that signs the state cookie. Use a
+	// placeholder. Required.
+	CookieSecret string `json:"cookie_secret,omitempty"`
+
+	cookieKey []byte
+	secure    bool
+	poolKey   string
+	tokens    *tokenManager
+	logger    *zap.Logger
+	used      *sync.Map // state -> expiry: states already used (one use each)
+}
+
+// CaddyModule returns the Caddy module information.
+func (*Connect) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "http.handlers.fortnox_connect",
+		New: func() caddy.Module { return new(Connect) },
+	}
+}
+
+// Provision checks the settings and joins the shared token manager.
+func (c *Connect) Provision(ctx caddy.Context) error {
+	c.logger = ctx.Logger()
+	c.used = new(sync.Map)
+	repl := caddy.NewReplacer()
+	clientID, err := resolveSetting(repl, "client_id", c.ClientID)
+	if err != nil {
+		return err
+	}
+	key, err := resolveSetting(repl, "cookie_secret", c.CookieSecret)
+	if err != nil {
+		return err
+	}
+	if len(key) < 32 {
+		return errors.New("cookie_secret must be at least 32 bytes (e.g. `openssl rand -base64 32`)")
+	}
+	c.cookieKey = []byte(key)
+	if c.RedirectURI == "" {
+		return errors.New("redirect_uri is required: the public URL of …/callback, as registered with Fortnox")
+	}
+	u, err := url.Parse(c.RedirectURI)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return fmt.Errorf("redirect_uri %q is not an http(s) URL", c.RedirectURI)
+	}
+	// Secure cookies, except for a local test callback over plain HTTP.
+	c.secure = u.Scheme == "https" || (u.Hostname() != "127.0.0.1" && u.Hostname() != "localhost")
+	if strings.TrimSpace(c.Scopes) == "" {
+		return errors.New("scopes is required, e.g. scopes companyinformation invoice")
+	}
+	if c.AuthorizeURL == "" {
+		c.AuthorizeURL = DefaultAuthorizeURL
+	}
+	if c.AccountType == "" {
+		c.AccountType = "service"
+	}
+	tokenURL := DefaultTokenURL
+	if c.TokenURL != "" {
+		tokenURL = strings.TrimSpace(repl.ReplaceAll(c.TokenURL, ""))
+	}
+	c.poolKey = managerKey(tokenURL, clientID)
+	val, _, err := managers.LoadOrNew(c.poolKey, func() (caddy.Destructor, error) {
+		return newTokenManager(tokenURL, clientID), nil
+	})
+	if err != nil {
+		return err
+	}
+	c.tokens = val.(*tokenManager)
+	return nil
+}
+
+// Cleanup releases the token manager.
+func (c *Connect) Cleanup() error {
+	if c.poolKey == "" {
+		return nil
+	}
+	_, err := managers.Delete(c.poolKey)
+	return err
+}
+
+// ServeHTTP answers …/connect and …/callback; other paths go on.
+func (c *Connect) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
+	switch {
+	case strings.HasSuffix(r.URL.Path, "/connect") && r.Method == http.MethodGet:
+		return c.start(w, r)
+	case strings.HasSuffix(r.URL.Path, "/callback") && r.Method == http.MethodGet:
+		c.callback(w, r)
+		return nil
+	}
+	return next.ServeHTTP(w, r)
+}
+
+// start sends the browser to Fortnox's authorize page with a fresh state,
+// bound to the browser by a signed, short-lived cookie.
+func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
+	raw := make([]byte, 32)
+	if _, err := rand.Read(raw); err != nil {
+		return caddyhttp.Error(http.StatusInternalServerError, err)
+	}
+	state := base64.RawURLEncoding.EncodeToString(raw)
+	expires := now().Add(stateLifetime)
+	http.SetCookie(w, &http.Cookie{
+		Name: stateCookie, Value: c.signState(state, expires), Path: "/",
+		MaxAge: int(stateLifetime / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
+	})
+	q := url.Values{
+		"client_id":     {c.tokens.clientID},
+		"redirect_uri":  {c.RedirectURI},
+		"scope":         {strings.Join(strings.Fields(c.Scopes), " ")},
+		"state":         {state},
+		"access_type":   {"offline"},
+		"response_type": {"code"},
+	}
+	if c.AccountType != "off" {
+		q.Set("account_type", c.AccountType)
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, c.AuthorizeURL+"?"+q.Encode(), http.StatusFound)
+	return nil
+}
+
+// signState makes the cookie value: state.expiry.mac.
+func (c *Connect) signState(state string, expires time.Time) string {
+	payload := state + "." + strconv.FormatInt(expires.Unix(), 10)
+	mac := hmac.New(sha256.New, c.cookieKey)
+	mac.Write([]byte(payload))
+	return payload + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+}
+
+// checkState verifies the cookie's signature and expiry, that it names
+// the state Fortnox sent back, and that the state was not used before.
+func (c *Connect) checkState(r *http.Request, state string) error {
+	cookie, err := r.Cookie(stateCookie)
+	if err != nil {
+		return errors.New("this browser did not start the connection here (no state cookie): start again")
+	}
+	parts := strings.Split(cookie.Value, ".")
+	if len(parts) != 3 {
+		return errors.New("the state cookie is damaged: start again")
+	}
+	exp, err := strconv.ParseInt(parts[1], 10, 64)
+	if err != nil {
+		return errors.New("the state cookie is damaged: start again")
+	}
+	want := c.signState(parts[0], time.Unix(exp, 0))
+	if !hmac.Equal([]byte(want), []byte(cookie.Value)) {
+		return errors.New("the state cookie is not ours: start again")
+	}
+	if now().After(time.Unix(exp, 0)) {
+		return errors.New("the connection took too long (over 10 minutes): start again")
+	}
+	if !hmac.Equal([]byte(parts[0]), []byte(state)) {
+		return errors.New("the state Fortnox sent back does not match this browser's: start again")
+	}
+	if _, loaded := c.used.LoadOrStore(state, exp); loaded {
+		return errors.New("this connection was already completed: start again")
+	}
+	c.forgetUsedStates()
+	return nil
+}
+
+// forgetUsedStates drops used states whose cookies have expired anyway.
+func (c *Connect) forgetUsedStates() {
+	n := now().Unix()
+	c.used.Range(func(k, v any) bool {
+		if v.(int64) < n {
+			c.used.Delete(k)
+		}
+		return true
+	})
+}
+
+// callback finishes the connection.
+func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
+	// The cookie is spent whatever happens.
+	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	q := r.URL.Query()
+	if err := c.checkState(r, q.Get("state")); err != nil {
+		c.page(w, http.StatusBadRequest, "The connection could not be checked", err.Error(), "")
+		return
+	}
+	if fe := q.Get("error"); fe != "" {
+		c.logger.Info("Fortnox refused the connection", zap.String("error", cutDescription(fe)))
+		c.page(w, http.StatusForbidden, "Fortnox did not connect the integration",
+			"Fortnox answered: "+cutDescription(fe)+" — "+cutDescription(q.Get("error_description")), "")
+		return
+	}
+	code := q.Get("code")
+	if code == "" {
+		c.page(w, http.StatusBadRequest, "The connection could not be completed", "Fortnox sent no code: start again.", "")
+		return
+	}
+	s := c.tokens.settings.Load()
+	if s == nil || s.records == nil {
+		c.page(w, http.StatusInternalServerError, "The connection could not be completed", "No fortnox handler with this client_id and token_url is loaded: add one to the same config.", "")
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), lockBudget+s.tokenTimeout)
+	defer cancel()
+	answer, err := c.tokens.client.exchangeCode(ctx, s.cred, code, c.RedirectURI)
+	if err != nil {
+		c.logger.Error("code exchange failed", zap.Error(err))
+		c.page(w, http.StatusBadGateway, "Fortnox did not complete the connection", asTokenError(err).Error()+". Start again.", "")
+		return
+	}
+	tenant, err := tenantFromToken(answer.accessToken)
+	if err != nil {
+		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox's token names no tenant ("+err.Error()+").", "")
+		return
+	}
+	if answer.refreshToken != "" {
+		if err := c.tokens.putRefreshToken(ctx, tenant, answer.refreshToken); err != nil {
+			c.logger.Error("storing the refresh token of a new connection failed", zap.String("tenant", tenant), zap.Error(err))
+			c.page(w, http.StatusInternalServerError, "The connection could not be saved", "Storing the tenant's token failed; start again.", "")
+			return
+		}
+	}
+	c.tokens.cacheToken(tenant, grantAuthorizationCode, answer.accessToken, now(), answer.lifetime, s.refreshBefore)
+	c.tokens.consentCreated(tenant)
+	c.logger.Info("customer connected", zap.String("tenant", tenant))
+	if c.SuccessRedirect != "" {
+		sep := "?"
+		if strings.Contains(c.SuccessRedirect, "?") {
+			sep = "&"
+		}
+		w.Header().Set("Cache-Control", "no-store")
+		http.Redirect(w, r, c.SuccessRedirect+sep+"tenant="+url.QueryEscape(tenant), http.StatusFound)
+		return
+	}
+	c.page(w, http.StatusOK, "Connected", "The integration is connected to your Fortnox company.", tenant)
+}
+
+var pageTemplate = template.Must(template.New("page").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{.Title}}</title></head>
+<body><h1>{{.Title}}</h1><p>{{.Message}}</p>{{if .Tenant}}<p>TenantId: <strong id="tenant">{{.Tenant}}</strong></p>{{end}}</body></html>
+`))
+
+// page writes a small, plain HTML page. Never a token in it.
+func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant string) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.Header().Set("Content-Security-Policy", "default-src 'none'")
+	w.WriteHeader(status)
+	_ = pageTemplate.Execute(w, struct{ Title, Message, Tenant string }{title, message, tenant})
+}
+
+// UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
+//
+//	fortnox_connect {
+//		client_id        <id>
+//		token_url        <url>
+//		authorize_url    <url>
+//		redirect_uri     <url>
+//		scopes           <scope...>
+//		account_type     service|off
+//		success_redirect <url>
+//		cookie_secret    <secret>
+//	}
+func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
+	d.Next()
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		var dst *string
+		switch option {
+		case "client_id":
+			dst = &c.ClientID
+		case "token_url":
+			dst = &c.TokenURL
+		case "authorize_url":
+			dst = &c.AuthorizeURL
+		case "redirect_uri":
+			dst = &c.RedirectURI
+		case "account_type":
+			dst = &c.AccountType
+		case "success_redirect":
+			dst = &c.SuccessRedirect
+		case "cookie_secret":
+			dst = &c.CookieSecret
+		case "scopes":
+			scopes := d.RemainingArgs()
+			if len(scopes) == 0 {
+				return d.Errf("scopes needs at least one scope")
+			}
+			c.Scopes = strings.Join(scopes, " ")
+			continue
+		default:
+			return d.Errf("unrecognized subdirective %q", option)
+		}
+		if err := oneArg(d, dst); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Interface guards
+var (
+	_ caddy.Provisioner           = (*Connect)(nil)
+	_ caddy.CleanerUpper          = (*Connect)(nil)
+	_ caddyhttp.MiddlewareHandler = (*Connect)(nil)
+	_ caddyfile.Unmarshaler       = (*Connect)(nil)
+)

@@ -1,0 +1,268 @@
+package fortnox
+
+import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"testing"
+
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+)
+
+const testCookieSecret = "cookie-secret-for-tests-0123456789abcdef"
+
+// connectSidecar is a sidecar with a public connect site beside it.
+func connectSidecar(t *testing.T, fake *fakefortnox.Server, extra string) (*sidecar, string) {
+	t.Helper()
+	port := freePort(t)
+	public := fmt.Sprintf("http://127.0.0.1:%d", port)
+	t.Setenv("FORTNOX_TEST_COOKIE_SECRET", testCookieSecret)
+	t.Setenv("FORTNOX_TEST_WEBHOOK_SECRET", "webhook-secret")
+	sc := startSidecar(t, fake, "")
+	sc.extraSites = fmt.Sprintf(`
+http://127.0.0.1:%d {
+	bind 127.0.0.1
+	fortnox_connect {
+		client_id {env.FORTNOX_TEST_CLIENT_ID}
+		token_url %s
+		authorize_url %s/oauth-v1/auth
+		redirect_uri %s/fortnox/callback
+		scopes companyinformation invoice
+		cookie_secret {env.FORTNOX_TEST_COOKIE_SECRET}%s
+	}
+	fortnox_webhook {
+		client_id {env.FORTNOX_TEST_CLIENT_ID}
+		token_url %s
+		secret {env.FORTNOX_TEST_WEBHOOK_SECRET}
+	}
+}
+`, port, fake.TokenURL(), fake.URL(), public, indentOptions(extra), fake.TokenURL())
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	return sc, public
+}
+
+var noRedirects = &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+
+// startConnect GETs /fortnox/connect and returns the authorize URL and the
+// state cookie.
+func startConnect(t *testing.T, public string) (*url.URL, *http.Cookie) {
+	t.Helper()
+	resp, err := noRedirects.Get(public + "/fortnox/connect")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusFound {
+		t.Fatalf("connect: %d", resp.StatusCode)
+	}
+	loc, _ := url.Parse(resp.Header.Get("Location"))
+	var cookie *http.Cookie
+	for _, c := range resp.Cookies() {
+		if c.Name == stateCookie {
+			cookie = c
+		}
+	}
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteLaxMode {
+		t.Fatalf("state cookie %+v", cookie)
+	}
+	return loc, cookie
+}
+
+// authorize follows the authorize URL at the fake (which approves) and
+// returns the callback URL it redirects to.
+func authorize(t *testing.T, loc *url.URL) string {
+	t.Helper()
+	resp, err := noRedirects.Get(loc.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusFound {
+		t.Fatalf("authorize: %d", resp.StatusCode)
+	}
+	return resp.Header.Get("Location")
+}
+
+func callback(t *testing.T, callbackURL string, cookie *http.Cookie) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, callbackURL, nil)
+	if cookie != nil {
+		req.AddCookie(cookie)
+	}
+	resp, err := noRedirects.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// The whole connect flow: redirect parameters, state, code exchange, stored
+// refresh token, then proxied requests for the new tenant.
+func TestConnectFlow(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.SetAuthorizeAs("5550001", "7")
+	sc, public := connectSidecar(t, fake, "")
+
+	loc, cookie := startConnect(t, public)
+	q := loc.Query()
+	for k, want := range map[string]string{
+		"client_id": testClientID, "redirect_uri": public + "/fortnox/callback", "scope": "companyinformation invoice",
+		"access_type": "offline", "response_type": "code", "account_type": "service",
+	} {
+		if q.Get(k) != want {
+			t.Errorf("authorize %s = %q, want %q", k, q.Get(k), want)
+		}
+	}
+	if len(q.Get("state")) < 40 {
+		t.Errorf("state %q is too short to be random", q.Get("state"))
+	}
+	cb := authorize(t, loc)
+	if got := fake.LastAuthorizeQuery().Get("state"); got != q.Get("state") {
+		t.Errorf("Fortnox saw state %q", got)
+	}
+	status, body := callback(t, cb, cookie)
+	if status != http.StatusOK || !strings.Contains(body, `<strong id="tenant">5550001</strong>`) {
+		t.Fatalf("callback: %d %s", status, body)
+	}
+	for _, p := range secretPatterns {
+		if p.MatchString(body) {
+			t.Error("the success page holds a token")
+		}
+	}
+	rec := sc.storedRecord("5550001")
+	if !fake.RefreshTokenValid(rec.RefreshToken) {
+		t.Error("the stored refresh token is not the live one")
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "5550001"); status != http.StatusOK || companyNumber(t, body) != "5550001" {
+		t.Fatalf("proxied request for the new tenant: %d %s", status, body)
+	}
+
+	// The same callback again (a replay, even with the old cookie) is refused.
+	if status, body := callback(t, cb, cookie); status != http.StatusBadRequest || !strings.Contains(body, "already completed") {
+		t.Errorf("replayed callback: %d %s", status, body)
+	}
+}
+
+// Forged, missing or tampered state is refused, and nothing is stored.
+func TestConnectRefusesBadState(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, public := connectSidecar(t, fake, "")
+	loc, cookie := startConnect(t, public)
+	cb := authorize(t, loc)
+	forged := strings.Replace(cb, "state="+url.QueryEscape(loc.Query().Get("state")), "state=forged", 1)
+	tampered := *cookie
+	tampered.Value = "x" + cookie.Value[1:]
+	for name, tc := range map[string]struct {
+		url    string
+		cookie *http.Cookie
+		want   string
+	}{
+		"forged state":    {forged, cookie, "does not match"},
+		"no cookie":       {cb, nil, "no state cookie"},
+		"tampered cookie": {cb, &tampered, "not ours"},
+	} {
+		status, body := callback(t, tc.url, tc.cookie)
+		if status != http.StatusBadRequest || !strings.Contains(body, tc.want) {
+			t.Errorf("%s: %d %s", name, status, body)
+		}
+	}
+	if n := fake.TokenRequests("authorization_code", ""); n != 0 {
+		t.Errorf("%d code exchanges for refused callbacks", n)
+	}
+	if infos := sc.tenants(); len(infos) != 0 {
+		t.Errorf("tenants after refused callbacks: %+v", infos)
+	}
+}
+
+// Fortnox's refusal on the callback is shown, not swallowed.
+func TestConnectShowsFortnoxError(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.SetAuthorizeDeny("access_denied", "The user <b>denied</b> access")
+	_, public := connectSidecar(t, fake, "")
+	loc, cookie := startConnect(t, public)
+	status, body := callback(t, authorize(t, loc), cookie)
+	if status != http.StatusForbidden || !strings.Contains(body, "access_denied") || !strings.Contains(body, "The user &lt;b&gt;denied&lt;/b&gt; access") {
+		t.Errorf("callback after a refusal: %d %s", status, body)
+	}
+}
+
+// sendEvent POSTs a consent event, signed with secret ("" = unsigned).
+func sendEvent(t *testing.T, public, body, secret string) int {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodPost, public+"/fortnox/webhook", strings.NewReader(body))
+	if secret != "" {
+		mac := hmac.New(sha256.New, []byte(secret))
+		mac.Write([]byte(body))
+		req.Header.Set("X-Signature", base64.StdEncoding.EncodeToString(mac.Sum(nil)))
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// Consent events: a verified "revoked" drops the tenant's token and its
+// requests get 403 until a "created" (or a new refresh token) arrives; bad
+// or missing signatures and malformed bodies change nothing.
+func TestConsentWebhook(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, public := connectSidecar(t, fake, "")
+	if status, _, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatal("warm-up failed")
+	}
+	revoked := `{"event":"client_credentials_consent_revoked","tenant_id":1234567,"scopes":["companyinformation"]}`
+	for name, tc := range map[string]struct {
+		body, secret string
+		want         int
+	}{
+		"no signature":    {revoked, "", 401},
+		"wrong signature": {revoked, "another-secret", 401},
+		"not JSON":        {`{"event":`, "webhook-secret", 400},
+		"no tenant":       {`{"event":"client_credentials_consent_revoked"}`, "webhook-secret", 400},
+		"unknown event":   {`{"event":"something_else","tenant_id":"1234567"}`, "webhook-secret", 202},
+	} {
+		if got := sendEvent(t, public, tc.body, tc.secret); got != tc.want {
+			t.Errorf("%s: %d, want %d", name, got, tc.want)
+		}
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("a refused event changed the tenant: %d %s", status, body)
+	}
+
+	if got := sendEvent(t, public, revoked, "webhook-secret"); got != http.StatusNoContent {
+		t.Fatalf("revoked event: %d", got)
+	}
+	status, body, resp := sc.get("/3/companyinformation", "1234567")
+	if status != http.StatusForbidden {
+		t.Fatalf("after revocation: %d %s", status, body)
+	}
+	if e := errorAnswer(t, resp, body); e.Error != "consent_revoked" || !strings.Contains(e.Message, "authorize") {
+		t.Errorf("answer %+v", e)
+	}
+	if info := findTenant(sc.tenants(), "1234567"); info == nil || info.LastError == nil || !strings.Contains(*info.LastError, "consent_revoked") {
+		t.Errorf("tenant row %+v", info)
+	}
+	if got := sendEvent(t, public, `{"event":"client_credentials_consent","tenant_id":"1234567"}`, "webhook-secret"); got != http.StatusNoContent {
+		t.Fatalf("created event: %d", got)
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("after a new consent: %d %s", status, body)
+	}
+	// A created event also makes a new tenant known.
+	sendEvent(t, public, `{"event":"client_credentials_consent","tenant_id":7654321}`, "webhook-secret")
+	if findTenant(sc.tenants(), "7654321") == nil {
+		t.Error("a consent-created tenant is not listed")
+	}
+}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -264,5 +266,82 @@ func TestConsentWebhook(t *testing.T) {
 	sendEvent(t, public, `{"event":"client_credentials_consent","tenant_id":7654321}`, "webhook-secret")
 	if findTenant(sc.tenants(), "7654321") == nil {
 		t.Error("a consent-created tenant is not listed")
+	}
+}
+
+func TestOnboardingCaddyfiles(t *testing.T) {
+	var c Connect
+	err := c.UnmarshalCaddyfile(caddyfile.NewTestDispenser(`fortnox_connect {
+		client_id id
+		redirect_uri https://x.example/fortnox/callback
+		scopes companyinformation invoice
+		account_type off
+		success_redirect https://app.example/ok
+		cookie_secret {env.S}
+		authorize_url https://a.example/auth
+		token_url https://a.example/token
+	}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Scopes != "companyinformation invoice" || c.AccountType != "off" || c.CookieSecret != "{env.S}" || c.SuccessRedirect != "https://app.example/ok" {
+		t.Errorf("parsed %+v", c)
+	}
+	var wh Webhook
+	err = wh.UnmarshalCaddyfile(caddyfile.NewTestDispenser(`fortnox_webhook {
+		client_id id
+		secret {env.W}
+		signature_header X-Fortnox-Signature
+		signature_encoding hex
+		tenant_field tenantId
+		event_field type
+		created_events a b
+		revoked_events c
+	}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if wh.SignatureHeader != "X-Fortnox-Signature" || wh.SignatureEncoding != "hex" || len(wh.CreatedEvents) != 2 || wh.RevokedEvents[0] != "c" || wh.TenantField != "tenantId" {
+		t.Errorf("parsed %+v", wh)
+	}
+	for _, bad := range []struct{ input, want string }{
+		{"fortnox_connect {\n scopes\n}", "scopes needs at least one scope"},
+		{"fortnox_connect {\n cookie_secret a b\n}", "cookie_secret takes exactly one value"},
+		{"fortnox_connect {\n bogus x\n}", `unrecognized subdirective "bogus"`},
+		{"fortnox_webhook {\n created_events\n}", "created_events needs at least one event name"},
+		{"fortnox_webhook {\n secret\n}", "secret needs a value"},
+	} {
+		var err error
+		if strings.HasPrefix(bad.input, "fortnox_connect") {
+			err = new(Connect).UnmarshalCaddyfile(caddyfile.NewTestDispenser(bad.input))
+		} else {
+			err = new(Webhook).UnmarshalCaddyfile(caddyfile.NewTestDispenser(bad.input))
+		}
+		if err == nil || !strings.Contains(err.Error(), bad.want) {
+			t.Errorf("%q: %v, want %q", bad.input, err, bad.want)
+		}
+	}
+}
+
+// Bad onboarding configs are refused at load, naming the problem.
+func TestOnboardingConfigErrors(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{})
+	for _, tc := range []struct{ site, want string }{
+		{"fortnox_connect {\n\t\tclient_id x\n\t\tredirect_uri https://x.example/cb\n\t\tscopes a\n\t\tcookie_secret short\n\t}", "cookie_secret must be at least 32 bytes"},
+		{"fortnox_connect {\n\t\tclient_id x\n\t\tscopes a\n\t\tcookie_secret " + testCookieSecret + "\n\t}", "redirect_uri is required"},
+		{"fortnox_connect {\n\t\tclient_id x\n\t\tredirect_uri https://x.example/cb\n\t\tcookie_secret " + testCookieSecret + "\n\t}", "scopes is required"},
+		{"fortnox_webhook {\n\t\tclient_id x\n\t}", "secret is required"},
+		{"fortnox_webhook {\n\t\tclient_id x\n\t\tsecret s\n\t\talgorithm md5\n\t}", `algorithm "md5" is not supported`},
+		{"fortnox_webhook {\n\t\tclient_id x\n\t\tsecret s\n\t\tsignature_encoding base32\n\t}", "signature_encoding must be base64 or hex"},
+	} {
+		sc := &sidecar{t: t, fake: fake, dir: t.TempDir()}
+		sc.caddyfileTemplate = caddyfileTemplate{port: freePort(t), adminPort: freePort(t), tokenURL: fake.TokenURL(), upstream: fake.URL(),
+			extraSites: fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\t%s\n}\n", freePort(t), tc.site)}
+		t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
+		t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
+		err := sc.load()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v, want %q", tc.want, err, tc.want)
+		}
 	}
 }

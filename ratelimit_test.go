@@ -80,7 +80,7 @@ func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
 
 	// The first admission leaves the window in 700ms.
 	started := time.Now()
-	_, err := l.wait(context.Background(), "tenant", 100*time.Millisecond)
+	_, err := l.wait(context.Background(), "tenant", 400*time.Millisecond)
 	assertPromptly(t, started)
 	retryAfter := rateLimitedFor(t, err)
 	if retryAfter <= 600*time.Millisecond || retryAfter > 700*time.Millisecond {
@@ -101,7 +101,7 @@ func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
 func TestRateLimiterRejectsAtOnceAWaitPastTheDeadline(t *testing.T) {
 	l := newRateLimiter(1, time.Second)
 	mustAdmitNow(t, l, "tenant")
-	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
 	defer cancel()
 
 	started := time.Now()
@@ -154,7 +154,7 @@ func TestRateLimiterTakesNoSlotForAnAlreadyCancelledContext(t *testing.T) {
 }
 
 func TestRateLimiterKeepsKeysIndependent(t *testing.T) {
-	const window = 200 * time.Millisecond
+	const window = time.Second
 	l := newRateLimiter(2, window)
 	mustAdmitNow(t, l, "busy")
 	mustAdmitNow(t, l, "busy")
@@ -201,10 +201,12 @@ func rateLimitedFor(t *testing.T, err error) time.Duration {
 }
 
 // assertPromptly fails the test if more than a scheduling hiccup has passed
-// since started.
+// since started. The hiccup allowed is generous (the suite runs with the
+// race detector beside other test packages on 2 cores); the waits it is
+// told apart from are longer still.
 func assertPromptly(t *testing.T, started time.Time) {
 	t.Helper()
-	if took := time.Since(started); took > 50*time.Millisecond {
+	if took := time.Since(started); took > 250*time.Millisecond {
 		t.Errorf("took %v; want an immediate answer", took)
 	}
 }
@@ -276,7 +278,7 @@ func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration)
 		t.Error(err)
 		return
 	}
-	if waited < d-10*time.Millisecond || waited > d+50*time.Millisecond {
+	if waited < d-10*time.Millisecond || waited > d+150*time.Millisecond {
 		t.Errorf("waited %v; want about %v", waited, d)
 	}
 }

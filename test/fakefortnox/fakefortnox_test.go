@@ -879,11 +879,13 @@ func TestTokenLifetime(t *testing.T) {
 		t.Fatalf("expires_in %v", a.field(t, "expires_in"))
 	}
 	tok := a.str(t, "access_token")
-	s.Advance(89 * time.Second)
+	// JWT times are whole seconds: a token minted at x.999s expires up to
+	// a second early on the fake's clock, so check a second inside.
+	s.Advance(88 * time.Second)
 	if got := api(t, s, http.MethodGet, "/3/x", tok, "").status; got != http.StatusOK {
-		t.Errorf("at 89s: %d", got)
+		t.Errorf("at 88s: %d", got)
 	}
-	s.Advance(2 * time.Second)
+	s.Advance(3 * time.Second)
 	if got := api(t, s, http.MethodGet, "/3/x", tok, "").status; got != http.StatusUnauthorized {
 		t.Errorf("at 91s: %d", got)
 	}

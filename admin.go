@@ -204,12 +204,9 @@ func (m *tokenManager) putRefreshToken(ctx context.Context, tenant, refreshToken
 		return err
 	}
 	err = rs.withLock(ctx, tenant, func() error {
-		rec, err := rs.load(ctx, tenant)
+		rec, err := rs.loadOrNew(ctx, tenant)
 		if err != nil {
 			return err
-		}
-		if rec == nil {
-			rec = &tokenRecord{Tenant: tenant, Mode: grantRefreshToken}
 		}
 		rec.RefreshToken = refreshToken
 		rec.RejectedAt = time.Time{}
@@ -271,12 +268,9 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 	}
 	issued := now()
 	err = rs.withLock(ctx, tenant, func() error {
-		rec, err := rs.load(ctx, tenant)
+		rec, err := rs.loadOrNew(ctx, tenant)
 		if err != nil {
 			return err
-		}
-		if rec == nil {
-			rec = &tokenRecord{Tenant: tenant, Mode: grantRefreshToken}
 		}
 		rec.RefreshToken = answer.refreshToken
 		rec.AccessToken = answer.accessToken

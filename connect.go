@@ -121,29 +121,12 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 	if c.AccountType == "" {
 		c.AccountType = "service"
 	}
-	tokenURL := DefaultTokenURL
-	if c.TokenURL != "" {
-		tokenURL = strings.TrimSpace(repl.ReplaceAll(c.TokenURL, ""))
-	}
-	c.poolKey = managerKey(tokenURL, clientID)
-	val, _, err := managers.LoadOrNew(c.poolKey, func() (caddy.Destructor, error) {
-		return newTokenManager(tokenURL, clientID), nil
-	})
-	if err != nil {
-		return err
-	}
-	c.tokens = val.(*tokenManager)
-	return nil
+	c.tokens, c.poolKey, err = joinManager(resolveTokenURL(repl, c.TokenURL), clientID)
+	return err
 }
 
 // Cleanup releases the token manager.
-func (c *Connect) Cleanup() error {
-	if c.poolKey == "" {
-		return nil
-	}
-	_, err := managers.Delete(c.poolKey)
-	return err
-}
+func (c *Connect) Cleanup() error { return leaveManager(c.poolKey) }
 
 // ServeHTTP answers …/connect and …/callback; other paths go on.
 func (c *Connect) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {

@@ -141,10 +141,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	tokenURL := DefaultTokenURL
-	if h.TokenURL != "" {
-		tokenURL = strings.TrimSpace(repl.ReplaceAll(h.TokenURL, ""))
-	}
+	tokenURL := resolveTokenURL(repl, h.TokenURL)
 	if err := checkTokenURL(tokenURL); err != nil {
 		return err
 	}
@@ -206,14 +203,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 
 	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
-	h.poolKey = managerKey(tokenURL, clientID)
-	val, _, err := managers.LoadOrNew(h.poolKey, func() (caddy.Destructor, error) {
-		return newTokenManager(tokenURL, clientID), nil
-	})
-	if err != nil {
+	if h.tokens, h.poolKey, err = joinManager(tokenURL, clientID); err != nil {
 		return err
 	}
-	h.tokens = val.(*tokenManager)
 	h.tokens.settings.Store(&managerSettings{
 		cred:                   credentials{clientID: clientID, clientSecret: secret},
 		refreshBefore:          refreshBefore,
@@ -274,10 +266,7 @@ func (h *Handler) Cleanup() error {
 		_, err := limiters.Delete(h.limiterKey)
 		errs = append(errs, err)
 	}
-	if h.poolKey != "" {
-		_, err := managers.Delete(h.poolKey)
-		errs = append(errs, err)
-	}
+	errs = append(errs, leaveManager(h.poolKey))
 	return errors.Join(errs...)
 }
 

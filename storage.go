@@ -112,6 +112,15 @@ func (rs *recordStore) load(ctx context.Context, tenant string) (*tokenRecord, e
 	return rs.decode(key, raw)
 }
 
+// loadOrNew returns the tenant's record, or a new refresh-token record.
+func (rs *recordStore) loadOrNew(ctx context.Context, tenant string) (*tokenRecord, error) {
+	rec, err := rs.load(ctx, tenant)
+	if err == nil && rec == nil {
+		rec = &tokenRecord{Tenant: tenant, Mode: grantRefreshToken}
+	}
+	return rec, err
+}
+
 // decode reads a stored record. Records written before encryption_key was
 // set are read as they are (and encrypted on their next write).
 func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +36,38 @@ var managers = caddy.NewUsagePool()
 
 func managerKey(tokenURL, clientID string) string {
 	return tokenURL + "\x00" + clientID
+}
+
+// joinManager takes a hold on the shared token manager of (tokenURL,
+// clientID), creating it if needed; the caller releases it with
+// leaveManager(key) in its Cleanup.
+func joinManager(tokenURL, clientID string) (m *tokenManager, key string, err error) {
+	key = managerKey(tokenURL, clientID)
+	val, _, err := managers.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newTokenManager(tokenURL, clientID), nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	return val.(*tokenManager), key, nil
+}
+
+// leaveManager releases a hold taken by joinManager ("" = none taken).
+func leaveManager(key string) error {
+	if key == "" {
+		return nil
+	}
+	_, err := managers.Delete(key)
+	return err
+}
+
+// resolveTokenURL is the configured token URL with placeholders resolved,
+// or Fortnox's.
+func resolveTokenURL(repl *caddy.Replacer, raw string) string {
+	if raw == "" {
+		return DefaultTokenURL
+	}
+	return strings.TrimSpace(repl.ReplaceAll(raw, ""))
 }
 
 // credentials are the client's id and secret. The secret is only ever put

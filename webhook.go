@@ -91,10 +91,6 @@ func (wh *Webhook) Provision(ctx caddy.Context) error {
 		return err
 	}
 	wh.secret = []byte(secret)
-	tokenURL := DefaultTokenURL
-	if wh.TokenURL != "" {
-		tokenURL = strings.TrimSpace(repl.ReplaceAll(wh.TokenURL, ""))
-	}
 	if wh.SignatureHeader == "" {
 		wh.SignatureHeader = "X-Signature"
 	}
@@ -122,25 +118,12 @@ func (wh *Webhook) Provision(ctx caddy.Context) error {
 	if len(wh.RevokedEvents) == 0 {
 		wh.RevokedEvents = []string{"client_credentials_consent_revoked"}
 	}
-	wh.poolKey = managerKey(tokenURL, clientID)
-	val, _, err := managers.LoadOrNew(wh.poolKey, func() (caddy.Destructor, error) {
-		return newTokenManager(tokenURL, clientID), nil
-	})
-	if err != nil {
-		return err
-	}
-	wh.tokens = val.(*tokenManager)
-	return nil
+	wh.tokens, wh.poolKey, err = joinManager(resolveTokenURL(repl, wh.TokenURL), clientID)
+	return err
 }
 
 // Cleanup releases the token manager.
-func (wh *Webhook) Cleanup() error {
-	if wh.poolKey == "" {
-		return nil
-	}
-	_, err := managers.Delete(wh.poolKey)
-	return err
-}
+func (wh *Webhook) Cleanup() error { return leaveManager(wh.poolKey) }
 
 // ServeHTTP handles one consent event. It answers 204 when the event was
 // applied, 202 when it was not one it knows, 401 for a bad signature, 400

@@ -142,6 +142,33 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	return nil
 }
 
+// unmarshalBlock parses a directive with no arguments and a block of
+// options: those in single take exactly one value; those in lists take one
+// or more. Anything else is an error naming the line.
+func unmarshalBlock(d *caddyfile.Dispenser, single map[string]*string, lists map[string]*[]string) error {
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		if dst, ok := single[option]; ok {
+			if err := oneArg(d, dst); err != nil {
+				return err
+			}
+			continue
+		}
+		dst, ok := lists[option]
+		if !ok {
+			return d.Errf("unrecognized subdirective %q", option)
+		}
+		if *dst = d.RemainingArgs(); len(*dst) == 0 {
+			return d.Errf("%s needs at least one value", option)
+		}
+	}
+	return nil
+}
+
 // parseRateLimit reads `rate_limit <requests> <window>` or `rate_limit off`.
 func parseRateLimit(d *caddyfile.Dispenser) (*RateLimit, error) {
 	args := d.RemainingArgs()

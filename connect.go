@@ -308,43 +308,20 @@ func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant
 //		cookie_secret    <secret>
 //	}
 func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next()
-	if d.NextArg() {
-		return d.ArgErr()
+	var scopes []string
+	err := unmarshalBlock(d, map[string]*string{
+		"client_id":        &c.ClientID,
+		"token_url":        &c.TokenURL,
+		"authorize_url":    &c.AuthorizeURL,
+		"redirect_uri":     &c.RedirectURI,
+		"account_type":     &c.AccountType,
+		"success_redirect": &c.SuccessRedirect,
+		"cookie_secret":    &c.CookieSecret,
+	}, map[string]*[]string{"scopes": &scopes})
+	if len(scopes) > 0 {
+		c.Scopes = strings.Join(scopes, " ")
 	}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		var dst *string
-		switch option {
-		case "client_id":
-			dst = &c.ClientID
-		case "token_url":
-			dst = &c.TokenURL
-		case "authorize_url":
-			dst = &c.AuthorizeURL
-		case "redirect_uri":
-			dst = &c.RedirectURI
-		case "account_type":
-			dst = &c.AccountType
-		case "success_redirect":
-			dst = &c.SuccessRedirect
-		case "cookie_secret":
-			dst = &c.CookieSecret
-		case "scopes":
-			scopes := d.RemainingArgs()
-			if len(scopes) == 0 {
-				return d.Errf("scopes needs at least one scope")
-			}
-			c.Scopes = strings.Join(scopes, " ")
-			continue
-		default:
-			return d.Errf("unrecognized subdirective %q", option)
-		}
-		if err := oneArg(d, dst); err != nil {
-			return err
-		}
-	}
-	return nil
+	return err
 }
 
 // Interface guards

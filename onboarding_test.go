@@ -305,10 +305,10 @@ func TestOnboardingCaddyfiles(t *testing.T) {
 		t.Errorf("parsed %+v", wh)
 	}
 	for _, bad := range []struct{ input, want string }{
-		{"fortnox_connect {\n scopes\n}", "scopes needs at least one scope"},
+		{"fortnox_connect {\n scopes\n}", "scopes needs at least one value"},
 		{"fortnox_connect {\n cookie_secret a b\n}", "cookie_secret takes exactly one value"},
 		{"fortnox_connect {\n bogus x\n}", `unrecognized subdirective "bogus"`},
-		{"fortnox_webhook {\n created_events\n}", "created_events needs at least one event name"},
+		{"fortnox_webhook {\n created_events\n}", "created_events needs at least one value"},
 		{"fortnox_webhook {\n secret\n}", "secret needs a value"},
 	} {
 		var err error

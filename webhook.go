@@ -215,49 +215,19 @@ func (wh *Webhook) parse(body []byte) (event, tenant string, err error) {
 //		revoked_events     <name...>
 //	}
 func (wh *Webhook) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	d.Next()
-	if d.NextArg() {
-		return d.ArgErr()
-	}
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		option := d.Val()
-		var dst *string
-		switch option {
-		case "client_id":
-			dst = &wh.ClientID
-		case "token_url":
-			dst = &wh.TokenURL
-		case "secret":
-			dst = &wh.Secret
-		case "signature_header":
-			dst = &wh.SignatureHeader
-		case "signature_encoding":
-			dst = &wh.SignatureEncoding
-		case "algorithm":
-			dst = &wh.Algorithm
-		case "event_field":
-			dst = &wh.EventField
-		case "tenant_field":
-			dst = &wh.TenantField
-		case "created_events", "revoked_events":
-			names := d.RemainingArgs()
-			if len(names) == 0 {
-				return d.Errf("%s needs at least one event name", option)
-			}
-			if option == "created_events" {
-				wh.CreatedEvents = names
-			} else {
-				wh.RevokedEvents = names
-			}
-			continue
-		default:
-			return d.Errf("unrecognized subdirective %q", option)
-		}
-		if err := oneArg(d, dst); err != nil {
-			return err
-		}
-	}
-	return nil
+	return unmarshalBlock(d, map[string]*string{
+		"client_id":          &wh.ClientID,
+		"token_url":          &wh.TokenURL,
+		"secret":             &wh.Secret,
+		"signature_header":   &wh.SignatureHeader,
+		"signature_encoding": &wh.SignatureEncoding,
+		"algorithm":          &wh.Algorithm,
+		"event_field":        &wh.EventField,
+		"tenant_field":       &wh.TenantField,
+	}, map[string]*[]string{
+		"created_events": &wh.CreatedEvents,
+		"revoked_events": &wh.RevokedEvents,
+	})
 }
 
 // Interface guards

@@ -5,7 +5,6 @@ package fortnox
 // HTTP, and a scan of every log line the suite writes for secrets.
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -26,6 +25,7 @@ import (
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
 )
 
 const (
@@ -60,13 +60,8 @@ func TestMain(m *testing.M) {
 
 var suiteLogDir string
 
-// secretPatterns match what must never be logged: Fortnox access tokens
-// (JWTs), refresh tokens (40 hex characters) and the client secret.
-var secretPatterns = []*regexp.Regexp{
-	regexp.MustCompile(`eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}`),
-	regexp.MustCompile(`(^|[^0-9a-f])[0-9a-f]{40}([^0-9a-f]|$)`),
-	regexp.MustCompile(regexp.QuoteMeta(testClientSecret)),
-}
+// secretPatterns match what must never be logged: tokens and the secret.
+var secretPatterns = logscan.Patterns(testClientSecret)
 
 // scanLogsForSecrets reads every log line of the suite; it fails on any
 // line holding a token or secret, and when no line was read at all (a scan
@@ -74,24 +69,9 @@ var secretPatterns = []*regexp.Regexp{
 func scanLogsForSecrets() error {
 	logFilesMu.Lock()
 	defer logFilesMu.Unlock()
-	lines := 0
-	for _, path := range logFiles {
-		f, err := os.Open(path)
-		if err != nil {
-			continue // a test that never started Caddy
-		}
-		sc := bufio.NewScanner(f)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			lines++
-			for _, p := range secretPatterns {
-				if p.MatchString(sc.Text()) {
-					f.Close()
-					return fmt.Errorf("%s: a log line matches %s: %.300s", filepath.Base(path), p, sc.Text())
-				}
-			}
-		}
-		f.Close()
+	lines, err := logscan.Files(logFiles, testClientSecret)
+	if err != nil {
+		return err
 	}
 	if lines == 0 && len(logFiles) > 0 {
 		return fmt.Errorf("no log lines in %d files: the scan proves nothing", len(logFiles))

@@ -12,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"runtime"
 	"strings"
 	"sync"
@@ -22,6 +21,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
@@ -60,24 +60,12 @@ func TestMain(m *testing.M) {
 
 // scanLogs fails when any child's log holds a token or the secret.
 func scanLogs() error {
-	patterns := []*regexp.Regexp{
-		regexp.MustCompile(`eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}`),
-		regexp.MustCompile(`(^|[^0-9a-f])[0-9a-f]{40}([^0-9a-f]|$)`),
-		regexp.MustCompile(regexp.QuoteMeta(clientSecret)),
-	}
 	files, _ := filepath.Glob(filepath.Join(logDir, "*.log"))
-	for _, f := range files {
-		b, err := os.ReadFile(f)
-		if err != nil {
-			return err
-		}
-		for _, p := range patterns {
-			if loc := p.FindIndex(b); loc != nil {
-				return fmt.Errorf("%s holds a token or secret near %q", filepath.Base(f), b[max(0, loc[0]-100):loc[0]])
-			}
-		}
+	lines, err := logscan.Files(files, clientSecret)
+	if err == nil {
+		fmt.Printf("log scan: %d lines in %d files, no token or secret\n", lines, len(files))
 	}
-	return nil
+	return err
 }
 
 // buildCaddy builds the test binary once (Caddy, the plugin and the

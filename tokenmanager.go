@@ -143,8 +143,9 @@ type tokenManager struct {
 	client   *tokenClient
 	settings atomic.Pointer[managerSettings]
 
-	// cache holds *cachedToken by TenantId. go-cache's own expiry removes
-	// dead tokens (its janitor reclaims idle tenants' memory).
+	// cache holds *cachedToken by TenantId. Dead tokens are removed by the
+	// manager's sweeper (go-cache's own janitor is not used: it would
+	// outlive the manager).
 	cache   *gocache.Cache
 	flights singleflight.Group
 
@@ -163,14 +164,56 @@ type tokenManager struct {
 
 func newTokenManager(tokenURL, clientID string) *tokenManager {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &tokenManager{
+	m := &tokenManager{
 		tokenURL: tokenURL,
 		clientID: clientID,
 		client:   newTokenClient(tokenURL),
-		cache:    gocache.New(gocache.NoExpiration, 10*time.Minute),
+		cache:    gocache.New(gocache.NoExpiration, 0),
 		tenants:  make(map[string]*tenantState),
 		ctx:      ctx,
 		cancel:   cancel,
+	}
+	go m.sweep(sweepInterval)
+	return m
+}
+
+// sweepInterval is how often dead tokens and idle tenants are forgotten.
+const sweepInterval = 10 * time.Minute
+
+// forgetErrorsAfter: a failed tenant's last error stays visible (GET
+// /fortnox/tenants) this long after its last retry time.
+const forgetErrorsAfter = time.Hour
+
+// sweep reclaims memory until the manager is destroyed.
+func (m *tokenManager) sweep(every time.Duration) {
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+			m.cache.DeleteExpired()
+			m.forgetIdleTenants()
+		}
+	}
+}
+
+// forgetIdleTenants drops what is remembered about tenants with no cached
+// token, unless it still matters: an unsaved refresh token, a revoked
+// consent, or a recent error.
+func (m *tokenManager) forgetIdleTenants() {
+	n := now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for tenant, st := range m.tenants {
+		if _, cached := m.cache.Get(tenant); cached || st.unsaved != nil || st.consentRevoked {
+			continue
+		}
+		if st.lastError != nil && n.Before(st.retryAt.Add(forgetErrorsAfter)) {
+			continue
+		}
+		delete(m.tenants, tenant)
 	}
 }
 

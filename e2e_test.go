@@ -389,3 +389,29 @@ func TestColdStartOverManyTenants(t *testing.T) {
 		t.Errorf("%d token requests for 100 tenants, want 100", n)
 	}
 }
+
+// A config that fails to load leaves nothing behind: the running config
+// keeps its own client secret, storage and logger.
+func TestFailedReloadLeavesSettingsAlone(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	fake.GrantConsent(testClientID, "7654321")
+	sc := startSidecar(t, fake, "rate_limit off")
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	// The new config has another secret and a webhook that cannot load.
+	t.Setenv("FORTNOX_TEST_CLIENT_SECRET", "a-secret-that-never-goes-live")
+	sc.extraSites = fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\tfortnox_webhook {\n\t\tclient_id x\n\t\tsecret s\n\t\talgorithm md5\n\t}\n}\n", freePort(t))
+	if err := sc.load(); err == nil || !strings.Contains(err.Error(), "md5") {
+		t.Fatalf("the broken config loaded: %v", err)
+	}
+	// A tenant the running config has not seen yet needs a token request:
+	// it must be made with the running config's secret.
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("after a failed reload: %d %s", status, body)
+	}
+	if n := fake.TokenErrors("invalid_client"); n != 0 {
+		t.Errorf("%d token requests with the failed config's secret", n)
+	}
+}

@@ -20,7 +20,8 @@ func benchHandler(b *testing.B, tenants int, limiter bool) (*Handler, []string) 
 	h.resolver = newTenantResolver(DefaultTenantHeader, nil, false, false)
 	h.tokens = newTokenManager("http://127.0.0.1:1/token", "bench-client")
 	b.Cleanup(func() { _ = h.tokens.Destruct() })
-	h.tokens.settings.Store(&managerSettings{refreshBefore: defaultRefreshBefore, tokenTimeout: time.Second, logger: zap.NewNop()})
+	h.settings = &managerSettings{refreshBefore: defaultRefreshBefore, tokenTimeout: time.Second, logger: zap.NewNop()}
+	h.tokens.settings.Store(h.settings)
 	if limiter {
 		// A limit the benchmark never reaches: the cost of the bookkeeping.
 		h.limiter = newRateLimiter(25, time.Microsecond)

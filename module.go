@@ -97,6 +97,7 @@ type Handler struct {
 	ReplayBodyLimit int64 `json:"replay_body_limit,omitempty"`
 
 	tokens          *tokenManager
+	settings        *managerSettings
 	resolver        *tenantResolver
 	limiter         *rateLimiter
 	rateWindow      time.Duration
@@ -206,14 +207,18 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.tokens, h.poolKey, err = joinManager(tokenURL, clientID); err != nil {
 		return err
 	}
-	h.tokens.settings.Store(&managerSettings{
+	h.settings = &managerSettings{
+		gen:                    settingsGeneration.Add(1),
 		cred:                   credentials{clientID: clientID, clientSecret: secret},
 		refreshBefore:          refreshBefore,
 		tokenTimeout:           timeout,
 		retryClientCredentials: retryCC,
 		records:                records,
 		logger:                 h.logger,
-	})
+	}
+	// A new manager needs settings at once (background work, admin API);
+	// an existing one gets these when this handler serves its first request.
+	h.tokens.settings.CompareAndSwap(nil, h.settings)
 	return nil
 }
 
@@ -280,6 +285,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 		writeJSONError(w, rerr.status, rerr.code, rerr.message, 0)
 		return nil
+	}
+	if h.tokens.settings.Load() != h.settings {
+		h.tokens.adopt(h.settings) // the first request of a newly loaded config
 	}
 	if h.limiter != nil && !h.waitTurn(w, r, tenant) {
 		return nil

@@ -29,6 +29,22 @@ const (
 	backoffCap  = time.Minute
 )
 
+// settingsGeneration numbers managerSettings in provisioning order.
+var settingsGeneration atomic.Uint64
+
+// adopt installs s as the manager's settings unless newer ones are in.
+func (m *tokenManager) adopt(s *managerSettings) {
+	for {
+		cur := m.settings.Load()
+		if cur == s || (cur != nil && cur.gen > s.gen) {
+			return
+		}
+		if m.settings.CompareAndSwap(cur, s) {
+			return
+		}
+	}
+}
+
 // managers holds one tokenManager per (token_url, client_id), shared by all
 // handlers of all loaded configs, so that cached tokens survive a config
 // reload. Keyed by managerKey.
@@ -77,8 +93,13 @@ type credentials struct {
 	clientSecret string
 }
 
-// managerSettings can change with each config load; the newest wins.
+// managerSettings can change with each config load. A handler's settings
+// are installed on the shared manager when the handler serves its first
+// request (or when the manager is new), never merely because a config was
+// provisioned: a config that fails to load must not leave its secret or
+// storage behind. Newer configs win (gen).
 type managerSettings struct {
+	gen           uint64
 	cred          credentials
 	refreshBefore time.Duration
 	tokenTimeout  time.Duration

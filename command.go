@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"strings"
 	"time"
@@ -128,6 +129,10 @@ func printCompanyInfo(ctx context.Context, out io.Writer, in io.Reader, arg, api
 		return err
 	}
 	api = strings.TrimRight(api, "/")
+	u, err := url.Parse(api)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && !(u.Scheme == "http" && isLoopback(u.Hostname()))) {
+		return fmt.Errorf("--api %q must be an https URL (plain http only on 127.0.0.1 or localhost): the token must not cross a network in clear", api)
+	}
 	var lastErr error
 	for _, path := range []string{"/3/companyinformation", "/3/settings/company"} {
 		number, err := databaseNumber(ctx, api+path, tok)
@@ -140,6 +145,17 @@ func printCompanyInfo(ctx context.Context, out io.Writer, in io.Reader, arg, api
 	return lastErr
 }
 
+func isLoopback(host string) bool {
+	return host == "127.0.0.1" || host == "localhost" || host == "::1"
+}
+
+// commandClient is the HTTP client of the commands: bounded, no redirects
+// (a redirect would carry the token elsewhere).
+var commandClient = &http.Client{
+	Timeout:       30 * time.Second,
+	CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+}
+
 // databaseNumber GETs one of Fortnox's company endpoints and reads
 // DatabaseNumber, as a number or a string.
 func databaseNumber(ctx context.Context, url, token string) (string, error) {
@@ -149,7 +165,7 @@ func databaseNumber(ctx context.Context, url, token string) (string, error) {
 	}
 	req.Header.Set("Authorization", "Bearer "+token)
 	req.Header.Set("Accept", "application/json")
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := commandClient.Do(req)
 	if err != nil {
 		return "", transportCause(err)
 	}

@@ -66,6 +66,9 @@ func TestCommandCompanyInfo(t *testing.T) {
 	if out.String() != "DatabaseNumber (TenantId): 7654321\n" {
 		t.Errorf("output %q", out.String())
 	}
+	if err := printCompanyInfo(context.Background(), &out, strings.NewReader(""), tok, "http://api.example.com"); err == nil || !strings.Contains(err.Error(), "must be an https URL") {
+		t.Errorf("plain http to another host: %v", err)
+	}
 	err := printCompanyInfo(context.Background(), &out, strings.NewReader(""), fakeJWT(`{"tenantId":1}`), fake.URL())
 	if err == nil || !strings.Contains(err.Error(), "401") || !strings.Contains(err.Error(), "not valid") {
 		t.Errorf("forged token: %v", err)

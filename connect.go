@@ -29,7 +29,8 @@ func init() {
 		c := new(Connect)
 		return c, c.UnmarshalCaddyfile(h.Dispenser)
 	})
-	httpcaddyfile.RegisterDirectiveOrder("fortnox_connect", httpcaddyfile.Before, "reverse_proxy")
+	// Before respond: a site that ends in `respond 404` must still reach it.
+	httpcaddyfile.RegisterDirectiveOrder("fortnox_connect", httpcaddyfile.Before, "respond")
 }
 
 // DefaultAuthorizeURL is Fortnox's authorize page.
@@ -70,13 +71,17 @@ type Connect struct {
 	// placeholder. Required.
 	CookieSecret string `json:"cookie_secret,omitempty"`
 
-	cookieKey []byte
-	secure    bool
-	poolKey   string
-	tokens    *tokenManager
-	logger    *zap.Logger
-	used      *sync.Map // state -> expiry: states already used (one use each)
+	cookieKey  []byte
+	secure     bool
+	cookiePath string
+	poolKey    string
+	tokens     *tokenManager
+	logger     *zap.Logger
 }
+
+// usedStates holds the states already used (state -> expiry), for every
+// connect handler of the process and across config reloads: one use each.
+var usedStates sync.Map
 
 // CaddyModule returns the Caddy module information.
 func (*Connect) CaddyModule() caddy.ModuleInfo {
@@ -89,7 +94,6 @@ func (*Connect) CaddyModule() caddy.ModuleInfo {
 // Provision checks the settings and joins the shared token manager.
 func (c *Connect) Provision(ctx caddy.Context) error {
 	c.logger = ctx.Logger()
-	c.used = new(sync.Map)
 	repl := caddy.NewReplacer()
 	clientID, err := resolveSetting(repl, "client_id", c.ClientID)
 	if err != nil {
@@ -111,7 +115,15 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("redirect_uri %q is not an http(s) URL", c.RedirectURI)
 	}
 	// Secure cookies, except for a local test callback over plain HTTP.
-	c.secure = u.Scheme == "https" || (u.Hostname() != "127.0.0.1" && u.Hostname() != "localhost")
+	loopback := u.Hostname() == "127.0.0.1" || u.Hostname() == "localhost" || u.Hostname() == "::1"
+	if u.Scheme == "http" && !loopback {
+		return fmt.Errorf("redirect_uri %q must be https (plain http only on 127.0.0.1 or localhost, for tests)", c.RedirectURI)
+	}
+	c.secure = u.Scheme == "https"
+	c.cookiePath = u.Path
+	if c.cookiePath == "" {
+		c.cookiePath = "/"
+	}
 	if strings.TrimSpace(c.Scopes) == "" {
 		return errors.New("scopes is required, e.g. scopes companyinformation invoice")
 	}
@@ -150,7 +162,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 	state := base64.RawURLEncoding.EncodeToString(raw)
 	expires := now().Add(stateLifetime)
 	http.SetCookie(w, &http.Cookie{
-		Name: stateCookie, Value: c.signState(state, expires), Path: "/",
+		Name: stateCookie, Value: c.signState(state, expires), Path: c.cookiePath,
 		MaxAge: int(stateLifetime / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
 	})
 	q := url.Values{
@@ -202,7 +214,7 @@ func (c *Connect) checkState(r *http.Request, state string) error {
 	if !hmac.Equal([]byte(parts[0]), []byte(state)) {
 		return errors.New("the state Fortnox sent back does not match this browser's: start again")
 	}
-	if _, loaded := c.used.LoadOrStore(state, exp); loaded {
+	if _, loaded := usedStates.LoadOrStore(state, exp); loaded {
 		return errors.New("this connection was already completed: start again")
 	}
 	c.forgetUsedStates()
@@ -212,9 +224,9 @@ func (c *Connect) checkState(r *http.Request, state string) error {
 // forgetUsedStates drops used states whose cookies have expired anyway.
 func (c *Connect) forgetUsedStates() {
 	n := now().Unix()
-	c.used.Range(func(k, v any) bool {
+	usedStates.Range(func(k, v any) bool {
 		if v.(int64) < n {
-			c.used.Delete(k)
+			usedStates.Delete(k)
 		}
 		return true
 	})
@@ -223,7 +235,7 @@ func (c *Connect) forgetUsedStates() {
 // callback finishes the connection.
 func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	// The cookie is spent whatever happens.
-	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: "/", MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: c.cookiePath, MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	q := r.URL.Query()
 	if err := c.checkState(r, q.Get("state")); err != nil {
 		c.page(w, http.StatusBadRequest, "The connection could not be checked", err.Error(), "")
@@ -245,7 +257,9 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 		c.page(w, http.StatusInternalServerError, "The connection could not be completed", "No fortnox handler with this client_id and token_url is loaded: add one to the same config.", "")
 		return
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), lockBudget+s.tokenTimeout)
+	// Not under the browser's context: once the code is exchanged, Fortnox
+	// has spent it, and a browser that leaves must not lose the grant.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), lockBudget+s.tokenTimeout)
 	defer cancel()
 	answer, err := c.tokens.client.exchangeCode(ctx, s.cred, code, c.RedirectURI)
 	if err != nil {

@@ -27,6 +27,11 @@ func (m *tokenManager) consentRevoked(tenant string) {
 	st.consentRevoked = true
 	st.lastError = &tokenError{failure: failConsentRevoked}
 	m.mu.Unlock()
+	// A token request in flight may cache its token after this: wait for it
+	// (joining its flight, or taking the slot so none starts), then drop.
+	_, _, _ = m.flights.Do(tenant, func() (any, error) {
+		return nil, &tokenError{failure: failConsentRevoked}
+	})
 	m.invalidate(tenant, nil)
 	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
 }

@@ -8,8 +8,10 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 
@@ -42,6 +44,7 @@ http://127.0.0.1:%d {
 		token_url %s
 		secret {env.FORTNOX_TEST_WEBHOOK_SECRET}
 	}
+	respond "not here" 404
 }
 `, port, fake.TokenURL(), fake.URL(), public, indentOptions(extra), fake.TokenURL())
 	if err := sc.load(); err != nil {
@@ -71,7 +74,7 @@ func startConnect(t *testing.T, public string) (*url.URL, *http.Cookie) {
 			cookie = c
 		}
 	}
-	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteLaxMode {
+	if cookie == nil || !cookie.HttpOnly || cookie.SameSite != http.SameSiteLaxMode || cookie.Path != "/fortnox/callback" {
 		t.Fatalf("state cookie %+v", cookie)
 	}
 	return loc, cookie
@@ -201,10 +204,19 @@ func TestConnectShowsFortnoxError(t *testing.T) {
 func sendEvent(t *testing.T, public, body, secret string) int {
 	t.Helper()
 	req, _ := http.NewRequest(http.MethodPost, public+"/fortnox/webhook", strings.NewReader(body))
-	if secret != "" {
+	sign := func(secret string) []byte {
 		mac := hmac.New(sha256.New, []byte(secret))
 		mac.Write([]byte(body))
-		req.Header.Set("X-Signature", base64.StdEncoding.EncodeToString(mac.Sum(nil)))
+		return mac.Sum(nil)
+	}
+	switch {
+	case strings.HasPrefix(secret, "unpadded:"):
+		req.Header.Set("X-Signature", base64.RawStdEncoding.EncodeToString(sign(strings.TrimPrefix(secret, "unpadded:"))))
+	case strings.HasPrefix(secret, "rotating:"): // the old secret's signature first
+		req.Header.Add("X-Signature", base64.StdEncoding.EncodeToString(sign("old-secret")))
+		req.Header.Add("X-Signature", base64.StdEncoding.EncodeToString(sign(strings.TrimPrefix(secret, "rotating:"))))
+	case secret != "":
+		req.Header.Set("X-Signature", base64.StdEncoding.EncodeToString(sign(secret)))
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -234,6 +246,8 @@ func TestConsentWebhook(t *testing.T) {
 		"not JSON":        {`{"event":`, "webhook-secret", 400},
 		"no tenant":       {`{"event":"client_credentials_consent_revoked"}`, "webhook-secret", 400},
 		"unknown event":   {`{"event":"something_else","tenant_id":"1234567"}`, "webhook-secret", 202},
+		"unpadded base64": {`{"event":"something_else","tenant_id":"1234567"}`, "unpadded:webhook-secret", 202},
+		"second header":   {`{"event":"something_else","tenant_id":"1234567"}`, "rotating:webhook-secret", 202},
 	} {
 		if got := sendEvent(t, public, tc.body, tc.secret); got != tc.want {
 			t.Errorf("%s: %d, want %d", name, got, tc.want)
@@ -331,6 +345,7 @@ func TestOnboardingConfigErrors(t *testing.T) {
 		{"fortnox_connect {\n\t\tclient_id x\n\t\tscopes a\n\t\tcookie_secret " + testCookieSecret + "\n\t}", "redirect_uri is required"},
 		{"fortnox_connect {\n\t\tclient_id x\n\t\tredirect_uri https://x.example/cb\n\t\tcookie_secret " + testCookieSecret + "\n\t}", "scopes is required"},
 		{"fortnox_webhook {\n\t\tclient_id x\n\t}", "secret is required"},
+		{"fortnox_connect {\n\t\tclient_id x\n\t\tredirect_uri http://connect.example.com/cb\n\t\tscopes a\n\t\tcookie_secret " + testCookieSecret + "\n\t}", "must be https"},
 		{"fortnox_webhook {\n\t\tclient_id x\n\t\tsecret s\n\t\talgorithm md5\n\t}", `algorithm "md5" is not supported`},
 		{"fortnox_webhook {\n\t\tclient_id x\n\t\tsecret s\n\t\tsignature_encoding base32\n\t}", "signature_encoding must be base64 or hex"},
 	} {
@@ -343,5 +358,54 @@ func TestOnboardingConfigErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v, want %q", tc.want, err, tc.want)
 		}
+	}
+}
+
+// A browser that leaves while the code is exchanged does not lose the
+// customer's grant: Fortnox has spent the code, so the tokens are stored.
+func TestConnectSurvivesTheBrowserLeaving(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.SetAuthorizeAs("5550002", "7")
+	sc, public := connectSidecar(t, fake, "")
+	loc, cookie := startConnect(t, public)
+	cb := authorize(t, loc)
+	fake.SetFault(fakefortnox.Fault{Delay: 300 * time.Millisecond})
+	impatient := &http.Client{Timeout: 50 * time.Millisecond}
+	req, _ := http.NewRequest(http.MethodGet, cb, nil)
+	req.AddCookie(cookie)
+	if resp, err := impatient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatal("the browser did not leave; the test proves nothing")
+	}
+	eventually(t, 5*time.Second, "the grant to be stored", func() bool {
+		_, err := os.Stat(sc.recordPath("5550002"))
+		return err == nil
+	})
+	if !fake.RefreshTokenValid(sc.storedRecord("5550002").RefreshToken) {
+		t.Error("the stored refresh token is not the live one")
+	}
+}
+
+// A revoked event that arrives while a token request is in flight wins:
+// the token that request brings back is not used.
+func TestRevocationDuringATokenRequest(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, public := connectSidecar(t, fake, "")
+	fake.SetFault(fakefortnox.Fault{Delay: 300 * time.Millisecond})
+	first := make(chan int, 1)
+	go func() {
+		status, _, _ := sc.get("/3/companyinformation", "1234567")
+		first <- status
+	}()
+	eventually(t, 5*time.Second, "the token request", func() bool { return fake.TokenRequests("", "1234567") == 1 })
+	revoked := `{"event":"client_credentials_consent_revoked","tenant_id":1234567}`
+	if got := sendEvent(t, public, revoked, "webhook-secret"); got != http.StatusNoContent {
+		t.Fatalf("revoked event: %d", got)
+	}
+	<-first // it was already on its way; it may have been served
+	fake.ClearFault()
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusForbidden {
+		t.Fatalf("after revocation: %d %s", status, body)
 	}
 }

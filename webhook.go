@@ -27,7 +27,7 @@ func init() {
 		wh := new(Webhook)
 		return wh, wh.UnmarshalCaddyfile(h.Dispenser)
 	})
-	httpcaddyfile.RegisterDirectiveOrder("fortnox_webhook", httpcaddyfile.Before, "reverse_proxy")
+	httpcaddyfile.RegisterDirectiveOrder("fortnox_webhook", httpcaddyfile.Before, "respond")
 }
 
 // maxWebhookBody bounds a consent event.
@@ -139,7 +139,7 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 		writeJSONError(w, http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("The event is unreadable or larger than %d bytes.", maxWebhookBody), 0)
 		return nil
 	}
-	if !wh.validSignature(r.Header.Get(wh.SignatureHeader), body) {
+	if !wh.anyValidSignature(r.Header.Values(wh.SignatureHeader), body) {
 		wh.logger.Warn("consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusUnauthorized, "bad_signature", "The "+wh.SignatureHeader+" header is missing or does not match the body.", 0)
 		return nil
@@ -163,6 +163,17 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 	return nil
 }
 
+// anyValidSignature accepts the event when one of the signature headers
+// matches (a sender may sign with an old and a new secret while rotating).
+func (wh *Webhook) anyValidSignature(headers []string, body []byte) bool {
+	for _, h := range headers {
+		if wh.validSignature(h, body) {
+			return true
+		}
+	}
+	return false
+}
+
 func (wh *Webhook) validSignature(header string, body []byte) bool {
 	header = strings.TrimSpace(header)
 	header = strings.TrimPrefix(header, "sha256=")
@@ -175,6 +186,9 @@ func (wh *Webhook) validSignature(header string, body []byte) bool {
 		got, err = hex.DecodeString(header)
 	} else {
 		got, err = base64.StdEncoding.DecodeString(header)
+		if err != nil {
+			got, err = base64.RawStdEncoding.DecodeString(header)
+		}
 	}
 	if err != nil {
 		return false

@@ -279,7 +279,10 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	c.tokens.cacheToken(tenant, grantAuthorizationCode, answer.accessToken, now(), answer.lifetime, s.refreshBefore)
+	// The access token of the code grant belongs to the administrator who
+	// connected; it is not cached: the tenant's requests get the service
+	// account's token (client credentials) or, failing that, one from the
+	// stored refresh token.
 	c.tokens.consentCreated(tenant)
 	c.logger.Info("customer connected", zap.String("tenant", tenant))
 	if c.SuccessRedirect != "" {

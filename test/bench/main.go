@@ -67,7 +67,7 @@ func main() {
 	flag.IntVar(&o.concurrency, "c", 16, "concurrent connections for the full-speed runs")
 	flag.IntVar(&o.rate, "rate", 2000, "requests per second in all for the fixed-rate run (half to a, half to b)")
 	flag.IntVar(&o.tenants, "tenants", 100, "tenants the requests are spread over")
-	flag.StringVar(&o.profileDir, "cpuprofile", "", "write CPU profiles of round 1's full-speed runs (a.pprof, b.pprof) to this directory")
+	flag.StringVar(&o.profileDir, "cpuprofile", "", "write CPU profiles of round 1's full-speed slices (a.pprof, b.pprof) to this directory")
 	flag.Parse()
 	if o.rounds < 1 || o.duration < time.Second || o.duration > time.Minute || o.concurrency < 1 || o.rate < 2 || o.tenants < 1 {
 		fmt.Fprintln(os.Stderr, "bench: need rounds >= 1, 1s <= duration <= 1m, c >= 1, rate >= 2, tenants >= 1")
@@ -206,21 +206,27 @@ func run(o options) error {
 		for i := range full {
 			full[i] = &loadResult{}
 		}
-		for slice := range sliceCount(o.duration) {
+		// Each profile spans all slices: a process idles while the other
+		// one runs, so it holds samples of its own slices only.
+		var profiled []chan error
+		for i, srv := range servers {
+			if srv.adminURL != "" {
+				done := make(chan error, 1)
+				path := filepath.Join(o.profileDir, configs[i].short+".pprof")
+				span := time.Duration(sliceCount(o.duration)*len(servers)) * sliceLength
+				go func() { done <- srv.cpuProfile(path, span) }()
+				profiled = append(profiled, done)
+			}
+		}
+		for range sliceCount(o.duration) {
 			for i, srv := range servers {
-				var profiled chan error
-				if srv.adminURL != "" && slice == 0 {
-					profiled = make(chan error, 1)
-					path := filepath.Join(o.profileDir, configs[i].short+".pprof")
-					go func() { profiled <- srv.cpuProfile(path, sliceLength) }()
-				}
 				full[i].add(load([]string{srv.url}, ids, o.concurrency, sliceLength, 0, "")[0])
-				if profiled != nil {
-					if err := <-profiled; err != nil {
-						stopAll()
-						return err
-					}
-				}
+			}
+		}
+		for _, done := range profiled {
+			if err := <-done; err != nil {
+				stopAll()
+				return err
 			}
 		}
 		// (ii) the fixed rate, a and b in turn.

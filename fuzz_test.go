@@ -7,26 +7,58 @@ import (
 	"testing"
 )
 
-// Tenant resolution never panics, and what it accepts is a TenantId.
+// Tenant resolution never panics; what it accepts is a TenantId (a listed
+// one with only_listed_tenants); an alias the config accepts resolves to
+// its TenantId; two tenant headers are refused.
 func FuzzResolveTenant(f *testing.F) {
 	for _, seed := range []string{"1234567", "acme", " 1234567 ", "", "0", "01", "-1", "١٢٣", "1234567\x00", strings.Repeat("9", 40), "acme\n", "ACME"} {
-		f.Add(seed, false)
-		f.Add(seed, true)
+		f.Add(seed, "acme", false, false)
+		f.Add(seed, "beta", true, false)
 	}
-	f.Fuzz(func(t *testing.T, value string, onlyListed bool) {
-		tr := newTenantResolver(DefaultTenantHeader, map[string]string{"acme": "1234567", "7654321": "7654321"}, onlyListed, true)
+	for _, alias := range []string{"5555555", "1234567", "7654321", " x", "x ", "", "kund ett", "\x00", "acme"} {
+		f.Add(alias, alias, true, false)
+		f.Add(alias, alias, false, true)
+	}
+	f.Fuzz(func(t *testing.T, value, alias string, onlyListed, twice bool) {
+		tenants := map[string]string{"acme": "1234567", "7654321": "7654321"}
+		aliasAccepted := validateTenantNames(map[string]string{alias: "5555555"}) == nil && tenants[alias] == ""
+		if aliasAccepted {
+			tenants[alias] = "5555555"
+		}
+		if err := validateTenantNames(tenants); err != nil {
+			t.Fatalf("the config's own names are refused: %v", err)
+		}
+		tr := newTenantResolver(DefaultTenantHeader, tenants, onlyListed, true)
 		r := httptest.NewRequest(http.MethodGet, "/3/x", nil)
 		r.Header[DefaultTenantHeader] = []string{value}
+		if twice {
+			r.Header[DefaultTenantHeader] = append(r.Header[DefaultTenantHeader], value)
+		}
 		r.Header["Authorization"] = []string{"Bearer " + value}
 		tenant, err := tr.resolve(r)
+		if twice {
+			if err == nil || err.status != http.StatusBadRequest {
+				t.Fatalf("two tenant headers gave %q, %v; want 400", tenant, err)
+			}
+			return
+		}
 		if err != nil {
-			if err.status != 400 && err.status != 403 {
+			if err.status != http.StatusBadRequest && err.status != http.StatusForbidden {
 				t.Fatalf("status %d", err.status)
+			}
+			if aliasAccepted && value == alias {
+				t.Fatalf("alias %q is refused: %s", alias, err.code)
 			}
 			return
 		}
 		if !validTenantID(tenant) {
 			t.Fatalf("resolved %q from %q: not a TenantId", tenant, value)
+		}
+		if _, listed := tr.listed[tenant]; onlyListed && !listed {
+			t.Fatalf("resolved unlisted %q from %q with only_listed_tenants", tenant, value)
+		}
+		if aliasAccepted && value == alias && tenant != "5555555" {
+			t.Fatalf("alias %q resolved to %q, want 5555555", alias, tenant)
 		}
 	})
 }
@@ -51,8 +83,9 @@ func FuzzTenantFromToken(f *testing.F) {
 	})
 }
 
-// Token endpoint answers: never a panic; a success has a usable token and
-// a sane lifetime; a failure is classified and repeats no body.
+// Token endpoint answers: never a panic; a success comes from a 2xx and has
+// a usable token and a sane lifetime; a failure is classified (5xx and 429
+// as unavailable) and repeats no body.
 func FuzzParseTokenAnswer(f *testing.F) {
 	for _, seed := range []struct {
 		status int
@@ -74,6 +107,11 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		{302, `{"access_token":"abc"}`},
 		{200, `{"access_token":"abc","error":"x"}`},
 		{400, `{"error":"` + strings.Repeat("x", 500) + `","error_description":"` + strings.Repeat("\x01", 300) + `"}`},
+		// Bodies at the size limit (post reads at most maxTokenAnswer+1 bytes).
+		{200, `{"access_token":"` + strings.Repeat("a", maxTokenAnswer) + `"}`},
+		{503, `<html>` + strings.Repeat("x", maxTokenAnswer) + `</html>`},
+		{429, strings.Repeat(" ", maxTokenAnswer+1)},
+		{400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", maxTokenAnswer) + `"}`},
 	} {
 		f.Add(seed.status, []byte(seed.body), "120")
 	}
@@ -87,6 +125,11 @@ func FuzzParseTokenAnswer(f *testing.F) {
 			if terr.failure < failNoConsent || terr.failure > failStorage {
 				t.Fatalf("unclassified failure %d", terr.failure)
 			}
+			// 5xx and 429 mean "try later" (503 + Retry-After for the app),
+			// whatever the body, unless it names the client as invalid.
+			if (status == http.StatusTooManyRequests || status >= 500) && terr.failure != failUnavailable && terr.failure != failBadClient {
+				t.Fatalf("status %d classified as failure %d: %v", status, terr.failure, terr)
+			}
 			if len(terr.description) > maxDescription+len("…") {
 				t.Fatalf("description of %d bytes", len(terr.description))
 			}
@@ -99,6 +142,9 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		}
 		if a.lifetime < minTokenLifetime || a.lifetime > maxTokenLifetime {
 			t.Fatalf("lifetime %v", a.lifetime)
+		}
+		if status < 200 || status > 299 {
+			t.Fatalf("a token from a %d answer", status)
 		}
 	})
 }

@@ -146,6 +146,11 @@ type oauthAnswer struct {
 // not JSON the status alone decides.
 func parseTokenAnswer(status int, retryAfter string, body []byte) (*tokenAnswer, error) {
 	if len(body) > maxTokenAnswer {
+		if status == http.StatusTooManyRequests || status >= 500 {
+			// Not read, but a big error page from a proxy in front is
+			// still "try later" (503 and Retry-After for the app).
+			return nil, classifyTokenError(status, retryAfter, "", "")
+		}
 		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("answer too large")}
 	}
 	var a oauthAnswer

@@ -35,6 +35,13 @@ func TestParseTokenAnswer(t *testing.T) {
 		{name: "429", status: 429, body: ``, wantFailure: failUnavailable},
 		{name: "redirect", status: 302, body: ``, wantFailure: failBadAnswer},
 		{name: "huge", status: 200, body: `{"access_token":"` + strings.Repeat("a", maxTokenAnswer) + `"}`, wantFailure: failBadAnswer},
+		// Found by FuzzParseTokenAnswer: an answer over the size limit was
+		// "unusable" (502) whatever its status; a 5xx or 429 is "try later".
+		// A 4xx over the limit stays unusable: it is not read, so it cannot
+		// say invalid_grant, and must not mark a refresh token dead.
+		{name: "huge 503 page", status: 503, body: `<html>` + strings.Repeat("x", maxTokenAnswer) + `</html>`, wantFailure: failUnavailable},
+		{name: "huge 429", status: 429, body: strings.Repeat(" ", maxTokenAnswer+1), wantFailure: failUnavailable},
+		{name: "huge 400", status: 400, body: `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", maxTokenAnswer) + `"}`, wantFailure: failBadAnswer},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

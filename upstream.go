@@ -57,7 +57,11 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // replayed. A larger body is left to stream; a body of unknown length is
 // read up to the limit and, if longer, put back together unread.
 func (h *Handler) keepBody(r *http.Request) ([]byte, bool, error) {
-	if r.Body == nil || r.Body == http.NoBody {
+	// A server request with ContentLength 0 has no body (unknown length is
+	// -1). Caddy wraps even an empty body (its idle-timeout reader is on
+	// by default), so r.Body is rarely http.NoBody: without this check
+	// every GET would allocate a buffer for nothing.
+	if r.Body == nil || r.Body == http.NoBody || r.ContentLength == 0 {
 		return nil, true, nil
 	}
 	limit := h.replayBodyLimit

@@ -4,17 +4,32 @@
 //	(a) plain: reverse_proxy with a static `Authorization: Bearer …` (header_up)
 //	(b) fortnox: the plugin with cached tokens, many tenants, rate limit off
 //
-// It runs a b a b … (rounds), each at (i) full speed with fixed concurrency
-// and (ii) a fixed, moderate request rate, and prints requests/s, p50 and
-// p99 for both and the ratios b/a (medians over the rounds). Everything
-// listens on 127.0.0.1; every run is bounded in time.
+// Each round starts both Caddy processes afresh, warms them (b fetches one
+// token per tenant from the fake Fortnox, and must fetch no more), then
+// measures:
 //
-//	go run ./test/bench                 # builds ./caddy with xcaddy.sh first
-//	go run ./test/bench -caddy ./caddy -rounds 5 -duration 5s -rate 2000
+//	(i)  full speed with fixed concurrency: a alone, then b alone;
+//	(ii) a moderate fixed rate, open loop, latency counted from each
+//	     request's scheduled time: requests go to a and b in turn (a b a b …,
+//	     half the rate each), so that both see the same moments of a noisy
+//	     machine and the difference of their latencies is the plugin's.
+//
+// It prints requests/s, p50 and p99 for both, per round and as medians
+// over the rounds, with the throughput ratio b/a and the latency b adds.
+// Both send a token of the same size (one minted by the fake Fortnox,
+// about 3 KB like Fortnox's), so the comparison is the plugin's cost and
+// not the header's size. Everything listens on 127.0.0.1; every run is
+// bounded in time (about 15 s a round: 75 s with the defaults, plus the build).
+//
+//	go run ./test/bench                 # builds ./caddy with ./xcaddy.sh first
+//	go run ./test/bench -caddy ./caddy -rounds 3 -duration 3s -rate 2000
+//	go run ./test/bench -cpuprofile /tmp/prof   # CPU profiles of round 1's full-speed runs
+//	go tool pprof -top -diff_base /tmp/prof/a.pprof ./caddy /tmp/prof/b.pprof
 package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -24,8 +39,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,46 +49,74 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
+type options struct {
+	caddyBin    string
+	rounds      int
+	duration    time.Duration
+	concurrency int
+	rate        int
+	tenants     int
+	profileDir  string
+}
+
 func main() {
-	caddyBin := flag.String("caddy", "", "Caddy binary with the plugin (default: build ./caddy with ./xcaddy.sh)")
-	rounds := flag.Int("rounds", 3, "a/b rounds")
-	duration := flag.Duration("duration", 4*time.Second, "length of each measurement")
-	concurrency := flag.Int("c", 16, "concurrent connections for the full-speed run")
-	rate := flag.Int("rate", 1000, "requests per second for the fixed-rate run")
-	tenants := flag.Int("tenants", 100, "tenants the requests are spread over")
+	var o options
+	flag.StringVar(&o.caddyBin, "caddy", "", "Caddy binary with the plugin (default: build ./caddy with ./xcaddy.sh)")
+	flag.IntVar(&o.rounds, "rounds", 5, "rounds (each measures a and b)")
+	flag.DurationVar(&o.duration, "duration", 4*time.Second, "length of each measurement")
+	flag.IntVar(&o.concurrency, "c", 16, "concurrent connections for the full-speed runs")
+	flag.IntVar(&o.rate, "rate", 2000, "requests per second in all for the fixed-rate run (half to a, half to b)")
+	flag.IntVar(&o.tenants, "tenants", 100, "tenants the requests are spread over")
+	flag.StringVar(&o.profileDir, "cpuprofile", "", "write CPU profiles of round 1's full-speed slices (a.pprof, b.pprof) to this directory")
 	flag.Parse()
-	if err := run(*caddyBin, *rounds, *duration, *concurrency, *rate, *tenants); err != nil {
+	if o.rounds < 1 || o.duration < time.Second || o.duration > time.Minute || o.concurrency < 1 || o.rate < 2 || o.tenants < 1 {
+		fmt.Fprintln(os.Stderr, "bench: need rounds >= 1, 1s <= duration <= 1m, c >= 1, rate >= 2, tenants >= 1")
+		os.Exit(2)
+	}
+	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(caddyBin string, rounds int, duration time.Duration, concurrency, rate, tenants int) error {
-	if caddyBin == "" {
+// roundResult is one round's measurements of one config.
+type roundResult struct {
+	cpuPerRequest      float64 // µs of the Caddy process's CPU per request (0: unknown)
+	rps, p50, p99      float64 // full speed
+	fixedP50, fixedP99 float64 // at the fixed rate
+}
+
+func run(o options) error {
+	if o.caddyBin == "" {
 		build := exec.Command("./xcaddy.sh")
 		build.Stdout, build.Stderr = os.Stderr, os.Stderr
 		if err := build.Run(); err != nil {
 			return fmt.Errorf("building caddy (run from the repository root): %w", err)
 		}
-		caddyBin = "./caddy"
+		o.caddyBin = "./caddy"
 	}
-	caddyBin, _ = filepath.Abs(caddyBin)
+	caddyBin, err := filepath.Abs(o.caddyBin)
+	if err != nil {
+		return err
+	}
 
 	// The upstream: a small JSON answer, like a Fortnox GET. It is the same
-	// for both configs and never the bottleneck.
+	// for both configs and never the bottleneck (measured below).
 	upstream, err := listen()
 	if err != nil {
 		return err
 	}
+	defer upstream.Close()
 	body := []byte(`{"CompanyInformation":{"CompanyName":"Bench","DatabaseNumber":1234567}}`)
 	go http.Serve(upstream, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Header.Get("Authorization") == "" {
+		if !strings.HasPrefix(r.Header.Get("Authorization"), "Bearer ") {
 			w.WriteHeader(http.StatusUnauthorized)
 			return
 		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Write(body)
 	}))
+	upstreamURL := "http://" + upstream.Addr().String()
 
 	// The token endpoint for (b): the fake Fortnox, asked once per tenant.
 	fake, err := fakefortnox.Start(fakefortnox.Options{Clients: map[string]string{"bench": "bench-secret"}, RateLimit: -1})
@@ -80,75 +124,227 @@ func run(caddyBin string, rounds int, duration time.Duration, concurrency, rate,
 		return err
 	}
 	defer fake.Close()
-	ids := make([]string, tenants)
+	ids := make([]string, o.tenants)
 	for i := range ids {
 		ids[i] = strconv.Itoa(2000000 + i)
 		fake.GrantConsent("bench", ids[i])
 	}
+
+	// (a) sends a token just like those (b) gets, so that both carry the
+	// same ~3 KB header to the upstream.
+	staticToken, err := mintToken(fake.TokenURL(), "bench", "bench-secret", ids[0])
+	if err != nil {
+		return err
+	}
+	direct := load([]string{upstreamURL + "/3/companyinformation"}, ids, o.concurrency, time.Second, 0, "Bearer "+staticToken)[0]
+	if direct.errors > 0 {
+		return fmt.Errorf("upstream alone: %d errors (first: %v)", direct.errors, direct.firstErr)
+	}
+	fmt.Printf("upstream alone: %.0f req/s at %d connections (the ceiling neither config can pass); token %d bytes; %d tenants\n",
+		direct.rps(), o.concurrency, len(staticToken), o.tenants)
 
 	dir, err := os.MkdirTemp("", "fortnox-bench-")
 	if err != nil {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	upstreamURL := "http://" + upstream.Addr().String()
-	configs := []struct {
-		name, site string
-	}{
-		{"a plain reverse_proxy", fmt.Sprintf("reverse_proxy %s {\n\t\theader_up Authorization \"Bearer static-benchmark-token\"\n\t}", upstreamURL)},
-		{"b fortnox", fmt.Sprintf("fortnox {\n\t\tclient_id bench\n\t\tclient_secret bench-secret\n\t\ttoken_url %s\n\t\trate_limit off\n\t}\n\treverse_proxy %s", fake.TokenURL(), upstreamURL)},
-	}
-
-	type result struct{ rps, p50, p99, fixedP50, fixedP99 float64 }
-	results := make([][]result, len(configs))
-	for round := 0; round < rounds; round++ {
-		for i, cfg := range configs {
-			srv, err := startCaddy(caddyBin, dir, cfg.site)
-			if err != nil {
-				return err
-			}
-			// Warm up: every tenant's token is cached, connections are open.
-			full := load(srv.url, ids, concurrency, time.Second, 0)
-			if full.errors > 0 {
-				srv.stop()
-				return fmt.Errorf("%s: %d errors while warming up (first: %v)", cfg.name, full.errors, full.firstErr)
-			}
-			full = load(srv.url, ids, concurrency, duration, 0)
-			fixed := load(srv.url, ids, concurrency*4, duration, rate)
-			srv.stop()
-			if full.errors+fixed.errors > 0 {
-				return fmt.Errorf("%s: %d errors (first: %v)", cfg.name, full.errors+fixed.errors, firstNonNil(full.firstErr, fixed.firstErr))
-			}
-			r := result{full.rps(), full.pct(50), full.pct(99), fixed.pct(50), fixed.pct(99)}
-			results[i] = append(results[i], r)
-			fmt.Printf("round %d %-22s %8.0f req/s  p50 %7.1fµs  p99 %7.1fµs | at %d req/s: p50 %7.1fµs  p99 %7.1fµs\n",
-				round+1, cfg.name, r.rps, r.p50, r.p99, rate, r.fixedP50, r.fixedP99)
+	if o.profileDir != "" {
+		if err := os.MkdirAll(o.profileDir, 0o755); err != nil {
+			return err
 		}
 	}
+	configs := []struct {
+		name, short, site string
+	}{
+		{"a plain reverse_proxy", "a", fmt.Sprintf("reverse_proxy %s {\n\t\theader_up Authorization \"Bearer %s\"\n\t}", upstreamURL, staticToken)},
+		{"b fortnox", "b", fmt.Sprintf("fortnox {\n\t\tclient_id bench\n\t\tclient_secret bench-secret\n\t\ttoken_url %s\n\t\trate_limit off\n\t}\n\treverse_proxy %s", fake.TokenURL(), upstreamURL)},
+	}
 
-	med := func(rs []result, f func(result) float64) float64 {
+	results := make([][]roundResult, len(configs))
+	// All fixed-rate samples of all rounds, per config: a and b were
+	// measured in turn throughout, so their pooled percentiles compare.
+	pooled := []*loadResult{{}, {}}
+	for round := range o.rounds {
+		servers := make([]*caddyServer, len(configs))
+		stopAll := func() {
+			for _, s := range servers {
+				if s != nil {
+					s.stop()
+				}
+			}
+		}
+		for i, cfg := range configs {
+			srv, err := startCaddy(caddyBin, filepath.Join(dir, cfg.short), cfg.site, o.profileDir != "" && round == 0)
+			if err != nil {
+				stopAll()
+				return fmt.Errorf("%s: %w", cfg.name, err)
+			}
+			servers[i] = srv
+		}
+		// Warm up: every tenant's token is cached, connections are open.
+		tokensBefore := fake.TokenRequests("", "")
+		for i, srv := range servers {
+			warm := load([]string{srv.url}, ids, o.concurrency, time.Second, 0, "")[0]
+			if warm.errors > 0 {
+				stopAll()
+				return fmt.Errorf("%s: %d errors while warming up (first: %v)", configs[i].name, warm.errors, warm.firstErr)
+			}
+		}
+		if n := fake.TokenRequests("", "") - tokensBefore; n != o.tenants {
+			stopAll()
+			return fmt.Errorf("warming up made %d token requests for %d tenants", n, o.tenants)
+		}
+		tokensWarm := fake.TokenRequests("", "")
+		cpuBefore := make([]time.Duration, len(servers))
+		for i, srv := range servers {
+			cpuBefore[i] = srv.cpu()
+		}
+
+		// (i) full speed, one config at a time, in slices of a second:
+		// a b a b …, so that both meet the machine's slow moments alike.
+		full := make([]*loadResult, len(servers))
+		for i := range full {
+			full[i] = &loadResult{}
+		}
+		// Each profile spans all slices: a process idles while the other
+		// one runs, so it holds samples of its own slices only.
+		var profiled []chan error
+		for i, srv := range servers {
+			if srv.adminURL != "" {
+				done := make(chan error, 1)
+				path := filepath.Join(o.profileDir, configs[i].short+".pprof")
+				span := time.Duration(sliceCount(o.duration)*len(servers)) * sliceLength
+				go func() { done <- srv.cpuProfile(path, span) }()
+				profiled = append(profiled, done)
+			}
+		}
+		for range sliceCount(o.duration) {
+			for i, srv := range servers {
+				full[i].add(load([]string{srv.url}, ids, o.concurrency, sliceLength, 0, "")[0])
+			}
+		}
+		for _, done := range profiled {
+			if err := <-done; err != nil {
+				stopAll()
+				return err
+			}
+		}
+		// (ii) the fixed rate, a and b in turn.
+		urls := make([]string, len(servers))
+		for i, srv := range servers {
+			urls[i] = srv.url
+		}
+		fixed := load(urls, ids, o.concurrency*4, o.duration, o.rate, "")
+		cpuUsed := make([]time.Duration, len(servers))
+		for i, srv := range servers {
+			if before, after := cpuBefore[i], srv.cpu(); before > 0 && after > before {
+				cpuUsed[i] = after - before
+			}
+		}
+		stopAll()
+
+		for i := range configs {
+			if n := full[i].errors + fixed[i].errors; n > 0 {
+				return fmt.Errorf("%s: %d errors (first: %v)", configs[i].name, n, firstNonNil(full[i].firstErr, fixed[i].firstErr))
+			}
+		}
+		// (b) must have measured the cached path.
+		if n := fake.TokenRequests("", "") - tokensWarm; n != 0 {
+			return fmt.Errorf("%d token requests while measuring: not the cached path", n)
+		}
+		for i := range configs {
+			pooled[i].add(fixed[i])
+			requests := len(full[i].latencies) + len(fixed[i].latencies)
+			results[i] = append(results[i], roundResult{
+				cpuPerRequest: float64(cpuUsed[i].Nanoseconds()) / 1e3 / float64(max(1, requests)),
+				rps:           full[i].rps(),
+				p50:           full[i].pct(50),
+				p99:           full[i].pct(99),
+				fixedP50:      fixed[i].pct(50),
+				fixedP99:      fixed[i].pct(99),
+			})
+		}
+		a, b := results[0][round], results[1][round]
+		fmt.Printf("round %d  full speed: a %6.0f req/s p50 %6.0fµs p99 %6.0fµs | b %6.0f req/s p50 %6.0fµs p99 %6.0fµs | b/a %.3f\n",
+			round+1, a.rps, a.p50, a.p99, b.rps, b.p50, b.p99, b.rps/a.rps)
+		fmt.Printf("         CPU per request: a %.1fµs | b %.1fµs | b adds %+.1fµs\n",
+			a.cpuPerRequest, b.cpuPerRequest, b.cpuPerRequest-a.cpuPerRequest)
+		fmt.Printf("         at %d req/s: a p50 %6.0fµs p99 %6.0fµs | b p50 %6.0fµs p99 %6.0fµs | b adds p50 %+5.0fµs p99 %+6.0fµs\n",
+			o.rate, a.fixedP50, a.fixedP99, b.fixedP50, b.fixedP99, b.fixedP50-a.fixedP50, b.fixedP99-a.fixedP99)
+	}
+
+	field := func(rs []roundResult, f func(roundResult) float64) []float64 {
 		v := make([]float64, len(rs))
 		for i, r := range rs {
 			v[i] = f(r)
 		}
-		sort.Float64s(v)
-		return v[len(v)/2]
+		return v
 	}
-	get := []func(result) float64{
-		func(r result) float64 { return r.rps }, func(r result) float64 { return r.p50 }, func(r result) float64 { return r.p99 },
-		func(r result) float64 { return r.fixedP50 }, func(r result) float64 { return r.fixedP99 },
+	pair := func(f func(a, b roundResult) float64) []float64 {
+		v := make([]float64, len(results[0]))
+		for i := range v {
+			v[i] = f(results[0][i], results[1][i])
+		}
+		return v
 	}
-	var a, b [5]float64
-	for k, f := range get {
-		a[k], b[k] = med(results[0], f), med(results[1], f)
+	cols := []func(roundResult) float64{
+		func(r roundResult) float64 { return r.rps }, func(r roundResult) float64 { return r.p50 },
+		func(r roundResult) float64 { return r.p99 }, func(r roundResult) float64 { return r.fixedP50 },
+		func(r roundResult) float64 { return r.fixedP99 },
 	}
-	fmt.Printf("\nmedians over %d rounds (%d tenants, %v per run, %d connections at full speed)\n", rounds, tenants, duration, concurrency)
-	fmt.Printf("%-24s %10s %10s %10s %14s %14s\n", "", "req/s", "p50 µs", "p99 µs", "p50@rate µs", "p99@rate µs")
-	fmt.Printf("%-24s %10.0f %10.1f %10.1f %14.1f %14.1f\n", configs[0].name, a[0], a[1], a[2], a[3], a[4])
-	fmt.Printf("%-24s %10.0f %10.1f %10.1f %14.1f %14.1f\n", configs[1].name, b[0], b[1], b[2], b[3], b[4])
-	fmt.Printf("ratio b/a: throughput %.3f; p99 added at %d req/s: %+.1fµs; p50 added: %+.1fµs\n",
-		b[0]/a[0], rate, b[4]-a[4], b[3]-a[3])
+	fmt.Printf("\nmedians over %d rounds (%d tenants; full speed: %d connections, %v each; fixed rate: %d req/s in all, a and b in turn, %v)\n",
+		o.rounds, o.tenants, o.concurrency, o.duration, o.rate, o.duration)
+	fmt.Printf("%-22s %9s %9s %9s %14s %14s\n", "", "req/s", "p50 µs", "p99 µs", "p50@rate µs", "p99@rate µs")
+	for i, cfg := range configs {
+		fmt.Printf("%-22s", cfg.name)
+		for k, f := range cols {
+			w := 9
+			if k >= 3 {
+				w = 14
+			}
+			fmt.Printf(" %*.*f", w, map[bool]int{true: 0, false: 1}[k == 0], median(field(results[i], f)))
+		}
+		fmt.Println()
+	}
+	ratios := pair(func(a, b roundResult) float64 { return b.rps / a.rps })
+	addedP50 := pair(func(a, b roundResult) float64 { return b.fixedP50 - a.fixedP50 })
+	addedP99 := pair(func(a, b roundResult) float64 { return b.fixedP99 - a.fixedP99 })
+	fmt.Printf("throughput ratio b/a: median %.3f (rounds: %s)\n", median(ratios), list(ratios, "%.3f"))
+	fmt.Printf("latency b adds at %d req/s: p50 median %+.0fµs (rounds: %s); p99 median %+.0fµs (rounds: %s)\n",
+		o.rate, median(addedP50), list(addedP50, "%+.0f"), median(addedP99), list(addedP99, "%+.0f"))
+	fmt.Printf("at %d req/s, all %d rounds pooled (%d samples each): a p50 %.0fµs p99 %.0fµs | b p50 %.0fµs p99 %.0fµs | b adds p50 %+.0fµs p99 %+.0fµs\n",
+		o.rate, o.rounds, min(len(pooled[0].latencies), len(pooled[1].latencies)),
+		pooled[0].pct(50), pooled[0].pct(99), pooled[1].pct(50), pooled[1].pct(99),
+		pooled[1].pct(50)-pooled[0].pct(50), pooled[1].pct(99)-pooled[0].pct(99))
+	cpu := func(r roundResult) float64 { return r.cpuPerRequest }
+	if median(field(results[0], cpu)) > 0 {
+		addedCPU := pair(func(a, b roundResult) float64 { return b.cpuPerRequest - a.cpuPerRequest })
+		fmt.Printf("Caddy's CPU per request: a %.1fµs, b %.1fµs; b adds median %+.1fµs (rounds: %s)\n",
+			median(field(results[0], cpu)), median(field(results[1], cpu)), median(addedCPU), list(addedCPU, "%+.1f"))
+	}
+	if o.profileDir != "" {
+		fmt.Printf("CPU profiles of round 1: go tool pprof -top -diff_base %s %s %s\n",
+			filepath.Join(o.profileDir, "a.pprof"), caddyBin, filepath.Join(o.profileDir, "b.pprof"))
+	}
 	return nil
+}
+
+// median of v (the upper one of the middle two for an even count).
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func list(v []float64, format string) string {
+	parts := make([]string, len(v))
+	for i, x := range v {
+		parts[i] = fmt.Sprintf(format, x)
+	}
+	return strings.Join(parts, " ")
 }
 
 func firstNonNil(errs ...error) error {
@@ -162,21 +358,67 @@ func firstNonNil(errs ...error) error {
 
 func listen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
 
-type caddyServer struct {
-	cmd *exec.Cmd
-	url string
+func freePort() (int, error) {
+	ln, err := listen()
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
 }
 
-func startCaddy(bin, dir, site string) (*caddyServer, error) {
-	ln, err := listen()
+// mintToken asks the fake Fortnox for a client-credentials token.
+func mintToken(tokenURL, clientID, secret, tenant string) (string, error) {
+	req, err := http.NewRequest(http.MethodPost, tokenURL, strings.NewReader("grant_type=client_credentials"))
+	if err != nil {
+		return "", err
+	}
+	req.SetBasicAuth(clientID, secret)
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.Header.Set("TenantId", tenant)
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Do(req)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	var answer struct {
+		AccessToken string `json:"access_token"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&answer); err != nil || answer.AccessToken == "" {
+		return "", fmt.Errorf("minting the static token: status %d, %v", resp.StatusCode, err)
+	}
+	return answer.AccessToken, nil
+}
+
+type caddyServer struct {
+	cmd      *exec.Cmd
+	url      string
+	adminURL string // "" when admin is off
+}
+
+// startCaddy runs the Caddy binary with one site, its storage under dir.
+// withAdmin turns the admin endpoint on (on loopback) for CPU profiles.
+func startCaddy(bin, dir, site string, withAdmin bool) (*caddyServer, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	port, err := freePort()
 	if err != nil {
 		return nil, err
 	}
-	port := ln.Addr().(*net.TCPAddr).Port
-	ln.Close()
+	admin, adminURL := "admin off", ""
+	if withAdmin {
+		adminPort, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		admin = fmt.Sprintf("admin 127.0.0.1:%d", adminPort)
+		adminURL = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
+	}
 	cfg := filepath.Join(dir, "Caddyfile")
-	caddyfile := fmt.Sprintf("{\n\tadmin off\n\tpersist_config off\n\tstorage file_system %s\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n\nhttp://127.0.0.1:%d {\n\tbind 127.0.0.1\n\t%s\n}\n",
-		filepath.Join(dir, "storage"), port, site)
+	caddyfile := fmt.Sprintf("{\n\t%s\n\tpersist_config off\n\tstorage file_system %s\n\tlog {\n\t\tlevel ERROR\n\t}\n}\n\nhttp://127.0.0.1:%d {\n\tbind 127.0.0.1\n\t%s\n}\n",
+		admin, filepath.Join(dir, "storage"), port, site)
 	if err := os.WriteFile(cfg, []byte(caddyfile), 0o600); err != nil {
 		return nil, err
 	}
@@ -186,7 +428,7 @@ func startCaddy(bin, dir, site string) (*caddyServer, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	s := &caddyServer{cmd: cmd, url: fmt.Sprintf("http://127.0.0.1:%d/3/companyinformation", port)}
+	s := &caddyServer{cmd: cmd, url: fmt.Sprintf("http://127.0.0.1:%d/3/companyinformation", port), adminURL: adminURL}
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
 		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
@@ -197,6 +439,55 @@ func startCaddy(bin, dir, site string) (*caddyServer, error) {
 	}
 	s.stop()
 	return nil, errors.New("caddy did not start")
+}
+
+// cpu is the CPU time the Caddy process has used so far, the sum over its
+// threads of /proc/<pid>/task/*/schedstat (Linux; 0 elsewhere).
+func (s *caddyServer) cpu() time.Duration {
+	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", s.cmd.Process.Pid))
+	if err != nil || len(tasks) == 0 {
+		return 0
+	}
+	var total time.Duration
+	for _, t := range tasks {
+		b, err := os.ReadFile(t)
+		if err != nil {
+			continue // the thread has just exited
+		}
+		fields := strings.Fields(string(b))
+		if len(fields) == 0 {
+			continue
+		}
+		ns, err := strconv.ParseInt(fields[0], 10, 64)
+		if err != nil {
+			return 0
+		}
+		total += time.Duration(ns)
+	}
+	return total
+}
+
+// cpuProfile writes a CPU profile of the next d to path.
+func (s *caddyServer) cpuProfile(path string, d time.Duration) error {
+	secs := max(1, int(d/time.Second))
+	client := &http.Client{Timeout: d + 30*time.Second}
+	resp, err := client.Get(fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", s.adminURL, secs))
+	if err != nil {
+		return fmt.Errorf("CPU profile: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("CPU profile: status %d", resp.StatusCode)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, io.LimitReader(resp.Body, 64<<20)); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 func (s *caddyServer) stop() {
@@ -220,20 +511,39 @@ type loadResult struct {
 
 func (l *loadResult) rps() float64 { return float64(len(l.latencies)) / l.took.Seconds() }
 
-// pct is the p-th percentile latency in microseconds.
+// add appends another measurement of the same config.
+func (l *loadResult) add(m *loadResult) {
+	l.latencies = append(l.latencies, m.latencies...)
+	l.took += m.took
+	l.errors += m.errors
+	if l.firstErr == nil {
+		l.firstErr = m.firstErr
+	}
+}
+
+// sliceLength is how long one config runs at full speed before the other
+// takes its turn.
+const sliceLength = time.Second
+
+// sliceCount is how many full-speed slices make up a measurement of d.
+func sliceCount(d time.Duration) int { return max(1, int(d/sliceLength)) }
+
+// pct is the p-th percentile latency in microseconds (nearest rank).
 func (l *loadResult) pct(p float64) float64 {
 	if len(l.latencies) == 0 {
 		return 0
 	}
-	sort.Slice(l.latencies, func(i, j int) bool { return l.latencies[i] < l.latencies[j] })
+	slices.Sort(l.latencies)
 	i := int(float64(len(l.latencies)-1) * p / 100)
 	return float64(l.latencies[i].Nanoseconds()) / 1e3
 }
 
-// load sends requests for duration, spread over the tenants: as fast as
-// workers allow when rate is 0, else at a fixed rate (open loop: requests
-// are sent on schedule, and latency counts from the scheduled time).
-func load(url string, tenants []string, workers int, duration time.Duration, rate int) *loadResult {
+// load sends requests for duration, spread over the tenants and, in turn,
+// over urls (one result per url): as fast as the workers allow when rate is
+// 0, else at a fixed rate in all (open loop: requests are sent on schedule,
+// however late earlier ones are, and latency counts from the scheduled
+// time). auth, when set, is sent as the Authorization header.
+func load(urls []string, tenants []string, workers int, duration time.Duration, rate int, auth string) []*loadResult {
 	transport := &http.Transport{MaxIdleConnsPerHost: workers, MaxConnsPerHost: workers}
 	client := &http.Client{Transport: transport, Timeout: 10 * time.Second}
 	defer transport.CloseIdleConnections()
@@ -241,12 +551,19 @@ func load(url string, tenants []string, workers int, duration time.Duration, rat
 	defer cancel()
 
 	var mu sync.Mutex
-	res := &loadResult{}
+	res := make([]*loadResult, len(urls))
+	for i := range res {
+		res[i] = &loadResult{}
+	}
 	var seq atomic.Int64
 	one := func(scheduled time.Time) {
-		n := seq.Add(1)
-		req, _ := http.NewRequest(http.MethodGet, url, nil)
-		req.Header.Set("X-Fortnox-Tenant", tenants[int(n)%len(tenants)])
+		n := int(seq.Add(1) - 1)
+		target := n % len(urls)
+		req, _ := http.NewRequest(http.MethodGet, urls[target], nil)
+		req.Header.Set("X-Fortnox-Tenant", tenants[(n/len(urls))%len(tenants)])
+		if auth != "" {
+			req.Header.Set("Authorization", auth)
+		}
 		resp, err := client.Do(req)
 		if err == nil {
 			_, err = io.Copy(io.Discard, resp.Body)
@@ -257,13 +574,14 @@ func load(url string, tenants []string, workers int, duration time.Duration, rat
 		}
 		lat := time.Since(scheduled)
 		mu.Lock()
+		r := res[target]
 		if err != nil {
-			res.errors++
-			if res.firstErr == nil {
-				res.firstErr = err
+			r.errors++
+			if r.firstErr == nil {
+				r.firstErr = err
 			}
 		} else {
-			res.latencies = append(res.latencies, lat)
+			r.latencies = append(r.latencies, lat)
 		}
 		mu.Unlock()
 	}
@@ -299,6 +617,9 @@ func load(url string, tenants []string, workers int, duration time.Duration, rat
 		close(jobs)
 	}
 	wg.Wait()
-	res.took = time.Since(start)
+	took := time.Since(start)
+	for _, r := range res {
+		r.took = took
+	}
 	return res
 }

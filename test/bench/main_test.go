@@ -1,0 +1,56 @@
+package main
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"sync"
+	"testing"
+	"time"
+)
+
+// At a fixed rate, requests go to the targets in turn, each target sees
+// every tenant (not just every other one), and the rate is kept.
+func TestLoadAlternatesTargetsOverAllTenants(t *testing.T) {
+	var mu sync.Mutex
+	seen := []map[string]int{{}, {}}
+	var urls []string
+	for i := range seen {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			seen[i][r.Header.Get("X-Fortnox-Tenant")]++
+			mu.Unlock()
+		}))
+		defer srv.Close()
+		urls = append(urls, srv.URL)
+	}
+	tenants := []string{"1", "2", "3", "4"}
+	res := load(urls, tenants, 8, 500*time.Millisecond, 400, "")
+	for i, r := range res {
+		if r.errors > 0 {
+			t.Fatalf("target %d: %d errors: %v", i, r.errors, r.firstErr)
+		}
+		if len(seen[i]) != len(tenants) {
+			t.Errorf("target %d saw tenants %v, want all of %v", i, seen[i], tenants)
+		}
+		// 400 req/s in all for 0.5 s: about 100 each.
+		if n := len(r.latencies); n < 80 || n > 110 {
+			t.Errorf("target %d: %d requests, want about 100", i, n)
+		}
+	}
+}
+
+func TestMedianAndPercentile(t *testing.T) {
+	if m := median([]float64{5, 1, 3}); m != 3 {
+		t.Errorf("median = %v, want 3", m)
+	}
+	l := &loadResult{}
+	for i := 100; i >= 1; i-- {
+		l.latencies = append(l.latencies, time.Duration(i)*time.Microsecond)
+	}
+	if p := l.pct(50); p != 50 {
+		t.Errorf("p50 = %v, want 50", p)
+	}
+	if p := l.pct(99); p != 99 {
+		t.Errorf("p99 = %v, want 99", p)
+	}
+}

@@ -394,3 +394,24 @@ func caddyStop(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A 4xx that is not invalid_grant (a proxy's 403) does not mark the
+// refresh token dead: once the token endpoint behaves, the chain goes on.
+func TestRefreshTokenSurvivesAnUnrelated4xx(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc := startSidecar(t, fake, "")
+	rt := fake.IssueRefreshToken(testClientID, "1234567")
+	sc.putRefreshToken("1234567", rt)
+	fake.SetFault(fakefortnox.Fault{Status: http.StatusForbidden})
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status == http.StatusOK {
+		t.Fatalf("with the token endpoint refusing: %d %s", status, body)
+	}
+	fake.ClearFault()
+	advance(fake, 2*time.Minute)
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("after the token endpoint recovered: %d %s", status, body)
+	}
+	if !sc.storedRecord("1234567").RejectedAt.IsZero() {
+		t.Error("the refresh token was marked dead by a 403 without invalid_grant")
+	}
+}

@@ -90,7 +90,12 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, tenant string, stale 
 		took = time.Since(start)
 		if err != nil {
 			failure = asTokenError(err)
-			if failure.failure == failNoConsent { // a 4xx: the refresh token is dead
+			switch {
+			case failure.failure == failNoConsent && failure.code != "invalid_grant":
+				// Another 4xx (a proxy's 403, a 413): the token may still be
+				// good, so it is not marked dead; the tenant backs off.
+				failure.failure = failBadAnswer
+			case failure.failure == failNoConsent: // invalid_grant: the refresh token is dead
 				failure.failure = failGrantRejected
 				rec.RejectedAt = now().UTC()
 				if serr := s.records.save(ctx, rec); serr != nil {

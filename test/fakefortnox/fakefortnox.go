@@ -17,7 +17,8 @@
 //   - Tokens bound to the wrong tenant (MisbindClientCredentials) or carrying
 //     no tenantId claim at all (SetOmitTenantClaim).
 //   - /3/always-401/...: a path that answers 401 even to a valid token, as
-//     Fortnox does for a missing scope or a wrong URL.
+//     Fortnox does for a missing scope or a wrong URL. The request takes a
+//     rate-limit turn first, like any request that reached Fortnox.
 //   - Refresh-token chains of named users (IssueUserRefreshToken) and a count
 //     of the live tokens of a chain (LiveRefreshTokens).
 //   - Logs: every /3/ request with its headers, body and trailers

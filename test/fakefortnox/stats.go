@@ -23,9 +23,12 @@ type APIRequest struct {
 	// body (chunked HTTP/1.1 or HTTP/2); nil when none came. A body over
 	// the fake's 10 MiB limit is not read to its end, so its trailers are
 	// not seen.
-	Trailer  http.Header
-	Tenant   string // from the token's payload when it decodes, else ""
-	ClientID string // likewise
+	Trailer http.Header
+	// Tenant is the token's tenant whenever its payload decodes, valid or
+	// not: its tenantId claim, or for a token minted without one
+	// (SetOmitTenantClaim) the tenant the fake keeps for it; else "".
+	Tenant   string
+	ClientID string // from the token's payload when it decodes, else ""
 	Status   int    // what the fake answered
 	At       time.Time
 }
@@ -224,8 +227,8 @@ func (s *Server) APICalls(tenant string) int {
 	return sumMatching(s.stats.apiCalls, tenant)
 }
 
-// Unauthorized counts /3/ 401 answers, by the tenant in the token's payload
-// when it decodes ("" = all).
+// Unauthorized counts /3/ 401 answers, by the token's tenant as in
+// APIRequest.Tenant ("" = all). Answers of /3/always-401 count too.
 func (s *Server) Unauthorized(tenant string) int {
 	s.stats.mu.Lock()
 	defer s.stats.mu.Unlock()

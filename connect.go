@@ -87,9 +87,9 @@ type Connect struct {
 	cookiePath   string
 	connectPath  string
 	callbackPath string
-	poolKey    string
-	tokens     *tokenManager
-	logger     *zap.Logger
+	poolKey      string
+	tokens       *tokenManager
+	logger       *zap.Logger
 }
 
 // usedStates holds the states already used (state -> expiry), for every

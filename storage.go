@@ -80,9 +80,9 @@ var errRecordMisplaced = errors.New("stored token record belongs elsewhere")
 
 // misplacedRecordError says whose record was found where.
 type misplacedRecordError struct {
-	key                 string
-	wantTenant, tenant  string
-	wantClient, client  string
+	key                  string
+	wantTenant, tenant   string
+	wantClient, client   string
 	wantAccount, account string
 }
 

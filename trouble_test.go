@@ -32,7 +32,7 @@ func TestRevokedTokenIsReplayedInvisibly(t *testing.T) {
 			}
 			advance(fake, freshTokenGrace) // a 401 on a token minted seconds ago is not the token's fault
 			advance(fake, freshTokenGrace)
-	fake.RevokeAccessTokens(testClientID, "1234567")
+			fake.RevokeAccessTokens(testClientID, "1234567")
 			fake.Reset()
 
 			var body *strings.Reader

@@ -222,7 +222,10 @@ func (s *sidecar) load() error {
 	for _, w := range warnings {
 		s.t.Logf("adapt warning: %s", w)
 	}
-	return caddy.Load(cfg, true)
+	err = caddy.Load(cfg, true)
+	// Connections kept alive to the old servers are closed by the load.
+	s.client.CloseIdleConnections()
+	return err
 }
 
 func (s *sidecar) dumpLog() {

@@ -224,7 +224,9 @@ func (s *sidecar) load() error {
 	}
 	err = caddy.Load(cfg, true)
 	// Connections kept alive to the old servers are closed by the load.
-	s.client.CloseIdleConnections()
+	if s.client != nil {
+		s.client.CloseIdleConnections()
+	}
 	return err
 }
 

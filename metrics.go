@@ -30,6 +30,8 @@ var metrics = struct {
 
 	tokenRequestsQueued  prometheus.Counter
 	invalidationsBounded prometheus.Counter
+	keptAlive            prometheus.Counter
+	refreshTokenOldest   prometheus.GaugeFunc
 }{}
 
 const metricsNamespace = "caddy"
@@ -71,6 +73,10 @@ func initMetrics() {
 			"Token requests that waited for a free slot (max_token_requests in flight per client id).")))
 		metrics.invalidationsBounded = prometheus.NewCounter(prometheus.CounterOpts(opts("unauthorized_kept_total",
 			"Fortnox 401s that did not drop the token: the token was minted seconds ago, or the tenant's invalidations were used up (a wrong path or a missing scope answers 401 too).")))
+		metrics.keptAlive = prometheus.NewCounter(prometheus.CounterOpts(opts("refresh_tokens_kept_alive_total",
+			"Stored refresh tokens refreshed because they had not been used for 30 days (Fortnox's die after 45).")))
+		metrics.refreshTokenOldest = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("refresh_token_oldest_age_seconds",
+			"Age of the oldest stored refresh token at the last hourly keep-alive pass (Fortnox's die after 45 days unused; the sidecar refreshes them at 30).")), oldestRefreshToken)
 		metrics.tenantsCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("tenants_cached",
 			"Tenants with a cached access token, over all client ids.")), countCachedTenants)
 	})
@@ -87,6 +93,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 		metrics.tokenRequests, metrics.tokenDuration, metrics.cacheLookups, metrics.replays,
 		metrics.rateLimitWaits, metrics.rateLimitWait, metrics.rateLimitReject,
 		metrics.upstream429, metrics.tenantsCached, metrics.tokenRequestsQueued, metrics.invalidationsBounded,
+		metrics.keptAlive, metrics.refreshTokenOldest,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -114,4 +121,13 @@ func metricsTokenRequest(grant, outcome string, took time.Duration) {
 	}
 	metrics.tokenRequests.WithLabelValues(grant, outcome).Inc()
 	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+}
+
+func oldestRefreshToken() float64 {
+	var oldest int64
+	managers.Range(func(_, v any) bool {
+		oldest = max(oldest, v.(*tokenManager).oldestRefreshToken.Load())
+		return true
+	})
+	return float64(oldest)
 }

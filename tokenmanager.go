@@ -254,6 +254,9 @@ type tokenManager struct {
 
 	// Counters for tests and metrics.
 	hits, misses atomic.Int64
+	// oldestRefreshToken: the age in seconds of the oldest stored refresh
+	// token at the last keep-alive pass.
+	oldestRefreshToken atomic.Int64
 }
 
 func newTokenManager(tokenURL, clientID string) *tokenManager {
@@ -268,6 +271,7 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 		cancel:   cancel,
 	}
 	go m.sweep(sweepInterval)
+	go m.keepAliveLoop()
 	return m
 }
 

@@ -1,0 +1,168 @@
+package fortnox
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// Fortnox's refresh tokens die after 45 days unused. A tenant (or named
+// account) whose refresh token sees no use for that long (a customer on
+// client credentials keeps its refresh token only as a fallback; a quiet
+// customer sends nothing) would lose it. The manager looks over the stored
+// records now and then and refreshes, under the usual lock, those not
+// refreshed for keepAliveAfter.
+const (
+	keepAliveAfter = 30 * 24 * time.Hour
+	keepAliveEvery = time.Hour
+)
+
+// keepAliveLoop runs keepAlive a few minutes after the manager starts,
+// then every keepAliveEvery, until the manager is destroyed.
+func (m *tokenManager) keepAliveLoop() {
+	t := time.NewTimer(5 * time.Minute)
+	defer t.Stop()
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+			m.keepAlive()
+			t.Reset(keepAliveEvery)
+		}
+	}
+}
+
+// refreshTokenAge is how long ago the record's refresh token was issued
+// (records of older versions: when its access token was).
+func refreshTokenAge(rec *tokenRecord, n time.Time) (time.Duration, bool) {
+	at := rec.RefreshTokenAt
+	if at.IsZero() {
+		at = rec.IssuedAt
+	}
+	if at.IsZero() || !rec.liveRefreshToken() {
+		return 0, false
+	}
+	return n.Sub(at), true
+}
+
+// keepAlive refreshes the stored refresh tokens that are older than
+// keepAliveAfter, and updates the age metric. It returns how many it
+// refreshed.
+func (m *tokenManager) keepAlive() int {
+	s := m.settings.Load()
+	if s == nil || s.records == nil {
+		return 0
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Minute)
+	defer cancel()
+	subjects, err := m.storedSubjects(ctx, s.records)
+	if err != nil {
+		m.logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
+		return 0
+	}
+	n := now()
+	var oldest time.Duration
+	refreshed := 0
+	for _, subj := range subjects {
+		rec, err := s.records.load(ctx, subj)
+		if err != nil || rec == nil {
+			continue
+		}
+		age, ok := refreshTokenAge(rec, n)
+		if !ok {
+			continue
+		}
+		if age >= keepAliveAfter && m.keepAliveOne(ctx, s, subj) {
+			refreshed++
+			continue
+		}
+		oldest = max(oldest, age)
+	}
+	m.oldestRefreshToken.Store(int64(oldest / time.Second))
+	return refreshed
+}
+
+// storedSubjects lists every subject with a record.
+func (m *tokenManager) storedSubjects(ctx context.Context, rs *recordStore) ([]subject, error) {
+	tenants, err := rs.tenants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var out []subject
+	for _, t := range tenants {
+		out = append(out, subject{tenant: t})
+	}
+	accountTenants, err := rs.accountTenants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range accountTenants {
+		names, err := rs.accounts(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		for _, name := range names {
+			out = append(out, subject{tenant: t, account: name})
+		}
+	}
+	return out, nil
+}
+
+// keepAliveOne refreshes one subject's refresh token under its lock, if
+// it is still old when read again (another process may have refreshed it).
+// The new access token is stored but not cached: a tenant on client
+// credentials keeps using its service account's token.
+func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, subj subject) bool {
+	var failure *tokenError
+	var took time.Duration
+	var stranded *strandedToken
+	done := false
+	_, _, _ = m.flights.Do(subj.key(), func() (any, error) {
+		err := s.records.withLock(ctx, subj, func() error {
+			rec, err := s.records.load(ctx, subj)
+			if err != nil || rec == nil {
+				return err
+			}
+			if age, ok := refreshTokenAge(rec, now()); !ok || age < keepAliveAfter {
+				return nil
+			}
+			answer, spent, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
+			defer stored()
+			took = spent
+			if err != nil {
+				failure = m.refreshRefused(ctx, s, subj, rec, err)
+				return nil
+			}
+			if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
+				stranded, failure = m.strand(ctx, s, subj, rec, answer, terr)
+				return nil
+			}
+			m.keepAnswer(rec, answer, now(), subj)
+			if err := s.records.saveHard(ctx, subj, rec); err != nil {
+				m.keepUnsaved(subj, rec)
+				m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
+					append(subj.logFields(), zap.Error(err))...)
+			}
+			done = true
+			return nil
+		})
+		if err != nil {
+			m.logger().Warn("keep-alive: the refresh token could not be refreshed", append(subj.logFields(), zap.Error(err))...)
+		}
+		return nil, nil
+	})
+	if stranded != nil {
+		failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, stranded) + "."
+	}
+	switch {
+	case failure != nil:
+		m.recordFailure(subj, grantRefreshToken, failure, took)
+	case done:
+		metricsTokenRequest(grantRefreshToken, "ok", took)
+		metrics.keptAlive.Inc()
+		m.logger().Info("refresh token kept alive: it had not been used for 30 days", subj.logFields()...)
+	}
+	return done
+}

@@ -173,7 +173,7 @@ func (t *fortnoxTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTokenAnswer+1))
 	if err != nil {
-		return nil, &readError{status: resp.StatusCode, err: err}
+		return nil, err // the connection broke or timed out mid-answer
 	}
 	if len(body) > maxTokenAnswer {
 		return nil, &answerTooLarge{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
@@ -194,15 +194,6 @@ type answerTooLarge struct {
 }
 
 func (e *answerTooLarge) Error() string { return "answer too large" }
-
-// readError: the answer's body could not be read (the connection broke).
-type readError struct {
-	status int
-	err    error
-}
-
-func (e *readError) Error() string { return "reading the answer failed: " + e.err.Error() }
-func (e *readError) Unwrap() error { return e.err }
 
 // answer turns what x/oauth2 returned into a tokenAnswer or a *tokenError.
 // sentRefresh is the refresh token the request carried ("" for the other
@@ -246,7 +237,7 @@ func (c *tokenClient) classify(err error, body []byte) *tokenError {
 		return &tokenError{failure: failBadAnswer, status: tooLarge.status, cause: errors.New("answer too large")}
 	}
 	var rerr *oauth2.RetrieveError
-	if errors.As(err, &rerr) {
+	if errors.As(err, &rerr) && rerr.Response != nil {
 		code, description := oauthErrorFields(rerr.Body)
 		return classifyTokenError(rerr.Response.StatusCode, rerr.Response.Header.Get("Retry-After"), code, description)
 	}

@@ -41,6 +41,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
 //		replay_body_limit <size> | off
+//		check_credentials on | off
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
@@ -156,6 +157,16 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("replay_body_limit: %q is not a size between 1 byte and 1GiB (e.g. 1MiB, 512KiB) or off", raw)
 			}
 			h.ReplayBodyLimit = int64(size)
+		case "check_credentials":
+			var raw string
+			if err := oneArg(d, &raw); err != nil {
+				return err
+			}
+			if raw != "on" && raw != "off" {
+				return d.Errf("check_credentials: %q is neither on nor off", raw)
+			}
+			check := raw == "on"
+			h.CheckCredentials = &check
 		default:
 			return d.Errf("unrecognized subdirective %q", option)
 		}

@@ -1,7 +1,10 @@
 package fortnox
 
 import (
+	"bytes"
+	"context"
 	"crypto/cipher"
+	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -84,9 +87,28 @@ func FuzzTenantFromToken(f *testing.F) {
 	})
 }
 
-// Token endpoint answers: never a panic; a success comes from a 2xx and has
-// a usable token and a sane lifetime; a failure is classified (5xx and 429
-// as unavailable) and repeats no body.
+// cannedAnswer is a RoundTripper that answers every request the same way
+// without a network, so the fuzzer runs the whole client (x/oauth2 and our
+// checks around it) at full speed.
+type cannedAnswer struct {
+	status   int
+	header   http.Header
+	body     []byte
+	requests int
+}
+
+func (c *cannedAnswer) RoundTrip(r *http.Request) (*http.Response, error) {
+	c.requests++
+	if r.Body != nil {
+		r.Body.Close()
+	}
+	return &http.Response{StatusCode: c.status, Header: c.header.Clone(), Body: io.NopCloser(bytes.NewReader(c.body)), Request: r}, nil
+}
+
+// Token endpoint answers, through x/oauth2: never a panic; one request
+// each; a success comes from a 2xx and has a usable token and a sane
+// lifetime; a failure is classified (5xx and 429 as unavailable) and
+// repeats no body.
 func FuzzParseTokenAnswer(f *testing.F) {
 	for _, seed := range []struct {
 		status int
@@ -98,9 +120,11 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		{200, `{"access_token":"abc","expires_in":1e308}`},
 		{200, `{"access_token":"abc","expires_in":"NaN"}`},
 		{200, `{"access_token":"abc","expires_in":null}`},
+		{200, `{"access_token":"abc","expires_in":99999999999}`},
 		{200, `{"access_token":"","token_type":"bearer"}`},
 		{200, `{"access_token":"a b"}`},
 		{200, `<html></html>`},
+		{200, `access_token=abc&expires_in=3600`},
 		{400, `{"error":"invalid_grant","error_description":"Invalid refresh token"}`},
 		{401, `{"error":"invalid_client","error_description":"The client credentials are invalid"}`},
 		{503, ``},
@@ -108,16 +132,27 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		{302, `{"access_token":"abc"}`},
 		{200, `{"access_token":"abc","error":"x"}`},
 		{400, `{"error":"` + strings.Repeat("x", 500) + `","error_description":"` + strings.Repeat("\x01", 300) + `"}`},
-		// Bodies at the size limit (post reads at most maxTokenAnswer+1 bytes).
+		// Bodies at the size limit (the transport reads at most maxTokenAnswer+1 bytes).
 		{200, `{"access_token":"` + strings.Repeat("a", maxTokenAnswer) + `"}`},
 		{503, `<html>` + strings.Repeat("x", maxTokenAnswer) + `</html>`},
 		{429, strings.Repeat(" ", maxTokenAnswer+1)},
 		{400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", maxTokenAnswer) + `"}`},
 	} {
-		f.Add(seed.status, []byte(seed.body), "120")
+		for _, ct := range []string{"application/json", "text/plain", "text/html"} {
+			f.Add(seed.status, []byte(seed.body), "120", ct)
+		}
 	}
-	f.Fuzz(func(t *testing.T, status int, body []byte, retryAfter string) {
-		a, err := parseTokenAnswer(status, retryAfter, body)
+	f.Fuzz(func(t *testing.T, status int, body []byte, retryAfter, contentType string) {
+		status = 100 + int(uint(status)%900) // what a server can send: three digits
+		canned := &cannedAnswer{status: status, body: body, header: http.Header{}}
+		canned.header.Set("Retry-After", retryAfter)
+		canned.header.Set("Content-Type", contentType)
+		c := newTokenClient("https://apps.fortnox.example/oauth-v1/token")
+		c.transport = canned
+		a, err := c.refresh(context.Background(), credentials{"id", "secret"}, "sent-refresh-token")
+		if canned.requests != 1 {
+			t.Fatalf("%d requests, want 1", canned.requests)
+		}
 		if err != nil {
 			terr, ok := err.(*tokenError)
 			if !ok {
@@ -134,8 +169,9 @@ func FuzzParseTokenAnswer(f *testing.F) {
 			if len(terr.description) > maxDescription+len("…") {
 				t.Fatalf("description of %d bytes", len(terr.description))
 			}
-			_ = terr.Error()
-			_ = terr.advice("1")
+			if text := terr.Error() + terr.advice("1"); len(body) >= 8 && strings.Contains(text, string(body)) {
+				t.Fatalf("error text repeats the body: %s", text)
+			}
 			return
 		}
 		if a.accessToken == "" || strings.ContainsAny(a.accessToken, " \t\r\n") {
@@ -146,6 +182,9 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		}
 		if status < 200 || status > 299 {
 			t.Fatalf("a token from a %d answer", status)
+		}
+		if a.refreshToken == "sent-refresh-token" {
+			t.Fatal("the refresh token sent came back as a new one")
 		}
 	})
 }

@@ -193,6 +193,7 @@ http://127.0.0.1:%d {
 	fortnox {
 		client_id {env.FORTNOX_TEST_CLIENT_ID}
 		client_secret {env.FORTNOX_TEST_CLIENT_SECRET}
+		check_credentials off
 		token_url %s%s
 	}
 	reverse_proxy %s

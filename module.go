@@ -115,6 +115,13 @@ type Handler struct {
 	// are replayed).
 	ReplayBodyLimit int64 `json:"replay_body_limit,omitempty"`
 
+	// Check the client id and secret against the token endpoint shortly
+	// after start (one refresh-grant request with a made-up refresh token,
+	// which mints nothing), once per client id and token URL, and log
+	// clearly when Fortnox rejects them or cannot be reached. Never during
+	// `caddy validate`. Default: on; false turns it off.
+	CheckCredentials *bool `json:"check_credentials,omitempty"`
+
 	tokens          *tokenManager
 	settings        *managerSettings
 	resolver        *tenantResolver
@@ -247,6 +254,9 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// A new manager needs settings at once (background work, admin API);
 	// an existing one gets these when this handler serves its first request.
 	h.tokens.settings.CompareAndSwap(nil, h.settings)
+	if h.CheckCredentials == nil || *h.CheckCredentials {
+		h.tokens.checkCredentialsSoon(h.settings.cred, timeout, h.logger)
+	}
 	return nil
 }
 

@@ -3,24 +3,32 @@ package fortnox
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
+
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
 )
 
 // maxTokenAnswer bounds how much of a token endpoint answer is read. Real
 // answers are about 3 KB; anything near this limit is not a token answer.
+// (x/oauth2 would read up to 1 MiB: the transport below cuts it first.)
 const maxTokenAnswer = 64 << 10
 
 // maxDescription bounds how much of Fortnox's error_description we repeat.
 const maxDescription = 200
 
-// Lifetimes outside these bounds are not believed (see parseTokenAnswer).
+// Lifetimes outside these bounds are not believed (see tokenLifetime).
 const (
 	minTokenLifetime     = time.Second
 	maxTokenLifetime     = 24 * time.Hour
@@ -37,153 +45,254 @@ const (
 // tokenAnswer is a successful token endpoint answer.
 type tokenAnswer struct {
 	accessToken  string
-	refreshToken string // only for the refresh-token and code grants
+	refreshToken string // only for the refresh-token and code grants; "" when Fortnox sent no new one
 	lifetime     time.Duration
 	scope        string
 }
 
-// tokenClient speaks Fortnox's token endpoint protocol. It is written here
-// rather than with golang.org/x/oauth2 because Fortnox needs a TenantId
-// header on client-credentials requests and serves JSON error bodies as
-// text/plain and text/html, which x/oauth2 parses as form data and so loses
-// the error code the fallback logic depends on.
+// tokenClient speaks to Fortnox's token endpoint through golang.org/x/oauth2,
+// with Fortnox's quirks kept around it:
+//   - the client id and secret always go in the Basic header
+//     (AuthStyleInHeader): x/oauth2's auto-detection would send a refused
+//     request again with the secret in the body, which makes a no-consent
+//     answer two requests and spends a single-use refresh token twice;
+//   - client credentials need a TenantId header, set by the transport that
+//     is handed to x/oauth2 in the request's context;
+//   - Fortnox labels JSON answers text/plain or text/html: errors are
+//     classified from the body whatever its label, and the transport tells
+//     x/oauth2 the body is JSON so that it does not parse it as a form;
+//   - answers are bounded at maxTokenAnswer and redirects never followed (a
+//     redirect would carry the client secret elsewhere);
+//   - lifetimes come from the raw expires_in and the plugin's clock, never
+//     from x/oauth2's Expiry (which uses time.Now).
 type tokenClient struct {
 	tokenURL string
-	http     *http.Client
+	// host is the token URL's host[:port], the only part of it that error
+	// texts name.
+	host      string
+	transport http.RoundTripper
 }
 
 func newTokenClient(tokenURL string) *tokenClient {
 	transport := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		MaxIdleConnsPerHost:   16,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   10 * time.Second,
 		ResponseHeaderTimeout: 30 * time.Second,
 		ForceAttemptHTTP2:     true,
 	}
-	return &tokenClient{
-		tokenURL: tokenURL,
-		// Timeouts come from each request's context; no redirects: a token
-		// endpoint that redirects is misconfigured, and following it would
-		// send the client secret somewhere else.
-		http: &http.Client{
-			Transport: transport,
-			CheckRedirect: func(*http.Request, []*http.Request) error {
-				return http.ErrUseLastResponse
-			},
-		},
+	return &tokenClient{tokenURL: tokenURL, host: hostOf(tokenURL), transport: transport}
+}
+
+// hostOf returns the host[:port] of a URL, never its user info, path or query.
+func hostOf(rawURL string) string {
+	if u, err := url.Parse(rawURL); err == nil && u.Host != "" {
+		return u.Host
 	}
+	return "the token endpoint"
 }
 
 // clientCredentials asks for a service-account token for tenant.
 func (c *tokenClient) clientCredentials(ctx context.Context, cred credentials, tenant string) (*tokenAnswer, error) {
-	form := url.Values{"grant_type": {grantClientCredentials}}
-	return c.post(ctx, cred, form, tenant)
+	conf := &clientcredentials.Config{
+		ClientID:     cred.clientID,
+		ClientSecret: cred.clientSecret,
+		TokenURL:     c.tokenURL,
+		AuthStyle:    oauth2.AuthStyleInHeader,
+	}
+	ctx, tr := c.requestContext(ctx, tenant)
+	tok, err := conf.Token(ctx)
+	return c.answer(tr, tok, err, "")
 }
 
-// refresh trades a refresh token for a new access and refresh token.
+// refresh trades a refresh token for a new access and refresh token. The
+// refresh token is sent once, whatever the answer.
 func (c *tokenClient) refresh(ctx context.Context, cred credentials, refreshToken string) (*tokenAnswer, error) {
-	form := url.Values{"grant_type": {grantRefreshToken}, "refresh_token": {refreshToken}}
-	return c.post(ctx, cred, form, "")
+	if refreshToken == "" {
+		// x/oauth2 would refuse it without a request; say so our way.
+		return nil, &tokenError{failure: failNoConsent, code: "invalid_grant", description: "no refresh token to send"}
+	}
+	ctx, tr := c.requestContext(ctx, "")
+	tok, err := c.config(cred, "").TokenSource(ctx, &oauth2.Token{RefreshToken: refreshToken}).Token()
+	return c.answer(tr, tok, err, refreshToken)
 }
 
 // exchangeCode trades an authorization code for tokens.
 func (c *tokenClient) exchangeCode(ctx context.Context, cred credentials, code, redirectURI string) (*tokenAnswer, error) {
-	form := url.Values{"grant_type": {grantAuthorizationCode}, "code": {code}, "redirect_uri": {redirectURI}}
-	return c.post(ctx, cred, form, "")
+	ctx, tr := c.requestContext(ctx, "")
+	tok, err := c.config(cred, redirectURI).Exchange(ctx, code)
+	return c.answer(tr, tok, err, "")
 }
 
-func (c *tokenClient) post(ctx context.Context, cred credentials, form url.Values, tenant string) (*tokenAnswer, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.tokenURL, strings.NewReader(form.Encode()))
-	if err != nil {
-		return nil, &tokenError{failure: failBadAnswer, cause: errors.New("token_url is not usable")}
+func (c *tokenClient) config(cred credentials, redirectURI string) *oauth2.Config {
+	return &oauth2.Config{
+		ClientID:     cred.clientID,
+		ClientSecret: cred.clientSecret,
+		Endpoint:     oauth2.Endpoint{TokenURL: c.tokenURL, AuthStyle: oauth2.AuthStyleInHeader},
+		RedirectURL:  redirectURI,
 	}
-	req.SetBasicAuth(cred.clientID, cred.clientSecret)
-	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+}
+
+// requestContext hands x/oauth2 the HTTP client of one token request: the
+// shared transport wrapped with Fortnox's headers and the answer bound, and
+// no redirects. The wrapper is returned too: it keeps the answer it read.
+func (c *tokenClient) requestContext(ctx context.Context, tenant string) (context.Context, *fortnoxTransport) {
+	tr := &fortnoxTransport{base: c.transport, tenant: tenant}
+	client := &http.Client{
+		Transport: tr,
+		CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse
+		},
+	}
+	return context.WithValue(ctx, oauth2.HTTPClient, client), tr
+}
+
+// fortnoxTransport adds Fortnox's headers to a token request and reads the
+// answer itself, bounded, before x/oauth2 sees it.
+type fortnoxTransport struct {
+	base   http.RoundTripper
+	tenant string // the TenantId header; "" for the refresh and code grants
+	// body is the answer read, for explaining an unusable 2xx answer (it
+	// may hold a token: it is never printed).
+	body []byte
+}
+
+func (t *fortnoxTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	req = req.Clone(req.Context()) // a RoundTripper must not change the caller's request
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", "caddy-fortnox")
-	if tenant != "" {
-		req.Header.Set("TenantId", tenant)
+	if t.tenant != "" {
+		req.Header.Set("TenantId", t.tenant)
 	}
-	resp, err := c.http.Do(req)
+	resp, err := t.base.RoundTrip(req)
 	if err != nil {
-		// The url.Error text names the token URL, never the form body.
-		return nil, &tokenError{failure: failUnavailable, cause: transportCause(err)}
+		return nil, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTokenAnswer+1))
 	if err != nil {
-		return nil, &tokenError{failure: failUnavailable, status: resp.StatusCode, cause: errors.New("reading the answer failed")}
+		return nil, err // the connection broke or timed out mid-answer
 	}
-	return parseTokenAnswer(resp.StatusCode, resp.Header.Get("Retry-After"), body)
-}
-
-// transportCause reduces a client error to its kind, without the request.
-func transportCause(err error) error {
-	var uerr *url.Error
-	if errors.As(err, &uerr) {
-		if uerr.Timeout() {
-			return errors.New("timed out")
-		}
-		return uerr.Err
-	}
-	return err
-}
-
-// oauthAnswer is the JSON of a token endpoint answer, success or error.
-type oauthAnswer struct {
-	AccessToken      string          `json:"access_token"`
-	RefreshToken     string          `json:"refresh_token"`
-	TokenType        string          `json:"token_type"`
-	ExpiresIn        json.RawMessage `json:"expires_in"`
-	Scope            string          `json:"scope"`
-	Error            string          `json:"error"`
-	ErrorDescription string          `json:"error_description"`
-}
-
-// parseTokenAnswer reads a token endpoint answer. Fortnox serves JSON under
-// whatever Content-Type, so the body is parsed as JSON regardless; when it is
-// not JSON the status alone decides.
-func parseTokenAnswer(status int, retryAfter string, body []byte) (*tokenAnswer, error) {
 	if len(body) > maxTokenAnswer {
-		if status == http.StatusTooManyRequests || status >= 500 {
-			// Not read, but a big error page from a proxy in front is
-			// still "try later" (503 and Retry-After for the app).
-			return nil, classifyTokenError(status, retryAfter, "", "")
-		}
-		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("answer too large")}
+		return nil, &answerTooLarge{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
 	}
-	var a oauthAnswer
-	jsonErr := json.Unmarshal(bytes.TrimSpace(body), &a)
-	if status < 200 || status > 299 || a.Error != "" {
-		return nil, classifyTokenError(status, retryAfter, a.Error, a.ErrorDescription)
+	t.body = body
+	resp.Body = io.NopCloser(bytes.NewReader(body))
+	resp.ContentLength = int64(len(body))
+	// Fortnox's answers are JSON whatever their label; x/oauth2 would parse
+	// a text/plain one as a form and lose every field.
+	resp.Header.Set("Content-Type", "application/json")
+	return resp, nil
+}
+
+// answerTooLarge: the answer passed maxTokenAnswer and was not read.
+type answerTooLarge struct {
+	status     int
+	retryAfter string
+}
+
+func (e *answerTooLarge) Error() string { return "answer too large" }
+
+// answer turns what x/oauth2 returned into a tokenAnswer or a *tokenError.
+// sentRefresh is the refresh token the request carried ("" for the other
+// grants): x/oauth2 copies it into an answer that has none.
+func (c *tokenClient) answer(tr *fortnoxTransport, tok *oauth2.Token, err error, sentRefresh string) (*tokenAnswer, error) {
+	if err != nil {
+		return nil, c.classify(err, tr.body)
 	}
-	if jsonErr != nil {
-		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("answer is not JSON")}
+	if tok.TokenType != "" && !strings.EqualFold(tok.TokenType, "bearer") {
+		return nil, &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New("token_type is not bearer")}
 	}
-	if a.AccessToken == "" {
-		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("answer has no access_token")}
+	if strings.ContainsAny(tok.AccessToken, " \t\r\n") {
+		return nil, &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New("access_token is not a single word")}
 	}
-	if a.TokenType != "" && !strings.EqualFold(a.TokenType, "bearer") {
-		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("token_type is not bearer")}
+	refreshToken := tok.RefreshToken
+	if refreshToken == sentRefresh {
+		refreshToken = "" // no new refresh token: x/oauth2 echoed the one sent
 	}
-	if strings.ContainsAny(a.AccessToken, " \t\r\n") {
-		return nil, &tokenError{failure: failBadAnswer, status: status, cause: errors.New("access_token is not a single word")}
-	}
+	scope, _ := tok.Extra("scope").(string)
 	return &tokenAnswer{
-		accessToken:  a.AccessToken,
-		refreshToken: a.RefreshToken,
-		lifetime:     tokenLifetime(a.ExpiresIn, a.AccessToken),
-		scope:        a.Scope,
+		accessToken:  tok.AccessToken,
+		refreshToken: refreshToken,
+		lifetime:     tokenLifetime(tok.Extra("expires_in"), tok.AccessToken),
+		scope:        scope,
 	}, nil
 }
 
-// tokenLifetime believes expires_in when it is sane (a number or a numeric
-// string between a second and a day). Otherwise it reads exp-iat from the
-// JWT, and failing that assumes Fortnox's documented hour; a day at most, so
-// a wrong answer cannot pin a dead token in the cache.
-func tokenLifetime(raw json.RawMessage, accessToken string) time.Duration {
-	if secs, ok := parseSeconds(raw); ok {
+// classify turns an x/oauth2 error into a *tokenError. It never repeats the
+// answer's body (which may hold a token) nor the token URL's path or query.
+// body is the answer as read, when there was one.
+func (c *tokenClient) classify(err error, body []byte) *tokenError {
+	var tooLarge *answerTooLarge
+	if errors.As(err, &tooLarge) {
+		if tooLarge.status == http.StatusTooManyRequests || tooLarge.status >= 500 {
+			// Not read, but a big error page from a proxy in front is
+			// still "try later" (503 and Retry-After for the app).
+			return classifyTokenError(tooLarge.status, tooLarge.retryAfter, "", "")
+		}
+		// A 4xx is not read either, so it cannot say invalid_grant and
+		// must not mark a refresh token dead.
+		return &tokenError{failure: failBadAnswer, status: tooLarge.status, cause: errors.New("answer too large")}
+	}
+	var rerr *oauth2.RetrieveError
+	if errors.As(err, &rerr) && rerr.Response != nil {
+		code, description := oauthErrorFields(rerr.Body)
+		return classifyTokenError(rerr.Response.StatusCode, rerr.Response.Header.Get("Retry-After"), code, description)
+	}
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		return &tokenError{failure: failUnavailable, cause: classifyTransport(uerr.Err, c.host)}
+	}
+	// x/oauth2 read a 2xx answer but found no token in it.
+	return &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New(unusableAnswer(body))}
+}
+
+// oauthErrorFields reads the OAuth error fields of an answer body as JSON,
+// whatever its Content-Type said; a body that is not JSON has none.
+func oauthErrorFields(body []byte) (code, description string) {
+	var e struct {
+		Error            string `json:"error"`
+		ErrorDescription string `json:"error_description"`
+	}
+	_ = json.Unmarshal(bytes.TrimSpace(body), &e)
+	return e.Error, e.ErrorDescription
+}
+
+// unusableAnswer names what is wrong with a 2xx answer that x/oauth2
+// refused, without repeating any of it.
+func unusableAnswer(body []byte) string {
+	var a struct {
+		AccessToken json.RawMessage `json:"access_token"`
+		ExpiresIn   json.RawMessage `json:"expires_in"`
+	}
+	if err := json.Unmarshal(bytes.TrimSpace(body), &a); err != nil {
+		return "answer is not a JSON object"
+	}
+	var access string
+	if err := json.Unmarshal(a.AccessToken, &access); err != nil || access == "" {
+		return "answer has no access_token"
+	}
+	var secs json.Number
+	if len(a.ExpiresIn) > 0 && string(a.ExpiresIn) != "null" {
+		if err := json.Unmarshal(a.ExpiresIn, &secs); err != nil {
+			return "expires_in is not a number"
+		}
+		if _, err := secs.Int64(); err != nil {
+			return "expires_in is not a whole number of seconds"
+		}
+	}
+	return "answer is not a usable token answer"
+}
+
+// tokenLifetime believes expires_in when it is sane (a whole number of
+// seconds, or such a numeric string, between a second and a day). Otherwise
+// it reads exp-iat from the JWT, and failing that assumes Fortnox's
+// documented hour; a day at most, so a wrong answer cannot pin a dead token
+// in the cache. expiresIn is the raw JSON value (float64, string or nil).
+func tokenLifetime(expiresIn any, accessToken string) time.Duration {
+	if secs, ok := seconds(expiresIn); ok {
 		if d := time.Duration(secs * float64(time.Second)); d >= minTokenLifetime && d <= maxTokenLifetime {
 			return d
 		}
@@ -196,16 +305,19 @@ func tokenLifetime(raw json.RawMessage, accessToken string) time.Duration {
 	return defaultTokenLifetime
 }
 
-func parseSeconds(raw json.RawMessage) (float64, bool) {
-	s := strings.Trim(string(raw), `"`)
-	if s == "" {
+func seconds(v any) (float64, bool) {
+	switch v := v.(type) {
+	case float64:
+		return v, true
+	case string:
+		f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil || f != f { // NaN
+			return 0, false
+		}
+		return f, true
+	default:
 		return 0, false
 	}
-	f, err := strconv.ParseFloat(s, 64)
-	if err != nil || f != f { // NaN
-		return 0, false
-	}
-	return f, true
 }
 
 // classifyTokenError turns a failed answer into what it means for the app.
@@ -213,7 +325,7 @@ func parseSeconds(raw json.RawMessage) (float64, bool) {
 // credentials (Fortnox's exact answer is unknown); the refresh-token path
 // reads invalid_grant out of the same error.
 func classifyTokenError(status int, retryAfter, code, description string) *tokenError {
-	e := &tokenError{status: status, code: code, description: cutDescription(description)}
+	e := &tokenError{status: status, code: cutDescription(code), description: cutDescription(description)}
 	switch {
 	case code == "invalid_client":
 		e.failure = failBadClient
@@ -251,4 +363,141 @@ func parseRetryAfter(v string) (time.Duration, bool) {
 		return 0, false
 	}
 	return min(time.Duration(secs)*time.Second, time.Hour), true
+}
+
+// transportCause reduces an HTTP client error to its class (see
+// classifyTransport), naming only the host it tried to reach.
+func transportCause(err error) error {
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		return classifyTransport(uerr.Err, hostOf(uerr.URL))
+	}
+	return classifyTransport(err, "")
+}
+
+// transportKind is why a request got no HTTP answer.
+type transportKind int
+
+const (
+	transportOther transportKind = iota
+	transportDNS
+	transportRefused
+	transportTimeout
+	transportTLS
+	transportClosed
+	transportCancelled
+)
+
+// transportError is a request that got no HTTP answer, reduced to its
+// class and the host it tried. Its text holds no URL, token or secret.
+type transportError struct {
+	kind transportKind
+	// host is host[:port] of the URL (or the name that did not resolve).
+	host string
+	// detail is a short, safe reason (a DNS or TLS error text), or "".
+	detail string
+}
+
+func (e *transportError) Error() string {
+	host := e.host
+	if host == "" {
+		host = "the server"
+	}
+	switch e.kind {
+	case transportDNS:
+		if e.detail == "" {
+			return "DNS failure: the name " + host + " does not resolve"
+		}
+		return "DNS failure: looking up " + host + " failed (" + e.detail + ")"
+	case transportRefused:
+		return "connection refused by " + host
+	case transportTimeout:
+		return "timed out waiting for " + host
+	case transportTLS:
+		return "TLS failure with " + host + ": " + e.detail
+	case transportClosed:
+		return "the connection to " + host + " closed without an answer"
+	case transportCancelled:
+		return "the request to " + host + " was cancelled"
+	default:
+		if e.detail == "" {
+			return "could not reach " + host
+		}
+		return "could not reach " + host + ": " + e.detail
+	}
+}
+
+// classifyTransport sorts a transport error (the Err of a url.Error) into
+// DNS failure, connection refused, timeout, TLS failure, a connection
+// closed without an answer, or cancellation. host is host[:port] of the
+// request's URL.
+func classifyTransport(err error, host string) *transportError {
+	var dnsErr *net.DNSError
+	if errors.As(err, &dnsErr) {
+		name := dnsErr.Name
+		if name == "" {
+			name = host
+		}
+		if dnsErr.IsNotFound {
+			return &transportError{kind: transportDNS, host: name}
+		}
+		return &transportError{kind: transportDNS, host: name, detail: dnsErr.Err}
+	}
+	if detail, ok := tlsFailure(err); ok {
+		return &transportError{kind: transportTLS, host: host, detail: detail}
+	}
+	if errors.Is(err, syscall.ECONNREFUSED) {
+		return &transportError{kind: transportRefused, host: host}
+	}
+	var netErr net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
+		return &transportError{kind: transportTimeout, host: host}
+	}
+	if errors.Is(err, context.Canceled) {
+		return &transportError{kind: transportCancelled, host: host}
+	}
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
+		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) {
+		return &transportError{kind: transportClosed, host: host}
+	}
+	var opErr *net.OpError
+	if errors.As(err, &opErr) && opErr.Err != nil {
+		return &transportError{kind: transportOther, host: host, detail: opErr.Err.Error()}
+	}
+	return &transportError{kind: transportOther, host: host, detail: cutDescription(err.Error())}
+}
+
+// tlsFailure reports whether err is a TLS handshake or certificate failure,
+// with a short reason.
+func tlsFailure(err error) (string, bool) {
+	var (
+		verifyErr    *tls.CertificateVerificationError
+		unknownCA    x509.UnknownAuthorityError
+		hostnameErr  x509.HostnameError
+		invalidErr   x509.CertificateInvalidError
+		recordErr    tls.RecordHeaderError
+		alertErr     tls.AlertError
+		systemRoots  x509.SystemRootsError
+		constraintEr x509.ConstraintViolationError
+	)
+	switch {
+	case errors.As(err, &verifyErr):
+		return "the certificate is not trusted: " + verifyErr.Err.Error(), true
+	case errors.As(err, &unknownCA):
+		return "the certificate is not trusted: " + unknownCA.Error(), true
+	case errors.As(err, &hostnameErr):
+		return hostnameErr.Error(), true
+	case errors.As(err, &invalidErr):
+		return invalidErr.Error(), true
+	case errors.As(err, &systemRoots):
+		return systemRoots.Error(), true
+	case errors.As(err, &constraintEr):
+		return constraintEr.Error(), true
+	case errors.As(err, &recordErr), strings.Contains(err.Error(), "server gave HTTP response to HTTPS client"):
+		// The second is net/http's untyped error for the same mistake.
+		return "the server does not speak TLS (is the URL https:// for an http:// server?)", true
+	case errors.As(err, &alertErr):
+		return "the server refused the handshake (" + alertErr.Error() + ")", true
+	}
+	return "", false
 }

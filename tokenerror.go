@@ -1,6 +1,7 @@
 package fortnox
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"net/http"
@@ -194,7 +195,51 @@ func (e *tokenError) advice(tenant string) string {
 		}
 		return msg + ". Nothing stored was changed; fix the storage or the encryption_key and retry."
 	default:
-		return "Fortnox's token endpoint could not be reached or is failing, and no valid token is cached for tenant " + tenant + ". Retry after the number of seconds in Retry-After."
+		return "Fortnox's token endpoint " + e.unavailableReason() + ", and no valid token is cached for tenant " + tenant + ". " +
+			e.unavailableHint() + "Retry after the number of seconds in Retry-After."
+	}
+}
+
+// unavailableReason names why the token endpoint is unavailable: the HTTP
+// status it answered, or the class of transport failure (DNS, connection
+// refused, timeout, TLS). It names a host at most, never a URL.
+func (e *tokenError) unavailableReason() string {
+	var te *transportError
+	switch {
+	case e.status == http.StatusTooManyRequests:
+		return "answered HTTP 429 (too many requests)"
+	case e.status != 0:
+		return fmt.Sprintf("answered HTTP %d", e.status)
+	case errors.As(e.cause, &te):
+		return "could not be reached (" + te.Error() + ")"
+	default:
+		return "could not be reached or is failing"
+	}
+}
+
+// unavailableHint says what the operator can check, for the failures that
+// are not Fortnox's own.
+func (e *tokenError) unavailableHint() string {
+	var te *transportError
+	switch {
+	case e.status == http.StatusTooManyRequests:
+		return "Fortnox is limiting token requests. "
+	case e.status != 0:
+		return "This is on Fortnox's side (or a proxy in front of it). "
+	case !errors.As(e.cause, &te):
+		return ""
+	}
+	switch te.kind {
+	case transportDNS:
+		return "Check token_url and this host's DNS resolver. "
+	case transportRefused:
+		return "Check token_url, and that nothing between this host and Fortnox blocks the port. "
+	case transportTimeout:
+		return "Check the network path (firewall, HTTP proxy), or raise token_timeout. "
+	case transportTLS:
+		return "Check token_url, the system's CA certificates and any TLS-inspecting proxy. "
+	default:
+		return ""
 	}
 }
 

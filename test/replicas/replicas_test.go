@@ -137,6 +137,7 @@ http://127.0.0.1:%d {
 		token_url %s
 		refresh_before 2s
 		rate_limit off
+		check_credentials off
 	}
 	reverse_proxy %s
 }

@@ -20,14 +20,19 @@ func init() {
 }
 
 // adminAPI is the `admin.api.fortnox` module: routes on Caddy's admin
-// endpoint to see tenants, import refresh tokens and drop tokens.
+// endpoint to see tenants, hand over refresh tokens and drop tokens.
 //
 //	GET    /fortnox/tenants
-//	PUT    /fortnox/tenants/{tenant}/refresh_token   {"refresh_token":"…"}
-//	POST   /fortnox/refresh_tokens                    {"refresh_token":"…"}
+//	PUT    /fortnox/tenants/{tenant}/refresh_token                  {"refresh_token":"…"}
 //	DELETE /fortnox/tenants/{tenant}/token
+//	PUT    /fortnox/tenants/{tenant}/accounts/{name}/refresh_token  {"refresh_token":"…"}
+//	DELETE /fortnox/tenants/{tenant}/accounts/{name}[?revoke=true]
+//	POST   /fortnox/refresh_tokens                                   {"refresh_token":"…"}
+//	GET    /fortnox/quarantine
+//	DELETE /fortnox/quarantine/{id}
 //
-// With more than one client id loaded, ?client_id= picks one.
+// With more than one client id loaded, ?client_id= picks one. Errors are
+// JSON {"error":"<code>","message":"…"}; no answer ever holds a token.
 type adminAPI struct{}
 
 // CaddyModule returns the Caddy module information.
@@ -40,36 +45,90 @@ func (adminAPI) CaddyModule() caddy.ModuleInfo {
 
 // Routes returns the admin routes.
 func (a adminAPI) Routes() []caddy.AdminRoute {
-	return []caddy.AdminRoute{{Pattern: "/fortnox/", Handler: caddy.AdminHandlerFunc(a.serve)}}
+	return []caddy.AdminRoute{{Pattern: "/fortnox/", Handler: caddy.AdminHandlerFunc(a.serveHTTP)}}
 }
 
 // maxAdminBody bounds admin request bodies.
 const maxAdminBody = 64 << 10
 
-func apiError(status int, format string, args ...any) error {
-	return caddy.APIError{HTTPStatus: status, Err: fmt.Errorf(format, args...)}
+// maxRefreshTokenLength: Fortnox's refresh tokens are 40 characters; one
+// far longer than that is not a refresh token.
+const maxRefreshTokenLength = 1024
+
+// adminError is an admin API answer other than success.
+type adminError struct {
+	status     int
+	code       string
+	message    string
+	retryAfter time.Duration
+}
+
+func (e *adminError) Error() string { return e.message }
+
+func apiError(status int, code, format string, args ...any) error {
+	return &adminError{status: status, code: code, message: fmt.Sprintf(format, args...)}
+}
+
+// serveHTTP writes an adminError as the plugin's JSON error answer; other
+// errors go to Caddy's admin server.
+func (a adminAPI) serveHTTP(w http.ResponseWriter, r *http.Request) error {
+	err := a.serve(w, r)
+	var ae *adminError
+	if errors.As(err, &ae) {
+		writeJSONError(w, ae.status, ae.code, ae.message, ae.retryAfter)
+		return nil
+	}
+	return err
+}
+
+// adminRoute is a parsed admin request path.
+type adminRoute struct {
+	name    string
+	method  string
+	tenant  string
+	account string
+	id      string
+}
+
+func parseAdminRoute(path string) (adminRoute, bool) {
+	parts := strings.Split(strings.Trim(strings.TrimPrefix(path, "/fortnox/"), "/"), "/")
+	switch {
+	case len(parts) == 1 && parts[0] == "tenants":
+		return adminRoute{name: "tenants", method: http.MethodGet}, true
+	case len(parts) == 1 && parts[0] == "refresh_tokens":
+		return adminRoute{name: "import", method: http.MethodPost}, true
+	case len(parts) == 1 && parts[0] == "quarantine":
+		return adminRoute{name: "quarantine", method: http.MethodGet}, true
+	case len(parts) == 2 && parts[0] == "quarantine":
+		return adminRoute{name: "quarantine_entry", method: http.MethodDelete, id: parts[1]}, true
+	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "refresh_token":
+		return adminRoute{name: "refresh_token", method: http.MethodPut, tenant: parts[1]}, true
+	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "token":
+		return adminRoute{name: "token", method: http.MethodDelete, tenant: parts[1]}, true
+	case len(parts) == 5 && parts[0] == "tenants" && parts[2] == "accounts" && parts[4] == "refresh_token":
+		return adminRoute{name: "refresh_token", method: http.MethodPut, tenant: parts[1], account: parts[3]}, true
+	case len(parts) == 4 && parts[0] == "tenants" && parts[2] == "accounts":
+		return adminRoute{name: "account", method: http.MethodDelete, tenant: parts[1], account: parts[3]}, true
+	}
+	return adminRoute{}, false
 }
 
 func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
-	parts := strings.Split(strings.Trim(strings.TrimPrefix(r.URL.Path, "/fortnox/"), "/"), "/")
-	route := ""
-	switch {
-	case len(parts) == 1 && parts[0] == "tenants":
-		route = "tenants"
-	case len(parts) == 1 && parts[0] == "refresh_tokens":
-		route = "refresh_tokens"
-	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "refresh_token":
-		route = "tenant_refresh_token"
-	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "token":
-		route = "tenant_token"
-	default:
-		return apiError(http.StatusNotFound, "no such route: %s (see GET /fortnox/tenants)", r.URL.Path)
+	route, ok := parseAdminRoute(r.URL.Path)
+	if !ok {
+		return apiError(http.StatusNotFound, "no_such_route", "no such route: %s (see GET /fortnox/tenants)", r.URL.Path)
 	}
-	wantMethod := map[string]string{"tenants": http.MethodGet, "refresh_tokens": http.MethodPost,
-		"tenant_refresh_token": http.MethodPut, "tenant_token": http.MethodDelete}[route]
-	if r.Method != wantMethod {
-		w.Header().Set("Allow", wantMethod)
-		return apiError(http.StatusMethodNotAllowed, "%s %s: use %s", r.Method, r.URL.Path, wantMethod)
+	if r.Method != route.method {
+		w.Header().Set("Allow", route.method)
+		return apiError(http.StatusMethodNotAllowed, "method_not_allowed", "%s %s: use %s", r.Method, r.URL.Path, route.method)
+	}
+	if route.tenant != "" && !validTenantID(route.tenant) {
+		return apiError(http.StatusBadRequest, "invalid_tenant", "%q is not a TenantId (digits, no leading zero)", route.tenant)
+	}
+	if route.name == "account" || (route.name == "refresh_token" && route.account != "") {
+		if !validAccountName(route.account) {
+			return apiError(http.StatusBadRequest, "invalid_account", "%q is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only", route.account)
+		}
 	}
 	m, err := pickManager(r.URL.Query().Get("client_id"))
 	if err != nil {
@@ -77,14 +136,31 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), lockBudget+time.Minute)
 	defer cancel()
-	switch route {
+	subj := subject{tenant: route.tenant, account: route.account}
+	switch route.name {
 	case "tenants":
 		infos, err := m.tenantsInfo(ctx)
 		if err != nil {
-			return apiError(http.StatusInternalServerError, "listing tenants: %v", err)
+			return apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing tenants: %v", err)
 		}
 		return writeAdminJSON(w, http.StatusOK, infos)
-	case "refresh_tokens":
+	case "quarantine":
+		rs, err := m.records()
+		if err != nil {
+			return err
+		}
+		list, err := m.listQuarantine(ctx, rs)
+		if err != nil {
+			return apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing the quarantine: %v", err)
+		}
+		return writeAdminJSON(w, http.StatusOK, list)
+	case "quarantine_entry":
+		if err := m.deleteQuarantine(ctx, route.id); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	case "import":
 		rt, err := readRefreshToken(r)
 		if err != nil {
 			return err
@@ -94,26 +170,24 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return err
 		}
 		return writeAdminJSON(w, http.StatusOK, map[string]string{"tenant": tenant})
-	case "tenant_refresh_token":
-		tenant := parts[1]
-		if !validTenantID(tenant) {
-			return apiError(http.StatusBadRequest, "%q is not a TenantId (digits, no leading zero)", tenant)
-		}
+	case "refresh_token":
 		rt, err := readRefreshToken(r)
 		if err != nil {
 			return err
 		}
-		if err := m.putRefreshToken(ctx, tenant, rt); err != nil {
+		if err := m.handOver(ctx, subj, rt); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
 		return nil
-	default: // tenant_token
-		tenant := parts[1]
-		if !validTenantID(tenant) {
-			return apiError(http.StatusBadRequest, "%q is not a TenantId (digits, no leading zero)", tenant)
+	case "account":
+		if err := m.deleteAccount(ctx, subj, r.URL.Query().Get("revoke") == "true"); err != nil {
+			return err
 		}
-		if err := m.dropToken(ctx, tenant); err != nil {
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	default: // token
+		if err := m.dropToken(ctx, route.tenant); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -130,7 +204,7 @@ func pickManager(clientID string) (*tokenManager, error) {
 		return true
 	})
 	if len(all) == 0 {
-		return nil, apiError(http.StatusNotFound, "no fortnox handler is loaded")
+		return nil, apiError(http.StatusNotFound, "no_handler", "no fortnox handler is loaded")
 	}
 	if clientID == "" {
 		if len(all) > 1 {
@@ -139,7 +213,7 @@ func pickManager(clientID string) (*tokenManager, error) {
 				ids[i] = m.clientID
 			}
 			sort.Strings(ids)
-			return nil, apiError(http.StatusBadRequest, "more than one client id is loaded (%s): add ?client_id=", strings.Join(ids, ", "))
+			return nil, apiError(http.StatusBadRequest, "client_id_required", "more than one client id is loaded (%s): add ?client_id=", strings.Join(ids, ", "))
 		}
 		return all[0], nil
 	}
@@ -148,17 +222,19 @@ func pickManager(clientID string) (*tokenManager, error) {
 			return m, nil
 		}
 	}
-	return nil, apiError(http.StatusNotFound, "no fortnox handler with client id %q is loaded", clientID)
+	return nil, apiError(http.StatusNotFound, "no_handler", "no fortnox handler with client id %q is loaded", clientID)
 }
 
-// readRefreshToken reads {"refresh_token":"…"} from an admin request.
+// readRefreshToken reads {"refresh_token":"…"} from an admin request:
+// exactly one JSON object, nothing after it, and a token that is one word
+// of printable characters no longer than any Fortnox refresh token.
 func readRefreshToken(r *http.Request) (string, error) {
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxAdminBody+1))
 	if err != nil {
-		return "", apiError(http.StatusBadRequest, "reading the body failed")
+		return "", apiError(http.StatusBadRequest, "bad_body", "reading the body failed")
 	}
 	if len(body) > maxAdminBody {
-		return "", apiError(http.StatusRequestEntityTooLarge, "the body is larger than %d bytes", maxAdminBody)
+		return "", apiError(http.StatusRequestEntityTooLarge, "body_too_large", "the body is larger than %d bytes", maxAdminBody)
 	}
 	var in struct {
 		RefreshToken *string `json:"refresh_token"`
@@ -166,14 +242,22 @@ func readRefreshToken(r *http.Request) (string, error) {
 	dec := json.NewDecoder(strings.NewReader(string(body)))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&in); err != nil {
-		return "", apiError(http.StatusBadRequest, `the body must be JSON: {"refresh_token":"…"}`)
+		return "", apiError(http.StatusBadRequest, "bad_body", `the body must be JSON: {"refresh_token":"…"}`)
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return "", apiError(http.StatusBadRequest, "bad_body", `the body must be one JSON object, {"refresh_token":"…"}, with nothing after it`)
 	}
 	if in.RefreshToken == nil || strings.TrimSpace(*in.RefreshToken) == "" {
-		return "", apiError(http.StatusBadRequest, `refresh_token is missing or empty: send {"refresh_token":"…"}`)
+		return "", apiError(http.StatusBadRequest, "bad_body", `refresh_token is missing or empty: send {"refresh_token":"…"}`)
 	}
 	rt := strings.TrimSpace(*in.RefreshToken)
-	if len(rt) > 4096 || strings.ContainsAny(rt, " \t\r\n") {
-		return "", apiError(http.StatusBadRequest, "refresh_token is not a refresh token (one word, at most 4096 characters)")
+	if len(rt) > maxRefreshTokenLength {
+		return "", apiError(http.StatusBadRequest, "bad_refresh_token", "refresh_token is %d characters long: Fortnox's refresh tokens are 40, so this is not one", len(rt))
+	}
+	for i := 0; i < len(rt); i++ {
+		if c := rt[i]; c <= ' ' || c >= 0x7f {
+			return "", apiError(http.StatusBadRequest, "bad_refresh_token", "refresh_token holds a space, a control character or a non-ASCII byte (at %d): it is not a refresh token", i)
+		}
 	}
 	return rt, nil
 }
@@ -190,47 +274,166 @@ func writeAdminJSON(w http.ResponseWriter, status int, v any) error {
 func (m *tokenManager) records() (*recordStore, error) {
 	s := m.settings.Load()
 	if s == nil || s.records == nil {
-		return nil, apiError(http.StatusServiceUnavailable, "the token store is not ready")
+		return nil, apiError(http.StatusServiceUnavailable, "not_ready", "the token store is not ready")
 	}
 	return s.records, nil
 }
 
-// putRefreshToken stores a refresh token as the tenant's fallback. A
-// record this process cannot read (another encryption key) is not
-// overwritten.
-func (m *tokenManager) putRefreshToken(ctx context.Context, tenant, refreshToken string) error {
+// adminStoreError answers a store failure without changing anything.
+func adminStoreError(what string, err error) error {
+	switch {
+	case errors.Is(err, errRecordMisplaced):
+		return apiError(http.StatusConflict, "tenant_mismatch", "%v; nothing was changed", err)
+	case errors.Is(err, errRecordUnreadable):
+		return apiError(http.StatusConflict, "record_unreadable", "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
+	}
+	return apiError(http.StatusInternalServerError, "token_storage_unavailable", "%s: %v", what, err)
+}
+
+// adminTokenError answers a failed refresh of a handed-over token.
+func adminTokenError(subj subject, terr *tokenError) error {
+	switch terr.failure {
+	case failNoConsent, failGrantRejected:
+		return apiError(http.StatusBadRequest, "refresh_token_rejected", "Fortnox rejected the refresh token (%s): it was used already, revoked or has expired; nothing was stored. The customer must authorize again", terr.Error())
+	case failTenantMismatch, failUserMismatch:
+		return apiError(http.StatusConflict, terr.errorCode(), "%s", terr.advice(subj.tenant))
+	case failUnavailable:
+		retry := time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
+		return &adminError{status: http.StatusServiceUnavailable, code: terr.errorCode(), retryAfter: retry,
+			message: "Fortnox did not answer the refresh (" + terr.Error() + "). If the request reached Fortnox, its answer was stored; otherwise the refresh token was not used. Check GET /fortnox/tenants, and retry with the same token if it is not there."}
+	}
+	return apiError(terr.httpStatus(), terr.errorCode(), "%s: %s", terr.Error(), terr.advice(subj.tenant))
+}
+
+// handOver spends a refresh token once to learn whose it is, and stores
+// the new one under subj when the new access token names subj's tenant
+// (and, for a named account bound to a user, that user). A token that is
+// another tenant's is never stored under subj: its new refresh token goes
+// to its own tenant when that tenant has none, and to quarantine
+// otherwise. Once the token is sent, nothing cancels the exchange: not the
+// admin client leaving, not a reload. The answer is stored first.
+func (m *tokenManager) handOver(ctx context.Context, subj subject, refreshToken string) error {
 	rs, err := m.records()
 	if err != nil {
 		return err
 	}
-	err = rs.withLock(ctx, tenant, func() error {
-		rec, err := rs.loadOrNew(ctx, tenant)
+	s := m.settings.Load()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+refreshCallLimit+time.Minute)
+	defer cancel()
+	var kept keptAnswer
+	err = rs.withLock(ctx, subj, func() error {
+		// A record that cannot be read or belongs elsewhere is not
+		// touched, so the token is not spent either.
+		rec, err := rs.loadOrNew(ctx, subj)
 		if err != nil {
 			return err
 		}
-		rec.RefreshToken = refreshToken
-		rec.RejectedAt = time.Time{}
-		return rs.saveHard(ctx, rec)
+		answer, took, err := m.spendRefreshToken(s, refreshToken)
+		if err != nil {
+			terr := asTokenError(err)
+			metricsTokenRequest(grantRefreshToken, terr.errorCode(), took)
+			kept.failure = adminTokenError(subj, terr)
+			return nil
+		}
+		metricsTokenRequest(grantRefreshToken, "ok", took)
+		kept = m.keepAnswerFor(ctx, s, subj, rec, answer)
+		return nil
 	})
-	if errors.Is(err, errRecordUnreadable) {
-		return apiError(http.StatusConflict, "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
-	}
 	if err != nil {
-		return apiError(http.StatusInternalServerError, "storing the refresh token: %v", err)
+		return adminStoreError("storing the refresh token", err)
 	}
-	m.tenantRecovered(tenant)
-	m.logger().Info("refresh token stored through the admin API", zap.String("tenant", tenant))
+	return m.finishHandOver(s, subj, kept, "through the admin API")
+}
+
+// storeAnswer stores a code exchange's answer under subj, as handOver
+// stores a refresh answer: only when it is subj's. The code is spent, so
+// the answer is never lost: a record that cannot be written to goes to
+// quarantine.
+func (m *tokenManager) storeAnswer(ctx context.Context, subj subject, answer *tokenAnswer) error {
+	rs, err := m.records()
+	if err != nil {
+		return err
+	}
+	s := m.settings.Load()
+	var kept keptAnswer
+	err = rs.withLock(ctx, subj, func() error {
+		rec, err := rs.loadOrNew(ctx, subj)
+		if err != nil {
+			return err
+		}
+		kept = m.keepAnswerFor(ctx, s, subj, rec, answer)
+		return nil
+	})
+	if err != nil {
+		terr := &tokenError{failure: failStorage, tenant: subj.tenant, cause: err}
+		where := "lost"
+		if st := m.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
+			where = m.adoptStranded(s, st)
+		}
+		return apiError(http.StatusInternalServerError, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
+	}
+	return m.finishHandOver(s, subj, kept, "from a connection")
+}
+
+// keptAnswer is what became of a handed-over answer.
+type keptAnswer struct {
+	stranded *strandedToken // another tenant's (or user's): in quarantine
+	mismatch *tokenError
+	failure  error
+}
+
+// keepAnswerFor stores an answer under subj if it is subj's, under subj's
+// lock (held by the caller), or quarantines it.
+func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord, answer *tokenAnswer) keptAnswer {
+	if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
+		return keptAnswer{stranded: m.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
+	}
+	var kept keptAnswer
+	issued := now()
+	m.keepAnswer(rec, answer, issued, subj)
+	if subj.account == "" {
+		rec.ConsentRevokedAt = time.Time{}
+	}
+	if err := s.records.saveHard(ctx, subj, rec); err != nil {
+		m.keepUnsaved(subj, rec)
+		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", append(subj.logFields(), zap.Error(err))...)
+		kept.failure = apiError(http.StatusInternalServerError, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
+	}
+	if subj.account != "" {
+		m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
+	}
+	return kept
+}
+
+// finishHandOver answers a hand-over after the lock is released: a
+// mismatched token may go to its own tenant now.
+func (m *tokenManager) finishHandOver(s *managerSettings, subj subject, kept keptAnswer, how string) error {
+	if kept.mismatch != nil {
+		if kept.stranded != nil {
+			kept.mismatch.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, kept.stranded) + "; nothing was stored for " + subj.String() + "."
+		}
+		m.logger().Error("a refresh token handed over "+how+" is not the tenant's (or user's): not stored under it",
+			append(subj.logFields(), zap.String("token_tenant", kept.mismatch.tokenTenant), zap.String("error", kept.mismatch.Error()))...)
+		return adminTokenError(subj, kept.mismatch)
+	}
+	if kept.failure != nil {
+		return kept.failure
+	}
+	m.tenantRecovered(subj)
+	m.logger().Info("refresh token stored "+how, subj.logFields()...)
 	return nil
 }
 
-// tenantRecovered forgets a tenant's failure after a new refresh token.
-func (m *tokenManager) tenantRecovered(tenant string) {
+// tenantRecovered forgets a subject's failure after a new refresh token.
+func (m *tokenManager) tenantRecovered(subj subject) {
 	m.mu.Lock()
-	st := m.state(tenant)
+	st := m.state(subj.key())
 	st.hasRefreshToken = true
-	st.consentRevoked = false
-	st.lastError, st.failures, st.retryAt = nil, 0, time.Time{}
-	if st.mode == "" {
+	st.lastError, st.failures, st.retryAt, st.unknown, st.rejected = nil, 0, time.Time{}, false, ""
+	if subj.account == "" {
+		st.consentRevoked, st.revocationRead = false, true
+	}
+	if st.mode == "" || subj.account != "" {
 		st.mode = grantRefreshToken
 	}
 	m.mu.Unlock()
@@ -239,53 +442,52 @@ func (m *tokenManager) tenantRecovered(tenant string) {
 // importRefreshToken uses a refresh token of an unknown tenant once, reads
 // the tenant from the new access token and stores the new refresh token
 // under it. The old token is dead once Fortnox answers, so the new one is
-// stored before anything else, even when no tenant can be read.
+// stored before anything else: in quarantine when no tenant can be read.
 func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken string) (string, error) {
 	rs, err := m.records()
 	if err != nil {
 		return "", err
 	}
 	s := m.settings.Load()
-	rctx, cancel := context.WithTimeout(ctx, s.tokenTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+refreshCallLimit+time.Minute)
 	defer cancel()
-	answer, err := m.client.refresh(rctx, s.cred, refreshToken)
+	answer, took, err := m.spendRefreshToken(s, refreshToken)
 	if err != nil {
 		terr := asTokenError(err)
-		if terr.failure == failNoConsent {
-			return "", apiError(http.StatusBadRequest, "Fortnox rejected the refresh token (%s): it was used already or has expired; the customer must authorize again", terr.Error())
-		}
-		return "", apiError(http.StatusBadGateway, "Fortnox did not answer the refresh: %s; the refresh token was not used, try again", terr.Error())
+		metricsTokenRequest(grantRefreshToken, terr.errorCode(), took)
+		return "", adminTokenError(subject{}, terr)
 	}
+	metricsTokenRequest(grantRefreshToken, "ok", took)
 	tenant, terr := tenantFromToken(answer.accessToken)
 	if terr != nil {
-		// Keep the new refresh token somewhere: it is the only live copy.
-		key := recordPrefix(m.clientID) + "unassigned/" + now().UTC().Format("20060102T150405.000000000") + ".json"
-		raw, _ := rs.encode(key, &tokenRecord{RefreshToken: answer.refreshToken, AccessToken: answer.accessToken, UpdatedAt: now().UTC()})
-		if err := rs.storage.Store(ctx, key, raw); err != nil {
-			m.logger().Error("a new refresh token of an unknown tenant could not be stored", zap.Error(err))
+		mismatch := &tokenError{failure: failTenantMismatch, cause: fmt.Errorf("Fortnox's token names no tenant (%v)", terr)}
+		where := "lost"
+		if st := m.quarantineAnswer(ctx, s, subject{}, answer, mismatch); st != nil {
+			where = m.adoptStranded(s, st)
 		}
-		return "", apiError(http.StatusBadGateway, "the new access token carries no tenantId (%v); the new refresh token was stored at %s in Caddy's storage", terr, key)
+		return "", apiError(http.StatusBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
 	}
+	subj := subject{tenant: tenant}
 	issued := now()
-	err = rs.withLock(ctx, tenant, func() error {
-		rec, err := rs.loadOrNew(ctx, tenant)
+	err = rs.withLock(ctx, subj, func() error {
+		rec, err := rs.loadOrNew(ctx, subj)
 		if err != nil {
 			return err
 		}
-		rec.RefreshToken = answer.refreshToken
-		rec.AccessToken = answer.accessToken
-		rec.IssuedAt, rec.ExpiresAt = issued.UTC(), issued.Add(answer.lifetime).UTC()
-		rec.RejectedAt = time.Time{}
-		return rs.saveHard(ctx, rec)
+		m.keepAnswer(rec, answer, issued, subj)
+		rec.ConsentRevokedAt = time.Time{}
+		return rs.saveHard(ctx, subj, rec)
 	})
 	if err != nil {
-		m.keepUnsaved(tenant, &tokenRecord{Tenant: tenant, Mode: grantRefreshToken, RefreshToken: answer.refreshToken,
-			AccessToken: answer.accessToken, IssuedAt: issued.UTC(), ExpiresAt: issued.Add(answer.lifetime).UTC()})
+		rec := &tokenRecord{Mode: grantRefreshToken}
+		m.keepAnswer(rec, answer, issued, subj)
+		m.keepUnsaved(subj, rec)
 		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", zap.String("tenant", tenant), zap.Error(err))
-		return "", apiError(http.StatusInternalServerError, "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
+		return "", apiError(http.StatusInternalServerError, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
 	}
-	m.cacheToken(tenant, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
-	m.tenantRecovered(tenant)
+	m.drop(subj, nil)
+	m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
+	m.tenantRecovered(subj)
 	m.logger().Info("refresh token imported through the admin API", zap.String("tenant", tenant))
 	return tenant, nil
 }
@@ -297,13 +499,14 @@ func (m *tokenManager) dropToken(ctx context.Context, tenant string) error {
 	if err != nil {
 		return err
 	}
+	subj := subject{tenant: tenant}
 	_, cached := m.cache.Get(tenant)
 	m.mu.Lock()
 	_, known := m.tenants[tenant]
 	m.mu.Unlock()
 	stored := false
-	err = rs.withLock(ctx, tenant, func() error {
-		rec, err := rs.load(ctx, tenant)
+	err = rs.withLock(ctx, subj, func() error {
+		rec, err := rs.load(ctx, subj)
 		if err != nil || rec == nil {
 			return err
 		}
@@ -312,18 +515,81 @@ func (m *tokenManager) dropToken(ctx context.Context, tenant string) error {
 			return nil
 		}
 		rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
-		return rs.save(ctx, rec)
+		return rs.save(ctx, subj, rec)
 	})
-	if errors.Is(err, errRecordUnreadable) {
-		return apiError(http.StatusConflict, "%v; nothing was changed", err)
-	}
 	if err != nil {
-		return apiError(http.StatusInternalServerError, "dropping the stored token: %v", err)
+		return adminStoreError("dropping the stored token", err)
 	}
 	if !cached && !known && !stored {
-		return apiError(http.StatusNotFound, "tenant %s is not known", tenant)
+		return apiError(http.StatusNotFound, "unknown_tenant", "tenant %s is not known", tenant)
 	}
-	m.invalidate(tenant, nil)
+	m.drop(subj, nil)
+	return nil
+}
+
+// deleteAccount forgets a named account: its record, its cached token and
+// its state. With revoke, its refresh token is first revoked at Fortnox; if
+// that fails, nothing is deleted.
+func (m *tokenManager) deleteAccount(ctx context.Context, subj subject, revoke bool) error {
+	rs, err := m.records()
+	if err != nil {
+		return err
+	}
+	s := m.settings.Load()
+	found := false
+	var revokeErr error
+	err = rs.withLock(ctx, subj, func() error {
+		rec, err := rs.load(ctx, subj)
+		if err != nil || rec == nil {
+			return err
+		}
+		found = true
+		if revoke && rec.liveRefreshToken() {
+			rctx, cancel := context.WithTimeout(ctx, s.tokenTimeout)
+			revokeErr = m.revokeRefreshToken(rctx, s, rec.RefreshToken)
+			cancel()
+			if revokeErr != nil {
+				return nil
+			}
+		}
+		return rs.storage.Delete(ctx, recordKey(m.clientID, subj))
+	})
+	if err != nil {
+		return adminStoreError("deleting the account", err)
+	}
+	if revokeErr != nil {
+		terr := asTokenError(revokeErr)
+		return &adminError{status: terr.httpStatus(), code: "revoke_failed", retryAfter: time.Second,
+			message: "Fortnox did not revoke the account's refresh token (" + terr.Error() + "); nothing was deleted: try again, or delete without ?revoke=true"}
+	}
+	m.mu.Lock()
+	_, known := m.tenants[subj.key()]
+	delete(m.tenants, subj.key())
+	m.mu.Unlock()
+	m.drop(subj, nil)
+	if !found && !known {
+		return apiError(http.StatusNotFound, "unknown_account", "%s is not known", subj)
+	}
+	m.logger().Info("account deleted through the admin API", append(subj.logFields(), zap.Bool("revoked", revoke))...)
+	return nil
+}
+
+// deleteQuarantine removes a quarantine record.
+func (m *tokenManager) deleteQuarantine(ctx context.Context, id string) error {
+	rs, err := m.records()
+	if err != nil {
+		return err
+	}
+	if !validQuarantineID(id) {
+		return apiError(http.StatusBadRequest, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
+	}
+	if _, err := m.loadQuarantine(ctx, rs, id); err != nil {
+		return apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s", id)
+	}
+	if err := rs.storage.Delete(ctx, quarantineKey(m.clientID, id)); err != nil {
+		return adminStoreError("deleting the quarantine record", storageError("deleting", quarantineKey(m.clientID, id), err))
+	}
+	m.logger().Info("quarantine record deleted through the admin API", zap.String("quarantine_id", id))
 	return nil
 }
 
@@ -334,76 +600,154 @@ type tenantInfo struct {
 	TokenExpiresAt  *time.Time `json:"token_expires_at"`
 	HasRefreshToken bool       `json:"has_refresh_token"`
 	LastError       *string    `json:"last_error"`
+	// RefreshTokenAge: seconds since the stored refresh token was issued
+	// (Fortnox's die after 45 days unused); null when unknown or none.
+	RefreshTokenAge *int64        `json:"refresh_token_age_seconds"`
+	ConsentRevoked  bool          `json:"consent_revoked"`
+	Accounts        []accountInfo `json:"accounts"`
 }
 
-// tenantsInfo lists every tenant known in memory or in storage.
+// accountInfo is a named user account in a tenantInfo row. Never a token.
+type accountInfo struct {
+	Name            string     `json:"name"`
+	UserID          *string    `json:"user_id"`
+	TokenExpiresAt  *time.Time `json:"token_expires_at"`
+	HasRefreshToken bool       `json:"has_refresh_token"`
+	LastError       *string    `json:"last_error"`
+	RefreshTokenAge *int64     `json:"refresh_token_age_seconds"`
+}
+
+// subjectInfo is what tenant and account rows share while they are built.
+type subjectInfo struct {
+	mode            string
+	expiresAt       *time.Time
+	hasRefreshToken bool
+	lastError       *string
+	refreshAge      *int64
+	userID          *string
+	revoked         bool
+}
+
+// tenantsInfo lists every tenant (and named account) known in memory or
+// in storage.
 func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 	rs, err := m.records()
 	if err != nil {
 		return nil, err
 	}
-	rows := map[string]*tenantInfo{}
-	row := func(tenant string) *tenantInfo {
-		if r := rows[tenant]; r != nil {
+	n := now()
+	rows := map[subject]*subjectInfo{}
+	row := func(subj subject) *subjectInfo {
+		if r := rows[subj]; r != nil {
 			return r
 		}
-		r := &tenantInfo{Tenant: tenant, Mode: "none"}
-		rows[tenant] = r
+		r := &subjectInfo{mode: "none"}
+		rows[subj] = r
 		return r
 	}
-	stored, err := rs.tenants(ctx)
+	var stored []subject
+	tenants, err := rs.tenants(ctx)
 	if err != nil {
 		return nil, err
 	}
-	for _, tenant := range stored {
-		r := row(tenant)
-		rec, err := rs.load(ctx, tenant)
+	for _, t := range tenants {
+		stored = append(stored, subject{tenant: t})
+	}
+	accountTenants, err := rs.accountTenants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range accountTenants {
+		names, err := rs.accounts(ctx, t)
 		if err != nil {
-			msg := err.Error()
-			r.LastError = &msg
+			return nil, err
+		}
+		for _, name := range names {
+			stored = append(stored, subject{tenant: t, account: name})
+		}
+	}
+	for _, subj := range stored {
+		r := row(subj)
+		rec, err := rs.load(ctx, subj)
+		if err != nil {
+			msg := asStorageError(err).errorCode() + ": " + err.Error()
+			r.lastError = &msg
 			continue
 		}
 		if rec == nil {
 			continue
 		}
-		r.HasRefreshToken = rec.RefreshToken != "" && rec.RejectedAt.IsZero()
-		if rec.Mode != "" {
-			r.Mode = rec.Mode
+		r.hasRefreshToken = rec.liveRefreshToken()
+		if r.hasRefreshToken && !rec.RefreshTokenAt.IsZero() {
+			age := int64(n.Sub(rec.RefreshTokenAt) / time.Second)
+			r.refreshAge = &age
 		}
-		if rec.AccessToken != "" && rec.ExpiresAt.After(now()) {
+		if rec.Mode != "" {
+			r.mode = rec.Mode
+		}
+		if rec.UserID != "" {
+			r.userID = &rec.UserID
+		}
+		r.revoked = !rec.ConsentRevokedAt.IsZero()
+		if rec.AccessToken != "" && rec.ExpiresAt.After(n) {
 			exp := rec.ExpiresAt.UTC()
-			r.TokenExpiresAt = &exp
+			r.expiresAt = &exp
+		}
+		if rec.MismatchTenant != "" && rec.RefreshToken == "" {
+			msg := noRefreshToken(subj, rec).errorCode() + ": " + noRefreshToken(subj, rec).advice(subj.tenant)
+			r.lastError = &msg
 		}
 	}
 	m.mu.Lock()
-	for tenant, st := range m.tenants {
-		r := row(tenant)
+	for key, st := range m.tenants {
+		tenant, account, _ := strings.Cut(key, "/")
+		r := row(subject{tenant: tenant, account: account})
 		if st.mode != "" {
-			r.Mode = st.mode
+			r.mode = st.mode
 		}
 		if st.hasRefreshToken {
-			r.HasRefreshToken = st.lastError == nil || st.lastError.failure != failGrantRejected
+			r.hasRefreshToken = st.lastError == nil || st.lastError.failure != failGrantRejected
+		}
+		if st.consentRevoked {
+			r.revoked = true
 		}
 		if st.lastError != nil {
 			msg := st.lastError.errorCode() + ": " + st.lastError.Error()
-			r.LastError = &msg
+			r.lastError = &msg
 		}
 	}
 	m.mu.Unlock()
-	for tenant, item := range m.cache.Items() {
+	for key, item := range m.cache.Items() {
 		t := item.Object.(*cachedToken)
-		if t.usableAt(now().UnixNano()) {
-			r := row(tenant)
+		if t.usableAt(n.UnixNano()) {
+			tenant, account, _ := strings.Cut(key, "/")
+			r := row(subject{tenant: tenant, account: account})
 			exp := t.expiry().UTC()
-			r.TokenExpiresAt = &exp
-			if r.Mode == "none" {
-				r.Mode = t.grant
+			r.expiresAt = &exp
+			if r.mode == "none" {
+				r.mode = t.grant
 			}
 		}
 	}
-	out := make([]tenantInfo, 0, len(rows))
-	for _, r := range rows {
-		out = append(out, *r)
+	byTenant := map[string]*tenantInfo{}
+	for subj, r := range rows {
+		t := byTenant[subj.tenant]
+		if t == nil {
+			t = &tenantInfo{Tenant: subj.tenant, Mode: "none", Accounts: []accountInfo{}}
+			byTenant[subj.tenant] = t
+		}
+		if subj.account == "" {
+			t.Mode, t.TokenExpiresAt, t.HasRefreshToken, t.LastError = r.mode, r.expiresAt, r.hasRefreshToken, r.lastError
+			t.RefreshTokenAge, t.ConsentRevoked = r.refreshAge, r.revoked
+			continue
+		}
+		t.Accounts = append(t.Accounts, accountInfo{Name: subj.account, UserID: r.userID, TokenExpiresAt: r.expiresAt,
+			HasRefreshToken: r.hasRefreshToken, LastError: r.lastError, RefreshTokenAge: r.refreshAge})
+	}
+	out := make([]tenantInfo, 0, len(byTenant))
+	for _, t := range byTenant {
+		sort.Slice(t.Accounts, func(i, j int) bool { return t.Accounts[i].Name < t.Accounts[j].Name })
+		out = append(out, *t)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Tenant < out[j].Tenant })
 	return out, nil

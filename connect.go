@@ -11,6 +11,7 @@ import (
 	"html/template"
 	"net/http"
 	"net/url"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -44,12 +45,17 @@ const (
 // Connect is the `fortnox_connect` handler, for a public site: it lets a
 // customer's administrator connect the integration (the authorization-code
 // flow, with account_type=service by default so that Fortnox creates a
-// service-account consent). `GET …/connect` sends the browser to Fortnox;
-// `GET …/callback` (the redirect_uri) checks the state, exchanges the code,
-// reads the TenantId from the access token and stores the refresh token as
-// the tenant's fallback. The code is exchanged with the credentials, storage
-// and encryption key of the fortnox handler with the same client_id and
-// token_url, which must be in the same config.
+// service-account consent). `GET <connect_path>` sends the browser to
+// Fortnox; `GET <callback_path>` (the redirect_uri) checks the state,
+// exchanges the code, reads the TenantId from the access token and stores
+// the refresh token as the tenant's fallback. With account_type off,
+// `GET <connect_path>?account=<name>&tenant=<TenantId>` connects a named
+// user account instead: the name and the expected tenant travel in the
+// signed state, and the callback stores the user's chain under that name
+// only when the token is that tenant's. The code is exchanged with the
+// credentials, storage and encryption key of the fortnox handler with the
+// same client_id and token_url, which must be in the same config. Other
+// paths go on to the next handler.
 type Connect struct {
 	// The integration's client id. Required.
 	ClientID string `json:"client_id,omitempty"`
@@ -70,13 +76,20 @@ type Connect struct {
 	// A key (at least 32 bytes) that signs the state cookie. Use a
 	// placeholder. Required.
 	CookieSecret string `json:"cookie_secret,omitempty"`
+	// The path that starts a connection. Default: "connect" beside the
+	// callback path (/fortnox/callback → /fortnox/connect).
+	ConnectPath string `json:"connect_path,omitempty"`
+	// The path of the callback. Default: the path of redirect_uri.
+	CallbackPath string `json:"callback_path,omitempty"`
 
-	cookieKey  []byte
-	secure     bool
-	cookiePath string
-	poolKey    string
-	tokens     *tokenManager
-	logger     *zap.Logger
+	cookieKey    []byte
+	secure       bool
+	cookiePath   string
+	connectPath  string
+	callbackPath string
+	poolKey      string
+	tokens       *tokenManager
+	logger       *zap.Logger
 }
 
 // usedStates holds the states already used (state -> expiry), for every
@@ -120,10 +133,26 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("redirect_uri %q must be https (plain http only on 127.0.0.1 or localhost, for tests)", c.RedirectURI)
 	}
 	c.secure = u.Scheme == "https"
-	c.cookiePath = u.Path
-	if c.cookiePath == "" {
-		c.cookiePath = "/"
+	c.callbackPath = c.CallbackPath
+	if c.callbackPath == "" {
+		c.callbackPath = u.Path
 	}
+	if c.callbackPath == "" || c.callbackPath == "/" {
+		return fmt.Errorf("redirect_uri %q has no path for the callback: use e.g. https://connect.example.com/fortnox/callback", c.RedirectURI)
+	}
+	c.connectPath = c.ConnectPath
+	if c.connectPath == "" {
+		c.connectPath = path.Join(path.Dir(c.callbackPath), "connect")
+	}
+	for name, p := range map[string]string{"connect_path": c.connectPath, "callback_path": c.callbackPath} {
+		if !strings.HasPrefix(p, "/") {
+			return fmt.Errorf("%s %q must start with /", name, p)
+		}
+	}
+	if c.connectPath == c.callbackPath {
+		return fmt.Errorf("connect_path and callback_path are both %q: they must differ", c.connectPath)
+	}
+	c.cookiePath = c.callbackPath
 	if strings.TrimSpace(c.Scopes) == "" {
 		return errors.New("scopes is required, e.g. scopes companyinformation invoice")
 	}
@@ -140,21 +169,45 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 // Cleanup releases the token manager.
 func (c *Connect) Cleanup() error { return leaveManager(c.poolKey) }
 
-// ServeHTTP answers …/connect and …/callback; other paths go on.
+// ServeHTTP answers its connect and callback paths (exactly those); other
+// paths go on.
 func (c *Connect) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	switch {
-	case strings.HasSuffix(r.URL.Path, "/connect") && r.Method == http.MethodGet:
+	case r.URL.Path == c.connectPath && r.Method == http.MethodGet:
 		return c.start(w, r)
-	case strings.HasSuffix(r.URL.Path, "/callback") && r.Method == http.MethodGet:
+	case r.URL.Path == c.callbackPath && r.Method == http.MethodGet:
 		c.callback(w, r)
 		return nil
 	}
 	return next.ServeHTTP(w, r)
 }
 
+// connectTarget is what a connection is for: a tenant's service account
+// (account "" and tenant learned from the token), or a named user account
+// of an expected tenant.
+type connectTarget struct {
+	account, tenant string
+}
+
 // start sends the browser to Fortnox's authorize page with a fresh state,
-// bound to the browser by a signed, short-lived cookie.
+// bound to the browser by a signed, short-lived cookie that also carries
+// what the connection is for.
 func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	target := connectTarget{account: q.Get("account"), tenant: q.Get("tenant")}
+	if target.account != "" || target.tenant != "" {
+		switch {
+		case c.AccountType != "off":
+			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "Connecting a named user account needs account_type off in fortnox_connect (a service-account connection has no account name).", "")
+			return nil
+		case !validAccountName(target.account):
+			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "account= must be the account's name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only.", "")
+			return nil
+		case !validTenantID(target.tenant):
+			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "tenant= must be the TenantId of the company the user connects (a user may belong to several).", "")
+			return nil
+		}
+	}
 	raw := make([]byte, 32)
 	if _, err := rand.Read(raw); err != nil {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
@@ -162,10 +215,10 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 	state := base64.RawURLEncoding.EncodeToString(raw)
 	expires := now().Add(stateLifetime)
 	http.SetCookie(w, &http.Cookie{
-		Name: stateCookie, Value: c.signState(state, expires), Path: c.cookiePath,
+		Name: stateCookie, Value: c.signState(state, expires, target), Path: c.cookiePath,
 		MaxAge: int(stateLifetime / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
 	})
-	q := url.Values{
+	q = url.Values{
 		"client_id":     {c.tokens.clientID},
 		"redirect_uri":  {c.RedirectURI},
 		"scope":         {strings.Join(strings.Fields(c.Scopes), " ")},
@@ -181,44 +234,55 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-// signState makes the cookie value: state.expiry.mac.
-func (c *Connect) signState(state string, expires time.Time) string {
-	payload := state + "." + strconv.FormatInt(expires.Unix(), 10)
+// signState makes the cookie value: state.expiry.account.tenant.mac, the
+// account base64url-encoded (names may hold dots). The signature covers
+// all of it, so neither the account nor the expected tenant can be
+// changed on the way back.
+func (c *Connect) signState(state string, expires time.Time, target connectTarget) string {
+	payload := state + "." + strconv.FormatInt(expires.Unix(), 10) + "." +
+		base64.RawURLEncoding.EncodeToString([]byte(target.account)) + "." + target.tenant
 	mac := hmac.New(sha256.New, c.cookieKey)
 	mac.Write([]byte(payload))
 	return payload + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 
 // checkState verifies the cookie's signature and expiry, that it names
-// the state Fortnox sent back, and that the state was not used before.
-func (c *Connect) checkState(r *http.Request, state string) error {
+// the state Fortnox sent back, and that the state was not used before. It
+// returns what the connection is for, from the signed cookie only.
+func (c *Connect) checkState(r *http.Request, state string) (connectTarget, error) {
+	damaged := errors.New("the state cookie is damaged: start again")
 	cookie, err := r.Cookie(stateCookie)
 	if err != nil {
-		return errors.New("this browser did not start the connection here (no state cookie): start again")
+		return connectTarget{}, errors.New("this browser did not start the connection here (no state cookie): start again")
 	}
 	parts := strings.Split(cookie.Value, ".")
-	if len(parts) != 3 {
-		return errors.New("the state cookie is damaged: start again")
+	if len(parts) != 5 {
+		return connectTarget{}, damaged
 	}
 	exp, err := strconv.ParseInt(parts[1], 10, 64)
 	if err != nil {
-		return errors.New("the state cookie is damaged: start again")
+		return connectTarget{}, damaged
 	}
-	want := c.signState(parts[0], time.Unix(exp, 0))
+	account, err := base64.RawURLEncoding.DecodeString(parts[2])
+	if err != nil {
+		return connectTarget{}, damaged
+	}
+	target := connectTarget{account: string(account), tenant: parts[3]}
+	want := c.signState(parts[0], time.Unix(exp, 0), target)
 	if !hmac.Equal([]byte(want), []byte(cookie.Value)) {
-		return errors.New("the state cookie is not ours: start again")
+		return connectTarget{}, errors.New("the state cookie is not ours: start again")
 	}
 	if now().After(time.Unix(exp, 0)) {
-		return errors.New("the connection took too long (over 10 minutes): start again")
+		return connectTarget{}, errors.New("the connection took too long (over 10 minutes): start again")
 	}
 	if !hmac.Equal([]byte(parts[0]), []byte(state)) {
-		return errors.New("the state Fortnox sent back does not match this browser's: start again")
+		return connectTarget{}, errors.New("the state Fortnox sent back does not match this browser's: start again")
 	}
 	if _, loaded := usedStates.LoadOrStore(state, exp); loaded {
-		return errors.New("this connection was already completed: start again")
+		return connectTarget{}, errors.New("this connection was already completed: start again")
 	}
 	c.forgetUsedStates()
-	return nil
+	return target, nil
 }
 
 // forgetUsedStates drops used states whose cookies have expired anyway.
@@ -237,7 +301,8 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	// The cookie is spent whatever happens.
 	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: c.cookiePath, MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
 	q := r.URL.Query()
-	if err := c.checkState(r, q.Get("state")); err != nil {
+	target, err := c.checkState(r, q.Get("state"))
+	if err != nil {
 		c.page(w, http.StatusBadRequest, "The connection could not be checked", err.Error(), "")
 		return
 	}
@@ -268,14 +333,18 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	tenant, err := tenantFromToken(answer.accessToken)
+	if target.account != "" {
+		c.connectAccount(w, r, ctx, target, answer)
+		return
+	}
 	if err != nil {
 		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox's token names no tenant ("+err.Error()+").", "")
 		return
 	}
 	if answer.refreshToken != "" {
-		if err := c.tokens.putRefreshToken(ctx, tenant, answer.refreshToken); err != nil {
+		if err := c.tokens.storeAnswer(ctx, subject{tenant: tenant}, answer); err != nil {
 			c.logger.Error("storing the refresh token of a new connection failed", zap.String("tenant", tenant), zap.Error(err))
-			c.page(w, http.StatusInternalServerError, "The connection could not be saved", "Storing the tenant's token failed; start again.", "")
+			c.page(w, http.StatusInternalServerError, "The connection could not be saved", "Storing the tenant's token failed: "+err.Error(), "")
 			return
 		}
 	}
@@ -285,6 +354,33 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	// stored refresh token.
 	c.tokens.consentCreated(tenant)
 	c.logger.Info("customer connected", zap.String("tenant", tenant))
+	c.succeed(w, r, tenant)
+}
+
+// connectAccount stores a user's chain under the account name the signed
+// state carries, when the token is the expected tenant's.
+func (c *Connect) connectAccount(w http.ResponseWriter, r *http.Request, ctx context.Context, target connectTarget, answer *tokenAnswer) {
+	subj := subject{tenant: target.tenant, account: target.account}
+	if answer.refreshToken == "" {
+		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox gave no refresh token for the user (was access_type=offline refused?). Start again.", "")
+		return
+	}
+	if err := c.tokens.storeAnswer(ctx, subj, answer); err != nil {
+		c.logger.Error("storing a user account's refresh token failed", append(subj.logFields(), zap.Error(err))...)
+		status := http.StatusInternalServerError
+		var ae *adminError
+		if errors.As(err, &ae) {
+			status = ae.status
+		}
+		c.page(w, status, "The user account was not connected", err.Error(), "")
+		return
+	}
+	c.logger.Info("user account connected", subj.logFields()...)
+	c.succeed(w, r, target.tenant)
+}
+
+// succeed ends a connection: the success page or success_redirect.
+func (c *Connect) succeed(w http.ResponseWriter, r *http.Request, tenant string) {
 	if c.SuccessRedirect != "" {
 		sep := "?"
 		if strings.Contains(c.SuccessRedirect, "?") {
@@ -316,6 +412,8 @@ func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant
 //
 //	fortnox_connect {
 //		client_id        <id>
+//		connect_path     <path>
+//		callback_path    <path>
 //		token_url        <url>
 //		authorize_url    <url>
 //		redirect_uri     <url>
@@ -334,6 +432,8 @@ func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"account_type":     &c.AccountType,
 		"success_redirect": &c.SuccessRedirect,
 		"cookie_secret":    &c.CookieSecret,
+		"connect_path":     &c.ConnectPath,
+		"callback_path":    &c.CallbackPath,
 	}, map[string]*[]string{"scopes": &scopes})
 	if len(scopes) > 0 {
 		c.Scopes = strings.Join(scopes, " ")

@@ -1,10 +1,17 @@
 package fortnox
 
 import (
+	"context"
 	"time"
 
 	"go.uber.org/zap"
 )
+
+// A revoked service-account consent blocks the tenant's service account
+// (client credentials, and its own refresh token) until a new consent or a
+// new refresh token arrives. The mark is written into the tenant's record,
+// so that it survives a restart. Named user accounts rest on their own
+// consents and are not blocked.
 
 // consentCreated notes that a customer gave the integration a
 // service-account consent: the tenant is known, and its next request tries
@@ -12,9 +19,15 @@ import (
 func (m *tokenManager) consentCreated(tenant string) {
 	m.mu.Lock()
 	st := m.state(tenant)
-	st.consentRevoked = false
-	st.lastError, st.failures, st.retryAt, st.ccRetryAt = nil, 0, time.Time{}, time.Time{}
+	st.consentRevoked, st.revocationRead = false, true
+	st.lastError, st.failures, st.retryAt, st.ccRetryAt, st.unknown = nil, 0, time.Time{}, time.Time{}, false
+	if st.mode == grantRefreshToken {
+		st.mode = "" // try client credentials first again
+	}
 	m.mu.Unlock()
+	if err := m.persistRevocation(tenant, false); err != nil {
+		m.logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
+	}
 	m.logger().Info("consent created", zap.String("tenant", tenant))
 }
 
@@ -24,7 +37,7 @@ func (m *tokenManager) consentCreated(tenant string) {
 func (m *tokenManager) consentRevoked(tenant string) {
 	m.mu.Lock()
 	st := m.state(tenant)
-	st.consentRevoked = true
+	st.consentRevoked, st.revocationRead = true, true
 	st.lastError = &tokenError{failure: failConsentRevoked}
 	m.mu.Unlock()
 	// A token request in flight may cache its token after this: wait for it
@@ -32,15 +45,76 @@ func (m *tokenManager) consentRevoked(tenant string) {
 	_, _, _ = m.flights.Do(tenant, func() (any, error) {
 		return nil, &tokenError{failure: failConsentRevoked}
 	})
-	m.invalidate(tenant, nil)
+	m.drop(subject{tenant: tenant}, nil)
+	if err := m.persistRevocation(tenant, true); err != nil {
+		m.logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
+	}
 	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
 }
 
-// revokedError is the answer for a tenant whose consent was revoked.
-func (m *tokenManager) revokedError(tenant string) error {
+// persistRevocation writes (or clears) the revocation mark in the tenant's
+// record, under its lock. A revoked tenant's stored access token is
+// dropped too.
+func (m *tokenManager) persistRevocation(tenant string, revoked bool) error {
+	s := m.settings.Load()
+	if s == nil || s.records == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), lockBudget)
+	defer cancel()
+	subj := subject{tenant: tenant}
+	return s.records.withLock(ctx, subj, func() error {
+		rec, err := s.records.load(ctx, subj)
+		if err != nil {
+			return err
+		}
+		switch {
+		case rec == nil && !revoked:
+			return nil
+		case rec == nil:
+			rec = &tokenRecord{}
+		case !revoked && rec.ConsentRevokedAt.IsZero():
+			return nil
+		}
+		if revoked {
+			if rec.ConsentRevokedAt.IsZero() {
+				rec.ConsentRevokedAt = now().UTC()
+			}
+			rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
+		} else {
+			rec.ConsentRevokedAt = time.Time{}
+		}
+		return s.records.save(ctx, subj, rec)
+	})
+}
+
+// revokedError is the answer for a tenant whose consent was revoked. The
+// stored mark is read once per tenant state, so a restart remembers it.
+func (m *tokenManager) revokedError(s *managerSettings, tenant string) error {
 	m.mu.Lock()
-	defer m.mu.Unlock()
-	if st := m.tenants[tenant]; st != nil && st.consentRevoked {
+	st := m.tenants[tenant]
+	read := st != nil && st.revocationRead
+	revoked := st != nil && st.consentRevoked
+	m.mu.Unlock()
+	if !read && s != nil && s.records != nil {
+		ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
+		rec, err := s.records.load(ctx, subject{tenant: tenant})
+		cancel()
+		if err == nil {
+			m.mu.Lock()
+			st = m.state(tenant)
+			if !st.revocationRead {
+				st.revocationRead = true
+				if rec != nil && !rec.ConsentRevokedAt.IsZero() {
+					st.consentRevoked = true
+					st.lastError = &tokenError{failure: failConsentRevoked}
+				}
+			}
+			revoked = st.consentRevoked
+			m.mu.Unlock()
+		}
+	}
+	if revoked {
 		return &tokenError{failure: failConsentRevoked}
 	}
 	return nil

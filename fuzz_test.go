@@ -1,6 +1,7 @@
 package fortnox
 
 import (
+	"crypto/cipher"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -157,10 +158,10 @@ func FuzzDecodeRecord(f *testing.F) {
 		f.Fatal(err)
 	}
 	plain := &recordStore{clientID: "c"}
-	sealed := &recordStore{clientID: "c", aead: aead}
+	sealed := &recordStore{clientID: "c", keys: []cipher.AEAD{aead}}
 	rec := &tokenRecord{Tenant: "1234567", ClientID: "c", Mode: "refresh_token", RefreshToken: "0123456789abcdef0123456789abcdef01234567"}
 	for _, rs := range []*recordStore{plain, sealed} {
-		raw, err := rs.encode(recordKey("c", "1234567"), rec)
+		raw, err := rs.encode(recordKey("c", subject{tenant: "1234567"}), rec)
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -170,7 +171,7 @@ func FuzzDecodeRecord(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, raw []byte) {
-		key := recordKey("c", "1234567")
+		key := recordKey("c", subject{tenant: "1234567"})
 		for _, rs := range []*recordStore{plain, sealed} {
 			got, err := rs.decode(key, raw)
 			if err != nil {

@@ -35,7 +35,7 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	ids := make([]string, tenants)
 	for i := range ids {
 		ids[i] = strconv.Itoa(1000000 + i)
-		h.tokens.store(ids[i], grantClientCredentials, &tokenAnswer{accessToken: "eyJ" + ids[i], lifetime: time.Hour}, defaultRefreshBefore)
+		h.tokens.store(subject{tenant: ids[i]}, grantClientCredentials, &tokenAnswer{accessToken: "eyJ" + ids[i], lifetime: time.Hour}, defaultRefreshBefore)
 	}
 	return h, ids
 }
@@ -131,7 +131,7 @@ func BenchmarkTokenLookup(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := h.tokens.tokenFor(ctx, ids[i%n]); err != nil {
+				if _, err := h.tokens.tokenFor(ctx, subject{tenant: ids[i%n]}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -153,7 +153,7 @@ func BenchmarkMemoryPerTenant(b *testing.B) {
 				runtime.ReadMemStats(&before)
 				for i := range n {
 					id := strconv.Itoa(1000000 + i)
-					m.store(id, grantClientCredentials, &tokenAnswer{accessToken: token + id, lifetime: time.Hour}, defaultRefreshBefore)
+					m.store(subject{tenant: id}, grantClientCredentials, &tokenAnswer{accessToken: token + id, lifetime: time.Hour}, defaultRefreshBefore)
 				}
 				runtime.GC()
 				runtime.ReadMemStats(&after)

@@ -3,6 +3,7 @@ package fortnox
 import (
 	"errors"
 	"sync"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -26,6 +27,9 @@ var metrics = struct {
 	rateLimitReject prometheus.Counter
 	upstream429     prometheus.Counter
 	tenantsCached   prometheus.GaugeFunc
+
+	tokenRequestsQueued  prometheus.Counter
+	invalidationsBounded prometheus.Counter
 }{}
 
 const metricsNamespace = "caddy"
@@ -63,6 +67,10 @@ func initMetrics() {
 			"Requests answered 429 by the sidecar because their wait would pass max_wait or their deadline.")))
 		metrics.upstream429 = prometheus.NewCounter(prometheus.CounterOpts(opts("upstream_429_total",
 			"Requests Fortnox answered 429 despite the limiter (other processes share the budget).")))
+		metrics.tokenRequestsQueued = prometheus.NewCounter(prometheus.CounterOpts(opts("token_requests_queued_total",
+			"Token requests that waited for a free slot (max_token_requests in flight per client id).")))
+		metrics.invalidationsBounded = prometheus.NewCounter(prometheus.CounterOpts(opts("unauthorized_kept_total",
+			"Fortnox 401s that did not drop the token: the token was minted seconds ago, or the tenant's invalidations were used up (a wrong path or a missing scope answers 401 too).")))
 		metrics.tenantsCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("tenants_cached",
 			"Tenants with a cached access token, over all client ids.")), countCachedTenants)
 	})
@@ -78,7 +86,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, c := range []prometheus.Collector{
 		metrics.tokenRequests, metrics.tokenDuration, metrics.cacheLookups, metrics.replays,
 		metrics.rateLimitWaits, metrics.rateLimitWait, metrics.rateLimitReject,
-		metrics.upstream429, metrics.tenantsCached,
+		metrics.upstream429, metrics.tenantsCached, metrics.tokenRequestsQueued, metrics.invalidationsBounded,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -97,4 +105,13 @@ func countCachedTenants() float64 {
 		return true
 	})
 	return float64(n)
+}
+
+// metricsTokenRequest counts a token request that was sent (took > 0).
+func metricsTokenRequest(grant, outcome string, took time.Duration) {
+	if took <= 0 {
+		return
+	}
+	metrics.tokenRequests.WithLabelValues(grant, outcome).Inc()
+	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 }

@@ -4,6 +4,7 @@
 package fortnox
 
 import (
+	"crypto/cipher"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,6 +26,9 @@ const DefaultTokenURL = "https://apps.fortnox.se/oauth-v1/token"
 
 // DefaultTenantHeader is the request header that names the tenant.
 const DefaultTenantHeader = "X-Fortnox-Tenant"
+
+// DefaultAccountHeader is the request header that names a user account.
+const DefaultAccountHeader = "X-Fortnox-Account"
 
 func init() {
 	caddy.RegisterModule(Handler{})
@@ -82,6 +86,21 @@ type Handler struct {
 	// ({env.FORTNOX_STORAGE_KEY}). Optional.
 	EncryptionKey string `json:"encryption_key,omitempty"`
 
+	// Older encryption keys, still accepted for reading while a store moves
+	// to EncryptionKey (Caddyfile: `encryption_key <new> <old>...`). Records
+	// are rewritten with EncryptionKey when next written.
+	PreviousEncryptionKeys []string `json:"previous_encryption_keys,omitempty"`
+
+	// The request header that names a user account of the tenant: the
+	// request then uses that user's own refresh-token chain, never the
+	// service account's. Default: X-Fortnox-Account. It is removed before
+	// the request is proxied.
+	AccountHeader string `json:"account_header,omitempty"`
+
+	// The most token requests of this client id in flight at once; the
+	// rest queue (within token_timeout). Default: 8.
+	MaxTokenRequests int `json:"max_token_requests,omitempty"`
+
 	// The per-tenant rate limit, shared by all requests of this process for
 	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
 	RateLimit *RateLimit `json:"rate_limit,omitempty"`
@@ -99,6 +118,8 @@ type Handler struct {
 	tokens          *tokenManager
 	settings        *managerSettings
 	resolver        *tenantResolver
+	accountHeader   string
+	owned           []string // headers the sidecar owns: never forwarded as the app sent them
 	limiter         *rateLimiter
 	rateWindow      time.Duration
 	maxWait         time.Duration
@@ -150,8 +171,20 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if header == "" {
 		header = DefaultTenantHeader
 	}
-	if strings.EqualFold(header, "Authorization") || !validHeaderName(header) {
+	if strings.EqualFold(header, "Authorization") || strings.EqualFold(header, "Proxy-Authorization") || !validHeaderName(header) {
 		return fmt.Errorf("tenant_header %q is not a usable header name", header)
+	}
+	accountHeader := h.AccountHeader
+	if accountHeader == "" {
+		accountHeader = DefaultAccountHeader
+	}
+	if strings.EqualFold(accountHeader, "Authorization") || strings.EqualFold(accountHeader, "Proxy-Authorization") || strings.EqualFold(accountHeader, header) || !validHeaderName(accountHeader) {
+		return fmt.Errorf("account_header %q is not a usable header name (nor the tenant header)", accountHeader)
+	}
+	h.accountHeader = http.CanonicalHeaderKey(accountHeader)
+	h.owned = []string{"Authorization", "Proxy-Authorization", http.CanonicalHeaderKey(header), h.accountHeader}
+	if h.MaxTokenRequests < 0 {
+		return errors.New("max_token_requests must not be negative")
 	}
 	if err := validateTenantNames(h.Tenants); err != nil {
 		return err
@@ -193,14 +226,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("retry_client_credentials must not be negative")
 	}
 	records := &recordStore{storage: ctx.Storage(), clientID: clientID}
-	if strings.TrimSpace(h.EncryptionKey) != "" {
-		key, err := resolveSetting(repl, "encryption_key", h.EncryptionKey)
-		if err != nil {
-			return err
-		}
-		if records.aead, err = parseEncryptionKey(key); err != nil {
-			return err
-		}
+	if records.keys, err = h.encryptionKeys(repl); err != nil {
+		return err
 	}
 
 	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
@@ -213,6 +240,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		refreshBefore:          refreshBefore,
 		tokenTimeout:           timeout,
 		retryClientCredentials: retryCC,
+		maxTokenRequests:       h.MaxTokenRequests,
 		records:                records,
 		logger:                 h.logger,
 	}
@@ -220,6 +248,34 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	// an existing one gets these when this handler serves its first request.
 	h.tokens.settings.CompareAndSwap(nil, h.settings)
 	return nil
+}
+
+// encryptionKeys resolves encryption_key and the previous keys: the first
+// encrypts, all decrypt.
+func (h *Handler) encryptionKeys(repl *caddy.Replacer) ([]cipher.AEAD, error) {
+	if strings.TrimSpace(h.EncryptionKey) == "" {
+		if len(h.PreviousEncryptionKeys) > 0 {
+			return nil, errors.New("previous_encryption_keys are set but encryption_key is not: records would be written in plain JSON; set encryption_key to the new key")
+		}
+		return nil, nil
+	}
+	var keys []cipher.AEAD
+	for i, raw := range append([]string{h.EncryptionKey}, h.PreviousEncryptionKeys...) {
+		name := "encryption_key"
+		if i > 0 {
+			name = fmt.Sprintf("encryption_key (previous key %d)", i)
+		}
+		key, err := resolveSetting(repl, name, raw)
+		if err != nil {
+			return nil, err
+		}
+		aead, err := parseEncryptionKey(key)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		keys = append(keys, aead)
+	}
+	return keys, nil
 }
 
 // resolveSetting resolves the placeholders of a required setting. The error
@@ -275,10 +331,11 @@ func (h *Handler) Cleanup() error {
 	return errors.Join(errs...)
 }
 
-// ServeHTTP resolves the tenant, puts its token on the request and hands
-// it to the next handler.
+// ServeHTTP resolves the tenant (and account), gets its token, waits for
+// the tenant's turn in the rate limiter with the token in hand, puts the
+// token on the request and hands it to the next handler.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	tenant, rerr := h.resolver.resolve(r)
+	subj, rerr := h.resolveSubject(r)
 	if rerr != nil {
 		if ce := h.logger.Check(zapcore.DebugLevel, "request refused"); ce != nil {
 			ce.Write(zap.String("error", rerr.code), zap.Int("status", rerr.status))
@@ -289,18 +346,57 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	if h.tokens.settings.Load() != h.settings {
 		h.tokens.adopt(h.settings) // the first request of a newly loaded config
 	}
-	if h.limiter != nil && !h.waitTurn(w, r, tenant) {
-		return nil
-	}
-	tok, err := h.tokens.tokenFor(r.Context(), tenant)
+	tok, err := h.tokens.tokenFor(r.Context(), subj)
 	if err != nil {
-		h.writeTokenError(w, r, tenant, err)
+		h.writeTokenError(w, r, subj.tenant, err)
 		return nil
 	}
-	delete(r.Header, "Authorization")
-	delete(r.Header, h.resolver.header)
+	if h.limiter != nil {
+		if tok, err = h.turnWithToken(w, r, subj, tok); tok == nil {
+			if err != nil {
+				h.writeTokenError(w, r, subj.tenant, err)
+			}
+			return nil
+		}
+	}
+	h.ownHeaders(r)
 	r.Header["Authorization"] = []string{tok.bearer}
-	return h.proxy(w, r, next, tenant, tok)
+	return h.proxy(w, r, next, subj, tok)
+}
+
+// resolveSubject picks the tenant and, when the account header is sent,
+// the named account.
+func (h *Handler) resolveSubject(r *http.Request) (subject, *resolveError) {
+	tenant, rerr := h.resolver.resolve(r)
+	if rerr != nil {
+		return subject{}, rerr
+	}
+	values := r.Header[h.accountHeader]
+	switch {
+	case len(values) == 0:
+		return subject{tenant: tenant}, nil
+	case len(values) > 1:
+		return subject{}, &resolveError{http.StatusBadRequest, "ambiguous_account",
+			"The request has more than one " + h.accountHeader + " header. Send at most one: the name of a user account of the tenant."}
+	case !validAccountName(values[0]):
+		return subject{}, &resolveError{http.StatusBadRequest, "invalid_account",
+			"The " + h.accountHeader + " header is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only (names are case-sensitive). Leave it out to use the service account."}
+	}
+	return subject{tenant: tenant, account: values[0]}, nil
+}
+
+// turnWithToken takes the tenant's turn in the rate limiter. The token was
+// got first, so that requests waiting for a token do not spend turns; if
+// the wait outlived the token, it is got again. It returns nil (and has
+// answered, unless err is set) when the request cannot go.
+func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj subject, tok *cachedToken) (*cachedToken, error) {
+	if !h.waitTurn(w, r, subj.tenant) {
+		return nil, nil
+	}
+	if tok.usableAt(now().UnixNano()) {
+		return tok, nil
+	}
+	return h.tokens.tokenFor(r.Context(), subj)
 }
 
 // writeTokenError answers a request for which no token could be had. The

@@ -163,10 +163,11 @@ func TestRefreshTokenTenantEndToEnd(t *testing.T) {
 func TestRejectedRefreshToken(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
-	rt := fake.IssueRefreshToken(testClientID, "1234567")
-	sc.putRefreshToken("1234567", rt)
-	// Someone else uses the refresh token first: ours is dead.
-	useRefreshToken(t, fake, rt)
+	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
+	// Someone else uses the stored refresh token first: ours is dead, and
+	// the access token that came with it has expired.
+	useRefreshToken(t, fake, sc.storedRecord("1234567").RefreshToken)
+	advance(fake, time.Hour)
 
 	for i := range 20 {
 		status, body, resp := sc.get("/3/companyinformation", "1234567")
@@ -179,7 +180,7 @@ func TestRejectedRefreshToken(t *testing.T) {
 		}
 		advance(fake, 30*time.Second) // past any backoff step
 	}
-	if n := fake.TokenRequests("refresh_token", ""); n != 2 { // ours once, plus useRefreshToken's
+	if n := fake.TokenRequests("refresh_token", ""); n != 3 { // the hand-over's, useRefreshToken's, and ours once
 		t.Errorf("%d refresh requests, want ours to be tried once", n)
 	}
 	errorLines := 0
@@ -400,8 +401,8 @@ func caddyStop(t *testing.T) {
 func TestRefreshTokenSurvivesAnUnrelated4xx(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
-	rt := fake.IssueRefreshToken(testClientID, "1234567")
-	sc.putRefreshToken("1234567", rt)
+	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
+	advance(fake, time.Hour) // the access token from the hand-over has expired
 	fake.SetFault(fakefortnox.Fault{Status: http.StatusForbidden})
 	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status == http.StatusOK {
 		t.Fatalf("with the token endpoint refusing: %d %s", status, body)

@@ -14,9 +14,14 @@ const (
 	// lockBudget bounds how long a refresh may wait for another process's
 	// storage lock (a dead holder's file lock goes stale after about 10s).
 	lockBudget = 30 * time.Second
+	// refreshCallLimit bounds a refresh-token request once it is sent. It
+	// is not token_timeout, and no caller, reload or shutdown cuts it short:
+	// Fortnox may already have rotated the refresh token, and its answer
+	// holds the only live one.
+	refreshCallLimit = 30 * time.Second
 )
 
-// errNoRefreshToken: the tenant has no stored refresh token to fall back on.
+// errNoRefreshToken: the subject has no stored refresh token to use.
 var errNoRefreshToken = errors.New("no refresh token stored")
 
 // refreshTokenFirst says whether tenant is on the refresh-token fallback
@@ -36,152 +41,258 @@ func (m *tokenManager) noteClientCredentialsRefused(tenant string, s *managerSet
 	m.mu.Unlock()
 }
 
-// viaRefreshToken gets a token with the tenant's stored refresh token,
-// safely across processes: under the tenant's storage lock it re-reads the
-// record (another replica may have refreshed already: then its access token
-// is used), refreshes, and stores the new refresh token before anything
-// else. A refresh token Fortnox rejected is marked so that no process tries
-// it again; only a new one (admin API) recovers the tenant.
-func (m *tokenManager) viaRefreshToken(s *managerSettings, tenant string, stale *cachedToken) (*cachedToken, error) {
+// forgetMode makes a tenant whose refresh-token record disappeared start
+// over with client credentials.
+func (m *tokenManager) forgetMode(tenant string) {
+	m.mu.Lock()
+	if st := m.tenants[tenant]; st != nil {
+		st.mode, st.ccRetryAt, st.hasRefreshToken = "", time.Time{}, false
+	}
+	m.mu.Unlock()
+}
+
+// beginRefresh registers a refresh-token request about to be sent, unless
+// the manager is being destroyed (then none may start). Destruct waits for
+// those registered.
+func (m *tokenManager) beginRefresh() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.ctx.Err() != nil {
+		return false
+	}
+	m.refreshes.Add(1)
+	return true
+}
+
+var errStopping = errors.New("the sidecar is reloading or stopping")
+
+// spendRefreshToken sends one refresh-token request. Once sent, nothing
+// cancels it (see refreshCallLimit); the caller stores its answer before
+// anything else.
+func (m *tokenManager) spendRefreshToken(s *managerSettings, refreshToken string) (*tokenAnswer, time.Duration, error) {
+	release, err := m.tokenSlot(s)
+	if err != nil {
+		return nil, 0, err
+	}
+	defer release()
+	if !m.beginRefresh() {
+		return nil, 0, &tokenError{failure: failUnavailable, cause: errStopping, retryAt: now().Add(time.Second)}
+	}
+	defer m.refreshes.Done()
+	ctx, cancel := context.WithTimeout(context.Background(), refreshCallLimit)
+	defer cancel()
+	start := time.Now()
+	answer, err := m.client.refresh(ctx, s.cred, refreshToken)
+	return answer, max(time.Since(start), time.Nanosecond), err
+}
+
+// viaRefreshToken gets a token with the subject's stored refresh token,
+// safely across processes: under the subject's storage lock it re-reads
+// the record (another replica may have refreshed already: then its access
+// token is used), refreshes, and stores the new refresh token before
+// anything else. A refresh token Fortnox rejected is marked so that no
+// process tries it again; only a new one (admin API) recovers the subject.
+// The new access token must name the subject's tenant: one that names
+// another is never used (see strand).
+func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *cachedToken) (*cachedToken, error) {
 	if s.records == nil {
 		return nil, errNoRefreshToken
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, lockBudget+s.tokenTimeout)
 	defer cancel()
-	if err := m.saveUnsaved(ctx, s, tenant); err != nil {
-		return nil, m.storageFailure(tenant, err)
+	if err := m.saveUnsaved(ctx, s, subj); err != nil {
+		return nil, m.storageFailure(subj, err)
 	}
 
 	// A look without the lock: most tenants have no record at all, and a
 	// fresh access token stored by another replica needs no lock either.
-	rec, err := s.records.load(ctx, tenant)
+	rec, err := s.records.load(ctx, subj)
 	if err != nil {
-		return nil, m.storageFailure(tenant, err)
+		return nil, m.storageFailure(subj, err)
+	}
+	if terr := noRefreshToken(subj, rec); terr != nil {
+		return nil, m.failedWithoutRequest(subj, terr)
 	}
 	if rec == nil || rec.RefreshToken == "" {
 		return nil, errNoRefreshToken
 	}
-	if t := m.useStored(s, tenant, rec, stale); t != nil {
+	if t, terr := m.useStored(s, subj, rec, stale); t != nil || terr != nil {
+		if terr != nil {
+			return nil, m.failedWithoutRequest(subj, terr)
+		}
 		return t, nil
 	}
 
 	var token *cachedToken
 	var failure *tokenError
 	var took time.Duration
-	err = s.records.withLock(ctx, tenant, func() error {
-		rec, err := s.records.load(ctx, tenant)
+	var stranded *strandedToken
+	err = s.records.withLock(ctx, subj, func() error {
+		rec, err := s.records.load(ctx, subj)
 		if err != nil {
 			return err
+		}
+		if failure = noRefreshToken(subj, rec); failure != nil {
+			return nil
 		}
 		if rec == nil || rec.RefreshToken == "" {
 			return errNoRefreshToken
 		}
-		if token = m.useStored(s, tenant, rec, stale); token != nil {
+		if token, failure = m.useStored(s, subj, rec, stale); token != nil || failure != nil {
 			return nil
 		}
 		if !rec.RejectedAt.IsZero() {
 			failure = &tokenError{failure: failGrantRejected, code: "invalid_grant", description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
-		rctx, rcancel := context.WithTimeout(ctx, s.tokenTimeout)
-		defer rcancel()
-		start := time.Now()
-		answer, err := m.client.refresh(rctx, s.cred, rec.RefreshToken)
-		took = time.Since(start)
+		answer, spent, err := m.spendRefreshToken(s, rec.RefreshToken)
+		took = spent
 		if err != nil {
-			failure = asTokenError(err)
-			switch {
-			case failure.failure == failNoConsent && failure.code != "invalid_grant":
-				// Another 4xx (a proxy's 403, a 413): the token may still be
-				// good, so it is not marked dead; the tenant backs off.
-				failure.failure = failBadAnswer
-			case failure.failure == failNoConsent: // invalid_grant: the refresh token is dead
-				failure.failure = failGrantRejected
-				rec.RejectedAt = now().UTC()
-				if serr := s.records.save(ctx, rec); serr != nil {
-					m.logger().Error("could not mark the rejected refresh token in storage", zap.String("tenant", tenant), zap.Error(serr))
-				}
-			}
+			failure = m.refreshRefused(ctx, s, subj, rec, err)
 			return nil
 		}
 		// The old refresh token is dead now: the new one goes to storage
 		// before the access token is used.
+		if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
+			stranded, failure = m.strand(ctx, s, subj, rec, answer, terr)
+			return nil
+		}
 		issued := now()
-		if answer.refreshToken != "" {
-			rec.RefreshToken = answer.refreshToken
-		} else {
-			m.logger().Warn("Fortnox's refresh answer had no new refresh token; keeping the old one", zap.String("tenant", tenant))
-		}
-		rec.Mode = grantRefreshToken
-		rec.AccessToken = answer.accessToken
-		rec.IssuedAt = issued.UTC()
-		rec.ExpiresAt = issued.Add(answer.lifetime).UTC()
-		rec.RejectedAt = time.Time{}
-		if err := s.records.saveHard(ctx, rec); err != nil {
-			m.keepUnsaved(tenant, rec)
+		m.keepAnswer(rec, answer, issued, subj)
+		if err := s.records.saveHard(ctx, subj, rec); err != nil {
+			m.keepUnsaved(subj, rec)
 			m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
-				zap.String("tenant", tenant), zap.Error(err))
+				append(subj.logFields(), zap.Error(err))...)
 		}
-		token = m.cacheToken(tenant, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
+		token = m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
 		return nil
 	})
+	if stranded != nil {
+		// Outside the subject's lock: the refresh token's own tenant may
+		// take it (under that tenant's lock).
+		failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, stranded) + "."
+	}
 	switch {
 	case errors.Is(err, errNoRefreshToken):
 		return nil, errNoRefreshToken
 	case err != nil:
-		return nil, m.storageFailure(tenant, err)
+		return nil, m.storageFailure(subj, err)
 	case failure != nil:
-		m.recordFailure(tenant, grantRefreshToken, failure, took)
+		m.recordFailure(subj, grantRefreshToken, failure, took)
 		return nil, failure
 	}
 	if took > 0 {
-		m.recordSuccess(tenant, grantRefreshToken, token, took)
+		m.recordSuccess(subj, grantRefreshToken, token, took)
 	} else {
-		m.noteMode(tenant, grantRefreshToken)
+		m.noteMode(subj, grantRefreshToken)
 	}
 	return token, nil
 }
 
-// useStored caches and returns the record's access token when it is fresh
-// (not the stale one, and not yet due for refresh).
-func (m *tokenManager) useStored(s *managerSettings, tenant string, rec *tokenRecord, stale *cachedToken) *cachedToken {
-	if rec.AccessToken == "" || rec.IssuedAt.IsZero() || !rec.ExpiresAt.After(rec.IssuedAt) {
+// noRefreshToken explains a record that holds no usable refresh token
+// because of something the operator must see: it was marked as another
+// tenant's. nil otherwise.
+func noRefreshToken(subj subject, rec *tokenRecord) *tokenError {
+	if rec == nil || rec.RefreshToken != "" || rec.MismatchTenant == "" {
 		return nil
 	}
-	if stale != nil && stale.bearer == "Bearer "+rec.AccessToken {
-		return nil
+	return &tokenError{failure: failTenantMismatch, tenant: subj.tenant, tokenTenant: rec.MismatchTenant,
+		detail: "The refresh token it held was spent at " + rec.MismatchAt.Format(time.RFC3339) + "; the new one was stored elsewhere then (see the log and GET /fortnox/quarantine)."}
+}
+
+// keepAnswer puts a refresh answer into the record.
+func (m *tokenManager) keepAnswer(rec *tokenRecord, answer *tokenAnswer, issued time.Time, subj subject) {
+	if answer.refreshToken != "" {
+		rec.RefreshToken = answer.refreshToken
+		rec.RefreshTokenAt = issued.UTC()
+	} else {
+		m.logger().Warn("Fortnox's refresh answer had no new refresh token; keeping the old one", subj.logFields()...)
+	}
+	if user := tokenUserID(answer.accessToken); user != "" && subj.account != "" {
+		rec.UserID = user
+	}
+	rec.Mode = grantRefreshToken
+	rec.AccessToken = answer.accessToken
+	rec.IssuedAt = issued.UTC()
+	rec.ExpiresAt = issued.Add(answer.lifetime).UTC()
+	rec.RejectedAt = time.Time{}
+	rec.MismatchTenant, rec.MismatchAt = "", time.Time{}
+}
+
+// refreshRefused turns a failed refresh into the subject's failure, and
+// marks a refresh token Fortnox rejected so that no process tries it again.
+func (m *tokenManager) refreshRefused(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord, err error) *tokenError {
+	failure := asTokenError(err)
+	switch {
+	case failure.failure == failNoConsent && failure.code != "invalid_grant":
+		// Another 4xx (a proxy's 403, a 413): the token may still be
+		// good, so it is not marked dead; the tenant backs off.
+		failure.failure = failBadAnswer
+	case failure.failure == failNoConsent: // invalid_grant: the refresh token is dead
+		failure.failure = failGrantRejected
+		rec.RejectedAt = now().UTC()
+		if serr := s.records.save(ctx, subj, rec); serr != nil {
+			m.logger().Error("could not mark the rejected refresh token in storage", append(subj.logFields(), zap.Error(serr))...)
+		}
+	}
+	return failure
+}
+
+// useStored caches and returns the record's access token when it is fresh
+// (not the stale one, not one Fortnox refused, and not yet due for
+// refresh). A stored token that names another tenant (or user) than its
+// record is refused with an error: the record was tampered with.
+func (m *tokenManager) useStored(s *managerSettings, subj subject, rec *tokenRecord, stale *cachedToken) (*cachedToken, *tokenError) {
+	if rec.AccessToken == "" || rec.IssuedAt.IsZero() || !rec.ExpiresAt.After(rec.IssuedAt) {
+		return nil, nil
+	}
+	bearer := "Bearer " + rec.AccessToken
+	if (stale != nil && stale.bearer == bearer) || m.wasRejected(subj, bearer) {
+		return nil, nil
 	}
 	lifetime := rec.ExpiresAt.Sub(rec.IssuedAt)
 	n := now()
 	if !n.Before(rec.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(rec.ExpiresAt.Add(-skewFor(lifetime))) {
-		return nil
+		return nil, nil
 	}
-	t := m.cacheToken(tenant, grantRefreshToken, rec.AccessToken, rec.IssuedAt, lifetime, s.refreshBefore)
-	m.noteMode(tenant, grantRefreshToken)
-	return t
+	if terr := checkTokenBinding(rec.AccessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
+		terr.detail = "It was read from the record stored for " + subj.String() + ", which is not overwritten."
+		return nil, terr
+	}
+	t := m.cacheToken(subj, grantRefreshToken, rec.AccessToken, rec.IssuedAt, lifetime, s.refreshBefore)
+	m.noteMode(subj, grantRefreshToken)
+	return t, nil
 }
 
-// noteMode records the grant a tenant's token came from without a token
-// request of this process (it was found in storage).
-func (m *tokenManager) noteMode(tenant, grant string) {
+// wasRejected says whether Fortnox answered 401 to this bearer token.
+func (m *tokenManager) wasRejected(subj subject, bearer string) bool {
 	m.mu.Lock()
-	st := m.state(tenant)
+	defer m.mu.Unlock()
+	st := m.tenants[subj.key()]
+	return st != nil && st.rejected == bearer
+}
+
+// noteMode records the grant a subject's token came from without a token
+// request of this process (it was found in storage).
+func (m *tokenManager) noteMode(subj subject, grant string) {
+	m.mu.Lock()
+	st := m.state(subj.key())
 	st.mode, st.hasRefreshToken = grant, true
-	st.failures, st.lastError, st.retryAt = 0, nil, time.Time{}
+	st.failures, st.lastError, st.retryAt, st.unknown = 0, nil, time.Time{}, false
 	m.mu.Unlock()
 }
 
-func (m *tokenManager) keepUnsaved(tenant string, rec *tokenRecord) {
+func (m *tokenManager) keepUnsaved(subj subject, rec *tokenRecord) {
 	m.mu.Lock()
-	m.state(tenant).unsaved = rec
+	m.state(subj.key()).unsaved = rec
 	m.mu.Unlock()
 }
 
 // saveUnsaved writes a record whose save failed earlier. Until it is
 // written, no refresh may happen: its refresh token is the only live one.
-func (m *tokenManager) saveUnsaved(ctx context.Context, s *managerSettings, tenant string) error {
+func (m *tokenManager) saveUnsaved(ctx context.Context, s *managerSettings, subj subject) error {
 	m.mu.Lock()
-	st := m.tenants[tenant]
+	st := m.tenants[subj.key()]
 	var rec *tokenRecord
 	if st != nil {
 		rec = st.unsaved
@@ -190,7 +301,7 @@ func (m *tokenManager) saveUnsaved(ctx context.Context, s *managerSettings, tena
 	if rec == nil {
 		return nil
 	}
-	if err := s.records.withLock(ctx, tenant, func() error { return s.records.saveHard(ctx, rec) }); err != nil {
+	if err := s.records.withLock(ctx, subj, func() error { return s.records.saveHard(ctx, subj, rec) }); err != nil {
 		return err
 	}
 	m.mu.Lock()
@@ -198,13 +309,30 @@ func (m *tokenManager) saveUnsaved(ctx context.Context, s *managerSettings, tena
 		st.unsaved = nil
 	}
 	m.mu.Unlock()
-	m.logger().Warn("the refresh token that could not be saved earlier is saved now", zap.String("tenant", tenant))
+	m.logger().Warn("the refresh token that could not be saved earlier is saved now", subj.logFields()...)
 	return nil
 }
 
-// storageFailure records a storage error as the tenant's failure.
-func (m *tokenManager) storageFailure(tenant string, err error) *tokenError {
-	terr := &tokenError{failure: failStorage, cause: err}
-	m.recordFailure(tenant, grantRefreshToken, terr, 0)
+// storageFailure records a storage error as the subject's failure.
+func (m *tokenManager) storageFailure(subj subject, err error) *tokenError {
+	return m.failedWithoutRequest(subj, asStorageError(err))
+}
+
+// failedWithoutRequest records a failure found before any token request.
+func (m *tokenManager) failedWithoutRequest(subj subject, terr *tokenError) *tokenError {
+	m.recordFailure(subj, grantRefreshToken, terr, 0)
 	return terr
+}
+
+// asStorageError is the token error of a storage failure: a record that
+// names another tenant is a tenant mismatch; the rest is the store's fault.
+func asStorageError(err error) *tokenError {
+	var terr *tokenError
+	if errors.As(err, &terr) {
+		return terr
+	}
+	if errors.Is(err, errRecordMisplaced) {
+		return &tokenError{failure: failRecordMisplaced, cause: err}
+	}
+	return &tokenError{failure: failStorage, cause: err}
 }

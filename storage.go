@@ -12,58 +12,144 @@ import (
 	"fmt"
 	"io/fs"
 	"net/url"
+	"os"
+	"regexp"
 	"strings"
 	"time"
-
-	"github.com/caddyserver/certmagic"
 )
 
-// tokenRecord is what Caddy's storage holds for one (client id, tenant):
-// the refresh token (the only copy of a single-use secret), and the access
+// tokenRecord is what the store holds for one subject (a tenant's service
+// account, or a named user account of a tenant) of one client id: the
+// refresh token (the only copy of a single-use secret), and the access
 // token with its times, so that another replica or a restarted process can
 // use it instead of refreshing again.
+//
+// Tenant, ClientID and Account name whose record it is. They are written
+// from the key the record is stored under, and checked against that key
+// when it is read: a record found under another key is never used and
+// never overwritten (see errRecordMisplaced).
 type tokenRecord struct {
 	Tenant       string    `json:"tenant"`
 	ClientID     string    `json:"client_id"`
+	Account      string    `json:"account,omitempty"`
 	Mode         string    `json:"mode,omitempty"`
 	RefreshToken string    `json:"refresh_token,omitempty"`
 	AccessToken  string    `json:"access_token,omitempty"`
 	IssuedAt     time.Time `json:"issued_at,omitzero"`
 	ExpiresAt    time.Time `json:"expires_at,omitzero"`
+	// RefreshTokenAt is when RefreshToken was issued (or stored, for one
+	// handed over through the admin API): Fortnox's refresh tokens die
+	// after 45 days unused.
+	RefreshTokenAt time.Time `json:"refresh_token_at,omitzero"`
+	// UserID is the userId claim of the account's tokens: it binds a named
+	// account to one Fortnox user.
+	UserID string `json:"user_id,omitempty"`
 	// RejectedAt is set when Fortnox rejected RefreshToken (invalid_grant):
 	// no replica tries it again; a new refresh token clears it.
 	RejectedAt time.Time `json:"rejected_at,omitzero"`
-	UpdatedAt  time.Time `json:"updated_at"`
+	// MismatchTenant is set when the refresh token stored here turned out to
+	// belong to another tenant: the new refresh token Fortnox returned went
+	// to that tenant (or to quarantine), and this record holds none.
+	MismatchTenant string    `json:"mismatch_tenant,omitempty"`
+	MismatchAt     time.Time `json:"mismatch_at,omitzero"`
+	// ConsentRevokedAt is set when the customer revoked the service-account
+	// consent (webhook): the tenant's service account is refused, also
+	// after a restart, until a new consent or refresh token arrives.
+	ConsentRevokedAt time.Time `json:"consent_revoked_at,omitzero"`
+	UpdatedAt        time.Time `json:"updated_at"`
+}
+
+// liveRefreshToken says whether the record holds a refresh token that may
+// still work.
+func (r *tokenRecord) liveRefreshToken() bool {
+	return r != nil && r.RefreshToken != "" && r.RejectedAt.IsZero()
 }
 
 // maxRecordSize bounds what is read back from storage.
 const maxRecordSize = 64 << 10
 
-// errRecordLocked is a stored record this process cannot read (encrypted
-// with another key, or with none configured). It is never overwritten.
+// errRecordUnreadable is a stored record this process cannot read
+// (encrypted with another key, with none configured, damaged). It is never
+// overwritten.
 var errRecordUnreadable = errors.New("stored token record cannot be read")
 
-// recordKey is where a tenant's record lives in Caddy's storage.
-func recordKey(clientID, tenant string) string {
-	return recordPrefix(clientID) + tenant + ".json"
+// errRecordMisplaced is a stored record whose content names another tenant,
+// account or client than the key it was found under (it was copied there).
+// It is never used and never overwritten.
+var errRecordMisplaced = errors.New("stored token record belongs elsewhere")
+
+// misplacedRecordError says whose record was found where.
+type misplacedRecordError struct {
+	key                  string
+	wantTenant, tenant   string
+	wantClient, client   string
+	wantAccount, account string
+}
+
+func (e *misplacedRecordError) Error() string {
+	var what string
+	switch {
+	case e.tenant != e.wantTenant:
+		what = fmt.Sprintf("tenant %s, not %s", e.tenant, e.wantTenant)
+	case e.client != e.wantClient:
+		what = fmt.Sprintf("client id %q, not %q", e.client, e.wantClient)
+	default:
+		what = fmt.Sprintf("account %q, not %q", e.account, e.wantAccount)
+	}
+	return fmt.Sprintf("%v: the record at %s names %s; it was copied there from another key, so it is not used and not overwritten (move it back, or delete it and store the tenant's refresh token again)", errRecordMisplaced, e.key, what)
+}
+
+func (e *misplacedRecordError) Unwrap() error { return errRecordMisplaced }
+
+// recordKey is where a record lives in the store.
+func recordKey(clientID string, id subject) string {
+	if id.account == "" {
+		return recordPrefix(clientID) + id.tenant + ".json"
+	}
+	return recordPrefix(clientID) + "accounts/" + id.tenant + "/" + id.account + ".json"
 }
 
 func recordPrefix(clientID string) string {
 	return "fortnox/" + url.PathEscape(clientID) + "/"
 }
 
-// lockName is the storage lock that serializes refreshes of a tenant's
-// refresh token across processes.
-func lockName(clientID, tenant string) string {
-	return "fortnox/" + url.PathEscape(clientID) + "/" + tenant
+// quarantinePrefix is where refresh tokens that could not be stored under
+// their tenant are kept (see quarantine).
+func quarantinePrefix(clientID string) string {
+	return recordPrefix(clientID) + "quarantine/"
 }
 
-// recordStore reads and writes token records in Caddy's storage,
-// encrypting them when a key is configured.
+// lockName is the storage lock that serializes refreshes of a record's
+// refresh token across processes.
+func lockName(clientID string, id subject) string {
+	name := "fortnox/" + url.PathEscape(clientID) + "/" + id.tenant
+	if id.account != "" {
+		name += "/accounts/" + id.account
+	}
+	return name
+}
+
+// recordBackend is where records live: Caddy's storage (certmagic.Storage
+// satisfies it), or Redis in cluster mode. Load answers fs.ErrNotExist
+// for a missing key.
+type recordBackend interface {
+	Store(ctx context.Context, key string, value []byte) error
+	Load(ctx context.Context, key string) ([]byte, error)
+	Delete(ctx context.Context, key string) error
+	List(ctx context.Context, path string, recursive bool) ([]string, error)
+	Lock(ctx context.Context, name string) error
+	Unlock(ctx context.Context, name string) error
+}
+
+// recordStore reads and writes token records, encrypting them when a key
+// is configured.
 type recordStore struct {
-	storage  certmagic.Storage
+	storage  recordBackend
 	clientID string
-	aead     cipher.AEAD // nil: records are stored as plain JSON
+	// keys: the first encrypts what is written; all of them are tried on
+	// what is read (older keys, while a store moves to a new one). Empty:
+	// records are stored as plain JSON.
+	keys []cipher.AEAD
 }
 
 // encryptedRecord is the stored form of an encrypted record.
@@ -99,24 +185,55 @@ func parseEncryptionKey(s string) (cipher.AEAD, error) {
 	return cipher.NewGCM(block)
 }
 
-// load returns the tenant's record, or nil when there is none.
-func (rs *recordStore) load(ctx context.Context, tenant string) (*tokenRecord, error) {
-	key := recordKey(rs.clientID, tenant)
+// load returns a record, or nil when there is none.
+func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, error) {
+	key := recordKey(rs.clientID, id)
 	raw, err := rs.storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("loading the token record: %w", err)
+		return nil, storageError("loading", key, err)
 	}
-	return rs.decode(key, raw)
+	rec, err := rs.decode(key, raw)
+	if err != nil {
+		return nil, err
+	}
+	if err := rs.checkBinding(key, id, rec); err != nil {
+		return nil, err
+	}
+	return rec, nil
 }
 
-// loadOrNew returns the tenant's record, or a new refresh-token record.
-func (rs *recordStore) loadOrNew(ctx context.Context, tenant string) (*tokenRecord, error) {
-	rec, err := rs.load(ctx, tenant)
+// checkBinding refuses a record whose content names another tenant,
+// account or client than its key. Encrypted records are bound to their key
+// by the cipher as well; this catches plain ones copied by hand.
+func (rs *recordStore) checkBinding(key string, id subject, rec *tokenRecord) error {
+	tenantOK := rec.Tenant == "" || rec.Tenant == id.tenant
+	clientOK := rec.ClientID == "" || rec.ClientID == rs.clientID
+	if tenantOK && clientOK && rec.Account == id.account {
+		return nil
+	}
+	return &misplacedRecordError{
+		key:        key,
+		wantTenant: id.tenant, tenant: cmpOr(rec.Tenant, id.tenant),
+		wantClient: rs.clientID, client: cmpOr(rec.ClientID, rs.clientID),
+		wantAccount: id.account, account: rec.Account,
+	}
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// loadOrNew returns a record, or a new refresh-token record for id.
+func (rs *recordStore) loadOrNew(ctx context.Context, id subject) (*tokenRecord, error) {
+	rec, err := rs.load(ctx, id)
 	if err == nil && rec == nil {
-		rec = &tokenRecord{Tenant: tenant, Mode: grantRefreshToken}
+		rec = &tokenRecord{Tenant: id.tenant, Account: id.account, Mode: grantRefreshToken}
 	}
 	return rec, err
 }
@@ -124,33 +241,9 @@ func (rs *recordStore) loadOrNew(ctx context.Context, tenant string) (*tokenReco
 // decode reads a stored record. Records written before encryption_key was
 // set are read as they are (and encrypted on their next write).
 func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {
-	if len(raw) > maxRecordSize {
-		return nil, fmt.Errorf("%w: %s is larger than %d bytes", errRecordUnreadable, key, maxRecordSize)
-	}
-	var probe struct {
-		encryptedRecord
-		Tenant *string `json:"tenant"`
-	}
-	if err := json.Unmarshal(raw, &probe); err != nil {
-		return nil, fmt.Errorf("%w: %s is not JSON", errRecordUnreadable, key)
-	}
-	plain := raw
-	if probe.Encrypted != "" {
-		if probe.Encrypted != encryptionAlgorithm {
-			return nil, fmt.Errorf("%w: %s is encrypted with %q, which this version does not know", errRecordUnreadable, key, probe.Encrypted)
-		}
-		if rs.aead == nil {
-			return nil, fmt.Errorf("%w: %s is encrypted, but no encryption_key is configured", errRecordUnreadable, key)
-		}
-		sealed, err := base64.StdEncoding.DecodeString(probe.Data)
-		ns := rs.aead.NonceSize()
-		if err != nil || len(sealed) < ns {
-			return nil, fmt.Errorf("%w: %s is damaged", errRecordUnreadable, key)
-		}
-		plain, err = rs.aead.Open(nil, sealed[:ns], sealed[ns:], []byte(key))
-		if err != nil {
-			return nil, fmt.Errorf("%w: %s cannot be decrypted: encryption_key is not the key it was written with", errRecordUnreadable, key)
-		}
+	plain, err := rs.plain(key, raw)
+	if err != nil {
+		return nil, err
 	}
 	var rec tokenRecord
 	if err := json.Unmarshal(plain, &rec); err != nil {
@@ -159,59 +252,115 @@ func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {
 	return &rec, nil
 }
 
-// save writes the tenant's record.
-func (rs *recordStore) save(ctx context.Context, rec *tokenRecord) error {
-	key := recordKey(rs.clientID, rec.Tenant)
-	rec.ClientID = rs.clientID
+// plain returns the JSON of a stored value, decrypted when it is encrypted.
+func (rs *recordStore) plain(key string, raw []byte) ([]byte, error) {
+	if len(raw) > maxRecordSize {
+		return nil, fmt.Errorf("%w: %s is larger than %d bytes", errRecordUnreadable, key, maxRecordSize)
+	}
+	var probe encryptedRecord
+	if err := json.Unmarshal(raw, &probe); err != nil {
+		return nil, fmt.Errorf("%w: %s", errRecordUnreadable, describeBadJSON(key, raw))
+	}
+	if probe.Encrypted == "" {
+		return raw, nil
+	}
+	return rs.open(key, probe)
+}
+
+// describeBadJSON tells a record cut short (a write that did not finish,
+// a full disk) from one that is not JSON at all.
+func describeBadJSON(key string, raw []byte) string {
+	trimmed := strings.TrimSpace(string(raw))
+	err := json.Unmarshal([]byte(trimmed), new(any))
+	switch {
+	case trimmed == "":
+		return key + " is empty: the write that made it did not finish (a full disk?); restore it from a backup, or delete it and store the refresh token again"
+	case err != nil && strings.HasPrefix(trimmed, "{") && strings.Contains(err.Error(), "unexpected end of JSON input"):
+		return key + " is truncated (its JSON ends early): the write that made it did not finish (a full disk?); restore it from a backup, or delete it and store the refresh token again"
+	}
+	return key + " is not JSON: it was not written by this plugin; delete it, or restore it from a backup"
+}
+
+// open decrypts an encrypted record with the first key that fits.
+func (rs *recordStore) open(key string, er encryptedRecord) ([]byte, error) {
+	if er.Encrypted != encryptionAlgorithm {
+		return nil, fmt.Errorf("%w: %s is encrypted with %q, which this version does not know", errRecordUnreadable, key, er.Encrypted)
+	}
+	if len(rs.keys) == 0 {
+		return nil, fmt.Errorf("%w: %s is encrypted, but no encryption_key is configured", errRecordUnreadable, key)
+	}
+	sealed, err := base64.StdEncoding.DecodeString(er.Data)
+	if err != nil || len(sealed) < rs.keys[0].NonceSize() {
+		return nil, fmt.Errorf("%w: %s is damaged", errRecordUnreadable, key)
+	}
+	for _, aead := range rs.keys {
+		ns := aead.NonceSize()
+		if plain, err := aead.Open(nil, sealed[:ns], sealed[ns:], []byte(key)); err == nil {
+			return plain, nil
+		}
+	}
+	return nil, fmt.Errorf("%w: %s cannot be decrypted: encryption_key is not the key it was written with (list the old key after the new one to read it: encryption_key <new> <old>)", errRecordUnreadable, key)
+}
+
+// save writes a record under id. The key decides whose record it is: the
+// record's own fields are set from it.
+func (rs *recordStore) save(ctx context.Context, id subject, rec *tokenRecord) error {
+	key := recordKey(rs.clientID, id)
+	rec.Tenant, rec.Account, rec.ClientID = id.tenant, id.account, rs.clientID
 	rec.UpdatedAt = now().UTC()
 	raw, err := rs.encode(key, rec)
 	if err != nil {
 		return err
 	}
-	return rs.storage.Store(ctx, key, raw)
+	if err := rs.storage.Store(ctx, key, raw); err != nil {
+		return storageError("writing", key, err)
+	}
+	return nil
 }
 
-func (rs *recordStore) encode(key string, rec *tokenRecord) ([]byte, error) {
+func (rs *recordStore) encode(key string, rec any) ([]byte, error) {
 	plain, err := json.Marshal(rec)
 	if err != nil {
 		return nil, err
 	}
-	if rs.aead == nil {
+	if len(rs.keys) == 0 {
 		return plain, nil
 	}
-	nonce := make([]byte, rs.aead.NonceSize(), rs.aead.NonceSize()+len(plain)+rs.aead.Overhead())
+	aead := rs.keys[0]
+	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
-	sealed := rs.aead.Seal(nonce, nonce, plain, []byte(key))
+	sealed := aead.Seal(nonce, nonce, plain, []byte(key))
 	return json.Marshal(encryptedRecord{Encrypted: encryptionAlgorithm, Data: base64.StdEncoding.EncodeToString(sealed)})
 }
 
 // saveHard writes a record that holds a new refresh token: the old one is
-// dead, so this copy is the only one. It tries a few times before giving up.
-func (rs *recordStore) saveHard(ctx context.Context, rec *tokenRecord) error {
+// dead, so this copy is the only one. It tries a few times before giving
+// up, and is not cut short by ctx: a write that has started finishes.
+func (rs *recordStore) saveHard(ctx context.Context, id subject, rec *tokenRecord) error {
+	ctx = context.WithoutCancel(ctx)
 	var err error
 	for attempt, pause := 0, 100*time.Millisecond; attempt < 4; attempt, pause = attempt+1, pause*3 {
-		if err = rs.save(ctx, rec); err == nil {
+		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err = rs.save(wctx, id, rec)
+		cancel()
+		if err == nil {
 			return nil
 		}
-		select {
-		case <-ctx.Done():
-			return err
-		case <-time.After(pause):
-		}
+		time.Sleep(pause)
 	}
 	return err
 }
 
-// tenants lists the tenants that have a record.
+// tenants lists the tenants that have a service-account record.
 func (rs *recordStore) tenants(ctx context.Context) ([]string, error) {
 	keys, err := rs.storage.List(ctx, strings.TrimSuffix(recordPrefix(rs.clientID), "/"), false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, err
+		return nil, storageError("listing", recordPrefix(rs.clientID), err)
 	}
 	var out []string
 	for _, k := range keys {
@@ -223,11 +372,53 @@ func (rs *recordStore) tenants(ctx context.Context) ([]string, error) {
 	return out, nil
 }
 
-// withLock runs fn while holding the tenant's storage lock.
-func (rs *recordStore) withLock(ctx context.Context, tenant string, fn func() error) error {
-	name := lockName(rs.clientID, tenant)
+// accounts lists the named accounts stored for tenant.
+func (rs *recordStore) accounts(ctx context.Context, tenant string) ([]string, error) {
+	dir := recordPrefix(rs.clientID) + "accounts/" + tenant
+	keys, err := rs.storage.List(ctx, dir, false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, storageError("listing", dir, err)
+	}
+	var out []string
+	for _, k := range keys {
+		name := k[strings.LastIndexByte(k, '/')+1:]
+		if account, ok := strings.CutSuffix(name, ".json"); ok && validAccountName(account) {
+			out = append(out, account)
+		}
+	}
+	return out, nil
+}
+
+// accountTenants lists the tenants that have named accounts stored.
+func (rs *recordStore) accountTenants(ctx context.Context) ([]string, error) {
+	dir := recordPrefix(rs.clientID) + "accounts"
+	keys, err := rs.storage.List(ctx, dir, false)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, storageError("listing", dir, err)
+	}
+	var out []string
+	for _, k := range keys {
+		if tenant := k[strings.LastIndexByte(k, '/')+1:]; validTenantID(tenant) {
+			out = append(out, tenant)
+		}
+	}
+	return out, nil
+}
+
+// withLock runs fn while holding the record's storage lock.
+func (rs *recordStore) withLock(ctx context.Context, id subject, fn func() error) error {
+	name := lockName(rs.clientID, id)
 	if err := rs.storage.Lock(ctx, name); err != nil {
-		return fmt.Errorf("taking the storage lock: %w", err)
+		if ctx.Err() != nil {
+			return fmt.Errorf("taking the storage lock for %s: another process held it too long", id)
+		}
+		return storageError("taking the lock", name, err)
 	}
 	defer func() {
 		// Unlock even when ctx is done: a lock left behind stalls the
@@ -237,4 +428,32 @@ func (rs *recordStore) withLock(ctx context.Context, tenant string, fn func() er
 		_ = rs.storage.Unlock(uctx, name)
 	}()
 	return fn()
+}
+
+// absolutePath matches what looks like an absolute file path in an error.
+var absolutePath = regexp.MustCompile(`(^|[\s"'(=:])(/[^\s"':),]+)`)
+
+// storageError describes a storage failure without the absolute paths a
+// file system error carries (they would reach the app's 503 and the admin
+// API's answers): the key, the operation and the cause are enough.
+func storageError(op, key string, err error) error {
+	return fmt.Errorf("%s %s in the token store: %w", op, key, &scrubbedError{err})
+}
+
+// scrubbedError is an error whose text has no absolute path; errors.Is
+// and errors.As still reach the original.
+type scrubbedError struct{ err error }
+
+func (e *scrubbedError) Unwrap() error { return e.err }
+
+func (e *scrubbedError) Error() string {
+	var pe *fs.PathError
+	if errors.As(e.err, &pe) {
+		return pe.Op + ": " + pe.Err.Error()
+	}
+	var le *os.LinkError
+	if errors.As(e.err, &le) {
+		return le.Op + ": " + le.Err.Error()
+	}
+	return absolutePath.ReplaceAllString(e.err.Error(), "$1<path>")
 }

@@ -140,6 +140,16 @@ func (c *jwtClaims) tenant() (string, error) {
 	return s, nil
 }
 
+// user returns the userId claim ("" when there is none). Fortnox's is a
+// string; a number is accepted too.
+func (c *jwtClaims) user() string {
+	raw := strings.TrimSpace(string(c.UserID))
+	if raw == "" || raw == "null" {
+		return ""
+	}
+	return strings.Trim(raw, `"`)
+}
+
 // decodeJWTClaims reads the payload of a JWT without checking its signature.
 func decodeJWTClaims(token string) (*jwtClaims, error) {
 	if len(token) > maxJWTLength {
@@ -182,6 +192,27 @@ func tenantFromBearer(auth string) (string, error) {
 		return "", errors.New("no Bearer token")
 	}
 	return tenantFromToken(strings.TrimSpace(auth[len(prefix):]))
+}
+
+// maxAccountNameLength bounds a named account's name.
+const maxAccountNameLength = 64
+
+// validAccountName: 1 to 64 of [A-Za-z0-9._@-], and not dots only (the
+// admin API's paths would be cleaned: …/accounts/../…). Case-sensitive.
+func validAccountName(s string) bool {
+	if len(s) == 0 || len(s) > maxAccountNameLength {
+		return false
+	}
+	dotsOnly := true
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		ok := c == '.' || c == '_' || c == '@' || c == '-' || (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')
+		if !ok {
+			return false
+		}
+		dotsOnly = dotsOnly && c == '.'
+	}
+	return !dotsOnly
 }
 
 // validateTenantNames checks the `tenant` declarations of a config.

@@ -30,6 +30,19 @@ const (
 	// failConsentRevoked: Fortnox told us (consent webhook) that the
 	// customer revoked the integration's consent.
 	failConsentRevoked
+	// failTenantMismatch: a token (from Fortnox, or read from a store)
+	// names another tenant than the one it was asked for, or none where one
+	// is required. It is never used.
+	failTenantMismatch
+	// failRecordMisplaced: a stored record names another tenant, account
+	// or client than the key it is stored under. It is never used and
+	// never overwritten.
+	failRecordMisplaced
+	// failAccountNotAuthorized: a named user account has no refresh token.
+	failAccountNotAuthorized
+	// failUserMismatch: a named account's token is another Fortnox user's
+	// than the one the account is bound to.
+	failUserMismatch
 )
 
 // tokenError is what the token manager returns when it has no token for a
@@ -47,6 +60,16 @@ type tokenError struct {
 	cause error
 	// retryAt is when the next attempt for this tenant will be made.
 	retryAt time.Time
+	// For failTenantMismatch: the tenant asked for and the one the token
+	// names ("" when it names none); detail adds what became of it (where
+	// the new refresh token that came with it was kept), as a sentence.
+	tenant, tokenTenant, detail string
+	// fromClientCredentials: the token came from client credentials
+	// (nothing was stored; it is Fortnox's error).
+	fromClientCredentials bool
+	// For failUserMismatch: the account, the user it is bound to and the
+	// user the token names.
+	account, wantUser, tokenUser string
 }
 
 func (e *tokenError) Error() string {
@@ -66,6 +89,17 @@ func (e *tokenError) Error() string {
 		s = "the token store failed"
 	case failConsentRevoked:
 		s = "the customer revoked the consent"
+	case failTenantMismatch:
+		s = "the token is not the tenant's"
+		if e.tokenTenant != "" {
+			s = fmt.Sprintf("the token is for tenant %s, not %s", e.tokenTenant, e.tenant)
+		}
+	case failRecordMisplaced:
+		s = "the stored record is another tenant's"
+	case failAccountNotAuthorized:
+		s = "no refresh token is stored for the account"
+	case failUserMismatch:
+		s = fmt.Sprintf("the token is user %s's, but account %s is bound to user %s", e.tokenUser, e.account, e.wantUser)
 	default:
 		s = "token error"
 	}
@@ -90,8 +124,10 @@ func (e *tokenError) Unwrap() error { return e.cause }
 // httpStatus is the status the app gets for this failure (DESIGN's table).
 func (e *tokenError) httpStatus() int {
 	switch e.failure {
-	case failNoConsent, failGrantRejected, failConsentRevoked:
+	case failNoConsent, failGrantRejected, failConsentRevoked, failAccountNotAuthorized:
 		return http.StatusForbidden
+	case failTenantMismatch, failRecordMisplaced, failUserMismatch:
+		return http.StatusConflict
 	case failBadClient, failBadAnswer:
 		return http.StatusBadGateway
 	default:
@@ -114,6 +150,12 @@ func (e *tokenError) errorCode() string {
 		return "token_storage_unavailable"
 	case failConsentRevoked:
 		return "consent_revoked"
+	case failTenantMismatch, failRecordMisplaced:
+		return "tenant_mismatch"
+	case failAccountNotAuthorized:
+		return "account_not_authorized"
+	case failUserMismatch:
+		return "account_user_mismatch"
 	default:
 		return "token_endpoint_unavailable"
 	}
@@ -133,6 +175,18 @@ func (e *tokenError) advice(tenant string) string {
 		return "Fortnox's token endpoint gave an answer that is not a usable token. Check token_url; if it is right, this is on Fortnox's side: try again later."
 	case failConsentRevoked:
 		return "The customer (tenant " + tenant + ") revoked this integration's consent in Fortnox. The customer must authorize the integration again; requests are refused until a new consent or refresh token arrives."
+	case failTenantMismatch:
+		return e.mismatchAdvice(tenant)
+	case failRecordMisplaced:
+		msg := "The token store holds a record for tenant " + tenant + " that names another tenant or client"
+		if e.cause != nil {
+			msg += " (" + e.cause.Error() + ")"
+		}
+		return msg + ". It is never used for this tenant's requests."
+	case failAccountNotAuthorized:
+		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user (fortnox_connect with ?account=<name>&tenant=" + tenant + ") or store the user's refresh token with PUT /fortnox/tenants/" + tenant + "/accounts/<name>/refresh_token on the admin API. Requests without the account header use the service account."
+	case failUserMismatch:
+		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. Delete the account (DELETE /fortnox/tenants/" + tenant + "/accounts/" + e.account + ") before connecting another user under its name."
 	case failStorage:
 		msg := "The token store (Caddy's storage) could not be used for tenant " + tenant
 		if e.cause != nil {
@@ -142,6 +196,30 @@ func (e *tokenError) advice(tenant string) string {
 	default:
 		return "Fortnox's token endpoint could not be reached or is failing, and no valid token is cached for tenant " + tenant + ". Retry after the number of seconds in Retry-After."
 	}
+}
+
+// mismatchAdvice explains a token that is not the tenant's: both ids, never
+// a token.
+func (e *tokenError) mismatchAdvice(tenant string) string {
+	var msg string
+	if e.tokenTenant != "" {
+		msg = "Fortnox's token for tenant " + tenant + " is for tenant " + e.tokenTenant + ", so it was not used."
+		if !e.fromClientCredentials {
+			msg += " The refresh token stored for " + tenant + " belongs to " + e.tokenTenant + "."
+		}
+	} else {
+		msg = "Fortnox's token for tenant " + tenant + " names no tenant, so it cannot be proved to be " + tenant + "'s and was not used."
+		if e.cause != nil {
+			msg = "Fortnox's token for tenant " + tenant + " was not used: " + e.cause.Error() + "."
+		}
+	}
+	if e.detail != "" {
+		msg += " " + e.detail
+	}
+	if e.fromClientCredentials {
+		return msg + " This is Fortnox's error (or token_url does not point at Fortnox): try again later."
+	}
+	return msg + " Store tenant " + tenant + "'s own refresh token (PUT /fortnox/tenants/" + tenant + "/refresh_token on the admin API), or have the customer authorize again."
 }
 
 // retryAfterSeconds is the Retry-After value for an answer given at t:

@@ -19,6 +19,11 @@ import (
 const (
 	defaultRefreshBefore = 5 * time.Minute
 	defaultTokenTimeout  = 10 * time.Second
+	// defaultMaxTokenRequests: token requests of one client id in flight at
+	// once; the rest queue. Fortnox's token endpoint may have a limit of its
+	// own (unknown), and 200 made-up TenantIds must not become 200
+	// simultaneous token requests.
+	defaultMaxTokenRequests = 8
 	// expirySkew: a token this close to its expiry (a quarter of its
 	// lifetime at most) is not sent any more, so a
 	// request in flight does not reach Fortnox with a token that just died.
@@ -106,17 +111,55 @@ type managerSettings struct {
 	// retryClientCredentials: how often a tenant on the refresh-token
 	// fallback tries client credentials again.
 	retryClientCredentials time.Duration
-	// records is the token store in Caddy's storage (nil in unit tests).
+	// maxTokenRequests: token requests in flight at once (0: the default).
+	maxTokenRequests int
+	// records is the token store (nil in unit tests).
 	records *recordStore
 	logger  *zap.Logger
+}
+
+// subject is whose token: a tenant's service account (account "", the
+// client-credentials token with the tenant's own refresh token as
+// fallback), or a named user account of the tenant (its own refresh-token
+// chain only).
+type subject struct {
+	tenant, account string
+}
+
+// key is the subject's key in the manager's maps: the TenantId itself for
+// the service account (no allocation on the hot path), tenant/account
+// otherwise (account names cannot hold a slash).
+func (s subject) key() string {
+	if s.account == "" {
+		return s.tenant
+	}
+	return s.tenant + "/" + s.account
+}
+
+func (s subject) String() string {
+	if s.account == "" {
+		return "tenant " + s.tenant
+	}
+	return "account " + s.account + " of tenant " + s.tenant
+}
+
+// logFields names the subject in a log line.
+func (s subject) logFields() []zap.Field {
+	if s.account == "" {
+		return []zap.Field{zap.String("tenant", s.tenant)}
+	}
+	return []zap.Field{zap.String("tenant", s.tenant), zap.String("account", s.account)}
 }
 
 // cachedToken is an access token ready to be sent. It is never changed after
 // it is cached except for the refresh-ahead bookkeeping, which is atomic.
 type cachedToken struct {
 	// bearer is the whole Authorization header value, made once.
-	bearer    string
-	grant     string
+	bearer string
+	grant  string
+	// issuedAt is when Fortnox minted the token (not when this process
+	// read it from storage): a 401 on a token minted seconds ago is not the
+	// token's fault.
 	issuedAt  time.Time
 	expiresAt int64 // unix nanoseconds, on the plugin's clock
 	// usableUntil is expiresAt less the skew (unix ns).
@@ -130,12 +173,15 @@ type cachedToken struct {
 
 func (t *cachedToken) expiry() time.Time { return time.Unix(0, t.expiresAt) }
 
+// accessToken is the token without its "Bearer " prefix.
+func (t *cachedToken) accessToken() string { return strings.TrimPrefix(t.bearer, "Bearer ") }
+
 // usableAt says whether t may still be sent at time n (unix ns).
 func (t *cachedToken) usableAt(n int64) bool {
 	return n < t.usableUntil
 }
 
-// tenantState is what the manager remembers about a tenant besides its
+// tenantState is what the manager remembers about a subject besides its
 // token: the last failure and when to try again.
 type tenantState struct {
 	mode      string // grantClientCredentials, grantRefreshToken or "" (none yet)
@@ -145,14 +191,27 @@ type tenantState struct {
 	// ccRetryAt: when a tenant on the refresh-token fallback next tries
 	// client credentials (it may have gained a service-account consent).
 	ccRetryAt time.Time
-	// hasRefreshToken: a refresh token is stored for the tenant.
+	// hasRefreshToken: a refresh token is stored for the subject.
 	hasRefreshToken bool
 	// unsaved holds a record whose new refresh token could not be written
 	// to storage; it is written on the next chance, never dropped.
 	unsaved *tokenRecord
-	// consentRevoked: a consent-revoked event arrived (fortnox_webhook);
-	// the tenant gets 403 until a new consent or refresh token arrives.
+	// consentRevoked: the customer revoked the service-account consent
+	// (fortnox_webhook); the tenant's service account gets 403 until a new
+	// consent or refresh token arrives. revocationRead: the stored mark was
+	// read (once per state), so a restart does not forget a revocation.
 	consentRevoked bool
+	revocationRead bool
+	// rejected is the last access token Fortnox answered 401 to: it is
+	// never used again, even if a store still holds it.
+	rejected string
+	// invalidations: when Fortnox's 401s last dropped the subject's token
+	// (bounded, so that a path that always answers 401 cannot turn every
+	// request into a token request).
+	invalidations []time.Time
+	// unknown: the subject never had a token; its failure is remembered
+	// more cheaply (see rememberUnknown).
+	unknown bool
 }
 
 // tokenManager gets, caches and refreshes tokens for one (token_url,
@@ -164,14 +223,28 @@ type tokenManager struct {
 	client   *tokenClient
 	settings atomic.Pointer[managerSettings]
 
-	// cache holds *cachedToken by TenantId. Dead tokens are removed by the
-	// manager's sweeper (go-cache's own janitor is not used: it would
+	// cache holds *cachedToken by subject key. Dead tokens are removed by
+	// the manager's sweeper (go-cache's own janitor is not used: it would
 	// outlive the manager).
 	cache   *gocache.Cache
 	flights singleflight.Group
 
 	mu      sync.Mutex
 	tenants map[string]*tenantState
+	// stranded holds quarantine records that could not be written yet.
+	stranded []*quarantineRecord
+	// unknownOrder lists the subject keys of unknown failing subjects,
+	// oldest first, so that their number stays bounded.
+	unknownOrder []string
+
+	// slots paces token requests: at most cap(slots) in flight at once.
+	slotsOnce sync.Once
+	slots     chan struct{}
+
+	// refreshes counts refresh-token requests in flight: a manager being
+	// destroyed waits for them (bounded), so that no rotated refresh token
+	// is lost to a reload or a shutdown.
+	refreshes sync.WaitGroup
 
 	// ctx lives as long as the manager: token requests run under it, not
 	// under any one caller's context, so a caller that gives up does not
@@ -202,8 +275,15 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 const sweepInterval = 10 * time.Minute
 
 // forgetErrorsAfter: a failed tenant's last error stays visible (GET
-// /fortnox/tenants) this long after its last retry time.
-const forgetErrorsAfter = time.Hour
+// /fortnox/tenants) this long after its last retry time. A subject that
+// never had a token is forgotten sooner (forgetUnknownAfter).
+const (
+	forgetErrorsAfter  = time.Hour
+	forgetUnknownAfter = 5 * time.Minute
+	// maxUnknownSubjects bounds how many never-seen subjects' failures are
+	// remembered: made-up TenantIds cannot grow the manager's memory.
+	maxUnknownSubjects = 10000
+)
 
 // sweep reclaims memory until the manager is destroyed.
 func (m *tokenManager) sweep(every time.Duration) {
@@ -216,32 +296,58 @@ func (m *tokenManager) sweep(every time.Duration) {
 		case <-t.C:
 			m.cache.DeleteExpired()
 			m.forgetIdleTenants()
+			m.saveStranded(m.ctx)
 		}
 	}
 }
 
-// forgetIdleTenants drops what is remembered about tenants with no cached
+// forgetIdleTenants drops what is remembered about subjects with no cached
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
 func (m *tokenManager) forgetIdleTenants() {
 	n := now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	for tenant, st := range m.tenants {
-		if _, cached := m.cache.Get(tenant); cached || st.unsaved != nil || st.consentRevoked {
+	for key, st := range m.tenants {
+		if _, cached := m.cache.Get(key); cached || st.unsaved != nil || st.consentRevoked {
 			continue
 		}
-		if st.lastError != nil && n.Before(st.retryAt.Add(forgetErrorsAfter)) {
+		keep := forgetErrorsAfter
+		if st.unknown {
+			keep = forgetUnknownAfter
+		}
+		if st.lastError != nil && n.Before(st.retryAt.Add(keep)) {
 			continue
 		}
-		delete(m.tenants, tenant)
+		delete(m.tenants, key)
+	}
+	m.unknownOrder = m.unknownOrder[:0:0]
+	for key, st := range m.tenants {
+		if st.unknown {
+			m.unknownOrder = append(m.unknownOrder, key)
+		}
 	}
 }
+
+// destroyGrace bounds how long a manager being destroyed (a config reload
+// or a shutdown) waits for refresh-token requests already sent: their
+// answers hold the only live refresh tokens, and are stored first.
+const destroyGrace = 35 * time.Second
 
 // Destruct implements caddy.Destructor: the last config using this manager
 // is gone.
 func (m *tokenManager) Destruct() error {
 	m.cancel()
+	done := make(chan struct{})
+	go func() {
+		m.refreshes.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-time.After(destroyGrace):
+		m.logger().Error("a refresh-token request sent to Fortnox had no answer within the shutdown grace period; if Fortnox rotated the refresh token, the customer must authorize again")
+	}
 	m.cache.Flush()
 	return nil
 }
@@ -253,48 +359,76 @@ func (m *tokenManager) logger() *zap.Logger {
 	return zap.NewNop()
 }
 
-// tokenFor returns a token for tenant. ctx bounds only this caller's wait.
-func (m *tokenManager) tokenFor(ctx context.Context, tenant string) (*cachedToken, error) {
-	if v, ok := m.cache.Get(tenant); ok {
+// tokenFor returns a token for the subject. ctx bounds only this caller's wait.
+func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken, error) {
+	if v, ok := m.cache.Get(subj.key()); ok {
 		t := v.(*cachedToken)
 		n := now().UnixNano()
 		if t.usableAt(n) {
 			m.hits.Add(1)
 			metrics.cacheHit.Inc()
 			if n >= t.refreshAt.Load() && t.refreshing.CompareAndSwap(false, true) {
-				go m.refreshAhead(tenant, t)
+				go m.refreshAhead(subj, t)
 			}
 			return t, nil
 		}
 	}
 	m.misses.Add(1)
 	metrics.cacheMiss.Inc()
-	return m.waitForToken(ctx, tenant, nil)
+	return m.waitForToken(ctx, subj, nil)
 }
 
-// waitForToken joins (or starts) the single token request for tenant and
-// waits for it or for ctx, whichever comes first. stale, when set, is a
-// token the caller knows is bad and that must not be returned again.
-func (m *tokenManager) waitForToken(ctx context.Context, tenant string, stale *cachedToken) (*cachedToken, error) {
-	ch := m.flights.DoChan(tenant, func() (any, error) {
-		return m.obtain(tenant, stale)
-	})
-	select {
-	case res := <-ch:
-		if res.Err != nil {
-			return nil, res.Err
+// errStillWorking answers a caller whose token request is still running
+// after the longest a caller waits (a refresh-token request that was sent
+// is never cut short: its answer is stored first).
+var errStillWorking = errors.New("the token request for the tenant is still running")
+
+// waitForToken joins (or starts) the single token request for the subject
+// and waits for it or for ctx, whichever comes first. stale, when set, is a
+// token the caller knows is bad and that must not be returned again: a
+// flight that started before the caller knew (and so may hand it back) is
+// waited out, and a new one is started.
+func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *cachedToken) (*cachedToken, error) {
+	key := subj.key()
+	limit := time.NewTimer(m.callerWaitLimit())
+	defer limit.Stop()
+	for attempt := 0; ; attempt++ {
+		ch := m.flights.DoChan(key, func() (any, error) {
+			return m.obtain(subj, stale)
+		})
+		select {
+		case res := <-ch:
+			if res.Err != nil {
+				return nil, res.Err
+			}
+			t := res.Val.(*cachedToken)
+			if stale != nil && t.bearer == stale.bearer && attempt < 2 {
+				continue // that flight began before the token failed
+			}
+			return t, nil
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-limit.C:
+			return nil, &tokenError{failure: failUnavailable, cause: errStillWorking, retryAt: now().Add(time.Second)}
 		}
-		return res.Val.(*cachedToken), nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
 	}
 }
 
+// callerWaitLimit is the longest a request waits for a token request: the
+// storage lock and the token request itself.
+func (m *tokenManager) callerWaitLimit() time.Duration {
+	s := m.settings.Load()
+	if s == nil {
+		return lockBudget + defaultTokenTimeout
+	}
+	return lockBudget + 2*s.tokenTimeout
+}
+
 // refreshAhead replaces t in the background before it expires.
-func (m *tokenManager) refreshAhead(tenant string, t *cachedToken) {
+func (m *tokenManager) refreshAhead(subj subject, t *cachedToken) {
 	defer t.refreshing.Store(false)
-	ch := m.flights.DoChan(tenant, func() (any, error) {
-		return m.obtain(tenant, t)
+	ch := m.flights.DoChan(subj.key(), func() (any, error) {
+		return m.obtain(subj, t)
 	})
 	res := <-ch
 	if res.Err != nil {
@@ -307,70 +441,133 @@ func (m *tokenManager) refreshAhead(tenant string, t *cachedToken) {
 	}
 }
 
-// invalidate drops tenant's cached token if it is still t (nil: whatever
-// is cached). Used when Fortnox answered 401 to it, or through the admin API.
-func (m *tokenManager) invalidate(tenant string, t *cachedToken) {
+// drop forgets the subject's cached token if it is still t (nil: whatever
+// is cached).
+func (m *tokenManager) drop(subj subject, t *cachedToken) {
+	key := subj.key()
 	if t == nil {
-		m.cache.Delete(tenant)
+		m.cache.Delete(key)
 		return
 	}
-	if v, ok := m.cache.Get(tenant); ok && v.(*cachedToken) == t {
-		m.cache.Delete(tenant)
+	if v, ok := m.cache.Get(key); ok && v.(*cachedToken) == t {
+		m.cache.Delete(key)
 	}
 }
 
-// obtain runs once per tenant at a time (single flight). It returns a fresh
-// cached token if another flight has just stored one, waits out the tenant's
-// backoff, and otherwise asks Fortnox: client credentials first, the stored
-// refresh token when the tenant has no usable service-account consent.
-func (m *tokenManager) obtain(tenant string, stale *cachedToken) (*cachedToken, error) {
+// obtain runs once per subject at a time (single flight). It returns a
+// fresh cached token if another flight has just stored one, waits out the
+// backoff, and otherwise asks Fortnox: for a service account client
+// credentials first, the stored refresh token when the tenant has no usable
+// service-account consent; for a named account its own refresh token only.
+func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, error) {
 	n := now()
-	if v, ok := m.cache.Get(tenant); ok {
+	if v, ok := m.cache.Get(subj.key()); ok {
 		t := v.(*cachedToken)
 		if t != stale && t.usableAt(n.UnixNano()) && n.UnixNano() < t.refreshAt.Load() {
 			return t, nil
 		}
 	}
-	if err := m.revokedError(tenant); err != nil {
-		return nil, err
-	}
-	if err := m.backingOff(tenant, n); err != nil {
-		return nil, err
-	}
 	s := m.settings.Load()
-	if m.refreshTokenFirst(tenant, n) {
-		return m.viaRefreshToken(s, tenant, stale)
+	if subj.account == "" {
+		if err := m.revokedError(s, subj.tenant); err != nil {
+			return nil, err
+		}
+	}
+	if err := m.backingOff(subj, n); err != nil {
+		return nil, err
+	}
+	if subj.account != "" {
+		t, err := m.viaRefreshToken(s, subj, stale)
+		if errors.Is(err, errNoRefreshToken) {
+			terr := &tokenError{failure: failAccountNotAuthorized}
+			m.recordFailure(subj, grantRefreshToken, terr, 0)
+			return nil, terr
+		}
+		return t, err
+	}
+	if m.refreshTokenFirst(subj.tenant, n) {
+		t, err := m.viaRefreshToken(s, subj, stale)
+		if !errors.Is(err, errNoRefreshToken) {
+			return t, err
+		}
+		// The record is gone (deleted by hand, or moved): start over with
+		// client credentials, which answers "no consent" with a backoff.
+		m.forgetMode(subj.tenant)
+	}
+	return m.viaClientCredentials(s, subj, stale)
+}
+
+// viaClientCredentials asks for the tenant's service-account token and
+// falls back to its stored refresh token when Fortnox refuses.
+func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, stale *cachedToken) (*cachedToken, error) {
+	release, err := m.tokenSlot(s)
+	if err != nil {
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
-	defer cancel()
 	start := time.Now()
-	answer, err := m.client.clientCredentials(ctx, s.cred, tenant)
+	answer, err := m.client.clientCredentials(ctx, s.cred, subj.tenant)
 	took := time.Since(start)
+	cancel()
+	release()
 	if err == nil {
-		t := m.store(tenant, grantClientCredentials, answer, s.refreshBefore)
-		m.recordSuccess(tenant, grantClientCredentials, t, took)
+		if terr := checkTokenTenant(answer.accessToken, subj.tenant, grantClientCredentials); terr != nil {
+			terr.fromClientCredentials = true
+			m.recordFailure(subj, grantClientCredentials, terr, took)
+			return nil, terr
+		}
+		t := m.store(subj, grantClientCredentials, answer, s.refreshBefore)
+		m.recordSuccess(subj, grantClientCredentials, t, took)
 		return t, nil
 	}
 	terr := asTokenError(err)
 	if terr.failure == failNoConsent && s.records != nil {
-		t, rerr := m.viaRefreshToken(s, tenant, stale)
+		t, rerr := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
-			m.noteClientCredentialsRefused(tenant, s)
+			m.noteClientCredentialsRefused(subj.tenant, s)
 			metrics.tokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
 			return t, rerr
 		}
 	}
-	m.recordFailure(tenant, grantClientCredentials, terr, took)
+	m.recordFailure(subj, grantClientCredentials, terr, took)
 	return nil, terr
 }
 
-// store caches a new token for tenant and returns it.
-func (m *tokenManager) store(tenant, grant string, a *tokenAnswer, refreshBefore time.Duration) *cachedToken {
-	return m.cacheToken(tenant, grant, a.accessToken, now(), a.lifetime, refreshBefore)
+// tokenSlot waits for one of the client's token-request slots (at most
+// max_token_requests in flight), for up to token_timeout.
+func (m *tokenManager) tokenSlot(s *managerSettings) (release func(), err error) {
+	m.slotsOnce.Do(func() {
+		n := s.maxTokenRequests
+		if n <= 0 {
+			n = defaultMaxTokenRequests
+		}
+		m.slots = make(chan struct{}, n)
+	})
+	select {
+	case m.slots <- struct{}{}:
+		return func() { <-m.slots }, nil
+	default:
+	}
+	metrics.tokenRequestsQueued.Inc()
+	t := time.NewTimer(s.tokenTimeout)
+	defer t.Stop()
+	select {
+	case m.slots <- struct{}{}:
+		return func() { <-m.slots }, nil
+	case <-t.C:
+		return nil, &tokenError{failure: failUnavailable, cause: errors.New("too many token requests of this client id in flight (max_token_requests); they queued longer than token_timeout"), retryAt: now().Add(time.Second)}
+	case <-m.ctx.Done():
+		return nil, &tokenError{failure: failUnavailable, cause: errors.New("the sidecar is reloading or stopping"), retryAt: now().Add(time.Second)}
+	}
+}
+
+// store caches a new token for the subject and returns it.
+func (m *tokenManager) store(subj subject, grant string, a *tokenAnswer, refreshBefore time.Duration) *cachedToken {
+	return m.cacheToken(subj, grant, a.accessToken, now(), a.lifetime, refreshBefore)
 }
 
 // cacheToken caches an access token issued at issued for lifetime.
-func (m *tokenManager) cacheToken(tenant, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *cachedToken {
+func (m *tokenManager) cacheToken(subj subject, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *cachedToken {
 	t := &cachedToken{
 		bearer:    "Bearer " + accessToken,
 		grant:     grant,
@@ -378,8 +575,8 @@ func (m *tokenManager) cacheToken(tenant, grant, accessToken string, issued time
 		expiresAt: issued.Add(lifetime).UnixNano(),
 	}
 	t.usableUntil = t.expiresAt - int64(skewFor(lifetime))
-	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore)).UnixNano())
-	m.cache.Set(tenant, t, max(time.Until(issued.Add(lifetime)), time.Second))
+	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore) - refreshSpread(lifetime)).UnixNano())
+	m.cache.Set(subj.key(), t, max(time.Until(issued.Add(lifetime)), time.Second))
 	return t
 }
 
@@ -389,39 +586,51 @@ func skewFor(lifetime time.Duration) time.Duration {
 	return min(expirySkew, lifetime/4)
 }
 
-// refreshAheadAfter is how long after issue a token is refreshed in the
-// background: max(lifetime-refreshBefore, lifetime/2), so that a short
-// lifetime is not refreshed on every request.
+// refreshAheadAfter is how long after issue a token is due for a
+// background refresh: max(lifetime-refreshBefore, lifetime/2), so that a
+// short lifetime is not refreshed on every request.
 func refreshAheadAfter(lifetime, refreshBefore time.Duration) time.Duration {
 	return max(lifetime-refreshBefore, lifetime/2)
 }
 
-// backingOff returns the tenant's last error while its backoff lasts.
-func (m *tokenManager) backingOff(tenant string, n time.Time) error {
+// refreshSpread is a random share of up to a tenth of the lifetime by which
+// a token's refresh is made earlier, so that tenants warmed together (a
+// start, a burst of new customers) do not all refresh in the same second
+// an hour later.
+func refreshSpread(lifetime time.Duration) time.Duration {
+	return time.Duration(rand.Int64N(int64(lifetime/10) + 1))
+}
+
+// backingOff returns the subject's last error while its backoff lasts.
+func (m *tokenManager) backingOff(subj subject, n time.Time) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	st := m.tenants[tenant]
+	st := m.tenants[subj.key()]
 	if st == nil || st.lastError == nil || !n.Before(st.retryAt) {
 		return nil
 	}
 	return st.lastError
 }
 
-func (m *tokenManager) state(tenant string) *tenantState {
-	st := m.tenants[tenant]
+// state returns the subject's state, creating it. The caller holds m.mu.
+func (m *tokenManager) state(key string) *tenantState {
+	st := m.tenants[key]
 	if st == nil {
 		st = &tenantState{}
-		m.tenants[tenant] = st
+		m.tenants[key] = st
 	}
 	return st
 }
 
-// recordFailure remembers a failed token request, sets the tenant's next
+// recordFailure remembers a failed token request, sets the subject's next
 // attempt (exponential backoff with jitter, or Fortnox's Retry-After if
 // longer) and logs it once.
-func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, took time.Duration) {
+func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenError, took time.Duration) {
 	m.mu.Lock()
-	st := m.state(tenant)
+	st := m.state(subj.key())
+	if st.mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.unknown && !st.consentRevoked {
+		m.rememberUnknown(subj.key(), st)
+	}
 	// The same failure again is not news: log it at DEBUG, so that each
 	// change of a tenant's state is logged once at its own level.
 	repeated := st.lastError != nil && st.lastError.failure == terr.failure && st.lastError.code == terr.code
@@ -442,19 +651,18 @@ func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, too
 	}
 
 	log := m.logger()
-	fields := []zap.Field{
-		zap.String("tenant", tenant),
+	fields := append(subj.logFields(),
 		zap.String("grant", grant),
 		zap.String("outcome", terr.errorCode()),
 		zap.Duration("duration", took),
 		zap.Int("consecutive_failures", failures),
 		zap.Time("retry_at", retryAt),
 		zap.String("error", terr.Error()),
-	}
+	)
 	switch {
 	case repeated:
 		log.Debug("token request failed again", fields...)
-	case terr.failure == failNoConsent:
+	case terr.failure == failNoConsent || terr.failure == failAccountNotAuthorized:
 		log.Warn("no token for tenant", fields...)
 	case terr.failure == failUnavailable:
 		log.Warn("token request failed", fields...)
@@ -463,22 +671,38 @@ func (m *tokenManager) recordFailure(tenant, grant string, terr *tokenError, too
 	}
 }
 
-func (m *tokenManager) recordSuccess(tenant, grant string, t *cachedToken, took time.Duration) {
+// rememberUnknown notes a subject that never had a token and now fails (a
+// made-up TenantId, a customer who never connected): such states are
+// forgotten sooner, and at most maxUnknownSubjects are kept, the oldest
+// going first. The caller holds m.mu.
+func (m *tokenManager) rememberUnknown(key string, st *tenantState) {
+	st.unknown = true
+	m.unknownOrder = append(m.unknownOrder, key)
+	for len(m.unknownOrder) > maxUnknownSubjects {
+		oldest := m.unknownOrder[0]
+		m.unknownOrder = m.unknownOrder[1:]
+		if old := m.tenants[oldest]; old != nil && old.unknown && old.unsaved == nil && !old.consentRevoked {
+			delete(m.tenants, oldest)
+		}
+	}
+}
+
+func (m *tokenManager) recordSuccess(subj subject, grant string, t *cachedToken, took time.Duration) {
 	m.mu.Lock()
-	st := m.state(tenant)
+	st := m.state(subj.key())
 	st.mode = grant
 	st.failures = 0
 	st.lastError = nil
 	st.retryAt = time.Time{}
+	st.unknown = false
 	m.mu.Unlock()
 	metrics.tokenRequests.WithLabelValues(grant, "ok").Inc()
 	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
-	m.logger().Info("token obtained",
-		zap.String("tenant", tenant),
+	m.logger().Info("token obtained", append(subj.logFields(),
 		zap.String("grant", grant),
 		zap.String("outcome", "ok"),
 		zap.Duration("duration", took),
-		zap.Time("expires_at", t.expiry()))
+		zap.Time("expires_at", t.expiry()))...)
 }
 
 // backoffDelay is the wait after the n-th consecutive failure.
@@ -495,6 +719,9 @@ func asTokenError(err error) *tokenError {
 	var terr *tokenError
 	if errors.As(err, &terr) {
 		return terr
+	}
+	if errors.Is(err, errRecordMisplaced) {
+		return &tokenError{failure: failRecordMisplaced, cause: err}
 	}
 	return &tokenError{failure: failUnavailable, cause: err}
 }

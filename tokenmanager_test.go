@@ -10,7 +10,7 @@ import (
 func TestForgetIdleTenants(t *testing.T) {
 	m := newTokenManager("http://127.0.0.1:1/token", "sweep-client")
 	defer m.Destruct()
-	m.store("1000001", grantClientCredentials, &tokenAnswer{accessToken: "a", lifetime: time.Hour}, time.Minute)
+	m.store(subject{tenant: "1000001"}, grantClientCredentials, &tokenAnswer{accessToken: "a", lifetime: time.Hour}, time.Minute)
 	m.mu.Lock()
 	m.state("1000001").mode = grantClientCredentials // has a token: kept
 	m.state("1000002").mode = grantClientCredentials // idle: forgotten

@@ -30,6 +30,8 @@ func TestRevokedTokenIsReplayedInvisibly(t *testing.T) {
 			if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
 				t.Fatalf("warm-up: %d %s", status, body)
 			}
+			advance(fake, freshTokenGrace) // a 401 on a token minted seconds ago is not the token's fault
+			advance(fake, freshTokenGrace)
 			fake.RevokeAccessTokens(testClientID, "1234567")
 			fake.Reset()
 
@@ -82,6 +84,7 @@ func TestLargeBodyIsNotReplayed(t *testing.T) {
 	fake.GrantConsent(testClientID, "1234567")
 	sc := startSidecar(t, fake, "replay_body_limit 1KiB")
 	sc.get("/3/companyinformation", "1234567")
+	advance(fake, freshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 
 	big := `{"x":"` + strings.Repeat("a", 4096) + `"}`
@@ -104,6 +107,7 @@ func TestBurstOf401sMakesOneTokenRequest(t *testing.T) {
 	fake.GrantConsent(testClientID, "1234567")
 	sc := startSidecar(t, fake, "rate_limit off")
 	sc.get("/3/companyinformation", "1234567")
+	advance(fake, freshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 	fake.SetFault(fakefortnox.Fault{Delay: 100 * time.Millisecond}) // the burst meets the 401s while the new token is in flight
 	fake.Reset()
@@ -294,15 +298,20 @@ func TestMetrics(t *testing.T) {
 		sc.get("/3/companyinformation", "1234567") // 1 miss, 2 hits
 	}
 	sc.get("/3/companyinformation", "5550001") // no consent: a failed token request
+	advance(fake, freshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 	sc.get("/3/companyinformation", "1234567") // a replay
-	burst(sc, "7654321", 30)                   // 25 pass (no consent for 7654321: 403s), 5 refused by the limiter
+	// Another tenant: a turn for its first request (a miss), then a burst
+	// of 29 hits of which 24 fit the window and 5 are refused.
+	fake.GrantConsent(testClientID, "7654321")
+	sc.get("/3/companyinformation", "7654321")
+	burst(sc, "7654321", 29)
 	after := scrape(t, sc)
 
 	for metric, want := range map[string]float64{
-		`caddy_fortnox_token_requests_total{grant="client_credentials",outcome="ok"}`:                    2,
-		`caddy_fortnox_token_requests_total{grant="client_credentials",outcome="tenant_not_authorized"}`: 2,
-		`caddy_fortnox_token_cache_lookups_total{result="hit"}`:                                          3,
+		`caddy_fortnox_token_requests_total{grant="client_credentials",outcome="ok"}`:                    3,
+		`caddy_fortnox_token_requests_total{grant="client_credentials",outcome="tenant_not_authorized"}`: 1,
+		`caddy_fortnox_token_cache_lookups_total{result="hit"}`:                                          3 + 29,
 		`caddy_fortnox_replays_total{outcome="replayed"}`:                                                1,
 		`caddy_fortnox_rate_limit_rejections_total`:                                                      5,
 		`caddy_fortnox_token_request_duration_seconds_count{grant="client_credentials"}`:                 4,

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,15 +21,17 @@ const fortnoxWindow = 5 * time.Second
 
 // proxy hands the request to the next handler (reverse_proxy) and watches
 // Fortnox's answer. A 401 means the token was revoked or expired early:
-// the tenant's token is dropped and, when the body could be kept, the
-// request is sent once more with a new token, invisibly to the app. A 429
+// the subject's token is dropped and, when the body could be kept, the
+// request is sent once more with a new token (and a new turn in the rate
+// limiter: it is a second request to Fortnox), invisibly to the app. A 429
 // slows the tenant's limiter down and tells the app when to come back.
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, tenant string, tok *cachedToken) error {
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, subj subject, tok *cachedToken) error {
 	body, replayable, err := h.keepBody(r)
 	if err != nil {
 		return caddyhttp.Error(http.StatusBadRequest, err)
 	}
-	uw := getUpstreamWriter(w, h, tenant, tok, replayable)
+	h.ownTrailers(r)
+	uw := getUpstreamWriter(w, h, subj, tok, replayable)
 	defer putUpstreamWriter(uw)
 	if err := next.ServeHTTP(uw, r); err != nil || !uw.held {
 		return err
@@ -36,20 +39,113 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// Fortnox answered 401 and the answer was held back: replay once.
 	uw.restoreHeaders()
-	fresh, err := h.tokens.waitForToken(r.Context(), tenant, tok)
+	fresh, err := h.tokens.waitForToken(r.Context(), subj, tok)
+	if err == nil && h.limiter != nil {
+		if fresh, err = h.turnWithToken(w, r, subj, fresh); fresh == nil && err == nil {
+			metrics.replays.WithLabelValues("no_turn").Inc()
+			return nil // answered 429
+		}
+	}
 	if err != nil {
 		metrics.replays.WithLabelValues("no_token").Inc()
-		h.writeTokenError(w, r, tenant, err)
+		h.writeTokenError(w, r, subj.tenant, err)
 		return nil
 	}
 	if ce := h.logger.Check(zapcore.DebugLevel, "replaying after 401 with a new token"); ce != nil {
-		ce.Write(zap.String("tenant", tenant), zap.String("method", r.Method))
+		ce.Write(zap.String("tenant", subj.tenant), zap.String("method", r.Method))
 	}
 	metrics.replays.WithLabelValues("replayed").Inc()
 	r.Header["Authorization"] = []string{fresh.bearer}
 	setBody(r, body)
-	uw.reset(w, h, tenant, fresh, false)
+	uw.reset(w, h, subj, fresh, false)
+	uw.replay = true
 	return next.ServeHTTP(uw, r)
+}
+
+// ownHeaders removes what the app sent in the headers the sidecar owns:
+// its own Authorization and Proxy-Authorization, the tenant and account
+// headers, and any Connection option naming them (reverse_proxy drops the
+// headers that Connection names, which would drop the injected token).
+func (h *Handler) ownHeaders(r *http.Request) {
+	hdr := r.Header
+	for _, name := range h.owned {
+		delete(hdr, name)
+	}
+	if conn := hdr["Connection"]; len(conn) > 0 && h.namesOwned(conn) {
+		var kept []string
+		for _, v := range conn {
+			for opt := range strings.SplitSeq(v, ",") {
+				if opt = strings.TrimSpace(opt); opt != "" && !h.isOwned(opt) {
+					kept = append(kept, opt)
+				}
+			}
+		}
+		if len(kept) == 0 {
+			delete(hdr, "Connection")
+		} else {
+			hdr["Connection"] = []string{strings.Join(kept, ", ")}
+		}
+	}
+}
+
+// namesOwned says whether any Connection value names an owned header.
+func (h *Handler) namesOwned(values []string) bool {
+	for _, v := range values {
+		for opt := range strings.SplitSeq(v, ",") {
+			if h.isOwned(strings.TrimSpace(opt)) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func (h *Handler) isOwned(name string) bool {
+	for _, o := range h.owned {
+		if strings.EqualFold(name, o) {
+			return true
+		}
+	}
+	return false
+}
+
+// ownTrailers keeps the owned headers out of a request's trailers: an
+// Authorization or tenant header sent as a trailer would otherwise reach
+// Fortnox after the body. Trailers are known only once the body is read to
+// its end, so a body still to be streamed is wrapped to clean them then,
+// before reverse_proxy copies them.
+func (h *Handler) ownTrailers(r *http.Request) {
+	if r.Trailer == nil && r.ContentLength >= 0 {
+		return // a body of known length has no trailers
+	}
+	h.dropOwned(r.Trailer)
+	if r.Body != nil && r.Body != http.NoBody && r.GetBody == nil {
+		r.Body = &trailerCleaner{ReadCloser: r.Body, h: h, r: r}
+	}
+}
+
+func (h *Handler) dropOwned(hdr http.Header) {
+	for k := range hdr {
+		if h.isOwned(k) {
+			delete(hdr, k)
+		}
+	}
+}
+
+// trailerCleaner drops owned trailers when the body reaches its end (which
+// is when the server fills in r.Trailer).
+type trailerCleaner struct {
+	io.ReadCloser
+	h *Handler
+	r *http.Request
+}
+
+func (b *trailerCleaner) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err == io.EOF {
+		b.h.dropOwned(b.r.Trailer)
+	}
+	return n, err
 }
 
 // keepBody reads the request body into memory when it is small enough to
@@ -106,9 +202,10 @@ func setBody(r *http.Request, b []byte) {
 type upstreamWriter struct {
 	http.ResponseWriter
 	h          *Handler
-	tenant     string
+	subj       subject
 	tok        *cachedToken
 	replayable bool
+	replay     bool // this is the replay: its 401 passes through
 
 	wroteHeader bool
 	held        bool // a 401 is being swallowed for a replay
@@ -129,9 +226,9 @@ type savedHeader struct {
 
 var upstreamWriters = sync.Pool{New: func() any { return new(upstreamWriter) }}
 
-func getUpstreamWriter(w http.ResponseWriter, h *Handler, tenant string, tok *cachedToken, replayable bool) *upstreamWriter {
+func getUpstreamWriter(w http.ResponseWriter, h *Handler, subj subject, tok *cachedToken, replayable bool) *upstreamWriter {
 	uw := upstreamWriters.Get().(*upstreamWriter)
-	uw.reset(w, h, tenant, tok, replayable)
+	uw.reset(w, h, subj, tok, replayable)
 	uw.saveHeaders()
 	return uw
 }
@@ -141,9 +238,9 @@ func putUpstreamWriter(uw *upstreamWriter) {
 	upstreamWriters.Put(uw)
 }
 
-func (uw *upstreamWriter) reset(w http.ResponseWriter, h *Handler, tenant string, tok *cachedToken, replayable bool) {
-	uw.ResponseWriter, uw.h, uw.tenant, uw.tok, uw.replayable = w, h, tenant, tok, replayable
-	uw.wroteHeader, uw.held = false, false
+func (uw *upstreamWriter) reset(w http.ResponseWriter, h *Handler, subj subject, tok *cachedToken, replayable bool) {
+	uw.ResponseWriter, uw.h, uw.subj, uw.tok, uw.replayable = w, h, subj, tok, replayable
+	uw.wroteHeader, uw.held, uw.replay = false, false, false
 }
 
 func (uw *upstreamWriter) saveHeaders() {
@@ -184,14 +281,17 @@ func (uw *upstreamWriter) WriteHeader(status int) {
 	uw.wroteHeader = true
 	switch status {
 	case http.StatusUnauthorized:
-		uw.h.tokens.invalidate(uw.tenant, uw.tok)
-		if uw.replayable {
+		// The replay's own 401, a 401 on a token minted seconds ago, or one
+		// past the subject's bound of invalidations is not the token's
+		// fault (a wrong path, a missing scope): it passes through, and
+		// the token stays.
+		if !uw.replay && uw.h.tokens.unauthorized(uw.subj, uw.tok) && uw.replayable {
 			uw.held = true
 			return
 		}
 		metrics.replays.WithLabelValues("passed_through").Inc()
 	case http.StatusTooManyRequests:
-		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.tenant)
+		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.subj.tenant)
 	}
 	uw.ResponseWriter.WriteHeader(status)
 }

@@ -3,8 +3,13 @@ package fakefortnox
 import (
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 )
+
+// always401Path is a path prefix under which /3/ answers 401 even to a
+// valid token, as Fortnox does for a missing scope or a wrong URL.
+const always401Path = "/3/always-401"
 
 type apiMessage struct {
 	Message string `json:"message"`
@@ -50,6 +55,7 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 		RawQuery: r.URL.RawQuery,
 		Header:   r.Header.Clone(),
 		Body:     body,
+		Trailer:  receivedTrailer(r.Trailer), // complete only now that the body was read
 		At:       s.Now(),
 	}
 	status, answer := s.answerAPI(r, &req)
@@ -60,8 +66,8 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 // answerAPI decides the status and body of a /3/ request and fills in the
 // request's tenant, client and status.
 func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
-	c, ok := s.authenticateAPI(r)
-	req.Tenant, req.ClientID = c.tenant(), c.ClientID
+	c, tenant, ok := s.authenticateAPI(r)
+	req.Tenant, req.ClientID = tenant, c.ClientID
 	switch {
 	case !ok:
 		req.Status = http.StatusUnauthorized
@@ -73,19 +79,25 @@ func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
 	case !s.allowAPI(grantKey{c.ClientID, req.Tenant}):
 		req.Status = http.StatusTooManyRequests
 		return req.Status, apiMessage{"Too Many Requests"}
+	case isAlways401(r.URL.Path):
+		// After the rate limit on purpose: the request reached Fortnox, so
+		// it took a turn like any other.
+		req.Status = http.StatusUnauthorized
+		return req.Status, apiMessage{"unauthorized"}
 	}
 	req.Status = http.StatusOK
+	databaseNumber, _ := strconv.ParseInt(tenant, 10, 64)
 	switch {
 	case r.Method == http.MethodGet && r.URL.Path == "/3/companyinformation":
 		var a companyInformation
 		a.CompanyInformation.CompanyName = "Fake Company " + req.Tenant
-		a.CompanyInformation.DatabaseNumber = c.TenantID
+		a.CompanyInformation.DatabaseNumber = databaseNumber
 		a.CompanyInformation.OrganizationNumber = "556000-0000"
 		return req.Status, a
 	case r.Method == http.MethodGet && r.URL.Path == "/3/settings/company":
 		var a companySettings
 		a.CompanySettings.Name = "Fake Company " + req.Tenant
-		a.CompanySettings.DatabaseNumber = c.TenantID
+		a.CompanySettings.DatabaseNumber = databaseNumber
 		return req.Status, a
 	default:
 		var a echo
@@ -99,28 +111,57 @@ func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
 	}
 }
 
+// isAlways401 reports whether path is /3/always-401 or below it.
+func isAlways401(path string) bool {
+	rest, ok := strings.CutPrefix(path, always401Path)
+	return ok && (rest == "" || rest[0] == '/')
+}
+
+// receivedTrailer copies the trailer fields that arrived with a value; nil
+// when none did. (Fields announced in a Trailer header but never sent stay
+// in r.Trailer with no value: they were not received.)
+func receivedTrailer(t http.Header) http.Header {
+	var out http.Header
+	for name, values := range t {
+		if len(values) == 0 {
+			continue
+		}
+		if out == nil {
+			out = make(http.Header)
+		}
+		out[name] = append([]string(nil), values...)
+	}
+	return out
+}
+
 // authenticateAPI checks the Bearer token: signed by this server, not
 // expired on the fake clock, not revoked, for a known client and a tenant.
-// The claims are returned whenever the payload decodes, also when the token
-// is refused, so the refusal can be counted under the token's tenant.
-func (s *Server) authenticateAPI(r *http.Request) (claims, bool) {
+// It returns the claims and the token's tenant (its tenantId claim, or the
+// tenant bound to its jti when it was minted without one) whenever the
+// payload decodes, also when the token is refused, so the refusal can be
+// counted under the token's tenant.
+func (s *Server) authenticateAPI(r *http.Request) (claims, string, bool) {
 	scheme, token, found := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !found || !strings.EqualFold(scheme, "Bearer") {
-		return claims{}, false
+		return claims{}, "", false
 	}
 	c, signed, err := s.parseToken(strings.TrimSpace(token))
-	if err != nil || !signed {
-		return c, false
+	if err != nil {
+		return c, "", false
+	}
+	tenant := s.tenantOf(c)
+	if !signed {
+		return c, tenant, false
 	}
 	seq, hasSeq := c.seq()
-	if !hasSeq || c.tenant() == "" || s.Now().Unix() >= c.Exp {
-		return c, false
+	if !hasSeq || tenant == "" || s.Now().Unix() >= c.Exp {
+		return c, tenant, false
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	_, knownClient := s.clients[c.ClientID]
-	revoked := seq <= s.revokedUpTo[grantKey{c.ClientID, c.tenant()}]
-	return c, knownClient && !revoked
+	revoked := seq <= s.revokedUpTo[grantKey{c.ClientID, tenant}]
+	return c, tenant, knownClient && !revoked
 }
 
 // allowAPI is the sliding-window rate limit per client and tenant: it

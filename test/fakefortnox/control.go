@@ -37,14 +37,46 @@ func (s *Server) RevokeConsent(clientID, tenant string) {
 // IssueRefreshToken returns a new valid refresh token for the client and
 // tenant (user "1", default scopes), as if the customer had authorized.
 func (s *Server) IssueRefreshToken(clientID, tenant string) string {
+	return s.IssueUserRefreshToken(clientID, tenant, defaultAuthorizeUser)
+}
+
+// IssueUserRefreshToken returns a new valid refresh token of the named user
+// for the client and tenant (default scopes), as if that user had
+// authorized. Its chain's access tokens carry userId = userID and
+// sub = userID@tenant, and each refresh returns a new refresh token of the
+// same user. One client may hold chains of several users of one tenant.
+// userID "" means user "1", as IssueRefreshToken.
+func (s *Server) IssueUserRefreshToken(clientID, tenant, userID string) string {
+	if userID == "" {
+		userID = defaultAuthorizeUser
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.issueRefreshTokenLocked(refreshGrant{
 		clientID: clientID,
 		tenant:   tenant,
-		userID:   defaultAuthorizeUser,
+		userID:   userID,
 		scopes:   defaultScopes,
 	})
+}
+
+// LiveRefreshTokens counts the refresh tokens of the client and tenant that
+// the refresh grant would accept now (unused, unexpired, not revoked), of
+// the user userID ("" = any user). A healthy chain has exactly 1: 0 means
+// the chain was lost (the customer must authorize again), 2 or more that a
+// token was issued but never used.
+func (s *Server) LiveRefreshTokens(clientID, tenant, userID string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.Now()
+	n := 0
+	for _, g := range s.refreshTokens {
+		if g.clientID == clientID && g.tenant == tenant && (userID == "" || g.userID == userID) &&
+			now.Before(g.issuedAt.Add(refreshTokenLifetime)) {
+			n++
+		}
+	}
+	return n
 }
 
 // issueRefreshTokenLocked stores g under a new refresh token, issued now.
@@ -102,15 +134,63 @@ func (s *Server) SetRateLimit(n int, window time.Duration) {
 
 // SetFault makes the token endpoint misbehave until ClearFault. Delay comes
 // first, then Down, then Status. Faults never touch /3/ or the other pages.
+// A tenant with its own fault (SetTenantFault) meets that one instead.
 func (s *Server) SetFault(f Fault) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.fault = f
 }
 
-// ClearFault makes the token endpoint behave again.
+// ClearFault makes the token endpoint behave again (tenant faults stay).
 func (s *Server) ClearFault() {
 	s.SetFault(Fault{})
+}
+
+// SetTenantFault makes the token endpoint misbehave for one tenant only,
+// until ClearTenantFault: client_credentials requests whose TenantId header
+// is tenant, and refresh_token / authorization_code requests whose refresh
+// token or code belongs to tenant. For those requests f replaces the global
+// fault (a zero f makes the tenant behave even under a global fault).
+// Requests of other grants, or whose token or code is unknown, never meet
+// a tenant fault.
+func (s *Server) SetTenantFault(tenant string, f Fault) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.tenantFaults[tenant] = f
+}
+
+// ClearTenantFault removes the tenant's own fault: its requests meet the
+// global fault, if any, again.
+func (s *Server) ClearTenantFault(tenant string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.tenantFaults, tenant)
+}
+
+// MisbindClientCredentials makes client_credentials for (clientID,
+// askedTenant) mint tokens whose tenantId claim (and sub) name
+// issuedTenant, from now on. The request still needs a consent for
+// askedTenant and gets its scopes; the token is issuedTenant's token for
+// the fake's /3/ API. issuedTenant "" undoes it.
+func (s *Server) MisbindClientCredentials(clientID, askedTenant, issuedTenant string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if issuedTenant == "" {
+		delete(s.misbound, grantKey{clientID, askedTenant})
+		return
+	}
+	s.misbound[grantKey{clientID, askedTenant}] = issuedTenant
+}
+
+// SetOmitTenantClaim makes access tokens minted from now on (any grant)
+// carry no tenantId claim; off (the default) puts it back. sub still reads
+// "<userId>@<tenant>", as the other claims are unchanged. The fake's /3/ API
+// still accepts such a token for the tenant it was minted for: the server
+// keeps the tenant under the token's jti (nothing in the token says it).
+func (s *Server) SetOmitTenantClaim(on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.omitTenantClaim = on
 }
 
 // SetNoConsentAnswer sets what client_credentials answers for a tenant

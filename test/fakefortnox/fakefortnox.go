@@ -9,6 +9,24 @@
 // behaviour is unknown, the fake has a switch so tests can try each plausible
 // answer (SetNoConsentAnswer, SetFault).
 //
+// Besides honest behaviour, it can misbehave on purpose and be inspected at
+// the wire:
+//   - Faults of the token endpoint (SetFault, and per tenant SetTenantFault):
+//     dropped connections, delays, any status with a chosen body, content
+//     type, size, Retry-After or Location.
+//   - Tokens bound to the wrong tenant (MisbindClientCredentials) or carrying
+//     no tenantId claim at all (SetOmitTenantClaim).
+//   - /3/always-401/...: a path that answers 401 even to a valid token, as
+//     Fortnox does for a missing scope or a wrong URL. The request takes a
+//     rate-limit turn first, like any request that reached Fortnox.
+//   - Refresh-token chains of named users (IssueUserRefreshToken) and a count
+//     of the live tokens of a chain (LiveRefreshTokens).
+//   - Logs: every /3/ request with its headers, body and trailers
+//     (APIRequests), every token endpoint request with its grant, tenant,
+//     user, client authentication and answer (TokenRequestLog), how often a
+//     refresh token was sent (RefreshTokenUses) and how many revocations
+//     killed a live token (Revocations).
+//
 // Everything on a Server is safe for concurrent use.
 package fakefortnox
 
@@ -35,6 +53,8 @@ const (
 	defaultAuthorizeTenant = "1234567"
 	defaultAuthorizeUser   = "1"
 
+	minBindingsPruneAt = 1024
+
 	maxTokenBody = 64 << 10
 	maxAPIBody   = 10 << 20
 )
@@ -58,13 +78,26 @@ type Options struct {
 	RateWindow    time.Duration     // default 5s
 }
 
-// Fault makes the token endpoint misbehave (see SetFault). The zero value
-// is no fault. Down needs a hijackable connection (a real HTTP/1 server);
-// otherwise it aborts the handler with http.ErrAbortHandler.
+// Fault makes the token endpoint misbehave (see SetFault and
+// SetTenantFault). The zero value is no fault. Down needs a hijackable
+// connection (a real HTTP/1 server); otherwise it aborts the handler with
+// http.ErrAbortHandler.
+//
+// The fields after Status shape a Status answer and are ignored without
+// one. Its body is Body, or "fake fault: <status> <text>" when Body is "";
+// with BodySize > 0 the body is exactly BodySize bytes: Body cut or padded
+// with spaces (so a JSON Body stays valid JSON), or BodySize bytes of 'x'
+// when Body is "".
 type Fault struct {
 	Down   bool          // token endpoint: hijack and close the connection with no answer
 	Status int           // token endpoint: answer this status (e.g. 500, 503, 429) with a small body
 	Delay  time.Duration // token endpoint: sleep this long (respecting r.Context()) before answering
+
+	ContentType string // Content-Type of the Status answer; "" means text/plain
+	Body        string // body of the Status answer; "" means the default text
+	BodySize    int    // > 0: the Status answer's body is exactly this many bytes (see above)
+	RetryAfter  string // Retry-After header of the Status answer, sent as is ("" = none)
+	Location    string // Location header of the Status answer, for redirect statuses ("" = none)
 }
 
 // grantKey names one customer's grant to one integration: the unit of
@@ -72,6 +105,13 @@ type Fault struct {
 type grantKey struct {
 	clientID string
 	tenant   string
+}
+
+// tenantBinding is the tenant of an access token minted without a tenantId
+// claim (SetOmitTenantClaim), kept on the server under the token's jti.
+type tenantBinding struct {
+	tenant string
+	exp    int64 // the token's exp claim: the binding is dropped after it
 }
 
 type refreshGrant struct {
@@ -110,6 +150,11 @@ type Server struct {
 	rateWindow      time.Duration
 	rateHits        map[grantKey][]time.Time
 	fault           Fault
+	tenantFaults    map[string]Fault    // by tenant (SetTenantFault)
+	misbound        map[grantKey]string // (client, asked tenant) -> tenant the token names
+	omitTenantClaim bool
+	boundTenants    map[string]tenantBinding // jti -> tenant, for tokens without a tenantId claim
+	bindingsPruneAt int                      // prune expired bindings when the map reaches this size
 	noConsentStatus int
 	noConsentError  string
 	authorizeTenant string
@@ -135,6 +180,10 @@ func New(opts Options) *Server {
 		codes:           make(map[string]authCode),
 		revokedUpTo:     make(map[grantKey]uint64),
 		rateHits:        make(map[grantKey][]time.Time),
+		tenantFaults:    make(map[string]Fault),
+		misbound:        make(map[grantKey]string),
+		boundTenants:    make(map[string]tenantBinding),
+		bindingsPruneAt: minBindingsPruneAt,
 		noConsentStatus: http.StatusBadRequest,
 		noConsentError:  "unauthorized_client",
 		authorizeTenant: defaultAuthorizeTenant,

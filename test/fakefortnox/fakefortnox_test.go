@@ -1129,8 +1129,15 @@ func TestConcurrentLoad(t *testing.T) {
 		for range 20 {
 			s.APIRequests()
 			s.TokenRequests("", "")
+			s.TokenRequestLog()
+			s.RefreshTokenUses("x")
+			s.LiveRefreshTokens(clientA, tenants[0], "")
+			s.Revocations()
 			s.Advance(0)
 			s.SetTokenLifetime(time.Hour)
+			s.SetOmitTenantClaim(false)
+			s.SetTenantFault("999", Fault{})
+			s.MisbindClientCredentials(clientA, "999", "")
 		}
 	}()
 	wg.Wait()
@@ -1143,8 +1150,8 @@ func TestConcurrentLoad(t *testing.T) {
 	if s.TokenRequests("client_credentials", "") != 60 || s.TokenErrors("") != 0 {
 		t.Errorf("TokenRequests = %d, TokenErrors = %d", s.TokenRequests("client_credentials", ""), s.TokenErrors(""))
 	}
-	if len(s.APIRequests()) != 240 {
-		t.Errorf("log holds %d", len(s.APIRequests()))
+	if len(s.APIRequests()) != 240 || len(s.TokenRequestLog()) != 60 {
+		t.Errorf("logs hold %d API and %d token requests", len(s.APIRequests()), len(s.TokenRequestLog()))
 	}
 }
 

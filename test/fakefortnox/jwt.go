@@ -31,7 +31,7 @@ type claims struct {
 	Exp        int64    `json:"exp"`
 	Iat        int64    `json:"iat"`
 	Jti        string   `json:"jti"`
-	TenantID   int64    `json:"tenantId"`
+	TenantID   *int64   `json:"tenantId,omitempty"` // nil: no claim (SetOmitTenantClaim)
 	ClientID   string   `json:"clientId"`
 	UserID     string   `json:"userId,omitempty"`
 	Scope      string   `json:"scope"`
@@ -42,12 +42,13 @@ type claims struct {
 	FakePadding string `json:"fakePadding,omitempty"`
 }
 
-// tenant is the tenant as the string the rest of the fake uses.
+// tenant is the tenant claim as the string the rest of the fake uses, ""
+// when the token has none (or an impossible one).
 func (c claims) tenant() string {
-	if c.TenantID <= 0 {
+	if c.TenantID == nil || *c.TenantID <= 0 {
 		return ""
 	}
-	return strconv.FormatInt(c.TenantID, 10)
+	return strconv.FormatInt(*c.TenantID, 10)
 }
 
 // seq is the token's sequence number, which revocation compares against.
@@ -63,12 +64,14 @@ func (c claims) seq() (uint64, bool) {
 
 // mintAccessToken signs a new access token for the grant. userID is "" for
 // client credentials. It returns the token and the lifetime it was given.
+// While SetOmitTenantClaim is on, the token carries no tenantId claim and
+// its tenant is kept on the server under its jti instead, so that /3/ still
+// knows whose token it is.
 func (s *Server) mintAccessToken(clientID, tenant, userID string, scopes []string) (string, time.Duration) {
 	s.mu.Lock()
-	lifetime := s.tokenLifetime
+	lifetime, omitTenant := s.tokenLifetime, s.omitTenantClaim
 	s.mu.Unlock()
 
-	tenantID, _ := strconv.ParseInt(tenant, 10, 64)
 	iat := s.Now().Unix()
 	c := claims{
 		Aud:        clientID,
@@ -77,12 +80,17 @@ func (s *Server) mintAccessToken(clientID, tenant, userID string, scopes []strin
 		Iat:        iat,
 		Exp:        iat + int64(lifetime/time.Second),
 		Jti:        fmt.Sprintf("%016x-%s", s.tokenSeq.Add(1), randomHex(12)),
-		TenantID:   tenantID,
 		ClientID:   clientID,
 		UserID:     userID,
 		Scope:      strings.Join(scopes, " "),
 		Scopes:     scopes,
 		AuthSource: "OAUTH2",
+	}
+	if omitTenant {
+		s.bindTenant(c.Jti, tenant, c.Exp)
+	} else {
+		tenantID, _ := strconv.ParseInt(tenant, 10, 64) // 0 for a tenant that is not digits, as before
+		c.TenantID = &tenantID
 	}
 	token := s.sign(c)
 	// Pad to about the real size: each padding byte adds 4/3 of a byte to
@@ -92,6 +100,35 @@ func (s *Server) mintAccessToken(clientID, tenant, userID string, scopes []strin
 		token = s.sign(c)
 	}
 	return token, lifetime
+}
+
+// bindTenant remembers the tenant of a token minted without a tenantId
+// claim. Bindings of expired tokens are dropped now and then, so a long run
+// does not grow the map.
+func (s *Server) bindTenant(jti, tenant string, exp int64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.boundTenants) >= s.bindingsPruneAt {
+		now := s.Now().Unix()
+		for j, b := range s.boundTenants {
+			if now >= b.exp {
+				delete(s.boundTenants, j)
+			}
+		}
+		s.bindingsPruneAt = max(minBindingsPruneAt, 2*len(s.boundTenants))
+	}
+	s.boundTenants[jti] = tenantBinding{tenant: tenant, exp: exp}
+}
+
+// tenantOf is the tenant a token belongs to: its tenantId claim, or for a
+// token minted without one, the tenant bound to its jti ("" if none).
+func (s *Server) tenantOf(c claims) string {
+	if c.TenantID != nil {
+		return c.tenant()
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.boundTenants[c.Jti].tenant
 }
 
 func (s *Server) sign(c claims) string {

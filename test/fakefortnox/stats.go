@@ -19,10 +19,39 @@ type APIRequest struct {
 	RawQuery string
 	Header   http.Header // a clone of the request's headers
 	Body     []byte
-	Tenant   string // from the token's payload when it decodes, else ""
-	ClientID string // likewise
+	// Trailer holds the request's trailer fields as received after the
+	// body (chunked HTTP/1.1 or HTTP/2); nil when none came. A body over
+	// the fake's 10 MiB limit is not read to its end, so its trailers are
+	// not seen.
+	Trailer http.Header
+	// Tenant is the token's tenant whenever its payload decodes, valid or
+	// not: its tenantId claim, or for a token minted without one
+	// (SetOmitTenantClaim) the tenant the fake keeps for it; else "".
+	Tenant   string
+	ClientID string // from the token's payload when it decodes, else ""
 	Status   int    // what the fake answered
 	At       time.Time
+}
+
+// TokenRequest is one token endpoint request as the fake received and
+// answered it (see TokenRequestLog).
+type TokenRequest struct {
+	Grant        string // grant_type as sent ("" when absent or the form was unreadable)
+	TenantHeader string // the TenantId header as sent ("" when absent)
+	// Tenant is the tenant the request counts under in TokenRequests: the
+	// TenantId header for client_credentials (and unknown grants), the
+	// refresh token's or code's tenant for those grants ("" when unknown).
+	Tenant string
+	User   string // the refresh token's or code's user; "" for other grants or unknown tokens
+	// ClientAuth is how the client authenticated: "basic" (an
+	// Authorization: Basic header), "body" (client_id or client_secret in
+	// the form), "both" or "none". The fake accepts only Basic.
+	ClientAuth   string
+	RefreshToken string // the refresh_token form value as sent ("" if none)
+	// Status is what the fake answered, fault answers included; 0 when it
+	// answered nothing (Fault.Down, or the client left during a Delay).
+	Status int
+	At     time.Time // when it arrived, on the fake clock
 }
 
 type tokenRequestKey struct {
@@ -49,6 +78,14 @@ type stats struct {
 	logLen    int
 	logBytes  int
 	lastQuery url.Values
+
+	// tokenLog is a ring of the last maxLogEntries token requests, held
+	// like log.
+	tokenLog      []TokenRequest
+	tokenLogStart int
+	tokenLogLen   int
+	refreshUses   map[string]int // refresh_token form value -> requests that sent it
+	revocations   int
 }
 
 func (st *stats) reset() {
@@ -63,14 +100,21 @@ func (st *stats) reset() {
 	st.log = nil
 	st.logStart, st.logLen, st.logBytes = 0, 0, 0
 	st.lastQuery = nil
+	st.tokenLog = nil
+	st.tokenLogStart, st.tokenLogLen = 0, 0
+	st.refreshUses = make(map[string]int)
+	st.revocations = 0
 }
 
 // beginTokenRequest counts a token request and notes the concurrency; the
 // caller must call endTokenRequest when the request is answered.
-func (st *stats) beginTokenRequest(grant, tenant string) {
+func (st *stats) beginTokenRequest(grant, tenant, refreshToken string) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.tokenRequests[tokenRequestKey{grant, tenant}]++
+	if refreshToken != "" {
+		st.refreshUses[refreshToken]++
+	}
 	st.inFlight++
 	st.maxInFlight = max(st.maxInFlight, st.inFlight)
 }
@@ -79,6 +123,27 @@ func (st *stats) endTokenRequest() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.inFlight--
+}
+
+// recordTokenRequest adds an answered token request to the log.
+func (st *stats) recordTokenRequest(req TokenRequest) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.tokenLog == nil {
+		st.tokenLog = make([]TokenRequest, maxLogEntries)
+	}
+	if st.tokenLogLen == maxLogEntries {
+		st.tokenLogStart = (st.tokenLogStart + 1) % maxLogEntries
+		st.tokenLogLen--
+	}
+	st.tokenLog[(st.tokenLogStart+st.tokenLogLen)%maxLogEntries] = req
+	st.tokenLogLen++
+}
+
+func (st *stats) countRevocation() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.revocations++
 }
 
 func (st *stats) countTokenError(code string) {
@@ -162,8 +227,8 @@ func (s *Server) APICalls(tenant string) int {
 	return sumMatching(s.stats.apiCalls, tenant)
 }
 
-// Unauthorized counts /3/ 401 answers, by the tenant in the token's payload
-// when it decodes ("" = all).
+// Unauthorized counts /3/ 401 answers, by the token's tenant as in
+// APIRequest.Tenant ("" = all). Answers of /3/always-401 count too.
 func (s *Server) Unauthorized(tenant string) int {
 	s.stats.mu.Lock()
 	defer s.stats.mu.Unlock()
@@ -187,9 +252,44 @@ func (s *Server) APIRequests() []APIRequest {
 		req := s.stats.log[(s.stats.logStart+i)%maxLogEntries]
 		req.Header = req.Header.Clone()
 		req.Body = append([]byte(nil), req.Body...)
+		req.Trailer = req.Trailer.Clone()
 		out = append(out, req)
 	}
 	return out
+}
+
+// TokenRequestLog returns a copy of the log of token endpoint requests, in
+// the order they were answered (the oldest first). An entry is logged just
+// before its answer is sent, so a client that has its answer finds it here.
+// It holds the last 10,000 requests. Every POST to /oauth-v1/token is
+// logged, also failed ones and fault answers.
+func (s *Server) TokenRequestLog() []TokenRequest {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	out := make([]TokenRequest, 0, s.stats.tokenLogLen)
+	for i := range s.stats.tokenLogLen {
+		out = append(out, s.stats.tokenLog[(s.stats.tokenLogStart+i)%maxLogEntries])
+	}
+	return out
+}
+
+// RefreshTokenUses counts the token endpoint requests that sent token as
+// their refresh_token form value (whatever the answer), since New or Reset.
+// A single-use refresh token that is sent twice shows up as 2.
+func (s *Server) RefreshTokenUses(token string) int {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	return s.stats.refreshUses[token]
+}
+
+// Revocations counts the requests to /oauth-v1/revoke that killed a live
+// refresh token (known, unexpired, of the authenticated client), since New
+// or Reset. Revoking an unknown, dead or foreign token answers success, as
+// RFC 7009 says, but does not count.
+func (s *Server) Revocations() int {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	return s.stats.revocations
 }
 
 // MaxConcurrentTokenRequests is the highest number of token endpoint
@@ -225,8 +325,9 @@ func cloneValues(v url.Values) url.Values {
 	return out
 }
 
-// Reset clears every counter, the /3/ request log and the last authorize
-// query. State (clients, consents, tokens, switches, clock) stays.
+// Reset clears every counter, the /3/ and token request logs, the refresh
+// token use counts, the revocation count and the last authorize query.
+// State (clients, consents, tokens, switches, faults, clock) stays.
 func (s *Server) Reset() {
 	s.stats.reset()
 }

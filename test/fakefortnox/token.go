@@ -1,12 +1,16 @@
 package fakefortnox
 
 import (
+	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"mime"
+	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -38,10 +42,23 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	// not, is counted under its grant and tenant.
 	form, formErr := readForm(r)
 	grant := form.Get("grant_type")
-	s.stats.beginTokenRequest(grant, s.tenantOfTokenRequest(grant, form, r))
+	tenant, user := s.ownerOfTokenRequest(grant, form, r)
+	s.stats.beginTokenRequest(grant, tenant, form.Get("refresh_token"))
 	defer s.stats.endTokenRequest()
 
-	if !s.applyFault(w, r) {
+	rec := &tokenRecorder{ResponseWriter: w, stats: &s.stats, entry: TokenRequest{
+		Grant:        grant,
+		TenantHeader: r.Header.Get("TenantId"),
+		Tenant:       tenant,
+		User:         user,
+		ClientAuth:   clientAuthOf(r, form),
+		RefreshToken: form.Get("refresh_token"),
+		At:           s.Now(),
+	}}
+	defer rec.record(0) // no answer at all (the client left during a delay): logged as 0
+	w = rec
+
+	if !s.applyFault(rec, r, s.faultFor(grant, tenant)) {
 		return
 	}
 	clientID, ok := s.authenticateClient(r)
@@ -66,6 +83,66 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// tokenRecorder logs a token request with the status it is answered, just
+// before the answer goes out.
+type tokenRecorder struct {
+	http.ResponseWriter
+	stats  *stats
+	entry  TokenRequest
+	logged bool
+}
+
+// record logs the request with status, once.
+func (rec *tokenRecorder) record(status int) {
+	if rec.logged {
+		return
+	}
+	rec.logged = true
+	rec.entry.Status = status
+	rec.stats.recordTokenRequest(rec.entry)
+}
+
+func (rec *tokenRecorder) WriteHeader(status int) {
+	rec.record(status)
+	rec.ResponseWriter.WriteHeader(status)
+}
+
+func (rec *tokenRecorder) Write(b []byte) (int, error) {
+	rec.record(http.StatusOK) // what net/http answers for a Write without WriteHeader
+	return rec.ResponseWriter.Write(b)
+}
+
+// Hijack lets Fault.Down drop the connection through the recorder.
+func (rec *tokenRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	hj, ok := rec.ResponseWriter.(http.Hijacker)
+	if !ok {
+		return nil, nil, errors.New("fakefortnox: the connection cannot be hijacked")
+	}
+	return hj.Hijack()
+}
+
+func (rec *tokenRecorder) Unwrap() http.ResponseWriter {
+	return rec.ResponseWriter
+}
+
+// clientAuthOf says how a token request authenticated its client: "basic",
+// "body", "both" or "none".
+func clientAuthOf(r *http.Request, form url.Values) string {
+	scheme, _, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	basic := strings.EqualFold(scheme, "Basic")
+	body := form.Has("client_id") || form.Has("client_secret")
+	switch {
+	case basic && body:
+		return "both"
+	case basic:
+		return "basic"
+	case body:
+		return "body"
+	default:
+		return "none"
+	}
+}
+
 // readForm reads an application/x-www-form-urlencoded body of at most
 // 64 KiB. On failure the form is empty and the reason is returned.
 func readForm(r *http.Request) (url.Values, string) {
@@ -87,27 +164,42 @@ func readForm(r *http.Request) (url.Values, string) {
 	return form, ""
 }
 
-// tenantOfTokenRequest is the tenant a token request is counted under.
-func (s *Server) tenantOfTokenRequest(grant string, form url.Values, r *http.Request) string {
+// ownerOfTokenRequest is the tenant a token request is counted under and
+// the user it is for: the refresh token's or code's tenant and user for
+// those grants, the TenantId header (and no user) otherwise.
+func (s *Server) ownerOfTokenRequest(grant string, form url.Values, r *http.Request) (tenant, user string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch grant {
 	case "refresh_token":
-		return s.refreshTokens[form.Get("refresh_token")].tenant
+		g := s.refreshTokens[form.Get("refresh_token")]
+		return g.tenant, g.userID
 	case "authorization_code":
-		return s.codes[form.Get("code")].tenant
+		c := s.codes[form.Get("code")]
+		return c.tenant, c.userID
 	default:
-		return r.Header.Get("TenantId")
+		return r.Header.Get("TenantId"), ""
 	}
 }
 
-// applyFault plays the configured fault and reports whether the request
-// should still be answered normally.
-func (s *Server) applyFault(w http.ResponseWriter, r *http.Request) bool {
+// faultFor is the fault a token request meets: its tenant's own fault
+// (SetTenantFault) when it has one, else the global one (SetFault). Tenant
+// faults apply only to the three grants, where the tenant means something.
+func (s *Server) faultFor(grant, tenant string) Fault {
 	s.mu.Lock()
-	f := s.fault
-	s.mu.Unlock()
+	defer s.mu.Unlock()
+	switch grant {
+	case "client_credentials", "refresh_token", "authorization_code":
+		if f, ok := s.tenantFaults[tenant]; ok && tenant != "" {
+			return f
+		}
+	}
+	return s.fault
+}
 
+// applyFault plays the fault f and reports whether the request should
+// still be answered normally.
+func (s *Server) applyFault(rec *tokenRecorder, r *http.Request, f Fault) bool {
 	if f.Delay > 0 {
 		t := time.NewTimer(f.Delay)
 		defer t.Stop()
@@ -118,16 +210,48 @@ func (s *Server) applyFault(w http.ResponseWriter, r *http.Request) bool {
 		}
 	}
 	if f.Down {
-		dropConnection(w)
+		rec.record(0) // before the client can see the connection close
+		dropConnection(rec)
 		return false
 	}
 	if f.Status != 0 {
-		w.Header().Set("Content-Type", typePlain)
-		w.WriteHeader(f.Status)
-		fmt.Fprintf(w, "fake fault: %d %s\n", f.Status, http.StatusText(f.Status))
+		writeFaultAnswer(rec, f)
 		return false
 	}
 	return true
+}
+
+// writeFaultAnswer writes the Status answer of a fault.
+func writeFaultAnswer(w http.ResponseWriter, f Fault) {
+	contentType := f.ContentType
+	if contentType == "" {
+		contentType = typePlain
+	}
+	body := f.Body
+	if body == "" && f.BodySize <= 0 {
+		body = fmt.Sprintf("fake fault: %d %s\n", f.Status, http.StatusText(f.Status))
+	}
+	if f.BodySize > 0 {
+		pad := " " // keeps a JSON body valid JSON
+		if body == "" {
+			pad = "x"
+		}
+		if len(body) > f.BodySize {
+			body = body[:f.BodySize]
+		}
+		body += strings.Repeat(pad, f.BodySize-len(body))
+	}
+	h := w.Header()
+	h.Set("Content-Type", contentType)
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	if f.RetryAfter != "" {
+		h.Set("Retry-After", f.RetryAfter)
+	}
+	if f.Location != "" {
+		h.Set("Location", f.Location)
+	}
+	w.WriteHeader(f.Status)
+	io.WriteString(w, body) // a client that stops reading early is no error of the fake
 }
 
 // dropConnection closes the connection without a word, like a crashed or
@@ -223,6 +347,12 @@ func (s *Server) clientCredentialsGrant(w http.ResponseWriter, r *http.Request, 
 	if !consented {
 		s.noConsent(w, status, code)
 		return
+	}
+	s.mu.Lock()
+	issued, misbound := s.misbound[grantKey{clientID, tenant}]
+	s.mu.Unlock()
+	if misbound {
+		tenant = issued // the token names another tenant than the one asked for
 	}
 	token, lifetime := s.mintAccessToken(clientID, tenant, "", scopes)
 	s.writeTokenAnswer(w, token, "", scopes, lifetime)
@@ -378,7 +508,9 @@ func (s *Server) dropExpiredCodesLocked() {
 }
 
 // serveRevoke is POST /oauth-v1/revoke: it kills a refresh token. Like
-// RFC 7009 it answers success for a token it does not know.
+// RFC 7009 it answers success for a token it does not know. A
+// token_type_hint, when sent, must be refresh_token: the fake (like the
+// revoke call Fortnox documents) revokes nothing else.
 func (s *Server) serveRevoke(w http.ResponseWriter, r *http.Request) {
 	form, formErr := readForm(r)
 	clientID, ok := s.authenticateClient(r)
@@ -391,10 +523,20 @@ func (s *Server) serveRevoke(w http.ResponseWriter, r *http.Request) {
 		writeOAuthError(w, http.StatusBadRequest, typeJSON, "invalid_request", "token is required")
 		return
 	}
+	if form.Has("token_type_hint") && form.Get("token_type_hint") != "refresh_token" {
+		writeOAuthError(w, http.StatusBadRequest, typeJSON, "unsupported_token_type",
+			fmt.Sprintf("token_type_hint %q is not supported: only refresh_token can be revoked", form.Get("token_type_hint")))
+		return
+	}
 	s.mu.Lock()
-	if g, ok := s.refreshTokens[token]; ok && g.clientID == clientID {
+	g, known := s.refreshTokens[token]
+	live := known && g.clientID == clientID && s.Now().Before(g.issuedAt.Add(refreshTokenLifetime))
+	if known && g.clientID == clientID {
 		delete(s.refreshTokens, token)
 	}
 	s.mu.Unlock()
+	if live {
+		s.stats.countRevocation()
+	}
 	writeJSON(w, http.StatusOK, map[string]bool{"revoked": true})
 }

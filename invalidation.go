@@ -1,0 +1,94 @@
+package fortnox
+
+import (
+	"context"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// What a 401 from Fortnox does to a subject's token. Fortnox answers 401
+// to a revoked or expired token, but also to a wrong path or a missing
+// scope: those would turn every request into a token request (and a
+// replay) if each 401 dropped the token. So a 401 drops the token only
+// when it cannot be the path's fault as far as the sidecar can tell.
+const (
+	// freshTokenGrace: a 401 on a token Fortnox minted this recently (its
+	// issue time, not when this process read it) is not the token's fault.
+	freshTokenGrace = 10 * time.Second
+	// maxInvalidations 401-invalidations per subject per
+	// invalidationWindow; past that, 401s pass through and the token stays.
+	maxInvalidations   = 3
+	invalidationWindow = time.Minute
+)
+
+// unauthorized handles Fortnox's 401 to t (not a replay's). It drops t,
+// cached and stored, unless t is fresh or the subject's invalidations are
+// used up, and reports whether it did: then the request may be replayed
+// with a new token.
+func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
+	n := now()
+	if n.Sub(t.issuedAt) < freshTokenGrace {
+		metrics.invalidationsBounded.Inc()
+		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
+		return false
+	}
+	m.mu.Lock()
+	st := m.state(subj.key())
+	if st.rejected == t.bearer {
+		m.mu.Unlock()
+		return true // another request met the same 401 and dropped it
+	}
+	recent := st.invalidations[:0]
+	for _, at := range st.invalidations {
+		if n.Sub(at) < invalidationWindow {
+			recent = append(recent, at)
+		}
+	}
+	st.invalidations = recent
+	if len(recent) >= maxInvalidations {
+		m.mu.Unlock()
+		metrics.invalidationsBounded.Inc()
+		m.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
+		return false
+	}
+	st.invalidations = append(st.invalidations, n)
+	st.rejected = t.bearer
+	m.mu.Unlock()
+	m.drop(subj, t)
+	if t.grant == grantRefreshToken {
+		go m.dropStoredAccessToken(subj, t.accessToken())
+	}
+	return true
+}
+
+func (m *tokenManager) debug401(subj subject, msg string) {
+	if ce := m.logger().Check(zap.DebugLevel, msg); ce != nil {
+		ce.Write(subj.logFields()...)
+	}
+}
+
+// dropStoredAccessToken removes the access token Fortnox refused from the
+// subject's record, if the record still holds that one (compare and
+// invalidate: a newer token stored meanwhile stays), so that no process
+// reads it back. Under the record's lock: the record holds the refresh
+// token too.
+func (m *tokenManager) dropStoredAccessToken(subj subject, accessToken string) {
+	s := m.settings.Load()
+	if s == nil || s.records == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, lockBudget)
+	defer cancel()
+	err := s.records.withLock(ctx, subj, func() error {
+		rec, err := s.records.load(ctx, subj)
+		if err != nil || rec == nil || rec.AccessToken != accessToken {
+			return err
+		}
+		rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
+		return s.records.save(ctx, subj, rec)
+	})
+	if err != nil && m.ctx.Err() == nil {
+		m.logger().Warn("could not drop the refused access token from the store; this process will not use it", append(subj.logFields(), zap.Error(err))...)
+	}
+}

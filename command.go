@@ -402,8 +402,20 @@ func getTenants(ctx context.Context, addr, clientID string) ([]byte, error) {
 		return nil, fmt.Errorf("Caddy's admin API at %s refused GET %s: %s%s", addr, uri, shorten(strings.TrimPrefix(a.err.Error(), "caddy responded with error: "), 300), hint)
 	default:
 		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Is the sidecar running? If its admin endpoint listens elsewhere, pass --address (the \"admin\" global option of its Caddyfile) or --config <its Caddyfile>",
-			addr, strings.TrimPrefix(a.err.Error(), "performing request: "))
+			addr, dialFailure(a.err))
 	}
+}
+
+// dialFailure is the cause in an error of caddycmd.AdminAPIRequest, without
+// its "performing request: Get "<url>": " wrapping.
+func dialFailure(err error) string {
+	msg := strings.TrimPrefix(err.Error(), "performing request: ")
+	if strings.HasPrefix(msg, "Get \"") {
+		if i := strings.Index(msg, "\": "); i >= 0 {
+			msg = msg[i+3:]
+		}
+	}
+	return msg
 }
 
 // tenantStatus is one object of GET /fortnox/tenants, read leniently: any

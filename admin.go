@@ -328,7 +328,8 @@ func (m *tokenManager) handOver(ctx context.Context, subj subject, refreshToken 
 		if err != nil {
 			return err
 		}
-		answer, took, err := m.spendRefreshToken(s, refreshToken)
+		answer, took, stored, err := m.spendRefreshToken(s, refreshToken)
+		defer stored()
 		if err != nil {
 			terr := asTokenError(err)
 			metricsTokenRequest(grantRefreshToken, terr.errorCode(), took)
@@ -451,7 +452,8 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 	s := m.settings.Load()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+refreshCallLimit+time.Minute)
 	defer cancel()
-	answer, took, err := m.spendRefreshToken(s, refreshToken)
+	answer, took, stored, err := m.spendRefreshToken(s, refreshToken)
+	defer stored()
 	if err != nil {
 		terr := asTokenError(err)
 		metricsTokenRequest(grantRefreshToken, terr.errorCode(), took)

@@ -35,7 +35,9 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		refresh_before <duration>
 //		token_timeout  <duration>
 //		retry_client_credentials <duration>
-//		encryption_key <key>
+//		encryption_key <key> [<previous_key>...]
+//		account_header <header>
+//		max_token_requests <n>
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
 //		replay_body_limit <size> | off
@@ -108,9 +110,28 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return err
 			}
 		case "encryption_key":
-			if err := oneArg(d, &h.EncryptionKey); err != nil {
+			keys := d.RemainingArgs()
+			if len(keys) == 0 {
+				return d.Errf("encryption_key needs a value (and, while moving to a new key, the previous keys after it)")
+			}
+			h.EncryptionKey, h.PreviousEncryptionKeys = keys[0], keys[1:]
+			if len(h.PreviousEncryptionKeys) == 0 {
+				h.PreviousEncryptionKeys = nil
+			}
+		case "account_header":
+			if err := oneArg(d, &h.AccountHeader); err != nil {
 				return err
 			}
+		case "max_token_requests":
+			var raw string
+			if err := oneArg(d, &raw); err != nil {
+				return err
+			}
+			n, err := strconv.Atoi(raw)
+			if err != nil || n < 1 {
+				return d.Errf("max_token_requests: %q is not a positive number", raw)
+			}
+			h.MaxTokenRequests = n
 		case "rate_limit":
 			rl, err := parseRateLimit(d)
 			if err != nil {

@@ -31,7 +31,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				refresh_before 2m
 				token_timeout 3s
 				retry_client_credentials 30m
-				encryption_key {env.KEY}
+				encryption_key {env.KEY} {env.OLD_KEY}
+				account_header X-User
+				max_token_requests 4
 				rate_limit 20 4s
 				max_wait 7s
 				replay_body_limit 512KiB
@@ -48,6 +50,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 				TokenTimeout:           caddy.Duration(3 * time.Second),
 				RetryClientCredentials: caddy.Duration(30 * time.Minute),
 				EncryptionKey:          "{env.KEY}",
+				PreviousEncryptionKeys: []string{"{env.OLD_KEY}"},
+				AccountHeader:          "X-User",
+				MaxTokenRequests:       4,
 				RateLimit:              &RateLimit{Requests: 20, Window: caddy.Duration(4 * time.Second)},
 				MaxWait:                caddy.Duration(7 * time.Second),
 				ReplayBodyLimit:        512 << 10,
@@ -72,6 +77,9 @@ func TestUnmarshalCaddyfile(t *testing.T) {
 		{name: "alias all digits", input: "fortnox {\n tenant 111 222\n}", wantErr: "is all digits"},
 		{name: "alias declared twice", input: "fortnox {\n tenant acme 111\n tenant acme 222\n}", wantErr: "declared twice"},
 		{name: "flag with argument", input: "fortnox {\n only_listed_tenants yes\n}", wantErr: "wrong argument count"},
+		{name: "one encryption key", input: "fortnox {\n encryption_key {env.KEY}\n}", want: Handler{EncryptionKey: "{env.KEY}"}},
+		{name: "encryption_key without value", input: "fortnox {\n encryption_key\n}", wantErr: "encryption_key needs a value"},
+		{name: "max_token_requests zero", input: "fortnox {\n max_token_requests 0\n}", wantErr: `max_token_requests: "0" is not a positive number`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

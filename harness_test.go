@@ -226,7 +226,12 @@ func (s *sidecar) load() error {
 	for _, w := range warnings {
 		s.t.Logf("adapt warning: %s", w)
 	}
-	return caddy.Load(cfg, true)
+	err = caddy.Load(cfg, true)
+	// Connections kept alive to the old servers are closed by the load.
+	if s.client != nil {
+		s.client.CloseIdleConnections()
+	}
+	return err
 }
 
 func (s *sidecar) dumpLog() {

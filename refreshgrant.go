@@ -3,6 +3,7 @@ package fortnox
 import (
 	"context"
 	"errors"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -67,23 +68,23 @@ func (m *tokenManager) beginRefresh() bool {
 var errStopping = errors.New("the sidecar is reloading or stopping")
 
 // spendRefreshToken sends one refresh-token request. Once sent, nothing
-// cancels it (see refreshCallLimit); the caller stores its answer before
-// anything else.
-func (m *tokenManager) spendRefreshToken(s *managerSettings, refreshToken string) (*tokenAnswer, time.Duration, error) {
+// cancels it (see refreshCallLimit). The caller stores its answer before
+// anything else, then calls stored: until then a manager being destroyed
+// waits (see Destruct).
+func (m *tokenManager) spendRefreshToken(s *managerSettings, refreshToken string) (answer *tokenAnswer, took time.Duration, stored func(), err error) {
 	release, err := m.tokenSlot(s)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, func() {}, err
 	}
 	defer release()
 	if !m.beginRefresh() {
-		return nil, 0, &tokenError{failure: failUnavailable, cause: errStopping, retryAt: now().Add(time.Second)}
+		return nil, 0, func() {}, &tokenError{failure: failUnavailable, cause: errStopping, retryAt: now().Add(time.Second)}
 	}
-	defer m.refreshes.Done()
 	ctx, cancel := context.WithTimeout(context.Background(), refreshCallLimit)
 	defer cancel()
 	start := time.Now()
-	answer, err := m.client.refresh(ctx, s.cred, refreshToken)
-	return answer, max(time.Since(start), time.Nanosecond), err
+	answer, err = m.client.refresh(ctx, s.cred, refreshToken)
+	return answer, max(time.Since(start), time.Nanosecond), sync.OnceFunc(m.refreshes.Done), err
 }
 
 // viaRefreshToken gets a token with the subject's stored refresh token,
@@ -145,7 +146,8 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 			failure = &tokenError{failure: failGrantRejected, code: "invalid_grant", description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
-		answer, spent, err := m.spendRefreshToken(s, rec.RefreshToken)
+		answer, spent, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
+		defer stored()
 		took = spent
 		if err != nil {
 			failure = m.refreshRefused(ctx, s, subj, rec, err)

@@ -337,7 +337,9 @@ const destroyGrace = 35 * time.Second
 // Destruct implements caddy.Destructor: the last config using this manager
 // is gone.
 func (m *tokenManager) Destruct() error {
+	m.mu.Lock() // no refresh may begin after this (beginRefresh)
 	m.cancel()
+	m.mu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		m.refreshes.Wait()

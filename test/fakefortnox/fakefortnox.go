@@ -98,6 +98,13 @@ type Fault struct {
 	BodySize    int    // > 0: the Status answer's body is exactly this many bytes (see above)
 	RetryAfter  string // Retry-After header of the Status answer, sent as is ("" = none)
 	Location    string // Location header of the Status answer, for redirect statuses ("" = none)
+
+	// AnswerDelay: the request is carried out first (a refresh token is
+	// rotated, a code spent), then its answer waits this long, whether or
+	// not the client is still there. A client that gives up meanwhile
+	// never sees the new tokens, as when a connection dies after Fortnox
+	// rotated a refresh token. Ignored with Down or Status.
+	AnswerDelay time.Duration
 }
 
 // grantKey names one customer's grant to one integration: the unit of

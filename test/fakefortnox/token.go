@@ -58,9 +58,11 @@ func (s *Server) serveToken(w http.ResponseWriter, r *http.Request) {
 	defer rec.record(0) // no answer at all (the client left during a delay): logged as 0
 	w = rec
 
-	if !s.applyFault(rec, r, s.faultFor(grant, tenant)) {
+	fault := s.faultFor(grant, tenant)
+	if !s.applyFault(rec, r, fault) {
 		return
 	}
+	rec.delay = fault.AnswerDelay
 	clientID, ok := s.authenticateClient(r)
 	if !ok {
 		s.invalidClient(w)
@@ -90,12 +92,16 @@ type tokenRecorder struct {
 	stats  *stats
 	entry  TokenRequest
 	logged bool
+	delay  time.Duration // Fault.AnswerDelay: before the answer goes out
 }
 
-// record logs the request with status, once.
+// record logs the request with status, once, after the answer's delay.
 func (rec *tokenRecorder) record(status int) {
 	if rec.logged {
 		return
+	}
+	if rec.delay > 0 && status != 0 {
+		time.Sleep(rec.delay)
 	}
 	rec.logged = true
 	rec.entry.Status = status

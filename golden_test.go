@@ -4,23 +4,27 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
+	"path/filepath"
 	"regexp"
+	"strconv"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 )
 
-// The README shows what each bundled Caddyfile adapts to; this keeps it true.
+// docs/configuration.md shows what each bundled Caddyfile adapts to; this
+// keeps it true.
 func TestGoldenAdapt(t *testing.T) {
-	readme, err := os.ReadFile("README.md")
+	const doc = "docs/configuration.md"
+	page, err := os.ReadFile(doc)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, file := range []string{"Caddyfile.example", "demo/Caddyfile"} {
 		t.Run(file, func(t *testing.T) {
-			block := regexp.MustCompile("(?s)<!-- golden: " + regexp.QuoteMeta(file) + " -->\n```json\n(.*?)```").FindSubmatch(readme)
+			block := regexp.MustCompile("(?s)<!-- golden: " + regexp.QuoteMeta(file) + " -->\n```json\n(.*?)```").FindSubmatch(page)
 			if block == nil {
-				t.Fatalf("README.md has no golden JSON block for %s", file)
+				t.Fatalf("%s has no golden JSON block for %s", doc, file)
 			}
 			input, err := os.ReadFile(file)
 			if err != nil {
@@ -38,8 +42,67 @@ func TestGoldenAdapt(t *testing.T) {
 				t.Fatal(err)
 			}
 			if got, want := pretty.String()+"\n", string(block[1]); got != want {
-				t.Errorf("%s adapts to:\n%s\nbut README.md shows:\n%s", file, got, want)
+				t.Errorf("%s adapts to:\n%s\nbut %s shows:\n%s", file, got, doc, want)
 			}
 		})
 	}
+}
+
+// The figures the docs repeat must agree (issue 11 found 3.2 KB against
+// 3.3 KB per tenant, and "about a minute" against "about 80 s" for the load
+// comparison). Each figure is read from every place that states it.
+func TestDocsAgree(t *testing.T) {
+	files := []string{"README.md", "deploy/kubernetes/sidecar.yaml"}
+	docs, err := filepath.Glob("docs/*.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	files = append(files, docs...)
+	text := map[string]string{}
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		text[f] = string(b)
+	}
+
+	// found collects each distinct value of a figure and where it is.
+	type figure struct {
+		name      string
+		re        *regexp.Regexp
+		minPlaces int
+	}
+	agree := func(fig figure) string {
+		where := map[string][]string{}
+		places := 0
+		for _, f := range files {
+			for _, m := range fig.re.FindAllStringSubmatch(text[f], -1) {
+				where[m[1]] = append(where[m[1]], f)
+				places++
+			}
+		}
+		if places < fig.minPlaces {
+			t.Errorf("%s: found in %d places, want at least %d: the pattern %q no longer finds it", fig.name, places, fig.minPlaces, fig.re)
+		}
+		if len(where) > 1 {
+			t.Errorf("%s disagrees: %v", fig.name, where)
+		}
+		for v := range where {
+			return v
+		}
+		return ""
+	}
+
+	// Memory per cached tenant: every "N.N KB" (the token itself is "3 KB").
+	kb := agree(figure{"memory per cached tenant", regexp.MustCompile(`(\d+\.\d+) KB`), 4})
+	// ... and what 10,000 tenants take.
+	mb := agree(figure{"memory of 10,000 tenants", regexp.MustCompile(`10,000 tenants(?:[^.]|\.\d)*?about (\d+) MB`), 2})
+	if k, err := strconv.ParseFloat(kb, 64); err == nil {
+		if m, err := strconv.Atoi(mb); err == nil && int(k*10+0.5) != m {
+			t.Errorf("10,000 tenants at %s KB take about %d MB, but the docs say %s MB", kb, int(k*10+0.5), mb)
+		}
+	}
+	// How long the load comparison runs.
+	agree(figure{"the load comparison's duration", regexp.MustCompile(`(?m)test/bench\b.*?\babout (a minute|\d+ ?s|\d+ minutes?)\b`), 3})
 }

@@ -5,11 +5,14 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // docs/configuration.md shows what each bundled Caddyfile adapts to; this
@@ -105,4 +108,55 @@ func TestDocsAgree(t *testing.T) {
 	}
 	// How long the load comparison runs.
 	agree(figure{"the load comparison's duration", regexp.MustCompile(`(?m)test/bench\b.*?\babout (a minute|\d+ ?s|\d+ minutes?)\b`), 3})
+}
+
+// Every option of the three handlers has its JSON name in
+// docs/configuration.md, and every metric is in docs/operations.md: a new
+// option or metric is not done until it is documented.
+func TestDocsCoverEveryOptionAndMetric(t *testing.T) {
+	config, err := os.ReadFile("docs/configuration.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []any{Handler{}, Connect{}, Webhook{}} {
+		typ := reflect.TypeOf(v)
+		for i := 0; i < typ.NumField(); i++ {
+			name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")
+			if name == "" || name == "-" || !typ.Field(i).IsExported() {
+				continue
+			}
+			if !bytes.Contains(config, []byte("`"+name+"`")) {
+				t.Errorf("docs/configuration.md does not document %s's JSON field `%s`", typ.Name(), name)
+			}
+		}
+	}
+
+	ops, err := os.ReadFile("docs/operations.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	if err := registerMetrics(reg); err != nil {
+		t.Fatal(err)
+	}
+	descs := make(chan *prometheus.Desc, 100)
+	go func() {
+		reg.Describe(descs)
+		close(descs)
+	}()
+	fqName := regexp.MustCompile(`fqName: "([^"]+)"`)
+	n := 0
+	for d := range descs {
+		m := fqName.FindStringSubmatch(d.String())
+		if m == nil {
+			t.Fatalf("no name in %s", d)
+		}
+		n++
+		if !bytes.Contains(ops, []byte("`"+m[1]+"`")) {
+			t.Errorf("docs/operations.md does not document the metric `%s`", m[1])
+		}
+	}
+	if n < 5 {
+		t.Errorf("only %d metrics registered: the test proves little", n)
+	}
 }

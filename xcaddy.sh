@@ -29,8 +29,8 @@ go_build_flags=(-ldflags "-w -s" -trimpath -tags nobadger,nomysql,nopgx)
 
 say() { printf 'xcaddy.sh: %s\n' "$*" >&2; }
 
-# A line every 20 s while the compiler runs, so a cold build does not look
-# stuck. Stopped (with its sleep) when the build ends.
+# A line every 20 s while xcaddy or the compiler runs, so that a cold
+# build does not look stuck. Stopped (with its sleep) when the build ends.
 heartbeat_pid=
 start_heartbeat() {
 	(
@@ -40,7 +40,7 @@ start_heartbeat() {
 			sleep 20 &
 			s=$!
 			wait "$s"
-			say "  still compiling ($((SECONDS - started))s so far; the first build takes a few minutes)"
+			say "  still building ($((SECONDS - started))s so far; the first build compiles all of Caddy: a few minutes)"
 		done
 	) &
 	heartbeat_pid=$!
@@ -74,7 +74,7 @@ esac
 started=$SECONDS
 caddy_version="$(go list -m -f '{{.Version}}' github.com/caddyserver/caddy/v2)"
 if [ "$use_xcaddy" = 1 ]; then
-	say "[1/2] building $output with $(xcaddy version 2>/dev/null | head -n1 || echo xcaddy) (Caddy $caddy_version, CGO_ENABLED=$CGO_ENABLED): its stages follow"
+	say "[1/2] building $output with xcaddy $(xcaddy version 2>/dev/null | awk 'NR == 1 { print $1 }') (Caddy $caddy_version, CGO_ENABLED=$CGO_ENABLED): its stages follow"
 	start_heartbeat
 	xcaddy build "$caddy_version" --output "$output" --with github.com/caddy-fortnox/caddy-fortnox@v0.0.0=.
 else

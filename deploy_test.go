@@ -488,8 +488,11 @@ func TestStorageKeyRequiredWhereNamed(t *testing.T) {
 	t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
 	t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
 	t.Setenv("FORTNOX_TEST_UNSET_STORAGE_KEY", "")
-	if err := sc.load(); err == nil || !strings.Contains(err.Error(), "encryption_key is empty") {
-		t.Errorf("a Caddyfile naming an unset storage key loaded with %v, want a config error", err)
+	if err := sc.load(); err == nil {
+		_ = stopCaddy()
+		t.Error("a Caddyfile naming an unset storage key loaded; want a config error")
+	} else if !strings.Contains(err.Error(), "encryption_key is empty") {
+		t.Errorf("a Caddyfile naming an unset storage key: %v, want encryption_key is empty", err)
 	}
 	if !strings.Contains(readFile(t, "deploy/kubernetes/sidecar.yaml"), "encryption_key {env.FORTNOX_STORAGE_KEY}") {
 		t.Fatal("the Kubernetes Caddyfile no longer names FORTNOX_STORAGE_KEY: revisit this test")

@@ -10,8 +10,13 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"sort"
+	"strconv"
 	"strings"
+	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
@@ -20,10 +25,19 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "fortnox",
-		Usage: "tenant-id <token|-> | company-info [--api <url>] <token|->",
-		Short: "Learn a Fortnox customer's TenantId from a token",
+		Usage: "tenants [--address <admin address>] [--json] [--client-id <id>] | tenant-id <token|-> | company-info [--api <url>] <token|->",
+		Short: "See the sidecar's tenants; learn a Fortnox customer's TenantId from a token",
 		Long: `
-Helpers for moving an integration to the caddy-fortnox sidecar.
+Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
+
+  caddy fortnox tenants [--address localhost:2019] [--json] [--client-id <id>]
+      Lists the tenants the running sidecar knows (GET /fortnox/tenants on
+      Caddy's admin endpoint): mode, when the access token expires, the last
+      error, and whether a refresh token is stored (and how old it is). The
+      admin address is found as Caddy's own commands find it: --address, else
+      the "admin" option of --config, else localhost:2019. --json prints the
+      admin API's JSON for scripts; --client-id picks a client when the
+      sidecar has several. No token is ever shown.
 
   caddy fortnox tenant-id <token|->
       Decodes a Fortnox access token (no signature check: only Fortnox can)
@@ -36,6 +50,22 @@ Helpers for moving an integration to the caddy-fortnox sidecar.
 
 The token itself is never printed.`,
 		CobraFunc: func(cmd *cobra.Command) {
+			var tf tenantsFlags
+			tenants := &cobra.Command{
+				Use:   "tenants [--address <admin address>] [--json] [--client-id <id>]",
+				Short: "List the tenants the running sidecar knows, with their token state (never a token)",
+				Args:  cobra.NoArgs,
+				RunE: func(c *cobra.Command, _ []string) error {
+					ctx, cancel := context.WithTimeout(c.Context(), 30*time.Second)
+					defer cancel()
+					return runTenants(ctx, c.OutOrStdout(), tf, time.Now())
+				},
+			}
+			tenants.Flags().StringVar(&tf.address, "address", "", "the admin API's address (default: the \"admin\" option of --config, else localhost:2019)")
+			tenants.Flags().StringVarP(&tf.config, "config", "c", "", "the sidecar's config file, to read its admin address from (when --address is not given)")
+			tenants.Flags().StringVarP(&tf.adapter, "adapter", "a", "", "the config adapter of --config")
+			tenants.Flags().BoolVar(&tf.json, "json", false, "print the admin API's JSON instead of a table")
+			tenants.Flags().StringVar(&tf.clientID, "client-id", "", "the client id to list, when the sidecar has more than one")
 			tenantID := &cobra.Command{
 				Use:   "tenant-id <token|->",
 				Short: "Print the tenantId and other claims of an access token",
@@ -56,7 +86,7 @@ The token itself is never printed.`,
 				},
 			}
 			companyInfo.Flags().StringVar(&api, "api", "https://api.fortnox.se", "Fortnox API base URL")
-			cmd.AddCommand(tenantID, companyInfo)
+			cmd.AddCommand(tenants, tenantID, companyInfo)
 		},
 	})
 }
@@ -98,7 +128,7 @@ func printTenantID(out io.Writer, in io.Reader, arg string) error {
 	}
 	fmt.Fprintf(out, "tenantId:  %s\n", tenant)
 	printClaim(out, "clientId", c.ClientID)
-	printClaim(out, "userId", strings.Trim(string(c.UserID), `"`))
+	printClaim(out, "userId", rawText(c.UserID)) // a string or a number
 	printClaim(out, "sub", c.Sub)
 	printClaim(out, "scope", c.Scope)
 	printClaim(out, "issuer", c.Iss)
@@ -116,10 +146,50 @@ func printTenantID(out io.Writer, in io.Reader, arg string) error {
 	return nil
 }
 
+// printClaim prints one claim. Claims are whatever the token's maker put
+// there, so control characters are escaped: a hostile token must not clear
+// the terminal, move the cursor or forge extra output lines.
 func printClaim(out io.Writer, name, value string) {
 	if value != "" && value != "null" {
-		fmt.Fprintf(out, "%-10s %s\n", name+":", value)
+		fmt.Fprintf(out, "%-10s %s\n", name+":", escapeControl(value))
 	}
+}
+
+// escapeControl makes text from outside safe to print on a terminal: C0
+// and C1 control characters, DEL, Unicode's bidirectional overrides and
+// invalid UTF-8 are written as Go escapes (\n, \x1b, \u202e); everything
+// else is kept as it is.
+func escapeControl(s string) string {
+	clean := true
+	for _, r := range s {
+		if needsEscape(r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			fmt.Fprintf(&b, `\x%02x`, s[i])
+		case needsEscape(r):
+			q := strconv.QuoteRune(r) // '\n', '\x1b', '\u202e'
+			b.WriteString(q[1 : len(q)-1])
+		default:
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	return b.String()
+}
+
+func needsEscape(r rune) bool {
+	return r == utf8.RuneError || unicode.IsControl(r) ||
+		(r >= 0x202a && r <= 0x202e) || (r >= 0x2066 && r <= 0x2069) // bidi embeddings, overrides, isolates
 }
 
 // printCompanyInfo asks Fortnox for the DatabaseNumber of the token's company.
@@ -133,16 +203,19 @@ func printCompanyInfo(ctx context.Context, out io.Writer, in io.Reader, arg, api
 	if err != nil || u.Host == "" || (u.Scheme != "https" && !(u.Scheme == "http" && isLoopback(u.Hostname()))) {
 		return fmt.Errorf("--api %q must be an https URL (plain http only on 127.0.0.1 or localhost): the token must not cross a network in clear", api)
 	}
-	var lastErr error
+	// Both endpoints name the company's DatabaseNumber; the token may have
+	// the scope of only one of them. When neither answers, say what each
+	// one said: that tells a missing scope from an expired token.
+	var tried []string
 	for _, path := range []string{"/3/companyinformation", "/3/settings/company"} {
 		number, err := databaseNumber(ctx, api+path, tok)
 		if err == nil {
 			fmt.Fprintf(out, "DatabaseNumber (TenantId): %s\n", number)
 			return nil
 		}
-		lastErr = fmt.Errorf("%s: %w", path, err)
+		tried = append(tried, path+": "+err.Error())
 	}
-	return lastErr
+	return fmt.Errorf("no DatabaseNumber from %s; tried %s", api, strings.Join(tried, "; "))
 }
 
 func isLoopback(host string) bool {
@@ -167,17 +240,23 @@ func databaseNumber(ctx context.Context, url, token string) (string, error) {
 	req.Header.Set("Accept", "application/json")
 	resp, err := commandClient.Do(req)
 	if err != nil {
-		return "", transportCause(err)
+		return "", requestFailure(err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("reading the answer: %v", requestFailure(err))
 	}
 	if resp.StatusCode != http.StatusOK {
 		hint := ""
-		if resp.StatusCode == http.StatusUnauthorized {
+		switch resp.StatusCode {
+		case http.StatusUnauthorized:
 			hint = " (the token is expired or not valid)"
+		case http.StatusForbidden:
+			hint = " (the token lacks this endpoint's scope)"
+		}
+		if msg := fortnoxMessage(body); msg != "" {
+			hint += ": " + msg
 		}
 		return "", fmt.Errorf("Fortnox answered %d%s", resp.StatusCode, hint)
 	}
@@ -186,7 +265,7 @@ func databaseNumber(ctx context.Context, url, token string) (string, error) {
 		CompanySettings    struct{ DatabaseNumber json.RawMessage }
 	}
 	if err := json.Unmarshal(body, &v); err != nil {
-		return "", errors.New("the answer is not JSON")
+		return "", errors.New("Fortnox answered 200, but not with JSON")
 	}
 	raw := v.CompanyInformation.DatabaseNumber
 	if len(raw) == 0 {
@@ -194,7 +273,299 @@ func databaseNumber(ctx context.Context, url, token string) (string, error) {
 	}
 	number := strings.Trim(string(raw), `"`)
 	if !validTenantID(number) {
-		return "", errors.New("the answer has no DatabaseNumber")
+		return "", errors.New("Fortnox answered 200, but with no DatabaseNumber")
 	}
 	return number, nil
+}
+
+// requestFailure is what went wrong with a request, without the URL that
+// net/http puts in front (the commands name the URL themselves).
+func requestFailure(err error) error {
+	var uerr *url.Error
+	if errors.As(err, &uerr) {
+		if uerr.Timeout() {
+			return errors.New("no answer: timed out")
+		}
+		return uerr.Err
+	}
+	return err
+}
+
+// fortnoxMessage reads the message of a Fortnox API error body,
+// {"ErrorInformation":{"message":"…"}} in any key casing, shortened and
+// safe to print; "" when there is none.
+func fortnoxMessage(body []byte) string {
+	var v struct {
+		ErrorInformation struct {
+			Message string
+		}
+		Message string
+	}
+	if json.Unmarshal(body, &v) != nil { // encoding/json matches keys case-insensitively
+		return ""
+	}
+	msg := v.ErrorInformation.Message
+	if msg == "" {
+		msg = v.Message
+	}
+	return shorten(msg, 100)
+}
+
+// shorten keeps the first line of s, escaped, at most n runes.
+func shorten(s string, n int) string {
+	s = strings.TrimSpace(s)
+	if i := strings.IndexAny(s, "\r\n"); i >= 0 {
+		s = strings.TrimSpace(s[:i]) + " …"
+	}
+	s = escapeControl(s)
+	if utf8.RuneCountInString(s) > n {
+		r := []rune(s)
+		s = strings.TrimSpace(string(r[:n-1])) + "…"
+	}
+	return s
+}
+
+// tenantsFlags are the flags of `caddy fortnox tenants`.
+type tenantsFlags struct {
+	address, config, adapter string
+	clientID                 string
+	json                     bool
+}
+
+// runTenants asks the running sidecar's admin API for its tenants and
+// prints them as a table, or as the API's own JSON with --json.
+func runTenants(ctx context.Context, out io.Writer, f tenantsFlags, now time.Time) error {
+	// Found the way `caddy stop` and `caddy reload` find it.
+	addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+	if err != nil {
+		return fmt.Errorf("finding the admin API's address: %v (pass --address)", err)
+	}
+	body, err := getTenants(ctx, addr, f.clientID)
+	if err != nil {
+		return err
+	}
+	if f.json {
+		if _, err := out.Write(body); err != nil {
+			return err
+		}
+		if len(body) > 0 && body[len(body)-1] != '\n' {
+			_, err = io.WriteString(out, "\n")
+		}
+		return err
+	}
+	return printTenants(out, body, now)
+}
+
+// maxTenantsAnswer bounds what the command reads from the admin API: tens
+// of thousands of tenants fit.
+const maxTenantsAnswer = 64 << 20
+
+// getTenants GETs /fortnox/tenants from the admin API at addr.
+func getTenants(ctx context.Context, addr, clientID string) ([]byte, error) {
+	uri := "/fortnox/tenants"
+	if clientID != "" {
+		uri += "?client_id=" + url.QueryEscape(clientID)
+	}
+	type answer struct {
+		body []byte
+		err  error
+	}
+	done := make(chan answer, 1)
+	go func() {
+		// Caddy's own helper: it speaks to tcp, unix and fd admin
+		// addresses and sets the Origin the admin endpoint expects.
+		resp, err := caddycmd.AdminAPIRequest(addr, http.MethodGet, uri, nil, nil)
+		if err != nil {
+			done <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(io.LimitReader(resp.Body, maxTenantsAnswer))
+		done <- answer{body, err}
+	}()
+	var a answer
+	select {
+	case a = <-done:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("Caddy's admin API at %s did not answer in time: is it the sidecar's admin address? (pass --address)", addr)
+	}
+	switch {
+	case a.err == nil:
+		return a.body, nil
+	case strings.Contains(a.err.Error(), "responded with error"):
+		// The admin API answered, with an error of its own (no fortnox
+		// handler loaded, an unknown --client-id, several client ids).
+		hint := ""
+		if strings.Contains(a.err.Error(), "client_id") && clientID == "" {
+			hint = " (pass --client-id)"
+		}
+		return nil, fmt.Errorf("Caddy's admin API at %s refused GET %s: %s%s", addr, uri, shorten(strings.TrimPrefix(a.err.Error(), "caddy responded with error: "), 300), hint)
+	default:
+		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Is the sidecar running? If its admin endpoint listens elsewhere, pass --address (the \"admin\" global option of its Caddyfile) or --config <its Caddyfile>",
+			addr, dialFailure(a.err))
+	}
+}
+
+// dialFailure is the cause in an error of caddycmd.AdminAPIRequest, without
+// its "performing request: Get "<url>": " wrapping.
+func dialFailure(err error) string {
+	msg := strings.TrimPrefix(err.Error(), "performing request: ")
+	if strings.HasPrefix(msg, "Get \"") {
+		if i := strings.Index(msg, "\": "); i >= 0 {
+			msg = msg[i+3:]
+		}
+	}
+	return msg
+}
+
+// tenantStatus is one object of GET /fortnox/tenants, read leniently: any
+// field may be missing or null (older sidecars have fewer of them).
+type tenantStatus struct {
+	Tenant                 json.RawMessage `json:"tenant"`
+	Mode                   string          `json:"mode"`
+	TokenExpiresAt         *string         `json:"token_expires_at"`
+	HasRefreshToken        *bool           `json:"has_refresh_token"`
+	LastError              *string         `json:"last_error"`
+	RefreshTokenAgeSeconds *float64        `json:"refresh_token_age_seconds"`
+	ConsentRevoked         bool            `json:"consent_revoked"`
+	Accounts               []accountStatus `json:"accounts"`
+}
+
+// accountStatus is a named user account of a tenant.
+type accountStatus struct {
+	Name                   string          `json:"name"`
+	UserID                 json.RawMessage `json:"user_id"`
+	TokenExpiresAt         *string         `json:"token_expires_at"`
+	HasRefreshToken        *bool           `json:"has_refresh_token"`
+	LastError              *string         `json:"last_error"`
+	RefreshTokenAgeSeconds *float64        `json:"refresh_token_age_seconds"`
+}
+
+// printTenants prints the JSON of GET /fortnox/tenants as a table: one row
+// per tenant, sorted by TenantId, and under each tenant one row per named
+// user account. Times are relative to now. The API never returns a token,
+// and the table has no column that could hold one.
+func printTenants(out io.Writer, body []byte, now time.Time) error {
+	var rows []tenantStatus
+	if err := json.Unmarshal(body, &rows); err != nil {
+		return fmt.Errorf("the admin API's answer is not a JSON array of tenants: %v", err)
+	}
+	if len(rows) == 0 {
+		_, err := fmt.Fprintln(out, "No tenants known yet: a tenant is listed after its first request, a stored refresh token or a consent event.")
+		return err
+	}
+	for i := range rows {
+		rows[i].Tenant = json.RawMessage(rawText(rows[i].Tenant))
+		sort.SliceStable(rows[i].Accounts, func(a, b int) bool { return rows[i].Accounts[a].Name < rows[i].Accounts[b].Name })
+	}
+	sort.SliceStable(rows, func(a, b int) bool { return tenantLess(string(rows[a].Tenant), string(rows[b].Tenant)) })
+
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "TENANT\tMODE\tEXPIRES\tLAST ERROR\tREFRESH TOKEN")
+	for _, r := range rows {
+		mode := r.Mode
+		if mode == "" {
+			mode = "-"
+		}
+		if r.ConsentRevoked {
+			mode += " (consent revoked)"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", cell(string(r.Tenant)), escapeControl(mode),
+			expiresCell(r.TokenExpiresAt, now), errorCell(r.LastError), refreshTokenCell(r.HasRefreshToken, r.RefreshTokenAgeSeconds))
+		for _, a := range r.Accounts {
+			name := "account " + cell(a.Name)
+			if id := rawText(a.UserID); id != "" {
+				name += " (user " + escapeControl(id) + ")"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", cell(string(r.Tenant)), name,
+				expiresCell(a.TokenExpiresAt, now), errorCell(a.LastError), refreshTokenCell(a.HasRefreshToken, a.RefreshTokenAgeSeconds))
+		}
+	}
+	return tw.Flush()
+}
+
+// rawText is a JSON string's text, or a JSON number as written; "" for
+// null or nothing.
+func rawText(raw json.RawMessage) string {
+	var s string
+	if json.Unmarshal(raw, &s) == nil {
+		return s
+	}
+	if t := strings.TrimSpace(string(raw)); t != "null" {
+		return t
+	}
+	return ""
+}
+
+// tenantLess orders TenantIds as numbers (shorter first), anything else
+// after them by text.
+func tenantLess(a, b string) bool {
+	da, db := validTenantID(a), validTenantID(b)
+	switch {
+	case da && db && len(a) != len(b):
+		return len(a) < len(b)
+	case da != db:
+		return da
+	}
+	return a < b
+}
+
+// cell is a table cell: escaped, never empty, without tabs or line breaks.
+func cell(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return escapeControl(s)
+}
+
+func expiresCell(at *string, now time.Time) string {
+	if at == nil || *at == "" {
+		return "-"
+	}
+	t, err := time.Parse(time.RFC3339, *at)
+	if err != nil {
+		return "?"
+	}
+	if d := t.Sub(now); d > 0 {
+		return "in " + shortDuration(d)
+	}
+	return "expired " + shortDuration(now.Sub(t)) + " ago"
+}
+
+// errorCell is the first line of an error, cut to about 40 characters.
+func errorCell(msg *string) string {
+	if msg == nil || strings.TrimSpace(*msg) == "" {
+		return "-"
+	}
+	return shorten(*msg, 40)
+}
+
+func refreshTokenCell(has *bool, ageSeconds *float64) string {
+	switch {
+	case has == nil:
+		return "-"
+	case !*has:
+		return "no"
+	case ageSeconds == nil || *ageSeconds < 0:
+		return "yes"
+	}
+	return "yes (" + shortDuration(time.Duration(*ageSeconds*float64(time.Second))) + ")"
+}
+
+// shortDuration is d, truncated, in words a table can hold: 45s, 52m,
+// 5h12m, 12d.
+func shortDuration(d time.Duration) string {
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d/time.Second))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d/time.Minute))
+	case d < 48*time.Hour:
+		h, m := int(d/time.Hour), int(d%time.Hour/time.Minute)
+		if m == 0 {
+			return fmt.Sprintf("%dh", h)
+		}
+		return fmt.Sprintf("%dh%dm", h, m)
+	}
+	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
 }

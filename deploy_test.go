@@ -1,16 +1,24 @@
 package fortnox
 
 import (
+	"encoding/json"
 	"errors"
 	"io"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"gopkg.in/yaml.v3"
+
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 // Docker cannot run in CI. These tests keep the image and the Kubernetes
@@ -30,23 +38,155 @@ func readFile(t *testing.T, path string) string {
 func TestDockerfileBuildsWithXcaddySh(t *testing.T) {
 	df := readFile(t, "Dockerfile")
 	for _, want := range []string{
-		"RUN OUTPUT=/out/caddy ./xcaddy.sh", // the build: what .ci/run runs
-		"FROM golang:1.26",                  // the Go of go.mod (below)
-		"USER nonroot",                      // not root
-		"VOLUME /data",                      // Caddy's storage
-		"ENV XDG_DATA_HOME=/data",           // ... is where Caddy puts it
+		"RUN go install github.com/caddyserver/xcaddy/cmd/xcaddy@", // xcaddy in the builder stage
+		"RUN XCADDY=1 OUTPUT=/out/caddy ./xcaddy.sh",               // the build: what .ci/run runs, with xcaddy
+		"FROM golang:1.26",        // the Go of go.mod (below)
+		"USER nonroot",            // not root
+		"VOLUME /data",            // Caddy's storage
+		"ENV XDG_DATA_HOME=/data", // ... is where Caddy puts it
 		`"--config", "/etc/caddy/Caddyfile"`,
 	} {
 		if !strings.Contains(df, want) {
 			t.Errorf("Dockerfile lacks %q", want)
 		}
 	}
-	if !regexp.MustCompile(`(?m)^\./xcaddy\.sh$`).MatchString(readFile(t, ".ci/run")) {
-		t.Error(".ci/run no longer runs ./xcaddy.sh: CI would not prove the Dockerfile's build")
+	ci := readFile(t, ".ci/run")
+	if !regexp.MustCompile(`(?m)^XCADDY=1 \./xcaddy\.sh$`).MatchString(ci) {
+		t.Error(".ci/run no longer runs XCADDY=1 ./xcaddy.sh: CI would not prove the Dockerfile's build")
+	}
+	if !regexp.MustCompile(`(?m)^XCADDY=0 OUTPUT=\S+ \./xcaddy\.sh$`).MatchString(ci) {
+		t.Error(".ci/run no longer builds with the go build fallback (XCADDY=0 OUTPUT=... ./xcaddy.sh)")
 	}
 	if !strings.Contains(readFile(t, "go.mod"), "\ngo 1.26") {
 		t.Error("go.mod's Go version no longer matches the Dockerfile's golang:1.26")
 	}
+	// Both builds are checked for the plugin's four modules.
+	sh := readFile(t, "xcaddy.sh")
+	loop := regexp.MustCompile(`(?m)^for m in (.+); do$`).FindStringSubmatch(sh)
+	if loop == nil || strings.Join(strings.Fields(loop[1]), " ") != "http.handlers.fortnox http.handlers.fortnox_connect http.handlers.fortnox_webhook admin.api.fortnox" {
+		t.Errorf("xcaddy.sh does not check that the binary lists the four modules: %q", loop)
+	}
+}
+
+// CI and the image build with the same xcaddy, at a pinned version.
+func TestXcaddyPinnedAlike(t *testing.T) {
+	ci := readFile(t, ".ci/run")
+	pinned := regexp.MustCompile(`(?m)^xcaddy_version=(v\d+\.\d+\.\d+)\b`).FindStringSubmatch(ci)
+	if pinned == nil {
+		t.Fatal(".ci/run pins no xcaddy version (xcaddy_version=vX.Y.Z)")
+	}
+	if !strings.Contains(ci, `go install "github.com/caddyserver/xcaddy/cmd/xcaddy@$xcaddy_version"`) {
+		t.Error(".ci/run does not install xcaddy at $xcaddy_version")
+	}
+	if want := "RUN go install github.com/caddyserver/xcaddy/cmd/xcaddy@" + pinned[1] + "\n"; !strings.Contains(readFile(t, "Dockerfile"), want) {
+		t.Errorf("the Dockerfile does not install the xcaddy .ci/run installs (%s)", pinned[1])
+	}
+}
+
+// The README's "add it to your own Caddy" line is what CI builds with:
+// xcaddy.sh runs that line, plus the Caddy version of go.mod, an output
+// path, and this checkout in place of the module (@v0.0.0=.).
+func TestReadmeXcaddyLineIsWhatCIRuns(t *testing.T) {
+	module := regexp.MustCompile(`(?m)^module (\S+)$`).FindStringSubmatch(readFile(t, "go.mod"))[1]
+	readmeLines := regexp.MustCompile("(?m)^xcaddy build .*$").FindAllString(readFile(t, "README.md"), -1)
+	if len(readmeLines) != 1 {
+		t.Fatalf("README.md has %d `xcaddy build` lines, want 1: %q", len(readmeLines), readmeLines)
+	}
+	if want := "xcaddy build --with " + module; readmeLines[0] != want {
+		t.Errorf("README.md shows %q, want %q", readmeLines[0], want)
+	}
+
+	shLines := regexp.MustCompile(`(?m)^\s*xcaddy build .*$`).FindAllString(readFile(t, "xcaddy.sh"), -1)
+	if len(shLines) != 1 {
+		t.Fatalf("xcaddy.sh has %d `xcaddy build` lines, want 1: %q", len(shLines), shLines)
+	}
+	ci := strings.Fields(shLines[0])
+	var rest []string
+	for i := 0; i < len(ci); i++ {
+		switch {
+		case ci[i] == `"$caddy_version"`: // go.mod's Caddy version
+		case ci[i] == "--output" && i+1 < len(ci) && ci[i+1] == `"$output"`:
+			i++
+		case strings.HasSuffix(ci[i], "@v0.0.0=."): // this checkout in place of the module
+			rest = append(rest, strings.TrimSuffix(ci[i], "@v0.0.0=."))
+		default:
+			rest = append(rest, ci[i])
+		}
+	}
+	if got := strings.Join(rest, " "); got != readmeLines[0] {
+		t.Errorf("xcaddy.sh runs %q, which is README.md's %q only with other arguments: keep them the same", shLines[0], readmeLines[0])
+	}
+	if !strings.Contains(readFile(t, "xcaddy.sh"), "go list -m -f '{{.Version}}' github.com/caddyserver/caddy/v2") {
+		t.Error(`xcaddy.sh's "$caddy_version" no longer comes from go.mod`)
+	}
+}
+
+// The flags xcaddy v0.4.5 passes to go build, in its builder.go.
+const xcaddyDefaultFlags = `"-ldflags", "-w -s", // trim debug symbols
+				"-trimpath",
+				"-tags", "nobadger,nomysql,nopgx",`
+
+// Every Caddy build CI makes uses the same flags and cgo setting, so that
+// Caddy's packages compile once: xcaddy (its defaults), xcaddy.sh's
+// go build fallback, and test/replicas' test binary.
+func TestBuildFlagsAgree(t *testing.T) {
+	sh := readFile(t, "xcaddy.sh")
+	arr := regexp.MustCompile(`(?m)^go_build_flags=\((.*)\)$`).FindStringSubmatch(sh)
+	if arr == nil {
+		t.Fatal("xcaddy.sh has no go_build_flags=(...) line")
+	}
+	shFlags := shellWords(arr[1])
+	if !strings.Contains(sh, `export CGO_ENABLED="${CGO_ENABLED:-0}"`) || !strings.Contains(sh, `go build "${go_build_flags[@]}"`) {
+		t.Error("xcaddy.sh's fallback no longer builds with go_build_flags and CGO_ENABLED=0 (xcaddy's default)")
+	}
+
+	replicas := readFile(t, "test/replicas/replicas_test.go")
+	lit := regexp.MustCompile(`(?m)^var caddyBuildFlags = \[\]string\{(.*)\}$`).FindStringSubmatch(replicas)
+	if lit == nil {
+		t.Fatal("test/replicas/replicas_test.go has no caddyBuildFlags = []string{...} line")
+	}
+	var goFlags []string
+	for _, q := range regexp.MustCompile(`"(?:[^"\\]|\\.)*"`).FindAllString(lit[1], -1) {
+		s, err := strconv.Unquote(q)
+		if err != nil {
+			t.Fatal(err)
+		}
+		goFlags = append(goFlags, s)
+	}
+	if !slices.Equal(shFlags, goFlags) {
+		t.Errorf("xcaddy.sh builds with %q, test/replicas with %q: Caddy would compile twice", shFlags, goFlags)
+	}
+	if !strings.Contains(replicas, `"CGO_ENABLED=0"`) {
+		t.Error("test/replicas does not build with CGO_ENABLED=0, as xcaddy.sh does")
+	}
+	if want := []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}; !slices.Equal(shFlags, want) {
+		t.Errorf("xcaddy.sh builds with %q; xcaddy v0.4.5 builds with %q", shFlags, want)
+	}
+
+	// xcaddy's own source, in the module cache once .ci/run installed it.
+	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	builder := filepath.Join(strings.TrimSpace(string(out)), "github.com/caddyserver/xcaddy@v0.4.5", "builder.go")
+	src, err := os.ReadFile(builder)
+	switch {
+	case err != nil && redisstorage.InCI():
+		t.Errorf("%v: .ci/run installs xcaddy v0.4.5, whose flags this test compares", err)
+	case err != nil:
+		t.Logf("not compared with xcaddy's source (%v); .ci/run installs it", err)
+	case !strings.Contains(string(src), xcaddyDefaultFlags):
+		t.Errorf("%s no longer passes %s to go build: align xcaddy.sh and test/replicas", builder, xcaddyDefaultFlags)
+	}
+}
+
+// shellWords splits a bash array's body: words, with "double quotes".
+func shellWords(s string) []string {
+	var words []string
+	for _, m := range regexp.MustCompile(`"([^"]*)"|(\S+)`).FindAllStringSubmatch(s, -1) {
+		words = append(words, m[1]+m[2])
+	}
+	return words
 }
 
 // .dockerignore must not leave out what the build stage needs.
@@ -213,5 +353,155 @@ func TestKubernetesExample(t *testing.T) {
 	}
 	if sc := sidecar.SecurityContext; sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || !sc.ReadOnlyRootFilesystem {
 		t.Error("the sidecar must not escalate privileges and must have a read-only root file system")
+	}
+}
+
+// docFiles are the files that show users commands and Caddyfiles.
+func docFiles(t *testing.T) []string {
+	t.Helper()
+	files, err := filepath.Glob("docs/*.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return append([]string{"README.md"}, files...)
+}
+
+// The Docker example must be reachable the way it is shown: the proxy
+// binds the container's loopback, so the sidecar runs in the app's network
+// namespace and nothing is published (issue 11).
+func TestDockerExampleReachable(t *testing.T) {
+	if regexp.MustCompile(`(?mi)^\s*EXPOSE\b`).MatchString(readFile(t, "Dockerfile")) {
+		t.Error("the Dockerfile EXPOSEs a port, but nothing in the image is reachable from outside the app's network namespace")
+	}
+	dockerRun := regexp.MustCompile(`^\s*#?\s*docker run\b`)
+	publish := regexp.MustCompile(`(^|\s)(-p|-P|--publish|--publish-all)(\s|=|$)`)
+	runs := 0
+	for _, f := range append(docFiles(t), "Dockerfile") {
+		text := strings.ReplaceAll(readFile(t, f), "\\\n", " ") // shell line continuations
+		for _, line := range strings.Split(text, "\n") {
+			if !dockerRun.MatchString(line) || !strings.Contains(line, "caddy-fortnox") {
+				continue
+			}
+			runs++
+			if !strings.Contains(line, "--network container:") {
+				t.Errorf("%s: %q does not run the sidecar in the app's network namespace (--network container:<app>): nothing could reach its loopback", f, strings.TrimSpace(line))
+			}
+			if publish.MatchString(line) {
+				t.Errorf("%s: %q publishes a port: the token-injecting proxy must stay on loopback", f, strings.TrimSpace(line))
+			}
+		}
+	}
+	if runs < 3 { // the README, docs/deploy.md and the Dockerfile's header
+		t.Errorf("found %d `docker run … caddy-fortnox` lines, want the README's, docs/deploy.md's and the Dockerfile's", runs)
+	}
+}
+
+// Every Caddyfile the project ships or shows keeps the token-injecting
+// port on loopback: each `bind` names loopback addresses only, a site with
+// the fortnox handler has a bind, and (where the Caddyfile adapts) each
+// server with the fortnox handler listens on loopback only.
+func TestTokenPortOnLoopbackOnly(t *testing.T) {
+	sources := map[string]string{
+		"Caddyfile.example": readFile(t, "Caddyfile.example"),
+		"demo/Caddyfile":    readFile(t, "demo/Caddyfile"),
+	}
+	var cm struct {
+		Data map[string]string `yaml:"data"`
+	}
+	dec := yaml.NewDecoder(strings.NewReader(readFile(t, "deploy/kubernetes/sidecar.yaml")))
+	for dec.Decode(&cm) == nil {
+		if c := cm.Data["Caddyfile"]; c != "" {
+			sources["deploy/kubernetes/sidecar.yaml"] = c
+		}
+	}
+	block := regexp.MustCompile("(?s)```caddyfile\n(.*?)```")
+	for _, f := range docFiles(t) {
+		for i, m := range block.FindAllStringSubmatch(readFile(t, f), -1) {
+			sources[f+" block "+strconv.Itoa(i+1)] = m[1]
+		}
+	}
+	if len(sources) < 6 {
+		t.Fatalf("only %d Caddyfiles found: the test would prove little", len(sources))
+	}
+	bind := regexp.MustCompile(`(?m)^\s*bind\s+(.+?)\s*(#.*)?$`)
+	fortnoxSite := regexp.MustCompile(`(?m)^\s*fortnox\s*\{`)
+	siteAddress := regexp.MustCompile(`(?m)^(https?://\S*|:\d+)\s*\{\s*$`)
+	for name, text := range sources {
+		for _, m := range bind.FindAllStringSubmatch(text, -1) {
+			for _, addr := range strings.Fields(m[1]) {
+				if !isLoopbackHost(addr) {
+					t.Errorf("%s: `bind %s`: the token-injecting proxy must listen on loopback only", name, m[1])
+				}
+			}
+		}
+		if fortnoxSite.MatchString(text) && siteAddress.MatchString(text) && !bind.MatchString(text) {
+			t.Errorf("%s: a site with the fortnox handler and no `bind 127.0.0.1`", name)
+		}
+		adapted, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(text), map[string]any{"filename": "Caddyfile"})
+		if err != nil {
+			continue // a fragment (`fortnox { ... }`)
+		}
+		var cfg struct {
+			Apps struct {
+				HTTP struct {
+					Servers map[string]struct {
+						Listen []string        `json:"listen"`
+						Routes json.RawMessage `json:"routes"`
+					} `json:"servers"`
+				} `json:"http"`
+			} `json:"apps"`
+		}
+		if err := json.Unmarshal(adapted, &cfg); err != nil {
+			t.Fatal(err)
+		}
+		for srvName, srv := range cfg.Apps.HTTP.Servers {
+			if !strings.Contains(string(srv.Routes), `"handler":"fortnox"`) {
+				continue
+			}
+			for _, l := range srv.Listen {
+				host, _, err := net.SplitHostPort(l)
+				if err != nil || !isLoopbackHost(host) {
+					t.Errorf("%s: server %s with the fortnox handler listens on %q", name, srvName, l)
+				}
+			}
+		}
+	}
+}
+
+func isLoopbackHost(host string) bool {
+	host = strings.Trim(host, "[]")
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// FORTNOX_STORAGE_KEY is required by any Caddyfile that names it in
+// encryption_key (as the Kubernetes example does): an empty placeholder is
+// a config error. So no doc may call it optional.
+func TestStorageKeyRequiredWhereNamed(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{})
+	sc := &sidecar{t: t, fake: fake, dir: t.TempDir()}
+	sc.caddyfileTemplate = caddyfileTemplate{port: freePort(t), adminPort: freePort(t), tokenURL: fake.TokenURL(), upstream: fake.URL(),
+		options: "encryption_key {env.FORTNOX_TEST_UNSET_STORAGE_KEY}"}
+	t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
+	t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
+	t.Setenv("FORTNOX_TEST_UNSET_STORAGE_KEY", "")
+	if err := sc.load(); err == nil {
+		_ = stopCaddy()
+		t.Error("a Caddyfile naming an unset storage key loaded; want a config error")
+	} else if !strings.Contains(err.Error(), "encryption_key is empty") {
+		t.Errorf("a Caddyfile naming an unset storage key: %v, want encryption_key is empty", err)
+	}
+	if !strings.Contains(readFile(t, "deploy/kubernetes/sidecar.yaml"), "encryption_key {env.FORTNOX_STORAGE_KEY}") {
+		t.Fatal("the Kubernetes Caddyfile no longer names FORTNOX_STORAGE_KEY: revisit this test")
+	}
+	for _, f := range docFiles(t) {
+		for i, line := range strings.Split(readFile(t, f), "\n") {
+			if strings.Contains(line, "FORTNOX_STORAGE_KEY") && strings.Contains(strings.ToLower(line), "optional") {
+				t.Errorf("%s:%d calls FORTNOX_STORAGE_KEY optional, but the Kubernetes Caddyfile requires it: %s", f, i+1, line)
+			}
+		}
 	}
 }

@@ -26,6 +26,7 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 const (
@@ -41,6 +42,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	if !redisstorage.CheckRedisServer("caddy-fortnox (root package): the tests that need Redis") {
+		os.Exit(1) // in CI nothing may skip
+	}
 	dir, err := os.MkdirTemp("", "caddy-fortnox-logs-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

@@ -4,7 +4,8 @@
 # With FORTNOX_CLIENT_ID and FORTNOX_CLIENT_SECRET set, it runs
 # Caddyfile.example against the real Fortnox. Without them, it runs the demo:
 # the bundled fake Fortnox on 127.0.0.1:8099 and demo/Caddyfile, so you can
-# try the sidecar with no Fortnox account.
+# try the sidecar, and the migration of a refresh-token customer, with no
+# Fortnox account. The first build takes a few minutes; later ones seconds.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,31 +18,80 @@ if [ -n "${FORTNOX_CLIENT_ID:-}" ] && [ -n "${FORTNOX_CLIENT_SECRET:-}" ]; then
 fi
 
 echo "run.sh: no Fortnox credentials in the environment: running the demo against the bundled fake Fortnox" >&2
+# The fake forgets everything when it stops, so tokens stored by an earlier
+# demo mean nothing to this one.
+rm -rf .demo/storage
 mkdir -p .demo bin
 go build -o bin/fakefortnox ./test/fakefortnox/cmd/fakefortnox
 export FORTNOX_CLIENT_ID=demo-client FORTNOX_CLIENT_SECRET=demo-secret
-bin/fakefortnox -addr 127.0.0.1:8099 -client-id "$FORTNOX_CLIENT_ID" -client-secret "$FORTNOX_CLIENT_SECRET" \
-	-tenants 1234567,7654321 &
-fake_pid=$!
+
+fake_pid=
 caddy_pid=
-stop() { kill $caddy_pid "$fake_pid" 2>/dev/null || true; }
+stop() { kill $caddy_pid $fake_pid 2>/dev/null || true; }
 trap stop EXIT
 trap 'exit 130' INT TERM
 
+# listening <port>: whether something accepts connections on 127.0.0.1:<port>.
+listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for <what> <port> <pid>: until the port accepts connections; fails
+# when the process exits first or after 30 s.
+wait_for() {
+	local i
+	for i in $(seq 300); do
+		listening "$2" && return 0
+		if ! kill -0 "$3" 2>/dev/null; then
+			echo "run.sh: $1 exited before listening on 127.0.0.1:$2 (see its output above)" >&2
+			return 1
+		fi
+		sleep 0.1
+	done
+	echo "run.sh: $1 does not listen on 127.0.0.1:$2 after 30 s" >&2
+	return 1
+}
+
+for port in 8099 8080 2019; do
+	if listening "$port"; then
+		echo "run.sh: something already listens on 127.0.0.1:$port (an earlier ./run.sh?): stop it first" >&2
+		exit 1
+	fi
+done
+
+# Tenants 1234567 and 7654321 have a service-account consent; 5550003 has
+# only a refresh token (as a customer of an integration that still runs on
+# refresh tokens), written to .demo/refresh-token-5550003.
+bin/fakefortnox -addr 127.0.0.1:8099 -client-id "$FORTNOX_CLIENT_ID" -client-secret "$FORTNOX_CLIENT_SECRET" \
+	-tenants 1234567,7654321 -refresh-tenants 5550003 -refresh-token-dir .demo &
+fake_pid=$!
+wait_for "the fake Fortnox" 8099 "$fake_pid"
+
+# In the background with `wait`, so that a signal to this script stops both.
+./caddy run --config demo/Caddyfile &
+caddy_pid=$!
+wait_for "Caddy" 8080 "$caddy_pid"
+wait_for "Caddy's admin API" 2019 "$caddy_pid"
+
 cat >&2 <<'TXT'
 
-  The sidecar listens on http://127.0.0.1:8080; the fake Fortnox knows tenants
-  1234567 (alias "demo") and 7654321. In another terminal, try:
+  The sidecar listens on http://127.0.0.1:8080, its admin API on 127.0.0.1:2019.
+  The fake Fortnox knows tenants 1234567 (alias "demo") and 7654321, which have a
+  service-account consent, and 5550003, which has only a refresh token. In another
+  terminal, in this directory, try:
 
     curl -s -H 'X-Fortnox-Tenant: 1234567' http://127.0.0.1:8080/3/companyinformation
     curl -s -H 'X-Fortnox-Tenant: demo'    http://127.0.0.1:8080/3/companyinformation
     curl -s -H 'X-Fortnox-Tenant: 5550001' http://127.0.0.1:8080/3/companyinformation   # no consent: 403
     curl -s http://127.0.0.1:8080/3/companyinformation                                  # no tenant: 400
+    ./caddy fortnox tenants                                                            # what the sidecar knows
+
+  Move the refresh-token customer 5550003 to the sidecar (the migration step):
+
+    curl -s -H 'X-Fortnox-Tenant: 5550003' http://127.0.0.1:8080/3/companyinformation   # 403: no token yet
+    curl -X PUT localhost:2019/fortnox/tenants/5550003/refresh_token -d "{\"refresh_token\":\"$(cat .demo/refresh-token-5550003)\"}"
+    curl -s -H 'X-Fortnox-Tenant: 5550003' http://127.0.0.1:8080/3/companyinformation   # 200, on the refresh token
+    ./caddy fortnox tenants
 
   Ctrl-C stops both.
 
 TXT
-# In the background with `wait`, so that a signal to this script stops both.
-./caddy run --config demo/Caddyfile &
-caddy_pid=$!
 wait "$caddy_pid"

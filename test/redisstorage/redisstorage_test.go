@@ -2,15 +2,18 @@ package redisstorage
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -349,17 +352,38 @@ func TestDeadHolderLockExpires(t *testing.T) {
 	}
 }
 
-// TestHelperLockHolder is not a test: TestKilledProcessLockExpires runs the
-// test binary with it to get a separate process that holds a lock.
-func TestHelperLockHolder(t *testing.T) {
-	addr := os.Getenv("REDISSTORAGE_HOLDER_ADDR")
-	if addr == "" {
-		t.Skip("helper process for TestKilledProcessLockExpires")
+// TestMain runs the tests, or, started by TestKilledProcessLockExpires
+// with holderAddrEnv set, the lock holder it kills. The holder is not a
+// test function (which would have to skip itself in every normal run, and
+// CI runs nothing skipped).
+func TestMain(m *testing.M) {
+	if addr := os.Getenv(holderAddrEnv); addr != "" {
+		holdLockUntilKilled(addr)
+		return
 	}
-	ttl, _ := time.ParseDuration(os.Getenv("REDISSTORAGE_HOLDER_TTL"))
-	s := newStorage(t, addr, "killed", ttl)
+	if !CheckRedisServer("test/redisstorage: the tests that need Redis") {
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+const (
+	holderAddrEnv = "REDISSTORAGE_HOLDER_ADDR"
+	holderTTLEnv  = "REDISSTORAGE_HOLDER_TTL"
+)
+
+// holdLockUntilKilled takes the lock "tenant-1", says LOCKED on stdout and
+// keeps refreshing the lock until the process is killed.
+func holdLockUntilKilled(addr string) {
+	ttl, err := time.ParseDuration(os.Getenv(holderTTLEnv))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "lock holder:", holderTTLEnv, err)
+		os.Exit(2)
+	}
+	s := New(redis.NewClient(&redis.Options{Addr: addr, ContextTimeoutEnabled: true}), "killed", ttl)
 	if err := s.Lock(context.Background(), "tenant-1"); err != nil {
-		t.Fatal(err)
+		fmt.Fprintln(os.Stderr, "lock holder:", err)
+		os.Exit(2)
 	}
 	fmt.Println("LOCKED")
 	select {} // hold (and refresh) the lock until killed
@@ -371,8 +395,9 @@ func TestKilledProcessLockExpires(t *testing.T) {
 	ctx := t.Context()
 	addr := StartRedis(t)
 	const ttl = time.Second
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperLockHolder$", "-test.timeout=1m")
-	cmd.Env = append(os.Environ(), "REDISSTORAGE_HOLDER_ADDR="+addr, "REDISSTORAGE_HOLDER_TTL="+ttl.String())
+	// The test binary itself, as the lock holder (see TestMain).
+	cmd := exec.Command(os.Args[0], "-test.timeout=1m")
+	cmd.Env = append(os.Environ(), holderAddrEnv+"="+addr, holderTTLEnv+"="+ttl.String())
 	cmd.Stderr = os.Stderr
 	out, err := cmd.StdoutPipe()
 	if err != nil {
@@ -610,3 +635,42 @@ func TestModuleCleanupWaitsForUnlock(t *testing.T) {
 		t.Errorf("Store after Cleanup and Unlock: err = %v, want the client closed", err)
 	}
 }
+
+func TestAnnounceSkip(t *testing.T) {
+	var out, tty bytes.Buffer
+	terminal := func() io.WriteCloser { return nopCloser{&tty} }
+	if !announceSkip(&out, terminal, false, "test/x: the Redis tests", "redis-server is not on PATH (apt-get install redis-server)") {
+		t.Error("outside CI a skip is allowed")
+	}
+	want := "SKIP test/x: the Redis tests: redis-server is not on PATH (apt-get install redis-server)\n"
+	if out.String() != want || tty.String() != want {
+		t.Errorf("stdout %q, terminal %q; want both %q", out.String(), tty.String(), want)
+	}
+
+	out.Reset()
+	tty.Reset()
+	if announceSkip(&out, terminal, true, "test/x: the Redis tests", "redis-server is not on PATH") {
+		t.Error("in CI a skip must not be allowed")
+	}
+	if got := out.String(); !strings.HasPrefix(got, "FAIL test/x: the Redis tests: redis-server is not on PATH, and CI must run every test") {
+		t.Errorf("in CI: %q", got)
+	}
+
+	out.Reset()
+	if !announceSkip(&out, func() io.WriteCloser { return nil }, false, "g", "r") || out.String() != "SKIP g: r\n" {
+		t.Errorf("without a terminal: %q", out.String())
+	}
+}
+
+func TestInCI(t *testing.T) {
+	for v, want := range map[string]bool{"": false, "0": false, "false": false, "FALSE": false, "true": true, "1": true, "yes": true} {
+		t.Setenv("CI", v)
+		if got := InCI(); got != want {
+			t.Errorf("CI=%q: InCI() = %v", v, got)
+		}
+	}
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }

@@ -3,6 +3,8 @@ package redisstorage
 import (
 	"bytes"
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -19,15 +21,16 @@ import (
 // 127.0.0.1 port, waits until it answers, and returns its address
 // (host:port). The server keeps nothing on disk and is killed when the
 // test ends. If redis-server is not on PATH the test is skipped, or fails
-// when the environment variable CI is set.
+// in CI (see InCI). A package whose tests call it should call
+// CheckRedisServer from its TestMain, so that the skip is seen.
 func StartRedis(t testing.TB) (addr string) {
 	t.Helper()
 	bin, err := exec.LookPath("redis-server")
 	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("redis-server not installed; .ci/run installs it")
+		if InCI() {
+			t.Fatal("redis-server is not on PATH, and CI must run every test: .ci/run installs it (apt-get install redis-server)")
 		}
-		t.Skip("redis-server not installed (apt-get install redis-server)")
+		t.Skip("redis-server is not on PATH (apt-get install redis-server)")
 	}
 	// The free port is found by listening and closing, so another process
 	// may take it in between; try a few times.
@@ -122,4 +125,60 @@ func startRedisOnce(t testing.TB, bin string) (addr, errText string, ok bool) {
 			return "", "no PING answer within 10s: " + out.String(), false
 		}
 	}
+}
+
+// InCI reports whether the tests run in CI, where nothing may be skipped:
+// CI set to anything but "" "0" or "false" (.ci/run sets CI=true).
+func InCI() bool {
+	v := strings.ToLower(strings.TrimSpace(os.Getenv("CI")))
+	return v != "" && v != "0" && v != "false"
+}
+
+// CheckRedisServer is for a TestMain whose package has tests that need
+// redis-server (StartRedis). With redis-server on PATH it does nothing and
+// returns true. Without it, it announces that group's Redis tests are
+// skipped (see AnnounceSkip) and returns whether that is allowed: false in
+// CI, and TestMain then exits with 1 before running anything.
+func CheckRedisServer(group string) bool {
+	if _, err := exec.LookPath("redis-server"); err == nil {
+		return true
+	}
+	return AnnounceSkip(group, "redis-server is not on PATH (apt-get install redis-server)")
+}
+
+// AnnounceSkip prints one line saying that group's tests are skipped and
+// why, and returns whether skipping is allowed. `go test ./...` shows
+// nothing of a passing package's output, so a skip would look green: the
+// line also goes to the terminal (/dev/tty) when there is one. In CI
+// nothing may skip: the line says FAIL and AnnounceSkip returns false.
+func AnnounceSkip(group, reason string) (allowed bool) {
+	return announceSkip(os.Stdout, openTerminal, InCI(), group, reason)
+}
+
+func announceSkip(stdout io.Writer, terminal func() io.WriteCloser, ci bool, group, reason string) bool {
+	if ci {
+		fmt.Fprintf(stdout, "FAIL %s: %s, and CI must run every test (.ci/run installs what the tests need)\n", group, reason)
+		return false
+	}
+	line := fmt.Sprintf("SKIP %s: %s\n", group, reason)
+	fmt.Fprint(stdout, line)
+	if tty := terminal(); tty != nil {
+		fmt.Fprint(tty, line)
+		tty.Close()
+	}
+	return true
+}
+
+// openTerminal opens the controlling terminal when the test binary's
+// standard output is not already one (go test ./... reads the output
+// through a pipe); nil when there is none, as in CI.
+func openTerminal() io.WriteCloser {
+	if fi, err := os.Stdout.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+		return nil // the line on stdout is already on the terminal
+	}
+	tty, err := os.OpenFile("/dev/tty", os.O_WRONLY, 0)
+	if err != nil {
+		return nil
+	}
+	return tty
 }

@@ -5,6 +5,7 @@
 package replicas
 
 import (
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -41,6 +42,14 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	flag.Parse() // for testing.Short
+	if testing.Short() {
+		if !redisstorage.AnnounceSkip("test/replicas: the multi-process tests", "go test -short") {
+			os.Exit(1)
+		}
+	} else if !redisstorage.CheckRedisServer("test/replicas: TestThreeReplicasOnRedis") {
+		os.Exit(1)
+	}
 	dir, err := os.MkdirTemp("", "fortnox-replicas-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -68,6 +77,13 @@ func scanLogs() error {
 	return err
 }
 
+// caddyBuildFlags and CGO_ENABLED=0 are what ./xcaddy.sh builds with (the
+// flags xcaddy v0.4.5 passes to go build), so that this build reuses the
+// Caddy packages that ./xcaddy.sh compiled into Go's build cache instead of
+// compiling Caddy again. TestBuildFlagsAgree in the root package keeps the
+// two the same.
+var caddyBuildFlags = []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}
+
 // buildCaddy builds the test binary once (Caddy, the plugin and the
 // test-only Redis storage module).
 func buildCaddy(t *testing.T) string {
@@ -77,7 +93,9 @@ func buildCaddy(t *testing.T) string {
 	}
 	buildOnce.Do(func() {
 		caddyBin = filepath.Join(logDir, "caddy-test")
-		cmd := exec.Command("go", "build", "-o", caddyBin, "github.com/caddy-fortnox/caddy-fortnox/test/cmd/caddy-test")
+		args := append(append([]string{"build"}, caddyBuildFlags...), "-o", caddyBin, "github.com/caddy-fortnox/caddy-fortnox/test/cmd/caddy-test")
+		cmd := exec.Command("go", args...)
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			buildErr = fmt.Errorf("%v: %s", err, out)

@@ -1,6 +1,12 @@
 // Command fakefortnox runs the fake Fortnox alone, for demos:
 //
 //	go run ./test/fakefortnox/cmd/fakefortnox -tenants 1234567,7654321
+//	go run ./test/fakefortnox/cmd/fakefortnox -refresh-tenants 5550003 -refresh-token-dir .demo
+//
+// The second issues a refresh token for tenant 5550003, which has no
+// service-account consent (as a customer of an integration that still runs
+// on refresh tokens), and writes it to .demo/refresh-token-5550003 for the
+// migration step: PUT /fortnox/tenants/5550003/refresh_token.
 //
 // Point the plugin's token_url at http://127.0.0.1:8099/oauth-v1/token and
 // its reverse_proxy at http://127.0.0.1:8099.
@@ -11,8 +17,10 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -37,7 +45,8 @@ func run(args []string) error {
 	clientID := fs.String("client-id", "demo-client", "the integration's client id")
 	clientSecret := fs.String("client-secret", "demo-secret", "the integration's client secret")
 	tenants := fs.String("tenants", "1234567,7654321", "comma-separated TenantIds with a service-account consent")
-	refreshTenants := fs.String("refresh-tenants", "", "comma-separated TenantIds to issue (and print) a refresh token for")
+	refreshTenants := fs.String("refresh-tenants", "", "comma-separated TenantIds to issue a refresh token for (printed, or written to -refresh-token-dir)")
+	refreshTokenDir := fs.String("refresh-token-dir", "", "write each refresh token of -refresh-tenants to <dir>/refresh-token-<TenantId> instead of printing it")
 	lifetime := fs.Duration("token-lifetime", time.Hour, "access token lifetime")
 	rateLimit := fs.Int("rate-limit", 25, "/3/ requests per window per tenant (negative: off)")
 	rateWindow := fs.Duration("rate-window", 5*time.Second, "rate-limit window")
@@ -76,8 +85,8 @@ func run(args []string) error {
 	}
 	fmt.Printf("fakefortnox listening on %s (token URL %s, client_id %s, service-account consent for tenants: %s)\n",
 		s.URL(), s.TokenURL(), *clientID, consents)
-	for _, tenant := range refreshTokenTenants {
-		fmt.Printf("refresh token for tenant %s: %s\n", tenant, s.IssueRefreshToken(*clientID, tenant))
+	if err := issueRefreshTokens(os.Stdout, s, *clientID, refreshTokenTenants, *refreshTokenDir); err != nil {
+		return err
 	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -85,6 +94,37 @@ func run(args []string) error {
 	<-ctx.Done()
 	fmt.Println("fakefortnox stopping")
 	return nil
+}
+
+// issueRefreshTokens issues a refresh token of clientID for each tenant
+// and prints it, or writes it to dir/refresh-token-<tenant> when dir is set.
+func issueRefreshTokens(out io.Writer, s *fakefortnox.Server, clientID string, tenants []string, dir string) error {
+	for _, tenant := range tenants {
+		token := s.IssueRefreshToken(clientID, tenant)
+		if dir == "" {
+			fmt.Fprintf(out, "refresh token for tenant %s: %s\n", tenant, token)
+			continue
+		}
+		path, err := writeRefreshToken(dir, tenant, token)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "refresh token for tenant %s written to %s\n", tenant, path)
+	}
+	return nil
+}
+
+// writeRefreshToken writes token to dir/refresh-token-<tenant>, readable
+// by its owner only, and returns the file's path.
+func writeRefreshToken(dir, tenant, token string) (string, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", fmt.Errorf("-refresh-token-dir: %w", err)
+	}
+	path := filepath.Join(dir, "refresh-token-"+tenant)
+	if err := os.WriteFile(path, []byte(token+"\n"), 0o600); err != nil {
+		return "", fmt.Errorf("-refresh-token-dir: %w", err)
+	}
+	return path, nil
 }
 
 // tenantList splits a comma-separated list of TenantIds.

@@ -14,7 +14,6 @@ import (
 	"path"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -91,10 +90,6 @@ type Connect struct {
 	tokens       *tokenManager
 	logger       *zap.Logger
 }
-
-// usedStates holds the states already used (state -> expiry), for every
-// connect handler of the process and across config reloads: one use each.
-var usedStates sync.Map
 
 // CaddyModule returns the Caddy module information.
 func (*Connect) CaddyModule() caddy.ModuleInfo {
@@ -278,22 +273,14 @@ func (c *Connect) checkState(r *http.Request, state string) (connectTarget, erro
 	if !hmac.Equal([]byte(parts[0]), []byte(state)) {
 		return connectTarget{}, errors.New("the state Fortnox sent back does not match this browser's: start again")
 	}
-	if _, loaded := usedStates.LoadOrStore(state, exp); loaded {
+	fresh, err := c.tokens.shared().firstUse(r.Context(), "connect-state:"+state, stateLifetime)
+	if err != nil {
+		return connectTarget{}, errors.New("the connection cannot be checked right now (" + err.Error() + "): start again in a moment")
+	}
+	if !fresh {
 		return connectTarget{}, errors.New("this connection was already completed: start again")
 	}
-	c.forgetUsedStates()
 	return target, nil
-}
-
-// forgetUsedStates drops used states whose cookies have expired anyway.
-func (c *Connect) forgetUsedStates() {
-	n := now().Unix()
-	usedStates.Range(func(k, v any) bool {
-		if v.(int64) < n {
-			usedStates.Delete(k)
-		}
-		return true
-	})
 }
 
 // callback finishes the connection.

@@ -13,6 +13,9 @@ import (
 // replay) if each 401 dropped the token. So a 401 drops the token only
 // when it cannot be the path's fault as far as the sidecar can tell.
 const (
+	// sharedCallLimit bounds a call to the shared state (Redis): slow
+	// Redis must not hold requests up.
+	sharedCallLimit = time.Second
 	// freshTokenGrace: a 401 on a token Fortnox minted this recently (its
 	// issue time, not when this process read it) is not the token's fault.
 	freshTokenGrace = 10 * time.Second
@@ -33,33 +36,39 @@ func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
 		return false
 	}
-	m.mu.Lock()
-	st := m.state(subj.key())
-	if st.rejected == t.bearer {
-		m.mu.Unlock()
+	if m.wasRejected(subj, t.bearer) {
 		return true // another request met the same 401 and dropped it
 	}
-	recent := st.invalidations[:0]
-	for _, at := range st.invalidations {
-		if n.Sub(at) < invalidationWindow {
-			recent = append(recent, at)
-		}
-	}
-	st.invalidations = recent
-	if len(recent) >= maxInvalidations {
-		m.mu.Unlock()
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	allowed, err := m.shared().allowInvalidation(ctx, subj, maxInvalidations, invalidationWindow)
+	cancel()
+	if err == nil && !allowed {
 		metrics.invalidationsBounded.Inc()
 		m.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
 		return false
 	}
-	st.invalidations = append(st.invalidations, n)
-	st.rejected = t.bearer
-	m.mu.Unlock()
+	m.reject(subj, t.bearer)
 	m.drop(subj, t)
-	if t.grant == grantRefreshToken {
-		go m.dropStoredAccessToken(subj, t.accessToken())
-	}
+	go m.dropEverywhere(subj, t)
 	return true
+}
+
+// reject remembers the access token Fortnox refused: it is never used again.
+func (m *tokenManager) reject(subj subject, bearer string) {
+	m.mu.Lock()
+	m.state(subj.key()).rejected = bearer
+	m.mu.Unlock()
+}
+
+// dropEverywhere removes a refused token from the stores and tells the
+// other sidecars.
+func (m *tokenManager) dropEverywhere(subj subject, t *cachedToken) {
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	_ = m.shared().dropToken(ctx, subj, t.accessToken())
+	cancel()
+	if t.grant == grantRefreshToken {
+		m.dropStoredAccessToken(subj, t.accessToken())
+	}
 }
 
 func (m *tokenManager) debug401(subj subject, msg string) {

@@ -205,10 +205,6 @@ type tenantState struct {
 	// rejected is the last access token Fortnox answered 401 to: it is
 	// never used again, even if a store still holds it.
 	rejected string
-	// invalidations: when Fortnox's 401s last dropped the subject's token
-	// (bounded, so that a path that always answers 401 cannot turn every
-	// request into a token request).
-	invalidations []time.Time
 	// unknown: the subject never had a token; its failure is remembered
 	// more cheaply (see rememberUnknown).
 	unknown bool
@@ -237,9 +233,10 @@ type tokenManager struct {
 	// oldest first, so that their number stays bounded.
 	unknownOrder []string
 
-	// slots paces token requests: at most cap(slots) in flight at once.
-	slotsOnce sync.Once
-	slots     chan struct{}
+	// local is what is shared in one process; cluster, when set, what a
+	// cluster of sidecars shares through Redis (see sharedState).
+	local   *localShared
+	cluster atomic.Pointer[redisShared]
 
 	// refreshes counts refresh-token requests in flight: a manager being
 	// destroyed waits for them (bounded), so that no rotated refresh token
@@ -267,6 +264,7 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 		client:   newTokenClient(tokenURL),
 		cache:    gocache.New(gocache.NoExpiration, 0),
 		tenants:  make(map[string]*tenantState),
+		local:    newLocalShared(),
 		ctx:      ctx,
 		cancel:   cancel,
 	}
@@ -300,6 +298,7 @@ func (m *tokenManager) sweep(every time.Duration) {
 		case <-t.C:
 			m.cache.DeleteExpired()
 			m.forgetIdleTenants()
+			m.local.forgetIdle(invalidationWindow)
 			m.saveStranded(m.ctx)
 		}
 	}
@@ -539,32 +538,27 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 	return nil, terr
 }
 
+// shared is the seam to what the client's sidecars share.
+func (m *tokenManager) shared() sharedState {
+	if c := m.cluster.Load(); c != nil {
+		return c
+	}
+	return m.local
+}
+
 // tokenSlot waits for one of the client's token-request slots (at most
-// max_token_requests in flight), for up to token_timeout.
+// max_token_requests in flight, across the cluster in cluster mode), for
+// up to token_timeout.
 func (m *tokenManager) tokenSlot(s *managerSettings) (release func(), err error) {
-	m.slotsOnce.Do(func() {
-		n := s.maxTokenRequests
-		if n <= 0 {
-			n = defaultMaxTokenRequests
-		}
-		m.slots = make(chan struct{}, n)
-	})
-	select {
-	case m.slots <- struct{}{}:
-		return func() { <-m.slots }, nil
-	default:
+	n := s.maxTokenRequests
+	if n <= 0 {
+		n = defaultMaxTokenRequests
 	}
-	metrics.tokenRequestsQueued.Inc()
-	t := time.NewTimer(s.tokenTimeout)
-	defer t.Stop()
-	select {
-	case m.slots <- struct{}{}:
-		return func() { <-m.slots }, nil
-	case <-t.C:
-		return nil, &tokenError{failure: failUnavailable, cause: errors.New("too many token requests of this client id in flight (max_token_requests); they queued longer than token_timeout"), retryAt: now().Add(time.Second)}
-	case <-m.ctx.Done():
-		return nil, &tokenError{failure: failUnavailable, cause: errors.New("the sidecar is reloading or stopping"), retryAt: now().Add(time.Second)}
+	release, err = m.shared().tokenSlot(m.ctx, n, s.tokenTimeout)
+	if err != nil {
+		return nil, &tokenError{failure: failUnavailable, cause: err, retryAt: now().Add(time.Second)}
 	}
+	return release, nil
 }
 
 // store caches a new token for the subject and returns it.

@@ -425,8 +425,15 @@ func (m *tokenManager) finishHandOver(s *managerSettings, subj subject, kept kep
 	return nil
 }
 
-// tenantRecovered forgets a subject's failure after a new refresh token.
+// tenantRecovered forgets a subject's failure after a new refresh token,
+// here and in every sidecar.
 func (m *tokenManager) tenantRecovered(subj subject) {
+	m.noteRecovered(subj)
+	m.tell(event{Kind: eventRecovered, Tenant: subj.tenant, Account: subj.account})
+}
+
+// noteRecovered is tenantRecovered in this process's memory.
+func (m *tokenManager) noteRecovered(subj subject) {
 	m.mu.Lock()
 	st := m.state(subj.key())
 	st.hasRefreshToken = true
@@ -526,6 +533,13 @@ func (m *tokenManager) dropToken(ctx context.Context, tenant string) error {
 		return apiError(http.StatusNotFound, "unknown_tenant", "tenant %s is not known", tenant)
 	}
 	m.drop(subj, nil)
+	if v, ok := m.cache.Get(tenant); ok {
+		_ = m.shared().dropToken(ctx, subj, v.(*cachedToken).accessToken())
+	}
+	if c := m.cluster.Load(); c != nil {
+		_ = c.dropAnyToken(ctx, subj)
+	}
+	m.tell(event{Kind: eventDropped, Tenant: tenant})
 	return nil
 }
 
@@ -566,9 +580,12 @@ func (m *tokenManager) deleteAccount(ctx context.Context, subj subject, revoke b
 	}
 	m.mu.Lock()
 	_, known := m.tenants[subj.key()]
-	delete(m.tenants, subj.key())
 	m.mu.Unlock()
-	m.drop(subj, nil)
+	m.forget(subj)
+	if c := m.cluster.Load(); c != nil {
+		_ = c.dropAnyToken(ctx, subj)
+	}
+	m.tell(event{Kind: eventForget, Tenant: subj.tenant, Account: subj.account})
 	if !found && !known {
 		return apiError(http.StatusNotFound, "unknown_account", "%s is not known", subj)
 	}

@@ -37,6 +37,7 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		retry_client_credentials <duration>
 //		encryption_key <key> [<previous_key>...]
 //		account_header <header>
+//		redis          <url>
 //		max_token_requests <n>
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
@@ -118,6 +119,10 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			h.EncryptionKey, h.PreviousEncryptionKeys = keys[0], keys[1:]
 			if len(h.PreviousEncryptionKeys) == 0 {
 				h.PreviousEncryptionKeys = nil
+			}
+		case "redis":
+			if err := oneArg(d, &h.Redis); err != nil {
+				return err
 			}
 		case "account_header":
 			if err := oneArg(d, &h.AccountHeader); err != nil {

@@ -15,8 +15,19 @@ import (
 
 // consentCreated notes that a customer gave the integration a
 // service-account consent: the tenant is known, and its next request tries
-// client credentials at once (no backoff left from earlier refusals).
+// client credentials at once (no backoff left from earlier refusals). The
+// mark is cleared in the tenant's record and every sidecar is told.
 func (m *tokenManager) consentCreated(tenant string) {
+	m.noteCreated(tenant)
+	if err := m.persistRevocation(tenant, false); err != nil {
+		m.logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
+	}
+	m.tell(event{Kind: eventCreated, Tenant: tenant})
+	m.logger().Info("consent created", zap.String("tenant", tenant))
+}
+
+// noteCreated is consentCreated in this process's memory.
+func (m *tokenManager) noteCreated(tenant string) {
 	m.mu.Lock()
 	st := m.state(tenant)
 	st.consentRevoked, st.revocationRead = false, true
@@ -25,16 +36,28 @@ func (m *tokenManager) consentCreated(tenant string) {
 		st.mode = "" // try client credentials first again
 	}
 	m.mu.Unlock()
-	if err := m.persistRevocation(tenant, false); err != nil {
-		m.logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
-	}
-	m.logger().Info("consent created", zap.String("tenant", tenant))
 }
 
 // consentRevoked notes that a customer revoked the consent: its cached
 // token is dropped and its requests are refused until a new consent or
-// refresh token arrives.
+// refresh token arrives. The mark is written into the tenant's record
+// (it survives a restart) and every sidecar is told.
 func (m *tokenManager) consentRevoked(tenant string) {
+	m.noteRevoked(tenant)
+	if c := m.cluster.Load(); c != nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), sharedCallLimit)
+		_ = c.dropAnyToken(ctx, subject{tenant: tenant})
+		cancel()
+	}
+	if err := m.persistRevocation(tenant, true); err != nil {
+		m.logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
+	}
+	m.tell(event{Kind: eventRevoked, Tenant: tenant})
+	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
+}
+
+// noteRevoked is consentRevoked in this process's memory.
+func (m *tokenManager) noteRevoked(tenant string) {
 	m.mu.Lock()
 	st := m.state(tenant)
 	st.consentRevoked, st.revocationRead = true, true
@@ -46,10 +69,15 @@ func (m *tokenManager) consentRevoked(tenant string) {
 		return nil, &tokenError{failure: failConsentRevoked}
 	})
 	m.drop(subject{tenant: tenant}, nil)
-	if err := m.persistRevocation(tenant, true); err != nil {
-		m.logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
+}
+
+// tell publishes an event to the other sidecars (in cluster mode).
+func (m *tokenManager) tell(ev event) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), sharedCallLimit)
+	defer cancel()
+	if err := m.shared().publish(ctx, ev); err != nil {
+		m.logger().Warn("could not tell the other sidecars", zap.String("event", ev.Kind), zap.String("tenant", ev.Tenant), zap.Error(err))
 	}
-	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
 }
 
 // persistRevocation writes (or clears) the revocation mark in the tenant's

@@ -31,6 +31,7 @@ var metrics = struct {
 	tokenRequestsQueued  prometheus.Counter
 	invalidationsBounded prometheus.Counter
 	keptAlive            prometheus.Counter
+	redisErrors          prometheus.Counter
 	refreshTokenOldest   prometheus.GaugeFunc
 }{}
 
@@ -75,6 +76,8 @@ func initMetrics() {
 			"Fortnox 401s that did not drop the token: the token was minted seconds ago, or the tenant's invalidations were used up (a wrong path or a missing scope answers 401 too).")))
 		metrics.keptAlive = prometheus.NewCounter(prometheus.CounterOpts(opts("refresh_tokens_kept_alive_total",
 			"Stored refresh tokens refreshed because they had not been used for 30 days (Fortnox's die after 45).")))
+		metrics.redisErrors = prometheus.NewCounter(prometheus.CounterOpts(opts("redis_errors_total",
+			"Redis calls that failed or timed out in cluster mode (the sidecar falls back as documented, and recovers by itself).")))
 		metrics.refreshTokenOldest = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("refresh_token_oldest_age_seconds",
 			"Age of the oldest stored refresh token at the last hourly keep-alive pass (Fortnox's die after 45 days unused; the sidecar refreshes them at 30).")), oldestRefreshToken)
 		metrics.tenantsCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("tenants_cached",
@@ -93,7 +96,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 		metrics.tokenRequests, metrics.tokenDuration, metrics.cacheLookups, metrics.replays,
 		metrics.rateLimitWaits, metrics.rateLimitWait, metrics.rateLimitReject,
 		metrics.upstream429, metrics.tenantsCached, metrics.tokenRequestsQueued, metrics.invalidationsBounded,
-		metrics.keptAlive, metrics.refreshTokenOldest,
+		metrics.keptAlive, metrics.refreshTokenOldest, metrics.redisErrors,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

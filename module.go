@@ -101,6 +101,14 @@ type Handler struct {
 	// rest queue (within token_timeout). Default: 8.
 	MaxTokenRequests int `json:"max_token_requests,omitempty"`
 
+	// Cluster mode: a Redis URL (redis://[user:password@]host:port/db, or
+	// rediss:// for TLS; placeholders such as {env.FORTNOX_REDIS_URL}).
+	// Every sidecar of the same client id with the same Redis shares each
+	// tenant's rate budget, tokens, refresh tokens and revocations. Run
+	// Redis with appendonly yes and appendfsync always: it holds the only
+	// copy of rotated refresh tokens. Optional.
+	Redis string `json:"redis,omitempty"`
+
 	// The per-tenant rate limit, shared by all requests of this process for
 	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
 	RateLimit *RateLimit `json:"rate_limit,omitempty"`
@@ -127,7 +135,10 @@ type Handler struct {
 	resolver        *tenantResolver
 	accountHeader   string
 	owned           []string // headers the sidecar owns: never forwarded as the app sent them
-	limiter         *rateLimiter
+	limiter         turnTaker
+	rateRequests    int
+	cluster         *redisCluster
+	clusterKey      string
 	rateWindow      time.Duration
 	maxWait         time.Duration
 	replayBodyLimit int64
@@ -214,9 +225,6 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return errors.New("token_timeout must not be negative")
 	}
 
-	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
-		return err
-	}
 	h.replayBodyLimit = h.ReplayBodyLimit
 	if h.replayBodyLimit == 0 {
 		h.replayBodyLimit = defaultReplayBodyLimit
@@ -239,6 +247,19 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	h.resolver = newTenantResolver(header, h.Tenants, h.OnlyListedTenants, h.TenantFromToken)
 	if h.tokens, h.poolKey, err = joinManager(tokenURL, clientID); err != nil {
+		return err
+	}
+	if strings.TrimSpace(h.Redis) != "" {
+		rawURL, err := resolveSetting(repl, "redis", h.Redis)
+		if err != nil {
+			return err
+		}
+		if h.cluster, h.clusterKey, err = joinCluster(h.tokens, rawURL, h.logger); err != nil {
+			return err
+		}
+		records.storage = &migratingRecords{redisRecords: h.cluster.records, caddy: ctx.Storage()}
+	}
+	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
 		return err
 	}
 	h.settings = &managerSettings{
@@ -337,7 +358,7 @@ func (h *Handler) Cleanup() error {
 		_, err := limiters.Delete(h.limiterKey)
 		errs = append(errs, err)
 	}
-	errs = append(errs, leaveManager(h.poolKey))
+	errs = append(errs, leaveCluster(h.clusterKey), leaveManager(h.poolKey))
 	return errors.Join(errs...)
 }
 

@@ -195,6 +195,10 @@ func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, erro
 	if err != nil {
 		return nil, storageError("loading", key, err)
 	}
+	if t, dead := isTombstone(raw); dead {
+		return nil, fmt.Errorf("%w: the tokens of %s moved to %s (cluster mode) on %s, and this sidecar has no `redis` line: add the same `redis <url>` to its fortnox block (or copy the records back with `caddy fortnox export`)",
+			errRecordUnreadable, key, strings.ToUpper(t.MovedTo[:1])+t.MovedTo[1:], t.MovedAt.Format(time.RFC3339))
+	}
 	rec, err := rs.decode(key, raw)
 	if err != nil {
 		return nil, err

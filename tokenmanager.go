@@ -505,6 +505,20 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 // viaClientCredentials asks for the tenant's service-account token and
 // falls back to its stored refresh token when Fortnox refuses.
 func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, stale *cachedToken) (*cachedToken, error) {
+	// In a cluster another sidecar may have the token already; one asks
+	// Fortnox for it, under the subject's lock, and shares it.
+	if t := m.sharedFresh(s, subj, stale); t != nil {
+		return t, nil
+	}
+	lctx, lcancel := context.WithTimeout(m.ctx, lockBudget)
+	unlock, lerr := m.shared().lockToken(lctx, subj)
+	lcancel()
+	if lerr == nil {
+		defer unlock()
+		if t := m.sharedFresh(s, subj, stale); t != nil {
+			return t, nil
+		}
+	}
 	release, err := m.tokenSlot(s)
 	if err != nil {
 		return nil, err
@@ -523,6 +537,7 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 		}
 		t := m.store(subj, grantClientCredentials, answer, s.refreshBefore)
 		m.recordSuccess(subj, grantClientCredentials, t, took)
+		m.share(subj, t)
 		return t, nil
 	}
 	terr := asTokenError(err)
@@ -544,6 +559,45 @@ func (m *tokenManager) shared() sharedState {
 		return c
 	}
 	return m.local
+}
+
+// sharedFresh caches and returns the subject's token as another sidecar
+// shared it, when it is fresh (not stale, not refused, not yet due for
+// refresh) and the tenant's. Local: there is none.
+func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cachedToken) *cachedToken {
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	st, err := m.shared().loadToken(ctx, subj)
+	cancel()
+	if err != nil || st == nil || !st.ExpiresAt.After(st.IssuedAt) {
+		return nil
+	}
+	bearer := "Bearer " + st.AccessToken
+	if (stale != nil && stale.bearer == bearer) || m.wasRejected(subj, bearer) {
+		return nil
+	}
+	lifetime := st.ExpiresAt.Sub(st.IssuedAt)
+	n := now()
+	if !n.Before(st.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(st.ExpiresAt.Add(-skewFor(lifetime))) {
+		return nil
+	}
+	if checkTokenBinding(st.AccessToken, subj, st.Grant, "") != nil {
+		return nil
+	}
+	t := m.cacheToken(subj, st.Grant, st.AccessToken, st.IssuedAt, lifetime, s.refreshBefore)
+	m.mu.Lock()
+	state := m.state(subj.key())
+	state.mode = st.Grant
+	state.failures, state.lastError, state.retryAt, state.unknown = 0, nil, time.Time{}, false
+	m.mu.Unlock()
+	return t
+}
+
+// share gives a new token to the other sidecars (cluster mode).
+func (m *tokenManager) share(subj subject, t *cachedToken) {
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	defer cancel()
+	_ = m.shared().storeToken(ctx, subj, &sharedToken{AccessToken: t.accessToken(), Grant: t.grant,
+		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()})
 }
 
 // tokenSlot waits for one of the client's token-request slots (at most

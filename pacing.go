@@ -78,7 +78,11 @@ func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
 	if err != nil {
 		return err
 	}
-	h.limiter = val.(*sharedLimiter).rateLimiter
+	local := val.(*sharedLimiter).rateLimiter
+	h.limiter, h.rateRequests = local, requests
+	if h.cluster != nil {
+		h.limiter = &redisLimiter{c: h.cluster, limit: requests, window: effective, local: local}
+	}
 	return nil
 }
 
@@ -98,7 +102,7 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 		metrics.rateLimitReject.Inc()
 		writeJSONError(w, http.StatusTooManyRequests, "rate_limited",
 			fmt.Sprintf("Too many requests for tenant %s: Fortnox allows %d per %v, and this request would have waited longer than max_wait (or its own deadline). Retry after the number of seconds in Retry-After, or raise max_wait.",
-				tenant, h.limiter.limit, h.rateWindow), rle.RetryAfter)
+				tenant, h.rateRequests, h.rateWindow), rle.RetryAfter)
 		return false
 	}
 	// The client went away while it waited.

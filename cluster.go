@@ -1,0 +1,251 @@
+package fortnox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/bsm/redislock"
+	"github.com/caddyserver/caddy/v2"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// Cluster mode: `redis <url>` in the fortnox block makes every handler of
+// that (token URL, client id) share its tenants' rate budget, tokens,
+// refresh tokens and revocations with the other sidecars through Redis.
+//
+// The connection is registered when the fortnox handler is provisioned
+// (its own UsagePool entry, released in Cleanup), so fortnox_webhook,
+// fortnox_connect and the admin API of the same client find it through
+// the token manager even when a webhook is a sidecar's first request.
+// Provision touches no network: go-redis connects on first use, and the
+// subscription and the persistence check start shortly after.
+
+// clusters holds one *redisCluster per (token URL, client id, Redis URL).
+var clusters = caddy.NewUsagePool()
+
+// clusterGen numbers clusters in provisioning order: the newest one of a
+// manager is the one it uses.
+var clusterGen atomic.Uint64
+
+// redisKeyPrefix starts every Redis key the plugin writes.
+const redisKeyPrefix = "caddy-fortnox:"
+
+// redisCluster is the Redis connection of one (token URL, client id).
+type redisCluster struct {
+	gen      uint64
+	key      string
+	m        *tokenManager
+	client   *redis.Client
+	locker   *redislock.Client
+	shared   *redisShared
+	records  *redisRecords
+	redacted string // the URL without its password, for logs
+	origin   string // this sidecar, in the events it sends
+
+	down       atomic.Bool // an outage is under way (logged once)
+	ctx        context.Context
+	cancel     context.CancelFunc
+	background sync.WaitGroup
+}
+
+// parseRedisURL checks a `redis` setting without connecting.
+func parseRedisURL(raw string) (*redis.Options, error) {
+	u, err := url.Parse(raw)
+	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
+		return nil, fmt.Errorf("redis %q is not a redis:// or rediss:// URL (redis://[user:password@]host:port/db)", redactURL(raw))
+	}
+	opts, err := redis.ParseURL(raw)
+	if err != nil {
+		return nil, fmt.Errorf("redis %s: %v", redactURL(raw), redactErr(err, raw))
+	}
+	// Every call is bounded: a slow Redis must not hold requests up.
+	opts.DialTimeout = 2 * time.Second
+	opts.ReadTimeout = time.Second
+	opts.WriteTimeout = time.Second
+	opts.PoolTimeout = 2 * time.Second
+	opts.MaxRetries = 1
+	return opts, nil
+}
+
+// redactURL hides a Redis URL's password.
+func redactURL(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// redactErr keeps a Redis URL's password out of an error text.
+func redactErr(err error, raw string) error {
+	if u, perr := url.Parse(raw); perr == nil && u.User != nil {
+		if pw, ok := u.User.Password(); ok && pw != "" && strings.Contains(err.Error(), pw) {
+			return errors.New(strings.ReplaceAll(err.Error(), pw, "xxxxx"))
+		}
+	}
+	return err
+}
+
+// joinCluster takes a hold on the Redis connection of m's client for
+// rawURL, creating it if needed, and makes it m's: the newest wins. The
+// caller releases it with leaveCluster(key) in its Cleanup.
+func joinCluster(m *tokenManager, rawURL string, logger *zap.Logger) (*redisCluster, string, error) {
+	opts, err := parseRedisURL(rawURL)
+	if err != nil {
+		return nil, "", err
+	}
+	key := managerKey(m.tokenURL, m.clientID) + "\x00" + rawURL
+	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return newRedisCluster(key, m, opts, redactURL(rawURL), logger), nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	c := val.(*redisCluster)
+	m.pickCluster()
+	return c, key, nil
+}
+
+// leaveCluster releases a hold taken by joinCluster ("" = none taken).
+func leaveCluster(key string) error {
+	if key == "" {
+		return nil
+	}
+	_, err := clusters.Delete(key)
+	return err
+}
+
+func newRedisCluster(key string, m *tokenManager, opts *redis.Options, redacted string, logger *zap.Logger) *redisCluster {
+	ctx, cancel := context.WithCancel(context.Background())
+	origin := make([]byte, 8)
+	_, _ = rand.Read(origin)
+	client := redis.NewClient(opts)
+	c := &redisCluster{
+		gen:      clusterGen.Add(1),
+		key:      key,
+		m:        m,
+		client:   client,
+		locker:   redislock.New(client),
+		redacted: redacted,
+		origin:   hex.EncodeToString(origin),
+		ctx:      ctx,
+		cancel:   cancel,
+	}
+	c.records = &redisRecords{c: c, held: make(map[string]*heldRedisLock)}
+	c.shared = newRedisShared(c)
+	c.background.Add(1)
+	go func() {
+		defer c.background.Done()
+		// Not at once: `caddy validate` provisions and cleans up right
+		// away, and must not touch the network.
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(300 * time.Millisecond):
+		}
+		c.checkPersistence(logger)
+		c.subscribe(logger)
+	}()
+	return c
+}
+
+// Destruct implements caddy.Destructor: the last config using this
+// connection is gone.
+func (c *redisCluster) Destruct() error {
+	c.cancel()
+	c.background.Wait()
+	c.records.releaseAll()
+	c.m.pickCluster()
+	return c.client.Close()
+}
+
+// pickCluster makes the newest live cluster of m's client the one m uses
+// (none: m works in this process only).
+func (m *tokenManager) pickCluster() {
+	prefix := managerKey(m.tokenURL, m.clientID) + "\x00"
+	var newest *redisCluster
+	clusters.Range(func(k, v any) bool {
+		c := v.(*redisCluster)
+		if strings.HasPrefix(k.(string), prefix) && c.ctx.Err() == nil && (newest == nil || c.gen > newest.gen) {
+			newest = c
+		}
+		return true
+	})
+	if newest == nil {
+		m.cluster.Store(nil)
+		return
+	}
+	m.cluster.Store(newest.shared)
+}
+
+// logger is the manager's logger, named for Redis.
+func (c *redisCluster) logger() *zap.Logger {
+	return c.m.logger().With(zap.String("redis", c.redacted))
+}
+
+// failed notes a failed Redis call: counted, and logged once per outage.
+func (c *redisCluster) failed(op string, err error) {
+	if err == nil || errors.Is(err, redis.Nil) {
+		return
+	}
+	metrics.redisErrors.Inc()
+	if c.down.CompareAndSwap(false, true) {
+		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
+			zap.String("op", op), zap.Error(err))
+	}
+}
+
+// ok notes a Redis call that worked: the end of an outage is logged once,
+// and what was shared meanwhile is read again.
+func (c *redisCluster) ok() {
+	if c.down.CompareAndSwap(true, false) {
+		c.logger().Info("Redis can be reached again: the cluster's state is shared again")
+		go c.m.resync()
+	}
+}
+
+// call bounds one Redis call and notes its outcome.
+func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
+	defer cancel()
+	err := fn(ctx)
+	if err != nil && !errors.Is(err, redis.Nil) {
+		c.failed(op, err)
+		return fmt.Errorf("%w: %s: %v", errSharedUnavailable, op, err)
+	}
+	c.ok()
+	return err
+}
+
+// checkPersistence warns unless a rotated refresh token is on disk before
+// Redis answers: Redis holds the only copy of single-use refresh tokens.
+func (c *redisCluster) checkPersistence(logger *zap.Logger) {
+	ctx, cancel := context.WithTimeout(c.ctx, 3*time.Second)
+	defer cancel()
+	log := logger.With(zap.String("redis", c.redacted))
+	cfg, err := c.client.ConfigGet(ctx, "append*").Result()
+	if err != nil {
+		if c.ctx.Err() == nil {
+			log.Warn("could not check Redis's persistence (CONFIG GET refused or Redis unreachable): run it with appendonly yes and appendfsync always, since it holds the only copy of rotated refresh tokens", zap.Error(err))
+		}
+		return
+	}
+	switch {
+	case cfg["appendonly"] != "yes":
+		log.Warn("Redis runs without its append-only file (appendonly no): a Redis restart loses every rotated refresh token, and the customers must authorize again. Run it with appendonly yes and appendfsync always")
+	case cfg["appendfsync"] != "always":
+		log.Warn("Redis writes its append-only file with appendfsync "+cfg["appendfsync"]+": a rotated refresh token may be lost if Redis's host fails within that second. Use appendfsync always (refresh-token writes are rare, so it costs little)",
+			zap.String("appendfsync", cfg["appendfsync"]))
+	default:
+		log.Info("Redis persistence checked: appendonly yes, appendfsync always")
+	}
+}

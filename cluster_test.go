@@ -1,0 +1,149 @@
+package fortnox
+
+import (
+	"context"
+	"encoding/json"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+)
+
+// Cluster mode as one sidecar sees it: what it shares lands in Redis, in
+// the form the other sidecars read (the multi-process tests in
+// test/cluster run three). The Redis values hold no plaintext token with
+// encryption_key set.
+
+func redisSidecar(t *testing.T, fake *fakefortnox.Server, extra string) (*sidecar, *redis.Client) {
+	t.Helper()
+	addr := redisstorage.StartRedis(t)
+	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
+	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
+	sc := startSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}\nencryption_key {env.FORTNOX_TEST_KEY}\n"+extra)
+	client := redis.NewClient(&redis.Options{Addr: addr})
+	t.Cleanup(func() { client.Close() })
+	return sc, client
+}
+
+// redisDump returns every key and value the plugin wrote.
+func redisDump(t *testing.T, client *redis.Client) map[string]string {
+	t.Helper()
+	ctx := context.Background()
+	keys, err := client.Keys(ctx, redisKeyPrefix+"*").Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]string{}
+	for _, k := range keys {
+		switch client.Type(ctx, k).Val() {
+		case "string":
+			out[k] = client.Get(ctx, k).Val()
+		case "hash":
+			b, _ := json.Marshal(client.HGetAll(ctx, k).Val())
+			out[k] = string(b)
+		case "list":
+			out[k] = strings.Join(client.LRange(ctx, k, 0, -1).Val(), ",")
+		case "set":
+			out[k] = strings.Join(client.SMembers(ctx, k).Val(), ",")
+		default:
+			out[k] = client.Type(ctx, k).Val()
+		}
+	}
+	return out
+}
+
+func TestClusterModeSharesThroughRedis(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, client := redisSidecar(t, fake, "")
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("client credentials: %d %s", status, body)
+	}
+	sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("refresh token: %d %s", status, body)
+	}
+	dump := redisDump(t, client)
+	for _, want := range []string{
+		redisKeyPrefix + "token:fortnox/test-client/1234567",       // the shared client-credentials token
+		redisKeyPrefix + "record:fortnox/test-client/7654321.json", // the refresh-token record
+		redisKeyPrefix + "turns:fortnox/test-client/1234567",       // the rate budget
+		redisKeyPrefix + "index:fortnox/test-client/",              // the record index
+	} {
+		if _, ok := dump[want]; !ok {
+			t.Errorf("Redis has no %s (keys: %v)", want, keysOf(dump))
+		}
+	}
+	if _, err := os.Stat(sc.recordPath("7654321")); err == nil {
+		t.Error("the record was written to Caddy's storage too")
+	}
+	for k, v := range dump {
+		for _, p := range secretPatterns {
+			if p.MatchString(v) {
+				t.Errorf("Redis key %s holds a token in plaintext", k)
+			}
+		}
+	}
+	// Another process reading the same Redis gets the shared token: drop
+	// this one's memory and count token requests.
+	before := fake.TokenRequests("", "")
+	sc.manager().cache.Flush()
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if n := fake.TokenRequests("", "") - before; n != 0 {
+		t.Errorf("%d token requests with the token in Redis", n)
+	}
+}
+
+func keysOf(m map[string]string) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	return out
+}
+
+// A record still in Caddy's storage from before `redis` was set moves to
+// Redis on first use and leaves a tombstone; a sidecar without `redis`
+// then refuses clearly instead of spending a dead refresh token.
+func TestRecordsMoveToRedisAndLeaveATombstone(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	addr := redisstorage.StartRedis(t)
+	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr)
+	sc := startSidecar(t, fake, "")
+	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
+	caddyStop(t)
+
+	sc.options = "redis {env.FORTNOX_TEST_REDIS_URL}"
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	advance(fake, time.Hour)
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("after the move: %d %s", status, body)
+	}
+	raw, _ := os.ReadFile(sc.recordPath("1234567"))
+	if _, dead := isTombstone(raw); !dead {
+		t.Fatalf("Caddy's storage still holds a live record: %s", raw)
+	}
+	caddyStop(t)
+	sc.options = ""
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	advance(fake, time.Hour)
+	status, body, resp := sc.get("/3/companyinformation", "1234567")
+	if e := errorAnswer(t, resp, body); status != http.StatusServiceUnavailable || !strings.Contains(e.Message, "redis") {
+		t.Errorf("a sidecar without redis after the move: %d %s", status, body)
+	}
+	if n := fake.TokenErrors("invalid_grant"); n != 0 {
+		t.Errorf("%d invalid_grant", n)
+	}
+}

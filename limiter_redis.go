@@ -1,0 +1,125 @@
+package fortnox
+
+import (
+	"context"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// turnTaker is a tenant's rate budget: the in-process rateLimiter, or
+// redisLimiter in cluster mode.
+type turnTaker interface {
+	// wait blocks until the request for key may go, in arrival order; a
+	// wait longer than maxWait (or ctx's deadline) is refused at once with
+	// a *rateLimitError.
+	wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error)
+	// penalize admits nothing for key before now()+d (after Fortnox's 429).
+	penalize(key string, d time.Duration)
+}
+
+// redisLimiter is the rate budget of a cluster of sidecars: one
+// reservation log per (client id, tenant) in Redis, updated by one atomic
+// script per request. Its semantics are the in-process limiter's: each
+// request reserves the earliest time the window allows after every earlier
+// reservation (arrival order), then sleeps until then; a wait past
+// max_wait is refused at once and reserves nothing. While Redis cannot be
+// reached, the in-process limiter (local) takes over.
+//
+// Times are the sidecars' clocks: keep them NTP-synced (the window's
+// margin, min(window/25, 250 ms), covers small skew).
+type redisLimiter struct {
+	c      *redisCluster
+	limit  int
+	window time.Duration // with the margin
+	local  *rateLimiter
+}
+
+// turnScript reserves a turn: KEYS[1] the reservation log (a list of the
+// last `limit` reserved times, oldest first), KEYS[2] the pause (after a
+// 429); ARGV now, window, limit, max wait (milliseconds). It answers
+// {slot, wait}, or {-1, wait} when the wait would be too long.
+var turnScript = redis.NewScript(`
+local now = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local maxwait = tonumber(ARGV[4])
+local slot = now
+local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+if pause > slot then slot = pause end
+local n = redis.call('LLEN', KEYS[1])
+if n >= limit then
+	local oldest = tonumber(redis.call('LINDEX', KEYS[1], n - limit))
+	if oldest + window > slot then slot = oldest + window end
+end
+if n > 0 then
+	local last = tonumber(redis.call('LINDEX', KEYS[1], -1))
+	if last > slot then slot = last end
+end
+local wait = slot - now
+if wait > maxwait then return {-1, wait} end
+redis.call('RPUSH', KEYS[1], slot)
+redis.call('LTRIM', KEYS[1], -limit, -1)
+redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
+return {slot, wait}`)
+
+// pauseScript moves the pause later, never earlier.
+var pauseScript = redis.NewScript(`
+local until = tonumber(ARGV[1])
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+if until > cur then redis.call('SET', KEYS[1], until, 'PX', ARGV[2]) end
+return 0`)
+
+func (l *redisLimiter) keys(key string) []string {
+	base := redisKeyPrefix + "turns:" + recordPrefix(l.c.m.clientID) + key
+	return []string{base, base + ":pause"}
+}
+
+func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, err
+	}
+	if deadline, ok := ctx.Deadline(); ok {
+		maxWait = min(maxWait, time.Until(deadline))
+	}
+	start := now()
+	var res []int64
+	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
+		var err error
+		res, err = turnScript.Run(cctx, l.c.client, l.keys(key),
+			start.UnixMilli(), l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
+		return err
+	})
+	if err != nil || len(res) != 2 {
+		return l.local.wait(ctx, key, maxWait)
+	}
+	need := time.Duration(res[1]) * time.Millisecond
+	if res[0] < 0 {
+		return 0, &rateLimitError{RetryAfter: need}
+	}
+	if need <= 0 {
+		return 0, nil
+	}
+	t := time.NewTimer(need)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return now().Sub(start), ctx.Err() // the turn stays taken, as in process
+	case <-t.C:
+		return now().Sub(start), nil
+	}
+}
+
+func (l *redisLimiter) penalize(key string, d time.Duration) {
+	l.local.penalize(key, d)
+	ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
+	defer cancel()
+	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
+		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:], now().Add(d).UnixMilli(), (d + time.Second).Milliseconds()).Err()
+	})
+}
+
+var (
+	_ turnTaker = (*rateLimiter)(nil)
+	_ turnTaker = (*redisLimiter)(nil)
+)

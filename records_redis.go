@@ -1,0 +1,311 @@
+package fortnox
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bsm/redislock"
+	"github.com/caddyserver/certmagic"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// Token records in Redis (cluster mode). The record keys and their
+// encryption are the same as in Caddy's storage (a record's key is its
+// cipher's additional data), so records copy between the two as they are,
+// still encrypted.
+
+// redisLockTTL: a lock whose holder died frees itself this long after its
+// last refresh; a live holder refreshes it every third of it.
+const redisLockTTL = 10 * time.Second
+
+// redisRecords is a recordBackend on Redis.
+type redisRecords struct {
+	c    *redisCluster
+	mu   sync.Mutex
+	held map[string]*heldRedisLock
+}
+
+type heldRedisLock struct {
+	lock *redislock.Lock
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+func (r *redisRecords) valueKey(key string) string { return redisKeyPrefix + "record:" + key }
+func (r *redisRecords) indexKey() string {
+	return redisKeyPrefix + "index:" + recordPrefix(r.c.m.clientID)
+}
+func (r *redisRecords) lockKey(name string) string { return redisKeyPrefix + "lock:" + name }
+
+func (r *redisRecords) Store(ctx context.Context, key string, value []byte) error {
+	return r.c.call(ctx, "store", func(ctx context.Context) error {
+		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.Set(ctx, r.valueKey(key), value, 0)
+			p.SAdd(ctx, r.indexKey(), key)
+			return nil
+		})
+		return err
+	})
+}
+
+// storeIfAbsent stores value unless the key holds one already, and says
+// whether it did.
+func (r *redisRecords) storeIfAbsent(ctx context.Context, key string, value []byte) (bool, error) {
+	var stored bool
+	err := r.c.call(ctx, "store", func(ctx context.Context) error {
+		ok, err := r.c.client.SetNX(ctx, r.valueKey(key), value, 0).Result()
+		if err != nil {
+			return err
+		}
+		stored = ok
+		return r.c.client.SAdd(ctx, r.indexKey(), key).Err()
+	})
+	return stored, err
+}
+
+func (r *redisRecords) Load(ctx context.Context, key string) ([]byte, error) {
+	var value []byte
+	err := r.c.call(ctx, "load", func(ctx context.Context) error {
+		var err error
+		value, err = r.c.client.Get(ctx, r.valueKey(key)).Bytes()
+		return err
+	})
+	if errors.Is(err, redis.Nil) {
+		return nil, fs.ErrNotExist
+	}
+	return value, err
+}
+
+func (r *redisRecords) Delete(ctx context.Context, key string) error {
+	return r.c.call(ctx, "delete", func(ctx context.Context) error {
+		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.Del(ctx, r.valueKey(key))
+			p.SRem(ctx, r.indexKey(), key)
+			return nil
+		})
+		return err
+	})
+}
+
+// List lists the keys under path as Caddy's storage does: recursive, every
+// key; otherwise each direct child once (a key or a "folder").
+func (r *redisRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	var all []string
+	err := r.c.call(ctx, "list", func(ctx context.Context) error {
+		var err error
+		all, err = r.c.client.SMembers(ctx, r.indexKey()).Result()
+		return err
+	})
+	if err != nil {
+		return nil, err
+	}
+	return childrenOf(all, path, recursive), nil
+}
+
+// childrenOf picks from keys those under path.
+func childrenOf(keys []string, path string, recursive bool) []string {
+	prefix := strings.TrimSuffix(path, "/") + "/"
+	seen := map[string]bool{}
+	var out []string
+	for _, k := range keys {
+		rest, ok := strings.CutPrefix(k, prefix)
+		if !ok || rest == "" {
+			continue
+		}
+		child := k
+		if !recursive {
+			if i := strings.IndexByte(rest, '/'); i >= 0 {
+				child = prefix + rest[:i]
+			}
+		}
+		if !seen[child] {
+			seen[child] = true
+			out = append(out, child)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Lock blocks until it holds the named lock, ctx is done, or Redis fails.
+// The lock is kept alive in the background until Unlock; if this process
+// dies, it frees itself within redisLockTTL.
+func (r *redisRecords) Lock(ctx context.Context, name string) error {
+	backoff := 5 * time.Millisecond
+	for {
+		var l *redislock.Lock
+		err := r.c.call(ctx, "lock", func(cctx context.Context) error {
+			var err error
+			l, err = r.c.locker.Obtain(cctx, r.lockKey(name), redisLockTTL, nil)
+			if errors.Is(err, redislock.ErrNotObtained) {
+				return nil // not an outage
+			}
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		if l != nil {
+			r.keepFresh(name, l)
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for the Redis lock %s: %w", name, ctx.Err())
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 100*time.Millisecond)
+	}
+}
+
+// keepFresh refreshes a held lock every third of its TTL until Unlock.
+func (r *redisRecords) keepFresh(name string, l *redislock.Lock) {
+	ctx, stop := context.WithCancel(context.Background())
+	h := &heldRedisLock{lock: l, stop: stop, done: make(chan struct{})}
+	r.mu.Lock()
+	old := r.held[name]
+	r.held[name] = h
+	r.mu.Unlock()
+	if old != nil { // ours, expired without an Unlock
+		old.stop()
+		<-old.done
+	}
+	go func() {
+		defer close(h.done)
+		t := time.NewTicker(redisLockTTL / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+			rctx, cancel := context.WithTimeout(ctx, redisLockTTL/3)
+			err := l.Refresh(rctx, redisLockTTL, nil)
+			cancel()
+			if errors.Is(err, redislock.ErrNotObtained) {
+				r.c.logger().Error("a Redis lock expired while held: another sidecar may have refreshed the same refresh token", zap.String("lock", name))
+				return
+			}
+		}
+	}()
+}
+
+func (r *redisRecords) Unlock(ctx context.Context, name string) error {
+	r.mu.Lock()
+	h := r.held[name]
+	delete(r.held, name)
+	r.mu.Unlock()
+	if h == nil {
+		return fmt.Errorf("the Redis lock %s is not held", name)
+	}
+	h.stop()
+	<-h.done
+	return r.c.call(ctx, "unlock", func(ctx context.Context) error {
+		err := h.lock.Release(ctx)
+		if errors.Is(err, redislock.ErrLockNotHeld) {
+			return nil // expired meanwhile; logged by keepFresh
+		}
+		return err
+	})
+}
+
+// releaseAll lets go of every lock still held (a cluster being destroyed).
+func (r *redisRecords) releaseAll() {
+	r.mu.Lock()
+	names := make([]string, 0, len(r.held))
+	for name := range r.held {
+		names = append(names, name)
+	}
+	r.mu.Unlock()
+	for _, name := range names {
+		ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
+		_ = r.Unlock(ctx, name)
+		cancel()
+	}
+}
+
+// tombstone is what a record moved to Redis leaves in Caddy's storage, so
+// that a sidecar still without `redis` (a rolling upgrade) refuses clearly
+// instead of spending a dead refresh token.
+type tombstone struct {
+	Tenant   string    `json:"tenant,omitempty"`
+	ClientID string    `json:"client_id,omitempty"`
+	MovedTo  string    `json:"moved_to"`
+	MovedAt  time.Time `json:"moved_at"`
+}
+
+// isTombstone says whether a stored value is a tombstone.
+func isTombstone(raw []byte) (*tombstone, bool) {
+	var t tombstone
+	if json.Unmarshal(raw, &t) != nil || t.MovedTo == "" {
+		return nil, false
+	}
+	return &t, true
+}
+
+// migratingRecords is the record backend of cluster mode: Redis, with
+// records still in Caddy's storage (from before `redis` was set) moved
+// over on first use. The move is a set-if-absent, so it never overwrites
+// what a refresh already wrote to Redis; then a tombstone replaces the
+// record in Caddy's storage.
+type migratingRecords struct {
+	*redisRecords
+	caddy certmagic.Storage
+}
+
+func (mr *migratingRecords) Load(ctx context.Context, key string) ([]byte, error) {
+	value, err := mr.redisRecords.Load(ctx, key)
+	if !errors.Is(err, fs.ErrNotExist) || mr.caddy == nil {
+		return value, err
+	}
+	old, cerr := mr.caddy.Load(ctx, key)
+	if cerr != nil {
+		return nil, fs.ErrNotExist // nothing (usable) there either
+	}
+	if _, dead := isTombstone(old); dead {
+		return nil, fs.ErrNotExist
+	}
+	if _, err := mr.storeIfAbsent(ctx, key, old); err != nil {
+		return nil, err
+	}
+	stone, _ := json.Marshal(tombstone{MovedTo: "redis", MovedAt: now().UTC()})
+	if err := mr.caddy.Store(ctx, key, stone); err != nil {
+		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&scrubbedError{err}))
+	} else {
+		mr.c.logger().Info("a token record moved from Caddy's storage to Redis", zap.String("key", key))
+	}
+	return mr.redisRecords.Load(ctx, key)
+}
+
+// List lists what is in Redis and what is still to move from Caddy's
+// storage.
+func (mr *migratingRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	keys, err := mr.redisRecords.List(ctx, path, recursive)
+	if err != nil || mr.caddy == nil {
+		return keys, err
+	}
+	old, cerr := mr.caddy.List(ctx, path, recursive)
+	if cerr != nil {
+		return keys, nil
+	}
+	seen := map[string]bool{}
+	for _, k := range keys {
+		seen[k] = true
+	}
+	for _, k := range old {
+		if !seen[k] {
+			keys = append(keys, k)
+		}
+	}
+	sort.Strings(keys)
+	return keys, nil
+}

@@ -30,6 +30,8 @@ func init() {
 //	POST   /fortnox/refresh_tokens                                   {"refresh_token":"…"}
 //	GET    /fortnox/quarantine
 //	DELETE /fortnox/quarantine/{id}
+//	POST   /fortnox/export                 (cluster mode: Redis → Caddy's storage)
+//	POST   /fortnox/import[?overwrite=true] (cluster mode: Caddy's storage → Redis)
 //
 // With more than one client id loaded, ?client_id= picks one. Errors are
 // JSON {"error":"<code>","message":"…"}; no answer ever holds a token.
@@ -97,6 +99,10 @@ func parseAdminRoute(path string) (adminRoute, bool) {
 		return adminRoute{name: "tenants", method: http.MethodGet}, true
 	case len(parts) == 1 && parts[0] == "refresh_tokens":
 		return adminRoute{name: "import", method: http.MethodPost}, true
+	case len(parts) == 1 && parts[0] == "export":
+		return adminRoute{name: "export", method: http.MethodPost}, true
+	case len(parts) == 1 && parts[0] == "import":
+		return adminRoute{name: "import_records", method: http.MethodPost}, true
 	case len(parts) == 1 && parts[0] == "quarantine":
 		return adminRoute{name: "quarantine", method: http.MethodGet}, true
 	case len(parts) == 2 && parts[0] == "quarantine":
@@ -154,6 +160,18 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 			return apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing the quarantine: %v", err)
 		}
 		return writeAdminJSON(w, http.StatusOK, list)
+	case "export":
+		res, err := m.exportRecords(ctx)
+		if err != nil {
+			return err
+		}
+		return writeAdminJSON(w, http.StatusOK, res)
+	case "import_records":
+		res, err := m.importRecords(ctx, r.URL.Query().Get("overwrite") == "true")
+		if err != nil {
+			return err
+		}
+		return writeAdminJSON(w, http.StatusOK, res)
 	case "quarantine_entry":
 		if err := m.deleteQuarantine(ctx, route.id); err != nil {
 			return err

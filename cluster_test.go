@@ -147,3 +147,56 @@ func TestRecordsMoveToRedisAndLeaveATombstone(t *testing.T) {
 		t.Errorf("%d invalid_grant", n)
 	}
 }
+
+// caddy fortnox export and import copy the records, still encrypted,
+// between Redis and Caddy's storage in either direction: a backup, and the
+// way back.
+func TestExportAndImportRecords(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, client := redisSidecar(t, fake, "")
+	for _, tn := range []string{"1234567", "7654321"} {
+		sc.putRefreshToken(tn, fake.IssueRefreshToken(testClientID, tn))
+	}
+	run := func(args ...string) string {
+		t.Helper()
+		var out strings.Builder
+		c := transferCommand(args[0])
+		c.SetOut(&out)
+		c.SetArgs(append([]string{"--address", strings.TrimPrefix(sc.adminURL, "http://")}, args[1:]...))
+		if err := c.Execute(); err != nil {
+			t.Fatalf("%v: %v: %s", args, err, out.String())
+		}
+		return out.String()
+	}
+	if out := run("export"); !strings.Contains(out, "export: 2 records copied, 0 skipped, 0 failed") {
+		t.Fatalf("export: %s", out)
+	}
+	raw, err := os.ReadFile(sc.recordPath("1234567"))
+	if err != nil || !strings.Contains(string(raw), encryptionAlgorithm) {
+		t.Fatalf("the exported record is not there, encrypted: %v %s", err, raw)
+	}
+	// Redis loses everything (a disaster); the backup goes back in.
+	if err := client.FlushDB(context.Background()).Err(); err != nil {
+		t.Fatal(err)
+	}
+	sc.manager().cache.Flush()
+	if out := run("import"); !strings.Contains(out, "import: 2 records copied") {
+		t.Fatalf("import: %s", out)
+	}
+	raw, _ = os.ReadFile(sc.recordPath("1234567"))
+	if _, dead := isTombstone(raw); !dead {
+		t.Errorf("no tombstone after the import: %s", raw)
+	}
+	if out := run("import"); !strings.Contains(out, "0 records copied, 2 skipped") {
+		t.Errorf("a second import: %s", out)
+	}
+	advance(fake, time.Hour)
+	for _, tn := range []string{"1234567", "7654321"} {
+		if status, body, _ := sc.get("/3/companyinformation", tn); status != http.StatusOK {
+			t.Errorf("%s after the round trip: %d %s", tn, status, body)
+		}
+	}
+	if n := fake.TokenErrors("invalid_grant"); n != 0 {
+		t.Errorf("%d invalid_grant", n)
+	}
+}

@@ -25,7 +25,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "fortnox",
-		Usage: "tenants [--address <admin address>] [--json] [--client-id <id>] | tenant-id <token|-> | company-info [--api <url>] <token|->",
+		Usage: "tenants [--address <admin address>] [--json] [--client-id <id>] | export|import [--address <admin address>] [--client-id <id>] | tenant-id <token|-> | company-info [--api <url>] <token|->",
 		Short: "See the sidecar's tenants; learn a Fortnox customer's TenantId from a token",
 		Long: `
 Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
@@ -38,6 +38,14 @@ Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
       the "admin" option of --config, else localhost:2019. --json prints the
       admin API's JSON for scripts; --client-id picks a client when the
       sidecar has several. No token is ever shown.
+
+  caddy fortnox export [--address …] [--client-id <id>]
+  caddy fortnox import [--address …] [--client-id <id>] [--overwrite]
+      In cluster mode (a redis line): copy the token records, still
+      encrypted, from Redis into the sidecar's Caddy storage (export: a
+      backup, or the way back to one sidecar), or from its Caddy storage
+      into Redis (import; a record Redis holds already is kept unless
+      --overwrite, and each imported one leaves a tombstone behind).
 
   caddy fortnox tenant-id <token|->
       Decodes a Fortnox access token (no signature check: only Fortnox can)
@@ -86,7 +94,7 @@ The token itself is never printed.`,
 				},
 			}
 			companyInfo.Flags().StringVar(&api, "api", "https://api.fortnox.se", "Fortnox API base URL")
-			cmd.AddCommand(tenants, tenantID, companyInfo)
+			cmd.AddCommand(tenants, transferCommand("export"), transferCommand("import"), tenantID, companyInfo)
 		},
 	})
 }
@@ -366,6 +374,12 @@ func getTenants(ctx context.Context, addr, clientID string) ([]byte, error) {
 	if clientID != "" {
 		uri += "?client_id=" + url.QueryEscape(clientID)
 	}
+	return adminCall(ctx, addr, http.MethodGet, uri)
+}
+
+// adminCall sends one request to the admin API at addr and returns the
+// answer's body.
+func adminCall(ctx context.Context, addr, method, uri string) ([]byte, error) {
 	type answer struct {
 		body []byte
 		err  error
@@ -374,7 +388,7 @@ func getTenants(ctx context.Context, addr, clientID string) ([]byte, error) {
 	go func() {
 		// Caddy's own helper: it speaks to tcp, unix and fd admin
 		// addresses and sets the Origin the admin endpoint expects.
-		resp, err := caddycmd.AdminAPIRequest(addr, http.MethodGet, uri, nil, nil)
+		resp, err := caddycmd.AdminAPIRequest(addr, method, uri, nil, nil)
 		if err != nil {
 			done <- answer{err: err}
 			return
@@ -396,10 +410,10 @@ func getTenants(ctx context.Context, addr, clientID string) ([]byte, error) {
 		// The admin API answered, with an error of its own (no fortnox
 		// handler loaded, an unknown --client-id, several client ids).
 		hint := ""
-		if strings.Contains(a.err.Error(), "client_id") && clientID == "" {
+		if strings.Contains(a.err.Error(), "client_id") && !strings.Contains(uri, "client_id=") {
 			hint = " (pass --client-id)"
 		}
-		return nil, fmt.Errorf("Caddy's admin API at %s refused GET %s: %s%s", addr, uri, shorten(strings.TrimPrefix(a.err.Error(), "caddy responded with error: "), 300), hint)
+		return nil, fmt.Errorf("Caddy's admin API at %s refused %s %s: %s%s", addr, method, uri, shorten(strings.TrimPrefix(a.err.Error(), "caddy responded with error: "), 300), hint)
 	default:
 		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Is the sidecar running? If its admin endpoint listens elsewhere, pass --address (the \"admin\" global option of its Caddyfile) or --config <its Caddyfile>",
 			addr, dialFailure(a.err))
@@ -568,4 +582,72 @@ func shortDuration(d time.Duration) string {
 		return fmt.Sprintf("%dh%dm", h, m)
 	}
 	return fmt.Sprintf("%dd", int(d/(24*time.Hour)))
+}
+
+// transferCommand is `caddy fortnox export` or `caddy fortnox import`.
+func transferCommand(verb string) *cobra.Command {
+	var f tenantsFlags
+	var overwrite bool
+	short := "Copy the token records from Redis into Caddy's storage (cluster mode), still encrypted"
+	if verb == "import" {
+		short = "Copy the token records from Caddy's storage into Redis (cluster mode), still encrypted"
+	}
+	c := &cobra.Command{
+		Use:   verb + " [--address <admin address>] [--client-id <id>]",
+		Short: short,
+		Args:  cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			ctx, cancel := context.WithTimeout(c.Context(), 5*time.Minute)
+			defer cancel()
+			addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+			if err != nil {
+				return fmt.Errorf("finding the admin API's address: %v (pass --address)", err)
+			}
+			q := url.Values{}
+			if f.clientID != "" {
+				q.Set("client_id", f.clientID)
+			}
+			if overwrite {
+				q.Set("overwrite", "true")
+			}
+			uri := "/fortnox/" + verb
+			if len(q) > 0 {
+				uri += "?" + q.Encode()
+			}
+			body, err := adminCall(ctx, addr, http.MethodPost, uri)
+			if err != nil {
+				return err
+			}
+			return printTransfer(c.OutOrStdout(), verb, body)
+		},
+	}
+	c.Flags().StringVar(&f.address, "address", "", "the admin API's address (default: the \"admin\" option of --config, else localhost:2019)")
+	c.Flags().StringVarP(&f.config, "config", "c", "", "the sidecar's config file, to read its admin address from")
+	c.Flags().StringVarP(&f.adapter, "adapter", "a", "", "the config adapter of --config")
+	c.Flags().StringVar(&f.clientID, "client-id", "", "the client id, when the sidecar has more than one")
+	if verb == "import" {
+		c.Flags().BoolVar(&overwrite, "overwrite", false, "replace records Redis already holds (their refresh tokens are lost: only when Redis is known to be stale)")
+	}
+	return c
+}
+
+// printTransfer prints what an export or import did.
+func printTransfer(out io.Writer, verb string, body []byte) error {
+	var res struct {
+		Copied, Skipped, Failed []string
+	}
+	if err := json.Unmarshal(body, &res); err != nil {
+		return fmt.Errorf("the admin API's answer is not a transfer result: %s", shorten(string(body), 200))
+	}
+	fmt.Fprintf(out, "%s: %d records copied, %d skipped, %d failed\n", verb, len(res.Copied), len(res.Skipped), len(res.Failed))
+	for _, k := range res.Skipped {
+		fmt.Fprintf(out, "  skipped %s\n", escapeControl(k))
+	}
+	for _, k := range res.Failed {
+		fmt.Fprintf(out, "  FAILED  %s\n", escapeControl(k))
+	}
+	if len(res.Failed) > 0 {
+		return fmt.Errorf("%d records were not copied", len(res.Failed))
+	}
+	return nil
 }

@@ -51,7 +51,8 @@ type redisCluster struct {
 	redacted string // the URL without its password, for logs
 	origin   string // this sidecar, in the events it sends
 
-	down       atomic.Bool // an outage is under way (logged once)
+	down       atomic.Bool  // an outage is under way (logged once)
+	lastProbe  atomic.Int64 // unix ns of the last call tried during an outage
 	ctx        context.Context
 	cancel     context.CancelFunc
 	background sync.WaitGroup
@@ -213,8 +214,21 @@ func (c *redisCluster) ok() {
 	}
 }
 
+// outageProbeEvery: during an outage, calls fail at once except one every
+// this often, which finds out whether Redis is back. A slow or unreachable
+// Redis then costs requests nothing.
+const outageProbeEvery = 500 * time.Millisecond
+
 // call bounds one Redis call and notes its outcome.
 func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
+	if c.down.Load() {
+		last := c.lastProbe.Load()
+		n := time.Now().UnixNano()
+		if n-last < int64(outageProbeEvery) || !c.lastProbe.CompareAndSwap(last, n) {
+			metrics.redisErrors.Inc()
+			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", errSharedUnavailable, op)
+		}
+	}
 	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
 	defer cancel()
 	err := fn(ctx)

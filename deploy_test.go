@@ -215,13 +215,21 @@ func TestDockerignoreKeepsTheBuildInputs(t *testing.T) {
 
 // The parts of Kubernetes objects the example must get right.
 type k8sObject struct {
-	Kind string            `yaml:"kind"`
+	Kind     string `yaml:"kind"`
+	Metadata struct {
+		Name string `yaml:"name"`
+	} `yaml:"metadata"`
 	Data map[string]string `yaml:"data"`
 	Spec struct {
 		AccessModes []string `yaml:"accessModes"`
 		Template    struct {
 			Spec k8sPodSpec `yaml:"spec"`
 		} `yaml:"template"`
+		VolumeClaimTemplates []struct {
+			Spec struct {
+				AccessModes []string `yaml:"accessModes"`
+			} `yaml:"spec"`
+		} `yaml:"volumeClaimTemplates"`
 	} `yaml:"spec"`
 }
 
@@ -282,30 +290,39 @@ func TestKubernetesExample(t *testing.T) {
 		} else if err != nil {
 			t.Fatalf("YAML: %v", err)
 		}
-		kinds[obj.Kind] = obj
+		kinds[obj.Kind+"/"+obj.Metadata.Name] = obj
 	}
-	for _, k := range []string{"Secret", "ConfigMap", "PersistentVolumeClaim", "Deployment"} {
+	for _, k := range []string{"Secret/fortnox-credentials", "ConfigMap/fortnox-sidecar", "ConfigMap/fortnox-redis", "Service/fortnox-redis", "StatefulSet/fortnox-redis", "Deployment/my-fortnox-app"} {
 		if _, ok := kinds[k]; !ok {
 			t.Errorf("no %s", k)
 		}
 	}
 
 	// The Caddyfile: adapts, keeps the proxy on loopback, takes its
-	// secrets from the environment, and stores tokens on the volume.
-	caddyfile := kinds["ConfigMap"].Data["Caddyfile"]
+	// secrets from the environment, and shares the cluster's state
+	// through Redis.
+	caddyfile := kinds["ConfigMap/fortnox-sidecar"].Data["Caddyfile"]
 	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"}); err != nil {
 		t.Errorf("the ConfigMap's Caddyfile does not adapt: %v", err)
 	}
-	for _, want := range []string{"bind 127.0.0.1", "{env.FORTNOX_CLIENT_ID}", "{env.FORTNOX_CLIENT_SECRET}", "{env.FORTNOX_STORAGE_KEY}", "storage file_system /data/"} {
+	for _, want := range []string{"bind 127.0.0.1", "{env.FORTNOX_CLIENT_ID}", "{env.FORTNOX_CLIENT_SECRET}", "{env.FORTNOX_STORAGE_KEY}", "redis {env.FORTNOX_REDIS_URL}", "storage file_system /data/"} {
 		if !strings.Contains(caddyfile, want) {
 			t.Errorf("the ConfigMap's Caddyfile lacks %q", want)
 		}
 	}
-	if modes := kinds["PersistentVolumeClaim"].Spec.AccessModes; len(modes) != 1 || modes[0] != "ReadWriteMany" {
-		t.Errorf("the token volume's access modes are %v: replicas need ReadWriteMany", modes)
+	// Redis keeps the only copy of rotated refresh tokens: AOF, fsynced on
+	// every write, on a persistent volume.
+	conf := kinds["ConfigMap/fortnox-redis"].Data["redis.conf"]
+	for _, want := range []string{"appendonly yes", "appendfsync always", "dir /data"} {
+		if !strings.Contains(conf, want) {
+			t.Errorf("redis.conf lacks %q", want)
+		}
+	}
+	if claims := kinds["StatefulSet/fortnox-redis"].Spec.VolumeClaimTemplates; len(claims) != 1 {
+		t.Error("Redis has no persistent volume for its append-only file")
 	}
 
-	pod := kinds["Deployment"].Spec.Template.Spec
+	pod := kinds["Deployment/my-fortnox-app"].Spec.Template.Spec
 	if !pod.SecurityContext.RunAsNonRoot || pod.SecurityContext.FSGroup != 65532 {
 		t.Error("the pod must run as non-root with the image's group (65532) owning the volume")
 	}
@@ -333,7 +350,7 @@ func TestKubernetesExample(t *testing.T) {
 			secrets[e.Name] = true
 		}
 	}
-	for _, name := range []string{"FORTNOX_CLIENT_ID", "FORTNOX_CLIENT_SECRET", "FORTNOX_STORAGE_KEY"} {
+	for _, name := range []string{"FORTNOX_CLIENT_ID", "FORTNOX_CLIENT_SECRET", "FORTNOX_STORAGE_KEY", "FORTNOX_REDIS_URL"} {
 		if !secrets[name] {
 			t.Errorf("%s does not come from the Secret", name)
 		}

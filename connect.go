@@ -147,7 +147,10 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 	if c.connectPath == c.callbackPath {
 		return fmt.Errorf("connect_path and callback_path are both %q: they must differ", c.connectPath)
 	}
-	c.cookiePath = c.callbackPath
+	// The browser comes back to redirect_uri, so that is the path it must
+	// send the cookie to, also where callback_path differs (a prefix the
+	// site strips).
+	c.cookiePath = u.Path
 	if strings.TrimSpace(c.Scopes) == "" {
 		return errors.New("scopes is required, e.g. scopes companyinformation invoice")
 	}

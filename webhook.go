@@ -11,8 +11,11 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -30,15 +33,27 @@ func init() {
 	httpcaddyfile.RegisterDirectiveOrder("fortnox_webhook", httpcaddyfile.Before, "respond")
 }
 
-// maxWebhookBody bounds a consent event.
-const maxWebhookBody = 64 << 10
+const (
+	// maxWebhookBody bounds a consent event.
+	maxWebhookBody = 64 << 10
+	// maxSignatureHeaders bounds the signature headers one event may
+	// carry: one per secret while a secret is rotated, not a thousand
+	// guesses checked at our cost.
+	maxSignatureHeaders = 4
+	// defaultMaxAge is how old (or how far ahead) an event's signed
+	// timestamp may be when timestamp_field is set and max_age is not.
+	defaultMaxAge = 5 * time.Minute
+)
 
 // Webhook is the `fortnox_webhook` handler: it receives Fortnox's consent
 // events ("consent created", "consent revoked" for service accounts).
 // Fortnox's payload and signing are not documented to us, so the event
 // names, the field holding the tenant id and the signature header are
 // settings; the signature is an HMAC-SHA256 of the raw body, compared in
-// constant time before the body is read as JSON.
+// constant time before the body is read as JSON. With timestamp_field, an
+// event must carry its time inside the signed body: too old or too far
+// ahead is refused, and per tenant only an event newer than the last one
+// applied changes anything (replay protection).
 type Webhook struct {
 	// The integration's client id: events apply to this client's tenants.
 	// Required.
@@ -62,6 +77,17 @@ type Webhook struct {
 	CreatedEvents []string `json:"created_events,omitempty"`
 	// Event names meaning "consent revoked". Default: client_credentials_consent_revoked.
 	RevokedEvents []string `json:"revoked_events,omitempty"`
+	// The JSON field of the signed body that holds when the event
+	// happened: RFC 3339, or Unix seconds as a number or a numeric string.
+	// Setting it turns replay protection on: an event without it, older
+	// than max_age or more than max_age ahead is refused, and an event
+	// not newer than the last one applied for its tenant changes nothing.
+	// A header cannot serve: it is not covered by the signature. Default:
+	// none (no replay protection).
+	TimestampField string `json:"timestamp_field,omitempty"`
+	// How old, or how far ahead of this clock, an event's timestamp may
+	// be. Only with timestamp_field. Default: 5m.
+	MaxAge caddy.Duration `json:"max_age,omitempty"`
 
 	secret  []byte
 	poolKey string
@@ -118,8 +144,32 @@ func (wh *Webhook) Provision(ctx caddy.Context) error {
 	if len(wh.RevokedEvents) == 0 {
 		wh.RevokedEvents = []string{"client_credentials_consent_revoked"}
 	}
+	if err := wh.provisionReplayProtection(); err != nil {
+		return err
+	}
 	wh.tokens, wh.poolKey, err = joinManager(resolveTokenURL(repl, wh.TokenURL), clientID)
 	return err
+}
+
+// provisionReplayProtection checks timestamp_field and max_age and sets
+// max_age's default.
+func (wh *Webhook) provisionReplayProtection() error {
+	if wh.MaxAge < 0 {
+		return fmt.Errorf("max_age must be positive, not %s", time.Duration(wh.MaxAge))
+	}
+	if wh.TimestampField == "" {
+		if wh.MaxAge != 0 {
+			return errors.New("max_age needs timestamp_field: the age is read from a timestamp inside the signed body (a header is not signed, so it cannot serve)")
+		}
+		return nil
+	}
+	if wh.TimestampField == wh.EventField || wh.TimestampField == wh.TenantField {
+		return fmt.Errorf("timestamp_field %q is also event_field or tenant_field: name the field that holds the event's time", wh.TimestampField)
+	}
+	if wh.MaxAge == 0 {
+		wh.MaxAge = caddy.Duration(defaultMaxAge)
+	}
+	return nil
 }
 
 // Cleanup releases the token manager.
@@ -127,11 +177,23 @@ func (wh *Webhook) Cleanup() error { return leaveManager(wh.poolKey) }
 
 // ServeHTTP handles one consent event. It answers 204 when the event was
 // applied, 202 when it was not one it knows, 401 for a bad signature, 400
-// for a body it cannot read; only a verified, readable event changes state.
+// for a body it cannot read, too many signature headers or (with
+// timestamp_field) a missing, too old or future timestamp, and 409 for an
+// event not newer than the last one applied for its tenant; only a
+// verified, readable, fresh event changes state.
 func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	if r.Method != http.MethodPost {
 		w.Header().Set("Allow", http.MethodPost)
 		writeJSONError(w, http.StatusMethodNotAllowed, "method_not_allowed", "Consent events are POSTed.", 0)
+		return nil
+	}
+	signatures := r.Header.Values(wh.SignatureHeader)
+	if len(signatures) > maxSignatureHeaders {
+		wh.logger.Warn("consent event with too many signature headers refused unchecked",
+			zap.Int("headers", len(signatures)), zap.String("remote", r.RemoteAddr))
+		writeJSONError(w, http.StatusBadRequest, "too_many_signatures", fmt.Sprintf(
+			"The event carries %d %s headers; at most %d are checked (one per secret while a secret is rotated). Send one signature per secret.",
+			len(signatures), wh.SignatureHeader, maxSignatureHeaders), 0)
 		return nil
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxWebhookBody+1))
@@ -139,46 +201,139 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 		writeJSONError(w, http.StatusRequestEntityTooLarge, "body_too_large", fmt.Sprintf("The event is unreadable or larger than %d bytes.", maxWebhookBody), 0)
 		return nil
 	}
-	if !wh.anyValidSignature(r.Header.Values(wh.SignatureHeader), body) {
+	if !wh.anyValidSignature(signatures, body) {
 		wh.logger.Warn("consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusUnauthorized, "bad_signature", "The "+wh.SignatureHeader+" header is missing or does not match the body.", 0)
 		return nil
 	}
-	event, tenant, err := wh.parse(body)
+	ev, err := wh.parse(body)
 	if err != nil {
 		writeJSONError(w, http.StatusBadRequest, "bad_event", err.Error(), 0)
 		return nil
 	}
+	var apply func(tenant string)
 	switch {
-	case slices.Contains(wh.CreatedEvents, event):
-		wh.tokens.consentCreated(tenant)
-	case slices.Contains(wh.RevokedEvents, event):
-		wh.tokens.consentRevoked(tenant)
+	case slices.Contains(wh.CreatedEvents, ev.name):
+		apply = wh.tokens.consentCreated
+	case slices.Contains(wh.RevokedEvents, ev.name):
+		apply = wh.tokens.consentRevoked
 	default:
-		wh.logger.Info("consent event ignored: not a configured event name", zap.String("event", cutDescription(event)), zap.String("tenant", tenant))
+		wh.logger.Info("consent event ignored: not a configured event name", zap.String("event", cutDescription(ev.name)), zap.String("tenant", ev.tenant))
 		w.WriteHeader(http.StatusAccepted)
 		return nil
 	}
+	if wh.TimestampField != "" && !wh.fresh(w, r, ev) {
+		return nil
+	}
+	apply(ev.tenant)
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
 
-// anyValidSignature accepts the event when one of the signature headers
-// matches (a sender may sign with an old and a new secret while rotating).
-func (wh *Webhook) anyValidSignature(headers []string, body []byte) bool {
-	for _, h := range headers {
-		if wh.validSignature(h, body) {
-			return true
-		}
+// fresh applies replay protection to a verified event the webhook would
+// apply: its signed timestamp must be within max_age of this clock, and
+// newer than the last event applied for the tenant, which the shared state
+// remembers (across the cluster in cluster mode). Otherwise it answers and
+// returns false.
+func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent) bool {
+	at, err := eventTime(ev.fields[wh.TimestampField], wh.TimestampField)
+	if err != nil {
+		wh.logger.Warn("consent event refused: no readable timestamp", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
+		writeJSONError(w, http.StatusBadRequest, "bad_timestamp", err.Error()+"; replay protection (timestamp_field) needs the event's time inside the signed body.", 0)
+		return false
 	}
-	return false
+	maxAge := time.Duration(wh.MaxAge)
+	n := now()
+	switch {
+	case n.Sub(at) > maxAge:
+		wh.logger.Warn("consent event refused: too old", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		writeJSONError(w, http.StatusBadRequest, "event_too_old", fmt.Sprintf(
+			"The event's %s (%s) is %s old, more than max_age (%s): a replay, or a delivery late beyond max_age. Nothing changed.",
+			wh.TimestampField, at.UTC().Format(time.RFC3339), n.Sub(at).Round(time.Second), maxAge), 0)
+		return false
+	case at.Sub(n) > maxAge:
+		wh.logger.Warn("consent event refused: timestamp in the future", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		writeJSONError(w, http.StatusBadRequest, "event_in_future", fmt.Sprintf(
+			"The event's %s (%s) is %s ahead of this clock (%s), more than max_age (%s): check the sender's and this host's clocks. Nothing changed.",
+			wh.TimestampField, at.UTC().Format(time.RFC3339), at.Sub(n).Round(time.Second), n.UTC().Format(time.RFC3339), maxAge), 0)
+		return false
+	}
+	newer, err := wh.tokens.shared().newerEvent(r.Context(), ev.tenant, at)
+	if err != nil {
+		wh.logger.Error("consent event not applied: its order cannot be checked", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
+		writeJSONError(w, http.StatusServiceUnavailable, "shared_state_unavailable",
+			"The order of consent events cannot be checked right now ("+err.Error()+"). Nothing changed; send the event again.", 5*time.Second)
+		return false
+	}
+	if !newer {
+		wh.logger.Info("consent event ignored: not newer than the last one applied for the tenant", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		writeJSONError(w, http.StatusConflict, "stale_event", fmt.Sprintf(
+			"An event for tenant %s at least as new as this one (%s) was applied already: a replay, a redelivery or an event overtaken by a newer one. Nothing changed.",
+			ev.tenant, at.UTC().Format(time.RFC3339Nano)), 0)
+		return false
+	}
+	return true
 }
 
-func (wh *Webhook) validSignature(header string, body []byte) bool {
+// unixSeconds is a Unix time in seconds, with an optional fraction.
+var unixSeconds = regexp.MustCompile(`^([0-9]{1,19})(?:\.([0-9]{1,9}))?$`)
+
+// eventTime reads an event's timestamp: an RFC 3339 string, or Unix
+// seconds as a JSON number or a numeric string.
+func eventTime(raw json.RawMessage, field string) (time.Time, error) {
+	raw = bytes.TrimSpace(raw)
+	if len(raw) == 0 || string(raw) == "null" {
+		return time.Time{}, fmt.Errorf("the event has no %q", field)
+	}
+	text := string(raw)
+	if raw[0] == '"' {
+		if err := json.Unmarshal(raw, &text); err != nil {
+			return time.Time{}, fmt.Errorf("the event's %q is not a readable string", field)
+		}
+		if t, err := time.Parse(time.RFC3339, text); err == nil {
+			return t, nil
+		}
+	}
+	m := unixSeconds.FindStringSubmatch(text)
+	if m == nil {
+		return time.Time{}, fmt.Errorf("the event's %q (%s) is neither RFC 3339 nor Unix seconds", field, cutDescription(text))
+	}
+	sec, err := strconv.ParseInt(m[1], 10, 64)
+	if err != nil || sec > 1e11 {
+		return time.Time{}, fmt.Errorf("the event's %q (%s) is too large for Unix seconds (milliseconds?)", field, cutDescription(text))
+	}
+	nanos, _ := strconv.Atoi((m[2] + "000000000")[:9])
+	return time.Unix(sec, int64(nanos)), nil
+}
+
+// anyValidSignature accepts the event when one of the signature headers
+// matches (a sender may sign with an old and a new secret while rotating).
+// The body's MAC is computed once, whatever the number of headers.
+func (wh *Webhook) anyValidSignature(headers []string, body []byte) bool {
+	if len(headers) == 0 {
+		return false
+	}
+	mac := hmac.New(sha256.New, wh.secret)
+	mac.Write(body)
+	want := mac.Sum(nil)
+	valid := false
+	for _, h := range headers {
+		// Every header is compared, so the time taken does not tell
+		// which one matched.
+		if got, ok := wh.decodeSignature(h); ok && hmac.Equal(got, want) {
+			valid = true
+		}
+	}
+	return valid
+}
+
+// decodeSignature reads one signature header (base64, padded or not, or
+// hex; an optional "sha256=" prefix).
+func (wh *Webhook) decodeSignature(header string) ([]byte, bool) {
 	header = strings.TrimSpace(header)
 	header = strings.TrimPrefix(header, "sha256=")
 	if header == "" {
-		return false
+		return nil, false
 	}
 	var got []byte
 	var err error
@@ -190,28 +345,30 @@ func (wh *Webhook) validSignature(header string, body []byte) bool {
 			got, err = base64.RawStdEncoding.DecodeString(header)
 		}
 	}
-	if err != nil {
-		return false
-	}
-	mac := hmac.New(sha256.New, wh.secret)
-	mac.Write(body)
-	return hmac.Equal(got, mac.Sum(nil))
+	return got, err == nil
+}
+
+// consentEvent is a verified event: its name, its tenant, and its fields
+// for the timestamp.
+type consentEvent struct {
+	name, tenant string
+	fields       map[string]json.RawMessage
 }
 
 // parse reads the event name and the TenantId from a verified body.
-func (wh *Webhook) parse(body []byte) (event, tenant string, err error) {
-	var fields map[string]json.RawMessage
-	if err := json.Unmarshal(body, &fields); err != nil {
-		return "", "", errors.New("the event is not a JSON object")
+func (wh *Webhook) parse(body []byte) (consentEvent, error) {
+	var ev consentEvent
+	if err := json.Unmarshal(body, &ev.fields); err != nil || ev.fields == nil {
+		return ev, errors.New("the event is not a JSON object")
 	}
-	if err := json.Unmarshal(fields[wh.EventField], &event); err != nil || event == "" {
-		return "", "", fmt.Errorf("the event has no %q string", wh.EventField)
+	if err := json.Unmarshal(ev.fields[wh.EventField], &ev.name); err != nil || ev.name == "" {
+		return ev, fmt.Errorf("the event has no %q string", wh.EventField)
 	}
-	raw := string(bytes.Trim(bytes.TrimSpace(fields[wh.TenantField]), `"`))
-	if !validTenantID(raw) {
-		return "", "", fmt.Errorf("the event's %q is not a TenantId", wh.TenantField)
+	ev.tenant = string(bytes.Trim(bytes.TrimSpace(ev.fields[wh.TenantField]), `"`))
+	if !validTenantID(ev.tenant) {
+		return ev, fmt.Errorf("the event's %q is not a TenantId", wh.TenantField)
 	}
-	return event, raw, nil
+	return ev, nil
 }
 
 // UnmarshalCaddyfile sets up the webhook from Caddyfile tokens. Syntax:
@@ -227,9 +384,11 @@ func (wh *Webhook) parse(body []byte) (event, tenant string, err error) {
 //		tenant_field       <field>
 //		created_events     <name...>
 //		revoked_events     <name...>
+//		timestamp_field    <field>
+//		max_age            <duration>
 //	}
 func (wh *Webhook) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
-	return unmarshalBlock(d, map[string]*string{
+	single := map[string]*string{
 		"client_id":          &wh.ClientID,
 		"token_url":          &wh.TokenURL,
 		"secret":             &wh.Secret,
@@ -238,10 +397,36 @@ func (wh *Webhook) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"algorithm":          &wh.Algorithm,
 		"event_field":        &wh.EventField,
 		"tenant_field":       &wh.TenantField,
-	}, map[string]*[]string{
+		"timestamp_field":    &wh.TimestampField,
+	}
+	lists := map[string]*[]string{
 		"created_events": &wh.CreatedEvents,
 		"revoked_events": &wh.RevokedEvents,
-	})
+	}
+	d.Next() // consume directive name
+	if d.NextArg() {
+		return d.ArgErr()
+	}
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		option := d.Val()
+		switch {
+		case option == "max_age":
+			if err := durationArg(d, &wh.MaxAge); err != nil {
+				return err
+			}
+		case single[option] != nil:
+			if err := oneArg(d, single[option]); err != nil {
+				return err
+			}
+		case lists[option] != nil:
+			if *lists[option] = d.RemainingArgs(); len(*lists[option]) == 0 {
+				return d.Errf("%s needs at least one value", option)
+			}
+		default:
+			return d.Errf("unrecognized subdirective %q", option)
+		}
+	}
+	return nil
 }
 
 // Interface guards

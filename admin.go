@@ -310,6 +310,7 @@ func adminStoreError(what string, err error) error {
 
 // adminTokenError answers a failed refresh of a handed-over token.
 func adminTokenError(subj subject, terr *tokenError) error {
+	terr = withAccount(terr, subj)
 	switch terr.failure {
 	case failNoConsent, failGrantRejected:
 		return apiError(http.StatusBadRequest, "refresh_token_rejected", "Fortnox rejected the refresh token (%s): it was used already, revoked or has expired; nothing was stored. The customer must authorize again", terr.Error())

@@ -324,7 +324,7 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	}
 	tenant, err := tenantFromToken(answer.accessToken)
 	if target.account != "" {
-		c.connectAccount(w, r, ctx, target, answer)
+		c.connectAccount(w, r, ctx, target, answer, tenant)
 		return
 	}
 	if err != nil {
@@ -348,21 +348,36 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 }
 
 // connectAccount stores a user's chain under the account name the signed
-// state carries, when the token is the expected tenant's.
-func (c *Connect) connectAccount(w http.ResponseWriter, r *http.Request, ctx context.Context, target connectTarget, answer *tokenAnswer) {
+// state carries, when the token is the expected tenant's. tokenTenant is
+// the tenant the token names ("" if none).
+func (c *Connect) connectAccount(w http.ResponseWriter, r *http.Request, ctx context.Context, target connectTarget, answer *tokenAnswer, tokenTenant string) {
 	subj := subject{tenant: target.tenant, account: target.account}
 	if answer.refreshToken == "" {
 		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox gave no refresh token for the user (was access_type=offline refused?). Start again.", "")
 		return
 	}
 	if err := c.tokens.storeAnswer(ctx, subj, answer); err != nil {
+		// The whole story (where the refresh token went, what the
+		// operator can do) is for the log; the page tells the person in
+		// the browser what to do.
 		c.logger.Error("storing a user account's refresh token failed", append(subj.logFields(), zap.Error(err))...)
-		status := http.StatusInternalServerError
+		status, message := http.StatusInternalServerError, err.Error()
 		var ae *adminError
 		if errors.As(err, &ae) {
 			status = ae.status
+			switch {
+			case ae.code == "tenant_mismatch" && tokenTenant != "":
+				message = "This link connects account " + target.account + " to the company with TenantId " + target.tenant +
+					", but the company chosen on Fortnox's page was " + tokenTenant + ", so nothing was stored for " + target.tenant +
+					". Start again and choose the company " + target.tenant + "."
+			case ae.code == "tenant_mismatch":
+				message = "Fortnox's token names no company, so it cannot be proved to be " + target.tenant + "'s; nothing was stored for it. Start again."
+			case ae.code == "account_user_mismatch":
+				message = "Account " + target.account + " of the company " + target.tenant + " belongs to another Fortnox user, so nothing was stored. " +
+					"Log in to Fortnox as that user and start again, or ask the integration's operator to delete the account first."
+			}
 		}
-		c.page(w, status, "The user account was not connected", err.Error(), "")
+		c.page(w, status, "The user account was not connected", message, "")
 		return
 	}
 	c.logger.Info("user account connected", subj.logFields()...)

@@ -379,13 +379,13 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 	}
 	tok, err := h.tokens.tokenFor(r.Context(), subj)
 	if err != nil {
-		h.writeTokenError(w, r, subj.tenant, err)
+		h.writeTokenError(w, r, subj, err)
 		return nil
 	}
 	if h.limiter != nil {
 		if tok, err = h.turnWithToken(w, r, subj, tok); tok == nil {
 			if err != nil {
-				h.writeTokenError(w, r, subj.tenant, err)
+				h.writeTokenError(w, r, subj, err)
 			}
 			return nil
 		}
@@ -432,23 +432,36 @@ func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj sub
 
 // writeTokenError answers a request for which no token could be had. The
 // failure itself was logged once by the token manager.
-func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, tenant string, err error) {
+func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj subject, err error) {
 	var terr *tokenError
 	if !errors.As(err, &terr) {
 		// The caller's own context ended while it waited: the client left
 		// or its deadline passed. 503 so a proxy in front can retry.
 		if r.Context().Err() != nil {
 			writeJSONError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
-				"The request ended while it waited for a token for tenant "+tenant+".", time.Second)
+				"The request ended while it waited for a token for "+subj.String()+".", time.Second)
 			return
 		}
 		terr = asTokenError(err)
 	}
+	terr = withAccount(terr, subj)
 	var retry time.Duration
 	if terr.httpStatus() == http.StatusServiceUnavailable {
 		retry = time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
 	}
-	writeJSONError(w, terr.httpStatus(), terr.errorCode(), terr.advice(tenant), retry)
+	writeJSONError(w, terr.httpStatus(), terr.errorCode(), terr.advice(subj.tenant), retry)
+}
+
+// withAccount is terr naming subj's account, so that its advice says how
+// to connect that account. A copy: the error may be shared with other
+// requests (a subject's last error is handed to each while it backs off).
+func withAccount(terr *tokenError, subj subject) *tokenError {
+	if subj.account == "" || terr.account != "" {
+		return terr
+	}
+	named := *terr
+	named.account = subj.account
+	return &named
 }
 
 // errorBody is the JSON answer the app gets when the sidecar refuses a request.

@@ -169,6 +169,9 @@ func (e *tokenError) advice(tenant string) string {
 		return "Fortnox gave no token for tenant " + tenant + ": the customer has not given this integration a service-account consent and no refresh token is stored. " +
 			"Ask a system administrator of the customer to authorize the integration (authorization code flow with account_type=service), or store a refresh token for the tenant through the admin API."
 	case failGrantRejected:
+		if e.account != "" {
+			return "Fortnox rejected the refresh token stored for account " + e.account + " of tenant " + tenant + " (used, revoked or expired). The user must authorize again: " + e.accountRemedy(tenant)
+		}
 		return "Fortnox rejected the stored refresh token for tenant " + tenant + " (used or expired). The customer must authorize the integration again; then store the new refresh token through the admin API."
 	case failBadClient:
 		return "Fortnox rejected the configured client id or client secret. Check client_id and client_secret in the fortnox block (and the environment variables or files they name)."
@@ -185,6 +188,9 @@ func (e *tokenError) advice(tenant string) string {
 		}
 		return msg + ". It is never used for this tenant's requests."
 	case failAccountNotAuthorized:
+		if e.account != "" {
+			return "No refresh token is stored for account " + e.account + " of tenant " + tenant + ": " + e.accountRemedy(tenant) + " Requests without the account header use the service account."
+		}
 		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user (fortnox_connect with ?account=<name>&tenant=" + tenant + ") or store the user's refresh token with PUT /fortnox/tenants/" + tenant + "/accounts/<name>/refresh_token on the admin API. Requests without the account header use the service account."
 	case failUserMismatch:
 		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. Delete the account (DELETE /fortnox/tenants/" + tenant + "/accounts/" + e.account + ") before connecting another user under its name."
@@ -246,25 +252,42 @@ func (e *tokenError) unavailableHint() string {
 // mismatchAdvice explains a token that is not the tenant's: both ids, never
 // a token.
 func (e *tokenError) mismatchAdvice(tenant string) string {
+	whose := "tenant " + tenant
+	if e.account != "" {
+		whose = "account " + e.account + " of tenant " + tenant
+	}
 	var msg string
 	if e.tokenTenant != "" {
-		msg = "Fortnox's token for tenant " + tenant + " is for tenant " + e.tokenTenant + ", so it was not used."
-		if !e.fromClientCredentials {
+		msg = "Fortnox's token for " + whose + " is for tenant " + e.tokenTenant + ", so it was not used."
+		switch {
+		case e.fromClientCredentials:
+		case e.account != "":
+			msg += " The account's refresh token belongs to tenant " + e.tokenTenant + "."
+		default:
 			msg += " The refresh token stored for " + tenant + " belongs to " + e.tokenTenant + "."
 		}
 	} else {
-		msg = "Fortnox's token for tenant " + tenant + " names no tenant, so it cannot be proved to be " + tenant + "'s and was not used."
+		msg = "Fortnox's token for " + whose + " names no tenant, so it cannot be proved to be " + tenant + "'s and was not used."
 		if e.cause != nil {
-			msg = "Fortnox's token for tenant " + tenant + " was not used: " + e.cause.Error() + "."
+			msg = "Fortnox's token for " + whose + " was not used: " + e.cause.Error() + "."
 		}
 	}
 	if e.detail != "" {
 		msg += " " + e.detail
 	}
-	if e.fromClientCredentials {
+	switch {
+	case e.fromClientCredentials:
 		return msg + " This is Fortnox's error (or token_url does not point at Fortnox): try again later."
+	case e.account != "":
+		return msg + " The user must authorize again for tenant " + tenant + ": " + e.accountRemedy(tenant)
 	}
 	return msg + " Store tenant " + tenant + "'s own refresh token (PUT /fortnox/tenants/" + tenant + "/refresh_token on the admin API), or have the customer authorize again."
+}
+
+// accountRemedy says how a named account gets a (new) refresh-token chain.
+func (e *tokenError) accountRemedy(tenant string) string {
+	return "connect the user (fortnox_connect with ?account=" + e.account + "&tenant=" + tenant +
+		") or store the user's refresh token with PUT /fortnox/tenants/" + tenant + "/accounts/" + e.account + "/refresh_token on the admin API."
 }
 
 // retryAfterSeconds is the Retry-After value for an answer given at t:

@@ -48,7 +48,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	}
 	if err != nil {
 		metrics.replays.WithLabelValues("no_token").Inc()
-		h.writeTokenError(w, r, subj.tenant, err)
+		h.writeTokenError(w, r, subj, err)
 		return nil
 	}
 	if ce := h.logger.Check(zapcore.DebugLevel, "replaying after 401 with a new token"); ce != nil {

@@ -37,7 +37,10 @@ type echo struct {
 		Query    string
 		TenantID string `json:"TenantId"`
 		ClientID string `json:"ClientId"`
-		Body     string
+		// UserID is the token's userId: whose request it is. Left out for
+		// a client-credentials token (the service account has no user).
+		UserID string `json:"UserId,omitempty"`
+		Body   string
 	}
 }
 
@@ -67,7 +70,7 @@ func (s *Server) serveAPI(w http.ResponseWriter, r *http.Request) {
 // request's tenant, client and status.
 func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
 	c, tenant, ok := s.authenticateAPI(r)
-	req.Tenant, req.ClientID = tenant, c.ClientID
+	req.Tenant, req.ClientID, req.User = tenant, c.ClientID, c.UserID
 	switch {
 	case !ok:
 		req.Status = http.StatusUnauthorized
@@ -106,6 +109,7 @@ func (s *Server) answerAPI(r *http.Request, req *APIRequest) (int, any) {
 		a.Echo.Query = r.URL.RawQuery
 		a.Echo.TenantID = req.Tenant
 		a.Echo.ClientID = c.ClientID
+		a.Echo.UserID = c.UserID
 		a.Echo.Body = string(req.Body)
 		return req.Status, a
 	}

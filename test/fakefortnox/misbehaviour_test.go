@@ -212,8 +212,21 @@ func TestUserRefreshTokenChains(t *testing.T) {
 		t.Errorf("alice's first token again: %d", a.status)
 	}
 
+	// /3/ knows whose request it is: the log and the echo name the user,
+	// and a client-credentials token names none.
+	a := postToken(t, s, refreshWith(clientA, secretA, token))
+	echoed := api(t, s, http.MethodGet, "/3/orders", a.str(t, "access_token"), "")
+	if log := s.APIRequests(); log[len(log)-1].User != "alice" || !strings.Contains(string(echoed.body), `"UserId":"alice"`) {
+		t.Errorf("alice's request: logged as user %q, echo %s", log[len(log)-1].User, echoed.body)
+	}
+	s.GrantConsent(clientA, tenantA)
+	echoed = api(t, s, http.MethodGet, "/3/orders", accessToken(t, s, clientA, secretA, tenantA), "")
+	if log := s.APIRequests(); log[len(log)-1].User != "" || strings.Contains(string(echoed.body), "UserId") {
+		t.Errorf("the service account's request: logged as user %q, echo %s", log[len(log)-1].User, echoed.body)
+	}
+
 	// IssueRefreshToken is user "1", as before.
-	a := postToken(t, s, refreshWith(clientA, secretA, service))
+	a = postToken(t, s, refreshWith(clientA, secretA, service))
 	if c := payload(t, a.str(t, "access_token")); c["userId"] != "1" || c["sub"] != "1@"+tenantA {
 		t.Errorf("IssueRefreshToken chain: userId %v sub %v", c["userId"], c["sub"])
 	}

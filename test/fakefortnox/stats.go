@@ -29,8 +29,12 @@ type APIRequest struct {
 	// (SetOmitTenantClaim) the tenant the fake keeps for it; else "".
 	Tenant   string
 	ClientID string // from the token's payload when it decodes, else ""
-	Status   int    // what the fake answered
-	At       time.Time
+	// User is the token's userId claim when its payload decodes: the
+	// user whose refresh-token chain (or code) it came from; "" for a
+	// client-credentials token (the service account has no user).
+	User   string
+	Status int // what the fake answered
+	At     time.Time
 }
 
 // TokenRequest is one token endpoint request as the fake received and

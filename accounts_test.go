@@ -494,7 +494,7 @@ func TestRevokedConsentBlocksOnlyTheServiceAccount(t *testing.T) {
 
 // connectAs starts a connection at link and returns the authorize URL and
 // the state cookie.
-func connectAs(t *testing.T, link string) (*url.URL, *http.Cookie) {
+func startAccountConnect(t *testing.T, link string) (*url.URL, *http.Cookie) {
 	t.Helper()
 	resp, err := noRedirects.Get(link)
 	if err != nil {
@@ -525,7 +525,7 @@ func TestConnectUserAccount(t *testing.T) {
 	fake.SetAuthorizeAs("1234567", annaUser)
 	sc, public := connectSidecar(t, fake, "account_type off")
 
-	loc, cookie := connectAs(t, public+"/fortnox/connect?account=anna&tenant=1234567")
+	loc, cookie := startAccountConnect(t, public+"/fortnox/connect?account=anna&tenant=1234567")
 	if q := loc.Query(); q.Has("account_type") || q.Get("access_type") != "offline" || q.Get("state") == "" {
 		t.Errorf("authorize query %v: want access_type=offline and no account_type", q)
 	}
@@ -558,7 +558,7 @@ func TestConnectUserAccount(t *testing.T) {
 		"account edited": func(p []string) { p[2] = base64.RawURLEncoding.EncodeToString([]byte("bo")) },
 		"tenant edited":  func(p []string) { p[3] = "7654321" },
 	} {
-		loc, cookie := connectAs(t, public+"/fortnox/connect?account=anna&tenant=1234567")
+		loc, cookie := startAccountConnect(t, public+"/fortnox/connect?account=anna&tenant=1234567")
 		parts := strings.Split(cookie.Value, ".")
 		if len(parts) != 5 {
 			t.Fatalf("state cookie %q has %d parts", cookie.Value, len(parts))
@@ -581,7 +581,7 @@ func TestConnectUserAccount(t *testing.T) {
 
 	// bo picks another company on Fortnox's page than the link expected.
 	fake.SetAuthorizeAs("7654321", boUser)
-	loc, cookie = connectAs(t, public+"/fortnox/connect?account=bo&tenant=5550001")
+	loc, cookie = startAccountConnect(t, public+"/fortnox/connect?account=bo&tenant=5550001")
 	status, page = callback(t, authorize(t, loc), cookie)
 	if status != http.StatusConflict || !strings.Contains(page, "the company chosen on Fortnox&#39;s page was 7654321") || !strings.Contains(page, "choose the company 5550001") {
 		t.Errorf("a token of tenant 7654321 for a link that expected 5550001: %d %s", status, page)
@@ -604,7 +604,7 @@ func TestConnectUserAccount(t *testing.T) {
 	// Another user follows anna's link: anna's account keeps its user.
 	fake.SetAuthorizeAs("1234567", "9")
 	annaChain := sc.storedAccountRecord("1234567", "anna").RefreshToken
-	loc, cookie = connectAs(t, public+"/fortnox/connect?account=anna&tenant=1234567")
+	loc, cookie = startAccountConnect(t, public+"/fortnox/connect?account=anna&tenant=1234567")
 	status, page = callback(t, authorize(t, loc), cookie)
 	if status != http.StatusConflict || !strings.Contains(page, "belongs to another Fortnox user") {
 		t.Errorf("user 9 on anna's link: %d %s", status, page)

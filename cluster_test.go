@@ -200,3 +200,30 @@ func TestExportAndImportRecords(t *testing.T) {
 		t.Errorf("%d invalid_grant", n)
 	}
 }
+
+// A tenant without a service-account consent costs the cluster one
+// client-credentials request, not one per sidecar: the token the refresh
+// token gave is shared with its grant, and the others go straight to it.
+func TestClusterSharesThatATenantIsOnItsRefreshToken(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, _ := redisSidecar(t, fake, "")
+	sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if n := fake.TokenRequests("client_credentials", "7654321"); n != 1 {
+		t.Fatalf("%d client-credentials requests, want 1", n)
+	}
+	// Another sidecar: nothing in its memory.
+	m := sc.manager()
+	m.cache.Flush()
+	m.mu.Lock()
+	clear(m.tenants)
+	m.mu.Unlock()
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if n := fake.TokenRequests("", "7654321"); n != 2 { // the hand-over's refresh and one client-credentials try
+		t.Errorf("%d token requests for the tenant, want 2: the second sidecar asked again", n)
+	}
+}

@@ -185,6 +185,7 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 	}
 	if took > 0 {
 		m.recordSuccess(subj, grantRefreshToken, token, took)
+		m.share(subj, token)
 	} else {
 		m.noteMode(subj, grantRefreshToken)
 	}

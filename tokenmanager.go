@@ -546,6 +546,9 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 		if !errors.Is(rerr, errNoRefreshToken) {
 			m.noteClientCredentialsRefused(subj.tenant, s)
 			metrics.tokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
+			if rerr == nil {
+				m.share(subj, t) // the other sidecars need not ask for client credentials
+			}
 			return t, rerr
 		}
 	}
@@ -588,6 +591,12 @@ func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cach
 	state := m.state(subj.key())
 	state.mode = st.Grant
 	state.failures, state.lastError, state.retryAt, state.unknown = 0, nil, time.Time{}, false
+	if st.Grant == grantRefreshToken && subj.account == "" {
+		// Another sidecar found that the tenant has no service-account
+		// consent: do not ask again before retry_client_credentials.
+		state.hasRefreshToken = true
+		state.ccRetryAt = n.Add(s.retryClientCredentials)
+	}
 	m.mu.Unlock()
 	return t
 }

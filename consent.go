@@ -133,9 +133,15 @@ func (m *tokenManager) revokedError(s *managerSettings, tenant string) error {
 			st = m.state(tenant)
 			if !st.revocationRead {
 				st.revocationRead = true
-				if rec != nil && !rec.ConsentRevokedAt.IsZero() {
+				switch {
+				case rec != nil && !rec.ConsentRevokedAt.IsZero():
 					st.consentRevoked = true
 					st.lastError = &tokenError{failure: failConsentRevoked}
+				case st.consentRevoked:
+					// Revoked here, but a new consent cleared the mark
+					// (a broadcast this sidecar missed: resync).
+					st.consentRevoked = false
+					st.lastError, st.failures, st.retryAt = nil, 0, time.Time{}
 				}
 			}
 			revoked = st.consentRevoked

@@ -253,6 +253,9 @@ func randomID() string {
 func (c *redisCluster) subscribe(logger *zap.Logger) {
 	ps := c.client.Subscribe(c.ctx, c.shared.channel())
 	defer ps.Close()
+	// The loop below ends only when ps is closed: close it when the cluster
+	// is destroyed (a shutdown, a reload), or Destruct waits for ever.
+	defer context.AfterFunc(c.ctx, func() { _ = ps.Close() })()
 	subscriptions := 0
 	for msg := range ps.ChannelWithSubscriptions(redis.WithChannelHealthCheckInterval(5 * time.Second)) {
 		switch m := msg.(type) {
@@ -261,9 +264,19 @@ func (c *redisCluster) subscribe(logger *zap.Logger) {
 				continue
 			}
 			subscriptions++
-			c.ok()
 			if subscriptions > 1 {
 				logger.Info("subscribed to the cluster's events again: reading the shared state", zap.String("redis", c.redacted))
+			}
+			// Read what was broadcast while this sidecar was not
+			// subscribed: it subscribes shortly after it starts (and may
+			// have served tenants already), and again after an outage.
+			// After an outage a command must work first: the connection
+			// pool may refuse to dial for a moment after the subscription
+			// is back, and ok() reads the state once a command works.
+			if c.down.Load() {
+				c.background.Add(1)
+				go c.probeUntilUp()
+			} else {
 				go c.m.resync()
 			}
 		case *redis.Message:
@@ -314,8 +327,9 @@ func (m *tokenManager) forget(subj subject) {
 	m.drop(subj, nil)
 }
 
-// resync reads the shared state again after an outage: revocations
-// broadcast meanwhile are read from the tenants' records.
+// resync reads the shared state again after an outage, or once subscribed:
+// revocations and new consents broadcast meanwhile are read from the
+// tenants' records.
 func (m *tokenManager) resync() {
 	s := m.settings.Load()
 	m.mu.Lock()

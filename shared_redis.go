@@ -299,10 +299,19 @@ func (m *tokenManager) applyEvent(ev event) {
 		ce.Write(append(subj.logFields(), zap.String("kind", ev.Kind))...)
 	}
 	switch ev.Kind {
-	case eventRevoked:
-		m.noteRevoked(ev.Tenant)
-	case eventCreated:
-		m.noteCreated(ev.Tenant)
+	case eventRevoked, eventCreated:
+		// Broadcasts may be read out of order: a sidecar can take a new
+		// consent through its webhook before it reads another's earlier
+		// revocation. The tenant's record, written before each broadcast,
+		// has the latest word: an event it contradicts is stale.
+		if revoked, known := m.storedRevocation(ev.Tenant); known && revoked != (ev.Kind == eventRevoked) {
+			return
+		}
+		if ev.Kind == eventRevoked {
+			m.noteRevoked(ev.Tenant)
+		} else {
+			m.noteCreated(ev.Tenant)
+		}
 	case eventRecovered:
 		m.noteRecovered(subj)
 	case eventInvalidate:
@@ -317,6 +326,22 @@ func (m *tokenManager) applyEvent(ev event) {
 	case eventForget:
 		m.forget(subj)
 	}
+}
+
+// storedRevocation reads whether the tenant's record marks its consent as
+// revoked; known is false when there is no record or it cannot be read.
+func (m *tokenManager) storedRevocation(tenant string) (revoked, known bool) {
+	s := m.settings.Load()
+	if s == nil || s.records == nil {
+		return false, false
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	defer cancel()
+	rec, err := s.records.load(ctx, subject{tenant: tenant})
+	if err != nil || rec == nil {
+		return false, false
+	}
+	return !rec.ConsentRevokedAt.IsZero(), true
 }
 
 // forget drops everything remembered in memory about a subject.

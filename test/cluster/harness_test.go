@@ -371,10 +371,17 @@ func (a answer) String() string {
 }
 
 // get sends GET /3/companyinformation for tenant, as an app does.
-func (sc *sidecar) get(tenant string) answer {
+func (sc *sidecar) get(tenant string) answer { return sc.getAs(tenant, "") }
+
+// getAs is get as a named user account of the tenant ("" = the service
+// account).
+func (sc *sidecar) getAs(tenant, account string) answer {
 	gen := sc.generation.Load()
 	req, _ := http.NewRequest(http.MethodGet, sc.url+"/3/companyinformation", nil)
 	req.Header.Set("X-Fortnox-Tenant", tenant)
+	if account != "" {
+		req.Header.Set("X-Fortnox-Account", account)
+	}
 	start := time.Now()
 	resp, err := client.Do(req)
 	if err != nil {
@@ -396,8 +403,18 @@ func (sc *sidecar) mustServe(tenant string) {
 // putRefreshToken hands a refresh token over through the admin API.
 func (sc *sidecar) putRefreshToken(tenant, rt string) {
 	sc.t.Helper()
-	req, _ := http.NewRequest(http.MethodPut, sc.adminURL+"/fortnox/tenants/"+tenant+"/refresh_token",
-		strings.NewReader(`{"refresh_token":"`+rt+`"}`))
+	sc.putAdmin("/fortnox/tenants/"+tenant+"/refresh_token", rt)
+}
+
+// putAccountRefreshToken hands over a named user account's refresh token.
+func (sc *sidecar) putAccountRefreshToken(tenant, account, rt string) {
+	sc.t.Helper()
+	sc.putAdmin("/fortnox/tenants/"+tenant+"/accounts/"+account+"/refresh_token", rt)
+}
+
+func (sc *sidecar) putAdmin(path, rt string) {
+	sc.t.Helper()
+	req, _ := http.NewRequest(http.MethodPut, sc.adminURL+path, strings.NewReader(`{"refresh_token":"`+rt+`"}`))
 	resp, err := client.Do(req)
 	if err != nil {
 		sc.t.Fatal(err)

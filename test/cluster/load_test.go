@@ -1,6 +1,7 @@
 package cluster
 
 import (
+	"fmt"
 	"net/http"
 	"sort"
 	"sync"
@@ -105,7 +106,7 @@ func checkSharedBudget(t *testing.T, c *cluster, tenant string, d, maxWait time.
 		rate, d, res.sent, res.served(), res.statuses, okAll, okInSpan, d, 100*float64(okInSpan)/float64(want), want, tooMany,
 		res.percentile(50).Round(time.Millisecond), res.percentile(99).Round(time.Millisecond), res.maxLatency().Round(time.Millisecond), maxWait, res.end.Sub(res.start).Round(time.Millisecond))
 	if tooMany != 0 {
-		t.Errorf("Fortnox answered %d requests with 429: the sidecars overspent the shared budget", tooMany)
+		t.Errorf("Fortnox answered %d requests with 429: the sidecars overspent the shared budget; %s", tooMany, arrivalsBefore429(c, tenant, res.start))
 	}
 	if res.failed != 0 {
 		t.Errorf("%d of %d requests were not served; first: %v", res.failed, res.sent, res.failures)
@@ -129,6 +130,7 @@ func checkSharedBudget(t *testing.T, c *cluster, tenant string, d, maxWait time.
 // for 10 s: the budget is shared, so Fortnox answers no 429, and every
 // request waits its turn instead of failing.
 func TestSharedRateBudget(t *testing.T) {
+	t.Parallel()
 	const maxWait = 15 * time.Second
 	fake := startFake(t, 0)
 	c := startCluster(t, fake, settings{maxWait: maxWait})
@@ -136,4 +138,29 @@ func TestSharedRateBudget(t *testing.T) {
 	fake.GrantConsent(clientID, tenant)
 	c.sidecars[0].mustServe(tenant) // the token, so that the load measures the budget alone
 	checkSharedBudget(t, c, tenant, 10*time.Second, maxWait)
+}
+
+// arrivalsBefore429 describes, for the first 429 Fortnox answered, when
+// the requests it counted in its window arrived (seconds after start).
+func arrivalsBefore429(c *cluster, tenant string, start time.Time) string {
+	var ok []time.Time
+	for _, r := range c.fake.APIRequests() {
+		if r.Tenant != tenant {
+			continue
+		}
+		if r.Status == http.StatusTooManyRequests {
+			var in []string
+			for _, at := range ok {
+				if r.At.Sub(at) < budgetWindow {
+					in = append(in, fmt.Sprintf("%.3f", at.Sub(start).Seconds()))
+				}
+			}
+			return fmt.Sprintf("the first 429 at %.3f s; the %d admitted within the window before it at %v",
+				r.At.Sub(start).Seconds(), len(in), in)
+		}
+		if r.Status == http.StatusOK {
+			ok = append(ok, r.At)
+		}
+	}
+	return "no 429 in the log"
 }

@@ -143,6 +143,23 @@ func TestRevocationReachesEverySidecar(t *testing.T) {
 	posted = time.Now()
 	took = untilAll(t, c, tenant, posted, 2*time.Second, func(a answer) bool { return a.status == http.StatusOK })
 	t.Logf("new consent posted to b: served by a, b, c after %v", took)
+
+	// A revocation and a new consent in quick succession, through two
+	// sidecars: the second may take the new consent before it reads the
+	// first one's broadcast of the revocation. Every sidecar must end up
+	// serving the tenant, and stay so.
+	for round := range 6 {
+		c.sidecars[round%3].postConsentEvent("client_credentials_consent_revoked", tenant)
+		c.sidecars[(round+1)%3].postConsentEvent("client_credentials_consent", tenant)
+		untilAll(t, c, tenant, time.Now(), 2*time.Second, func(a answer) bool { return a.status == http.StatusOK })
+		time.Sleep(300 * time.Millisecond)
+		for _, sc := range c.sidecars {
+			if a := sc.get(tenant); a.status != http.StatusOK {
+				t.Fatalf("round %d: revoked through %s, consent through %s; %s then: %v",
+					round, c.sidecars[round%3].name, c.sidecars[(round+1)%3].name, sc.name, a)
+			}
+		}
+	}
 	if n := fake.TokenErrors(""); n != 0 {
 		t.Errorf("%d token errors", n)
 	}

@@ -3,7 +3,10 @@ package cluster
 import (
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"sort"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -144,6 +147,35 @@ func TestSharedRateBudget(t *testing.T) {
 	fake.GrantConsent(clientID, tenant)
 	c.sidecars[0].mustServe(tenant) // the token, so that the load measures the budget alone
 	checkSharedBudget(t, c, tenant, 10*time.Second, maxWait)
+
+	// The reservation log is written on every request but kept out of the
+	// append-only file, so that appendfsync always (which the refresh
+	// tokens need) costs requests no fsync.
+	ctx, cancel := redisContext()
+	defer cancel()
+	if n := c.redisClient().Exists(ctx, "caddy-fortnox:turns:fortnox/"+clientID+"/"+tenant).Val(); n != 1 {
+		t.Fatal("the tenant's reservation log is not in Redis")
+	}
+	aof, err := os.ReadFile(appendOnlyFile(t, c.redis.Dir()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(aof), "caddy-fortnox:turns:") {
+		t.Error("the reservation log is written to Redis's append-only file: each request waits for an fsync with appendfsync always")
+	}
+	if !strings.Contains(string(aof), "caddy-fortnox:token:") {
+		t.Error("the append-only file holds no shared token either: the check proves nothing")
+	}
+}
+
+// appendOnlyFile is Redis's incremental append-only file in dir.
+func appendOnlyFile(t *testing.T, dir string) string {
+	t.Helper()
+	files, _ := filepath.Glob(filepath.Join(dir, "appendonlydir", "*.incr.aof"))
+	if len(files) != 1 {
+		t.Fatalf("append-only files in %s: %v", dir, files)
+	}
+	return files[0]
 }
 
 // arrivalsBefore429 describes, for the first 429 Fortnox answered, when

@@ -240,6 +240,26 @@ func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.
 	return err
 }
 
+// probeUntilUp tries a command every outageProbeEvery until one works
+// (ok() then logs the end of the outage and reads the shared state), the
+// outage ends otherwise, or the cluster is destroyed: the end of an outage
+// is noticed without waiting for a request.
+func (c *redisCluster) probeUntilUp() {
+	defer c.background.Done()
+	t := time.NewTicker(outageProbeEvery)
+	defer t.Stop()
+	for c.down.Load() {
+		ctx, cancel := context.WithTimeout(c.ctx, sharedCallLimit)
+		_ = c.call(ctx, "ping", func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
+		cancel()
+		select {
+		case <-c.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
 // checkPersistence warns unless a rotated refresh token is on disk before
 // Redis answers: Redis holds the only copy of single-use refresh tokens.
 func (c *redisCluster) checkPersistence(logger *zap.Logger) {

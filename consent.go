@@ -17,11 +17,15 @@ import (
 // service-account consent: the tenant is known, and its next request tries
 // client credentials at once (no backoff left from earlier refusals). The
 // mark is cleared in the tenant's record and every sidecar is told.
+//
+// The record is written before the memory: in cluster mode another
+// sidecar's broadcast may arrive meanwhile, and it is weighed against the
+// record (see applyEvent), so the record must already hold this event.
 func (m *tokenManager) consentCreated(tenant string) {
-	m.noteCreated(tenant)
 	if err := m.persistRevocation(tenant, false); err != nil {
 		m.logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
 	}
+	m.noteCreated(tenant)
 	m.tell(event{Kind: eventCreated, Tenant: tenant})
 	m.logger().Info("consent created", zap.String("tenant", tenant))
 }
@@ -41,16 +45,17 @@ func (m *tokenManager) noteCreated(tenant string) {
 // consentRevoked notes that a customer revoked the consent: its cached
 // token is dropped and its requests are refused until a new consent or
 // refresh token arrives. The mark is written into the tenant's record
-// (it survives a restart) and every sidecar is told.
+// (it survives a restart; first, as in consentCreated) and every sidecar
+// is told.
 func (m *tokenManager) consentRevoked(tenant string) {
+	if err := m.persistRevocation(tenant, true); err != nil {
+		m.logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
+	}
 	m.noteRevoked(tenant)
 	if c := m.cluster.Load(); c != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), sharedCallLimit)
 		_ = c.dropAnyToken(ctx, subject{tenant: tenant})
 		cancel()
-	}
-	if err := m.persistRevocation(tenant, true); err != nil {
-		m.logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
 	}
 	m.tell(event{Kind: eventRevoked, Tenant: tenant})
 	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
@@ -133,9 +138,15 @@ func (m *tokenManager) revokedError(s *managerSettings, tenant string) error {
 			st = m.state(tenant)
 			if !st.revocationRead {
 				st.revocationRead = true
-				if rec != nil && !rec.ConsentRevokedAt.IsZero() {
+				switch {
+				case rec != nil && !rec.ConsentRevokedAt.IsZero():
 					st.consentRevoked = true
 					st.lastError = &tokenError{failure: failConsentRevoked}
+				case st.consentRevoked:
+					// Revoked here, but a new consent cleared the mark
+					// (a broadcast this sidecar missed: resync).
+					st.consentRevoked = false
+					st.lastError, st.failures, st.retryAt = nil, 0, time.Time{}
 				}
 			}
 			revoked = st.consentRevoked

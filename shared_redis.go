@@ -253,6 +253,9 @@ func randomID() string {
 func (c *redisCluster) subscribe(logger *zap.Logger) {
 	ps := c.client.Subscribe(c.ctx, c.shared.channel())
 	defer ps.Close()
+	// The loop below ends only when ps is closed: close it when the cluster
+	// is destroyed (a shutdown, a reload), or Destruct waits for ever.
+	defer context.AfterFunc(c.ctx, func() { _ = ps.Close() })()
 	subscriptions := 0
 	for msg := range ps.ChannelWithSubscriptions(redis.WithChannelHealthCheckInterval(5 * time.Second)) {
 		switch m := msg.(type) {
@@ -261,9 +264,19 @@ func (c *redisCluster) subscribe(logger *zap.Logger) {
 				continue
 			}
 			subscriptions++
-			c.ok()
 			if subscriptions > 1 {
 				logger.Info("subscribed to the cluster's events again: reading the shared state", zap.String("redis", c.redacted))
+			}
+			// Read what was broadcast while this sidecar was not
+			// subscribed: it subscribes shortly after it starts (and may
+			// have served tenants already), and again after an outage.
+			// After an outage a command must work first: the connection
+			// pool may refuse to dial for a moment after the subscription
+			// is back, and ok() reads the state once a command works.
+			if c.down.Load() {
+				c.background.Add(1)
+				go c.probeUntilUp()
+			} else {
 				go c.m.resync()
 			}
 		case *redis.Message:
@@ -286,10 +299,19 @@ func (m *tokenManager) applyEvent(ev event) {
 		ce.Write(append(subj.logFields(), zap.String("kind", ev.Kind))...)
 	}
 	switch ev.Kind {
-	case eventRevoked:
-		m.noteRevoked(ev.Tenant)
-	case eventCreated:
-		m.noteCreated(ev.Tenant)
+	case eventRevoked, eventCreated:
+		// Broadcasts may be read out of order: a sidecar can take a new
+		// consent through its webhook before it reads another's earlier
+		// revocation. The tenant's record, written before each broadcast,
+		// has the latest word: an event it contradicts is stale.
+		if revoked, known := m.storedRevocation(ev.Tenant); known && revoked != (ev.Kind == eventRevoked) {
+			return
+		}
+		if ev.Kind == eventRevoked {
+			m.noteRevoked(ev.Tenant)
+		} else {
+			m.noteCreated(ev.Tenant)
+		}
 	case eventRecovered:
 		m.noteRecovered(subj)
 	case eventInvalidate:
@@ -306,6 +328,22 @@ func (m *tokenManager) applyEvent(ev event) {
 	}
 }
 
+// storedRevocation reads whether the tenant's record marks its consent as
+// revoked; known is false when there is no record or it cannot be read.
+func (m *tokenManager) storedRevocation(tenant string) (revoked, known bool) {
+	s := m.settings.Load()
+	if s == nil || s.records == nil {
+		return false, false
+	}
+	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	defer cancel()
+	rec, err := s.records.load(ctx, subject{tenant: tenant})
+	if err != nil || rec == nil {
+		return false, false
+	}
+	return !rec.ConsentRevokedAt.IsZero(), true
+}
+
 // forget drops everything remembered in memory about a subject.
 func (m *tokenManager) forget(subj subject) {
 	m.mu.Lock()
@@ -314,8 +352,9 @@ func (m *tokenManager) forget(subj subject) {
 	m.drop(subj, nil)
 }
 
-// resync reads the shared state again after an outage: revocations
-// broadcast meanwhile are read from the tenants' records.
+// resync reads the shared state again after an outage, or once subscribed:
+// revocations and new consents broadcast meanwhile are read from the
+// tenants' records.
 func (m *tokenManager) resync() {
 	s := m.settings.Load()
 	m.mu.Lock()

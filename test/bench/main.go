@@ -21,9 +21,22 @@
 // not the header's size. Everything listens on 127.0.0.1; every run is
 // bounded in time (about 15 s a round: 75 s with the defaults, plus the build).
 //
+// With -compare limiter it compares instead, on the same footing:
+//
+//	(a) fortnox with its rate limiter in process (rate_limit 25 5s)
+//	(b) the same in cluster mode (redis <url>): the limiter in Redis
+//
+// against a redis-server it starts on 127.0.0.1 (-appendfsync always by
+// default, as the docs recommend), with 5,000 tenants so that no tenant
+// comes near its budget and neither limiter makes a request wait. It adds
+// redis-server's CPU per request and, each round, the Redis commands per
+// cached request through (b): those the sidecar sent (MONITOR) and all
+// that ran (INFO commandstats, which counts the script's own commands).
+//
 //	go run ./test/bench                 # builds ./caddy with ./xcaddy.sh first
 //	go run ./test/bench -caddy ./caddy -rounds 3 -duration 3s -rate 2000
 //	go run ./test/bench -cpuprofile /tmp/prof   # CPU profiles of round 1's full-speed runs
+//	go run ./test/bench -compare limiter [-appendfsync always|everysec|off]
 //	go tool pprof -top -diff_base /tmp/prof/a.pprof ./caddy /tmp/prof/b.pprof
 package main
 
@@ -57,6 +70,9 @@ type options struct {
 	rate        int
 	tenants     int
 	profileDir  string
+	compare     string // proxy or limiter
+	appendfsync string // limiter: Redis's persistence
+	commands    int    // limiter: requests for the Redis command count
 }
 
 func main() {
@@ -68,9 +84,23 @@ func main() {
 	flag.IntVar(&o.rate, "rate", 2000, "requests per second in all for the fixed-rate run (half to a, half to b)")
 	flag.IntVar(&o.tenants, "tenants", 100, "tenants the requests are spread over")
 	flag.StringVar(&o.profileDir, "cpuprofile", "", "write CPU profiles of round 1's full-speed slices (a.pprof, b.pprof) to this directory")
+	flag.StringVar(&o.compare, "compare", "proxy", "proxy: (a) plain reverse_proxy, (b) fortnox; limiter: (a) fortnox with its rate limiter in process, (b) the same in cluster mode, the limiter in Redis")
+	flag.StringVar(&o.appendfsync, "appendfsync", "always", "-compare limiter: Redis's append-only file fsync policy, always (what the docs recommend), everysec, or off (no append-only file)")
+	flag.IntVar(&o.commands, "commands", 2000, "-compare limiter: cached requests through (b) over which Redis's commands are counted")
 	flag.Parse()
-	if o.rounds < 1 || o.duration < time.Second || o.duration > time.Minute || o.concurrency < 1 || o.rate < 2 || o.tenants < 1 {
-		fmt.Fprintln(os.Stderr, "bench: need rounds >= 1, 1s <= duration <= 1m, c >= 1, rate >= 2, tenants >= 1")
+	tenantsSet := false
+	flag.Visit(func(f *flag.Flag) { tenantsSet = tenantsSet || f.Name == "tenants" })
+	if o.compare == "limiter" && !tenantsSet {
+		// Enough that no tenant comes near its budget (25 per 5 s) at
+		// full speed: the limiters then count turns and never wait.
+		o.tenants = 5000
+	}
+	if o.rounds < 1 || o.duration < time.Second || o.duration > time.Minute || o.concurrency < 1 || o.rate < 2 || o.tenants < 1 || o.commands < 1 {
+		fmt.Fprintln(os.Stderr, "bench: need rounds >= 1, 1s <= duration <= 1m, c >= 1, rate >= 2, tenants >= 1, commands >= 1")
+		os.Exit(2)
+	}
+	if o.compare != "proxy" && o.compare != "limiter" {
+		fmt.Fprintln(os.Stderr, "bench: -compare is proxy or limiter")
 		os.Exit(2)
 	}
 	if err := run(o); err != nil {
@@ -153,18 +183,43 @@ func run(o options) error {
 			return err
 		}
 	}
+	fortnox := func(extra string) string {
+		return fmt.Sprintf("fortnox {\n\t\tclient_id bench\n\t\tclient_secret bench-secret\n\t\ttoken_url %s\n\t\tcheck_credentials off\n%s\t}\n\treverse_proxy %s", fake.TokenURL(), extra, upstreamURL)
+	}
 	configs := []struct {
 		name, short, site string
+		tokens            int // token requests its warm-up makes
 	}{
-		{"a plain reverse_proxy", "a", fmt.Sprintf("reverse_proxy %s {\n\t\theader_up Authorization \"Bearer %s\"\n\t}", upstreamURL, staticToken)},
-		{"b fortnox", "b", fmt.Sprintf("fortnox {\n\t\tclient_id bench\n\t\tclient_secret bench-secret\n\t\ttoken_url %s\n\t\trate_limit off\n\t\tcheck_credentials off\n\t}\n\treverse_proxy %s", fake.TokenURL(), upstreamURL)},
+		{"a plain reverse_proxy", "a", fmt.Sprintf("reverse_proxy %s {\n\t\theader_up Authorization \"Bearer %s\"\n\t}", upstreamURL, staticToken), 0},
+		{"b fortnox", "b", fortnox("\t\trate_limit off\n"), o.tenants},
+	}
+	var rs *redisServer
+	if o.compare == "limiter" {
+		if rs, err = startRedis(dir, o.appendfsync); err != nil {
+			return err
+		}
+		defer rs.stop()
+		configs[0].name, configs[0].site, configs[0].tokens = "a limiter in process", fortnox("\t\trate_limit 25 5s\n"), o.tenants
+		configs[1].name, configs[1].site = "b limiter in Redis", fortnox("\t\trate_limit 25 5s\n\t\tredis "+rs.url()+"\n")
+		fmt.Printf("limiter comparison: both rate_limit 25 5s; (b) with redis at %s, appendfsync %s\n", rs.addr, o.appendfsync)
+	}
+	wantTokens := 0
+	for _, cfg := range configs {
+		wantTokens += cfg.tokens
 	}
 
 	results := make([][]roundResult, len(configs))
 	// All fixed-rate samples of all rounds, per config: a and b were
 	// measured in turn throughout, so their pooled percentiles compare.
 	pooled := []*loadResult{{}, {}}
+	var commandCounts []*commandCount
+	var redisCPU []float64 // µs of redis-server's CPU per request through (b)
 	for round := range o.rounds {
+		if rs != nil {
+			if err := rs.flush(); err != nil { // each round's (b) fetches its own tokens, as (a) does
+				return err
+			}
+		}
 		servers := make([]*caddyServer, len(configs))
 		stopAll := func() {
 			for _, s := range servers {
@@ -184,17 +239,22 @@ func run(o options) error {
 		// Warm up: every tenant's token is cached, connections are open.
 		tokensBefore := fake.TokenRequests("", "")
 		for i, srv := range servers {
-			warm := load([]string{srv.url}, ids, o.concurrency, time.Second, 0, "")[0]
+			warm := warmTenants(srv.url, ids, o.concurrency)
+			warm.add(load([]string{srv.url}, ids, o.concurrency, time.Second, 0, "")[0])
 			if warm.errors > 0 {
 				stopAll()
 				return fmt.Errorf("%s: %d errors while warming up (first: %v)", configs[i].name, warm.errors, warm.firstErr)
 			}
 		}
-		if n := fake.TokenRequests("", "") - tokensBefore; n != o.tenants {
+		if n := fake.TokenRequests("", "") - tokensBefore; n != wantTokens {
 			stopAll()
-			return fmt.Errorf("warming up made %d token requests for %d tenants", n, o.tenants)
+			return fmt.Errorf("warming up made %d token requests for %d tenants, want %d", n, o.tenants, wantTokens)
 		}
 		tokensWarm := fake.TokenRequests("", "")
+		var redisCPUBefore time.Duration
+		if rs != nil {
+			redisCPUBefore = rs.cpu()
+		}
 		cpuBefore := make([]time.Duration, len(servers))
 		for i, srv := range servers {
 			cpuBefore[i] = srv.cpu()
@@ -241,6 +301,17 @@ func run(o options) error {
 				cpuUsed[i] = after - before
 			}
 		}
+		if rs != nil {
+			if after := rs.cpu(); redisCPUBefore > 0 && after > redisCPUBefore {
+				redisCPU = append(redisCPU, float64((after-redisCPUBefore).Nanoseconds())/1e3/float64(max(1, len(full[1].latencies)+len(fixed[1].latencies))))
+			}
+			count, err := countRedisCommands(rs, servers[1].url, ids, o.commands)
+			if err != nil {
+				stopAll()
+				return fmt.Errorf("counting Redis commands: %w", err)
+			}
+			commandCounts = append(commandCounts, count)
+		}
 		stopAll()
 
 		for i := range configs {
@@ -264,6 +335,15 @@ func run(o options) error {
 				fixedP99:      fixed[i].pct(99),
 			})
 		}
+		if o.compare == "limiter" {
+			// No tenant may come near its budget: then neither limiter
+			// made a request wait, and the difference is Redis's cost.
+			for i := range configs {
+				if perTenant := results[i][round].rps / float64(o.tenants); perTenant > 25/5.2*0.8 {
+					return fmt.Errorf("%s: %.1f requests/s per tenant at full speed, near the budget (25 per 5.2 s): raise -tenants", configs[i].name, perTenant)
+				}
+			}
+		}
 		a, b := results[0][round], results[1][round]
 		fmt.Printf("round %d  full speed: a %6.0f req/s p50 %6.0fµs p99 %6.0fµs | b %6.0f req/s p50 %6.0fµs p99 %6.0fµs | b/a %.3f\n",
 			round+1, a.rps, a.p50, a.p99, b.rps, b.p50, b.p99, b.rps/a.rps)
@@ -271,6 +351,12 @@ func run(o options) error {
 			a.cpuPerRequest, b.cpuPerRequest, b.cpuPerRequest-a.cpuPerRequest)
 		fmt.Printf("         at %d req/s: a p50 %6.0fµs p99 %6.0fµs | b p50 %6.0fµs p99 %6.0fµs | b adds p50 %+5.0fµs p99 %+6.0fµs\n",
 			o.rate, a.fixedP50, a.fixedP99, b.fixedP50, b.fixedP99, b.fixedP50-a.fixedP50, b.fixedP99-a.fixedP99)
+		if rs != nil {
+			cc := commandCounts[round]
+			fmt.Printf("         Redis per cached request through b (%d requests): %.3f commands sent (%s); INFO commandstats %.3f (%s); redis-server CPU %.1fµs\n",
+				cc.requests, float64(total(cc.sent))/float64(cc.requests), perRequest(cc.sent, cc.requests),
+				float64(total(cc.stats))/float64(cc.requests), perRequest(cc.stats, cc.requests), redisCPU[len(redisCPU)-1])
+		}
 	}
 
 	field := func(rs []roundResult, f func(roundResult) float64) []float64 {
@@ -321,6 +407,23 @@ func run(o options) error {
 		addedCPU := pair(func(a, b roundResult) float64 { return b.cpuPerRequest - a.cpuPerRequest })
 		fmt.Printf("Caddy's CPU per request: a %.1fµs, b %.1fµs; b adds median %+.1fµs (rounds: %s)\n",
 			median(field(results[0], cpu)), median(field(results[1], cpu)), median(addedCPU), list(addedCPU, "%+.1f"))
+	}
+	if rs != nil {
+		sent, stats, requests := map[string]int64{}, map[string]int64{}, 0
+		for _, cc := range commandCounts {
+			requests += cc.requests
+			for k, v := range cc.sent {
+				sent[k] += v
+			}
+			for k, v := range cc.stats {
+				stats[k] += v
+			}
+		}
+		fmt.Printf("Redis per cached request through b, all rounds (%d requests): %.3f commands sent by the sidecar (%s); INFO commandstats, with the commands the script runs inside Redis: %.3f (%s)\n",
+			requests, float64(total(sent))/float64(requests), perRequest(sent, requests), float64(total(stats))/float64(requests), perRequest(stats, requests))
+		if len(redisCPU) > 0 {
+			fmt.Printf("redis-server's CPU per request through b: median %.1fµs (rounds: %s)\n", median(redisCPU), list(redisCPU, "%.1f"))
+		}
 	}
 	if o.profileDir != "" {
 		fmt.Printf("CPU profiles of round 1: go tool pprof -top -diff_base %s %s %s\n",
@@ -441,30 +544,58 @@ func startCaddy(bin, dir, site string, withAdmin bool) (*caddyServer, error) {
 	return nil, errors.New("caddy did not start")
 }
 
-// cpu is the CPU time the Caddy process has used so far, the sum over its
-// threads of /proc/<pid>/task/*/schedstat (Linux; 0 elsewhere).
-func (s *caddyServer) cpu() time.Duration {
-	tasks, err := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", s.cmd.Process.Pid))
-	if err != nil || len(tasks) == 0 {
-		return 0
+// cpu is the CPU time the Caddy process has used so far (Linux; 0
+// elsewhere).
+func (s *caddyServer) cpu() time.Duration { return processCPU(s.cmd.Process.Pid) }
+
+// globTasks lists /proc/<pid>/task/*/schedstat.
+func globTasks(pid int) ([]string, error) {
+	return filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
+}
+
+// warmTenants sends one request for each tenant, workers at a time, so
+// that every tenant's token is cached however many tenants there are.
+func warmTenants(url string, tenants []string, workers int) *loadResult {
+	res := &loadResult{}
+	var mu sync.Mutex
+	jobs := make(chan string)
+	var wg sync.WaitGroup
+	client := &http.Client{Timeout: 30 * time.Second}
+	defer client.CloseIdleConnections()
+	start := time.Now()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for tenant := range jobs {
+				req, _ := http.NewRequest(http.MethodGet, url, nil)
+				req.Header.Set("X-Fortnox-Tenant", tenant)
+				resp, err := client.Do(req)
+				if err == nil {
+					_, err = io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+					if err == nil && resp.StatusCode != http.StatusOK {
+						err = fmt.Errorf("status %d", resp.StatusCode)
+					}
+				}
+				if err != nil {
+					mu.Lock()
+					res.errors++
+					if res.firstErr == nil {
+						res.firstErr = err
+					}
+					mu.Unlock()
+				}
+			}
+		}()
 	}
-	var total time.Duration
-	for _, t := range tasks {
-		b, err := os.ReadFile(t)
-		if err != nil {
-			continue // the thread has just exited
-		}
-		fields := strings.Fields(string(b))
-		if len(fields) == 0 {
-			continue
-		}
-		ns, err := strconv.ParseInt(fields[0], 10, 64)
-		if err != nil {
-			return 0
-		}
-		total += time.Duration(ns)
+	for _, tenant := range tenants {
+		jobs <- tenant
 	}
-	return total
+	close(jobs)
+	wg.Wait()
+	res.took = time.Since(start)
+	return res
 }
 
 // cpuProfile writes a CPU profile of the next d to path.

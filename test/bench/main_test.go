@@ -54,3 +54,37 @@ func TestMedianAndPercentile(t *testing.T) {
 		t.Errorf("p99 = %v, want 99", p)
 	}
 }
+
+// The limiter comparison counts the commands a sidecar sends, not those
+// its Lua script runs inside Redis.
+func TestMonitorCommand(t *testing.T) {
+	for line, want := range map[string]struct {
+		name   string
+		client bool
+	}{
+		`+1796297491.123456 [0 127.0.0.1:40000] "evalsha" "5f0e" "2" "k"` + "\r\n": {"evalsha", true},
+		`+1796297491.123457 [0 lua] "LLEN" "k"` + "\r\n":                           {"llen", false},
+		`+1796297491.123458 [3 unix:/tmp/redis.sock] "ping"` + "\r\n":              {"ping", true},
+		"garbage\r\n": {"", false},
+	} {
+		name, client := monitorCommand(line)
+		if name != want.name || client != want.client {
+			t.Errorf("%q: %q %v, want %q %v", line, name, client, want.name, want.client)
+		}
+	}
+}
+
+func TestParseCommandStats(t *testing.T) {
+	info := "# Commandstats\r\ncmdstat_get:calls=3,usec=6,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_evalsha:calls=12345,usec=66,usec_per_call=66.00,rejected_calls=0,failed_calls=0\r\n"
+	got, err := parseCommandStats(info)
+	if err != nil || got["get"] != 3 || got["evalsha"] != 12345 || len(got) != 2 {
+		t.Errorf("%v %v", got, err)
+	}
+	if _, err := parseCommandStats("cmdstat_get:calls=x,usec=1\r\n"); err == nil {
+		t.Error("a broken line was read")
+	}
+	if s := perRequest(map[string]int64{"evalsha": 2000, "ping": 1}, 2000); s != "evalsha 1.000, ping 0.001" {
+		t.Errorf("perRequest: %s", s)
+	}
+}

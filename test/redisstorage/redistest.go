@@ -25,13 +25,7 @@ import (
 // CheckRedisServer from its TestMain, so that the skip is seen.
 func StartRedis(t testing.TB) (addr string) {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
-		if InCI() {
-			t.Fatal("redis-server is not on PATH, and CI must run every test: .ci/run installs it (apt-get install redis-server)")
-		}
-		t.Skip("redis-server is not on PATH (apt-get install redis-server)")
-	}
+	bin := redisServerBinary(t)
 	// The free port is found by listening and closing, so another process
 	// may take it in between; try a few times.
 	var lastErr string
@@ -66,37 +60,65 @@ func (b *syncBuffer) String() string {
 
 func startRedisOnce(t testing.TB, bin string) (addr, errText string, ok bool) {
 	t.Helper()
+	port := freePort(t)
+	p, errText := launch(bin, port, t.TempDir(), false)
+	if p == nil {
+		return "", errText, false
+	}
+	t.Cleanup(p.stop)
+	return p.addr, "", true
+}
+
+// freePort finds a free port on 127.0.0.1 by listening and closing, so
+// another process may take it before the caller does: callers retry.
+func freePort(t testing.TB) int {
+	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatalf("finding a free port: %v", err)
 	}
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
 
-	var out syncBuffer
-	cmd := exec.Command(bin,
-		"--save", "",
-		"--appendonly", "no",
-		"--port", strconv.Itoa(port),
-		"--bind", "127.0.0.1",
-		"--dir", t.TempDir(),
-	)
-	cmd.Stdout = &out
-	cmd.Stderr = &out
+// redisProc is one running redis-server.
+type redisProc struct {
+	addr   string
+	cmd    *exec.Cmd
+	exited chan struct{}
+	out    *syncBuffer
+}
+
+func (p *redisProc) stop() {
+	p.cmd.Process.Kill()
+	<-p.exited
+}
+
+// launch starts redis-server on port with dir as its working directory
+// and waits until it answers and has loaded its data (its append-only
+// file, with aof). It returns nil and why when it did not start, or when
+// the port answered for another redis-server.
+func launch(bin string, port int, dir string, aof bool) (*redisProc, string) {
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	args := []string{"--save", "", "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", dir}
+	if aof {
+		args = append(args, "--appendonly", "yes", "--appendfsync", "always")
+	} else {
+		args = append(args, "--appendonly", "no")
+	}
+	out := &syncBuffer{}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout = out
+	cmd.Stderr = out
 	dieWithParent(cmd)
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting redis-server: %v", err)
+		return nil, "starting redis-server: " + err.Error()
 	}
-	exited := make(chan struct{})
+	p := &redisProc{addr: addr, cmd: cmd, exited: make(chan struct{}), out: out}
 	go func() {
 		cmd.Wait()
-		close(exited)
+		close(p.exited)
 	}()
-	stop := func() {
-		cmd.Process.Kill()
-		<-exited
-	}
 
 	client := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
 	defer client.Close()
@@ -104,27 +126,122 @@ func startRedisOnce(t testing.TB, bin string) (addr, errText string, ok bool) {
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		// INFO rather than PING: it also tells whether the server that
-		// answers is ours and not another one that took the port.
-		info, err := client.Info(ctx, "server").Result()
+		// answers is ours and not another one that took the port, and
+		// whether it is still loading its data (INFO answers meanwhile).
+		info, err := client.Info(ctx, "server", "persistence").Result()
 		cancel()
 		if err == nil {
 			if !strings.Contains(info, "process_id:"+strconv.Itoa(cmd.Process.Pid)+"\r\n") {
-				stop()
-				return "", "port " + addr + " taken by another redis-server", false
+				p.stop()
+				return nil, "port " + addr + " taken by another redis-server"
 			}
-			t.Cleanup(stop)
-			return addr, "", true
+			if strings.Contains(info, "loading:0\r\n") {
+				return p, ""
+			}
 		}
 		select {
-		case <-exited:
-			return "", out.String(), false
+		case <-p.exited:
+			return nil, out.String()
 		case <-time.After(20 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			stop()
-			return "", "no PING answer within 10s: " + out.String(), false
+			p.stop()
+			return nil, "no answer (or still loading) within 10s: " + out.String()
 		}
 	}
+}
+
+// Server is a redis-server that persists to an append-only file written
+// with fsync on every write (--appendonly yes --appendfsync always, as the
+// plugin's docs recommend), which a test can kill with SIGKILL (a crash)
+// and start again on the same port and directory: it comes back with what
+// it had acknowledged.
+type Server struct {
+	t    testing.TB
+	bin  string
+	dir  string
+	port int
+
+	mu   sync.Mutex
+	proc *redisProc // nil while killed
+}
+
+// StartRedisAOF starts a Server on a free 127.0.0.1 port with a fresh
+// directory, and kills it when the test ends. Without redis-server on
+// PATH the test is skipped, or fails in CI, as with StartRedis.
+func StartRedisAOF(t testing.TB) *Server {
+	t.Helper()
+	bin := redisServerBinary(t)
+	s := &Server{t: t, bin: bin, dir: t.TempDir()}
+	var lastErr string
+	for range 3 {
+		s.port = freePort(t)
+		p, errText := launch(bin, s.port, s.dir, true)
+		if p != nil {
+			s.proc = p
+			t.Cleanup(s.Kill)
+			return s
+		}
+		lastErr = errText
+	}
+	t.Fatalf("redis-server did not start: %s", lastErr)
+	return nil
+}
+
+// redisServerBinary finds redis-server, or skips (fails in CI) the test.
+func redisServerBinary(t testing.TB) string {
+	t.Helper()
+	bin, err := exec.LookPath("redis-server")
+	if err != nil {
+		if InCI() {
+			t.Fatal("redis-server is not on PATH, and CI must run every test: .ci/run installs it (apt-get install redis-server)")
+		}
+		t.Skip("redis-server is not on PATH (apt-get install redis-server)")
+	}
+	return bin
+}
+
+// Addr is host:port, the same across restarts.
+func (s *Server) Addr() string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(s.port)) }
+
+// URL is the redis:// URL of database 0.
+func (s *Server) URL() string { return "redis://" + s.Addr() + "/0" }
+
+// Dir holds the append-only files (appendonlydir/).
+func (s *Server) Dir() string { return s.dir }
+
+// Kill ends the server with SIGKILL, as a crash would, and waits until it
+// is gone. Killing a killed server does nothing.
+func (s *Server) Kill() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc != nil {
+		s.proc.stop()
+		s.proc = nil
+	}
+}
+
+// Restart starts a killed server again on the same port and directory and
+// waits until it has loaded its append-only file. Its log is in the error
+// when it cannot start (the port was taken meanwhile, most likely).
+func (s *Server) Restart() {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.proc != nil {
+		s.t.Fatal("redisstorage: Restart of a server that is running")
+	}
+	var lastErr string
+	for range 3 {
+		p, errText := launch(s.bin, s.port, s.dir, true)
+		if p != nil {
+			s.proc = p
+			return
+		}
+		lastErr = errText
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.t.Fatalf("redis-server did not start again on %s: %s", s.Addr(), lastErr)
 }
 
 // InCI reports whether the tests run in CI, where nothing may be skipped:

@@ -140,24 +140,26 @@ func TestBuildFlagsAgree(t *testing.T) {
 		t.Error("xcaddy.sh's fallback no longer builds with go_build_flags and CGO_ENABLED=0 (xcaddy's default)")
 	}
 
-	replicas := readFile(t, "test/replicas/replicas_test.go")
-	lit := regexp.MustCompile(`(?m)^var caddyBuildFlags = \[\]string\{(.*)\}$`).FindStringSubmatch(replicas)
-	if lit == nil {
-		t.Fatal("test/replicas/replicas_test.go has no caddyBuildFlags = []string{...} line")
-	}
-	var goFlags []string
-	for _, q := range regexp.MustCompile(`"(?:[^"\\]|\\.)*"`).FindAllString(lit[1], -1) {
-		s, err := strconv.Unquote(q)
-		if err != nil {
-			t.Fatal(err)
+	for _, file := range []string{"test/replicas/replicas_test.go", "test/cluster/harness_test.go"} {
+		src := readFile(t, file)
+		lit := regexp.MustCompile(`(?m)^var caddyBuildFlags = \[\]string\{(.*)\}$`).FindStringSubmatch(src)
+		if lit == nil {
+			t.Fatalf("%s has no caddyBuildFlags = []string{...} line", file)
 		}
-		goFlags = append(goFlags, s)
-	}
-	if !slices.Equal(shFlags, goFlags) {
-		t.Errorf("xcaddy.sh builds with %q, test/replicas with %q: Caddy would compile twice", shFlags, goFlags)
-	}
-	if !strings.Contains(replicas, `"CGO_ENABLED=0"`) {
-		t.Error("test/replicas does not build with CGO_ENABLED=0, as xcaddy.sh does")
+		var goFlags []string
+		for _, q := range regexp.MustCompile(`"(?:[^"\\]|\\.)*"`).FindAllString(lit[1], -1) {
+			s, err := strconv.Unquote(q)
+			if err != nil {
+				t.Fatal(err)
+			}
+			goFlags = append(goFlags, s)
+		}
+		if !slices.Equal(shFlags, goFlags) {
+			t.Errorf("xcaddy.sh builds with %q, %s with %q: Caddy would compile twice", shFlags, file, goFlags)
+		}
+		if !strings.Contains(src, `"CGO_ENABLED=0"`) {
+			t.Errorf("%s does not build with CGO_ENABLED=0, as xcaddy.sh does", file)
+		}
 	}
 	if want := []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}; !slices.Equal(shFlags, want) {
 		t.Errorf("xcaddy.sh builds with %q; xcaddy v0.4.5 builds with %q", shFlags, want)

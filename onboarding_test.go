@@ -218,6 +218,7 @@ func sendEvent(t *testing.T, public, body, secret string) int {
 	case secret != "":
 		req.Header.Set("X-Signature", base64.StdEncoding.EncodeToString(sign(secret)))
 	}
+	req.Close = true // a config load closes kept-alive connections
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
 		t.Fatal(err)

@@ -361,6 +361,11 @@ func (m *tokenManager) resync() {
 	var tenants []string
 	for key, st := range m.tenants {
 		st.revocationRead = false
+		if st.lastError != nil && st.lastError.failure == failStorage {
+			// The store failed because Redis did: try again now, not
+			// after the backoff the outage built up.
+			st.retryAt, st.failures = time.Time{}, 0
+		}
 		if _, _, isAccount := cutAccount(key); !isAccount {
 			tenants = append(tenants, key)
 		}

@@ -111,7 +111,13 @@ func registerMetrics(reg *prometheus.Registry) error {
 func countCachedTenants() float64 {
 	n := 0
 	managers.Range(func(_, v any) bool {
-		n += v.(*tokenManager).cache.ItemCount()
+		m := v.(*tokenManager)
+		at := now().UnixNano()
+		for _, item := range m.cache.Items() {
+			if item.Object.(*cachedToken).usableAt(at) {
+				n++
+			}
+		}
 		return true
 	})
 	return float64(n)

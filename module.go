@@ -390,7 +390,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 			return nil
 		}
 	}
-	h.ownHeaders(r)
+	h.ownHeaders(r, subj)
 	r.Header["Authorization"] = []string{tok.bearer}
 	return h.proxy(w, r, next, subj, tok)
 }
@@ -421,11 +421,12 @@ func (h *Handler) resolveSubject(r *http.Request) (subject, *resolveError) {
 // the wait outlived the token, it is got again. It returns nil (and has
 // answered, unless err is set) when the request cannot go.
 func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj subject, tok *cachedToken) (*cachedToken, error) {
-	if !h.waitTurn(w, r, subj.tenant) {
+	waited, ok := h.waitTurn(w, r, subj.tenant)
+	if !ok {
 		return nil, nil
 	}
-	if tok.usableAt(now().UnixNano()) {
-		return tok, nil
+	if waited == 0 || tok.usableAt(now().UnixNano()) {
+		return tok, nil // no wait: the token was usable a moment ago
 	}
 	return h.tokens.tokenFor(r.Context(), subj)
 }

@@ -86,16 +86,17 @@ func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
 	return nil
 }
 
-// waitTurn waits for the tenant's turn in the rate limiter. It answers the
-// request itself and returns false when the wait would be too long.
-func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) bool {
+// waitTurn waits for the tenant's turn in the rate limiter and says how
+// long it waited. It answers the request itself and returns false when
+// the wait would be too long.
+func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) (time.Duration, bool) {
 	waited, err := h.limiter.wait(r.Context(), tenant, h.maxWait)
 	if err == nil {
 		if waited > 0 {
 			metrics.rateLimitWaits.Inc()
 			metrics.rateLimitWait.Observe(waited.Seconds())
 		}
-		return true
+		return waited, true
 	}
 	var rle *rateLimitError
 	if errors.As(err, &rle) {
@@ -103,10 +104,10 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 		writeJSONError(w, http.StatusTooManyRequests, "rate_limited",
 			fmt.Sprintf("Too many requests for tenant %s: Fortnox allows %d per %v, and this request would have waited longer than max_wait (or its own deadline). Retry after the number of seconds in Retry-After, or raise max_wait.",
 				tenant, h.rateRequests, h.rateWindow), rle.RetryAfter)
-		return false
+		return 0, false
 	}
 	// The client went away while it waited.
 	writeJSONError(w, http.StatusServiceUnavailable, "request_cancelled",
 		"The request ended while it waited for its turn in the rate limiter.", time.Second)
-	return false
+	return 0, false
 }

@@ -296,10 +296,20 @@ func (m *tokenManager) sweep(every time.Duration) {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			m.cache.DeleteExpired()
+			m.dropDeadTokens()
 			m.forgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
 			m.saveStranded(m.ctx)
+		}
+	}
+}
+
+// dropDeadTokens removes expired tokens from the cache.
+func (m *tokenManager) dropDeadTokens() {
+	n := now().UnixNano()
+	for key, item := range m.cache.Items() {
+		if t := item.Object.(*cachedToken); n >= t.expiresAt {
+			m.cache.Delete(key)
 		}
 	}
 }
@@ -639,7 +649,10 @@ func (m *tokenManager) cacheToken(subj subject, grant, accessToken string, issue
 	}
 	t.usableUntil = t.expiresAt - int64(skewFor(lifetime))
 	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore) - refreshSpread(lifetime)).UnixNano())
-	m.cache.Set(subj.key(), t, max(time.Until(issued.Add(lifetime)), time.Second))
+	// No go-cache expiry: its Get would read the clock a second time on
+	// the hot path. Dead tokens are never used (usableAt) and the sweeper
+	// removes them.
+	m.cache.Set(subj.key(), t, gocache.NoExpiration)
 	return t
 }
 

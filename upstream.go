@@ -66,10 +66,15 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 // its own Authorization and Proxy-Authorization, the tenant and account
 // headers, and any Connection option naming them (reverse_proxy drops the
 // headers that Connection names, which would drop the injected token).
-func (h *Handler) ownHeaders(r *http.Request) {
+func (h *Handler) ownHeaders(r *http.Request, subj subject) {
 	hdr := r.Header
-	for _, name := range h.owned {
-		delete(hdr, name)
+	// Authorization is overwritten by the caller; the account header is
+	// there only when subj names an account (resolveSubject refuses an
+	// empty one). Fewer map operations on the hot path.
+	delete(hdr, h.resolver.header)
+	delete(hdr, "Proxy-Authorization")
+	if subj.account != "" {
+		delete(hdr, h.accountHeader)
 	}
 	if conn := hdr["Connection"]; len(conn) > 0 && h.namesOwned(conn) {
 		var kept []string

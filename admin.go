@@ -683,26 +683,9 @@ func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 		rows[subj] = r
 		return r
 	}
-	var stored []subject
-	tenants, err := rs.tenants(ctx)
+	stored, err := rs.subjects(ctx)
 	if err != nil {
 		return nil, err
-	}
-	for _, t := range tenants {
-		stored = append(stored, subject{tenant: t})
-	}
-	accountTenants, err := rs.accountTenants(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, t := range accountTenants {
-		names, err := rs.accounts(ctx, t)
-		if err != nil {
-			return nil, err
-		}
-		for _, name := range names {
-			stored = append(stored, subject{tenant: t, account: name})
-		}
 	}
 	for _, subj := range stored {
 		r := row(subj)

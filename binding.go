@@ -5,9 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"io/fs"
 	"sort"
 	"strings"
 	"time"
@@ -289,20 +287,12 @@ func (m *tokenManager) adoptStranded(s *managerSettings, st *strandedToken) stri
 
 // listQuarantine lists the quarantine records, never a token.
 func (m *tokenManager) listQuarantine(ctx context.Context, rs *recordStore) ([]quarantineInfo, error) {
-	dir := strings.TrimSuffix(quarantinePrefix(m.clientID), "/")
-	keys, err := rs.storage.List(ctx, dir, false)
-	if errors.Is(err, fs.ErrNotExist) {
-		return []quarantineInfo{}, nil
-	}
+	ids, err := rs.names(ctx, strings.TrimSuffix(quarantinePrefix(m.clientID), "/"), ".json", validQuarantineID)
 	if err != nil {
-		return nil, storageError("listing", dir, err)
+		return nil, err
 	}
 	out := []quarantineInfo{}
-	for _, k := range keys {
-		id, ok := strings.CutSuffix(k[strings.LastIndexByte(k, '/')+1:], ".json")
-		if !ok || !validQuarantineID(id) {
-			continue
-		}
+	for _, id := range ids {
 		q, err := m.loadQuarantine(ctx, rs, id)
 		if err != nil {
 			out = append(out, quarantineInfo{ID: id, Reason: err.Error()})

@@ -57,7 +57,7 @@ func (m *tokenManager) keepAlive() int {
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Minute)
 	defer cancel()
-	subjects, err := m.storedSubjects(ctx, s.records)
+	subjects, err := s.records.subjects(ctx)
 	if err != nil {
 		m.logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
 		return 0
@@ -82,32 +82,6 @@ func (m *tokenManager) keepAlive() int {
 	}
 	m.oldestRefreshToken.Store(int64(oldest / time.Second))
 	return refreshed
-}
-
-// storedSubjects lists every subject with a record.
-func (m *tokenManager) storedSubjects(ctx context.Context, rs *recordStore) ([]subject, error) {
-	tenants, err := rs.tenants(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var out []subject
-	for _, t := range tenants {
-		out = append(out, subject{tenant: t})
-	}
-	accountTenants, err := rs.accountTenants(ctx)
-	if err != nil {
-		return nil, err
-	}
-	for _, t := range accountTenants {
-		names, err := rs.accounts(ctx, t)
-		if err != nil {
-			return nil, err
-		}
-		for _, name := range names {
-			out = append(out, subject{tenant: t, account: name})
-		}
-	}
-	return out, nil
 }
 
 // keepAliveOne refreshes one subject's refresh token under its lock, if

@@ -359,46 +359,50 @@ func (rs *recordStore) saveHard(ctx context.Context, id subject, rec *tokenRecor
 
 // tenants lists the tenants that have a service-account record.
 func (rs *recordStore) tenants(ctx context.Context) ([]string, error) {
-	keys, err := rs.storage.List(ctx, strings.TrimSuffix(recordPrefix(rs.clientID), "/"), false)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, storageError("listing", recordPrefix(rs.clientID), err)
-	}
-	var out []string
-	for _, k := range keys {
-		name := k[strings.LastIndexByte(k, '/')+1:]
-		if tenant, ok := strings.CutSuffix(name, ".json"); ok && validTenantID(tenant) {
-			out = append(out, tenant)
-		}
-	}
-	return out, nil
+	return rs.names(ctx, strings.TrimSuffix(recordPrefix(rs.clientID), "/"), ".json", validTenantID)
 }
 
 // accounts lists the named accounts stored for tenant.
 func (rs *recordStore) accounts(ctx context.Context, tenant string) ([]string, error) {
-	dir := recordPrefix(rs.clientID) + "accounts/" + tenant
-	keys, err := rs.storage.List(ctx, dir, false)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
+	return rs.names(ctx, recordPrefix(rs.clientID)+"accounts/"+tenant, ".json", validAccountName)
+}
+
+// accountTenants lists the tenants that have named accounts stored.
+func (rs *recordStore) accountTenants(ctx context.Context) ([]string, error) {
+	return rs.names(ctx, recordPrefix(rs.clientID)+"accounts", "", validTenantID)
+}
+
+// subjects lists every subject with a record: tenants' service accounts,
+// then named accounts.
+func (rs *recordStore) subjects(ctx context.Context) ([]subject, error) {
+	tenants, err := rs.tenants(ctx)
 	if err != nil {
-		return nil, storageError("listing", dir, err)
+		return nil, err
 	}
-	var out []string
-	for _, k := range keys {
-		name := k[strings.LastIndexByte(k, '/')+1:]
-		if account, ok := strings.CutSuffix(name, ".json"); ok && validAccountName(account) {
-			out = append(out, account)
+	var out []subject
+	for _, t := range tenants {
+		out = append(out, subject{tenant: t})
+	}
+	accountTenants, err := rs.accountTenants(ctx)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range accountTenants {
+		names, err := rs.accounts(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		for _, name := range names {
+			out = append(out, subject{tenant: t, account: name})
 		}
 	}
 	return out, nil
 }
 
-// accountTenants lists the tenants that have named accounts stored.
-func (rs *recordStore) accountTenants(ctx context.Context) ([]string, error) {
-	dir := recordPrefix(rs.clientID) + "accounts"
+// names lists what is directly in dir: the last part of each key, less
+// suffix (keys without it are left out), kept when valid says so. A
+// missing dir holds nothing.
+func (rs *recordStore) names(ctx context.Context, dir, suffix string, valid func(string) bool) ([]string, error) {
 	keys, err := rs.storage.List(ctx, dir, false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
@@ -408,8 +412,8 @@ func (rs *recordStore) accountTenants(ctx context.Context) ([]string, error) {
 	}
 	var out []string
 	for _, k := range keys {
-		if tenant := k[strings.LastIndexByte(k, '/')+1:]; validTenantID(tenant) {
-			out = append(out, tenant)
+		if name, ok := strings.CutSuffix(k[strings.LastIndexByte(k, '/')+1:], suffix); ok && valid(name) {
+			out = append(out, name)
 		}
 	}
 	return out, nil

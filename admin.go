@@ -414,9 +414,7 @@ func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, su
 	if subj.account == "" {
 		rec.ConsentRevokedAt = time.Time{}
 	}
-	if err := s.records.saveHard(ctx, subj, rec); err != nil {
-		m.keepUnsaved(subj, rec)
-		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", append(subj.logFields(), zap.Error(err))...)
+	if err := m.storeRotated(ctx, s, subj, rec); err != nil {
 		kept.failure = apiError(http.StatusInternalServerError, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
 	}
 	if subj.account != "" {

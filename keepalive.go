@@ -89,10 +89,7 @@ func (m *tokenManager) keepAlive() int {
 // The new access token is stored but not cached: a tenant on client
 // credentials keeps using its service account's token.
 func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, subj subject) bool {
-	var failure *tokenError
-	var took time.Duration
-	var stranded *strandedToken
-	done := false
+	var r rotated
 	_, _, _ = m.flights.Do(subj.key(), func() (any, error) {
 		err := s.records.withLock(ctx, subj, func() error {
 			rec, err := s.records.load(ctx, subj)
@@ -102,24 +99,7 @@ func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, sub
 			if age, ok := refreshTokenAge(rec, now()); !ok || age < keepAliveAfter {
 				return nil
 			}
-			answer, spent, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
-			defer stored()
-			took = spent
-			if err != nil {
-				failure = m.refreshRefused(ctx, s, subj, rec, err)
-				return nil
-			}
-			if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
-				stranded, failure = m.strand(ctx, s, subj, rec, answer, terr)
-				return nil
-			}
-			m.keepAnswer(rec, answer, now(), subj)
-			if err := s.records.saveHard(ctx, subj, rec); err != nil {
-				m.keepUnsaved(subj, rec)
-				m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
-					append(subj.logFields(), zap.Error(err))...)
-			}
-			done = true
+			r = m.refreshStored(ctx, s, subj, rec)
 			return nil
 		})
 		if err != nil {
@@ -127,16 +107,14 @@ func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, sub
 		}
 		return nil, nil
 	})
-	if stranded != nil {
-		failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, stranded) + "."
-	}
+	m.settle(s, r)
 	switch {
-	case failure != nil:
-		m.recordFailure(subj, grantRefreshToken, failure, took)
-	case done:
-		metricsTokenRequest(grantRefreshToken, "ok", took)
+	case r.failure != nil:
+		m.recordFailure(subj, grantRefreshToken, r.failure, r.took)
+	case r.answer != nil:
+		metricsTokenRequest(grantRefreshToken, "ok", r.took)
 		metrics.keptAlive.Inc()
 		m.logger().Info("refresh token kept alive: it had not been used for 30 days", subj.logFields()...)
 	}
-	return done
+	return r.answer != nil
 }

@@ -126,8 +126,7 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 
 	var token *cachedToken
 	var failure *tokenError
-	var took time.Duration
-	var stranded *strandedToken
+	var r rotated
 	err = s.records.withLock(ctx, subj, func() error {
 		rec, err := s.records.load(ctx, subj)
 		if err != nil {
@@ -146,34 +145,15 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 			failure = &tokenError{failure: failGrantRejected, code: "invalid_grant", description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
-		answer, spent, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
-		defer stored()
-		took = spent
-		if err != nil {
-			failure = m.refreshRefused(ctx, s, subj, rec, err)
+		if r = m.refreshStored(ctx, s, subj, rec); r.failure != nil {
+			failure = r.failure
 			return nil
 		}
-		// The old refresh token is dead now: the new one goes to storage
-		// before the access token is used.
-		if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
-			stranded, failure = m.strand(ctx, s, subj, rec, answer, terr)
-			return nil
-		}
-		issued := now()
-		m.keepAnswer(rec, answer, issued, subj)
-		if err := s.records.saveHard(ctx, subj, rec); err != nil {
-			m.keepUnsaved(subj, rec)
-			m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
-				append(subj.logFields(), zap.Error(err))...)
-		}
-		token = m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
+		token = m.cacheToken(subj, grantRefreshToken, r.answer.accessToken, r.issued, r.answer.lifetime, s.refreshBefore)
 		return nil
 	})
-	if stranded != nil {
-		// Outside the subject's lock: the refresh token's own tenant may
-		// take it (under that tenant's lock).
-		failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, stranded) + "."
-	}
+	m.settle(s, r)
+	took := r.took
 	switch {
 	case errors.Is(err, errNoRefreshToken):
 		return nil, errNoRefreshToken
@@ -190,6 +170,61 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 		m.noteMode(subj, grantRefreshToken)
 	}
 	return token, nil
+}
+
+// rotated is what one refresh of a stored refresh token gave.
+type rotated struct {
+	answer   *tokenAnswer // nil when it failed
+	issued   time.Time
+	took     time.Duration // 0: no request was sent
+	stranded *strandedToken
+	failure  *tokenError
+}
+
+// refreshStored spends rec's refresh token (the caller holds subj's lock)
+// and stores the new one before anything else. A refresh token Fortnox
+// rejected is marked (refreshRefused); an answer that is another tenant's
+// (or user's) is stranded, and the caller calls settle without the lock.
+func (m *tokenManager) refreshStored(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord) rotated {
+	answer, took, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
+	defer stored()
+	r := rotated{took: took}
+	if err != nil {
+		r.failure = m.refreshRefused(ctx, s, subj, rec, err)
+		return r
+	}
+	// The old refresh token is dead now: the new one goes to storage
+	// before the access token is used.
+	if terr := checkTokenBinding(answer.accessToken, subj, grantRefreshToken, rec.UserID); terr != nil {
+		r.stranded, r.failure = m.strand(ctx, s, subj, rec, answer, terr)
+		return r
+	}
+	r.answer, r.issued = answer, now()
+	m.keepAnswer(rec, answer, r.issued, subj)
+	_ = m.storeRotated(ctx, s, subj, rec)
+	return r
+}
+
+// settle gives a stranded refresh token to its own tenant, outside the
+// subject's lock (the other tenant's lock is taken), and says where it went.
+func (m *tokenManager) settle(s *managerSettings, r rotated) {
+	if r.stranded != nil {
+		r.failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, r.stranded) + "."
+	}
+}
+
+// storeRotated writes a record that holds a new refresh token (the old one
+// is dead). If storage still fails, the record is kept in memory and
+// written before any further refresh of the subject, and the loudest line
+// says so.
+func (m *tokenManager) storeRotated(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord) error {
+	err := s.records.saveHard(ctx, subj, rec)
+	if err != nil {
+		m.keepUnsaved(subj, rec)
+		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
+			append(subj.logFields(), zap.Error(err))...)
+	}
+	return err
 }
 
 // noRefreshToken explains a record that holds no usable refresh token

@@ -579,7 +579,7 @@ func (m *tokenManager) deleteAccount(ctx context.Context, subj subject, revoke b
 		found = true
 		if revoke && rec.liveRefreshToken() {
 			rctx, cancel := context.WithTimeout(ctx, s.tokenTimeout)
-			revokeErr = m.revokeRefreshToken(rctx, s, rec.RefreshToken)
+			revokeErr = m.client.revoke(rctx, s.cred, rec.RefreshToken)
 			cancel()
 			if revokeErr != nil {
 				return nil

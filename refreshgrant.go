@@ -365,12 +365,5 @@ func (m *tokenManager) failedWithoutRequest(subj subject, terr *tokenError) *tok
 // asStorageError is the token error of a storage failure: a record that
 // names another tenant is a tenant mismatch; the rest is the store's fault.
 func asStorageError(err error) *tokenError {
-	var terr *tokenError
-	if errors.As(err, &terr) {
-		return terr
-	}
-	if errors.Is(err, errRecordMisplaced) {
-		return &tokenError{failure: failRecordMisplaced, cause: err}
-	}
-	return &tokenError{failure: failStorage, cause: err}
+	return classifyFailure(err, failStorage)
 }

@@ -791,7 +791,15 @@ func backoffDelay(n int) time.Duration {
 	return time.Duration(float64(d) * jitter)
 }
 
+// asTokenError is the token error of err: err itself when it is one, a
+// tenant mismatch for a record that names another tenant, and otherwise
+// the token endpoint's failure.
 func asTokenError(err error) *tokenError {
+	return classifyFailure(err, failUnavailable)
+}
+
+// classifyFailure is asTokenError with another failure for the rest.
+func classifyFailure(err error, rest tokenFailure) *tokenError {
 	var terr *tokenError
 	if errors.As(err, &terr) {
 		return terr
@@ -799,5 +807,5 @@ func asTokenError(err error) *tokenError {
 	if errors.Is(err, errRecordMisplaced) {
 		return &tokenError{failure: failRecordMisplaced, cause: err}
 	}
-	return &tokenError{failure: failUnavailable, cause: err}
+	return &tokenError{failure: rest, cause: err}
 }

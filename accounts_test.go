@@ -59,15 +59,7 @@ func (s *sidecar) accountRecordPath(tenant, name string) string {
 // storedAccountRecord reads a named account's plain record from storage.
 func (s *sidecar) storedAccountRecord(tenant, name string) *tokenRecord {
 	s.t.Helper()
-	raw, err := os.ReadFile(s.accountRecordPath(tenant, name))
-	if err != nil {
-		s.t.Fatalf("reading the account's record: %v", err)
-	}
-	var rec tokenRecord
-	if err := json.Unmarshal(raw, &rec); err != nil {
-		s.t.Fatalf("account record: %v", err)
-	}
-	return &rec
+	return s.readRecordFile(s.accountRecordPath(tenant, name))
 }
 
 // echoed is the fake's echo answer to a /3/ request it served.

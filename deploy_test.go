@@ -128,7 +128,7 @@ const xcaddyDefaultFlags = `"-ldflags", "-w -s", // trim debug symbols
 
 // Every Caddy build CI makes uses the same flags and cgo setting, so that
 // Caddy's packages compile once: xcaddy (its defaults), xcaddy.sh's
-// go build fallback, and test/replicas' test binary.
+// go build fallback, and the multi-process tests' binary (test/caddybin).
 func TestBuildFlagsAgree(t *testing.T) {
 	sh := readFile(t, "xcaddy.sh")
 	arr := regexp.MustCompile(`(?m)^go_build_flags=\((.*)\)$`).FindStringSubmatch(sh)
@@ -140,25 +140,29 @@ func TestBuildFlagsAgree(t *testing.T) {
 		t.Error("xcaddy.sh's fallback no longer builds with go_build_flags and CGO_ENABLED=0 (xcaddy's default)")
 	}
 
-	for _, file := range []string{"test/replicas/replicas_test.go", "test/cluster/harness_test.go"} {
-		src := readFile(t, file)
-		lit := regexp.MustCompile(`(?m)^var caddyBuildFlags = \[\]string\{(.*)\}$`).FindStringSubmatch(src)
-		if lit == nil {
-			t.Fatalf("%s has no caddyBuildFlags = []string{...} line", file)
+	const caddybin = "test/caddybin/caddybin.go" // test/replicas' and test/cluster's builds
+	binSrc := readFile(t, caddybin)
+	lit := regexp.MustCompile(`(?m)^var BuildFlags = \[\]string\{(.*)\}$`).FindStringSubmatch(binSrc)
+	if lit == nil {
+		t.Fatalf("%s has no BuildFlags = []string{...} line", caddybin)
+	}
+	var goFlags []string
+	for _, q := range regexp.MustCompile(`"(?:[^"\\]|\\.)*"`).FindAllString(lit[1], -1) {
+		s, err := strconv.Unquote(q)
+		if err != nil {
+			t.Fatal(err)
 		}
-		var goFlags []string
-		for _, q := range regexp.MustCompile(`"(?:[^"\\]|\\.)*"`).FindAllString(lit[1], -1) {
-			s, err := strconv.Unquote(q)
-			if err != nil {
-				t.Fatal(err)
-			}
-			goFlags = append(goFlags, s)
-		}
-		if !slices.Equal(shFlags, goFlags) {
-			t.Errorf("xcaddy.sh builds with %q, %s with %q: Caddy would compile twice", shFlags, file, goFlags)
-		}
-		if !strings.Contains(src, `"CGO_ENABLED=0"`) {
-			t.Errorf("%s does not build with CGO_ENABLED=0, as xcaddy.sh does", file)
+		goFlags = append(goFlags, s)
+	}
+	if !slices.Equal(shFlags, goFlags) {
+		t.Errorf("xcaddy.sh builds with %q, %s with %q: Caddy would compile twice", shFlags, caddybin, goFlags)
+	}
+	if !strings.Contains(binSrc, `"CGO_ENABLED=0"`) {
+		t.Errorf("%s does not build with CGO_ENABLED=0, as xcaddy.sh does", caddybin)
+	}
+	for _, user := range []string{"test/replicas/replicas_test.go", "test/cluster/harness_test.go"} {
+		if !strings.Contains(readFile(t, user), "caddybin.Build(") {
+			t.Errorf("%s no longer builds Caddy with caddybin.Build: its flags are not checked", user)
 		}
 	}
 	if want := []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}; !slices.Equal(shFlags, want) {
@@ -178,7 +182,7 @@ func TestBuildFlagsAgree(t *testing.T) {
 	case err != nil:
 		t.Logf("not compared with xcaddy's source (%v); .ci/run installs it", err)
 	case !strings.Contains(string(src), xcaddyDefaultFlags):
-		t.Errorf("%s no longer passes %s to go build: align xcaddy.sh and test/replicas", builder, xcaddyDefaultFlags)
+		t.Errorf("%s no longer passes %s to go build: align xcaddy.sh and test/caddybin", builder, xcaddyDefaultFlags)
 	}
 }
 

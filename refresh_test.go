@@ -53,13 +53,19 @@ func (s *sidecar) recordPath(tenant string) string {
 // storedRecord reads the tenant's record straight from the storage folder.
 func (s *sidecar) storedRecord(tenant string) *tokenRecord {
 	s.t.Helper()
-	raw, err := os.ReadFile(s.recordPath(tenant))
+	return s.readRecordFile(s.recordPath(tenant))
+}
+
+// readRecordFile reads a plain record file.
+func (s *sidecar) readRecordFile(path string) *tokenRecord {
+	s.t.Helper()
+	raw, err := os.ReadFile(path)
 	if err != nil {
 		s.t.Fatalf("reading the stored record: %v", err)
 	}
 	var rec tokenRecord
 	if err := json.Unmarshal(raw, &rec); err != nil {
-		s.t.Fatalf("stored record: %v", err)
+		s.t.Fatalf("stored record %s: %v", path, err)
 	}
 	return &rec
 }

@@ -35,6 +35,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/caddy-fortnox/caddy-fortnox/test/caddybin"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
@@ -53,10 +54,8 @@ const (
 )
 
 var (
-	caddyBin  string
-	buildOnce sync.Once
-	buildErr  error
-	logDir    string
+	caddyBin string
+	logDir   string
 )
 
 func TestMain(m *testing.M) {
@@ -103,28 +102,10 @@ func scanLogs() error {
 	return err
 }
 
-// caddyBuildFlags and CGO_ENABLED=0 are what ./xcaddy.sh builds with, so
-// that this build reuses the Caddy packages already in Go's build cache
-// (the same flags as test/replicas).
-var caddyBuildFlags = []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}
-
+// buildCaddy builds the test binary once (see caddybin).
 func buildCaddy(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("multi-process tests are skipped with -short")
-	}
-	buildOnce.Do(func() {
-		caddyBin = filepath.Join(logDir, "caddy-test")
-		args := append(append([]string{"build"}, caddyBuildFlags...), "-o", caddyBin, "github.com/caddy-fortnox/caddy-fortnox/test/cmd/caddy-test")
-		cmd := exec.Command("go", args...)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("building caddy-test: %v: %s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
+	caddyBin = caddybin.Build(t, logDir)
 	return caddyBin
 }
 

@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/test/caddybin"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
@@ -35,10 +36,8 @@ const (
 )
 
 var (
-	caddyBin  string
-	buildOnce sync.Once
-	buildErr  error
-	logDir    string
+	caddyBin string
+	logDir   string
 )
 
 func TestMain(m *testing.M) {
@@ -77,33 +76,10 @@ func scanLogs() error {
 	return err
 }
 
-// caddyBuildFlags and CGO_ENABLED=0 are what ./xcaddy.sh builds with (the
-// flags xcaddy v0.4.5 passes to go build), so that this build reuses the
-// Caddy packages that ./xcaddy.sh compiled into Go's build cache instead of
-// compiling Caddy again. TestBuildFlagsAgree in the root package keeps the
-// two the same.
-var caddyBuildFlags = []string{"-ldflags", "-w -s", "-trimpath", "-tags", "nobadger,nomysql,nopgx"}
-
-// buildCaddy builds the test binary once (Caddy, the plugin and the
-// test-only Redis storage module).
+// buildCaddy builds the test binary once (see caddybin).
 func buildCaddy(t *testing.T) string {
 	t.Helper()
-	if testing.Short() {
-		t.Skip("multi-process tests are skipped with -short")
-	}
-	buildOnce.Do(func() {
-		caddyBin = filepath.Join(logDir, "caddy-test")
-		args := append(append([]string{"build"}, caddyBuildFlags...), "-o", caddyBin, "github.com/caddy-fortnox/caddy-fortnox/test/cmd/caddy-test")
-		cmd := exec.Command("go", args...)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("%v: %s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
+	caddyBin = caddybin.Build(t, logDir)
 	return caddyBin
 }
 

@@ -54,8 +54,7 @@ const (
 )
 
 var (
-	caddyBin string
-	logDir   string
+	logDir string
 )
 
 func TestMain(m *testing.M) {
@@ -105,8 +104,7 @@ func scanLogs() error {
 // buildCaddy builds the test binary once (see caddybin).
 func buildCaddy(t *testing.T) string {
 	t.Helper()
-	caddyBin = caddybin.Build(t, logDir)
-	return caddyBin
+	return caddybin.Build(t, logDir)
 }
 
 func freePort(t *testing.T) int {
@@ -251,7 +249,7 @@ func (sc *sidecar) start() {
 	if err != nil {
 		sc.t.Fatal(err)
 	}
-	cmd := exec.Command(caddyBin, "run", "--config", sc.config, "--adapter", "caddyfile")
+	cmd := exec.Command(buildCaddy(sc.t), "run", "--config", sc.config, "--adapter", "caddyfile")
 	home := filepath.Join(sc.storage, "home")
 	cmd.Env = append(os.Environ(),
 		"FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,

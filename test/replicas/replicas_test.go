@@ -36,8 +36,7 @@ const (
 )
 
 var (
-	caddyBin string
-	logDir   string
+	logDir string
 )
 
 func TestMain(m *testing.M) {
@@ -79,8 +78,7 @@ func scanLogs() error {
 // buildCaddy builds the test binary once (see caddybin).
 func buildCaddy(t *testing.T) string {
 	t.Helper()
-	caddyBin = caddybin.Build(t, logDir)
-	return caddyBin
+	return caddybin.Build(t, logDir)
 }
 
 func freePort(t *testing.T) int {

@@ -165,7 +165,13 @@ func TestConnectRefusesBadState(t *testing.T) {
 	cb := authorize(t, loc)
 	forged := strings.Replace(cb, "state="+url.QueryEscape(loc.Query().Get("state")), "state=forged", 1)
 	tampered := *cookie
-	tampered.Value = "x" + cookie.Value[1:]
+	// A changed first character (never the same one: a state that begins
+	// with "x" would otherwise be left as it was, and accepted).
+	first := "x"
+	if cookie.Value[0] == 'x' {
+		first = "y"
+	}
+	tampered.Value = first + cookie.Value[1:]
 	for name, tc := range map[string]struct {
 		url    string
 		cookie *http.Cookie

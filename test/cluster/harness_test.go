@@ -55,6 +55,10 @@ const (
 
 var (
 	logDir string
+	// sidecars counts the sidecars started, so that each writes its own
+	// log file: Caddy appends to an existing one, and a test run again
+	// (go test -count=N) would count the earlier runs' lines too.
+	sidecars atomic.Int64
 )
 
 func TestMain(m *testing.M) {
@@ -174,7 +178,7 @@ func newSidecar(t *testing.T, name string, fake *fakefortnox.Server, s settings)
 	sc.url = fmt.Sprintf("http://127.0.0.1:%d", sc.ports[0])
 	sc.adminURL = fmt.Sprintf("http://127.0.0.1:%d", sc.ports[1])
 	sc.hookURL = fmt.Sprintf("http://127.0.0.1:%d/fortnox/webhook", sc.ports[2])
-	sc.logPath = filepath.Join(logDir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".log")
+	sc.logPath = filepath.Join(logDir, fmt.Sprintf("%s-%s-%d.log", strings.ReplaceAll(t.Name(), "/", "_"), name, sidecars.Add(1)))
 	sc.config = filepath.Join(t.TempDir(), "Caddyfile")
 	sc.configure(s)
 	t.Cleanup(sc.stop)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"os"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -225,5 +226,46 @@ func TestClusterSharesThatATenantIsOnItsRefreshToken(t *testing.T) {
 	}
 	if n := fake.TokenRequests("", "7654321"); n != 2 { // the hand-over's refresh and one client-credentials try
 		t.Errorf("%d token requests for the tenant, want 2: the second sidecar asked again", n)
+	}
+}
+
+// The shared rate budget runs on Redis's clock. A sidecar whose clock is
+// a second slow (or that was held up between reading its clock and the
+// script running) used to reserve turns a second in the past, so that a
+// sidecar with the right clock sent the 26th request a second early and
+// Fortnox answered 429.
+func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{}) // Fortnox's limit: 25 per 5 s
+	fake.GrantConsent(testClientID, "1234567")
+	sc, _ := redisSidecar(t, fake, "max_wait 15s\n")
+	get := func() {
+		if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+			t.Errorf("%d %s", status, body)
+		}
+	}
+	// The pod with the slow clock takes the window's 25 turns at once.
+	skew := int64(1500 * time.Millisecond)
+	clockOffset.Add(-skew)
+	restored := false
+	t.Cleanup(func() {
+		if !restored {
+			clockOffset.Add(skew)
+		}
+	})
+	var wg sync.WaitGroup
+	for range defaultRateRequests {
+		wg.Go(get)
+	}
+	wg.Wait()
+	// A pod with the right clock sends the 26th.
+	clockOffset.Add(skew)
+	restored = true
+	get()
+	if n := fake.TooMany(""); n != 0 {
+		t.Errorf("Fortnox answered %d requests with 429: a sidecar's clock decided the window", n)
+	}
+	reqs := fake.APIRequests()
+	if len(reqs) != defaultRateRequests+1 {
+		t.Fatalf("%d requests reached Fortnox, want %d", len(reqs), defaultRateRequests+1)
 	}
 }

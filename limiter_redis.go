@@ -26,8 +26,11 @@ type turnTaker interface {
 // max_wait is refused at once and reserves nothing. While Redis cannot be
 // reached, the in-process limiter (local) takes over.
 //
-// Times are the sidecars' clocks: keep them NTP-synced (the window's
-// margin, min(window/25, 250 ms), covers small skew).
+// Times are Redis's clock (TIME, read inside the script), not the
+// sidecars': a pod whose clock is off, or a sidecar held up between
+// reading its clock and the script running, cannot reserve a turn in the
+// past and so admit a 26th request inside Fortnox's window. A sidecar
+// only learns how long to wait, and sleeps that long from the answer.
 type redisLimiter struct {
 	c      *redisCluster
 	limit  int
@@ -37,8 +40,9 @@ type redisLimiter struct {
 
 // turnScript reserves a turn: KEYS[1] the reservation log (a list of the
 // last `limit` reserved times, oldest first), KEYS[2] the pause (after a
-// 429); ARGV now, window, limit, max wait (milliseconds). It answers
-// {slot, wait}, or {-1, wait} when the wait would be too long.
+// 429); ARGV window, limit, max wait (milliseconds). Now is Redis's
+// clock. It answers {slot, wait}, or {-1, wait} when the wait would be
+// too long.
 //
 // Its writes stay out of Redis's append-only file (and replicas): the log
 // needs no durability (a Redis restart that forgets it costs at most one
@@ -47,10 +51,11 @@ type redisLimiter struct {
 // throughput 0.56 instead of 0.76, see docs/performance.md).
 var turnScript = redis.NewScript(`
 redis.set_repl(redis.REPL_NONE)
-local now = tonumber(ARGV[1])
-local window = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local maxwait = tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local maxwait = tonumber(ARGV[3])
 local slot = now
 local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
 if pause > slot then slot = pause end
@@ -70,9 +75,11 @@ redis.call('LTRIM', KEYS[1], -limit, -1)
 redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
 return {slot, wait}`)
 
-// pauseScript moves the pause later, never earlier.
+// pauseScript moves the pause (Redis's clock + ARGV[1] milliseconds)
+// later, never earlier; ARGV[2] is the key's time to live.
 var pauseScript = redis.NewScript(`
-local until = tonumber(ARGV[1])
+local t = redis.call('TIME')
+local until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if until > cur then redis.call('SET', KEYS[1], until, 'PX', ARGV[2]) end
 return 0`)
@@ -94,7 +101,7 @@ func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Durati
 	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
 		res, err = turnScript.Run(cctx, l.c.client, l.keys(key),
-			start.UnixMilli(), l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
+			l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
 		return err
 	})
 	if err != nil || len(res) != 2 {
@@ -122,7 +129,7 @@ func (l *redisLimiter) penalize(key string, d time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
 	defer cancel()
 	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
-		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:], now().Add(d).UnixMilli(), (d + time.Second).Milliseconds()).Err()
+		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
 	})
 }
 

@@ -269,3 +269,57 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 		t.Fatalf("%d requests reached Fortnox, want %d", len(reqs), defaultRateRequests+1)
 	}
 }
+
+// A 429 from Fortnox pauses the tenant for the whole cluster: the pause is
+// written to Redis a window ahead on Redis's clock, whatever the clock of
+// the sidecar that met the 429 says (here 3 s slow).
+func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, client := redisSidecar(t, fake, "")
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	fake.SetRateLimit(1, time.Minute) // something else used the tenant's budget
+	skew := int64(3 * time.Second)
+	clockOffset.Add(-skew)
+	status, _, resp := sc.get("/3/companyinformation", "1234567")
+	clockOffset.Add(skew)
+	if status != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "5" {
+		t.Fatalf("Fortnox's 429: %d, Retry-After %q", status, resp.Header.Get("Retry-After"))
+	}
+	// Writing the pause is no Redis outage (a script that failed to
+	// compile once made every 429 look like one).
+	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {
+		t.Errorf("a 429 was logged as a Redis outage: %v", lines)
+	}
+	ctx := context.Background()
+	until, err := client.Get(ctx, redisKeyPrefix+"turns:fortnox/test-client/1234567:pause").Int64()
+	if err != nil {
+		t.Fatalf("no pause in Redis: %v", err)
+	}
+	redisNow, err := client.Time(ctx).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if left := time.Duration(until-redisNow.UnixMilli()) * time.Millisecond; left < 4*time.Second || left > 5*time.Second {
+		t.Errorf("the pause ends %v from now on Redis's clock, want the 5 s window", left)
+	}
+}
+
+// Every Lua script the plugin sends compiles in a real Redis: a script
+// that does not (a Lua keyword as a variable name, once) fails only when
+// it first runs, and looks like a Redis outage then.
+func TestRedisScriptsCompile(t *testing.T) {
+	addr := redisstorage.StartRedis(t)
+	client := redis.NewClient(&redis.Options{Addr: addr})
+	defer client.Close()
+	for name, s := range map[string]*redis.Script{
+		"turn": turnScript, "pause": pauseScript, "drop": dropScript, "newer": newerScript,
+		"invalidation": invalidationScript, "slot": slotScript,
+	} {
+		if err := s.Load(context.Background(), client).Err(); err != nil {
+			t.Errorf("the %s script: %v", name, err)
+		}
+	}
+}

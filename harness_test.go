@@ -249,6 +249,15 @@ func (s *sidecar) dumpLog() {
 
 // logLines returns the Caddy log lines (not the access log) whose msg is msg.
 func (s *sidecar) logLines(msg string) []map[string]any {
+	return s.logLinesWhere(func(m string) bool { return m == msg })
+}
+
+// logLinesStarting returns the Caddy log lines whose msg starts with prefix.
+func (s *sidecar) logLinesStarting(prefix string) []map[string]any {
+	return s.logLinesWhere(func(m string) bool { return strings.HasPrefix(m, prefix) })
+}
+
+func (s *sidecar) logLinesWhere(match func(msg string) bool) []map[string]any {
 	b, err := os.ReadFile(s.logPath())
 	if err != nil {
 		s.t.Fatal(err)
@@ -256,8 +265,10 @@ func (s *sidecar) logLines(msg string) []map[string]any {
 	var out []map[string]any
 	for _, line := range strings.Split(string(b), "\n") {
 		var m map[string]any
-		if json.Unmarshal([]byte(line), &m) == nil && m["msg"] == msg {
-			out = append(out, m)
+		if json.Unmarshal([]byte(line), &m) == nil {
+			if msg, ok := m["msg"].(string); ok && match(msg) {
+				out = append(out, m)
+			}
 		}
 	}
 	return out

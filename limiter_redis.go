@@ -38,6 +38,11 @@ type redisLimiter struct {
 	local  *rateLimiter
 }
 
+// redisNow starts a script with `now`, Redis's clock in milliseconds.
+const redisNow = `
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
+
 // turnScript reserves a turn: KEYS[1] the reservation log (a list of the
 // last `limit` reserved times, oldest first), KEYS[2] the pause (after a
 // 429); ARGV window, limit, max wait (milliseconds). Now is Redis's
@@ -49,10 +54,8 @@ type redisLimiter struct {
 // window of budget), and with appendfsync always, which the refresh tokens
 // need, each request would otherwise wait for an fsync (measured: b/a
 // throughput 0.56 instead of 0.76, see docs/performance.md).
-var turnScript = redis.NewScript(`
+var turnScript = redis.NewScript(redisNow + `
 redis.set_repl(redis.REPL_NONE)
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local maxwait = tonumber(ARGV[3])
@@ -77,11 +80,10 @@ return {slot, wait}`)
 
 // pauseScript moves the pause (Redis's clock + ARGV[1] milliseconds)
 // later, never earlier; ARGV[2] is the key's time to live.
-var pauseScript = redis.NewScript(`
-local t = redis.call('TIME')
-local until = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+var pauseScript = redis.NewScript(redisNow + `
+local pause_until = now + tonumber(ARGV[1])
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
-if until > cur then redis.call('SET', KEYS[1], until, 'PX', ARGV[2]) end
+if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2]) end
 return 0`)
 
 func (l *redisLimiter) keys(key string) []string {

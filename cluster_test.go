@@ -3,6 +3,7 @@ package fortnox
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"strings"
@@ -320,6 +321,110 @@ func TestRedisScriptsCompile(t *testing.T) {
 	} {
 		if err := s.Load(context.Background(), client).Err(); err != nil {
 			t.Errorf("the %s script: %v", name, err)
+		}
+	}
+}
+
+// What the sidecars share, through a real Redis and each script: every
+// seam call answers as its contract says, from Redis (not from the
+// in-process fallback that an unreachable Redis or a failing script would
+// fall back to).
+func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, client := redisSidecar(t, fake, "")
+	r := sc.manager().cluster.Load()
+	if r == nil {
+		t.Fatal("the sidecar has no cluster")
+	}
+	ctx := context.Background()
+	subj := subject{tenant: "1234567"}
+	must := func(ok bool, err error, what string) {
+		t.Helper()
+		if err != nil || !ok {
+			t.Errorf("%s: %v %v", what, ok, err)
+		}
+	}
+	mustNot := func(ok bool, err error, what string) {
+		t.Helper()
+		if err != nil || ok {
+			t.Errorf("%s: %v %v", what, ok, err)
+		}
+	}
+
+	// Compare and invalidate: a 401 on an older token keeps the newer one.
+	newer := &sharedToken{AccessToken: "newer-token", Grant: grantClientCredentials, IssuedAt: now(), ExpiresAt: now().Add(time.Hour)}
+	if err := r.storeToken(ctx, subj, newer); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.dropToken(ctx, subj, "older-token"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.loadToken(ctx, subj); err != nil || got == nil || got.AccessToken != "newer-token" {
+		t.Errorf("after a 401 on an older token: %+v %v, want the newer token kept", got, err)
+	}
+	if err := r.dropToken(ctx, subj, "newer-token"); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.loadToken(ctx, subj); err != nil || got != nil {
+		t.Errorf("after a 401 on the token itself: %+v %v, want it gone", got, err)
+	}
+
+	// Consent events apply in order: an old one replayed changes nothing.
+	at := now().Truncate(time.Second)
+	ok, err := r.newerEvent(ctx, subj.tenant, at)
+	must(ok, err, "the first event")
+	ok, err = r.newerEvent(ctx, subj.tenant, at.Add(-time.Second))
+	mustNot(ok, err, "an older event")
+	ok, err = r.newerEvent(ctx, subj.tenant, at)
+	mustNot(ok, err, "the same event again")
+	ok, err = r.newerEvent(ctx, subj.tenant, at.Add(time.Second))
+	must(ok, err, "a newer event")
+
+	// A connect state works once.
+	ok, err = r.firstUse(ctx, "state-1", time.Minute)
+	must(ok, err, "a state's first use")
+	ok, err = r.firstUse(ctx, "state-1", time.Minute)
+	mustNot(ok, err, "a state used again")
+
+	// At most max invalidations per window.
+	for i := range 3 {
+		ok, err = r.allowInvalidation(ctx, subj, 3, time.Minute)
+		must(ok, err, fmt.Sprintf("invalidation %d of 3", i+1))
+	}
+	ok, err = r.allowInvalidation(ctx, subj, 3, time.Minute)
+	mustNot(ok, err, "a 4th invalidation in the minute")
+
+	// At most max token requests in flight for the client id.
+	release1, err := r.tokenSlot(ctx, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	release2, err := r.tokenSlot(ctx, 2, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.tokenSlot(ctx, 2, 100*time.Millisecond); err == nil {
+		t.Error("a third token-request slot of 2")
+	}
+	release1()
+	release3, err := r.tokenSlot(ctx, 2, time.Second)
+	if err != nil {
+		t.Errorf("a slot after one was released: %v", err)
+	} else {
+		release3()
+	}
+	release2()
+
+	// Each answer came from Redis.
+	if r.c.down.Load() {
+		t.Error("the cluster counts Redis as down")
+	}
+	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {
+		t.Errorf("Redis calls failed: %v", lines)
+	}
+	for _, kind := range []string{"event", "invalidations"} {
+		if keys := client.Keys(ctx, redisKeyPrefix+kind+":*").Val(); len(keys) == 0 {
+			t.Errorf("no %s key in Redis", kind)
 		}
 	}
 }

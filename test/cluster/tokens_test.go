@@ -370,3 +370,38 @@ func TestSidecarKilledHoldingTheLock(t *testing.T) {
 		t.Errorf("%d live refresh tokens, want 1", n)
 	}
 }
+
+// A 401 that one sidecar meets drops the tenant's token for the whole
+// cluster: after Fortnox revokes the token, one request reaches Fortnox
+// with it and is replayed with a new token, and the other sidecars,
+// told within a second, go straight to the new one: no 401 of their own,
+// no token request of their own.
+func TestUnauthorizedDropsTheTokenForEverySidecar(t *testing.T) {
+	t.Parallel()
+	fake := startFake(t, 0)
+	c := startCluster(t, fake, settings{maxWait: 10 * time.Second})
+	const tenant = "1800001"
+	fake.GrantConsent(clientID, tenant)
+	for _, sc := range c.sidecars {
+		sc.mustServe(tenant)
+	}
+	if n := fake.TokenRequests("client_credentials", tenant); n != 1 {
+		t.Fatalf("%d token requests before the revocation, want the cluster's one", n)
+	}
+	// Past the 10 s in which a 401 is not held against a token just
+	// minted (the sidecars' clocks cannot be moved: they are processes).
+	time.Sleep(11 * time.Second)
+
+	fake.RevokeAccessTokens(clientID, tenant)
+	c.sidecars[0].mustServe(tenant) // 401, then replayed with a new token
+	time.Sleep(time.Second)         // every sidecar acts within a second
+	for _, sc := range c.sidecars[1:] {
+		sc.mustServe(tenant)
+	}
+	if n := fake.Unauthorized(tenant); n != 1 {
+		t.Errorf("Fortnox answered %d requests with 401, want 1: the other sidecars kept the revoked token", n)
+	}
+	if n := fake.TokenRequests("client_credentials", tenant); n != 2 {
+		t.Errorf("%d token requests, want 2: one before and one after the revocation, for the whole cluster", n)
+	}
+}

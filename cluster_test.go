@@ -428,3 +428,107 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 		}
 	}
 }
+
+// The admin API in cluster mode reads and writes Redis: the tenants list,
+// dropping a token, deleting an account and the quarantine all act on the
+// shared records, not on this sidecar's Caddy storage.
+func TestAdminAPIActsOnRedis(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, client := redisSidecar(t, fake, "")
+	ctx := context.Background()
+	exists := func(key string) bool { return client.Exists(ctx, redisKeyPrefix+"record:"+key).Val() == 1 }
+	indexed := func(key string) bool {
+		return client.SIsMember(ctx, redisKeyPrefix+"index:"+recordPrefix(testClientID), key).Val()
+	}
+
+	sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
+	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
+	tenantKey := recordKey(testClientID, subject{tenant: "7654321"})
+	annaKey := recordKey(testClientID, subject{tenant: "1234567", account: "anna"})
+	for _, key := range []string{tenantKey, annaKey} {
+		if !exists(key) || !indexed(key) {
+			t.Fatalf("%s is not in Redis (stored %v, indexed %v)", key, exists(key), indexed(key))
+		}
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+
+	// The tenants list comes from Redis: this sidecar's storage has nothing.
+	sc.manager().cache.Flush()
+	listed := map[string]tenantInfo{}
+	for _, info := range sc.tenants() {
+		listed[info.Tenant] = info
+	}
+	if info, ok := listed["7654321"]; !ok || !info.HasRefreshToken {
+		t.Errorf("GET /fortnox/tenants: 7654321 is %+v", info)
+	}
+	if info, ok := listed["1234567"]; !ok || len(info.Accounts) != 1 || info.Accounts[0].Name != "anna" {
+		t.Errorf("GET /fortnox/tenants: 1234567 is %+v", info)
+	}
+
+	// Dropping a token clears it in the shared record: the next request
+	// refreshes.
+	refreshes := fake.TokenRequests("refresh_token", "7654321")
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/7654321/token", ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE token: %d %s", status, body)
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
+		t.Fatalf("after DELETE token: %d %s", status, body)
+	}
+	if n := fake.TokenRequests("refresh_token", "7654321") - refreshes; n != 1 {
+		t.Errorf("%d refreshes after the token was dropped, want 1", n)
+	}
+
+	// And the shared token of a client-credentials tenant: the next
+	// request fetches a new one rather than reading the dropped one back.
+	fake.GrantConsent(testClientID, "1111111")
+	if status, body, _ := sc.get("/3/companyinformation", "1111111"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	minted := fake.TokenRequests("client_credentials", "1111111")
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/1111111/token", ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE token: %d %s", status, body)
+	}
+	if n := client.Exists(ctx, redisKeyPrefix+"token:"+recordPrefix(testClientID)+"1111111").Val(); n != 0 {
+		t.Error("the dropped token is still shared in Redis")
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "1111111"); status != http.StatusOK {
+		t.Fatalf("after DELETE token: %d %s", status, body)
+	}
+	if n := fake.TokenRequests("client_credentials", "1111111") - minted; n != 1 {
+		t.Errorf("%d token requests after the token was dropped, want 1", n)
+	}
+
+	// Deleting an account removes its shared record.
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/1234567/accounts/anna", ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE account: %d %s", status, body)
+	}
+	if exists(annaKey) || indexed(annaKey) {
+		t.Errorf("the deleted account is still in Redis (stored %v, indexed %v)", exists(annaKey), indexed(annaKey))
+	}
+
+	// A token handed over for the wrong tenant, whose own tenant has a
+	// live one, is quarantined in Redis, listed, and removable.
+	status, body := sc.admin(http.MethodPut, "/fortnox/tenants/1234567/refresh_token", `{"refresh_token":"`+fake.IssueRefreshToken(testClientID, "7654321")+`"}`)
+	if status != http.StatusConflict {
+		t.Fatalf("PUT another tenant's token: %d %s", status, body)
+	}
+	q := sc.quarantine()
+	if len(q) != 1 {
+		t.Fatalf("quarantine: %+v", q)
+	}
+	qKey := quarantineKey(testClientID, q[0].ID)
+	if !exists(qKey) {
+		t.Fatalf("the quarantine record %s is not in Redis", qKey)
+	}
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/quarantine/"+q[0].ID, ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE quarantine: %d %s", status, body)
+	}
+	if exists(qKey) {
+		t.Error("the deleted quarantine record is still in Redis")
+	}
+	if n := fake.TokenErrors("invalid_grant"); n != 0 {
+		t.Errorf("%d invalid_grant: a refresh token was used twice", n)
+	}
+}

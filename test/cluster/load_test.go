@@ -92,6 +92,27 @@ func admitted(c *cluster, tenant string, status int, start time.Time, span time.
 	return all, inSpan
 }
 
+// tightestSpan is the shortest time in which budget+1 of tenant's requests
+// from start on reached the fake Fortnox (0 if fewer did): above
+// budgetWindow, Fortnox had no cause for a 429, and the difference is what
+// the limiter's margin kept in hand.
+func tightestSpan(c *cluster, tenant string, start time.Time) time.Duration {
+	var at []time.Time
+	for _, r := range c.fake.APIRequests() {
+		if r.Tenant == tenant && !r.At.Before(start) {
+			at = append(at, r.At)
+		}
+	}
+	sort.Slice(at, func(i, j int) bool { return at[i].Before(at[j]) })
+	var tightest time.Duration
+	for i := budget; i < len(at); i++ {
+		if span := at[i].Sub(at[i-budget]); tightest == 0 || span < tightest {
+			tightest = span
+		}
+	}
+	return tightest
+}
+
 // checkSharedBudget drives tenant through all three sidecars at three
 // times its budget for d and checks what the issue asks: Fortnox answers
 // no 429, every request is served (none refused), none waits past max_wait,
@@ -105,8 +126,10 @@ func checkSharedBudget(t *testing.T, c *cluster, tenant string, d, maxWait time.
 	tooMany, _ := admitted(c, tenant, http.StatusTooManyRequests, res.start, d)
 	okAll, okInSpan := admitted(c, tenant, http.StatusOK, res.start, d)
 	want := int(float64(budget) * d.Seconds() / budgetWindow.Seconds())
-	t.Logf("%.0f req/s for %v through 3 sidecars: %d sent, %d served, statuses %v; Fortnox: %d answered 200 (%d within the %v: %.0f%% of its budget of %d), %d answered 429; app latency p50 %v p99 %v max %v (max_wait %v); took %v",
+	tightest := tightestSpan(c, tenant, res.start)
+	t.Logf("%.0f req/s for %v through 3 sidecars: %d sent, %d served, statuses %v; Fortnox: %d answered 200 (%d within the %v: %.0f%% of its budget of %d), %d answered 429, the tightest %d arrivals spanned %v (%v in hand against its %v window); app latency p50 %v p99 %v max %v (max_wait %v); took %v",
 		rate, d, res.sent, res.served(), res.statuses, okAll, okInSpan, d, 100*float64(okInSpan)/float64(want), want, tooMany,
+		budget+1, tightest.Round(time.Millisecond), (tightest - budgetWindow).Round(time.Millisecond), budgetWindow,
 		res.percentile(50).Round(time.Millisecond), res.percentile(99).Round(time.Millisecond), res.maxLatency().Round(time.Millisecond), maxWait, res.end.Sub(res.start).Round(time.Millisecond))
 	if tooMany != 0 {
 		t.Errorf("Fortnox answered %d requests with 429: the sidecars overspent the shared budget; %s", tooMany, arrivalsBefore429(c, tenant, res.start))

@@ -553,6 +553,39 @@ func globTasks(pid int) ([]string, error) {
 	return filepath.Glob(fmt.Sprintf("/proc/%d/task/*/schedstat", pid))
 }
 
+// getOK sends one app request for tenant (auth, when set, as the
+// Authorization header) and reads the whole answer: anything but a 200 is
+// an error.
+func getOK(client *http.Client, url, tenant, auth string) error {
+	req, err := http.NewRequest(http.MethodGet, url, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("X-Fortnox-Tenant", tenant)
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return err
+	}
+	_, err = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("status %d", resp.StatusCode)
+	}
+	return err
+}
+
+// failed counts a failed request, keeping the first error (the caller
+// holds the result's lock).
+func (r *loadResult) failed(err error) {
+	r.errors++
+	if r.firstErr == nil {
+		r.firstErr = err
+	}
+}
+
 // warmTenants sends one request for each tenant, workers at a time, so
 // that every tenant's token is cached however many tenants there are.
 func warmTenants(url string, tenants []string, workers int) *loadResult {
@@ -568,22 +601,9 @@ func warmTenants(url string, tenants []string, workers int) *loadResult {
 		go func() {
 			defer wg.Done()
 			for tenant := range jobs {
-				req, _ := http.NewRequest(http.MethodGet, url, nil)
-				req.Header.Set("X-Fortnox-Tenant", tenant)
-				resp, err := client.Do(req)
-				if err == nil {
-					_, err = io.Copy(io.Discard, resp.Body)
-					resp.Body.Close()
-					if err == nil && resp.StatusCode != http.StatusOK {
-						err = fmt.Errorf("status %d", resp.StatusCode)
-					}
-				}
-				if err != nil {
+				if err := getOK(client, url, tenant, ""); err != nil {
 					mu.Lock()
-					res.errors++
-					if res.firstErr == nil {
-						res.firstErr = err
-					}
+					res.failed(err)
 					mu.Unlock()
 				}
 			}
@@ -690,27 +710,12 @@ func load(urls []string, tenants []string, workers int, duration time.Duration, 
 	one := func(scheduled time.Time) {
 		n := int(seq.Add(1) - 1)
 		target := n % len(urls)
-		req, _ := http.NewRequest(http.MethodGet, urls[target], nil)
-		req.Header.Set("X-Fortnox-Tenant", tenants[(n/len(urls))%len(tenants)])
-		if auth != "" {
-			req.Header.Set("Authorization", auth)
-		}
-		resp, err := client.Do(req)
-		if err == nil {
-			_, err = io.Copy(io.Discard, resp.Body)
-			resp.Body.Close()
-			if err == nil && resp.StatusCode != http.StatusOK {
-				err = fmt.Errorf("status %d", resp.StatusCode)
-			}
-		}
+		err := getOK(client, urls[target], tenants[(n/len(urls))%len(tenants)], auth)
 		lat := time.Since(scheduled)
 		mu.Lock()
 		r := res[target]
 		if err != nil {
-			r.errors++
-			if r.firstErr == nil {
-				r.firstErr = err
-			}
+			r.failed(err)
 		} else {
 			r.latencies = append(r.latencies, lat)
 		}

@@ -150,18 +150,9 @@ func countRedisCommands(r *redisServer, url string, tenants []string, n int) (*c
 	client := &http.Client{Timeout: 10 * time.Second}
 	defer client.CloseIdleConnections()
 	for i := range n {
-		req, _ := http.NewRequest(http.MethodGet, url, nil)
-		req.Header.Set("X-Fortnox-Tenant", tenants[i%len(tenants)])
-		resp, err := client.Do(req)
-		if err != nil {
+		if err := getOK(client, url, tenants[i%len(tenants)], ""); err != nil {
 			mon.stop()
-			return nil, err
-		}
-		_, _ = io.Copy(io.Discard, resp.Body)
-		resp.Body.Close()
-		if resp.StatusCode != http.StatusOK {
-			mon.stop()
-			return nil, fmt.Errorf("counting Redis commands: status %d", resp.StatusCode)
+			return nil, fmt.Errorf("counting Redis commands: %w", err)
 		}
 	}
 	after, err := r.commandStats()

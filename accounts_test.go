@@ -901,6 +901,7 @@ func TestAccountsAreKeptAlive(t *testing.T) {
 	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
 	sc.putAccountToken("7654321", "bo", fake.IssueUserRefreshToken(testClientID, "7654321", boUser))
 	m := sc.manager()
+	accounts := []struct{ tenant, name, user string }{{"1234567", "anna", annaUser}, {"7654321", "bo", boUser}}
 
 	advance(fake, 20*24*time.Hour)
 	if n := m.keepAlive(); n != 0 {
@@ -913,14 +914,14 @@ func TestAccountsAreKeptAlive(t *testing.T) {
 	if n := m.keepAlive(); n != 2 {
 		t.Fatalf("%d refreshed at 31 days, want both accounts", n)
 	}
-	for _, acc := range []struct{ tenant, name, user string }{{"1234567", "anna", annaUser}, {"7654321", "bo", boUser}} {
+	for _, acc := range accounts {
 		rec := sc.storedAccountRecord(acc.tenant, acc.name)
 		if !fake.RefreshTokenValid(rec.RefreshToken) || now().Sub(rec.RefreshTokenAt) > time.Minute || rec.UserID != acc.user {
 			t.Errorf("%s: the stored chain was not renewed (user %q)", acc.name, rec.UserID)
 		}
 	}
 	advance(fake, 15*24*time.Hour) // 46 days after the hand-over: the first tokens would be dead
-	for _, acc := range []struct{ tenant, name, user string }{{"1234567", "anna", annaUser}, {"7654321", "bo", boUser}} {
+	for _, acc := range accounts {
 		status, body, _ := sc.asAccount(http.MethodGet, "/3/invoices", acc.tenant, acc.name)
 		if status != http.StatusOK || echoOf(t, body).UserID != acc.user {
 			t.Errorf("%s after 46 days: %d %s", acc.name, status, body)

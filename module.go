@@ -465,16 +465,18 @@ func withAccount(terr *tokenError, subj subject) *tokenError {
 	return &named
 }
 
-// errorBody is the JSON answer the app gets when the sidecar refuses a request.
+// errorBody is the JSON answer the app gets when the sidecar refuses a
+// request: ours, and Fortnox's own shape beside it (errorcodes.go).
 type errorBody struct {
-	Error   string `json:"error"`
-	Message string `json:"message"`
+	Error            string            `json:"error"`
+	Message          string            `json:"message"`
+	ErrorInformation *errorInformation `json:"ErrorInformation,omitempty"`
 }
 
 // writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
 // Retry-After header in whole seconds.
 func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	body, _ := json.Marshal(errorBody{Error: code, Message: message})
+	body, _ := json.Marshal(errorBody{Error: code, Message: message, ErrorInformation: newErrorInformation(code, message)})
 	hdr := w.Header()
 	hdr.Set("Content-Type", "application/json")
 	hdr.Set("Cache-Control", "no-store")

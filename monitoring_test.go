@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,6 +17,7 @@ import (
 	"sort"
 	"strings"
 	"testing"
+	"time"
 	"unicode"
 
 	"gopkg.in/yaml.v3"
@@ -493,4 +495,81 @@ func githubAnchor(heading string) string {
 		}
 	}
 	return b.String()
+}
+
+// The series the dashboard and the alerts read count what happened over
+// real HTTP: answers by who gave them and class, the sidecar's error
+// answers by code, a chain that needs reconnecting (and no longer does
+// once a new refresh token is stored), max_wait.
+func TestOpsMetrics(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc := startSidecar(t, fake, "max_wait 3s")
+	before := scrape(t, sc)
+
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if status, body, _ := sc.get("/nothing", "1234567"); status != http.StatusNotFound {
+		t.Fatalf("Fortnox's 404: %d %s", status, body)
+	}
+	if status, body, _ := sc.get("/3/companyinformation", ""); status != http.StatusBadRequest {
+		t.Fatalf("no tenant: %d %s", status, body)
+	}
+	// A refresh-token chain someone else spent: its tenant must reconnect.
+	sc.putRefreshToken("5550003", fake.IssueRefreshToken(testClientID, "5550003"))
+	useRefreshToken(t, fake, sc.storedRecord("5550003").RefreshToken)
+	advance(fake, time.Hour)
+	if status, body, _ := sc.get("/3/companyinformation", "5550003"); status != http.StatusForbidden {
+		t.Fatalf("rejected chain: %d %s", status, body)
+	}
+	after := scrape(t, sc)
+	for series, want := range map[string]float64{
+		`caddy_fortnox_requests_total{answered_by="fortnox",class="2xx"}`:                            1,
+		`caddy_fortnox_requests_total{answered_by="fortnox",class="4xx"}`:                            1,
+		`caddy_fortnox_requests_total{answered_by="sidecar",class="4xx"}`:                            2,
+		`caddy_fortnox_requests_total{answered_by="sidecar",class="5xx"}`:                            0,
+		`caddy_fortnox_error_answers_total{error="missing_tenant"}`:                                  1,
+		`caddy_fortnox_error_answers_total{error="refresh_token_rejected"}`:                          1,
+		`caddy_fortnox_chains_needing_reconnect{account_type="service"}`:                             1,
+		`caddy_fortnox_chains_needing_reconnect{account_type="user"}`:                                0,
+		`caddy_fortnox_token_requests_total{grant="refresh_token",outcome="refresh_token_rejected"}`: 1,
+	} {
+		if got := after[series] - before[series]; got != want {
+			t.Errorf("%s went up by %v, want %v", series, got, want)
+		}
+	}
+	if got := after["caddy_fortnox_rate_limit_max_wait_seconds"]; got != 3 {
+		t.Errorf("rate_limit_max_wait_seconds = %v, want 3", got)
+	}
+
+	// A new refresh token: the chain is whole again.
+	sc.putRefreshToken("5550003", fake.IssueRefreshToken(testClientID, "5550003"))
+	if status, body, _ := sc.get("/3/companyinformation", "5550003"); status != http.StatusOK {
+		t.Fatalf("after a new refresh token: %d %s", status, body)
+	}
+	if got := scrape(t, sc)[`caddy_fortnox_chains_needing_reconnect{account_type="service"}`]; got != before[`caddy_fortnox_chains_needing_reconnect{account_type="service"}`] {
+		t.Errorf("chains_needing_reconnect = %v after the new refresh token", got)
+	}
+}
+
+// In cluster mode, the Redis calls a request makes are timed.
+func TestRedisCallDurations(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, _ := redisSidecar(t, fake, "")
+	before := scrape(t, sc)
+	for range 3 {
+		if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+			t.Fatalf("%d %s", status, body)
+		}
+	}
+	after := scrape(t, sc)
+	// A turn in the shared limiter per request, and the token shared once.
+	if got := after["caddy_fortnox_redis_call_duration_seconds_count"] - before["caddy_fortnox_redis_call_duration_seconds_count"]; got < 3 {
+		t.Errorf("%v Redis calls timed for 3 requests", got)
+	}
+	if got := after["caddy_fortnox_redis_errors_total"] - before["caddy_fortnox_redis_errors_total"]; got != 0 {
+		t.Errorf("%v Redis errors", got)
+	}
 }

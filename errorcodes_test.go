@@ -20,10 +20,10 @@ import (
 )
 
 // emittedErrorCodes finds every "error" code the plugin's sources can
-// write: the string literals passed to writeJSONError and apiError, set as
-// the code of a resolveError or adminError, or returned by an errorCode
-// method. A new code written any of these ways is found without a list to
-// keep up to date.
+// write: the string literals passed to writeJSONError, writeAppError and
+// apiError, set as the code of a resolveError or adminError, or returned
+// by an errorCode method. A new code written any of these ways is found
+// without a list to keep up to date.
 func emittedErrorCodes(t *testing.T) map[string][]string {
 	t.Helper()
 	files, err := filepath.Glob("*.go")
@@ -54,7 +54,7 @@ func emittedErrorCodes(t *testing.T) map[string][]string {
 			case *ast.CallExpr:
 				if id, ok := x.Fun.(*ast.Ident); ok {
 					switch {
-					case id.Name == "writeJSONError" && len(x.Args) > 2:
+					case (id.Name == "writeJSONError" || id.Name == "writeAppError") && len(x.Args) > 2:
 						add(x.Args[2])
 					case id.Name == "apiError" && len(x.Args) > 1:
 						add(x.Args[1])

@@ -551,6 +551,20 @@ func TestOpsMetrics(t *testing.T) {
 	if got := scrape(t, sc)[`caddy_fortnox_chains_needing_reconnect{account_type="service"}`]; got != before[`caddy_fortnox_chains_needing_reconnect{account_type="service"}`] {
 		t.Errorf("chains_needing_reconnect = %v after the new refresh token", got)
 	}
+
+	// Fortnox cannot be reached: reverse_proxy's 502 is the sidecar's answer.
+	sc.upstream = fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	const proxyErrors = `caddy_fortnox_requests_total{answered_by="sidecar",class="5xx"}`
+	before = scrape(t, sc)
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusBadGateway {
+		t.Fatalf("Fortnox unreachable: %d %s", status, body)
+	}
+	if got := scrape(t, sc)[proxyErrors] - before[proxyErrors]; got != 1 {
+		t.Errorf("%s went up by %v for reverse_proxy's 502, want 1", proxyErrors, got)
+	}
 }
 
 // In cluster mode, the Redis calls a request makes are timed.

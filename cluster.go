@@ -231,7 +231,9 @@ func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.
 	}
 	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
 	defer cancel()
+	start := time.Now()
 	err := fn(ctx)
+	opsMetrics.redisDuration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)
 		return fmt.Errorf("%w: %s: %v", errSharedUnavailable, op, err)

@@ -351,7 +351,7 @@ func ExampleHandler_errorBody() {
 	rec := httptest.NewRecorder()
 	writeJSONError(rec, 503, "token_endpoint_unavailable", "Retry later.", 2500*time.Millisecond)
 	fmt.Print(rec.Code, " ", rec.Header().Get("Retry-After"), " ", rec.Body.String())
-	// Output: 503 3 {"error":"token_endpoint_unavailable","message":"Retry later."}
+	// Output: 503 3 {"error":"token_endpoint_unavailable","message":"Retry later.","ErrorInformation":{"error":1,"message":"token_endpoint_unavailable: Retry later.","code":9100203}}
 }
 
 // A cold start of 1,000 concurrent first requests spread over 100 tenants

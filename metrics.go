@@ -2,6 +2,7 @@ package fortnox
 
 import (
 	"errors"
+	"strings"
 	"sync"
 	"time"
 
@@ -105,7 +106,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 			}
 		}
 	}
-	return nil
+	return registerOpsMetrics(reg)
 }
 
 func countCachedTenants() float64 {
@@ -139,4 +140,181 @@ func oldestRefreshToken() float64 {
 		return true
 	})
 	return float64(oldest)
+}
+
+// The series the dashboard (deploy/grafana) and the alert rules
+// (deploy/prometheus) read besides the ones above. Every series they name
+// is exported from a sidecar's start: the label sets they use are created
+// at registration, so that a first failure shows as an increase from 0
+// rather than as a series that appears (which rate() and increase() miss).
+var opsMetrics = newOpsMetrics()
+
+type opsMetricSet struct {
+	// requests counts the requests the fortnox handler answered, by who
+	// answered (Fortnox, or the sidecar itself) and status class. Children
+	// are resolved once: counting costs no allocation.
+	requests      *prometheus.CounterVec
+	fortnoxByCode [6]prometheus.Counter // by status/100; [0]: unknown
+	sidecarByCode [6]prometheus.Counter
+	// errorAnswers counts the sidecar's own JSON error answers by code.
+	errorAnswers *prometheus.CounterVec
+	errorByCode  map[string]prometheus.Counter
+	// redisDuration times the Redis calls that were sent (cluster mode).
+	redisDuration prometheus.Histogram
+	// maxWait is the max_wait of the fortnox handler loaded last.
+	maxWait prometheus.Gauge
+	// chains counts the refresh-token chains or consents a person must
+	// renew (computed at scrape).
+	chains *reconnectCollector
+}
+
+var statusClasses = [6]string{"other", "1xx", "2xx", "3xx", "4xx", "5xx"}
+
+func newOpsMetrics() *opsMetricSet {
+	opts := func(name, help string) prometheus.Opts {
+		return prometheus.Opts{Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: name, Help: help}
+	}
+	o := &opsMetricSet{
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts(opts("requests_total",
+			"Requests the fortnox handler answered: answered_by fortnox (Fortnox's answer, passed on) or sidecar (the sidecar's own error answer, or reverse_proxy's when Fortnox cannot be reached), by status class.")),
+			[]string{"answered_by", "class"}),
+		errorAnswers: prometheus.NewCounterVec(prometheus.CounterOpts(opts("error_answers_total",
+			"JSON error answers the sidecar wrote itself (fortnox handler, fortnox_webhook, admin API), by error code.")),
+			[]string{"error"}),
+		errorByCode: make(map[string]prometheus.Counter, len(errorNumbers)),
+		redisDuration: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Namespace: metricsNamespace, Subsystem: metricsSubsystem, Name: "redis_call_duration_seconds",
+			Help:    "How long the Redis calls sent in cluster mode took (failed ones included; calls refused at once during an outage are not sent).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1},
+		}),
+		maxWait: prometheus.NewGauge(prometheus.GaugeOpts(opts("rate_limit_max_wait_seconds",
+			"max_wait of the fortnox handler loaded last: the longest a request waits for its turn before it is answered 429."))),
+		chains: &reconnectCollector{desc: prometheus.NewDesc(
+			prometheus.BuildFQName(metricsNamespace, metricsSubsystem, "chains_needing_reconnect"),
+			"Tenants (service account) and named user accounts this sidecar saw fail for want of an authorization: a rejected refresh token, a revoked consent, a token of another tenant or user, or a known tenant left without consent and refresh token. The customer or user must authorize again.",
+			[]string{"account_type"}, nil)},
+	}
+	for i, class := range statusClasses {
+		o.fortnoxByCode[i] = o.requests.WithLabelValues("fortnox", class)
+		o.sidecarByCode[i] = o.requests.WithLabelValues("sidecar", class)
+	}
+	for code := range errorNumbers {
+		o.errorByCode[code] = o.errorAnswers.WithLabelValues(code)
+	}
+	return o
+}
+
+func (o *opsMetricSet) collectors() []prometheus.Collector {
+	return []prometheus.Collector{o.requests, o.errorAnswers, o.redisDuration, o.maxWait, o.chains}
+}
+
+func statusClass(status int) int {
+	if c := status / 100; c >= 1 && c <= 5 {
+		return c
+	}
+	return 0
+}
+
+// fortnoxAnswered counts an answer of Fortnox passed on to the app.
+func (o *opsMetricSet) fortnoxAnswered(status int) { o.fortnoxByCode[statusClass(status)].Inc() }
+
+// sidecarAnswered counts an answer the sidecar gave in Fortnox's stead.
+func (o *opsMetricSet) sidecarAnswered(status int) { o.sidecarByCode[statusClass(status)].Inc() }
+
+// errorAnswered counts a JSON error answer by its code.
+func (o *opsMetricSet) errorAnswered(code string) {
+	if c, ok := o.errorByCode[code]; ok {
+		c.Inc()
+		return
+	}
+	o.errorAnswers.WithLabelValues(code).Inc() // a code missing from errorNumbers (TestErrorNumbers)
+}
+
+// registerOpsMetrics registers opsMetrics, and creates the label sets of
+// the older series that the dashboard and the alerts name.
+func registerOpsMetrics(reg *prometheus.Registry) error {
+	for _, grant := range []string{grantClientCredentials, grantRefreshToken, grantAuthorizationCode} {
+		metrics.tokenDuration.WithLabelValues(grant)
+		metrics.tokenRequests.WithLabelValues(grant, "ok")
+		for _, f := range allTokenFailures() {
+			metrics.tokenRequests.WithLabelValues(grant, (&tokenError{failure: f}).errorCode())
+		}
+	}
+	for _, outcome := range []string{"replayed", "passed_through", "no_token", "no_turn"} {
+		metrics.replays.WithLabelValues(outcome)
+	}
+	for _, c := range opsMetrics.collectors() {
+		if err := reg.Register(c); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			if !errors.As(err, &are) {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// allTokenFailures lists every tokenFailure, up to the first value that
+// has no name of its own.
+func allTokenFailures() []tokenFailure {
+	var all []tokenFailure
+	for f := failNoConsent; f < failNoConsent+64; f++ {
+		if (&tokenError{failure: f}).Error() == "token error" {
+			break
+		}
+		all = append(all, f)
+	}
+	return all
+}
+
+// reconnectCollector reports chains_needing_reconnect by account type,
+// from what the token managers remember about their subjects.
+type reconnectCollector struct {
+	desc *prometheus.Desc
+}
+
+func (c *reconnectCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *reconnectCollector) Collect(ch chan<- prometheus.Metric) {
+	var service, user int
+	managers.Range(func(_, v any) bool {
+		m := v.(*tokenManager)
+		m.mu.Lock()
+		for key, st := range m.tenants {
+			if !needsReconnect(st) {
+				continue
+			}
+			if strings.Contains(key, "/") {
+				user++
+			} else {
+				service++
+			}
+		}
+		m.mu.Unlock()
+		return true
+	})
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(service), "service")
+	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(user), "user")
+}
+
+// needsReconnect says whether a subject's last failure needs a person to
+// authorize again. A subject that never had a token (a made-up TenantId,
+// a customer who never connected) is not a broken chain.
+func needsReconnect(st *tenantState) bool {
+	if st.consentRevoked {
+		return true
+	}
+	e := st.lastError
+	if e == nil {
+		return false
+	}
+	switch e.failure {
+	case failGrantRejected, failConsentRevoked, failUserMismatch:
+		return true
+	case failTenantMismatch:
+		return !e.fromClientCredentials
+	case failNoConsent, failAccountNotAuthorized:
+		return !st.unknown
+	}
+	return false
 }

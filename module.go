@@ -262,6 +262,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
 		return err
 	}
+	opsMetrics.maxWait.Set(h.maxWait.Seconds())
 	h.settings = &managerSettings{
 		gen:                    settingsGeneration.Add(1),
 		cred:                   credentials{clientID: clientID, clientSecret: secret},
@@ -371,7 +372,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		if ce := h.logger.Check(zapcore.DebugLevel, "request refused"); ce != nil {
 			ce.Write(zap.String("error", rerr.code), zap.Int("status", rerr.status))
 		}
-		writeJSONError(w, rerr.status, rerr.code, rerr.message, 0)
+		writeAppError(w, rerr.status, rerr.code, rerr.message, 0)
 		return nil
 	}
 	if h.tokens.settings.Load() != h.settings {
@@ -439,7 +440,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj s
 		// The caller's own context ended while it waited: the client left
 		// or its deadline passed. 503 so a proxy in front can retry.
 		if r.Context().Err() != nil {
-			writeJSONError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
+			writeAppError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
 				"The request ended while it waited for a token for "+subj.String()+".", time.Second)
 			return
 		}
@@ -450,7 +451,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj s
 	if terr.httpStatus() == http.StatusServiceUnavailable {
 		retry = time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
 	}
-	writeJSONError(w, terr.httpStatus(), terr.errorCode(), terr.advice(subj.tenant), retry)
+	writeAppError(w, terr.httpStatus(), terr.errorCode(), terr.advice(subj.tenant), retry)
 }
 
 // withAccount is terr naming subj's account, so that its advice says how
@@ -465,16 +466,19 @@ func withAccount(terr *tokenError, subj subject) *tokenError {
 	return &named
 }
 
-// errorBody is the JSON answer the app gets when the sidecar refuses a request.
+// errorBody is the JSON answer the app gets when the sidecar refuses a
+// request: ours, and Fortnox's own shape beside it (errorcodes.go).
 type errorBody struct {
-	Error   string `json:"error"`
-	Message string `json:"message"`
+	Error            string            `json:"error"`
+	Message          string            `json:"message"`
+	ErrorInformation *errorInformation `json:"ErrorInformation,omitempty"`
 }
 
 // writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
 // Retry-After header in whole seconds.
 func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	body, _ := json.Marshal(errorBody{Error: code, Message: message})
+	opsMetrics.errorAnswered(code)
+	body, _ := json.Marshal(errorBody{Error: code, Message: message, ErrorInformation: newErrorInformation(code, message)})
 	hdr := w.Header()
 	hdr.Set("Content-Type", "application/json")
 	hdr.Set("Cache-Control", "no-store")
@@ -484,6 +488,13 @@ func writeJSONError(w http.ResponseWriter, status int, code, message string, ret
 	}
 	w.WriteHeader(status)
 	_, _ = w.Write(append(body, '\n'))
+}
+
+// writeAppError is writeJSONError for a request the fortnox handler
+// answers in Fortnox's stead (counted in caddy_fortnox_requests_total).
+func writeAppError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
+	opsMetrics.sidecarAnswered(status)
+	writeJSONError(w, status, code, message, retryAfter)
 }
 
 // Interface guards

@@ -101,13 +101,13 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 	var rle *rateLimitError
 	if errors.As(err, &rle) {
 		metrics.rateLimitReject.Inc()
-		writeJSONError(w, http.StatusTooManyRequests, "rate_limited",
+		writeAppError(w, http.StatusTooManyRequests, "rate_limited",
 			fmt.Sprintf("Too many requests for tenant %s: Fortnox allows %d per %v, and this request would have waited longer than max_wait (or its own deadline). Retry after the number of seconds in Retry-After, or raise max_wait.",
 				tenant, h.rateRequests, h.rateWindow), rle.RetryAfter)
 		return 0, false
 	}
 	// The client went away while it waited.
-	writeJSONError(w, http.StatusServiceUnavailable, "request_cancelled",
+	writeAppError(w, http.StatusServiceUnavailable, "request_cancelled",
 		"The request ended while it waited for its turn in the rate limiter.", time.Second)
 	return 0, false
 }

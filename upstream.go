@@ -34,6 +34,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	uw := getUpstreamWriter(w, h, subj, tok, replayable)
 	defer putUpstreamWriter(uw)
 	if err := next.ServeHTTP(uw, r); err != nil || !uw.held {
+		countProxyError(uw, err)
 		return err
 	}
 
@@ -59,7 +60,23 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	setBody(r, body)
 	uw.reset(w, h, subj, fresh, false)
 	uw.replay = true
-	return next.ServeHTTP(uw, r)
+	err = next.ServeHTTP(uw, r)
+	countProxyError(uw, err)
+	return err
+}
+
+// countProxyError counts the answer Caddy gives for an error of the next
+// handler (reverse_proxy could not reach Fortnox) as the sidecar's.
+func countProxyError(uw *upstreamWriter, err error) {
+	if err == nil || uw.wroteHeader {
+		return
+	}
+	status := http.StatusBadGateway
+	var he caddyhttp.HandlerError
+	if errors.As(err, &he) && he.StatusCode != 0 {
+		status = he.StatusCode
+	}
+	opsMetrics.sidecarAnswered(status)
 }
 
 // ownHeaders removes what the app sent in the headers the sidecar owns:
@@ -298,6 +315,7 @@ func (uw *upstreamWriter) WriteHeader(status int) {
 	case http.StatusTooManyRequests:
 		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.subj.tenant)
 	}
+	opsMetrics.fortnoxAnswered(status)
 	uw.ResponseWriter.WriteHeader(status)
 }
 

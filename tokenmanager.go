@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	gocache "github.com/patrickmn/go-cache"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -80,6 +81,18 @@ func leaveManager(key string) error {
 	}
 	_, err := managers.Delete(key)
 	return err
+}
+
+// joinConfiguredManager is joinManager for a module's token_url option:
+// resolved, and checked as the fortnox handler checks it (an http:// one
+// only on loopback), so that no module sends the client secret or a
+// refresh token where the fortnox handler would not.
+func joinConfiguredManager(repl *caddy.Replacer, rawTokenURL, clientID string) (*tokenManager, string, error) {
+	tokenURL := resolveTokenURL(repl, rawTokenURL)
+	if err := checkTokenURL(tokenURL); err != nil {
+		return nil, "", err
+	}
+	return joinManager(tokenURL, clientID)
 }
 
 // resolveTokenURL is the configured token URL with placeholders resolved,
@@ -251,6 +264,8 @@ type tokenManager struct {
 
 	// Counters for tests and metrics.
 	hits, misses atomic.Int64
+	// refusalLog keeps refusals anyone can cause from flooding the log.
+	refusalLog *logLimiter
 	// oldestRefreshToken: the age in seconds of the oldest stored refresh
 	// token at the last keep-alive pass.
 	oldestRefreshToken atomic.Int64
@@ -259,14 +274,15 @@ type tokenManager struct {
 func newTokenManager(tokenURL, clientID string) *tokenManager {
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &tokenManager{
-		tokenURL: tokenURL,
-		clientID: clientID,
-		client:   newTokenClient(tokenURL),
-		cache:    gocache.New(gocache.NoExpiration, 0),
-		tenants:  make(map[string]*tenantState),
-		local:    newLocalShared(),
-		ctx:      ctx,
-		cancel:   cancel,
+		tokenURL:   tokenURL,
+		clientID:   clientID,
+		client:     newTokenClient(tokenURL),
+		cache:      gocache.New(gocache.NoExpiration, 0),
+		tenants:    make(map[string]*tenantState),
+		local:      newLocalShared(),
+		ctx:        ctx,
+		refusalLog: newLogLimiter(),
+		cancel:     cancel,
 	}
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
@@ -300,6 +316,7 @@ func (m *tokenManager) sweep(every time.Duration) {
 			m.forgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
 			m.saveStranded(m.ctx)
+			m.refusalLog.flush(m.logger())
 		}
 	}
 }
@@ -704,6 +721,7 @@ func (m *tokenManager) state(key string) *tenantState {
 func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenError, took time.Duration) {
 	m.mu.Lock()
 	st := m.state(subj.key())
+	named := m.namedInLogLocked(subj, st, terr)
 	if st.mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.unknown && !st.consentRevoked {
 		m.rememberUnknown(subj.key(), st)
 	}
@@ -727,24 +745,61 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	}
 
 	log := m.logger()
-	fields := append(subj.logFields(),
+	var fields []zap.Field
+	if named.tenant != "" {
+		fields = named.logFields()
+	}
+	fields = append(fields,
 		zap.String("grant", grant),
 		zap.String("outcome", terr.errorCode()),
 		zap.Duration("duration", took),
 		zap.Int("consecutive_failures", failures),
 		zap.Time("retry_at", retryAt),
-		zap.String("error", terr.Error()),
 	)
+	if named == subj {
+		fields = append(fields, zap.String("error", terr.Error()))
+	} else {
+		// The error text names the subject, which may be made up.
+		fields = append(fields, zap.String("subject", "not known to the sidecar (GET /fortnox/tenants lists it)"))
+	}
+	var other *otherTokenURLError
+	if errors.As(terr, &other) {
+		fields = append(fields, zap.String("record_token_url", other.recorded), zap.String("token_url", other.configured))
+	}
+	cause := terr.errorCode() + "\x00" + named.key()
 	switch {
 	case repeated:
-		log.Debug("token request failed again", fields...)
+		if ce := log.Check(zapcore.DebugLevel, "token request failed again"); ce != nil {
+			ce.Write(fields...)
+		}
 	case terr.failure == failNoConsent || terr.failure == failAccountNotAuthorized:
-		log.Warn("no token for tenant", fields...)
+		m.refusalLog.write(log, zapcore.WarnLevel, cause, "no token for tenant", fields...)
 	case terr.failure == failUnavailable:
-		log.Warn("token request failed", fields...)
+		m.refusalLog.write(log, zapcore.WarnLevel, cause, "token request failed", fields...)
 	default:
-		log.Error("token request failed", fields...)
+		m.refusalLog.write(log, zapcore.ErrorLevel, cause, "token request failed", fields...)
 	}
+}
+
+// namedInLogLocked is the part of subj a log line may name: a tenant (or
+// account) the sidecar knows, never one a client may have made up (any
+// TenantId or account name can be sent). The caller holds m.mu; st is
+// subj's state, before this failure is recorded.
+func (m *tokenManager) namedInLogLocked(subj subject, st *tenantState, terr *tokenError) subject {
+	if terr.foundInRecord() {
+		return subj
+	}
+	known := func(st *tenantState) bool {
+		return st != nil && (st.mode != "" || st.hasRefreshToken || st.consentRevoked)
+	}
+	var named subject
+	if known(m.tenants[subj.tenant]) {
+		named.tenant = subj.tenant
+		if subj.account != "" && known(st) {
+			named.account = subj.account
+		}
+	}
+	return named
 }
 
 // rememberUnknown notes a subject that never had a token and now fails (a

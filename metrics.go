@@ -88,6 +88,12 @@ func initMetrics() {
 		metrics.refusals = prometheus.NewCounterVec(prometheus.CounterOpts(opts("refusals_total",
 			"Requests the sidecar refused, by kind (the error code of the answer), each one counted, also those whose log line was left out.")),
 			[]string{"kind"})
+		// Exported from the start (dashboards, alerts), the app's usual
+		// refusals at 0.
+		for _, kind := range []string{"missing_tenant", "invalid_tenant", "ambiguous_tenant", "tenant_not_allowed", "invalid_account", "ambiguous_account",
+			"tenant_not_authorized", "account_not_authorized", "refresh_token_rejected", "token_endpoint_unavailable", "token_storage_unavailable", "bad_signature"} {
+			metrics.refusals.WithLabelValues(kind)
+		}
 		metrics.tenantsCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("tenants_cached",
 			"Tenants with a cached access token, over all client ids.")), countCachedTenants)
 	})

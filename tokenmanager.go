@@ -756,12 +756,14 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 		zap.Int("consecutive_failures", failures),
 		zap.Time("retry_at", retryAt),
 	)
-	if named == subj {
-		fields = append(fields, zap.String("error", terr.Error()))
-	} else {
-		// The error text names the subject, which may be made up.
+	errText := terr.Error()
+	if named != subj {
 		fields = append(fields, zap.String("subject", "not known to the sidecar (GET /fortnox/tenants lists it)"))
+		if strings.Contains(errText, subj.tenant) || (subj.account != "" && strings.Contains(errText, subj.account)) {
+			errText = "(left out: it names a tenant or account the sidecar does not know, which a client may have made up)"
+		}
 	}
+	fields = append(fields, zap.String("error", errText))
 	var other *otherTokenURLError
 	if errors.As(terr, &other) {
 		fields = append(fields, zap.String("record_token_url", other.recorded), zap.String("token_url", other.configured))

@@ -270,6 +270,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		retryClientCredentials: retryCC,
 		maxTokenRequests:       h.MaxTokenRequests,
 		records:                records,
+		listed:                 h.resolver.listed,
 		logger:                 h.logger,
 	}
 	// A new manager needs settings at once (background work, admin API);

@@ -129,6 +129,17 @@ type managerSettings struct {
 	// records is the token store (nil in unit tests).
 	records *recordStore
 	logger  *zap.Logger
+	// listed holds the TenantIds the config names (`tenant` lines): known
+	// tenants, which log lines may name (see namedInLogLocked).
+	listed map[string]struct{}
+}
+
+// listedTenants is s.listed; nil for nil settings.
+func (s *managerSettings) listedTenants() map[string]struct{} {
+	if s == nil {
+		return nil
+	}
+	return s.listed
 }
 
 // subject is whose token: a tenant's service account (account "", the
@@ -274,16 +285,16 @@ type tokenManager struct {
 func newTokenManager(tokenURL, clientID string) *tokenManager {
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &tokenManager{
-		tokenURL:   tokenURL,
-		clientID:   clientID,
-		client:     newTokenClient(tokenURL),
-		cache:      gocache.New(gocache.NoExpiration, 0),
-		tenants:    make(map[string]*tenantState),
-		local:      newLocalShared(),
-		ctx:        ctx,
-		refusalLog: newLogLimiter(),
-		cancel:     cancel,
+		tokenURL: tokenURL,
+		clientID: clientID,
+		client:   newTokenClient(tokenURL),
+		cache:    gocache.New(gocache.NoExpiration, 0),
+		tenants:  make(map[string]*tenantState),
+		local:    newLocalShared(),
+		ctx:      ctx,
+		cancel:   cancel,
 	}
+	m.refusalLog = newLogLimiter()
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
 	return m
@@ -795,7 +806,8 @@ func (m *tokenManager) namedInLogLocked(subj subject, st *tenantState, terr *tok
 		return st != nil && (st.mode != "" || st.hasRefreshToken || st.consentRevoked)
 	}
 	var named subject
-	if known(m.tenants[subj.tenant]) {
+	_, listed := m.settings.Load().listedTenants()[subj.tenant]
+	if listed || known(m.tenants[subj.tenant]) {
 		named.tenant = subj.tenant
 		if subj.account != "" && known(st) {
 			named.account = subj.account

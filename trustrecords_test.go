@@ -422,14 +422,26 @@ func TestMadeUpNamesDoNotFloodTheLog(t *testing.T) {
 		t.Errorf("a made-up value (%s) is in the log", m)
 	}
 
+	// A tenant the config lists is known, so its line names it.
+	sc.options = "tenant 7654321"
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusForbidden {
+		t.Fatalf("a listed tenant without consent: %d %s", status, body)
+	}
+	if got := tenantLines(); len(got) != 2 || got[1]["tenant"] != "7654321" {
+		t.Errorf("a listed tenant: want a line naming it, got %v", got)
+	}
+
 	advance(fake, time.Minute+time.Second)
 	sc.asAccount(http.MethodGet, "/3/companyinformation", "1234567", "ghost-after")
 	sc.get("/3/companyinformation", "55555599999")
 	if got := accountLines(); len(got) != 2 || got[1]["suppressed"] != float64(n-1) {
 		t.Errorf("after the minute: want a second account line with suppressed %d, got %v", n-1, got)
 	}
-	if got := tenantLines(); len(got) != 2 || got[1]["suppressed"] != float64(n-1) {
-		t.Errorf("after the minute: want a second tenant line with suppressed %d, got %v", n-1, got)
+	if got := tenantLines(); len(got) != 3 || got[2]["suppressed"] != float64(n-1) || got[2]["tenant"] != nil {
+		t.Errorf("after the minute: want a third tenant line, naming no tenant, with suppressed %d, got %v", n-1, got)
 	}
 }
 

@@ -69,7 +69,7 @@ func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, erro
 		return nil, err
 	}
 	if len(rs.keys) == 0 {
-		return nil, apiError(http.StatusBadRequest, "no_encryption_key", "this sidecar has no encryption_key: set it in the fortnox block (and reload) before encrypting the records")
+		return nil, apiError(http.StatusBadRequest, "no_encryption_key", "the running config has no encryption_key: set it in the fortnox block and reload (a reloaded config takes over with its first request through the fortnox handler: send one, then run this again)")
 	}
 	prefix := recordPrefix(m.clientID)
 	keys, err := rs.storage.List(ctx, strings.TrimSuffix(prefix, "/"), true)

@@ -770,7 +770,7 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	errText := terr.Error()
 	if named != subj {
 		fields = append(fields, zap.String("subject", "not known to the sidecar (GET /fortnox/tenants lists it)"))
-		if strings.Contains(errText, subj.tenant) || (subj.account != "" && strings.Contains(errText, subj.account)) {
+		if (named.tenant == "" && strings.Contains(errText, subj.tenant)) || (named.account == "" && subj.account != "" && strings.Contains(errText, subj.account)) {
 			errText = "(left out: it names a tenant or account the sidecar does not know, which a client may have made up)"
 		}
 	}

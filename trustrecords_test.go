@@ -306,6 +306,41 @@ func TestEncryptWithoutKeyIsRefused(t *testing.T) {
 	}
 }
 
+// A plain record copied to another tenant's key is not encrypted (that
+// would make it look like the tenant's own): the run reports it as failed,
+// encrypts the rest, and the copy stays refused.
+func TestEncryptLeavesCopiedRecordAlone(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc := startSidecar(t, fake, "")
+	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
+	original, _ := os.ReadFile(sc.recordPath("1234567"))
+	if err := os.WriteFile(sc.recordPath("7654321"), original, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
+	sc.options = "encryption_key {env.FORTNOX_TEST_KEY}"
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	sc.get("/3/companyinformation", "1234567") // the first request installs the new settings
+	st, b := sc.admin(http.MethodPost, "/fortnox/encrypt", "")
+	var res encryptResult
+	if st != http.StatusOK || json.Unmarshal([]byte(b), &res) != nil || len(res.Encrypted) != 1 || len(res.Failed) != 1 ||
+		!strings.Contains(res.Failed[0], "7654321.json") || !strings.Contains(res.Failed[0], "belongs elsewhere") {
+		t.Fatalf("POST /fortnox/encrypt with a copied record: %d %s", st, b)
+	}
+	if raw, _ := os.ReadFile(sc.recordPath("7654321")); !bytes.Equal(raw, original) {
+		t.Error("the copied record was changed")
+	}
+	if raw, _ := os.ReadFile(sc.recordPath("1234567")); !strings.Contains(string(raw), encryptionAlgorithm) {
+		t.Error("the tenant's own record was not encrypted")
+	}
+	status, body, _ := sc.get("/3/companyinformation", "7654321")
+	if status == http.StatusOK {
+		t.Errorf("the copied record served: %s", body)
+	}
+}
+
 // In cluster mode the unencrypted records are in Redis: refused the same
 // way, and encrypted in place there by POST /fortnox/encrypt.
 func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {

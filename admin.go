@@ -32,6 +32,7 @@ func init() {
 //	DELETE /fortnox/quarantine/{id}
 //	POST   /fortnox/export                 (cluster mode: Redis → Caddy's storage)
 //	POST   /fortnox/import[?overwrite=true] (cluster mode: Caddy's storage → Redis)
+//	POST   /fortnox/encrypt                (rewrite unencrypted records with encryption_key)
 //
 // With more than one client id loaded, ?client_id= picks one. Errors are
 // JSON {"error":"<code>","message":"…"}; no answer ever holds a token.
@@ -105,6 +106,8 @@ func parseAdminRoute(path string) (adminRoute, bool) {
 		return adminRoute{name: "import_records", method: http.MethodPost}, true
 	case len(parts) == 1 && parts[0] == "quarantine":
 		return adminRoute{name: "quarantine", method: http.MethodGet}, true
+	case len(parts) == 1 && parts[0] == "encrypt":
+		return adminRoute{name: "encrypt", method: http.MethodPost}, true
 	case len(parts) == 2 && parts[0] == "quarantine":
 		return adminRoute{name: "quarantine_entry", method: http.MethodDelete, id: parts[1]}, true
 	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "refresh_token":
@@ -168,6 +171,12 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		return writeAdminJSON(w, http.StatusOK, res)
 	case "import_records":
 		res, err := m.importRecords(ctx, r.URL.Query().Get("overwrite") == "true")
+		if err != nil {
+			return err
+		}
+		return writeAdminJSON(w, http.StatusOK, res)
+	case "encrypt":
+		res, err := m.encryptRecords(ctx)
 		if err != nil {
 			return err
 		}
@@ -302,6 +311,8 @@ func adminStoreError(what string, err error) error {
 	switch {
 	case errors.Is(err, errRecordMisplaced):
 		return apiError(http.StatusConflict, "tenant_mismatch", "%v; nothing was changed", err)
+	case recordRefusalAdvice(err, "") != "": // its text says what to do
+		return apiError(http.StatusConflict, "record_unreadable", "%v; nothing was changed", err)
 	case errors.Is(err, errRecordUnreadable):
 		return apiError(http.StatusConflict, "record_unreadable", "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
 	}

@@ -25,7 +25,7 @@ import (
 func init() {
 	caddycmd.RegisterCommand(caddycmd.Command{
 		Name:  "fortnox",
-		Usage: "tenants [--address <admin address>] [--json] [--client-id <id>] | export|import [--address <admin address>] [--client-id <id>] | tenant-id <token|-> | company-info [--api <url>] <token|->",
+		Usage: "tenants [--address <admin address>] [--json] [--client-id <id>] | export|import|encrypt [--address <admin address>] [--client-id <id>] | tenant-id <token|-> | company-info [--api <url>] <token|->",
 		Short: "See the sidecar's tenants; learn a Fortnox customer's TenantId from a token",
 		Long: `
 Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
@@ -46,6 +46,12 @@ Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
       backup, or the way back to one sidecar), or from its Caddy storage
       into Redis (import; a record Redis holds already is kept unless
       --overwrite, and each imported one leaves a tombstone behind).
+
+  caddy fortnox encrypt [--address …] [--client-id <id>]
+      With encryption_key set, a record found unencrypted is never used:
+      this rewrites, in place and with the configured key, the records
+      written before the key was set (in Caddy's storage, or in Redis in
+      cluster mode). Running it again changes nothing.
 
   caddy fortnox tenant-id <token|->
       Decodes a Fortnox access token (no signature check: only Fortnox can)
@@ -94,7 +100,7 @@ The token itself is never printed.`,
 				},
 			}
 			companyInfo.Flags().StringVar(&api, "api", "https://api.fortnox.se", "Fortnox API base URL")
-			cmd.AddCommand(tenants, transferCommand("export"), transferCommand("import"), tenantID, companyInfo)
+			cmd.AddCommand(tenants, transferCommand("export"), transferCommand("import"), transferCommand("encrypt"), tenantID, companyInfo)
 		},
 	})
 }
@@ -592,6 +598,9 @@ func transferCommand(verb string) *cobra.Command {
 	if verb == "import" {
 		short = "Copy the token records from Caddy's storage into Redis (cluster mode), still encrypted"
 	}
+	if verb == "encrypt" {
+		short = "Encrypt with encryption_key the token records written before it was set (Caddy's storage or Redis)"
+	}
 	c := &cobra.Command{
 		Use:   verb + " [--address <admin address>] [--client-id <id>]",
 		Short: short,
@@ -633,6 +642,9 @@ func transferCommand(verb string) *cobra.Command {
 
 // printTransfer prints what an export or import did.
 func printTransfer(out io.Writer, verb string, body []byte) error {
+	if verb == "encrypt" {
+		return printEncrypt(out, body)
+	}
 	var res struct {
 		Copied, Skipped, Failed []string
 	}
@@ -648,6 +660,29 @@ func printTransfer(out io.Writer, verb string, body []byte) error {
 	}
 	if len(res.Failed) > 0 {
 		return fmt.Errorf("%d records were not copied", len(res.Failed))
+	}
+	return nil
+}
+
+// printEncrypt prints what `caddy fortnox encrypt` did.
+func printEncrypt(out io.Writer, body []byte) error {
+	var res struct {
+		Encrypted        []string `json:"encrypted"`
+		AlreadyEncrypted int      `json:"already_encrypted"`
+		Skipped, Failed  []string
+	}
+	if err := json.Unmarshal(body, &res); err != nil {
+		return fmt.Errorf("the admin API's answer is not an encryption result: %s", shorten(string(body), 200))
+	}
+	fmt.Fprintf(out, "encrypt: %d records encrypted, %d already encrypted, %d failed\n", len(res.Encrypted), res.AlreadyEncrypted, len(res.Failed))
+	for _, k := range res.Encrypted {
+		fmt.Fprintf(out, "  encrypted %s\n", escapeControl(k))
+	}
+	for _, k := range res.Failed {
+		fmt.Fprintf(out, "  FAILED    %s\n", escapeControl(k))
+	}
+	if len(res.Failed) > 0 {
+		return fmt.Errorf("%d records were not encrypted", len(res.Failed))
 	}
 	return nil
 }

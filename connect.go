@@ -160,7 +160,7 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 	if c.AccountType == "" {
 		c.AccountType = "service"
 	}
-	c.tokens, c.poolKey, err = joinManager(resolveTokenURL(repl, c.TokenURL), clientID)
+	c.tokens, c.poolKey, err = joinConfiguredManager(repl, c.TokenURL, clientID)
 	return err
 }
 

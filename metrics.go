@@ -34,6 +34,9 @@ var metrics = struct {
 	keptAlive            prometheus.Counter
 	redisErrors          prometheus.Counter
 	refreshTokenOldest   prometheus.GaugeFunc
+
+	unencryptedRecords prometheus.Counter
+	refusals           *prometheus.CounterVec
 }{}
 
 const metricsNamespace = "caddy"
@@ -81,6 +84,17 @@ func initMetrics() {
 			"Redis calls that failed or timed out in cluster mode (the sidecar falls back as documented, and recovers by itself).")))
 		metrics.refreshTokenOldest = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("refresh_token_oldest_age_seconds",
 			"Age of the oldest stored refresh token at the last hourly keep-alive pass (Fortnox's die after 45 days unused; the sidecar refreshes them at 30).")), oldestRefreshToken)
+		metrics.unencryptedRecords = prometheus.NewCounter(prometheus.CounterOpts(opts("unencrypted_records_total",
+			"Token records found unencrypted while encryption_key is set: never used (503) until `caddy fortnox encrypt` rewrites them.")))
+		metrics.refusals = prometheus.NewCounterVec(prometheus.CounterOpts(opts("refusals_total",
+			"Requests the sidecar refused, by kind (the error code of the answer), each one counted, also those whose log line was left out.")),
+			[]string{"kind"})
+		// Exported from the start (dashboards, alerts), the app's usual
+		// refusals at 0.
+		for _, kind := range []string{"missing_tenant", "invalid_tenant", "ambiguous_tenant", "tenant_not_allowed", "invalid_account", "ambiguous_account",
+			"tenant_not_authorized", "account_not_authorized", "refresh_token_rejected", "token_endpoint_unavailable", "token_storage_unavailable", "bad_signature"} {
+			metrics.refusals.WithLabelValues(kind)
+		}
 		metrics.tenantsCached = prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("tenants_cached",
 			"Tenants with a cached access token, over all client ids.")), countCachedTenants)
 	})
@@ -98,6 +112,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 		metrics.rateLimitWaits, metrics.rateLimitWait, metrics.rateLimitReject,
 		metrics.upstream429, metrics.tenantsCached, metrics.tokenRequestsQueued, metrics.invalidationsBounded,
 		metrics.keptAlive, metrics.refreshTokenOldest, metrics.redisErrors,
+		metrics.unencryptedRecords, metrics.refusals,
 	} {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

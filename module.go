@@ -240,7 +240,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if retryCC < 0 {
 		return errors.New("retry_client_credentials must not be negative")
 	}
-	records := &recordStore{storage: ctx.Storage(), clientID: clientID}
+	records := &recordStore{storage: ctx.Storage(), clientID: clientID, tokenURL: tokenURL}
 	if records.keys, err = h.encryptionKeys(repl); err != nil {
 		return err
 	}
@@ -271,6 +271,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		retryClientCredentials: retryCC,
 		maxTokenRequests:       h.MaxTokenRequests,
 		records:                records,
+		listed:                 h.resolver.listed,
 		logger:                 h.logger,
 	}
 	// A new manager needs settings at once (background work, admin API);
@@ -334,6 +335,10 @@ func checkTokenURL(raw string) error {
 	if u.User != nil {
 		return errors.New("token_url must not contain credentials; use client_id and client_secret")
 	}
+	if u.Scheme == "http" && !isLoopback(u.Hostname()) {
+		// The client secret and customers' refresh tokens go to it.
+		return fmt.Errorf("token_url %q: http:// is accepted only on loopback (127.0.0.1, ::1, localhost); use https://", raw)
+	}
 	return nil
 }
 
@@ -369,9 +374,8 @@ func (h *Handler) Cleanup() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	subj, rerr := h.resolveSubject(r)
 	if rerr != nil {
-		if ce := h.logger.Check(zapcore.DebugLevel, "request refused"); ce != nil {
-			ce.Write(zap.String("error", rerr.code), zap.Int("status", rerr.status))
-		}
+		countRefusal(rerr.code)
+		h.tokens.refusalLog.write(h.logger, zapcore.DebugLevel, rerr.code, "request refused", zap.String("error", rerr.code), zap.Int("status", rerr.status))
 		writeAppError(w, rerr.status, rerr.code, rerr.message, 0)
 		return nil
 	}
@@ -440,6 +444,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj s
 		// The caller's own context ended while it waited: the client left
 		// or its deadline passed. 503 so a proxy in front can retry.
 		if r.Context().Err() != nil {
+			countRefusal("token_wait_cancelled")
 			writeAppError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
 				"The request ended while it waited for a token for "+subj.String()+".", time.Second)
 			return
@@ -447,6 +452,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj s
 		terr = asTokenError(err)
 	}
 	terr = withAccount(terr, subj)
+	countRefusal(terr.errorCode())
 	var retry time.Duration
 	if terr.httpStatus() == http.StatusServiceUnavailable {
 		retry = time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second

@@ -56,7 +56,12 @@ type tokenRecord struct {
 	// consent (webhook): the tenant's service account is refused, also
 	// after a restart, until a new consent or refresh token arrives.
 	ConsentRevokedAt time.Time `json:"consent_revoked_at,omitzero"`
-	UpdatedAt        time.Time `json:"updated_at"`
+	// TokenURL is the token endpoint the refresh token was obtained from:
+	// it is sent nowhere else (see otherTokenURLError). A record written
+	// before records carried it takes the configured token_url on its next
+	// write.
+	TokenURL  string    `json:"token_url,omitempty"`
+	UpdatedAt time.Time `json:"updated_at"`
 }
 
 // liveRefreshToken says whether the record holds a refresh token that may
@@ -100,6 +105,23 @@ func (e *misplacedRecordError) Error() string {
 }
 
 func (e *misplacedRecordError) Unwrap() error { return errRecordMisplaced }
+
+// otherTokenURLError is a record whose refresh token was obtained from
+// another token endpoint than the configured token_url: it is never sent
+// to this one (a changed token_url must not carry customers' refresh
+// tokens to a listener of someone else's), and the record is never
+// overwritten. Its text names no URL (it may reach the app); the log line
+// of the refusal names both (see recordFailure).
+type otherTokenURLError struct {
+	key                  string
+	recorded, configured string
+}
+
+func (e *otherTokenURLError) Error() string {
+	return fmt.Sprintf("%v: %s was obtained from another token endpoint than the configured token_url, and a refresh token is sent only to the endpoint it came from; it is not used and not overwritten (set token_url back, or delete the record and store a refresh token from the configured endpoint)", errRecordUnreadable, e.key)
+}
+
+func (e *otherTokenURLError) Unwrap() error { return errRecordUnreadable }
 
 // recordKey is where a record lives in the store.
 func recordKey(clientID string, id subject) string {
@@ -146,6 +168,10 @@ type recordBackend interface {
 type recordStore struct {
 	storage  recordBackend
 	clientID string
+	// tokenURL is the configured token endpoint: records are stamped with
+	// it when written, and one stamped with another is refused when read.
+	// Empty: not checked (unit tests).
+	tokenURL string
 	// keys: the first encrypts what is written; all of them are tried on
 	// what is read (older keys, while a store moves to a new one). Empty:
 	// records are stored as plain JSON.
@@ -201,10 +227,17 @@ func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, erro
 	}
 	rec, err := rs.decode(key, raw)
 	if err != nil {
+		var plain *unencryptedRecordError
+		if errors.As(err, &plain) {
+			metrics.unencryptedRecords.Inc()
+		}
 		return nil, err
 	}
 	if err := rs.checkBinding(key, id, rec); err != nil {
 		return nil, err
+	}
+	if rec.TokenURL != "" && rs.tokenURL != "" && rec.TokenURL != rs.tokenURL {
+		return nil, &otherTokenURLError{key: key, recorded: rec.TokenURL, configured: rs.tokenURL}
 	}
 	return rec, nil
 }
@@ -242,8 +275,8 @@ func (rs *recordStore) loadOrNew(ctx context.Context, id subject) (*tokenRecord,
 	return rec, err
 }
 
-// decode reads a stored record. Records written before encryption_key was
-// set are read as they are (and encrypted on their next write).
+// decode reads a stored record. With encryption_key set, a plain one is
+// refused (unencryptedRecordError).
 func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {
 	plain, err := rs.plain(key, raw)
 	if err != nil {
@@ -266,6 +299,12 @@ func (rs *recordStore) plain(key string, raw []byte) ([]byte, error) {
 		return nil, fmt.Errorf("%w: %s", errRecordUnreadable, describeBadJSON(key, raw))
 	}
 	if probe.Encrypted == "" {
+		if len(rs.keys) > 0 {
+			// With a key set, a plain record is one nobody encrypted:
+			// written before the key (`caddy fortnox encrypt` rewrites
+			// those), or put there by someone who can write to the store.
+			return nil, &unencryptedRecordError{key: key}
+		}
 		return raw, nil
 	}
 	return rs.open(key, probe)
@@ -311,6 +350,11 @@ func (rs *recordStore) open(key string, er encryptedRecord) ([]byte, error) {
 func (rs *recordStore) save(ctx context.Context, id subject, rec *tokenRecord) error {
 	key := recordKey(rs.clientID, id)
 	rec.Tenant, rec.Account, rec.ClientID = id.tenant, id.account, rs.clientID
+	if rs.tokenURL != "" {
+		// A record read with another token URL is refused (load), so what
+		// is written here was obtained from the configured one.
+		rec.TokenURL = rs.tokenURL
+	}
 	rec.UpdatedAt = now().UTC()
 	raw, err := rs.encode(key, rec)
 	if err != nil {

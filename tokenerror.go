@@ -195,6 +195,9 @@ func (e *tokenError) advice(tenant string) string {
 	case failUserMismatch:
 		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. Delete the account (DELETE /fortnox/tenants/" + tenant + "/accounts/" + e.account + ") before connecting another user under its name."
 	case failStorage:
+		if msg := recordRefusalAdvice(e.cause, e.whose(tenant)); msg != "" {
+			return msg
+		}
 		msg := "The token store (Caddy's storage) could not be used for tenant " + tenant
 		if e.cause != nil {
 			msg += ": " + e.cause.Error()
@@ -282,6 +285,29 @@ func (e *tokenError) mismatchAdvice(tenant string) string {
 		return msg + " The user must authorize again for tenant " + tenant + ": " + e.accountRemedy(tenant)
 	}
 	return msg + " Store tenant " + tenant + "'s own refresh token (PUT /fortnox/tenants/" + tenant + "/refresh_token on the admin API), or have the customer authorize again."
+}
+
+// foundInRecord says whether the failure was found in a stored record (or
+// in a refresh of a stored token): its subject exists, and is not a name a
+// client made up.
+func (e *tokenError) foundInRecord() bool {
+	switch e.failure {
+	case failGrantRejected, failRecordMisplaced, failUserMismatch, failConsentRevoked:
+		return true
+	case failTenantMismatch:
+		return !e.fromClientCredentials
+	case failStorage:
+		return errors.Is(e.cause, errRecordUnreadable)
+	}
+	return false
+}
+
+// whose names the subject of the failure.
+func (e *tokenError) whose(tenant string) string {
+	if e.account != "" {
+		return "account " + e.account + " of tenant " + tenant
+	}
+	return "tenant " + tenant
 }
 
 // accountRemedy says how a named account gets a (new) refresh-token chain.

@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	gocache "github.com/patrickmn/go-cache"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/singleflight"
 )
 
@@ -82,6 +83,18 @@ func leaveManager(key string) error {
 	return err
 }
 
+// joinConfiguredManager is joinManager for a module's token_url option:
+// resolved, and checked as the fortnox handler checks it (an http:// one
+// only on loopback), so that no module sends the client secret or a
+// refresh token where the fortnox handler would not.
+func joinConfiguredManager(repl *caddy.Replacer, rawTokenURL, clientID string) (*tokenManager, string, error) {
+	tokenURL := resolveTokenURL(repl, rawTokenURL)
+	if err := checkTokenURL(tokenURL); err != nil {
+		return nil, "", err
+	}
+	return joinManager(tokenURL, clientID)
+}
+
 // resolveTokenURL is the configured token URL with placeholders resolved,
 // or Fortnox's.
 func resolveTokenURL(repl *caddy.Replacer, raw string) string {
@@ -116,6 +129,17 @@ type managerSettings struct {
 	// records is the token store (nil in unit tests).
 	records *recordStore
 	logger  *zap.Logger
+	// listed holds the TenantIds the config names (`tenant` lines): known
+	// tenants, which log lines may name (see namedInLogLocked).
+	listed map[string]struct{}
+}
+
+// listedTenants is s.listed; nil for nil settings.
+func (s *managerSettings) listedTenants() map[string]struct{} {
+	if s == nil {
+		return nil
+	}
+	return s.listed
 }
 
 // subject is whose token: a tenant's service account (account "", the
@@ -251,6 +275,8 @@ type tokenManager struct {
 
 	// Counters for tests and metrics.
 	hits, misses atomic.Int64
+	// refusalLog keeps refusals anyone can cause from flooding the log.
+	refusalLog *logLimiter
 	// oldestRefreshToken: the age in seconds of the oldest stored refresh
 	// token at the last keep-alive pass.
 	oldestRefreshToken atomic.Int64
@@ -268,6 +294,7 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 		ctx:      ctx,
 		cancel:   cancel,
 	}
+	m.refusalLog = newLogLimiter()
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
 	return m
@@ -300,6 +327,7 @@ func (m *tokenManager) sweep(every time.Duration) {
 			m.forgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
 			m.saveStranded(m.ctx)
+			m.refusalLog.flush(m.logger())
 		}
 	}
 }
@@ -704,6 +732,7 @@ func (m *tokenManager) state(key string) *tenantState {
 func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenError, took time.Duration) {
 	m.mu.Lock()
 	st := m.state(subj.key())
+	named := m.namedInLogLocked(subj, st, terr)
 	if st.mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.unknown && !st.consentRevoked {
 		m.rememberUnknown(subj.key(), st)
 	}
@@ -727,24 +756,64 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	}
 
 	log := m.logger()
-	fields := append(subj.logFields(),
+	var fields []zap.Field
+	if named.tenant != "" {
+		fields = named.logFields()
+	}
+	fields = append(fields,
 		zap.String("grant", grant),
 		zap.String("outcome", terr.errorCode()),
 		zap.Duration("duration", took),
 		zap.Int("consecutive_failures", failures),
 		zap.Time("retry_at", retryAt),
-		zap.String("error", terr.Error()),
 	)
+	errText := terr.Error()
+	if named != subj {
+		fields = append(fields, zap.String("subject", "not known to the sidecar (GET /fortnox/tenants lists it)"))
+		if (named.tenant == "" && strings.Contains(errText, subj.tenant)) || (named.account == "" && subj.account != "" && strings.Contains(errText, subj.account)) {
+			errText = "(left out: it names a tenant or account the sidecar does not know, which a client may have made up)"
+		}
+	}
+	fields = append(fields, zap.String("error", errText))
+	var other *otherTokenURLError
+	if errors.As(terr, &other) {
+		fields = append(fields, zap.String("record_token_url", other.recorded), zap.String("token_url", other.configured))
+	}
+	cause := terr.errorCode() + "\x00" + named.key()
 	switch {
 	case repeated:
-		log.Debug("token request failed again", fields...)
+		if ce := log.Check(zapcore.DebugLevel, "token request failed again"); ce != nil {
+			ce.Write(fields...)
+		}
 	case terr.failure == failNoConsent || terr.failure == failAccountNotAuthorized:
-		log.Warn("no token for tenant", fields...)
+		m.refusalLog.write(log, zapcore.WarnLevel, cause, "no token for tenant", fields...)
 	case terr.failure == failUnavailable:
-		log.Warn("token request failed", fields...)
+		m.refusalLog.write(log, zapcore.WarnLevel, cause, "token request failed", fields...)
 	default:
-		log.Error("token request failed", fields...)
+		m.refusalLog.write(log, zapcore.ErrorLevel, cause, "token request failed", fields...)
 	}
+}
+
+// namedInLogLocked is the part of subj a log line may name: a tenant (or
+// account) the sidecar knows, never one a client may have made up (any
+// TenantId or account name can be sent). The caller holds m.mu; st is
+// subj's state, before this failure is recorded.
+func (m *tokenManager) namedInLogLocked(subj subject, st *tenantState, terr *tokenError) subject {
+	if terr.foundInRecord() {
+		return subj
+	}
+	known := func(st *tenantState) bool {
+		return st != nil && (st.mode != "" || st.hasRefreshToken || st.consentRevoked)
+	}
+	var named subject
+	_, listed := m.settings.Load().listedTenants()[subj.tenant]
+	if listed || known(m.tenants[subj.tenant]) {
+		named.tenant = subj.tenant
+		if subj.account != "" && known(st) {
+			named.account = subj.account
+		}
+	}
+	return named
 }
 
 // rememberUnknown notes a subject that never had a token and now fails (a

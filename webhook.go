@@ -22,6 +22,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -147,7 +148,7 @@ func (wh *Webhook) Provision(ctx caddy.Context) error {
 	if err := wh.provisionReplayProtection(); err != nil {
 		return err
 	}
-	wh.tokens, wh.poolKey, err = joinManager(resolveTokenURL(repl, wh.TokenURL), clientID)
+	wh.tokens, wh.poolKey, err = joinConfiguredManager(repl, wh.TokenURL, clientID)
 	return err
 }
 
@@ -189,7 +190,8 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 	}
 	signatures := r.Header.Values(wh.SignatureHeader)
 	if len(signatures) > maxSignatureHeaders {
-		wh.logger.Warn("consent event with too many signature headers refused unchecked",
+		countRefusal("too_many_signatures")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "too_many_signatures", "consent event with too many signature headers refused unchecked",
 			zap.Int("headers", len(signatures)), zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusBadRequest, "too_many_signatures", fmt.Sprintf(
 			"The event carries %d %s headers; at most %d are checked (one per secret while a secret is rotated). Send one signature per secret.",
@@ -202,7 +204,8 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 		return nil
 	}
 	if !wh.anyValidSignature(signatures, body) {
-		wh.logger.Warn("consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
+		countRefusal("bad_signature")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "bad_signature", "consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusUnauthorized, "bad_signature", "The "+wh.SignatureHeader+" header is missing or does not match the body.", 0)
 		return nil
 	}
@@ -238,7 +241,8 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent) bool {
 	at, err := eventTime(ev.fields[wh.TimestampField], wh.TimestampField)
 	if err != nil {
-		wh.logger.Warn("consent event refused: no readable timestamp", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
+		countRefusal("bad_timestamp")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "bad_timestamp\x00"+ev.tenant, "consent event refused: no readable timestamp", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
 		writeJSONError(w, http.StatusBadRequest, "bad_timestamp", err.Error()+"; replay protection (timestamp_field) needs the event's time inside the signed body.", 0)
 		return false
 	}
@@ -246,13 +250,15 @@ func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent
 	n := now()
 	switch {
 	case n.Sub(at) > maxAge:
-		wh.logger.Warn("consent event refused: too old", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		countRefusal("event_too_old")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "event_too_old\x00"+ev.tenant, "consent event refused: too old", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusBadRequest, "event_too_old", fmt.Sprintf(
 			"The event's %s (%s) is %s old, more than max_age (%s): a replay, or a delivery late beyond max_age. Nothing changed.",
 			wh.TimestampField, at.UTC().Format(time.RFC3339), n.Sub(at).Round(time.Second), maxAge), 0)
 		return false
 	case at.Sub(n) > maxAge:
-		wh.logger.Warn("consent event refused: timestamp in the future", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		countRefusal("event_in_future")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "event_in_future\x00"+ev.tenant, "consent event refused: timestamp in the future", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusBadRequest, "event_in_future", fmt.Sprintf(
 			"The event's %s (%s) is %s ahead of this clock (%s), more than max_age (%s): check the sender's and this host's clocks. Nothing changed.",
 			wh.TimestampField, at.UTC().Format(time.RFC3339), at.Sub(n).Round(time.Second), n.UTC().Format(time.RFC3339), maxAge), 0)
@@ -266,7 +272,8 @@ func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent
 		return false
 	}
 	if !newer {
-		wh.logger.Info("consent event ignored: not newer than the last one applied for the tenant", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		countRefusal("stale_event")
+		wh.tokens.refusalLog.write(wh.logger, zapcore.InfoLevel, "stale_event\x00"+ev.tenant, "consent event ignored: not newer than the last one applied for the tenant", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusConflict, "stale_event", fmt.Sprintf(
 			"An event for tenant %s at least as new as this one (%s) was applied already: a replay, a redelivery or an event overtaken by a newer one. Nothing changed.",
 			ev.tenant, at.UTC().Format(time.RFC3339Nano)), 0)

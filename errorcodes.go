@@ -78,6 +78,7 @@ var errorNumbers = map[string]int{
 	"unknown_account":    9100511,
 	"unknown_id":         9100512,
 	"unknown_tenant":     9100513,
+	"no_encryption_key":  9100514,
 }
 
 // errorNumber is code's ErrorInformation.code.

@@ -1,9 +1,17 @@
 package fortnox
 
 import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
 	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
@@ -58,5 +66,97 @@ func TestAppMessagesNeverPointAtTheAdminAPI(t *testing.T) {
 		!strings.Contains(e.Message, "PUT /tenants/5550001/refresh_token") || !strings.Contains(e.Message, "fortnox_handover") ||
 		strings.Contains(strings.ToLower(string(body)), "admin api") {
 		t.Errorf("no consent: %d %s, want 403 tenant_not_authorized naming the hand-over route", status, body)
+	}
+}
+
+// socketSidecar is a sidecar whose admin endpoint is a unix socket in a
+// directory only its user can open, as every shipped config has it. The
+// path is short: a unix socket's must stay under about 100 bytes.
+func socketSidecar(t *testing.T, fake *fakefortnox.Server) (*sidecar, string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "fx")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	if err := os.Chmod(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "admin.sock")
+	sc := startSidecar(t, fake, "")
+	sc.adminListen = "unix/" + sock
+	if err := sc.load(); err != nil {
+		t.Fatalf("loading the config with the admin endpoint on %s: %v", sock, err)
+	}
+	return sc, "unix/" + sock
+}
+
+// `caddy fortnox tenants` finds an admin endpoint on a unix socket the way
+// `caddy reload` does: --address, else --config, else CADDY_ADMIN, else
+// ./Caddyfile; the earlier one wins.
+func TestCommandFindsTheAdminSocket(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, addr := socketSidecar(t, fake)
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if !strings.HasPrefix(addr, "unix//") {
+		t.Fatalf("%q is not an absolute unix address", addr)
+	}
+	// No admin endpoint on TCP: the old port answers nothing.
+	if conn, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", sc.adminPort)); err == nil {
+		conn.Close()
+		t.Fatal("the admin endpoint still listens on TCP")
+	}
+
+	dir := t.TempDir()
+	caddyfileWith := func(name, admin string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte("{\n\tadmin "+admin+"\n}\n\nhttp://127.0.0.1:0 {\n\trespond ok\n}\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	wrong := "unix/" + filepath.Join(dir, "nothing.sock")
+	good := caddyfileWith("good.caddyfile", addr)
+	bad := caddyfileWith("bad.caddyfile", wrong)
+	t.Chdir(dir) // ./Caddyfile is looked for here
+
+	for _, tc := range []struct {
+		what      string
+		flags     tenantsFlags
+		env       string
+		caddyfile string // the admin option of ./Caddyfile; none when empty
+	}{
+		{what: "--address", flags: tenantsFlags{address: addr}},
+		{what: "--address over CADDY_ADMIN and ./Caddyfile", flags: tenantsFlags{address: addr}, env: wrong, caddyfile: wrong},
+		{what: "--config", flags: tenantsFlags{config: good}},
+		{what: "--config over CADDY_ADMIN", flags: tenantsFlags{config: good}, env: wrong},
+		{what: "CADDY_ADMIN", env: addr},
+		{what: "CADDY_ADMIN over ./Caddyfile", env: addr, caddyfile: wrong},
+		{what: "./Caddyfile", caddyfile: addr},
+	} {
+		t.Setenv("CADDY_ADMIN", tc.env)
+		os.Remove(filepath.Join(dir, "Caddyfile"))
+		if tc.caddyfile != "" {
+			caddyfileWith("Caddyfile", tc.caddyfile)
+		}
+		var out bytes.Buffer
+		if err := runTenants(context.Background(), &out, tc.flags, time.Now()); err != nil {
+			t.Errorf("%s: %v", tc.what, err)
+			continue
+		}
+		if !regexp.MustCompile(`(?m)^1234567\s+client_credentials\s`).MatchString(out.String()) {
+			t.Errorf("%s: printed\n%s", tc.what, out.String())
+		}
+	}
+
+	// A wrong socket: the error names it and says what to pass.
+	t.Setenv("CADDY_ADMIN", "")
+	os.Remove(filepath.Join(dir, "Caddyfile"))
+	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{config: bad}, time.Now())
+	if err == nil || !strings.Contains(err.Error(), "cannot reach Caddy's admin API at "+wrong) || !strings.Contains(err.Error(), "--address") {
+		t.Errorf("a Caddyfile naming a socket nobody listens on: %v", err)
 	}
 }

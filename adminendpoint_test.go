@@ -3,6 +3,7 @@ package fortnox
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -10,6 +11,9 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
@@ -151,5 +155,71 @@ func TestCommandFindsTheAdminSocket(t *testing.T) {
 	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{config: bad}, time.Now())
 	if err == nil || !strings.Contains(err.Error(), "cannot reach Caddy's admin API at "+wrong) || !strings.Contains(err.Error(), "--address") {
 		t.Errorf("a Caddyfile naming a socket nobody listens on: %v", err)
+	}
+}
+
+// A Caddyfile with a fortnox block and the admin endpoint on TCP (set so,
+// or left at Caddy's default) gets one warning from the adapter, which
+// `caddy adapt` and `caddy run` print: what the app could do through it
+// and how to move it. A unix socket, a file descriptor or `admin off` get
+// none, and so does a Caddyfile without a fortnox block.
+func TestAdminOnTCPWarning(t *testing.T) {
+	site := func(port int) string {
+		return fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\tbind 127.0.0.1\n\tfortnox {\n\t\tclient_id {env.FORTNOX_CLIENT_ID}\n\t\tclient_secret {env.FORTNOX_CLIENT_SECRET}\n\t}\n\treverse_proxy https://api.fortnox.se\n}\n", port)
+	}
+	twoSites := site(8080) + site(8081)
+	for _, tc := range []struct {
+		what, caddyfile string
+		listen          string // the TCP address warned about; none when empty
+	}{
+		{"no admin option (Caddy's default)", strings.TrimPrefix(twoSites, "\n"), caddy.DefaultAdminListen},
+		{"admin on a TCP address", "{\n\tadmin 127.0.0.1:9999\n}\n" + twoSites, "127.0.0.1:9999"},
+		{"admin on every interface", "{\n\tadmin :9999\n}\n" + twoSites, ":9999"},
+		{"admin with options only (Caddy's default address)", "{\n\tadmin {\n\t\tenforce_origin\n\t}\n}\n" + twoSites, caddy.DefaultAdminListen},
+		{"admin on a unix socket", "{\n\tadmin unix//run/caddy-fortnox/admin.sock\n}\n" + twoSites, ""},
+		{"admin on a relative unix socket with permissions", "{\n\tadmin \"unix/.demo/admin/admin.sock|0600\"\n}\n" + twoSites, ""},
+		{"admin on a file descriptor", "{\n\tadmin fd/3\n}\n" + twoSites, ""},
+		{"admin off", "{\n\tadmin off\n}\n" + twoSites, ""},
+		{"no fortnox block", "{\n\tadmin 127.0.0.1:9999\n}\n\nhttp://127.0.0.1:8080 {\n\trespond ok\n}\n", ""},
+	} {
+		_, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(tc.caddyfile), map[string]any{"filename": "Caddyfile"})
+		if err != nil {
+			t.Fatalf("%s: %v", tc.what, err)
+		}
+		var ours []caddyconfig.Warning
+		for _, w := range warnings {
+			if strings.Contains(w.Message, "admin endpoint") {
+				ours = append(ours, w)
+			} else {
+				t.Errorf("%s: another warning: %s", tc.what, w)
+			}
+		}
+		if tc.listen == "" {
+			if len(ours) != 0 {
+				t.Errorf("%s: warned %v", tc.what, ours)
+			}
+			continue
+		}
+		if len(ours) != 1 {
+			t.Fatalf("%s: %d warnings about the admin endpoint, want 1: %v", tc.what, len(ours), ours)
+		}
+		w := ours[0]
+		firstFortnox := strings.Count(tc.caddyfile[:strings.Index(tc.caddyfile, "fortnox {")], "\n") + 1
+		if w.Directive != "fortnox" || w.File != "Caddyfile" || w.Line != firstFortnox {
+			t.Errorf("%s: warning at %s:%d (%s), want Caddyfile:%d (fortnox)", tc.what, w.File, w.Line, w.Directive, firstFortnox)
+		}
+		for _, want := range []string{"listens on TCP (" + tc.listen + ")", "the app", "SSRF", "client secret", "tokens", "elsewhere", "admin unix//"} {
+			if !strings.Contains(w.Message, want) {
+				t.Errorf("%s: the warning lacks %q: %s", tc.what, want, w.Message)
+			}
+		}
+	}
+
+	// CADDY_ADMIN (read by Caddy at start into its default) counts when
+	// the option is not set.
+	defer func(d string) { caddy.DefaultAdminListen = d }(caddy.DefaultAdminListen)
+	caddy.DefaultAdminListen = "unix//run/caddy-fortnox/admin.sock"
+	if _, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(strings.TrimPrefix(twoSites, "\n")), map[string]any{"filename": "Caddyfile"}); err != nil || len(warnings) != 0 {
+		t.Errorf("no admin option, CADDY_ADMIN on a unix socket: %v, %v", warnings, err)
 	}
 }

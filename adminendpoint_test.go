@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -221,5 +222,46 @@ func TestAdminOnTCPWarning(t *testing.T) {
 	caddy.DefaultAdminListen = "unix//run/caddy-fortnox/admin.sock"
 	if _, warnings, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(strings.TrimPrefix(twoSites, "\n")), map[string]any{"filename": "Caddyfile"}); err != nil || len(warnings) != 0 {
 		t.Errorf("no admin option, CADDY_ADMIN on a unix socket: %v, %v", warnings, err)
+	}
+}
+
+// With the admin endpoint on a socket, Prometheus scrapes a site of its
+// own that runs Caddy's metrics handler (as Caddyfile.example and the
+// Kubernetes example have it): the plugin's caddy_fortnox_* series are
+// there, with what the sidecar did.
+func TestMetricsOnTheirOwnListener(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	metricsPort := freePort(t)
+	sc := startSidecar(t, fake, "")
+	sc.extraSites = fmt.Sprintf("\nhttp://127.0.0.1:%d {\n\tmetrics\n}\n", metricsPort)
+	sc.adminListen = "off" // nothing on the admin endpoint to scrape
+	if err := sc.load(); err != nil {
+		t.Fatal(err)
+	}
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("the metrics site answered %d", resp.StatusCode)
+	}
+	// Counters are the process's: other tests may have added to them.
+	for _, series := range []string{
+		`caddy_fortnox_token_requests_total{grant="client_credentials",outcome="ok"}`,
+		`caddy_fortnox_token_cache_lookups_total{result="miss"}`,
+		"caddy_fortnox_tenants_cached",
+	} {
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` [1-9]\d*$`).Match(body) {
+			t.Errorf("the metrics site lacks %s with a count of at least 1", series)
+		}
+	}
+	if strings.Contains(string(body), "1234567") || strings.Contains(string(body), testClientID) {
+		t.Error("a metric names the tenant or the client")
 	}
 }

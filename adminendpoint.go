@@ -32,7 +32,7 @@ const adminOnTCPState = "fortnox.admin_on_tcp_warned"
 
 // warnIfAdminOnTCP adds one warning per adaptation when the global `admin`
 // option leaves the admin endpoint on TCP: set to a TCP address, or not set
-// (Caddy's default, CADDY_ADMIN or localhost:2019). Off, a unix socket or
+// (Caddy's default: CADDY_ADMIN, else TCP on localhost). Off, a unix socket or
 // a socket handed over by file descriptor give none.
 func warnIfAdminOnTCP(h httpcaddyfile.Helper) {
 	listen, onTCP := adminListenOnTCP(h.Option("admin"))

@@ -19,6 +19,9 @@ func init() {
 func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
 	handler := new(Handler)
 	err := handler.UnmarshalCaddyfile(h.Dispenser)
+	if err == nil {
+		warnIfAdminOnTCP(h)
+	}
 	return handler, err
 }
 

@@ -30,22 +30,26 @@ func init() {
 		Long: `
 Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
 
-  caddy fortnox tenants [--address localhost:2019] [--json] [--client-id <id>]
+  caddy fortnox tenants [--address unix//<socket>] [--config <Caddyfile>] [--json] [--client-id <id>]
       Lists the tenants the running sidecar knows (GET /fortnox/tenants on
       Caddy's admin endpoint): mode, when the access token expires, the last
       error, and whether a refresh token is stored (and how old it is). The
-      admin address is found as Caddy's own commands find it: --address, else
-      the "admin" option of --config, else localhost:2019. --json prints the
-      admin API's JSON for scripts; --client-id picks a client when the
+      admin endpoint is found as "caddy reload" finds it: --address (such as
+      unix//run/caddy-fortnox/admin.sock), else the "admin" option of
+      --config, else the CADDY_ADMIN environment variable (the image sets
+      it), else the "admin" option of ./Caddyfile. The admin socket opens to
+      the sidecar's user only: run the command as that user. --json prints
+      the admin API's JSON for scripts; --client-id picks a client when the
       sidecar has several. No token is ever shown.
 
-  caddy fortnox export [--address …] [--client-id <id>]
-  caddy fortnox import [--address …] [--client-id <id>] [--overwrite]
+  caddy fortnox export [--address …] [--config …] [--client-id <id>]
+  caddy fortnox import [--address …] [--config …] [--client-id <id>] [--overwrite]
       In cluster mode (a redis line): copy the token records, still
       encrypted, from Redis into the sidecar's Caddy storage (export: a
       backup, or the way back to one sidecar), or from its Caddy storage
       into Redis (import; a record Redis holds already is kept unless
-      --overwrite, and each imported one leaves a tombstone behind).
+      --overwrite, and each imported one leaves a tombstone behind). The
+      admin endpoint is found as for "tenants".
 
   caddy fortnox encrypt [--address …] [--client-id <id>]
       With encryption_key set, a record found unencrypted is never used:
@@ -75,7 +79,7 @@ The token itself is never printed.`,
 					return runTenants(ctx, c.OutOrStdout(), tf, time.Now())
 				},
 			}
-			tenants.Flags().StringVar(&tf.address, "address", "", "the admin API's address (default: the \"admin\" option of --config, else localhost:2019)")
+			tenants.Flags().StringVar(&tf.address, "address", "", adminAddressHelp)
 			tenants.Flags().StringVarP(&tf.config, "config", "c", "", "the sidecar's config file, to read its admin address from (when --address is not given)")
 			tenants.Flags().StringVarP(&tf.adapter, "adapter", "a", "", "the config adapter of --config")
 			tenants.Flags().BoolVar(&tf.json, "json", false, "print the admin API's JSON instead of a table")
@@ -104,6 +108,9 @@ The token itself is never printed.`,
 		},
 	})
 }
+
+// adminAddressHelp is the help of the commands' --address flag.
+const adminAddressHelp = "the admin endpoint's address, such as unix//run/caddy-fortnox/admin.sock (default: the \"admin\" option of --config, else $CADDY_ADMIN, else the \"admin\" option of ./Caddyfile)"
 
 // readTokenArg returns the token given as an argument, or read from in
 // when the argument is "-". A leading "Bearer " is dropped.
@@ -349,10 +356,9 @@ type tenantsFlags struct {
 // runTenants asks the running sidecar's admin API for its tenants and
 // prints them as a table, or as the API's own JSON with --json.
 func runTenants(ctx context.Context, out io.Writer, f tenantsFlags, now time.Time) error {
-	// Found the way `caddy stop` and `caddy reload` find it.
-	addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+	addr, err := adminAddress(f)
 	if err != nil {
-		return fmt.Errorf("finding the admin API's address: %v (pass --address)", err)
+		return err
 	}
 	body, err := getTenants(ctx, addr, f.clientID)
 	if err != nil {
@@ -368,6 +374,27 @@ func runTenants(ctx context.Context, out io.Writer, f tenantsFlags, now time.Tim
 		return err
 	}
 	return printTenants(out, body, now)
+}
+
+// adminAddress finds the sidecar's admin endpoint as `caddy reload` does:
+// --address; else the "admin" option of --config; else CADDY_ADMIN (the
+// image sets it); else the "admin" option of the Caddyfile in the working
+// directory; else Caddy's default. Any of them may be a unix socket
+// (unix//path), which is where the shipped configs put it.
+func adminAddress(f tenantsFlags) (string, error) {
+	if f.address == "" && f.config == "" {
+		if env := os.Getenv("CADDY_ADMIN"); env != "" {
+			return env, nil
+		}
+		if _, err := os.Stat("Caddyfile"); err == nil {
+			f.config = "Caddyfile"
+		}
+	}
+	addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+	if err != nil {
+		return "", fmt.Errorf("finding the admin endpoint's address: %v (pass --address unix//<path of its socket>, or --config <its Caddyfile>)", err)
+	}
+	return addr, nil
 }
 
 // maxTenantsAnswer bounds what the command reads from the admin API: tens
@@ -420,8 +447,11 @@ func adminCall(ctx context.Context, addr, method, uri string) ([]byte, error) {
 			hint = " (pass --client-id)"
 		}
 		return nil, fmt.Errorf("Caddy's admin API at %s refused %s %s: %s%s", addr, method, uri, shorten(strings.TrimPrefix(a.err.Error(), "caddy responded with error: "), 300), hint)
+	case strings.Contains(a.err.Error(), "permission denied"):
+		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Only the sidecar's own user may open its admin socket: run this command as that user (in Kubernetes: kubectl exec -c fortnox-sidecar)",
+			addr, dialFailure(a.err))
 	default:
-		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Is the sidecar running? If its admin endpoint listens elsewhere, pass --address (the \"admin\" global option of its Caddyfile) or --config <its Caddyfile>",
+		return nil, fmt.Errorf("cannot reach Caddy's admin API at %s: %s. Is the sidecar running? If its admin endpoint listens elsewhere, pass --address (the \"admin\" global option of its Caddyfile, such as unix//run/caddy-fortnox/admin.sock) or --config <its Caddyfile>, or set CADDY_ADMIN",
 			addr, dialFailure(a.err))
 	}
 }
@@ -608,9 +638,9 @@ func transferCommand(verb string) *cobra.Command {
 		RunE: func(c *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(c.Context(), 5*time.Minute)
 			defer cancel()
-			addr, err := caddycmd.DetermineAdminAPIAddress(f.address, nil, f.config, f.adapter)
+			addr, err := adminAddress(f)
 			if err != nil {
-				return fmt.Errorf("finding the admin API's address: %v (pass --address)", err)
+				return err
 			}
 			q := url.Values{}
 			if f.clientID != "" {
@@ -630,7 +660,7 @@ func transferCommand(verb string) *cobra.Command {
 			return printTransfer(c.OutOrStdout(), verb, body)
 		},
 	}
-	c.Flags().StringVar(&f.address, "address", "", "the admin API's address (default: the \"admin\" option of --config, else localhost:2019)")
+	c.Flags().StringVar(&f.address, "address", "", adminAddressHelp)
 	c.Flags().StringVarP(&f.config, "config", "c", "", "the sidecar's config file, to read its admin address from")
 	c.Flags().StringVarP(&f.adapter, "adapter", "a", "", "the config adapter of --config")
 	c.Flags().StringVar(&f.clientID, "client-id", "", "the client id, when the sidecar has more than one")

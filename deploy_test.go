@@ -3,11 +3,13 @@ package fortnox
 import (
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -45,6 +47,12 @@ func TestDockerfileBuildsWithXcaddySh(t *testing.T) {
 		"VOLUME /data",            // Caddy's storage
 		"ENV XDG_DATA_HOME=/data", // ... is where Caddy puts it
 		`"--config", "/etc/caddy/Caddyfile"`,
+		// The admin socket's directory, made in the build stage (the
+		// runtime image has no shell), 0700 and the image user's; and
+		// CADDY_ADMIN, which the image's Caddyfile and `caddy fortnox` read.
+		"RUN install -d -m 0700 /out/run/caddy-fortnox",
+		"COPY --from=build --chown=nonroot:nonroot /out/run/ /run/",
+		"ENV CADDY_ADMIN=" + imageAdminSocket + "\n",
 	} {
 		if !strings.Contains(df, want) {
 			t.Errorf("Dockerfile lacks %q", want)
@@ -225,18 +233,45 @@ type k8sObject struct {
 	Metadata struct {
 		Name string `yaml:"name"`
 	} `yaml:"metadata"`
-	Data map[string]string `yaml:"data"`
-	Spec struct {
+	Data       map[string]string `yaml:"data"`
+	StringData map[string]string `yaml:"stringData"`
+	Spec       struct {
 		AccessModes []string `yaml:"accessModes"`
 		Template    struct {
+			Metadata struct {
+				Labels      map[string]string `yaml:"labels"`
+				Annotations map[string]string `yaml:"annotations"`
+			} `yaml:"metadata"`
 			Spec k8sPodSpec `yaml:"spec"`
 		} `yaml:"template"`
+		// NetworkPolicy
+		PodSelector struct {
+			MatchLabels map[string]string `yaml:"matchLabels"`
+		} `yaml:"podSelector"`
+		PolicyTypes []string `yaml:"policyTypes"`
+		Ingress     []struct {
+			From []struct {
+				PodSelector *struct {
+					MatchLabels map[string]string `yaml:"matchLabels"`
+				} `yaml:"podSelector"`
+				NamespaceSelector map[string]any `yaml:"namespaceSelector"`
+				IPBlock           map[string]any `yaml:"ipBlock"`
+			} `yaml:"from"`
+			Ports []struct {
+				Port int `yaml:"port"`
+			} `yaml:"ports"`
+		} `yaml:"ingress"`
 		VolumeClaimTemplates []struct {
 			Spec struct {
 				AccessModes []string `yaml:"accessModes"`
 			} `yaml:"spec"`
 		} `yaml:"volumeClaimTemplates"`
 	} `yaml:"spec"`
+}
+
+type k8sPort struct {
+	Name          string `yaml:"name"`
+	ContainerPort int    `yaml:"containerPort"`
 }
 
 type k8sPodSpec struct {
@@ -250,12 +285,16 @@ type k8sPodSpec struct {
 		Name      string         `yaml:"name"`
 		ConfigMap map[string]any `yaml:"configMap"`
 		PVC       map[string]any `yaml:"persistentVolumeClaim"`
+		EmptyDir  map[string]any `yaml:"emptyDir"`
 	} `yaml:"volumes"`
 }
 
 type k8sContainer struct {
-	Name          string `yaml:"name"`
-	RestartPolicy string `yaml:"restartPolicy"`
+	Name          string    `yaml:"name"`
+	RestartPolicy string    `yaml:"restartPolicy"`
+	Args          []string  `yaml:"args"`
+	EnvFrom       []any     `yaml:"envFrom"`
+	Ports         []k8sPort `yaml:"ports"`
 	Env           []struct {
 		Name      string `yaml:"name"`
 		Value     string `yaml:"value"`
@@ -298,7 +337,7 @@ func TestKubernetesExample(t *testing.T) {
 		}
 		kinds[obj.Kind+"/"+obj.Metadata.Name] = obj
 	}
-	for _, k := range []string{"Secret/fortnox-credentials", "ConfigMap/fortnox-sidecar", "ConfigMap/fortnox-redis", "Service/fortnox-redis", "StatefulSet/fortnox-redis", "Deployment/my-fortnox-app"} {
+	for _, k := range []string{"Secret/fortnox-credentials", "ConfigMap/fortnox-sidecar", "ConfigMap/fortnox-redis", "Service/fortnox-redis", "StatefulSet/fortnox-redis", "NetworkPolicy/fortnox-redis", "Deployment/my-fortnox-app"} {
 		if _, ok := kinds[k]; !ok {
 			t.Errorf("no %s", k)
 		}
@@ -311,7 +350,8 @@ func TestKubernetesExample(t *testing.T) {
 	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(caddyfile), map[string]any{"filename": "Caddyfile"}); err != nil {
 		t.Errorf("the ConfigMap's Caddyfile does not adapt: %v", err)
 	}
-	for _, want := range []string{"bind 127.0.0.1", "{env.FORTNOX_CLIENT_ID}", "{env.FORTNOX_CLIENT_SECRET}", "{env.FORTNOX_STORAGE_KEY}", "redis {env.FORTNOX_REDIS_URL}", "storage file_system /data/"} {
+	for _, want := range []string{"bind 127.0.0.1", "{env.FORTNOX_CLIENT_ID}", "{env.FORTNOX_CLIENT_SECRET}", "{env.FORTNOX_STORAGE_KEY}",
+		"redis redis://:{env.FORTNOX_REDIS_PASSWORD}@fortnox-redis:6379/0", "storage file_system /data/", "admin " + imageAdminSocket} {
 		if !strings.Contains(caddyfile, want) {
 			t.Errorf("the ConfigMap's Caddyfile lacks %q", want)
 		}
@@ -319,10 +359,13 @@ func TestKubernetesExample(t *testing.T) {
 	// Redis keeps the only copy of rotated refresh tokens: AOF, fsynced on
 	// every write, on a persistent volume.
 	conf := kinds["ConfigMap/fortnox-redis"].Data["redis.conf"]
-	for _, want := range []string{"appendonly yes", "appendfsync always", "dir /data"} {
-		if !strings.Contains(conf, want) {
+	for _, want := range []string{"appendonly yes", "appendfsync always", "dir /data", "protected-mode yes"} {
+		if !regexp.MustCompile(`(?m)^\s*` + regexp.QuoteMeta(want) + `\s*$`).MatchString(conf) {
 			t.Errorf("redis.conf lacks %q", want)
 		}
+	}
+	if strings.Contains(conf, "protected-mode no") || strings.Contains(conf, "requirepass") {
+		t.Error("redis.conf turns protected mode off, or holds the password (it comes from the Secret)")
 	}
 	if claims := kinds["StatefulSet/fortnox-redis"].Spec.VolumeClaimTemplates; len(claims) != 1 {
 		t.Error("Redis has no persistent volume for its append-only file")
@@ -356,7 +399,7 @@ func TestKubernetesExample(t *testing.T) {
 			secrets[e.Name] = true
 		}
 	}
-	for _, name := range []string{"FORTNOX_CLIENT_ID", "FORTNOX_CLIENT_SECRET", "FORTNOX_STORAGE_KEY", "FORTNOX_REDIS_URL"} {
+	for _, name := range []string{"FORTNOX_CLIENT_ID", "FORTNOX_CLIENT_SECRET", "FORTNOX_STORAGE_KEY", "FORTNOX_REDIS_PASSWORD"} {
 		if !secrets[name] {
 			t.Errorf("%s does not come from the Secret", name)
 		}
@@ -377,6 +420,7 @@ func TestKubernetesExample(t *testing.T) {
 	if sc := sidecar.SecurityContext; sc.AllowPrivilegeEscalation == nil || *sc.AllowPrivilegeEscalation || !sc.ReadOnlyRootFilesystem {
 		t.Error("the sidecar must not escalate privileges and must have a read-only root file system")
 	}
+	checkKubernetesTrustBoundary(t, kinds, sidecar)
 }
 
 // docFiles are the files that show users commands and Caddyfiles.
@@ -525,6 +569,297 @@ func TestStorageKeyRequiredWhereNamed(t *testing.T) {
 			if strings.Contains(line, "FORTNOX_STORAGE_KEY") && strings.Contains(strings.ToLower(line), "optional") {
 				t.Errorf("%s:%d calls FORTNOX_STORAGE_KEY optional, but the Kubernetes Caddyfile requires it: %s", f, i+1, line)
 			}
+		}
+	}
+}
+
+// imageAdminSocket is where the image, its Caddyfile and the Kubernetes
+// example put Caddy's admin endpoint.
+const imageAdminSocket = "unix//run/caddy-fortnox/admin.sock"
+
+// unsetEnv removes environment variables for the test (t.Setenv can only
+// set them, and an empty value is not the same as none for {$VAR:default}).
+func unsetEnv(t *testing.T, names ...string) {
+	t.Helper()
+	for _, name := range names {
+		if v, ok := os.LookupEnv(name); ok {
+			os.Unsetenv(name)
+			t.Cleanup(func() { os.Setenv(name, v) })
+		}
+	}
+}
+
+// adaptedAdmin adapts a Caddyfile and returns its admin listen address and
+// the servers' listen addresses by the handlers they run.
+func adaptedAdmin(t *testing.T, name, text string) (admin string, metricsListen []string, warnings []string) {
+	t.Helper()
+	adapted, ws, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(text), map[string]any{"filename": name})
+	if err != nil {
+		t.Fatalf("%s does not adapt: %v", name, err)
+	}
+	for _, w := range ws {
+		warnings = append(warnings, w.String())
+	}
+	var cfg struct {
+		Admin struct {
+			Listen string `json:"listen"`
+		} `json:"admin"`
+		Apps struct {
+			HTTP struct {
+				Servers map[string]struct {
+					Listen []string        `json:"listen"`
+					Routes json.RawMessage `json:"routes"`
+				} `json:"servers"`
+			} `json:"http"`
+		} `json:"apps"`
+	}
+	if err := json.Unmarshal(adapted, &cfg); err != nil {
+		t.Fatal(err)
+	}
+	for _, srv := range cfg.Apps.HTTP.Servers {
+		if strings.Contains(string(srv.Routes), `"handler":"metrics"`) {
+			if strings.Contains(string(srv.Routes), `"handler":"fortnox"`) {
+				t.Errorf("%s: the metrics handler shares a server with the fortnox handler", name)
+			}
+			metricsListen = append(metricsListen, srv.Listen...)
+		}
+	}
+	return cfg.Admin.Listen, metricsListen, warnings
+}
+
+// In Kubernetes the app shares the pod's loopback and IP with the sidecar
+// but none of its secrets: the admin socket's volume, the Secret and
+// Redis's password go to the sidecar container alone; Redis asks for the
+// password, keeps protected mode on, and admits only pods that run a
+// sidecar; Prometheus scrapes a metrics site, not the admin endpoint.
+func checkKubernetesTrustBoundary(t *testing.T, kinds map[string]k8sObject, sidecar *k8sContainer) {
+	t.Helper()
+	unsetEnv(t, "CADDY_ADMIN")
+	caddyfile := kinds["ConfigMap/fortnox-sidecar"].Data["Caddyfile"]
+	admin, metricsListen, warnings := adaptedAdmin(t, "sidecar.yaml's Caddyfile", caddyfile)
+	if admin != imageAdminSocket {
+		t.Errorf("the ConfigMap's Caddyfile puts the admin endpoint on %q, want %s", admin, imageAdminSocket)
+	}
+	for _, w := range warnings {
+		t.Errorf("the ConfigMap's Caddyfile adapts with a warning: %s", w)
+	}
+
+	pod := kinds["Deployment/my-fortnox-app"].Spec.Template
+	// The admin socket's directory: an emptyDir mounted into the sidecar
+	// container alone.
+	socketDir := strings.TrimSuffix(strings.TrimPrefix(imageAdminSocket, "unix/"), "/admin.sock")
+	var adminVolume string
+	for _, m := range sidecar.VolumeMounts {
+		if m.MountPath == socketDir {
+			adminVolume = m.Name
+		}
+	}
+	if adminVolume == "" {
+		t.Fatalf("the sidecar mounts no volume at %s, the admin socket's directory (its root file system is read-only)", socketDir)
+	}
+	for _, v := range pod.Spec.Volumes {
+		if v.Name == adminVolume && v.EmptyDir == nil {
+			t.Errorf("volume %s (the admin socket) is not an emptyDir: it must be the pod's own", adminVolume)
+		}
+	}
+	everyContainer := append(append([]k8sContainer{}, pod.Spec.InitContainers...), pod.Spec.Containers...)
+	if len(everyContainer) < 2 {
+		t.Fatal("the pod has no app container beside the sidecar")
+	}
+	for _, c := range everyContainer {
+		if c.Name == sidecar.Name {
+			continue
+		}
+		for _, m := range c.VolumeMounts {
+			if m.Name == adminVolume || m.MountPath == socketDir || m.Name == "tokens" {
+				t.Errorf("container %s mounts %s at %s: only the sidecar may", c.Name, m.Name, m.MountPath)
+			}
+		}
+		if len(c.EnvFrom) > 0 {
+			t.Errorf("container %s takes envFrom: it could hold the sidecar's secrets", c.Name)
+		}
+		for _, e := range c.Env {
+			if len(e.ValueFrom.SecretKeyRef) > 0 {
+				t.Errorf("container %s gets %s from a Secret: only the sidecar gets secrets", c.Name, e.Name)
+			}
+			if strings.Contains(e.Value, "2019") || strings.Contains(strings.ToUpper(e.Name), "ADMIN") {
+				t.Errorf("container %s is told of an admin endpoint (%s=%s)", c.Name, e.Name, e.Value)
+			}
+		}
+	}
+	redisPassword := ""
+	for _, e := range sidecar.Env {
+		if e.Name == "FORTNOX_REDIS_PASSWORD" {
+			redisPassword = e.ValueFrom.SecretKeyRef["key"]
+		}
+	}
+	if redisPassword == "" || kinds["Secret/fortnox-credentials"].StringData[redisPassword] == "" {
+		t.Errorf("the sidecar's FORTNOX_REDIS_PASSWORD does not come from a key of the Secret (%q)", redisPassword)
+	}
+
+	// Redis: the same password, from the Secret, as requirepass.
+	redisPod := kinds["StatefulSet/fortnox-redis"].Spec.Template
+	if len(redisPod.Spec.Containers) != 1 {
+		t.Fatalf("Redis runs %d containers, want 1", len(redisPod.Spec.Containers))
+	}
+	redis := redisPod.Spec.Containers[0]
+	passwordVar := ""
+	for _, e := range redis.Env {
+		if e.ValueFrom.SecretKeyRef["name"] == "fortnox-credentials" && e.ValueFrom.SecretKeyRef["key"] == redisPassword && e.Name != "REDISCLI_AUTH" {
+			passwordVar = e.Name
+		}
+	}
+	if passwordVar == "" || !strings.Contains(strings.Join(redis.Args, " "), "--requirepass $("+passwordVar+")") {
+		t.Errorf("Redis does not take requirepass from the Secret's %s: args %q", redisPassword, redis.Args)
+	}
+
+	// The NetworkPolicy: selects the Redis pods, admits on 6379 only pods
+	// labelled as the Deployment's pods are.
+	np := kinds["NetworkPolicy/fortnox-redis"].Spec
+	if !reflect.DeepEqual(np.PodSelector.MatchLabels, map[string]string{"app": "fortnox-redis"}) || redisPod.Metadata.Labels["app"] != "fortnox-redis" {
+		t.Errorf("the NetworkPolicy selects %v, the Redis pods are labelled %v", np.PodSelector.MatchLabels, redisPod.Metadata.Labels)
+	}
+	if !slices.Contains(np.PolicyTypes, "Ingress") || len(np.Ingress) != 1 || len(np.Ingress[0].From) != 1 {
+		t.Fatalf("the NetworkPolicy must have one Ingress rule from one peer: %+v", np)
+	}
+	peer := np.Ingress[0].From[0]
+	if peer.PodSelector == nil || len(peer.PodSelector.MatchLabels) == 0 || peer.NamespaceSelector != nil || peer.IPBlock != nil {
+		t.Fatalf("the NetworkPolicy admits %+v, want pods by label only", peer)
+	}
+	for k, v := range peer.PodSelector.MatchLabels {
+		if pod.Metadata.Labels[k] != v {
+			t.Errorf("the NetworkPolicy admits pods labelled %s=%s, which the sidecar's pods are not (%v)", k, v, pod.Metadata.Labels)
+		}
+	}
+	if len(np.Ingress[0].Ports) != 1 || np.Ingress[0].Ports[0].Port != 6379 {
+		t.Errorf("the NetworkPolicy opens %+v, want 6379 only", np.Ingress[0].Ports)
+	}
+
+	// Metrics: a site of its own, the port the annotations name, declared
+	// on the sidecar container.
+	port := pod.Metadata.Annotations["prometheus.io/port"]
+	if pod.Metadata.Annotations["prometheus.io/scrape"] != "true" || port == "" {
+		t.Fatalf("the pod is not annotated for Prometheus: %v", pod.Metadata.Annotations)
+	}
+	if !slices.Contains(metricsListen, ":"+port) {
+		t.Errorf("Prometheus scrapes port %s, the metrics handler listens on %v", port, metricsListen)
+	}
+	declared := false
+	for _, p := range sidecar.Ports {
+		declared = declared || strconv.Itoa(p.ContainerPort) == port
+	}
+	if !declared {
+		t.Errorf("the sidecar does not declare port %s (metrics)", port)
+	}
+
+	// kubectl, where it is installed, reads every object (offline: it is
+	// given a cluster that does not exist, so it never asks one).
+	if kubectl, err := exec.LookPath("kubectl"); err == nil {
+		kubeconfig := filepath.Join(t.TempDir(), "config")
+		if err := os.WriteFile(kubeconfig, []byte("apiVersion: v1\nkind: Config\nclusters:\n- name: none\n  cluster: {server: \"https://127.0.0.1:1\"}\ncontexts:\n- name: none\n  context: {cluster: none, user: none}\ncurrent-context: none\nusers:\n- name: none\n  user: {}\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(kubectl, "label", "--local", "-f", "deploy/kubernetes/sidecar.yaml", "checked=yes", "-o", "name")
+		cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("kubectl cannot read deploy/kubernetes/sidecar.yaml: %v\n%s", err, out)
+		}
+		if got := len(strings.Fields(string(out))); got != len(kinds) {
+			t.Errorf("kubectl read %d objects, the YAML has %d:\n%s", got, len(kinds), out)
+		}
+	}
+}
+
+// tcpAdmin matches a TCP admin address or URL: Caddy's default port, or an
+// `admin` option (or CADDY_ADMIN) naming anything but a unix socket or off.
+var tcpAdmin = []*regexp.Regexp{
+	regexp.MustCompile(`\b2019\b`),
+	regexp.MustCompile(`(?m)^\s*admin\s+(\{\$[A-Z_]+:)?"?(localhost|tcp|https?:|\d|\[|:)`),
+	regexp.MustCompile(`(CADDY_ADMIN|--address)[= ]["']?(localhost|tcp|https?:|\d|\[|:)`),
+}
+
+// No file we ship shows a TCP admin address or URL (issue 16): every
+// Caddyfile puts the admin endpoint on a unix socket, and no doc, script
+// or manifest names the TCP one, not even to describe the attack.
+func TestShippedFilesKeepTheAdminOffTCP(t *testing.T) {
+	files := append(docFiles(t), "Caddyfile.example", "demo/Caddyfile", "run.sh", "Dockerfile", "deploy/kubernetes/sidecar.yaml", "xcaddy.sh", ".dockerignore")
+	more, err := filepath.Glob("deploy/*/*")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range more {
+		if !slices.Contains(files, f) {
+			files = append(files, f)
+		}
+	}
+	for _, f := range files {
+		for i, line := range strings.Split(readFile(t, f), "\n") {
+			for _, re := range tcpAdmin {
+				if re.MatchString(line) {
+					t.Errorf("%s:%d shows a TCP admin address: %s", f, i+1, strings.TrimSpace(line))
+				}
+			}
+		}
+	}
+
+	// Each shipped Caddyfile, and each doc's Caddyfile with global options,
+	// adapts to an admin endpoint on a unix socket, with no warning.
+	unsetEnv(t, "CADDY_ADMIN", "FORTNOX_DEMO_PORT", "FORTNOX_FAKE_PORT")
+	want := map[string]string{"Caddyfile.example": imageAdminSocket, "demo/Caddyfile": "unix/.demo/admin/admin.sock"}
+	for f, socket := range want {
+		admin, metrics, warnings := adaptedAdmin(t, f, readFile(t, f))
+		if admin != socket {
+			t.Errorf("%s: the admin endpoint is %q, want %s", f, admin, socket)
+		}
+		for _, w := range warnings {
+			t.Errorf("%s adapts with a warning: %s", f, w)
+		}
+		if f == "Caddyfile.example" && !slices.Contains(metrics, ":9180") {
+			t.Errorf("%s serves metrics on %v, want a site of its own on :9180", f, metrics)
+		}
+	}
+	block := regexp.MustCompile("(?s)```caddyfile\n(.*?)```")
+	for _, f := range docFiles(t) {
+		for i, m := range block.FindAllStringSubmatch(readFile(t, f), -1) {
+			if !strings.HasPrefix(strings.TrimSpace(m[1]), "{") || !strings.Contains(m[1], "fortnox") {
+				continue // a fragment, or no global options
+			}
+			name := fmt.Sprintf("%s block %d", f, i+1)
+			adapted, ws, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(m[1]), map[string]any{"filename": "Caddyfile"})
+			if err != nil {
+				continue // a sketch with … in it
+			}
+			var cfg struct {
+				Admin struct {
+					Listen string `json:"listen"`
+				} `json:"admin"`
+			}
+			_ = json.Unmarshal(adapted, &cfg)
+			if !strings.HasPrefix(cfg.Admin.Listen, "unix/") {
+				t.Errorf("%s: the admin endpoint is %q, want a unix socket", name, cfg.Admin.Listen)
+			}
+			for _, w := range ws {
+				if strings.Contains(w.Message, "admin endpoint") {
+					t.Errorf("%s: %s", name, w)
+				}
+			}
+		}
+	}
+
+	// run.sh: the socket in a 0700 directory, CADDY_ADMIN set to it (both
+	// Caddyfiles read it), and a banner with no TCP admin URL (the first
+	// check above).
+	sh := readFile(t, "run.sh")
+	for _, want := range []string{`admin_dir=.demo/admin`, `admin_socket="$admin_dir/admin.sock"`, `chmod 0700 "$admin_dir"`, `export CADDY_ADMIN="unix/$admin_socket"`,
+		`FORTNOX_DEMO_PORT="${FORTNOX_DEMO_PORT:-8080}"`, `FORTNOX_FAKE_PORT="${FORTNOX_FAKE_PORT:-8099}"`, "export CADDY_ADMIN=@ADMIN@"} {
+		if !strings.Contains(sh, want) {
+			t.Errorf("run.sh lacks %q", want)
+		}
+	}
+	for _, f := range []string{"Caddyfile.example", "demo/Caddyfile"} {
+		if !strings.Contains(readFile(t, f), "admin {$CADDY_ADMIN:") {
+			t.Errorf("%s does not read CADDY_ADMIN: run.sh's socket would not be the one Caddy opens", f)
 		}
 	}
 }

@@ -115,6 +115,7 @@ type caddyfileTemplate struct {
 	upstream        string
 	options         string // extra lines inside the fortnox block
 	extraSites      string // more site blocks, appended to the Caddyfile
+	adminListen     string // the admin option; empty: 127.0.0.1:<adminPort>
 }
 
 func freePort(t testing.TB) int {
@@ -177,8 +178,12 @@ func (s *sidecar) accessLogPath() string {
 }
 
 func (s *sidecar) caddyfile() string {
+	admin := s.adminListen
+	if admin == "" {
+		admin = fmt.Sprintf("127.0.0.1:%d", s.adminPort)
+	}
 	return fmt.Sprintf(`{
-	admin 127.0.0.1:%d
+	admin %s
 	persist_config off
 	storage file_system %s
 	log {
@@ -202,7 +207,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-%s`, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
+%s`, admin, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
 		indentOptions(s.options), s.upstream, s.extraSites)
 }
 

@@ -25,7 +25,7 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	h := &Handler{logger: zap.NewNop(), replayBodyLimit: defaultReplayBodyLimit, rateWindow: defaultRateWindow, maxWait: time.Second}
 	h.resolver = newTenantResolver(DefaultTenantHeader, nil, false, false)
 	h.accountHeader = DefaultAccountHeader
-	h.owned = []string{"Authorization", "Proxy-Authorization", DefaultTenantHeader, DefaultAccountHeader}
+	h.owned = ownedHeaders(DefaultTenantHeader, DefaultAccountHeader)
 	h.tokens = newTokenManager("http://127.0.0.1:1/token", "bench-client")
 	tb.Cleanup(func() { _ = h.tokens.Destruct() })
 	h.settings = &managerSettings{refreshBefore: defaultRefreshBefore, tokenTimeout: time.Second, logger: zap.NewNop()}

@@ -200,7 +200,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("account_header %q is not a usable header name (nor the tenant header)", accountHeader)
 	}
 	h.accountHeader = http.CanonicalHeaderKey(accountHeader)
-	h.owned = []string{"Authorization", "Proxy-Authorization", http.CanonicalHeaderKey(header), h.accountHeader}
+	h.owned = ownedHeaders(http.CanonicalHeaderKey(header), h.accountHeader)
 	if h.MaxTokenRequests < 0 {
 		return errors.New("max_token_requests must not be negative")
 	}

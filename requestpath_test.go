@@ -259,3 +259,76 @@ func TestReplayDoesNotJoinAFlightThatReturnsTheFailedToken(t *testing.T) {
 		t.Errorf("%d token requests, want 1", n)
 	}
 }
+
+// Fortnox's old auth headers (Access-Token, Client-Secret,
+// Authorization-Code), which some SDKs still send on every request, never
+// reach Fortnox: not as headers, not as trailers, and naming them in
+// Connection changes nothing else.
+func TestOldFortnoxAuthHeadersNeverPass(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc := startSidecar(t, fake, "replay_body_limit 1KiB")
+	old := "Access-Token: app-access-token\nclient-secret: app-client-secret\nAUTHORIZATION-CODE: app-code\n"
+	lastRequest := func() fakefortnox.APIRequest {
+		reqs := fake.APIRequests()
+		return reqs[len(reqs)-1]
+	}
+	check := func(what string, got fakefortnox.APIRequest) {
+		t.Helper()
+		if got.Tenant != "1234567" || got.Status != http.StatusOK {
+			t.Errorf("%s: reached Fortnox as tenant %q with status %d", what, got.Tenant, got.Status)
+		}
+		for _, name := range []string{"Access-Token", "Client-Secret", "Authorization-Code"} {
+			if v := got.Header.Get(name); v != "" {
+				t.Errorf("%s: header %s: %q reached Fortnox", what, name, v)
+			}
+			if v := got.Trailer.Get(name); v != "" {
+				t.Errorf("%s: trailer %s: %q reached Fortnox", what, name, v)
+			}
+		}
+		for _, v := range got.Header.Values("Connection") {
+			if strings.Contains(strings.ToLower(v), "token") || strings.Contains(strings.ToLower(v), "secret") {
+				t.Errorf("%s: Connection %q reached Fortnox", what, v)
+			}
+		}
+	}
+
+	status, body := sc.rawRequest("GET /3/companyinformation HTTP/1.1\nHost: 127.0.0.1\nX-Fortnox-Tenant: 1234567\n" + old + "X-Other: kept\n\n")
+	if status != http.StatusOK {
+		t.Fatalf("headers: %d %s", status, body)
+	}
+	got := lastRequest()
+	check("headers", got)
+	if got.Header.Get("X-Other") != "kept" {
+		t.Error("another header of the app was lost: the test cannot see headers")
+	}
+
+	for _, conn := range []string{"Access-Token", "Client-Secret, X-Drop-Me, authorization-code"} {
+		status, body := sc.rawRequest("GET /3/companyinformation HTTP/1.1\nHost: 127.0.0.1\nX-Fortnox-Tenant: 1234567\n" + old + "X-Drop-Me: 1\nConnection: " + conn + "\n\n")
+		if status != http.StatusOK {
+			t.Fatalf("Connection: %s: %d %s", conn, status, body)
+		}
+		got := lastRequest()
+		check("Connection: "+conn, got)
+		if strings.Contains(conn, "X-Drop-Me") && got.Header.Get("X-Drop-Me") != "" {
+			t.Error("a header the app named in Connection was forwarded: hop-by-hop handling broke")
+		}
+	}
+
+	for _, size := range []int{10, 4000} { // kept for a replay, and streamed
+		payload := strings.Repeat("x", size)
+		raw := fmt.Sprintf("POST /3/invoices HTTP/1.1\nHost: 127.0.0.1\nX-Fortnox-Tenant: 1234567\nTransfer-Encoding: chunked\nTrailer: Access-Token, Client-Secret, Authorization-Code, X-Other\n\n%x\n%s\n0\n%sX-Other: kept\n\n", size, payload, old)
+		status, body := sc.rawRequest(raw)
+		if status != http.StatusOK {
+			t.Fatalf("%d-byte body: %d %s", size, status, body)
+		}
+		got := lastRequest()
+		check(fmt.Sprintf("trailers of a %d-byte body", size), got)
+		if len(got.Body) != size || got.Trailer.Get("X-Other") != "kept" {
+			t.Errorf("%d-byte body: %d bytes and trailers %v reached Fortnox: the test cannot see trailers", size, len(got.Body), got.Trailer)
+		}
+	}
+	if n := fake.Unauthorized(""); n != 0 {
+		t.Errorf("%d requests reached Fortnox without the token", n)
+	}
+}

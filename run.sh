@@ -6,14 +6,28 @@
 # the bundled fake Fortnox on 127.0.0.1:8099 and demo/Caddyfile, so you can
 # try the sidecar, and the migration of a refresh-token customer, with no
 # Fortnox account. The first build takes a few minutes; later ones seconds.
+#
+# Caddy's admin endpoint is the unix socket .demo/admin/admin.sock, in a
+# directory only your user can open (CADDY_ADMIN, which both Caddyfiles and
+# `./caddy fortnox` read). The demo's ports move with FORTNOX_DEMO_PORT (the
+# proxy, 8080) and FORTNOX_FAKE_PORT (the fake Fortnox, 8099).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 ./xcaddy.sh
 
+# The admin endpoint can read every secret and token of the sidecar: a
+# socket in a 0700 directory, never a TCP port.
+admin_dir=.demo/admin
+admin_socket="$admin_dir/admin.sock"
+mkdir -p "$admin_dir"
+chmod 0700 "$admin_dir"
+export CADDY_ADMIN="unix/$admin_socket"
+
 if [ -n "${FORTNOX_CLIENT_ID:-}" ] && [ -n "${FORTNOX_CLIENT_SECRET:-}" ]; then
 	echo "run.sh: FORTNOX_CLIENT_ID is set: running Caddyfile.example against Fortnox" >&2
 	echo "run.sh: try: curl -H 'X-Fortnox-Tenant: <TenantId>' http://127.0.0.1:8080/3/companyinformation" >&2
+	echo "run.sh: the admin endpoint is the socket $admin_socket: export CADDY_ADMIN=$CADDY_ADMIN, then ./caddy fortnox tenants" >&2
 	exec ./caddy run --config Caddyfile.example
 fi
 
@@ -24,6 +38,8 @@ rm -rf .demo/storage
 mkdir -p .demo bin
 go build -o bin/fakefortnox ./test/fakefortnox/cmd/fakefortnox
 export FORTNOX_CLIENT_ID=demo-client FORTNOX_CLIENT_SECRET=demo-secret
+export FORTNOX_DEMO_PORT="${FORTNOX_DEMO_PORT:-8080}" FORTNOX_FAKE_PORT="${FORTNOX_FAKE_PORT:-8099}"
+demo_port=$FORTNOX_DEMO_PORT fake_port=$FORTNOX_FAKE_PORT
 
 fake_pid=
 caddy_pid=
@@ -50,45 +66,70 @@ wait_for() {
 	return 1
 }
 
-for port in 8099 8080 2019; do
+for port in "$fake_port" "$demo_port"; do
 	if listening "$port"; then
-		echo "run.sh: something already listens on 127.0.0.1:$port (an earlier ./run.sh?): stop it first" >&2
+		echo "run.sh: something already listens on 127.0.0.1:$port (an earlier ./run.sh? or set FORTNOX_DEMO_PORT and FORTNOX_FAKE_PORT)" >&2
 		exit 1
 	fi
 done
+if [ -S "$admin_socket" ] && command -v curl >/dev/null && curl -s --max-time 2 --unix-socket "$admin_socket" -o /dev/null http://admin/config/ 2>/dev/null; then
+	echo "run.sh: a Caddy already answers on $admin_socket (an earlier ./run.sh?): stop it first" >&2
+	exit 1
+fi
+rm -f "$admin_socket" # left behind by a Caddy that was killed
+
+# socket_ready <pid>: until Caddy's admin socket exists; fails when Caddy
+# exits first or after 30 s.
+socket_ready() {
+	local i
+	for i in $(seq 300); do
+		[ -S "$admin_socket" ] && return 0
+		if ! kill -0 "$1" 2>/dev/null; then
+			echo "run.sh: Caddy exited before opening its admin socket $admin_socket (see its output above)" >&2
+			return 1
+		fi
+		sleep 0.1
+	done
+	echo "run.sh: Caddy has no admin socket $admin_socket after 30 s" >&2
+	return 1
+}
 
 # Tenants 1234567 and 7654321 have a service-account consent; 5550003 has
 # only a refresh token (as a customer of an integration that still runs on
 # refresh tokens), written to .demo/refresh-token-5550003.
-bin/fakefortnox -addr 127.0.0.1:8099 -client-id "$FORTNOX_CLIENT_ID" -client-secret "$FORTNOX_CLIENT_SECRET" \
+bin/fakefortnox -addr "127.0.0.1:$fake_port" -client-id "$FORTNOX_CLIENT_ID" -client-secret "$FORTNOX_CLIENT_SECRET" \
 	-tenants 1234567,7654321 -refresh-tenants 5550003 -refresh-token-dir .demo &
 fake_pid=$!
-wait_for "the fake Fortnox" 8099 "$fake_pid"
+wait_for "the fake Fortnox" "$fake_port" "$fake_pid"
 
 # In the background with `wait`, so that a signal to this script stops both.
 ./caddy run --config demo/Caddyfile &
 caddy_pid=$!
-wait_for "Caddy" 8080 "$caddy_pid"
-wait_for "Caddy's admin API" 2019 "$caddy_pid"
+wait_for "Caddy" "$demo_port" "$caddy_pid"
+socket_ready "$caddy_pid"
 
-cat >&2 <<'TXT'
+proxy="http://127.0.0.1:$demo_port"
+sed -e "s|@PROXY@|$proxy|g" -e "s|@ADMIN@|$CADDY_ADMIN|g" -e "s|@SOCKET@|$admin_socket|g" >&2 <<'TXT'
 
-  The sidecar listens on http://127.0.0.1:8080, its admin API on 127.0.0.1:2019.
-  The fake Fortnox knows tenants 1234567 (alias "demo") and 7654321, which have a
-  service-account consent, and 5550003, which has only a refresh token. In another
-  terminal, in this directory, try:
+  The sidecar listens on @PROXY@. Its admin endpoint is the unix socket
+  @SOCKET@, in a directory only your user can open: the app
+  beside a sidecar never reaches it. The fake Fortnox knows tenants 1234567
+  (alias "demo") and 7654321, which have a service-account consent, and 5550003,
+  which has only a refresh token. In another terminal, in this directory, try:
 
-    curl -s -H 'X-Fortnox-Tenant: 1234567' http://127.0.0.1:8080/3/companyinformation
-    curl -s -H 'X-Fortnox-Tenant: demo'    http://127.0.0.1:8080/3/companyinformation
-    curl -s -H 'X-Fortnox-Tenant: 5550001' http://127.0.0.1:8080/3/companyinformation   # no consent: 403
-    curl -s http://127.0.0.1:8080/3/companyinformation                                  # no tenant: 400
+    export CADDY_ADMIN=@ADMIN@   # where ./caddy fortnox finds the admin socket
+    curl -s -H 'X-Fortnox-Tenant: 1234567' @PROXY@/3/companyinformation
+    curl -s -H 'X-Fortnox-Tenant: demo'    @PROXY@/3/companyinformation
+    curl -s -H 'X-Fortnox-Tenant: 5550001' @PROXY@/3/companyinformation   # no consent: 403
+    curl -s @PROXY@/3/companyinformation                                  # no tenant: 400
     ./caddy fortnox tenants                                                            # what the sidecar knows
 
-  Move the refresh-token customer 5550003 to the sidecar (the migration step):
+  Move the refresh-token customer 5550003 to the sidecar (the migration step,
+  an operator's, on the admin socket):
 
-    curl -s -H 'X-Fortnox-Tenant: 5550003' http://127.0.0.1:8080/3/companyinformation   # 403: no token yet
-    curl -X PUT localhost:2019/fortnox/tenants/5550003/refresh_token -d "{\"refresh_token\":\"$(cat .demo/refresh-token-5550003)\"}"
-    curl -s -H 'X-Fortnox-Tenant: 5550003' http://127.0.0.1:8080/3/companyinformation   # 200, on the refresh token
+    curl -s -H 'X-Fortnox-Tenant: 5550003' @PROXY@/3/companyinformation   # 403: no token yet
+    curl --unix-socket @SOCKET@ -X PUT http://admin/fortnox/tenants/5550003/refresh_token -d "{\"refresh_token\":\"$(cat .demo/refresh-token-5550003)\"}"
+    curl -s -H 'X-Fortnox-Tenant: 5550003' @PROXY@/3/companyinformation   # 200, on the refresh token
     ./caddy fortnox tenants
 
   Ctrl-C stops both.

@@ -167,12 +167,12 @@ func (e *tokenError) advice(tenant string) string {
 	switch e.failure {
 	case failNoConsent:
 		return "Fortnox gave no token for tenant " + tenant + ": the customer has not given this integration a service-account consent and no refresh token is stored. " +
-			"Ask a system administrator of the customer to authorize the integration (authorization code flow with account_type=service), or store a refresh token for the tenant through the admin API."
+			"Ask a system administrator of the customer to authorize the integration (authorization code flow with account_type=service), or hand a refresh token for the tenant over: " + handoverStep(tenant, "") + "."
 	case failGrantRejected:
 		if e.account != "" {
 			return "Fortnox rejected the refresh token stored for account " + e.account + " of tenant " + tenant + " (used, revoked or expired). The user must authorize again: " + e.accountRemedy(tenant)
 		}
-		return "Fortnox rejected the stored refresh token for tenant " + tenant + " (used or expired). The customer must authorize the integration again; then store the new refresh token through the admin API."
+		return "Fortnox rejected the stored refresh token for tenant " + tenant + " (used or expired). The customer must authorize the integration again; then hand the new refresh token over: " + handoverStep(tenant, "") + "."
 	case failBadClient:
 		return "Fortnox rejected the configured client id or client secret. Check client_id and client_secret in the fortnox block (and the environment variables or files they name)."
 	case failBadAnswer:
@@ -191,9 +191,9 @@ func (e *tokenError) advice(tenant string) string {
 		if e.account != "" {
 			return "No refresh token is stored for account " + e.account + " of tenant " + tenant + ": " + e.accountRemedy(tenant) + " Requests without the account header use the service account."
 		}
-		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user (fortnox_connect with ?account=<name>&tenant=" + tenant + ") or store the user's refresh token with PUT /fortnox/tenants/" + tenant + "/accounts/<name>/refresh_token on the admin API. Requests without the account header use the service account."
+		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user (fortnox_connect with ?account=<name>&tenant=" + tenant + ") or hand the user's refresh token over: " + handoverStep(tenant, "<name>") + ". Requests without the account header use the service account."
 	case failUserMismatch:
-		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. Delete the account (DELETE /fortnox/tenants/" + tenant + "/accounts/" + e.account + ") before connecting another user under its name."
+		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. An operator must delete the account before another user can be connected under its name."
 	case failStorage:
 		if msg := recordRefusalAdvice(e.cause, e.whose(tenant)); msg != "" {
 			return msg
@@ -284,7 +284,7 @@ func (e *tokenError) mismatchAdvice(tenant string) string {
 	case e.account != "":
 		return msg + " The user must authorize again for tenant " + tenant + ": " + e.accountRemedy(tenant)
 	}
-	return msg + " Store tenant " + tenant + "'s own refresh token (PUT /fortnox/tenants/" + tenant + "/refresh_token on the admin API), or have the customer authorize again."
+	return msg + " Hand tenant " + tenant + "'s own refresh token over (" + handoverStep(tenant, "") + "), or have the customer authorize again."
 }
 
 // foundInRecord says whether the failure was found in a stored record (or
@@ -313,7 +313,18 @@ func (e *tokenError) whose(tenant string) string {
 // accountRemedy says how a named account gets a (new) refresh-token chain.
 func (e *tokenError) accountRemedy(tenant string) string {
 	return "connect the user (fortnox_connect with ?account=" + e.account + "&tenant=" + tenant +
-		") or store the user's refresh token with PUT /fortnox/tenants/" + tenant + "/accounts/" + e.account + "/refresh_token on the admin API."
+		") or hand the user's refresh token over: " + handoverStep(tenant, e.account) + "."
+}
+
+// handoverStep names the request that hands a refresh token over to the
+// sidecar: the hand-over route on the proxy's own listener, which is the
+// app's one way to do it (the admin endpoint is no place for the app).
+func handoverStep(tenant, account string) string {
+	path := "/tenants/" + tenant + "/refresh_token"
+	if account != "" {
+		path = "/tenants/" + tenant + "/accounts/" + account + "/refresh_token"
+	}
+	return "PUT " + path + " with {\"refresh_token\":\"…\"} on the sidecar's hand-over route (fortnox_handover)"
 }
 
 // retryAfterSeconds is the Retry-After value for an answer given at t:

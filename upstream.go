@@ -79,10 +79,23 @@ func countProxyError(uw *upstreamWriter, err error) {
 	opsMetrics.sidecarAnswered(status)
 }
 
+// oldFortnoxAuthHeaders are the headers of Fortnox's retired auth scheme,
+// which some SDKs still send on every request: the client secret and a
+// long-lived token. They never reach Fortnox through the sidecar.
+var oldFortnoxAuthHeaders = [...]string{"Access-Token", "Client-Secret", "Authorization-Code"}
+
+// ownedHeaders are the headers the sidecar owns, in canonical form: never
+// forwarded as the app sent them (headers, Connection options, trailers).
+func ownedHeaders(tenantHeader, accountHeader string) []string {
+	return append([]string{"Authorization", "Proxy-Authorization", tenantHeader, accountHeader}, oldFortnoxAuthHeaders[:]...)
+}
+
 // ownHeaders removes what the app sent in the headers the sidecar owns:
-// its own Authorization and Proxy-Authorization, the tenant and account
-// headers, and any Connection option naming them (reverse_proxy drops the
-// headers that Connection names, which would drop the injected token).
+// its own Authorization and Proxy-Authorization, Fortnox's old
+// Access-Token, Client-Secret and Authorization-Code, the tenant and
+// account headers, and any Connection option naming them (reverse_proxy
+// drops the headers that Connection names, which would drop the injected
+// token).
 func (h *Handler) ownHeaders(r *http.Request, subj subject) {
 	hdr := r.Header
 	// Authorization is overwritten by the caller; the account header is
@@ -90,6 +103,9 @@ func (h *Handler) ownHeaders(r *http.Request, subj subject) {
 	// empty one). Fewer map operations on the hot path.
 	delete(hdr, h.resolver.header)
 	delete(hdr, "Proxy-Authorization")
+	for _, k := range oldFortnoxAuthHeaders {
+		delete(hdr, k)
+	}
 	if subj.account != "" {
 		delete(hdr, h.accountHeader)
 	}

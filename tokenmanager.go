@@ -116,6 +116,8 @@ type managerSettings struct {
 	// records is the token store (nil in unit tests).
 	records *recordStore
 	logger  *zap.Logger
+	// notify is where the app hears of state changes (nil: nowhere).
+	notify *notifySettings
 }
 
 // subject is whose token: a tenant's service account (account "", the
@@ -254,6 +256,9 @@ type tokenManager struct {
 	// oldestRefreshToken: the age in seconds of the oldest stored refresh
 	// token at the last keep-alive pass.
 	oldestRefreshToken atomic.Int64
+
+	// notes tells the app of state changes (notify).
+	notes *notifier
 }
 
 func newTokenManager(tokenURL, clientID string) *tokenManager {
@@ -268,8 +273,10 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 		ctx:      ctx,
 		cancel:   cancel,
 	}
+	m.notes = newNotifier(m)
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
+	go m.notes.run()
 	return m
 }
 
@@ -350,7 +357,8 @@ const destroyGrace = 35 * time.Second
 // Destruct implements caddy.Destructor: the last config using this manager
 // is gone.
 func (m *tokenManager) Destruct() error {
-	m.mu.Lock() // no refresh may begin after this (beginRefresh)
+	m.notes.wait(5 * time.Second) // notifications being written reach the store
+	m.mu.Lock()                   // no refresh may begin after this (beginRefresh)
 	m.cancel()
 	m.mu.Unlock()
 	done := make(chan struct{})
@@ -494,6 +502,7 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 	if subj.account != "" {
 		t, err := m.viaRefreshToken(s, subj, stale)
 		if errors.Is(err, errNoRefreshToken) {
+			m.notifyRecordLost(subj)
 			terr := &tokenError{failure: failAccountNotAuthorized}
 			m.recordFailure(subj, grantRefreshToken, terr, 0)
 			return nil, terr
@@ -507,6 +516,7 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 		}
 		// The record is gone (deleted by hand, or moved): start over with
 		// client credentials, which answers "no consent" with a backoff.
+		m.notifyRecordLost(subj)
 		m.forgetMode(subj.tenant)
 	}
 	return m.viaClientCredentials(s, subj, stale)
@@ -561,6 +571,7 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 			}
 			return t, rerr
 		}
+		m.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
 	}
 	m.recordFailure(subj, grantClientCredentials, terr, took)
 	return nil, terr

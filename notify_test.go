@@ -187,11 +187,11 @@ func notifyOptions(r *receiver) string {
 
 // notifySidecar is a sidecar that notifies r, with a webhook site beside
 // it; it returns the webhook's URL.
-func notifySidecar(t *testing.T, fake *fakefortnox.Server, r *receiver) (*sidecar, string) {
+func notifySidecar(t *testing.T, fake *fakefortnox.Server, r *receiver, extra ...string) (*sidecar, string) {
 	t.Helper()
 	t.Setenv("FORTNOX_TEST_NOTIFY_SECRET", testNotifySecret)
 	t.Setenv("FORTNOX_TEST_WEBHOOK_SECRET", testWebhookSecret)
-	sc := startSidecar(t, fake, notifyOptions(r))
+	sc := startSidecar(t, fake, notifyOptions(r)+"\n"+strings.Join(extra, "\n"))
 	port := freePort(t)
 	sc.extraSites = webhookSite(port, fake, "")
 	if err := sc.load(); err != nil {
@@ -250,7 +250,9 @@ func breakChain(t *testing.T, sc *sidecar, fake *fakefortnox.Server, tenant stri
 func TestNotifyEachEvent(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	r := startReceiver(t)
-	sc, webhook := notifySidecar(t, fake, r)
+	// The refresh-token tenants keep to their refresh token for the
+	// whole test (the record lost below is found on that path).
+	sc, webhook := notifySidecar(t, fake, r, "retry_client_credentials 3h")
 
 	// A rejected chain of a tenant on its refresh token.
 	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
@@ -349,21 +351,46 @@ func TestNotifyOncePerChangeOfState(t *testing.T) {
 		t.Error("the second break has the first one's id")
 	}
 
+	// A lost record meets many requests (the tenant tries client
+	// credentials, then looks for its record): one event.
+	sc.putRefreshToken("3456789", fake.IssueRefreshToken(testClientID, "3456789"))
+	if status, body, _ := sc.get("/3/companyinformation", "3456789"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	if err := os.Remove(sc.recordPath("3456789")); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 30 {
+		if i%10 == 0 {
+			advance(fake, time.Hour)
+		}
+		if status, body, _ := sc.get("/3/companyinformation", "3456789"); status != http.StatusForbidden {
+			t.Fatalf("request %d after the record went: %d %s", i, status, body)
+		}
+	}
+	if ev := r.waitDelivered(3)[2]; ev.Event != "reconnect_required" || ev.Tenant != "3456789" || ev.Reason != "record_lost" {
+		t.Errorf("event %+v", ev) // made at the first request of the three hours
+	}
+	settle(fake)
+	if got := r.delivered(); len(got) != 3 {
+		t.Fatalf("%d events, want 3: %+v", len(got), got)
+	}
+
 	// A revocation sent twice is one change of state; a new consent and
 	// another revocation are two more.
 	fake.GrantConsent(testClientID, "2345678")
 	mustSignedEvent(t, webhook, revokeEvent("2345678"))
 	mustSignedEvent(t, webhook, revokeEvent("2345678"))
-	r.waitDelivered(3)
+	r.waitDelivered(4)
 	settle(fake)
-	if got := r.delivered(); len(got) != 3 {
-		t.Fatalf("%d events after a revocation sent twice, want 3: %+v", len(got), got)
+	if got := r.delivered(); len(got) != 4 {
+		t.Fatalf("%d events after a revocation sent twice, want 4: %+v", len(got), got)
 	}
 	mustSignedEvent(t, webhook, createEvent("2345678"))
 	mustSignedEvent(t, webhook, revokeEvent("2345678"))
-	got := r.waitDelivered(5)
+	got := r.waitDelivered(6)
 	settle(fake)
-	if len(r.delivered()) != 5 || got[3].Event != "consent_created" || got[4].Event != "consent_revoked" {
+	if len(r.delivered()) != 6 || got[4].Event != "consent_created" || got[5].Event != "consent_revoked" {
 		t.Errorf("events %+v", r.delivered())
 	}
 }

@@ -455,7 +455,9 @@ func TestNotifyGivesUpAfterADay(t *testing.T) {
 	waitFailed(t, sc, 1)
 	advance(fake, 25*time.Hour)
 	r.waitTried(2)
-	eventually(t, 10*time.Second, "the drop's log line", func() bool { return len(sc.logLines("notification dropped: the app did not take it within a day")) == 1 })
+	eventually(t, 10*time.Second, "the drop's log line", func() bool {
+		return len(sc.logLines("notification dropped: the app did not take it within a day")) == 1
+	})
 	settle(fake)
 	settle(fake)
 	if n := r.tried(); n != 2 {

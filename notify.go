@@ -267,6 +267,9 @@ func newNotifier(m *tokenManager) *notifier {
 
 // settings is the notify block in force (nil: none).
 func (n *notifier) settings() *notifySettings {
+	if n == nil { // a manager made without newTokenManager (unit tests)
+		return nil
+	}
 	if s := n.m.settings.Load(); s != nil {
 		return s.notify
 	}
@@ -366,6 +369,9 @@ func (n *notifier) release(key string) {
 
 // wait waits (bounded) for emissions still being written.
 func (n *notifier) wait(limit time.Duration) {
+	if n == nil {
+		return
+	}
 	done := make(chan struct{})
 	go func() {
 		n.emitting.Wait()

@@ -192,6 +192,11 @@ func notifySidecar(t *testing.T, fake *fakefortnox.Server, r *receiver, extra ..
 	t.Setenv("FORTNOX_TEST_NOTIFY_SECRET", testNotifySecret)
 	t.Setenv("FORTNOX_TEST_WEBHOOK_SECRET", testWebhookSecret)
 	sc := startSidecar(t, fake, notifyOptions(r)+"\n"+strings.Join(extra, "\n"))
+	t.Cleanup(func() { // the suite's log scan knows the client secret; this one the notify secret
+		if b, err := os.ReadFile(sc.logPath()); err == nil && strings.Contains(string(b), testNotifySecret) {
+			t.Errorf("the log holds the notify secret")
+		}
+	})
 	port := freePort(t)
 	sc.extraSites = webhookSite(port, fake, "")
 	if err := sc.load(); err != nil {

@@ -157,25 +157,33 @@ func TestNotifyOnceAcrossTheCluster(t *testing.T) {
 		defer app.mu.Unlock()
 		return app.attempts > attempts
 	})
+	// Find the deliverer by killing sidecars in turn (its POST ends when
+	// it dies), within the POST's own 10 s timeout; the others come back.
 	var deliverer *sidecar
+	var killed []*sidecar
 	for _, sc := range c.sidecars {
 		sc.kill()
-		gone := false
-		deadline := time.Now().Add(2 * time.Second)
-		for !gone && time.Now().Before(deadline) {
+		killed = append(killed, sc)
+		deadline := time.Now().Add(1500 * time.Millisecond)
+		for deliverer == nil && time.Now().Before(deadline) {
 			app.mu.Lock()
-			gone = app.abandoned > 0
+			if app.abandoned > 0 {
+				deliverer = sc
+			}
 			app.mu.Unlock()
 			time.Sleep(20 * time.Millisecond)
 		}
-		if gone {
-			deliverer = sc
+		if deliverer != nil {
 			break
 		}
-		sc.start() // not the one: back it comes
 	}
 	if deliverer == nil {
 		t.Fatal("no sidecar held the delivery")
+	}
+	for _, sc := range killed {
+		if sc != deliverer {
+			sc.start()
+		}
 	}
 	t.Logf("%s was delivering when it was killed", deliverer.name)
 	app.mu.Lock()

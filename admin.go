@@ -457,6 +457,7 @@ func (m *tokenManager) finishHandOver(s *managerSettings, subj subject, kept kep
 // here and in every sidecar.
 func (m *tokenManager) tenantRecovered(subj subject) {
 	m.noteRecovered(subj)
+	m.notifyChainRestored(subj)
 	m.tell(event{Kind: eventRecovered, Tenant: subj.tenant, Account: subj.account})
 }
 

@@ -201,6 +201,9 @@ func (m *tokenManager) writeQuarantine(ctx context.Context, s *managerSettings, 
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err = s.records.storage.Store(wctx, key, raw)
 		cancel()
+		if err == nil {
+			m.notifyQuarantined(q)
+		}
 		if err == nil || attempt == 3 {
 			return err
 		}

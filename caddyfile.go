@@ -46,6 +46,10 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		max_wait       <duration>
 //		replay_body_limit <size> | off
 //		check_credentials on | off
+//		notify {
+//			url    <app URL>
+//			secret <key>
+//		}
 //	}
 func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	d.Next() // consume directive name
@@ -175,6 +179,12 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 			}
 			check := raw == "on"
 			h.CheckCredentials = &check
+		case "notify":
+			n, err := parseNotify(d)
+			if err != nil {
+				return err
+			}
+			h.Notify = n
 		default:
 			return d.Errf("unrecognized subdirective %q", option)
 		}

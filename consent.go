@@ -26,6 +26,7 @@ func (m *tokenManager) consentCreated(tenant string) {
 		m.logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
 	}
 	m.noteCreated(tenant)
+	m.notifyConsent(tenant, eventCreated)
 	m.tell(event{Kind: eventCreated, Tenant: tenant})
 	m.logger().Info("consent created", zap.String("tenant", tenant))
 }
@@ -57,6 +58,7 @@ func (m *tokenManager) consentRevoked(tenant string) {
 		_ = c.dropAnyToken(ctx, subject{tenant: tenant})
 		cancel()
 	}
+	m.notifyConsent(tenant, eventRevoked)
 	m.tell(event{Kind: eventRevoked, Tenant: tenant})
 	m.logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
 }

@@ -130,6 +130,13 @@ type Handler struct {
 	// `caddy validate`. Default: on; false turns it off.
 	CheckCredentials *bool `json:"check_credentials,omitempty"`
 
+	// Tell the app when a tenant's connection changes state: a
+	// refresh-token chain rejected or lost (reconnect_required), a consent
+	// revoked or created, a handed-over token quarantined. Each is POSTed
+	// once per change of state as signed JSON, retried for up to a day.
+	// Optional.
+	Notify *Notify `json:"notify,omitempty"`
+
 	tokens          *tokenManager
 	settings        *managerSettings
 	resolver        *tenantResolver
@@ -240,6 +247,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if retryCC < 0 {
 		return errors.New("retry_client_credentials must not be negative")
 	}
+	notify, err := h.Notify.provision(repl)
+	if err != nil {
+		return err
+	}
 	records := &recordStore{storage: ctx.Storage(), clientID: clientID, tokenURL: tokenURL}
 	if records.keys, err = h.encryptionKeys(repl); err != nil {
 		return err
@@ -273,6 +284,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		records:                records,
 		listed:                 h.resolver.listed,
 		logger:                 h.logger,
+		notify:                 notify,
 	}
 	// A new manager needs settings at once (background work, admin API);
 	// an existing one gets these when this handler serves its first request.

@@ -272,6 +272,7 @@ func (m *tokenManager) refreshRefused(ctx context.Context, s *managerSettings, s
 		if serr := s.records.save(ctx, subj, rec); serr != nil {
 			m.logger().Error("could not mark the rejected refresh token in storage", append(subj.logFields(), zap.Error(serr))...)
 		}
+		m.notifyChainBroken(subj, "refresh_token_rejected")
 	}
 	return failure
 }

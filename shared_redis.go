@@ -312,6 +312,7 @@ func (m *tokenManager) applyEvent(ev event) {
 		} else {
 			m.noteCreated(ev.Tenant)
 		}
+		m.notifyConsent(ev.Tenant, ev.Kind) // told once, whichever sidecar claims it first
 	case eventRecovered:
 		m.noteRecovered(subj)
 	case eventInvalidate:

@@ -129,6 +129,8 @@ type managerSettings struct {
 	// records is the token store (nil in unit tests).
 	records *recordStore
 	logger  *zap.Logger
+	// notify is where the app hears of state changes (nil: nowhere).
+	notify *notifySettings
 	// listed holds the TenantIds the config names (`tenant` lines): known
 	// tenants, which log lines may name (see namedInLogLocked).
 	listed map[string]struct{}
@@ -280,6 +282,9 @@ type tokenManager struct {
 	// oldestRefreshToken: the age in seconds of the oldest stored refresh
 	// token at the last keep-alive pass.
 	oldestRefreshToken atomic.Int64
+
+	// notes tells the app of state changes (notify).
+	notes *notifier
 }
 
 func newTokenManager(tokenURL, clientID string) *tokenManager {
@@ -295,8 +300,10 @@ func newTokenManager(tokenURL, clientID string) *tokenManager {
 		cancel:   cancel,
 	}
 	m.refusalLog = newLogLimiter()
+	m.notes = newNotifier(m)
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
+	go m.notes.run()
 	return m
 }
 
@@ -378,7 +385,8 @@ const destroyGrace = 35 * time.Second
 // Destruct implements caddy.Destructor: the last config using this manager
 // is gone.
 func (m *tokenManager) Destruct() error {
-	m.mu.Lock() // no refresh may begin after this (beginRefresh)
+	m.notes.wait(5 * time.Second) // notifications being written reach the store
+	m.mu.Lock()                   // no refresh may begin after this (beginRefresh)
 	m.cancel()
 	m.mu.Unlock()
 	done := make(chan struct{})
@@ -522,6 +530,7 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 	if subj.account != "" {
 		t, err := m.viaRefreshToken(s, subj, stale)
 		if errors.Is(err, errNoRefreshToken) {
+			m.notifyRecordLost(subj)
 			terr := &tokenError{failure: failAccountNotAuthorized}
 			m.recordFailure(subj, grantRefreshToken, terr, 0)
 			return nil, terr
@@ -535,6 +544,7 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 		}
 		// The record is gone (deleted by hand, or moved): start over with
 		// client credentials, which answers "no consent" with a backoff.
+		m.notifyRecordLost(subj)
 		m.forgetMode(subj.tenant)
 	}
 	return m.viaClientCredentials(s, subj, stale)
@@ -589,6 +599,7 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 			}
 			return t, rerr
 		}
+		m.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
 	}
 	m.recordFailure(subj, grantClientCredentials, terr, took)
 	return nil, terr

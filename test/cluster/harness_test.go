@@ -45,6 +45,7 @@ const (
 	clientID      = "cluster-client"
 	clientSecret  = "cluster-secret-5b2c9e71"
 	webhookSecret = "cluster-webhook-secret-0d4a"
+	notifySecret  = "cluster-notify-secret-6e1f"
 	// encryptionKey is encryption_key in every sidecar: 32 bytes, base64.
 	encryptionKey = "Zm9ydG5veC1jbHVzdGVyLXRlc3Qta2V5LTMyYnl0ZXM="
 
@@ -98,7 +99,7 @@ func scanLogs() error {
 	if len(files) == 0 {
 		return fmt.Errorf("no sidecar log in %s: nothing was scanned", logDir)
 	}
-	lines, err := logscan.Files(files, clientSecret, webhookSecret, encryptionKey)
+	lines, err := logscan.Files(files, clientSecret, webhookSecret, encryptionKey, notifySecret)
 	if err == nil {
 		fmt.Printf("log scan: %d lines in %d files, no token or secret\n", lines, len(files))
 	}
@@ -143,6 +144,7 @@ type settings struct {
 	redisURL      string        // "" = no `redis` line (one process, pod-local storage)
 	maxWait       time.Duration // max_wait, always set explicitly
 	refreshBefore time.Duration // refresh_before (0: 5m, the default)
+	notifyURL     string        // notify's url ("" = no notify block)
 }
 
 // sidecar is one Caddy process with the fortnox handler on its own port,
@@ -196,6 +198,9 @@ func (sc *sidecar) configure(s settings) {
 	}
 	if s.redisURL != "" {
 		opts.WriteString("\t\tredis {env.FORTNOX_REDIS_URL}\n")
+	}
+	if s.notifyURL != "" {
+		fmt.Fprintf(&opts, "\t\tnotify {\n\t\t\turl %s\n\t\t\tsecret {env.FORTNOX_NOTIFY_SECRET}\n\t\t}\n", s.notifyURL)
 	}
 	caddyfile := fmt.Sprintf(`{
 	admin 127.0.0.1:%[2]d
@@ -258,7 +263,7 @@ func (sc *sidecar) start() {
 	cmd.Env = append(os.Environ(),
 		"FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,
 		"FORTNOX_STORAGE_KEY="+encryptionKey, "FORTNOX_WEBHOOK_SECRET="+webhookSecret,
-		"FORTNOX_REDIS_URL="+sc.redisURL,
+		"FORTNOX_REDIS_URL="+sc.redisURL, "FORTNOX_NOTIFY_SECRET="+notifySecret,
 		"XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home, "HOME="+home)
 	cmd.Stdout, cmd.Stderr = stderr, stderr
 	dieWithParent(cmd)

@@ -488,6 +488,7 @@ func TestRevokedConsentBlocksOnlyTheServiceAccount(t *testing.T) {
 // the state cookie.
 func startAccountConnect(t *testing.T, link string) (*url.URL, *http.Cookie) {
 	t.Helper()
+	link = signLink(t, link, time.Hour)
 	resp, err := noRedirects.Get(link)
 	if err != nil {
 		t.Fatal(err)
@@ -614,7 +615,7 @@ func TestConnectUserAccount(t *testing.T) {
 func TestConnectAccountLinks(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	_, public := connectSidecar(t, fake, "")
-	resp, err := noRedirects.Get(public + "/fortnox/connect?account=anna&tenant=1234567")
+	resp, err := noRedirects.Get(signLink(t, public+"/fortnox/connect?account=anna&tenant=1234567", time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -625,7 +626,7 @@ func TestConnectAccountLinks(t *testing.T) {
 
 	_, public = connectSidecar(t, fake, "account_type off")
 	for _, query := range []string{"account=anna", "tenant=1234567", "account=..&tenant=1234567", "account=anna&tenant=12ab"} {
-		resp, err := noRedirects.Get(public + "/fortnox/connect?" + query)
+		resp, err := noRedirects.Get(signLink(t, public+"/fortnox/connect?"+query, time.Hour))
 		if err != nil {
 			t.Fatal(err)
 		}

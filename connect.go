@@ -14,6 +14,7 @@ import (
 	"path"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -80,7 +81,12 @@ type Connect struct {
 	ConnectPath string `json:"connect_path,omitempty"`
 	// The path of the callback. Default: the path of redirect_uri.
 	CallbackPath string `json:"callback_path,omitempty"`
+	// The key (at least 32 bytes, used as text, never decoded) that signs
+	// connect links naming an account: without it such links are refused.
+	// Use a placeholder.
+	LinkKey string `json:"link_key,omitempty"`
 
+	linkKey      []byte
 	cookieKey    []byte
 	secure       bool
 	cookiePath   string
@@ -89,6 +95,7 @@ type Connect struct {
 	poolKey      string
 	tokens       *tokenManager
 	logger       *zap.Logger
+	causes       *causeLog
 }
 
 // CaddyModule returns the Caddy module information.
@@ -102,6 +109,7 @@ func (*Connect) CaddyModule() caddy.ModuleInfo {
 // Provision checks the settings and joins the shared token manager.
 func (c *Connect) Provision(ctx caddy.Context) error {
 	c.logger = ctx.Logger()
+	c.causes = &causeLog{every: time.Minute}
 	repl := caddy.NewReplacer()
 	clientID, err := resolveSetting(repl, "client_id", c.ClientID)
 	if err != nil {
@@ -115,6 +123,16 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 		return errors.New("cookie_secret must be at least 32 bytes (e.g. `openssl rand -base64 32`)")
 	}
 	c.cookieKey = []byte(key)
+	if c.LinkKey != "" {
+		lk, err := resolveSetting(repl, "link_key", c.LinkKey)
+		if err != nil {
+			return err
+		}
+		if len(lk) < minLinkKeyLength {
+			return fmt.Errorf("link_key must be at least %d bytes (e.g. `openssl rand -base64 32`)", minLinkKeyLength)
+		}
+		c.linkKey = []byte(lk)
+	}
 	if c.RedirectURI == "" {
 		return errors.New("redirect_uri is required: the public URL of …/callback, as registered with Fortnox")
 	}
@@ -193,6 +211,17 @@ type connectTarget struct {
 func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 	q := r.URL.Query()
 	target := connectTarget{account: q.Get("account"), tenant: q.Get("tenant")}
+	if q.Has("account") {
+		if c.linkKey == nil {
+			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "Links that name an account must be signed: this site has no link_key.", "")
+			return nil
+		}
+		if problem := checkLink(c.linkKey, q, now()); problem != "" {
+			c.logCause(string(problem), "connect link refused")
+			c.page(w, http.StatusForbidden, "This link is not valid", "The link is not signed by the app, was changed, or has expired. Ask the app for a new link.", "")
+			return nil
+		}
+	}
 	if target.account != "" || target.tenant != "" {
 		switch {
 		case c.AccountType != "off":
@@ -344,7 +373,7 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	// stored refresh token.
 	c.tokens.consentCreated(tenant)
 	c.logger.Info("customer connected", zap.String("tenant", tenant))
-	c.succeed(w, r, tenant)
+	c.succeed(w, r, tenant, "")
 }
 
 // connectAccount stores a user's chain under the account name the signed
@@ -381,11 +410,11 @@ func (c *Connect) connectAccount(w http.ResponseWriter, r *http.Request, ctx con
 		return
 	}
 	c.logger.Info("user account connected", subj.logFields()...)
-	c.succeed(w, r, target.tenant)
+	c.succeed(w, r, target.tenant, target.account)
 }
 
 // succeed ends a connection: the success page or success_redirect.
-func (c *Connect) succeed(w http.ResponseWriter, r *http.Request, tenant string) {
+func (c *Connect) succeed(w http.ResponseWriter, r *http.Request, tenant, account string) {
 	if c.SuccessRedirect != "" {
 		sep := "?"
 		if strings.Contains(c.SuccessRedirect, "?") {
@@ -395,7 +424,11 @@ func (c *Connect) succeed(w http.ResponseWriter, r *http.Request, tenant string)
 		http.Redirect(w, r, c.SuccessRedirect+sep+"tenant="+url.QueryEscape(tenant), http.StatusFound)
 		return
 	}
-	c.page(w, http.StatusOK, "Connected", "The integration is connected to your Fortnox company.", tenant)
+	message := "The integration is connected to your Fortnox company."
+	if account != "" {
+		message = "Your Fortnox user is connected as account " + account + "."
+	}
+	c.page(w, http.StatusOK, "Connected", message, tenant)
 }
 
 var pageTemplate = template.Must(template.New("page").Parse(`<!doctype html>
@@ -426,6 +459,7 @@ func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant
 //		account_type     service|off
 //		success_redirect <url>
 //		cookie_secret    <secret>
+//		link_key         <key>
 //	}
 func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	var scopes []string
@@ -439,6 +473,7 @@ func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"cookie_secret":    &c.CookieSecret,
 		"connect_path":     &c.ConnectPath,
 		"callback_path":    &c.CallbackPath,
+		"link_key":         &c.LinkKey,
 	}, map[string]*[]string{"scopes": &scopes})
 	if len(scopes) > 0 {
 		c.Scopes = strings.Join(scopes, " ")
@@ -453,3 +488,56 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Connect)(nil)
 	_ caddyfile.Unmarshaler       = (*Connect)(nil)
 )
+
+// causeLog logs a repeating cause at most once a minute, with the count
+// of those left out since: a stranger who sends a thousand bad callbacks
+// writes one line a minute, not a thousand. A cause is a fixed kind,
+// never a value the browser sent.
+type causeLog struct {
+	mu    sync.Mutex
+	seen  map[string]*causeSeen
+	every time.Duration
+}
+
+type causeSeen struct {
+	last    time.Time
+	skipped int
+}
+
+// allow reports whether cause may be logged now, and how many were left
+// out since it last was.
+func (l *causeLog) allow(cause string) (bool, int) {
+	t := now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.seen == nil {
+		l.seen = make(map[string]*causeSeen)
+	}
+	s := l.seen[cause]
+	if s == nil {
+		if len(l.seen) >= 1024 { // causes are a fixed set; this only bounds memory
+			l.seen = make(map[string]*causeSeen)
+		}
+		s = &causeSeen{}
+		l.seen[cause] = s
+	} else if t.Sub(s.last) < l.every {
+		s.skipped++
+		return false, 0
+	}
+	skipped := s.skipped
+	s.last, s.skipped = t, 0
+	return true, skipped
+}
+
+// logCause writes msg at WARN for cause, at most once a minute per cause.
+func (c *Connect) logCause(cause, msg string, fields ...zap.Field) {
+	ok, skipped := c.causes.allow(cause)
+	if !ok {
+		return
+	}
+	fields = append([]zap.Field{zap.String("cause", cause)}, fields...)
+	if skipped > 0 {
+		fields = append(fields, zap.Int("not_logged", skipped))
+	}
+	c.logger.Warn(msg, fields...)
+}

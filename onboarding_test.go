@@ -27,6 +27,7 @@ func connectSidecar(t *testing.T, fake *fakefortnox.Server, extra string) (*side
 	public := fmt.Sprintf("http://127.0.0.1:%d", port)
 	t.Setenv("FORTNOX_TEST_COOKIE_SECRET", testCookieSecret)
 	t.Setenv("FORTNOX_TEST_WEBHOOK_SECRET", "webhook-secret")
+	t.Setenv("FORTNOX_TEST_LINK_KEY", testLinkKey)
 	sc := startSidecar(t, fake, "")
 	sc.extraSites = fmt.Sprintf(`
 http://127.0.0.1:%d {
@@ -37,7 +38,8 @@ http://127.0.0.1:%d {
 		authorize_url %s/oauth-v1/auth
 		redirect_uri %s/fortnox/callback
 		scopes companyinformation invoice
-		cookie_secret {env.FORTNOX_TEST_COOKIE_SECRET}%s
+		cookie_secret {env.FORTNOX_TEST_COOKIE_SECRET}
+		link_key {env.FORTNOX_TEST_LINK_KEY}%s
 	}
 	fortnox_webhook {
 		client_id {env.FORTNOX_TEST_CLIENT_ID}

@@ -170,8 +170,8 @@ func TestConnectAccountLinkNeedsLinkKey(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	_, public, reload := connectSite(t, fake, "", "redirect_uri PUBLIC/fortnox/callback\naccount_type off")
 	base := public + "/fortnox/connect?account=anna&tenant=1234567"
-	refusedLink(t, "unsigned", base, http.StatusBadRequest, "must be signed")
-	refusedLink(t, "signed", signLink(t, base, time.Hour), http.StatusBadRequest, "must be signed")
+	refusedLink(t, "unsigned", base, http.StatusBadRequest, "does not accept links that connect a user account")
+	refusedLink(t, "signed", signLink(t, base, time.Hour), http.StatusBadRequest, "does not accept links that connect a user account")
 	if q := fake.LastAuthorizeQuery(); q != nil {
 		t.Fatalf("a refused link reached Fortnox: %v", q)
 	}

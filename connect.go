@@ -259,7 +259,9 @@ type connectTarget struct {
 	account, tenant string
 }
 
-func (f flowCookie) target() connectTarget { return connectTarget{account: f.Account, tenant: f.Tenant} }
+func (f flowCookie) target() connectTarget {
+	return connectTarget{account: f.Account, tenant: f.Tenant}
+}
 
 // stateCookieName is the name of the cookie of the flow with state.
 func stateCookieName(state string) string {

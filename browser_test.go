@@ -18,6 +18,8 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
+var testStart = time.Now()
+
 // chromiumPath is Debian's chromium (package "chromium"), which the
 // browser test drives headless.
 const chromiumPath = "/usr/bin/chromium"
@@ -25,12 +27,13 @@ const chromiumPath = "/usr/bin/chromium"
 // tab is one browser tab in the connect test: its width, language and
 // where its screenshots go.
 type tab struct {
-	t      *testing.T
-	ctx    context.Context
-	name   string
-	shots  string
-	phone  bool
-	shotNo *int
+	t       *testing.T
+	ctx     context.Context
+	name    string
+	shots   string
+	phone   bool
+	shotNo  *int
+	started time.Time
 }
 
 // newTab opens a tab of the browser at desktop or phone (390 px) width,
@@ -41,7 +44,7 @@ func newTab(t *testing.T, browserCtx context.Context, name, shots string, phone 
 	t.Cleanup(cancel)
 	width, height, scale := int64(1280), int64(900), 1.0
 	if phone {
-		width, height, scale = 390, 844, 3
+		width, height, scale = 390, 844, 2
 	}
 	viewport := chromedp.EmulateViewport(width, height, chromedp.EmulateScale(scale))
 	if phone {
@@ -57,7 +60,7 @@ func newTab(t *testing.T, browserCtx context.Context, name, shots string, phone 
 	if err != nil {
 		t.Fatalf("opening tab %s: %v", name, err)
 	}
-	return &tab{t: t, ctx: ctx, name: name, shots: shots, phone: phone, shotNo: shotNo}
+	return &tab{t: t, ctx: ctx, name: name, shots: shots, phone: phone, shotNo: shotNo, started: testStart}
 }
 
 // do runs steps in the tab, within 15 s.
@@ -111,7 +114,7 @@ func (b *tab) screenshot(what string) {
 		b.t.Errorf("screenshot %s: %v", what, err)
 		return
 	}
-	b.t.Logf("screenshot: %s", file)
+	b.t.Logf("screenshot: %s (%s)", file, time.Since(b.started).Round(time.Millisecond))
 }
 
 // history goes back or forward in the tab's history.
@@ -164,7 +167,8 @@ func TestConnectInBrowser(t *testing.T) {
 		}
 		t.Fatalf("the browser test needs Debian's chromium at %s (apt-get install chromium): %v", chromiumPath, err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
+	testStart = time.Now()
+	deadline := testStart.Add(60 * time.Second)
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	fake.SetAuthorizePage([]fakefortnox.Company{{TenantID: "5550601", Name: "Exempel AB"}, {TenantID: "5550602", Name: "Andra Bolaget AB"}, {TenantID: "1234567", Name: "Demo AB"}})
 	sc, port := pagesSite(t, fake, "")
@@ -195,7 +199,11 @@ func TestConnectInBrowser(t *testing.T) {
 		// keeps node ids it no longer tracks).
 		chromedp.Flag("disable-features", "Translate,BlinkGenPropertyTrees,BackForwardCache"),
 	)
-	allocCtx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
+	// The whole browser lives at most a minute: a hung step fails the
+	// test instead of holding the suite.
+	bounded, cancelBound := context.WithDeadline(context.Background(), deadline)
+	t.Cleanup(cancelBound)
+	allocCtx, cancelAlloc := chromedp.NewExecAllocator(bounded, opts...)
 	t.Cleanup(cancelAlloc)
 	browserCtx, cancelBrowser := chromedp.NewContext(allocCtx)
 	t.Cleanup(cancelBrowser)
@@ -304,7 +312,5 @@ func TestConnectInBrowser(t *testing.T) {
 	if _, err := os.Stat(sc.accountRecordPath("1234567", "anna")); err == nil {
 		t.Error("a token of another company was stored under anna")
 	}
-	if time.Now().After(deadline) {
-		t.Errorf("the browser test took more than 60 s")
-	}
+	t.Logf("the browser walked every case in %s", time.Since(testStart).Round(time.Millisecond))
 }

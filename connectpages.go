@@ -372,7 +372,8 @@ dt{color:#5b6475}dd{margin:0;font-weight:600;overflow-wrap:anywhere}
 blockquote{margin:1rem 0;padding:.5rem .75rem;border-left:3px solid #c9ced8;color:#3d4556;overflow-wrap:anywhere}
 a.button{display:inline-block;margin-top:1rem;padding:.65rem 1.1rem;border-radius:8px;background:#1f6feb;color:#fff;text-decoration:none;font-weight:600}
 .close{color:#5b6475;margin-top:1rem}
-.app{color:#5b6475;font-size:.9rem;margin:0 0 1rem}`
+.app{color:#5b6475;font-size:.9rem;margin:0 0 1rem}
+@media (max-width:30rem){main{padding:1rem .75rem}dl{grid-template-columns:1fr}dd{margin-bottom:.5rem}}`
 
 var builtinPage = template.Must(template.New("page").Parse(`<!doctype html>
 <html lang="{{.Lang}}"><head><meta charset="utf-8">

@@ -746,8 +746,3 @@ func (c *Connect) logCause(cause, msg string, fields ...zap.Field) {
 	}
 	c.logger.Warn(msg, fields...)
 }
-
-func zapError(err error) zap.Field { return zap.Error(err) }
-
-// parseLinkQuery parses a signed link's raw query.
-func parseLinkQuery(raw string) (url.Values, error) { return url.ParseQuery(raw) }

@@ -8,12 +8,15 @@ import (
 	"html/template"
 	"io"
 	"net/http"
+	"net/url"
 	"os"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"go.uber.org/zap"
 )
 
 // The pages a customer's administrator meets: in Swedish or English by
@@ -110,7 +113,7 @@ func (c *Connect) render(w http.ResponseWriter, r *http.Request, status int, in 
 	}
 	var body bytes.Buffer
 	if err := tmpl.Execute(&body, d); err != nil {
-		c.logCause("page_template_failed", "page_template could not be executed: the built-in page is shown", zapError(err))
+		c.logCause("page_template_failed", "page_template could not be executed: the built-in page is shown", zap.Error(err))
 		body.Reset()
 		_ = builtinPage.Execute(&body, d)
 	}
@@ -255,7 +258,7 @@ func (c *Connect) pageData(lang string, status int, in pageInput) PageData {
 // expired, or an unknown flow where only account links are used).
 func (c *Connect) startAgainURL(res connectResult) string {
 	if res.Link != "" {
-		q, err := parseLinkQuery(res.Link)
+		q, err := url.ParseQuery(res.Link)
 		if err != nil || checkLink(c.linkKey, q, now()) != "" {
 			return ""
 		}

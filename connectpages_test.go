@@ -13,6 +13,8 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -402,5 +404,15 @@ func TestConnectCallbackFailuresLogged(t *testing.T) {
 	b2, _ := os.ReadFile(sc.logPath())
 	if strings.Contains(string(b2), code) {
 		t.Error("the log holds the code")
+	}
+}
+
+// The Caddyfile takes the new options (app_name with spaces as one
+// quoted value).
+func TestConnectPageOptionsParse(t *testing.T) {
+	var c Connect
+	err := c.UnmarshalCaddyfile(caddyfile.NewTestDispenser("fortnox_connect {\n link_key {env.K}\n app_name \"Min Bokföring\"\n page_template /etc/caddy/connect.html\n}"))
+	if err != nil || c.LinkKey != "{env.K}" || c.AppName != "Min Bokföring" || c.PageTemplate != "/etc/caddy/connect.html" {
+		t.Errorf("parsed %+v %v", c, err)
 	}
 }

@@ -416,3 +416,38 @@ func TestConnectPageOptionsParse(t *testing.T) {
 		t.Errorf("parsed %+v %v", c, err)
 	}
 }
+
+// The same callback twice at once (a double click): the second says the
+// connection is being completed, and once it is, already connected.
+func TestConnectCallbackTwiceAtOnce(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.SetAuthorizeAs("5550701", "7")
+	_, port := pagesSite(t, fake, "")
+	b := browser(t)
+	cb, cookie := flowToCallback(t, b, fmt.Sprintf("http://127.0.0.1:%d/fortnox/connect", port))
+	fake.SetFault(fakefortnox.Fault{Delay: 500 * time.Millisecond})
+	first := make(chan int, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, cb, nil)
+		req.AddCookie(cookie)
+		resp, err := noRedirects.Do(req)
+		if err != nil {
+			first <- 0
+			return
+		}
+		resp.Body.Close()
+		first <- resp.StatusCode
+	}()
+	eventually(t, 5*time.Second, "the code exchange", func() bool { return fake.TokenRequests("authorization_code", "") == 1 })
+	resp, body := fetch(t, b, cb, "en")
+	if resp.StatusCode != http.StatusConflict || !strings.Contains(body, "being completed") {
+		t.Errorf("the callback again while the first is at work: %d %s", resp.StatusCode, body)
+	}
+	if got := <-first; got != http.StatusSeeOther {
+		t.Fatalf("the first callback: %d", got)
+	}
+	fake.ClearFault()
+	if resp, body := fetch(t, b, cb, "en"); resp.StatusCode != http.StatusOK || !strings.Contains(body, "Already connected") {
+		t.Errorf("after it finished: %d %s", resp.StatusCode, body)
+	}
+}

@@ -489,6 +489,7 @@ func TestRevokedConsentBlocksOnlyTheServiceAccount(t *testing.T) {
 // the state cookie.
 func startAccountConnect(t *testing.T, link string) (*url.URL, *http.Cookie) {
 	t.Helper()
+	link = signLink(t, link, time.Hour)
 	resp, err := noRedirects.Get(link)
 	if err != nil {
 		t.Fatal(err)
@@ -499,7 +500,7 @@ func startAccountConnect(t *testing.T, link string) (*url.URL, *http.Cookie) {
 	}
 	loc, _ := url.Parse(resp.Header.Get("Location"))
 	for _, c := range resp.Cookies() {
-		if c.Name == stateCookie {
+		if strings.HasPrefix(c.Name, stateCookiePrefix) {
 			return loc, c
 		}
 	}
@@ -545,21 +546,25 @@ func TestConnectUserAccount(t *testing.T) {
 		t.Errorf("the service account (no consent) after a user connected: %d %s", status, body)
 	}
 
-	// The state cookie is state.expiry.base64(account).tenant.mac.
+	// The state cookie is base64url("1" + JSON).mac.
 	exchanges := fake.TokenRequests("authorization_code", "")
-	for what, edit := range map[string]func(parts []string){
-		"account edited": func(p []string) { p[2] = base64.RawURLEncoding.EncodeToString([]byte("bo")) },
-		"tenant edited":  func(p []string) { p[3] = "7654321" },
+	for what, edit := range map[string]func(f *flowCookie){
+		"account edited": func(f *flowCookie) { f.Account = "bo" },
+		"tenant edited":  func(f *flowCookie) { f.Tenant = "7654321" },
 	} {
 		loc, cookie := startAccountConnect(t, public+"/fortnox/connect?account=anna&tenant=1234567")
-		parts := strings.Split(cookie.Value, ".")
-		if len(parts) != 5 {
-			t.Fatalf("state cookie %q has %d parts", cookie.Value, len(parts))
+		payload, mac, _ := strings.Cut(cookie.Value, ".")
+		raw, err := base64.RawURLEncoding.DecodeString(payload)
+		var flow flowCookie
+		if err != nil || len(raw) == 0 || json.Unmarshal(raw[1:], &flow) != nil || flow.Account != "anna" {
+			t.Fatalf("state cookie %q: %v", cookie.Value, err)
 		}
-		edit(parts)
+		edit(&flow)
+		raw, _ = json.Marshal(flow)
+		raw = append([]byte{'1'}, raw...)
 		tampered := *cookie
-		tampered.Value = strings.Join(parts, ".")
-		if status, page := callback(t, authorize(t, loc), &tampered); status != http.StatusBadRequest || !strings.Contains(page, "not ours") {
+		tampered.Value = base64.RawURLEncoding.EncodeToString(raw) + "." + mac
+		if status, page := callback(t, authorize(t, loc), &tampered); status != http.StatusBadRequest || !strings.Contains(page, "did not match") {
 			t.Errorf("%s: %d %s", what, status, page)
 		}
 	}
@@ -615,7 +620,7 @@ func TestConnectUserAccount(t *testing.T) {
 func TestConnectAccountLinks(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	_, public := connectSidecar(t, fake, "")
-	resp, err := noRedirects.Get(public + "/fortnox/connect?account=anna&tenant=1234567")
+	resp, err := noRedirects.Get(signLink(t, public+"/fortnox/connect?account=anna&tenant=1234567", time.Hour))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -626,7 +631,7 @@ func TestConnectAccountLinks(t *testing.T) {
 
 	_, public = connectSidecar(t, fake, "account_type off")
 	for _, query := range []string{"account=anna", "tenant=1234567", "account=..&tenant=1234567", "account=anna&tenant=12ab"} {
-		resp, err := noRedirects.Get(public + "/fortnox/connect?" + query)
+		resp, err := noRedirects.Get(signLink(t, public+"/fortnox/connect?"+query, time.Hour))
 		if err != nil {
 			t.Fatal(err)
 		}

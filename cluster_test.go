@@ -385,6 +385,20 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	must(ok, err, "a state's first use")
 	ok, err = r.firstUse(ctx, "state-1", time.Minute)
 	mustNot(ok, err, "a state used again")
+	// How a connect flow ended is kept for every sidecar, for its time.
+	if got, err := r.flowResult(ctx, "connect-result:state-1"); err != nil || got != "" {
+		t.Errorf("a result before one was kept: %q %v", got, err)
+	}
+	if err := r.keepResult(ctx, "connect-result:state-1", "sealed-result", 50*time.Millisecond); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := r.flowResult(ctx, "connect-result:state-1"); err != nil || got != "sealed-result" {
+		t.Errorf("the kept result: %q %v", got, err)
+	}
+	eventually(t, 5*time.Second, "the kept result to expire", func() bool {
+		got, err := r.flowResult(ctx, "connect-result:state-1")
+		return err == nil && got == ""
+	})
 
 	// At most max invalidations per window.
 	for i := range 3 {

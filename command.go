@@ -66,6 +66,10 @@ Helpers for operating the caddy-fortnox sidecar and moving an integration to it.
       Asks Fortnox's /3/companyinformation (or /3/settings/company) with the
       token and prints DatabaseNumber, which is the TenantId.
 
+  caddy fortnox connect-link --tenant <TenantId> --account <name> [--ttl 24h] [--url <connect URL>]
+      Prints a signed fortnox_connect link for a named user account, with
+      the key in FORTNOX_LINK_KEY (fortnox_connect's link_key).
+
 The token itself is never printed.`,
 		CobraFunc: func(cmd *cobra.Command) {
 			var tf tenantsFlags
@@ -104,7 +108,7 @@ The token itself is never printed.`,
 				},
 			}
 			companyInfo.Flags().StringVar(&api, "api", "https://api.fortnox.se", "Fortnox API base URL")
-			cmd.AddCommand(tenants, transferCommand("export"), transferCommand("import"), transferCommand("encrypt"), tenantID, companyInfo)
+			cmd.AddCommand(tenants, transferCommand("export"), transferCommand("import"), transferCommand("encrypt"), tenantID, companyInfo, connectLinkCommand())
 		},
 	})
 }

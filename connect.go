@@ -6,14 +6,15 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"html/template"
 	"net/http"
 	"net/url"
 	"path"
-	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -37,8 +38,16 @@ func init() {
 const DefaultAuthorizeURL = "https://apps.fortnox.se/oauth-v1/auth"
 
 const (
-	stateCookie   = "fortnox_connect_state"
-	stateLifetime = 10 * time.Minute // as long as Fortnox's codes live
+	// stateCookiePrefix starts the name of each flow's state cookie; the
+	// rest of the name is the start of the flow's state, so that flows in
+	// two tabs keep a cookie each.
+	stateCookiePrefix = "fortnox_connect_"
+	// stateInCookieName is how much of the state names its cookie.
+	stateInCookieName = 16
+	stateLifetime     = 10 * time.Minute // as long as Fortnox's codes live
+	// cookieGrace: the cookie outlives the signed lifetime by this much,
+	// so that a flow that took too long can be told so.
+	cookieGrace = time.Minute
 )
 
 // Connect is the `fortnox_connect` handler, for a public site: it lets a
@@ -46,15 +55,17 @@ const (
 // flow, with account_type=service by default so that Fortnox creates a
 // service-account consent). `GET <connect_path>` sends the browser to
 // Fortnox; `GET <callback_path>` (the redirect_uri) checks the state,
-// exchanges the code, reads the TenantId from the access token and stores
-// the refresh token as the tenant's fallback. With account_type off,
-// `GET <connect_path>?account=<name>&tenant=<TenantId>` connects a named
-// user account instead: the name and the expected tenant travel in the
-// signed state, and the callback stores the user's chain under that name
-// only when the token is that tenant's. The code is exchanged with the
-// credentials, storage and encryption key of the fortnox handler with the
-// same client_id and token_url, which must be in the same config. Other
-// paths go on to the next handler.
+// exchanges the code, reads the TenantId from the access token, stores
+// the refresh token as the tenant's fallback and answers 303 to a result
+// page (the same path with ?result=), which shows the same result on a
+// reload. With account_type off, a link signed with link_key,
+// `GET <connect_path>?account=<name>&tenant=<TenantId>&expires=…&sig=…`,
+// connects a named user account instead: the name and the expected tenant
+// travel in the signed state cookie, and the callback stores the user's
+// chain under that name only when the token is that tenant's. The code is
+// exchanged with the credentials, storage and encryption key of the
+// fortnox handler with the same client_id and token_url, which must be in
+// the same config. Other paths go on to the next handler.
 type Connect struct {
 	// The integration's client id. Required.
 	ClientID string `json:"client_id,omitempty"`
@@ -70,25 +81,42 @@ type Connect struct {
 	// account_type sent to Fortnox. Default: service; "off" sends none.
 	AccountType string `json:"account_type,omitempty"`
 	// Where to send the browser after success, with ?tenant=<TenantId>
-	// added. Default: a plain success page.
+	// and account=<name> ("" for the service account) added. Default:
+	// the built-in result page.
 	SuccessRedirect string `json:"success_redirect,omitempty"`
-	// A key (at least 32 bytes) that signs the state cookie. Use a
-	// placeholder. Required.
+	// A key (at least 32 bytes) that signs the state cookie and the result
+	// page's address. Use a placeholder. Required.
 	CookieSecret string `json:"cookie_secret,omitempty"`
 	// The path that starts a connection. Default: "connect" beside the
 	// callback path (/fortnox/callback → /fortnox/connect).
 	ConnectPath string `json:"connect_path,omitempty"`
 	// The path of the callback. Default: the path of redirect_uri.
 	CallbackPath string `json:"callback_path,omitempty"`
+	// The key (at least 32 bytes, used as text, never decoded) that signs
+	// connect links naming an account: without it such links are refused.
+	// Use a placeholder.
+	LinkKey string `json:"link_key,omitempty"`
+	// The integration's name as the customer knows it, in the pages'
+	// titles and texts. Default: none (the pages say "the integration").
+	AppName string `json:"app_name,omitempty"`
+	// An html/template file that replaces the built-in page; its fields
+	// are documented in docs/configuration.md. Checked at Provision.
+	PageTemplate string `json:"page_template,omitempty"`
 
-	cookieKey    []byte
-	secure       bool
-	cookiePath   string
-	connectPath  string
-	callbackPath string
-	poolKey      string
-	tokens       *tokenManager
-	logger       *zap.Logger
+	linkKey        []byte
+	cookieKey      []byte
+	resultKey      []byte
+	secure         bool
+	redirect       *url.URL
+	cookiePath     string
+	connectPath    string
+	callbackPath   string
+	browserConnect string // the connect path as the browser sees it
+	pages          *template.Template
+	poolKey        string
+	tokens         *tokenManager
+	logger         *zap.Logger
+	causes         *causeLog
 }
 
 // CaddyModule returns the Caddy module information.
@@ -102,6 +130,7 @@ func (*Connect) CaddyModule() caddy.ModuleInfo {
 // Provision checks the settings and joins the shared token manager.
 func (c *Connect) Provision(ctx caddy.Context) error {
 	c.logger = ctx.Logger()
+	c.causes = &causeLog{every: time.Minute}
 	repl := caddy.NewReplacer()
 	clientID, err := resolveSetting(repl, "client_id", c.ClientID)
 	if err != nil {
@@ -115,6 +144,19 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 		return errors.New("cookie_secret must be at least 32 bytes (e.g. `openssl rand -base64 32`)")
 	}
 	c.cookieKey = []byte(key)
+	mac := hmac.New(sha256.New, c.cookieKey)
+	mac.Write([]byte("fortnox_connect result pages"))
+	c.resultKey = mac.Sum(nil)
+	if c.LinkKey != "" {
+		lk, err := resolveSetting(repl, "link_key", c.LinkKey)
+		if err != nil {
+			return err
+		}
+		if len(lk) < minLinkKeyLength {
+			return fmt.Errorf("link_key must be at least %d bytes (e.g. `openssl rand -base64 32`)", minLinkKeyLength)
+		}
+		c.linkKey = []byte(lk)
+	}
 	if c.RedirectURI == "" {
 		return errors.New("redirect_uri is required: the public URL of …/callback, as registered with Fortnox")
 	}
@@ -128,6 +170,7 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 		return fmt.Errorf("redirect_uri %q must be https (plain http only on 127.0.0.1 or localhost, for tests)", c.RedirectURI)
 	}
 	c.secure = u.Scheme == "https"
+	c.redirect = u
 	c.callbackPath = c.CallbackPath
 	if c.callbackPath == "" {
 		c.callbackPath = u.Path
@@ -149,8 +192,12 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 	}
 	// The browser comes back to redirect_uri, so that is the path it must
 	// send the cookie to, also where callback_path differs (a prefix the
-	// site strips).
+	// site strips). The connect path it sees has the same prefix.
 	c.cookiePath = u.Path
+	c.browserConnect = c.connectPath
+	if prefix, ok := strings.CutSuffix(u.Path, c.callbackPath); ok {
+		c.browserConnect = prefix + c.connectPath
+	}
 	if strings.TrimSpace(c.Scopes) == "" {
 		return errors.New("scopes is required, e.g. scopes companyinformation invoice")
 	}
@@ -160,6 +207,14 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 	if c.AccountType == "" {
 		c.AccountType = "service"
 	}
+	if c.SuccessRedirect != "" {
+		if su, err := url.Parse(c.SuccessRedirect); err != nil || su.Host == "" && !strings.HasPrefix(su.Path, "/") {
+			return fmt.Errorf("success_redirect %q is not a URL or an absolute path", c.SuccessRedirect)
+		}
+	}
+	if c.pages, err = loadPageTemplate(c.PageTemplate); err != nil {
+		return err
+	}
 	c.tokens, c.poolKey, err = joinConfiguredManager(repl, c.TokenURL, clientID)
 	return err
 }
@@ -168,41 +223,104 @@ func (c *Connect) Provision(ctx caddy.Context) error {
 func (c *Connect) Cleanup() error { return leaveManager(c.poolKey) }
 
 // ServeHTTP answers its connect and callback paths (exactly those); other
-// paths go on.
+// paths go on. The callback path with ?result= (and no state) is the
+// result page.
 func (c *Connect) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	switch {
 	case r.URL.Path == c.connectPath && r.Method == http.MethodGet:
 		return c.start(w, r)
 	case r.URL.Path == c.callbackPath && r.Method == http.MethodGet:
+		q := r.URL.Query()
+		if q.Has("result") && !q.Has("state") {
+			c.showResult(w, r, q.Get("result"))
+			return nil
+		}
 		c.callback(w, r)
 		return nil
 	}
 	return next.ServeHTTP(w, r)
 }
 
-// connectTarget is what a connection is for: a tenant's service account
-// (account "" and tenant learned from the token), or a named user account
-// of an expected tenant.
+// flowCookie is what a flow's state cookie carries, signed: the state,
+// when the flow expires, and what it is for (a tenant's service account:
+// account "" and the tenant learned from the token; or a named user
+// account of an expected tenant, with the signed link's query to start
+// again with).
+type flowCookie struct {
+	State   string `json:"s"`
+	Expires int64  `json:"x"`
+	Account string `json:"a,omitempty"`
+	Tenant  string `json:"t,omitempty"`
+	Link    string `json:"l,omitempty"`
+}
+
+// connectTarget is what a connection is for.
 type connectTarget struct {
 	account, tenant string
 }
 
+func (f flowCookie) target() connectTarget {
+	return connectTarget{account: f.Account, tenant: f.Tenant}
+}
+
+// stateCookieName is the name of the cookie of the flow with state.
+func stateCookieName(state string) string {
+	return stateCookiePrefix + state[:stateInCookieName]
+}
+
+// validState: the states start makes (43 base64url characters); anything
+// else cannot be ours and names no cookie.
+func validState(s string) bool {
+	if len(s) != 43 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		ch := s[i]
+		if !(ch >= 'a' && ch <= 'z' || ch >= 'A' && ch <= 'Z' || ch >= '0' && ch <= '9' || ch == '-' || ch == '_') {
+			return false
+		}
+	}
+	return true
+}
+
 // start sends the browser to Fortnox's authorize page with a fresh state,
-// bound to the browser by a signed, short-lived cookie that also carries
-// what the connection is for.
+// bound to the browser by a signed, short-lived cookie of its own that
+// also carries what the connection is for.
 func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
+	c.commonHeaders(w)
+	if there := c.canonicalURL(r); there != "" {
+		http.Redirect(w, r, there, http.StatusFound)
+		return nil
+	}
 	q := r.URL.Query()
 	target := connectTarget{account: q.Get("account"), tenant: q.Get("tenant")}
+	link := ""
+	if q.Has("account") {
+		if c.linkKey == nil {
+			c.logCause("link_not_accepted", "connect link refused: it names an account, and link_key is not set")
+			c.render(w, r, http.StatusBadRequest, pageInput{kind: kindLinkNotAccepted})
+			return nil
+		}
+		if problem := checkLink(c.linkKey, q, now()); problem != "" {
+			c.logCause(string(problem), "connect link refused")
+			c.render(w, r, http.StatusForbidden, pageInput{kind: kindLinkInvalid})
+			return nil
+		}
+		link = r.URL.RawQuery
+	}
 	if target.account != "" || target.tenant != "" {
+		cause := ""
 		switch {
 		case c.AccountType != "off":
-			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "Connecting a named user account needs account_type off in fortnox_connect (a service-account connection has no account name).", "")
-			return nil
+			cause = "link_account_with_service_accounts"
 		case !validAccountName(target.account):
-			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "account= must be the account's name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only.", "")
-			return nil
+			cause = "link_bad_account"
 		case !validTenantID(target.tenant):
-			c.page(w, http.StatusBadRequest, "This link cannot connect a user account", "tenant= must be the TenantId of the company the user connects (a user may belong to several).", "")
+			cause = "link_bad_tenant"
+		}
+		if cause != "" {
+			c.logCause(cause, "connect link refused: it cannot connect a user account here")
+			c.render(w, r, http.StatusBadRequest, pageInput{kind: kindLinkBad})
 			return nil
 		}
 	}
@@ -211,10 +329,10 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	state := base64.RawURLEncoding.EncodeToString(raw)
-	expires := now().Add(stateLifetime)
+	flow := flowCookie{State: state, Expires: now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
 	http.SetCookie(w, &http.Cookie{
-		Name: stateCookie, Value: c.signState(state, expires, target), Path: c.cookiePath,
-		MaxAge: int(stateLifetime / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
+		Name: stateCookieName(state), Value: c.seal(c.cookieKey, flow), Path: c.cookiePath,
+		MaxAge: int((stateLifetime + cookieGrace) / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
 	})
 	q = url.Values{
 		"client_id":     {c.tokens.clientID},
@@ -227,90 +345,169 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 	if c.AccountType != "off" {
 		q.Set("account_type", c.AccountType)
 	}
-	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, c.AuthorizeURL+"?"+q.Encode(), http.StatusFound)
 	return nil
 }
 
-// signState makes the cookie value: state.expiry.account.tenant.mac, the
-// account base64url-encoded (names may hold dots). The signature covers
-// all of it, so neither the account nor the expected tenant can be
-// changed on the way back.
-func (c *Connect) signState(state string, expires time.Time, target connectTarget) string {
-	payload := state + "." + strconv.FormatInt(expires.Unix(), 10) + "." +
-		base64.RawURLEncoding.EncodeToString([]byte(target.account)) + "." + target.tenant
-	mac := hmac.New(sha256.New, c.cookieKey)
+// canonicalURL returns where to send a connect link opened on another
+// host than redirect_uri's ("" when it is on that host): the state cookie
+// is set for the host the browser asks, and must be there when Fortnox
+// sends the browser back to redirect_uri.
+func (c *Connect) canonicalURL(r *http.Request) string {
+	if sameHost(r.Host, c.redirect) {
+		return ""
+	}
+	uri := r.URL.RequestURI()
+	if orig, ok := r.Context().Value(caddyhttp.OriginalRequestCtxKey).(http.Request); ok && orig.URL != nil {
+		uri = orig.URL.RequestURI()
+	}
+	return c.redirect.Scheme + "://" + c.redirect.Host + uri
+}
+
+// sameHost reports whether the Host header names u's host (a default
+// port written out or not).
+func sameHost(host string, u *url.URL) bool {
+	host = strings.ToLower(host)
+	want := strings.ToLower(u.Host)
+	if host == want {
+		return true
+	}
+	port := "80"
+	if u.Scheme == "https" {
+		port = "443"
+	}
+	if u.Port() == "" {
+		return host == want+":"+port
+	}
+	return u.Port() == port && host == strings.ToLower(u.Hostname())
+}
+
+// seal signs v with key: base64url("1" + JSON).base64url(mac). (The "1"
+// is a version, and keeps the value from looking like a JWT to a log
+// scanner.)
+func (c *Connect) seal(key []byte, v any) string {
+	b, _ := json.Marshal(v)
+	payload := base64.RawURLEncoding.EncodeToString(append([]byte{'1'}, b...))
+	mac := hmac.New(sha256.New, key)
 	mac.Write([]byte(payload))
 	return payload + "." + base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
 }
 
-// checkState verifies the cookie's signature and expiry, that it names
-// the state Fortnox sent back, and that the state was not used before. It
-// returns what the connection is for, from the signed cookie only.
-func (c *Connect) checkState(r *http.Request, state string) (connectTarget, error) {
-	damaged := errors.New("the state cookie is damaged: start again")
-	cookie, err := r.Cookie(stateCookie)
-	if err != nil {
-		return connectTarget{}, errors.New("this browser did not start the connection here (no state cookie): start again")
+// open checks a sealed value and decodes it into v.
+func (c *Connect) open(key []byte, sealed string, v any) bool {
+	payload, sig, ok := strings.Cut(sealed, ".")
+	if !ok || len(sealed) > 4096 {
+		return false
 	}
-	parts := strings.Split(cookie.Value, ".")
-	if len(parts) != 5 {
-		return connectTarget{}, damaged
+	mac := hmac.New(sha256.New, key)
+	mac.Write([]byte(payload))
+	want := base64.RawURLEncoding.EncodeToString(mac.Sum(nil))
+	if !hmac.Equal([]byte(want), []byte(sig)) {
+		return false
 	}
-	exp, err := strconv.ParseInt(parts[1], 10, 64)
-	if err != nil {
-		return connectTarget{}, damaged
-	}
-	account, err := base64.RawURLEncoding.DecodeString(parts[2])
-	if err != nil {
-		return connectTarget{}, damaged
-	}
-	target := connectTarget{account: string(account), tenant: parts[3]}
-	want := c.signState(parts[0], time.Unix(exp, 0), target)
-	if !hmac.Equal([]byte(want), []byte(cookie.Value)) {
-		return connectTarget{}, errors.New("the state cookie is not ours: start again")
-	}
-	if now().After(time.Unix(exp, 0)) {
-		return connectTarget{}, errors.New("the connection took too long (over 10 minutes): start again")
-	}
-	if !hmac.Equal([]byte(parts[0]), []byte(state)) {
-		return connectTarget{}, errors.New("the state Fortnox sent back does not match this browser's: start again")
-	}
-	fresh, err := c.tokens.shared().firstUse(r.Context(), "connect-state:"+state, stateLifetime)
-	if err != nil {
-		return connectTarget{}, errors.New("the connection cannot be checked right now (" + err.Error() + "): start again in a moment")
-	}
-	if !fresh {
-		return connectTarget{}, errors.New("this connection was already completed: start again")
-	}
-	return target, nil
+	b, err := base64.RawURLEncoding.DecodeString(payload)
+	return err == nil && len(b) > 0 && b[0] == '1' && json.Unmarshal(b[1:], v) == nil
 }
 
-// callback finishes the connection.
+// connectResult is how a flow ended, signed into the result page's
+// address (and kept for the state's lifetime, for a state that comes
+// back). Never a code or a token.
+type connectResult struct {
+	Kind    string `json:"k"`
+	Tenant  string `json:"t,omitempty"` // the company connected, or the one the link expected
+	Chosen  string `json:"c,omitempty"` // the company chosen on Fortnox's page, when it was another
+	Account string `json:"a,omitempty"`
+	Detail  string `json:"d,omitempty"` // Fortnox's error_description, cut
+	Link    string `json:"l,omitempty"` // the signed link's query, to start again with
+	Expires int64  `json:"x"`
+}
+
+// callback finishes the connection. Each way out that follows a valid
+// state is a result: kept under the state and shown at a result URL, so
+// that a reload, back or forward shows it again.
 func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
-	// The cookie is spent whatever happens.
-	http.SetCookie(w, &http.Cookie{Name: stateCookie, Value: "", Path: c.cookiePath, MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	c.commonHeaders(w)
 	q := r.URL.Query()
-	target, err := c.checkState(r, q.Get("state"))
-	if err != nil {
-		c.page(w, http.StatusBadRequest, "The connection could not be checked", err.Error(), "")
+	state := q.Get("state")
+	if !validState(state) {
+		c.logCause("state_missing_or_malformed", "connect callback refused: no state of ours")
+		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindNoFlow})
 		return
 	}
-	if fe := q.Get("error"); fe != "" {
-		c.logger.Info("Fortnox refused the connection", zap.String("error", cutDescription(fe)))
-		c.page(w, http.StatusForbidden, "Fortnox did not connect the integration",
-			"Fortnox answered: "+cutDescription(fe)+" — "+cutDescription(q.Get("error_description")), "")
+	name := stateCookieName(state)
+	cookie, cookieErr := r.Cookie(name)
+	if cookieErr == nil {
+		// Its own state has returned: the cookie is spent.
+		http.SetCookie(w, &http.Cookie{Name: name, Value: "", Path: c.cookiePath, MaxAge: -1, HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode})
+	}
+	if res, ok := c.keptResult(r.Context(), state); ok {
+		if res.Kind == kindConnected {
+			res.Kind = kindAlready
+			c.render(w, r, http.StatusOK, pageInput{kind: kindAlready, result: res})
+			return
+		}
+		http.Redirect(w, r, c.resultURL(c.seal(c.resultKey, res)), http.StatusSeeOther)
 		return
+	}
+	if cookieErr != nil {
+		c.logCause("state_no_cookie", "connect callback refused: this browser has no cookie for the state (another browser, or the flow expired)")
+		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindNoFlow})
+		return
+	}
+	var flow flowCookie
+	if !c.open(c.cookieKey, cookie.Value, &flow) || !hmac.Equal([]byte(flow.State), []byte(state)) {
+		c.logCause("state_cookie_invalid", "connect callback refused: the state cookie is not ours or not this state's")
+		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindBadFlow})
+		return
+	}
+	in := pageInput{result: connectResult{Tenant: flow.Tenant, Account: flow.Account, Link: flow.Link}}
+	if now().After(time.Unix(flow.Expires, 0)) {
+		c.logCause("state_expired", "connect callback refused: the flow took longer than its state lives", zap.Duration("lifetime", stateLifetime))
+		in.kind = kindTooLong
+		c.render(w, r, http.StatusBadRequest, in)
+		return
+	}
+	fresh, err := c.tokens.shared().firstUse(r.Context(), "connect-state:"+state, stateLifetime+cookieGrace)
+	if err != nil {
+		c.logCause("state_check_unavailable", "connect callback refused: used states cannot be checked", zap.Error(err))
+		in.kind = kindTryLater
+		c.render(w, r, http.StatusServiceUnavailable, in)
+		return
+	}
+	if !fresh {
+		// Used, and no result kept yet: its first callback is still at work.
+		in.kind = kindInProgress
+		c.render(w, r, http.StatusConflict, in)
+		return
+	}
+	res := c.complete(r, flow, q)
+	c.finish(w, r, state, res)
+}
+
+// complete exchanges the code and stores what it brings; it returns the
+// result to show.
+func (c *Connect) complete(r *http.Request, flow flowCookie, q url.Values) connectResult {
+	res := connectResult{Tenant: flow.Tenant, Account: flow.Account, Link: flow.Link}
+	target := flow.target()
+	if fe := q.Get("error"); fe != "" {
+		res.Kind, res.Detail = kindFortnoxError, cutRunes(q.Get("error_description"), maxShownDescription)
+		if fe == "access_denied" {
+			res.Kind = kindDenied
+		}
+		c.logCause("fortnox_refused:"+target.tenant, "Fortnox refused the connection", zap.String("error", cutRunes(fe, 64)), zap.String("error_description", res.Detail))
+		return res
 	}
 	code := q.Get("code")
 	if code == "" {
-		c.page(w, http.StatusBadRequest, "The connection could not be completed", "Fortnox sent no code: start again.", "")
-		return
+		c.logCause("no_code", "connect callback: Fortnox sent neither a code nor an error")
+		res.Kind = kindExchangeFailed
+		return res
 	}
 	s := c.tokens.settings.Load()
 	if s == nil || s.records == nil {
-		c.page(w, http.StatusInternalServerError, "The connection could not be completed", "No fortnox handler with this client_id and token_url is loaded: add one to the same config.", "")
-		return
+		c.logCause("no_fortnox_handler", "connect callback: no fortnox handler with this client_id and token_url is loaded; add one to the same config")
+		res.Kind = kindNotSaved
+		return res
 	}
 	// Not under the browser's context: once the code is exchanged, Fortnox
 	// has spent it, and a browser that leaves must not lose the grant.
@@ -318,24 +515,23 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	answer, err := c.tokens.client.exchangeCode(ctx, s.cred, code, c.RedirectURI)
 	if err != nil {
-		c.logger.Error("code exchange failed", zap.Error(err))
-		c.page(w, http.StatusBadGateway, "Fortnox did not complete the connection", asTokenError(err).Error()+". Start again.", "")
-		return
+		c.logCause("exchange_failed", "code exchange failed", zap.Error(asTokenError(err)))
+		res.Kind = kindExchangeFailed
+		return res
 	}
 	tenant, err := tenantFromToken(answer.accessToken)
 	if target.account != "" {
-		c.connectAccount(w, r, ctx, target, answer, tenant)
-		return
+		return c.connectAccount(ctx, target, answer, tenant, res)
 	}
 	if err != nil {
-		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox's token names no tenant ("+err.Error()+").", "")
-		return
+		c.logCause("token_names_no_tenant", "connect callback: Fortnox's token names no tenant", zap.Error(err))
+		res.Kind = kindNoCompany
+		return res
 	}
+	res.Tenant = tenant
 	if answer.refreshToken != "" {
 		if err := c.tokens.storeAnswer(ctx, subject{tenant: tenant}, answer); err != nil {
-			c.logger.Error("storing the refresh token of a new connection failed", zap.String("tenant", tenant), zap.Error(err))
-			c.page(w, http.StatusInternalServerError, "The connection could not be saved", "Storing the tenant's token failed: "+err.Error(), "")
-			return
+			return c.storeFailed(subject{tenant: tenant}, err, tenant, res)
 		}
 	}
 	// The access token of the code grant belongs to the administrator who
@@ -344,73 +540,111 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 	// stored refresh token.
 	c.tokens.consentCreated(tenant)
 	c.logger.Info("customer connected", zap.String("tenant", tenant))
-	c.succeed(w, r, tenant)
+	res.Kind = kindConnected
+	return res
 }
 
 // connectAccount stores a user's chain under the account name the signed
 // state carries, when the token is the expected tenant's. tokenTenant is
 // the tenant the token names ("" if none).
-func (c *Connect) connectAccount(w http.ResponseWriter, r *http.Request, ctx context.Context, target connectTarget, answer *tokenAnswer, tokenTenant string) {
+func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answer *tokenAnswer, tokenTenant string, res connectResult) connectResult {
 	subj := subject{tenant: target.tenant, account: target.account}
 	if answer.refreshToken == "" {
-		c.page(w, http.StatusBadGateway, "The connection could not be completed", "Fortnox gave no refresh token for the user (was access_type=offline refused?). Start again.", "")
-		return
+		c.logCause("no_refresh_token:"+target.tenant, "connect callback: Fortnox gave no refresh token for the user (was access_type=offline refused?)", subj.logFields()...)
+		res.Kind = kindNoRefreshToken
+		return res
 	}
 	if err := c.tokens.storeAnswer(ctx, subj, answer); err != nil {
-		// The whole story (where the refresh token went, what the
-		// operator can do) is for the log; the page tells the person in
-		// the browser what to do.
-		c.logger.Error("storing a user account's refresh token failed", append(subj.logFields(), zap.Error(err))...)
-		status, message := http.StatusInternalServerError, err.Error()
-		var ae *adminError
-		if errors.As(err, &ae) {
-			status = ae.status
-			switch {
-			case ae.code == "tenant_mismatch" && tokenTenant != "":
-				message = "This link connects account " + target.account + " to the company with TenantId " + target.tenant +
-					", but the company chosen on Fortnox's page was " + tokenTenant + ", so nothing was stored for " + target.tenant +
-					". Start again and choose the company " + target.tenant + "."
-			case ae.code == "tenant_mismatch":
-				message = "Fortnox's token names no company, so it cannot be proved to be " + target.tenant + "'s; nothing was stored for it. Start again."
-			case ae.code == "account_user_mismatch":
-				message = "Account " + target.account + " of the company " + target.tenant + " belongs to another Fortnox user, so nothing was stored. " +
-					"Log in to Fortnox as that user and start again, or ask the integration's operator to delete the account first."
-			}
-		}
-		c.page(w, status, "The user account was not connected", message, "")
-		return
+		return c.storeFailed(subj, err, tokenTenant, res)
 	}
 	c.logger.Info("user account connected", subj.logFields()...)
-	c.succeed(w, r, target.tenant)
+	res.Kind = kindConnected
+	return res
 }
 
-// succeed ends a connection: the success page or success_redirect.
-func (c *Connect) succeed(w http.ResponseWriter, r *http.Request, tenant string) {
-	if c.SuccessRedirect != "" {
-		sep := "?"
-		if strings.Contains(c.SuccessRedirect, "?") {
-			sep = "&"
+// storeFailed turns what the store answered into a result; the whole
+// story (where the refresh token went, what the operator can do) is for
+// the log.
+func (c *Connect) storeFailed(subj subject, err error, tokenTenant string, res connectResult) connectResult {
+	res.Kind = kindNotSaved
+	var ae *adminError
+	if errors.As(err, &ae) {
+		switch ae.code {
+		case "tenant_mismatch":
+			res.Kind, res.Chosen = kindTenantMismatch, tokenTenant
+		case "account_user_mismatch":
+			res.Kind = kindUserMismatch
 		}
-		w.Header().Set("Cache-Control", "no-store")
-		http.Redirect(w, r, c.SuccessRedirect+sep+"tenant="+url.QueryEscape(tenant), http.StatusFound)
+	}
+	cause := res.Kind + ":" + subj.tenant
+	c.logCause(cause, "a connection's refresh token was not stored under its name", append(subj.logFields(), zap.Error(err))...)
+	return res
+}
+
+// finish keeps the result under the state and sends the browser to it
+// (303), or after a success to success_redirect when one is set.
+func (c *Connect) finish(w http.ResponseWriter, r *http.Request, state string, res connectResult) {
+	res.Expires = now().Add(stateLifetime).Unix()
+	sealed := c.seal(c.resultKey, res)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), sharedCallLimit)
+	defer cancel()
+	if err := c.tokens.shared().keepResult(ctx, "connect-result:"+state, sealed, stateLifetime+cookieGrace); err != nil {
+		c.logCause("result_not_kept", "a connection's result could not be kept for a reload", zap.Error(err))
+	}
+	if res.Kind == kindConnected && c.SuccessRedirect != "" {
+		u, _ := url.Parse(c.SuccessRedirect)
+		q := u.Query()
+		q.Set("tenant", res.Tenant)
+		q.Set("account", res.Account)
+		u.RawQuery = q.Encode()
+		http.Redirect(w, r, u.String(), http.StatusSeeOther)
 		return
 	}
-	c.page(w, http.StatusOK, "Connected", "The integration is connected to your Fortnox company.", tenant)
+	http.Redirect(w, r, c.resultURL(sealed), http.StatusSeeOther)
 }
 
-var pageTemplate = template.Must(template.New("page").Parse(`<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{{.Title}}</title></head>
-<body><h1>{{.Title}}</h1><p>{{.Message}}</p>{{if .Tenant}}<p>TenantId: <strong id="tenant">{{.Tenant}}</strong></p>{{end}}</body></html>
-`))
+// keptResult returns the result kept for a state whose flow has ended.
+func (c *Connect) keptResult(ctx context.Context, state string) (connectResult, bool) {
+	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
+	defer cancel()
+	sealed, err := c.tokens.shared().flowResult(ctx, "connect-result:"+state)
+	var res connectResult
+	if err != nil || sealed == "" || !c.open(c.resultKey, sealed, &res) {
+		return connectResult{}, false
+	}
+	return res, true
+}
 
-// page writes a small, plain HTML page. Never a token in it.
-func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant string) {
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Header().Set("Cache-Control", "no-store")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.Header().Set("Content-Security-Policy", "default-src 'none'")
-	w.WriteHeader(status)
-	_ = pageTemplate.Execute(w, struct{ Title, Message, Tenant string }{title, message, tenant})
+// resultURL is the result page's address, on the path the browser came
+// back to.
+func (c *Connect) resultURL(sealed string) string {
+	return c.cookiePath + "?result=" + url.QueryEscape(sealed)
+}
+
+// showResult is GET <callback>?result=…: the same page for as long as the
+// flow's state lives.
+func (c *Connect) showResult(w http.ResponseWriter, r *http.Request, sealed string) {
+	c.commonHeaders(w)
+	var res connectResult
+	if !c.open(c.resultKey, sealed, &res) {
+		c.logCause("result_not_ours", "connect result page refused: its address is not signed by this site")
+		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindGone})
+		return
+	}
+	if now().After(time.Unix(res.Expires, 0)) {
+		c.render(w, r, http.StatusGone, pageInput{kind: kindGone})
+		return
+	}
+	c.render(w, r, resultStatus(res.Kind), pageInput{kind: res.Kind, result: res})
+}
+
+// commonHeaders: never cached, never sends the address on, never framed.
+func (c *Connect) commonHeaders(w http.ResponseWriter) {
+	h := w.Header()
+	h.Set("Cache-Control", "no-store")
+	h.Set("Referrer-Policy", "no-referrer")
+	h.Set("X-Content-Type-Options", "nosniff")
+	h.Set("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'")
 }
 
 // UnmarshalCaddyfile sets up the handler from Caddyfile tokens. Syntax:
@@ -426,6 +660,9 @@ func (c *Connect) page(w http.ResponseWriter, status int, title, message, tenant
 //		account_type     service|off
 //		success_redirect <url>
 //		cookie_secret    <secret>
+//		link_key         <key>
+//		app_name         <name>
+//		page_template    <file>
 //	}
 func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	var scopes []string
@@ -439,6 +676,9 @@ func (c *Connect) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 		"cookie_secret":    &c.CookieSecret,
 		"connect_path":     &c.ConnectPath,
 		"callback_path":    &c.CallbackPath,
+		"link_key":         &c.LinkKey,
+		"app_name":         &c.AppName,
+		"page_template":    &c.PageTemplate,
 	}, map[string]*[]string{"scopes": &scopes})
 	if len(scopes) > 0 {
 		c.Scopes = strings.Join(scopes, " ")
@@ -453,3 +693,56 @@ var (
 	_ caddyhttp.MiddlewareHandler = (*Connect)(nil)
 	_ caddyfile.Unmarshaler       = (*Connect)(nil)
 )
+
+// causeLog logs a repeating cause at most once a minute, with the count
+// of those left out since: a stranger who sends a thousand bad callbacks
+// writes one line a minute, not a thousand. A cause is a fixed kind,
+// never a value the browser sent.
+type causeLog struct {
+	mu    sync.Mutex
+	seen  map[string]*causeSeen
+	every time.Duration
+}
+
+type causeSeen struct {
+	last    time.Time
+	skipped int
+}
+
+// allow reports whether cause may be logged now, and how many were left
+// out since it last was.
+func (l *causeLog) allow(cause string) (bool, int) {
+	t := now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.seen == nil {
+		l.seen = make(map[string]*causeSeen)
+	}
+	s := l.seen[cause]
+	if s == nil {
+		if len(l.seen) >= 1024 { // causes are a fixed set; this only bounds memory
+			l.seen = make(map[string]*causeSeen)
+		}
+		s = &causeSeen{}
+		l.seen[cause] = s
+	} else if t.Sub(s.last) < l.every {
+		s.skipped++
+		return false, 0
+	}
+	skipped := s.skipped
+	s.last, s.skipped = t, 0
+	return true, skipped
+}
+
+// logCause writes msg at WARN for cause, at most once a minute per cause.
+func (c *Connect) logCause(cause, msg string, fields ...zap.Field) {
+	ok, skipped := c.causes.allow(cause)
+	if !ok {
+		return
+	}
+	fields = append([]zap.Field{zap.String("cause", cause)}, fields...)
+	if skipped > 0 {
+		fields = append(fields, zap.Int("not_logged", skipped))
+	}
+	c.logger.Warn(msg, fields...)
+}

@@ -76,22 +76,12 @@ func browser(t *testing.T) *http.Client {
 }
 
 // connectAs runs a whole connection in a browser, from connectURL to the
-// callback, with the fake approving as tenant, and returns the callback's
-// status and page.
+// result page, with the fake approving as tenant, and returns the page's
+// status and text.
 func connectAs(t *testing.T, fake *fakefortnox.Server, connectURL, tenant string) (int, string) {
 	t.Helper()
 	fake.SetAuthorizeAs(tenant, "7")
-	b := browser(t)
-	status, body, loc := getPage(t, b, connectURL)
-	if status != http.StatusFound || !strings.HasPrefix(loc, fake.URL()+"/oauth-v1/auth?") {
-		t.Fatalf("GET %s: %d %s, Location %q", connectURL, status, body, loc)
-	}
-	status, body, cb := getPage(t, b, loc)
-	if status != http.StatusFound {
-		t.Fatalf("authorize: %d %s", status, body)
-	}
-	status, body, _ = getPage(t, b, cb)
-	return status, body
+	return connectFlow(t, fake, connectURL)
 }
 
 // fortnox_connect answers exactly its two paths: other paths of the site
@@ -116,7 +106,7 @@ func TestConnectMatchesOnlyItsOwnPaths(t *testing.T) {
 	if status, body, loc := getPage(t, client, public+"/fortnox/connect"); status != http.StatusFound || !strings.Contains(loc, "/oauth-v1/auth?") {
 		t.Errorf("GET /fortnox/connect: %d %s %q", status, body, loc)
 	}
-	if status, body, _ := getPage(t, browser(t), public+"/fortnox/callback?state=x&code=y"); status != http.StatusBadRequest || !strings.Contains(body, "no state cookie") {
+	if status, body, _ := getPage(t, browser(t), public+"/fortnox/callback?state=x&code=y"); status != http.StatusBadRequest || !strings.Contains(body, "started in another browser") {
 		t.Errorf("GET /fortnox/callback: %d %s", status, body)
 	}
 }

@@ -38,6 +38,10 @@ type sharedState interface {
 	// firstUse reports whether name (a connect state) is used for the
 	// first time; it is remembered for ttl.
 	firstUse(ctx context.Context, name string, ttl time.Duration) (bool, error)
+	// keepResult remembers how a connect flow ended (a signed result,
+	// never a token) for ttl; flowResult reads it back ("" if none).
+	keepResult(ctx context.Context, name, result string, ttl time.Duration) error
+	flowResult(ctx context.Context, name string) (string, error)
 	// newerEvent reports whether a consent event for tenant stamped at is
 	// newer than every one applied before, and remembers it if so.
 	newerEvent(ctx context.Context, tenant string, at time.Time) (bool, error)
@@ -95,14 +99,16 @@ type localShared struct {
 	slots   chan struct{}
 
 	mu            sync.Mutex
-	used          map[string]time.Time // connect states -> when they may be forgotten
-	lastEvent     map[string]time.Time // tenant -> the newest consent event applied
+	used          map[string]time.Time  // connect states -> when they may be forgotten
+	results       map[string]keptResult // connect states -> how their flow ended
+	lastEvent     map[string]time.Time  // tenant -> the newest consent event applied
 	invalidations map[string][]time.Time
 }
 
 func newLocalShared() *localShared {
 	return &localShared{
 		used:          make(map[string]time.Time),
+		results:       make(map[string]keptResult),
 		lastEvent:     make(map[string]time.Time),
 		invalidations: make(map[string][]time.Time),
 	}
@@ -128,6 +134,33 @@ func (l *localShared) firstUse(_ context.Context, name string, ttl time.Duration
 	}
 	l.used[name] = n.Add(ttl)
 	return true, nil
+}
+
+type keptResult struct {
+	result string
+	until  time.Time
+}
+
+func (l *localShared) keepResult(_ context.Context, name, result string, ttl time.Duration) error {
+	n := now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for k, kept := range l.results {
+		if n.After(kept.until) {
+			delete(l.results, k)
+		}
+	}
+	l.results[name] = keptResult{result: result, until: n.Add(ttl)}
+	return nil
+}
+
+func (l *localShared) flowResult(_ context.Context, name string) (string, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if kept, ok := l.results[name]; ok && !now().After(kept.until) {
+		return kept.result, nil
+	}
+	return "", nil
 }
 
 func (l *localShared) newerEvent(_ context.Context, tenant string, at time.Time) (bool, error) {

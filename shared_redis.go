@@ -137,6 +137,32 @@ func (r *redisShared) firstUse(ctx context.Context, name string, ttl time.Durati
 	return fresh, nil
 }
 
+func (r *redisShared) keepResult(ctx context.Context, name, result string, ttl time.Duration) error {
+	err := r.c.call(ctx, "keep connect result", func(ctx context.Context) error {
+		return r.c.client.Set(ctx, r.clientKey("result")+name, result, ttl).Err()
+	})
+	if err != nil {
+		return r.local.keepResult(ctx, name, result, ttl)
+	}
+	return nil
+}
+
+func (r *redisShared) flowResult(ctx context.Context, name string) (string, error) {
+	var result string
+	err := r.c.call(ctx, "read connect result", func(ctx context.Context) error {
+		v, err := r.c.client.Get(ctx, r.clientKey("result")+name).Result()
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		result = v
+		return err
+	})
+	if err != nil || result == "" {
+		return r.local.flowResult(ctx, name)
+	}
+	return result, nil
+}
+
 // newerScript remembers the newest event time of a tenant.
 var newerScript = redis.NewScript(`
 local last = redis.call('GET', KEYS[1])

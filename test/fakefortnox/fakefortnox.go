@@ -168,6 +168,7 @@ type Server struct {
 	authorizeUser   string
 	denyError       string
 	denyDescription string
+	companies       []Company // the authorize page's choice (SetAuthorizePage); nil: approve at once
 
 	stats stats
 
@@ -271,6 +272,8 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		s.serveToken(w, r)
+	case r.URL.Path == "/oauth-v1/auth" && r.Method == http.MethodPost:
+		s.serveAuthorizeDecision(w, r)
 	case r.URL.Path == "/oauth-v1/auth":
 		if !allowMethod(w, r, http.MethodGet) {
 			return

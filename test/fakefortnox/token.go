@@ -451,6 +451,9 @@ func (s *Server) serveAuthorize(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "Fake Fortnox cannot authorize this request: redirect_uri is not an absolute URL", http.StatusBadRequest)
 		return
 	}
+	if s.showAuthorizePage(w, q) {
+		return
+	}
 
 	s.mu.Lock()
 	denyError, denyDescription := s.denyError, s.denyDescription

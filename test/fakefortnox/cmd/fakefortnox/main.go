@@ -50,6 +50,7 @@ func run(args []string) error {
 	lifetime := fs.Duration("token-lifetime", time.Hour, "access token lifetime")
 	rateLimit := fs.Int("rate-limit", 25, "/3/ requests per window per tenant (negative: off)")
 	rateWindow := fs.Duration("rate-window", 5*time.Second, "rate-limit window")
+	authorizePage := fs.String("authorize-page", "", `companies the authorize page offers, "TenantId=Name,…": a person chooses the company and user and approves or denies (default: approve at once as 1234567, user 1)`)
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -73,6 +74,13 @@ func run(args []string) error {
 	})
 	for _, tenant := range consentTenants {
 		s.GrantConsent(*clientID, tenant)
+	}
+	if *authorizePage != "" {
+		companies, err := companyList(*authorizePage)
+		if err != nil {
+			return fmt.Errorf("-authorize-page: %w", err)
+		}
+		s.SetAuthorizePage(companies)
 	}
 	if err := s.Listen(*addr); err != nil {
 		return err
@@ -150,4 +158,20 @@ func isDigits(s string) bool {
 		}
 	}
 	return s != "" && s[0] != '0'
+}
+
+// companyList parses "1234567=Demo AB,7654321=Exempel AB".
+func companyList(s string) ([]fakefortnox.Company, error) {
+	var out []fakefortnox.Company
+	for _, part := range strings.Split(s, ",") {
+		id, name, _ := strings.Cut(strings.TrimSpace(part), "=")
+		if _, err := tenantList(id); err != nil || id == "" {
+			return nil, fmt.Errorf("%q is not TenantId=Name", part)
+		}
+		if name == "" {
+			name = "Company " + id
+		}
+		out = append(out, fakefortnox.Company{TenantID: id, Name: name})
+	}
+	return out, nil
 }

@@ -191,7 +191,7 @@ func (e *tokenError) advice(tenant string) string {
 		if e.account != "" {
 			return "No refresh token is stored for account " + e.account + " of tenant " + tenant + ": " + e.accountRemedy(tenant) + " Requests without the account header use the service account."
 		}
-		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user (fortnox_connect with ?account=<name>&tenant=" + tenant + ") or hand the user's refresh token over: " + handoverStep(tenant, "<name>") + ". Requests without the account header use the service account."
+		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user with a signed connect link (fortnox_connect, ?account=<name>&tenant=" + tenant + " signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, "<name>") + ". Requests without the account header use the service account."
 	case failUserMismatch:
 		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. An operator must delete the account before another user can be connected under its name."
 	case failStorage:
@@ -312,8 +312,8 @@ func (e *tokenError) whose(tenant string) string {
 
 // accountRemedy says how a named account gets a (new) refresh-token chain.
 func (e *tokenError) accountRemedy(tenant string) string {
-	return "connect the user (fortnox_connect with ?account=" + e.account + "&tenant=" + tenant +
-		") or hand the user's refresh token over: " + handoverStep(tenant, e.account) + "."
+	return "connect the user with a signed connect link (fortnox_connect, ?account=" + e.account + "&tenant=" + tenant +
+		" signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, e.account) + "."
 }
 
 // handoverStep names the request that hands a refresh token over to the

@@ -162,8 +162,6 @@ func outcomeOf(err error) string {
 		return terr.errorCode()
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return outcomeCancelled
-	case errors.Is(err, errNoRefreshToken):
-		return "no_refresh_token"
 	}
 	var rle *rateLimitError
 	if errors.As(err, &rle) {

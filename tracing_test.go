@@ -21,6 +21,7 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 // Caddy's `tracing` directive builds its tracer provider from the
@@ -387,5 +388,36 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 		return len(requests) == 1
 	})
 	wantAttrs(t, requests[0], map[attribute.Key]string{attrGrant: grantClientCredentials, attrStatus: "200"})
+	noSecretsInSpans(t)
+}
+
+// In cluster mode the calls to Redis on the request's path show too: the
+// look for a token another sidecar shared, the subject's lock, and the
+// sharing of the new token.
+func TestTracingClusterMode(t *testing.T) {
+	fake := startFakeWithConsent(t)
+	addr := redisstorage.StartRedis(t)
+	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
+	sc := startTracedSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}")
+	status, body, tid := sc.tracedGet("/3/companyinformation", "1234567")
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	spans := traceSpans(t, tid)
+	token := only(t, spans, spanToken)
+	lock := only(t, spans, spanLock)
+	wantParent(t, lock, token)
+	wantAttrs(t, lock, map[attribute.Key]string{attrTenant: "1234567", attrOutcome: "ok"})
+	var ops []string
+	for _, s := range named(spans, spanStore) {
+		wantParent(t, s, token)
+		ops = append(ops, attr(s, attrOperation)+"="+attr(s, attrOutcome))
+	}
+	for _, op := range []string{opLoadSharedToken + "=ok", opShareToken + "=ok"} {
+		if !slices.Contains(ops, op) {
+			t.Errorf("store operations %v: no %s", ops, op)
+		}
+	}
+	wantAttrs(t, only(t, spans, spanTokenRequest), map[attribute.Key]string{attrStatus: "200", attrOutcome: "ok"})
 	noSecretsInSpans(t)
 }

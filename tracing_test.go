@@ -421,3 +421,55 @@ func TestTracingClusterMode(t *testing.T) {
 	wantAttrs(t, only(t, spans, spanTokenRequest), map[attribute.Key]string{attrStatus: "200", attrOutcome: "ok"})
 	noSecretsInSpans(t)
 }
+
+// tracedRequests are benchRequests whose context holds a recording request
+// span, as under Caddy's `tracing` directive.
+func tracedRequests(tb testing.TB, ids []string) []*http.Request {
+	tp := sdktrace.NewTracerProvider()
+	tb.Cleanup(func() { _ = tp.Shutdown(context.Background()) })
+	ctx, span := tp.Tracer("test").Start(context.Background(), "request")
+	tb.Cleanup(func() { span.End() })
+	reqs := benchRequests(ids)
+	for i, r := range reqs {
+		reqs[i] = r.WithContext(ctx)
+	}
+	return reqs
+}
+
+// With tracing on, a request served from the cache (and not waiting for
+// its turn) costs what it costs with tracing off: the plugin makes no span
+// for it and does not look.
+func TestCachedPathAllocationsTraced(t *testing.T) {
+	h, ids := benchHandler(t, 10, true)
+	reqs := tracedRequests(t, ids)
+	w := &discardWriter{header: http.Header{}}
+	body := &caddyBody{http.NoBody}
+	i := 0
+	allocs := testing.AllocsPerRun(200, func() {
+		r := reqs[i%len(ids)]
+		r.Header[DefaultTenantHeader] = ids[i%len(ids) : i%len(ids)+1]
+		r.Body = body
+		if err := h.ServeHTTP(w, r, nopNext{}); err != nil {
+			t.Fatal(err)
+		}
+		i++
+	})
+	if allocs > 1 {
+		t.Errorf("%.1f allocations per cached request with tracing on, want at most 1", allocs)
+	}
+}
+
+// The cached path with the request span recording (compare with
+// BenchmarkServeHTTPCached).
+func BenchmarkServeHTTPCachedTraced(b *testing.B) {
+	h, ids := benchHandler(b, 100, false)
+	reqs := tracedRequests(b, ids)
+	w := &discardWriter{header: http.Header{}}
+	body := &caddyBody{http.NoBody}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		n := i % len(ids)
+		serveCached(b, h, w, reqs[n], ids[n:n+1], body)
+	}
+}

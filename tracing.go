@@ -238,8 +238,12 @@ func (m *tokenManager) childSpan(subj subject, name string, opts ...trace.SpanSt
 	if parent == nil {
 		return tspan{}
 	}
-	_, t := startSpan(parent, name, subj, opts...)
-	return t
+	// The flight's span was recording when it was registered. It may have
+	// ended since (its request gave up waiting): what the flight does still
+	// belongs under it.
+	opts = append(opts, trace.WithAttributes(subj.traceAttributes()...))
+	_, s := trace.SpanFromContext(parent).TracerProvider().Tracer(tracerName).Start(parent, name, opts...)
+	return tspan{s}
 }
 
 // storeSpan is a fortnox.store span for op under subj's traced flight.

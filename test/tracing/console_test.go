@@ -91,7 +91,7 @@ http://127.0.0.1:%d {
 		client_id {env.FORTNOX_CLIENT_ID}
 		client_secret {env.FORTNOX_CLIENT_SECRET}
 		token_url %s
-		rate_limit 1 300ms
+		rate_limit 1 3s
 		check_credentials off
 	}
 	reverse_proxy %s

@@ -65,11 +65,17 @@ func startTracedSidecar(t *testing.T, fake *fakefortnox.Server, options string) 
 // names a remote parent) and returns the trace's ID with the answer.
 func (s *sidecar) tracedGet(path, tenant string) (int, []byte, trace.TraceID) {
 	s.t.Helper()
+	return s.tracedGetWith(path, tenant, http.Header{})
+}
+
+// tracedGetWith is tracedGet with more request headers.
+func (s *sidecar) tracedGetWith(path, tenant string, h http.Header) (int, []byte, trace.TraceID) {
+	s.t.Helper()
 	var tid trace.TraceID
 	var sid trace.SpanID
 	_, _ = rand.Read(tid[:])
 	_, _ = rand.Read(sid[:])
-	h := http.Header{"Traceparent": {"00-" + hex.EncodeToString(tid[:]) + "-" + hex.EncodeToString(sid[:]) + "-01"}}
+	h.Set("Traceparent", "00-"+hex.EncodeToString(tid[:])+"-"+hex.EncodeToString(sid[:])+"-01")
 	status, body, _ := s.do(http.MethodGet, path, tenant, nil, h)
 	return status, body, tid
 }
@@ -277,6 +283,19 @@ func TestTracingRefreshTokenPath(t *testing.T) {
 		if !slices.Contains(ops, op) {
 			t.Errorf("store operations %v: no %s", ops, op)
 		}
+	}
+
+	// A named account's spans name it.
+	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
+	advance(fake, 61*time.Minute) // the access token that came with it has expired
+	status, body, tid = sc.tracedGetWith("/3/companyinformation", "1234567", http.Header{DefaultAccountHeader: {"anna"}})
+	if status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	spans = traceSpans(t, tid)
+	wantAttrs(t, only(t, spans, spanToken), map[attribute.Key]string{attrTenant: "1234567", attrAccount: "anna", attrGrant: grantRefreshToken, attrOutcome: "ok"})
+	for _, s := range named(spans, spanStore) {
+		wantAttrs(t, s, map[attribute.Key]string{attrTenant: "1234567", attrAccount: "anna"})
 	}
 	noSecretsInSpans(t)
 }

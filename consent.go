@@ -133,7 +133,9 @@ func (m *tokenManager) revokedError(s *managerSettings, tenant string) error {
 	m.mu.Unlock()
 	if !read && s != nil && s.records != nil {
 		ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
+		span := m.storeSpan(subject{tenant: tenant}, opLoadRecord)
 		rec, err := s.records.load(ctx, subject{tenant: tenant})
+		span.endErr(err)
 		cancel()
 		if err == nil {
 			m.mu.Lock()

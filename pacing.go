@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"go.opentelemetry.io/otel/trace"
 )
 
 // Defaults for the rate limiter: Fortnox allows 25 requests per 5 seconds
@@ -95,9 +96,11 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 		if waited > 0 {
 			metrics.rateLimitWaits.Inc()
 			metrics.rateLimitWait.Observe(waited.Seconds())
+			traceTurn(r, tenant, waited, nil)
 		}
 		return waited, true
 	}
+	traceTurn(r, tenant, waited, err)
 	var rle *rateLimitError
 	if errors.As(err, &rle) {
 		metrics.rateLimitReject.Inc()
@@ -110,4 +113,14 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 	writeAppError(w, http.StatusServiceUnavailable, "request_cancelled",
 		"The request ended while it waited for its turn in the rate limiter.", time.Second)
 	return 0, false
+}
+
+// traceTurn records a wait for the tenant's turn (or a refusal) as a
+// fortnox.rate_limit span, after the fact: a request that did not wait
+// never looks for its span, so the cached path costs the same with
+// tracing on or off.
+func traceTurn(r *http.Request, tenant string, waited time.Duration, err error) {
+	_, span := startSpan(r.Context(), spanRateLimit, subject{tenant: tenant},
+		trace.WithTimestamp(time.Now().Add(-waited)))
+	span.endErr(err)
 }

@@ -6,6 +6,7 @@ import (
 	"sync"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 )
 
@@ -107,7 +108,9 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 
 	// A look without the lock: most tenants have no record at all, and a
 	// fresh access token stored by another replica needs no lock either.
+	span := m.storeSpan(subj, opLoadRecord)
 	rec, err := s.records.load(ctx, subj)
+	span.endErr(err)
 	if err != nil {
 		return nil, m.storageFailure(subj, err)
 	}
@@ -127,8 +130,12 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 	var token *cachedToken
 	var failure *tokenError
 	var r rotated
+	lock := m.childSpan(subj, spanLock)
 	err = s.records.withLock(ctx, subj, func() error {
+		lock.end(outcomeOK)
+		span := m.storeSpan(subj, opLoadRecord)
 		rec, err := s.records.load(ctx, subj)
+		span.endErr(err)
 		if err != nil {
 			return err
 		}
@@ -152,6 +159,7 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 		token = m.cacheToken(subj, grantRefreshToken, r.answer.accessToken, r.issued, r.answer.lifetime, s.refreshBefore)
 		return nil
 	})
+	lock.endErr(err) // the lock was not had (when it was, its span ended)
 	m.settle(s, r)
 	took := r.took
 	switch {
@@ -186,7 +194,9 @@ type rotated struct {
 // rejected is marked (refreshRefused); an answer that is another tenant's
 // (or user's) is stranded, and the caller calls settle without the lock.
 func (m *tokenManager) refreshStored(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord) rotated {
+	span := m.childSpan(subj, spanTokenRequest, trace.WithAttributes(attrGrant.String(grantRefreshToken)))
 	answer, took, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
+	span.endAnswer(answer, err)
 	defer stored()
 	r := rotated{took: took}
 	if err != nil {
@@ -218,7 +228,9 @@ func (m *tokenManager) settle(s *managerSettings, r rotated) {
 // written before any further refresh of the subject, and the loudest line
 // says so.
 func (m *tokenManager) storeRotated(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord) error {
+	span := m.storeSpan(subj, opSaveRecord)
 	err := s.records.saveHard(ctx, subj, rec)
+	span.endErr(err)
 	if err != nil {
 		m.keepUnsaved(subj, rec)
 		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
@@ -269,7 +281,10 @@ func (m *tokenManager) refreshRefused(ctx context.Context, s *managerSettings, s
 	case failure.failure == failNoConsent: // invalid_grant: the refresh token is dead
 		failure.failure = failGrantRejected
 		rec.RejectedAt = now().UTC()
-		if serr := s.records.save(ctx, subj, rec); serr != nil {
+		span := m.storeSpan(subj, opSaveRecord)
+		serr := s.records.save(ctx, subj, rec)
+		span.endErr(serr)
+		if serr != nil {
 			m.logger().Error("could not mark the rejected refresh token in storage", append(subj.logFields(), zap.Error(serr))...)
 		}
 		m.notifyChainBroken(subj, "refresh_token_rejected")

@@ -49,6 +49,7 @@ type tokenAnswer struct {
 	refreshToken string // only for the refresh-token and code grants; "" when Fortnox sent no new one
 	lifetime     time.Duration
 	scope        string
+	status       int // Fortnox's HTTP status (2xx), for tracing
 }
 
 // tokenClient speaks to Fortnox's token endpoint through golang.org/x/oauth2,
@@ -203,7 +204,8 @@ type fortnoxTransport struct {
 	tenant string // the TenantId header; "" for the refresh and code grants
 	// body is the answer read, for explaining an unusable 2xx answer (it
 	// may hold a token: it is never printed).
-	body []byte
+	body   []byte
+	status int
 }
 
 func (t *fortnoxTransport) RoundTrip(req *http.Request) (*http.Response, error) {
@@ -225,7 +227,7 @@ func (t *fortnoxTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 	if len(body) > maxTokenAnswer {
 		return nil, &answerTooLarge{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
 	}
-	t.body = body
+	t.body, t.status = body, resp.StatusCode
 	resp.Body = io.NopCloser(bytes.NewReader(body))
 	resp.ContentLength = int64(len(body))
 	// Fortnox's answers are JSON whatever their label; x/oauth2 would parse
@@ -265,6 +267,7 @@ func (c *tokenClient) answer(tr *fortnoxTransport, tok *oauth2.Token, err error,
 		refreshToken: refreshToken,
 		lifetime:     tokenLifetime(tok.Extra("expires_in"), tok.AccessToken),
 		scope:        scope,
+		status:       tr.status,
 	}, nil
 }
 

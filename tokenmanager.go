@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 	gocache "github.com/patrickmn/go-cache"
+	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/singleflight"
@@ -250,6 +251,8 @@ type tokenManager struct {
 	// outlive the manager).
 	cache   *gocache.Cache
 	flights singleflight.Group
+	// traces: the span of the request each traced flight runs for.
+	traces flightTraces
 
 	mu      sync.Mutex
 	tenants map[string]*tenantState
@@ -419,7 +422,8 @@ func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken
 			m.hits.Add(1)
 			metrics.cacheHit.Inc()
 			if n >= t.refreshAt.Load() && t.refreshing.CompareAndSwap(false, true) {
-				go m.refreshAhead(subj, t)
+				link, traced := linkTo(ctx)
+				go m.refreshAhead(subj, t, link, traced)
 			}
 			return t, nil
 		}
@@ -439,14 +443,18 @@ var errStillWorking = errors.New("the token request for the tenant is still runn
 // token the caller knows is bad and that must not be returned again: a
 // flight that started before the caller knew (and so may hand it back) is
 // waited out, and a new one is started.
-func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *cachedToken) (*cachedToken, error) {
+func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *cachedToken) (tok *cachedToken, err error) {
 	key := subj.key()
+	tctx, span := tokenSpan(ctx, subj)
+	defer func() { span.endToken(tok, err) }()
 	limit := time.NewTimer(m.callerWaitLimit())
 	defer limit.Stop()
 	for attempt := 0; ; attempt++ {
 		ch := m.flights.DoChan(key, func() (any, error) {
+			defer m.traces.begin(key, tctx)()
 			return m.obtain(subj, stale)
 		})
+		m.joined(span, key, tctx)
 		select {
 		case res := <-ch:
 			if res.Err != nil {
@@ -475,13 +483,24 @@ func (m *tokenManager) callerWaitLimit() time.Duration {
 	return lockBudget + 2*s.tokenTimeout
 }
 
-// refreshAhead replaces t in the background before it expires.
-func (m *tokenManager) refreshAhead(subj subject, t *cachedToken) {
+// refreshAhead replaces t in the background before it expires. When the
+// request that started it is traced (link), it is traced too, in a root
+// span linked to that request's.
+func (m *tokenManager) refreshAhead(subj subject, t *cachedToken, link spanLink, traced bool) {
 	defer t.refreshing.Store(false)
+	var tctx context.Context
+	var span tspan
+	if traced {
+		tctx, span = link.startBackground(subj)
+	}
 	ch := m.flights.DoChan(subj.key(), func() (any, error) {
+		defer m.traces.begin(subj.key(), tctx)()
 		return m.obtain(subj, t)
 	})
+	m.joined(span, subj.key(), tctx)
 	res := <-ch
+	tok, _ := res.Val.(*cachedToken)
+	span.endToken(tok, res.Err)
 	if res.Err != nil {
 		// Keep using t while it is valid, but do not try again before the
 		// tenant's backoff says so.
@@ -559,7 +578,9 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 		return t, nil
 	}
 	lctx, lcancel := context.WithTimeout(m.ctx, lockBudget)
+	lspan := m.sharedSpan(subj, spanLock, "")
 	unlock, lerr := m.shared().lockToken(lctx, subj)
+	lspan.endErr(lerr)
 	lcancel()
 	if lerr == nil {
 		defer unlock()
@@ -567,8 +588,10 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 			return t, nil
 		}
 	}
+	rspan := m.childSpan(subj, spanTokenRequest, trace.WithAttributes(attrGrant.String(grantClientCredentials)))
 	release, err := m.tokenSlot(s)
 	if err != nil {
+		rspan.endErr(err)
 		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
@@ -577,6 +600,7 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 	took := time.Since(start)
 	cancel()
 	release()
+	rspan.endAnswer(answer, err)
 	if err == nil {
 		if terr := checkTokenTenant(answer.accessToken, subj.tenant, grantClientCredentials); terr != nil {
 			terr.fromClientCredentials = true
@@ -618,7 +642,9 @@ func (m *tokenManager) shared() sharedState {
 // refresh) and the tenant's. Local: there is none.
 func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cachedToken) *cachedToken {
 	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+	span := m.sharedSpan(subj, spanStore, opLoadSharedToken)
 	st, err := m.shared().loadToken(ctx, subj)
+	span.endErr(err)
 	cancel()
 	if err != nil || st == nil || !st.ExpiresAt.After(st.IssuedAt) {
 		return nil
@@ -654,8 +680,9 @@ func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cach
 func (m *tokenManager) share(subj subject, t *cachedToken) {
 	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
 	defer cancel()
-	_ = m.shared().storeToken(ctx, subj, &sharedToken{AccessToken: t.accessToken(), Grant: t.grant,
-		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()})
+	span := m.sharedSpan(subj, spanStore, opShareToken)
+	span.endErr(m.shared().storeToken(ctx, subj, &sharedToken{AccessToken: t.accessToken(), Grant: t.grant,
+		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()}))
 }
 
 // tokenSlot waits for one of the client's token-request slots (at most

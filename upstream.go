@@ -40,15 +40,21 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// Fortnox answered 401 and the answer was held back: replay once.
 	uw.restoreHeaders()
+	rctx, span := startSpan(r.Context(), spanReplay, subj)
+	if span.recording() {
+		r = r.WithContext(rctx) // the replay's token and turn are its children
+	}
 	fresh, err := h.tokens.waitForToken(r.Context(), subj, tok)
 	if err == nil && h.limiter != nil {
 		if fresh, err = h.turnWithToken(w, r, subj, fresh); fresh == nil && err == nil {
 			metrics.replays.WithLabelValues("no_turn").Inc()
+			span.end(outcomeRateLimited)
 			return nil // answered 429
 		}
 	}
 	if err != nil {
 		metrics.replays.WithLabelValues("no_token").Inc()
+		span.endErr(err)
 		h.writeTokenError(w, r, subj, err)
 		return nil
 	}
@@ -62,6 +68,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	uw.replay = true
 	err = next.ServeHTTP(uw, r)
 	countProxyError(uw, err)
+	span.endErr(err)
 	return err
 }
 

@@ -805,7 +805,7 @@ func TestShippedFilesKeepTheAdminOffTCP(t *testing.T) {
 
 	// Each shipped Caddyfile, and each doc's Caddyfile with global options,
 	// adapts to an admin endpoint on a unix socket, with no warning.
-	unsetEnv(t, "CADDY_ADMIN", "FORTNOX_DEMO_PORT", "FORTNOX_FAKE_PORT")
+	unsetEnv(t, "CADDY_ADMIN", "FORTNOX_DEMO_PORT", "FORTNOX_FAKE_PORT", "FORTNOX_CONNECT_PORT")
 	want := map[string]string{"Caddyfile.example": imageAdminSocket, "demo/Caddyfile": "unix/.demo/admin/admin.sock"}
 	for f, socket := range want {
 		admin, metrics, warnings := adaptedAdmin(t, f, readFile(t, f))

@@ -19,7 +19,7 @@ import (
 // keeps it true.
 func TestGoldenAdapt(t *testing.T) {
 	const doc = "docs/configuration.md"
-	unsetEnv(t, "CADDY_ADMIN", "FORTNOX_DEMO_PORT", "FORTNOX_FAKE_PORT") // the Caddyfiles' {$…} defaults
+	unsetEnv(t, "CADDY_ADMIN", "FORTNOX_DEMO_PORT", "FORTNOX_FAKE_PORT", "FORTNOX_CONNECT_PORT") // the Caddyfiles' {$…} defaults
 	page, err := os.ReadFile(doc)
 	if err != nil {
 		t.Fatal(err)

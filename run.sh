@@ -38,8 +38,12 @@ rm -rf .demo/storage
 mkdir -p .demo bin
 go build -o bin/fakefortnox ./test/fakefortnox/cmd/fakefortnox
 export FORTNOX_CLIENT_ID=demo-client FORTNOX_CLIENT_SECRET=demo-secret
+# Signs the connect pages' state cookies; a fresh one each run is fine here.
+FORTNOX_COOKIE_SECRET="demo-cookie-secret-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+export FORTNOX_COOKIE_SECRET
 export FORTNOX_DEMO_PORT="${FORTNOX_DEMO_PORT:-8080}" FORTNOX_FAKE_PORT="${FORTNOX_FAKE_PORT:-8099}"
-demo_port=$FORTNOX_DEMO_PORT fake_port=$FORTNOX_FAKE_PORT
+export FORTNOX_CONNECT_PORT="${FORTNOX_CONNECT_PORT:-8081}"
+demo_port=$FORTNOX_DEMO_PORT fake_port=$FORTNOX_FAKE_PORT connect_port=$FORTNOX_CONNECT_PORT
 
 fake_pid=
 caddy_pid=
@@ -66,9 +70,9 @@ wait_for() {
 	return 1
 }
 
-for port in "$fake_port" "$demo_port"; do
+for port in "$fake_port" "$demo_port" "$connect_port"; do
 	if listening "$port"; then
-		echo "run.sh: something already listens on 127.0.0.1:$port (an earlier ./run.sh? or set FORTNOX_DEMO_PORT and FORTNOX_FAKE_PORT)" >&2
+		echo "run.sh: something already listens on 127.0.0.1:$port (an earlier ./run.sh? or set FORTNOX_DEMO_PORT, FORTNOX_CONNECT_PORT and FORTNOX_FAKE_PORT)" >&2
 		exit 1
 	fi
 done
@@ -96,9 +100,11 @@ socket_ready() {
 
 # Tenants 1234567 and 7654321 have a service-account consent; 5550003 has
 # only a refresh token (as a customer of an integration that still runs on
-# refresh tokens), written to .demo/refresh-token-5550003.
+# refresh tokens), written to .demo/refresh-token-5550003. Its authorize page
+# lets you connect 5550001, which has neither yet, as its administrator would.
 bin/fakefortnox -addr "127.0.0.1:$fake_port" -client-id "$FORTNOX_CLIENT_ID" -client-secret "$FORTNOX_CLIENT_SECRET" \
-	-tenants 1234567,7654321 -refresh-tenants 5550003 -refresh-token-dir .demo &
+	-tenants 1234567,7654321 -refresh-tenants 5550003 -refresh-token-dir .demo \
+	-authorize-page '5550001=Ny Kund AB,1234567=Demo AB,7654321=Exempel AB' &
 fake_pid=$!
 wait_for "the fake Fortnox" "$fake_port" "$fake_pid"
 
@@ -109,7 +115,8 @@ wait_for "Caddy" "$demo_port" "$caddy_pid"
 socket_ready "$caddy_pid"
 
 proxy="http://127.0.0.1:$demo_port"
-sed -e "s|@PROXY@|$proxy|g" -e "s|@ADMIN@|$CADDY_ADMIN|g" -e "s|@SOCKET@|$admin_socket|g" >&2 <<'TXT'
+connect="http://127.0.0.1:$connect_port/fortnox/connect"
+sed -e "s|@PROXY@|$proxy|g" -e "s|@CONNECT@|$connect|g" -e "s|@ADMIN@|$CADDY_ADMIN|g" -e "s|@SOCKET@|$admin_socket|g" >&2 <<'TXT'
 
   The sidecar listens on @PROXY@. Its admin endpoint is the unix socket
   @SOCKET@, in a directory only your user can open: the app
@@ -124,11 +131,18 @@ sed -e "s|@PROXY@|$proxy|g" -e "s|@ADMIN@|$CADDY_ADMIN|g" -e "s|@SOCKET@|$admin_
     curl -s @PROXY@/3/companyinformation                                  # no tenant: 400
     ./caddy fortnox tenants                                                            # what the sidecar knows
 
-  Move the refresh-token customer 5550003 to the sidecar (the migration step,
-  an operator's, on the admin socket):
+  Connect customer 5550001 as its administrator would: open this in a browser,
+  choose "Ny Kund AB" on the fake Fortnox's page and approve:
+
+    @CONNECT@
+
+    curl -s -H 'X-Fortnox-Tenant: 5550001' @PROXY@/3/companyinformation   # 200 once connected
+
+  Move the refresh-token customer 5550003 to the sidecar: the app hands its
+  refresh token over on the proxy's hand-over route (never the admin socket):
 
     curl -s -H 'X-Fortnox-Tenant: 5550003' @PROXY@/3/companyinformation   # 403: no token yet
-    curl --unix-socket @SOCKET@ -X PUT http://admin/fortnox/tenants/5550003/refresh_token -d "{\"refresh_token\":\"$(cat .demo/refresh-token-5550003)\"}"
+    curl -s -X PUT @PROXY@/fortnox/handover/tenants/5550003/refresh_token -d "{\"refresh_token\":\"$(cat .demo/refresh-token-5550003)\"}"
     curl -s -H 'X-Fortnox-Tenant: 5550003' @PROXY@/3/companyinformation   # 200, on the refresh token
     ./caddy fortnox tenants
 

@@ -115,6 +115,7 @@ type caddyfileTemplate struct {
 	upstream        string
 	options         string // extra lines inside the fortnox block
 	extraSites      string // more site blocks, appended to the Caddyfile
+	siteLines       string // more lines inside the proxy's own site block
 }
 
 func freePort(t testing.TB) int {
@@ -132,6 +133,13 @@ func freePort(t testing.TB) int {
 // production.
 func startSidecar(t testing.TB, fake *fakefortnox.Server, options string) *sidecar {
 	t.Helper()
+	return startSidecarSite(t, fake, options, "")
+}
+
+// startSidecarSite is startSidecar with more lines in the proxy's own site
+// block (siteLines), there from the first load.
+func startSidecarSite(t testing.TB, fake *fakefortnox.Server, options, siteLines string) *sidecar {
+	t.Helper()
 	t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
 	t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
 	s := &sidecar{
@@ -144,6 +152,7 @@ func startSidecar(t testing.TB, fake *fakefortnox.Server, options string) *sidec
 			tokenURL:  fake.TokenURL(),
 			upstream:  fake.URL(),
 			options:   options,
+			siteLines: siteLines,
 		},
 		client: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 256}},
 	}
@@ -193,7 +202,7 @@ http://127.0.0.1:%d {
 	log {
 		output file %s
 		format json
-	}
+	}%s
 	fortnox {
 		client_id {env.FORTNOX_TEST_CLIENT_ID}
 		client_secret {env.FORTNOX_TEST_CLIENT_SECRET}
@@ -202,7 +211,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-%s`, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
+%s`, s.adminPort, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.siteLines, s.tokenURL,
 		indentOptions(s.options), s.upstream, s.extraSites)
 }
 

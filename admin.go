@@ -816,7 +816,7 @@ func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 		}
 		t := tenantRow(*q.Tenant)
 		t.Quarantined = append(t.Quarantined, quarantinedInfo{ID: q.ID, Account: ptrText(q.Account),
-			HandedOverFor: q.SubmittedFor, At: q.CreatedAt.UTC()})
+			HandedOverFor: q.SubmittedFor, At: q.CreatedAt.UTC().Truncate(time.Second)})
 	}
 	for subj, r := range rows {
 		t := tenantRow(subj.tenant)

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/redis/go-redis/v9"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
@@ -371,5 +372,29 @@ func TestHandoverInClusterMode(t *testing.T) {
 	}
 	if n := fake.TokenErrors("invalid_grant"); n != 0 {
 		t.Errorf("%d invalid_grant", n)
+	}
+}
+
+func TestHandoverCaddyfile(t *testing.T) {
+	for _, c := range []struct {
+		in       string
+		want     Handover
+		errorish string
+	}{
+		{in: `fortnox_handover`, want: Handover{}},
+		{in: "fortnox_handover {\n client_id {env.X}\n token_url https://example.com/t\n}", want: Handover{ClientID: "{env.X}", TokenURL: "https://example.com/t"}},
+		{in: `fortnox_handover extra`, errorish: "wrong argument count"},
+		{in: "fortnox_handover {\n client_secret x\n}", errorish: `unrecognized subdirective "client_secret"`},
+		{in: "fortnox_handover {\n client_id\n}", errorish: "wrong argument count"},
+		{in: "fortnox_handover {\n client_id a b\n}", errorish: "wrong argument count"},
+	} {
+		var got Handover
+		err := got.UnmarshalCaddyfile(caddyfile.NewTestDispenser(c.in))
+		switch {
+		case c.errorish != "" && (err == nil || !strings.Contains(err.Error(), c.errorish)):
+			t.Errorf("%q: error %v, want %q", c.in, err, c.errorish)
+		case c.errorish == "" && (err != nil || got != c.want):
+			t.Errorf("%q: %+v, %v", c.in, got, err)
+		}
 	}
 }

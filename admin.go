@@ -459,6 +459,7 @@ func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, su
 // nor under its own tenant until an operator releases it.
 func (m *tokenManager) finishHandOver(subj subject, kept keptAnswer, how string) error {
 	if kept.mismatch != nil {
+		kept.mismatch.handedOver = true
 		if kept.stranded != nil {
 			kept.mismatch.detail = "The new refresh token Fortnox returned was " + quarantinedWhere(kept.stranded) + "; nothing was stored for " + subj.String() + "."
 		}

@@ -56,7 +56,7 @@ func TestHandedOverTokenOfAnotherTenantIsQuarantined(t *testing.T) {
 
 	status, body := sc.admin(http.MethodPut, "/fortnox/tenants/1234567/refresh_token", `{"refresh_token":"`+foreign+`"}`)
 	if status != http.StatusConflict || !strings.Contains(body, `"tenant_mismatch"`) ||
-		!strings.Contains(body, "1234567") || !strings.Contains(body, "7654321") || !strings.Contains(body, "kept in the quarantine as") {
+		!strings.Contains(body, "The refresh token handed over for 1234567 belongs to 7654321.") || !strings.Contains(body, "kept in the quarantine as") {
 		t.Fatalf("PUT of tenant 7654321's token for 1234567: %d %s", status, body)
 	}
 	if strings.Contains(body, foreign) {

@@ -293,7 +293,11 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 			return err
 		}
 		if rec.liveRefreshToken() {
-			refusal = apiError(http.StatusConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten. Quarantine record %s is kept as it was; delete the one you do not want (DELETE /fortnox/quarantine/%s, or DELETE the account) and release again", owner, id, id)
+			remedy := "drop the quarantined one (DELETE /fortnox/quarantine/" + id + ")"
+			if owner.account != "" {
+				remedy += ", or delete the account (DELETE /fortnox/tenants/" + owner.tenant + "/accounts/" + owner.account + ") and release it again"
+			}
+			refusal = apiError(http.StatusConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
 			return nil
 		}
 		if terr := checkTokenBinding(q.AccessToken, owner, grantRefreshToken, rec.UserID); terr != nil && q.AccessToken != "" {

@@ -152,7 +152,7 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 		token = m.cacheToken(subj, grantRefreshToken, r.answer.accessToken, r.issued, r.answer.lifetime, s.refreshBefore)
 		return nil
 	})
-	m.settle(s, r)
+	m.settle(r)
 	took := r.took
 	switch {
 	case errors.Is(err, errNoRefreshToken):
@@ -207,7 +207,7 @@ func (m *tokenManager) refreshStored(ctx context.Context, s *managerSettings, su
 
 // settle says where a stranded refresh token went: the quarantine, never
 // another tenant's record.
-func (m *tokenManager) settle(_ *managerSettings, r rotated) {
+func (m *tokenManager) settle(r rotated) {
 	if r.stranded != nil {
 		r.failure.detail = "The new refresh token Fortnox returned was " + quarantinedWhere(r.stranded) + "."
 	}

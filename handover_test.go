@@ -166,7 +166,6 @@ func TestHandoverRefusals(t *testing.T) {
 	if n := fake.TokenRequests("refresh_token", "") - spent; n != 0 {
 		t.Errorf("%d refresh tokens spent by refused hand-overs", n)
 	}
-
 	for _, method := range []string{http.MethodGet, http.MethodPost, http.MethodDelete, http.MethodPatch} {
 		for _, path := range []string{"/tenants/1234567/refresh_token", "/tenants/1234567/accounts/anna/refresh_token"} {
 			status, body, resp := sc.do(method, "/fortnox/handover"+path, "", strings.NewReader(`{"refresh_token":"`+good+`"}`), nil)
@@ -230,6 +229,39 @@ func TestHandoverRefusals(t *testing.T) {
 	}
 	if _, err := os.Stat(sc.recordPath("1234567")); err == nil {
 		t.Error("a refused request stored a record")
+	}
+
+	// Fortnox rejects the token, or cannot be asked: the admin routes'
+	// answers, still nothing of the token endpoint in them.
+	used := fake.IssueRefreshToken(testClientID, "1234567")
+	for _, f := range []struct {
+		fault  *fakefortnox.Fault
+		status int
+		code   string
+	}{
+		{&fakefortnox.Fault{Status: http.StatusServiceUnavailable}, http.StatusServiceUnavailable, "token_endpoint_unavailable"},
+		{&fakefortnox.Fault{Down: true}, http.StatusServiceUnavailable, "token_endpoint_unavailable"},
+		{nil, http.StatusNoContent, ""},
+		{nil, http.StatusBadRequest, "refresh_token_rejected"}, // the same token again: spent
+	} {
+		if f.fault != nil {
+			fake.SetFault(*f.fault)
+		}
+		status, body, resp := sc.handOver("/tenants/1234567/refresh_token", used)
+		fake.ClearFault()
+		if f.code == "" {
+			if status != f.status {
+				t.Errorf("after the fault: %d %s", status, body)
+			}
+			continue
+		}
+		if e := errorAnswer(t, resp, body); status != f.status || e.Error != f.code {
+			t.Errorf("fault %+v: %d %s, want %d %s", f.fault, status, body, f.status, f.code)
+		}
+		if f.status == http.StatusServiceUnavailable && resp.Header.Get("Retry-After") == "" {
+			t.Errorf("fault %+v: 503 without Retry-After", f.fault)
+		}
+		leaksNothing(t, fake, body, used)
 	}
 }
 

@@ -83,6 +83,7 @@ func (ho *Handover) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhtt
 	err := ho.serve(w, r)
 	var ae *adminError
 	if errors.As(err, &ae) {
+		ae = ho.forTheApp(ae)
 		writeJSONError(w, ae.status, ae.code, ae.message, ae.retryAfter)
 		return nil
 	}
@@ -110,6 +111,25 @@ func (ho *Handover) serve(w http.ResponseWriter, r *http.Request) error {
 	ctx, cancel := context.WithTimeout(r.Context(), lockBudget+time.Minute)
 	defer cancel()
 	return serveHandOver(ctx, w, r, m, subject{tenant: route.tenant, account: route.account}, "through fortnox_handover")
+}
+
+// forTheApp is an admin answer as the app gets it: when the token endpoint
+// failed, the admin message names the endpoint's host and what the
+// operator can check; the app gets the same status and code, and a message
+// without them (the log has the whole text).
+func (ho *Handover) forTheApp(ae *adminError) *adminError {
+	if ae.status != http.StatusBadGateway && ae.status != http.StatusServiceUnavailable {
+		return ae
+	}
+	ho.logger.Warn("hand-over not completed: the token endpoint failed", zap.String("error", ae.code), zap.String("cause", ae.message))
+	out := *ae
+	switch ae.status {
+	case http.StatusServiceUnavailable:
+		out.message = "Fortnox's token endpoint did not answer the refresh. If the request reached Fortnox, its answer was stored; otherwise the refresh token was not used. Retry with the same token after Retry-After; the sidecar's log has the cause."
+	default:
+		out.message = "Fortnox's token endpoint refused the sidecar or gave an answer that cannot be used; nothing was stored. The sidecar's log has the cause."
+	}
+	return &out
 }
 
 // manager finds the token manager of the fortnox handler with this

@@ -352,6 +352,9 @@ func (m *tokenManager) listQuarantine(ctx context.Context, rs *recordStore) ([]q
 	out := []quarantineInfo{}
 	for _, id := range ids {
 		q, err := m.loadQuarantine(ctx, rs, id)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // released or deleted since it was listed, or a tombstone
+		}
 		if err != nil {
 			out = append(out, quarantineInfo{ID: id, Reason: err.Error()})
 			continue

@@ -386,6 +386,24 @@ func TestAccountUserBinding(t *testing.T) {
 	if n := fake.LiveRefreshTokens(testClientID, "7654321", "9"); n != 1 {
 		t.Errorf("%d live refresh tokens of the foreign chain: it was lost", n)
 	}
+	// It waits in the quarantine, on its own tenant's row, as account carl;
+	// released, it serves carl of 7654321, bound to its user.
+	row := findTenant(sc.tenants(), "7654321")
+	if row == nil || len(row.Quarantined) != 1 || row.Quarantined[0].Account != "carl" || row.Quarantined[0].HandedOverFor != "1234567" {
+		t.Fatalf("tenant 7654321's row: %+v", row)
+	}
+	if _, err := os.Stat(sc.accountRecordPath("7654321", "carl")); err == nil {
+		t.Error("the chain was stored under its own tenant before a release")
+	}
+	if status, body := sc.admin(http.MethodPost, "/fortnox/quarantine/"+row.Quarantined[0].ID+"/release", ""); status != http.StatusOK || body != `{"account":"carl","tenant":"7654321"}`+"\n" {
+		t.Fatalf("release: %d %s", status, body)
+	}
+	if rec := sc.storedAccountRecord("7654321", "carl"); rec.UserID != "9" || !fake.RefreshTokenValid(rec.RefreshToken) {
+		t.Errorf("carl of 7654321 after the release: user %q, live %v", rec.UserID, fake.RefreshTokenValid(rec.RefreshToken))
+	}
+	if status, body, _ := sc.asAccount(http.MethodGet, "/3/invoices", "7654321", "carl"); status != http.StatusOK || echoOf(t, body).UserID != "9" {
+		t.Errorf("carl of 7654321 after the release: %d %s", status, body)
+	}
 
 	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
 	rec := sc.storedAccountRecord("1234567", "anna")
@@ -420,6 +438,28 @@ func TestAccountUserBinding(t *testing.T) {
 	}
 	if n := fake.LiveRefreshTokens(testClientID, "1234567", boUser); n != 1 {
 		t.Errorf("%d live refresh tokens of user %s's chain: it was lost", n, boUser)
+	}
+	// Released, it would overwrite anna's live chain: refused. With anna's
+	// chain gone, it is still another user's than anna's: refused too.
+	release := "/fortnox/quarantine/" + q[0].ID + "/release"
+	if status, body := sc.admin(http.MethodPost, release, ""); status != http.StatusConflict || !strings.Contains(body, `"live_refresh_token"`) {
+		t.Errorf("release over anna's live chain: %d %s", status, body)
+	}
+	annaFile, _ := os.ReadFile(sc.accountRecordPath("1234567", "anna"))
+	dead := *rec
+	dead.RefreshToken, dead.AccessToken = "", ""
+	deadJSON, _ := json.Marshal(dead)
+	if err := os.WriteFile(sc.accountRecordPath("1234567", "anna"), deadJSON, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if status, body := sc.admin(http.MethodPost, release, ""); status != http.StatusConflict || !strings.Contains(body, `"account_user_mismatch"`) {
+		t.Errorf("release of user %s's chain to anna (user %s): %d %s", boUser, annaUser, status, body)
+	}
+	if got := sc.storedAccountRecord("1234567", "anna"); got.UserID != annaUser || got.RefreshToken != "" {
+		t.Errorf("a refused release changed anna's record: user %q", got.UserID)
+	}
+	if err := os.WriteFile(sc.accountRecordPath("1234567", "anna"), annaFile, 0o600); err != nil {
+		t.Fatal(err)
 	}
 	if n := fake.LiveRefreshTokens(testClientID, "1234567", annaUser); n != 1 {
 		t.Errorf("%d live refresh tokens of anna's chain", n)
@@ -597,6 +637,13 @@ func TestConnectUserAccount(t *testing.T) {
 	}
 	if n := fake.LiveRefreshTokens(testClientID, "7654321", boUser); n != 1 {
 		t.Errorf("%d live refresh tokens of bo's chain: the new one was lost", n)
+	}
+	// Quarantined, listed on its own tenant, served under no name there either.
+	if row := findTenant(sc.tenants(), "7654321"); row == nil || len(row.Quarantined) != 1 || row.Quarantined[0].Account != "bo" || row.Quarantined[0].HandedOverFor != "5550001" {
+		t.Errorf("tenant 7654321's row: %+v", row)
+	}
+	if _, err := os.Stat(sc.accountRecordPath("7654321", "bo")); err == nil {
+		t.Error("another tenant's chain was stored under the account name in its own tenant")
 	}
 
 	// Another user follows anna's link: anna's account keeps its user.
@@ -890,6 +937,14 @@ func TestAccountChainOfAnotherTenant(t *testing.T) {
 	}
 	if rec := sc.storedAccountRecord("1234567", "anna"); rec.RefreshToken != "" || rec.MismatchTenant != "7654321" {
 		t.Errorf("the record is not marked: %+v", rec.MismatchTenant)
+	}
+	// The new refresh token waits in the quarantine; it is not adopted by
+	// account anna of 7654321.
+	if row := findTenant(sc.tenants(), "7654321"); row == nil || len(row.Quarantined) != 1 || row.Quarantined[0].Account != "anna" || row.Quarantined[0].HandedOverFor != "1234567" {
+		t.Errorf("tenant 7654321's row: %+v", row)
+	}
+	if _, err := os.Stat(sc.accountRecordPath("7654321", "anna")); err == nil {
+		t.Error("the chain was stored under account anna of 7654321")
 	}
 	a := findAccount(findTenant(sc.tenants(), "1234567"), "anna")
 	if a == nil || a.HasRefreshToken || a.LastError == nil || !strings.Contains(*a.LastError, "tenant_mismatch") {

@@ -30,6 +30,7 @@ func init() {
 //	POST   /fortnox/refresh_tokens                                   {"refresh_token":"…"}
 //	GET    /fortnox/quarantine
 //	DELETE /fortnox/quarantine/{id}
+//	POST   /fortnox/quarantine/{id}/release
 //	POST   /fortnox/export                 (cluster mode: Redis → Caddy's storage)
 //	POST   /fortnox/import[?overwrite=true] (cluster mode: Caddy's storage → Redis)
 //	POST   /fortnox/encrypt                (rewrite unencrypted records with encryption_key)
@@ -94,7 +95,13 @@ type adminRoute struct {
 }
 
 func parseAdminRoute(path string) (adminRoute, bool) {
-	parts := strings.Split(strings.Trim(strings.TrimPrefix(path, "/fortnox/"), "/"), "/")
+	return parseRoute(strings.TrimPrefix(path, "/fortnox/"))
+}
+
+// parseRoute parses a route path below /fortnox/ (fortnox_handover parses
+// its paths, already below its mount point, with it too).
+func parseRoute(path string) (adminRoute, bool) {
+	parts := strings.Split(strings.Trim(path, "/"), "/")
 	switch {
 	case len(parts) == 1 && parts[0] == "tenants":
 		return adminRoute{name: "tenants", method: http.MethodGet}, true
@@ -110,6 +117,8 @@ func parseAdminRoute(path string) (adminRoute, bool) {
 		return adminRoute{name: "encrypt", method: http.MethodPost}, true
 	case len(parts) == 2 && parts[0] == "quarantine":
 		return adminRoute{name: "quarantine_entry", method: http.MethodDelete, id: parts[1]}, true
+	case len(parts) == 3 && parts[0] == "quarantine" && parts[2] == "release":
+		return adminRoute{name: "quarantine_release", method: http.MethodPost, id: parts[1]}, true
 	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "refresh_token":
 		return adminRoute{name: "refresh_token", method: http.MethodPut, tenant: parts[1]}, true
 	case len(parts) == 3 && parts[0] == "tenants" && parts[2] == "token":
@@ -127,17 +136,8 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	if !ok {
 		return apiError(http.StatusNotFound, "no_such_route", "no such route: %s (see GET /fortnox/tenants)", r.URL.Path)
 	}
-	if r.Method != route.method {
-		w.Header().Set("Allow", route.method)
-		return apiError(http.StatusMethodNotAllowed, "method_not_allowed", "%s %s: use %s", r.Method, r.URL.Path, route.method)
-	}
-	if route.tenant != "" && !validTenantID(route.tenant) {
-		return apiError(http.StatusBadRequest, "invalid_tenant", "%q is not a TenantId (digits, no leading zero)", route.tenant)
-	}
-	if route.name == "account" || (route.name == "refresh_token" && route.account != "") {
-		if !validAccountName(route.account) {
-			return apiError(http.StatusBadRequest, "invalid_account", "%q is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only", route.account)
-		}
+	if err := checkRoute(w, r, route); err != nil {
+		return err
 	}
 	m, err := pickManager(r.URL.Query().Get("client_id"))
 	if err != nil {
@@ -198,15 +198,13 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		}
 		return writeAdminJSON(w, http.StatusOK, map[string]string{"tenant": tenant})
 	case "refresh_token":
-		rt, err := readRefreshToken(r)
+		return serveHandOver(ctx, w, r, m, subj, "through the admin API")
+	case "quarantine_release":
+		owner, err := m.releaseQuarantine(ctx, route.id)
 		if err != nil {
 			return err
 		}
-		if err := m.handOver(ctx, subj, rt); err != nil {
-			return err
-		}
-		w.WriteHeader(http.StatusNoContent)
-		return nil
+		return writeAdminJSON(w, http.StatusOK, map[string]string{"tenant": owner.tenant, "account": owner.account})
 	case "account":
 		if err := m.deleteAccount(ctx, subj, r.URL.Query().Get("revoke") == "true"); err != nil {
 			return err
@@ -220,6 +218,38 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	}
+}
+
+// checkRoute checks a parsed route's method, tenant and account name, the
+// same way for the admin API and fortnox_handover.
+func checkRoute(w http.ResponseWriter, r *http.Request, route adminRoute) error {
+	if r.Method != route.method {
+		w.Header().Set("Allow", route.method)
+		return apiError(http.StatusMethodNotAllowed, "method_not_allowed", "%s %s: use %s", r.Method, r.URL.Path, route.method)
+	}
+	if route.tenant != "" && !validTenantID(route.tenant) {
+		return apiError(http.StatusBadRequest, "invalid_tenant", "%q is not a TenantId (digits, no leading zero)", route.tenant)
+	}
+	if route.name == "account" || (route.name == "refresh_token" && route.account != "") {
+		if !validAccountName(route.account) {
+			return apiError(http.StatusBadRequest, "invalid_account", "%q is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only", route.account)
+		}
+	}
+	return nil
+}
+
+// serveHandOver reads {"refresh_token":"…"} and hands it over for subj:
+// 204, or the error. The admin API and fortnox_handover both answer with it.
+func serveHandOver(ctx context.Context, w http.ResponseWriter, r *http.Request, m *tokenManager, subj subject, how string) error {
+	rt, err := readRefreshToken(r)
+	if err != nil {
+		return err
+	}
+	if err := m.handOver(ctx, subj, rt, how); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
 }
 
 // pickManager finds the token manager for clientID ("" when only one is
@@ -338,11 +368,12 @@ func adminTokenError(subj subject, terr *tokenError) error {
 // handOver spends a refresh token once to learn whose it is, and stores
 // the new one under subj when the new access token names subj's tenant
 // (and, for a named account bound to a user, that user). A token that is
-// another tenant's is never stored under subj: its new refresh token goes
-// to its own tenant when that tenant has none, and to quarantine
-// otherwise. Once the token is sent, nothing cancels the exchange: not the
-// admin client leaving, not a reload. The answer is stored first.
-func (m *tokenManager) handOver(ctx context.Context, subj subject, refreshToken string) error {
+// another tenant's (or user's) is never stored under subj, nor under its
+// own tenant: its new refresh token goes to the quarantine (409). Once the
+// token is sent, nothing cancels the exchange: not the client leaving, not
+// a reload. The answer is stored first. how says where it came from, for
+// the log.
+func (m *tokenManager) handOver(ctx context.Context, subj subject, refreshToken, how string) error {
 	rs, err := m.records()
 	if err != nil {
 		return err
@@ -373,7 +404,7 @@ func (m *tokenManager) handOver(ctx context.Context, subj subject, refreshToken 
 	if err != nil {
 		return adminStoreError("storing the refresh token", err)
 	}
-	return m.finishHandOver(s, subj, kept, "through the admin API")
+	return m.finishHandOver(subj, kept, how)
 }
 
 // storeAnswer stores a code exchange's answer under subj, as handOver
@@ -399,11 +430,11 @@ func (m *tokenManager) storeAnswer(ctx context.Context, subj subject, answer *to
 		terr := &tokenError{failure: failStorage, tenant: subj.tenant, cause: err}
 		where := "lost"
 		if st := m.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
-			where = m.adoptStranded(s, st)
+			where = quarantinedWhere(st)
 		}
 		return apiError(http.StatusInternalServerError, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
 	}
-	return m.finishHandOver(s, subj, kept, "from a connection")
+	return m.finishHandOver(subj, kept, "from a connection")
 }
 
 // keptAnswer is what became of a handed-over answer.
@@ -434,12 +465,14 @@ func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, su
 	return kept
 }
 
-// finishHandOver answers a hand-over after the lock is released: a
-// mismatched token may go to its own tenant now.
-func (m *tokenManager) finishHandOver(s *managerSettings, subj subject, kept keptAnswer, how string) error {
+// finishHandOver answers a hand-over after the lock is released. A
+// mismatched token stays in the quarantine: it is not served under subj,
+// nor under its own tenant until an operator releases it.
+func (m *tokenManager) finishHandOver(subj subject, kept keptAnswer, how string) error {
 	if kept.mismatch != nil {
+		kept.mismatch.handedOver = true
 		if kept.stranded != nil {
-			kept.mismatch.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, kept.stranded) + "; nothing was stored for " + subj.String() + "."
+			kept.mismatch.detail = "The new refresh token Fortnox returned was " + quarantinedWhere(kept.stranded) + "; nothing was stored for " + subj.String() + "."
 		}
 		m.logger().Error("a refresh token handed over "+how+" is not the tenant's (or user's): not stored under it",
 			append(subj.logFields(), zap.String("token_tenant", kept.mismatch.tokenTenant), zap.String("error", kept.mismatch.Error()))...)
@@ -501,7 +534,7 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 		mismatch := &tokenError{failure: failTenantMismatch, cause: fmt.Errorf("Fortnox's token names no tenant (%v)", terr)}
 		where := "lost"
 		if st := m.quarantineAnswer(ctx, s, subject{}, answer, mismatch); st != nil {
-			where = m.adoptStranded(s, st)
+			where = quarantinedWhere(st)
 		}
 		return "", apiError(http.StatusBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
 	}
@@ -653,6 +686,21 @@ type tenantInfo struct {
 	RefreshTokenAge *int64        `json:"refresh_token_age_seconds"`
 	ConsentRevoked  bool          `json:"consent_revoked"`
 	Accounts        []accountInfo `json:"accounts"`
+	// Quarantined: refresh tokens of this tenant that were handed over for
+	// another (or for an account bound to another user), kept and served
+	// under no name until an operator releases or deletes them.
+	Quarantined []quarantinedInfo `json:"quarantined"`
+}
+
+// quarantinedInfo is a quarantine record in a tenantInfo row. Never a token.
+type quarantinedInfo struct {
+	ID string `json:"id"`
+	// Account is the named account it was handed over as; "" for the
+	// tenant's service account.
+	Account string `json:"account"`
+	// HandedOverFor is the tenant it was handed over for.
+	HandedOverFor string    `json:"handed_over_for"`
+	At            time.Time `json:"at"`
 }
 
 // accountInfo is a named user account in a tenantInfo row. Never a token.
@@ -761,12 +809,30 @@ func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 		}
 	}
 	byTenant := map[string]*tenantInfo{}
-	for subj, r := range rows {
-		t := byTenant[subj.tenant]
+	tenantRow := func(tenant string) *tenantInfo {
+		t := byTenant[tenant]
 		if t == nil {
-			t = &tenantInfo{Tenant: subj.tenant, Mode: "none", Accounts: []accountInfo{}}
-			byTenant[subj.tenant] = t
+			t = &tenantInfo{Tenant: tenant, Mode: "none", Accounts: []accountInfo{}, Quarantined: []quarantinedInfo{}}
+			byTenant[tenant] = t
 		}
+		return t
+	}
+	quarantined, err := m.listQuarantine(ctx, rs)
+	if err != nil {
+		return nil, err
+	}
+	for _, q := range quarantined {
+		// A token that names no tenant belongs to none: GET
+		// /fortnox/quarantine lists it.
+		if q.Tenant == nil || !validTenantID(*q.Tenant) {
+			continue
+		}
+		t := tenantRow(*q.Tenant)
+		t.Quarantined = append(t.Quarantined, quarantinedInfo{ID: q.ID, Account: ptrText(q.Account),
+			HandedOverFor: q.SubmittedFor, At: q.CreatedAt.UTC().Truncate(time.Second)})
+	}
+	for subj, r := range rows {
+		t := tenantRow(subj.tenant)
 		if subj.account == "" {
 			t.Mode, t.TokenExpiresAt, t.HasRefreshToken, t.LastError = r.mode, r.expiresAt, r.hasRefreshToken, r.lastError
 			t.RefreshTokenAge, t.ConsentRevoked = r.refreshAge, r.revoked
@@ -782,6 +848,14 @@ func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Tenant < out[j].Tenant })
 	return out, nil
+}
+
+// ptrText is *p, or "" for nil.
+func ptrText(p *string) string {
+	if p == nil {
+		return ""
+	}
+	return *p
 }
 
 // Interface guard

@@ -5,7 +5,10 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
+	"net/http"
 	"sort"
 	"strings"
 	"time"
@@ -16,10 +19,12 @@ import (
 // A token serves only the tenant it was issued for. Every access token the
 // sidecar obtains (client credentials, refresh, code exchange, or read from
 // a store) is checked against its tenantId claim before it is used or
-// cached. A refresh that returns another tenant's token has already spent
-// the stored refresh token, so the new refresh token Fortnox returned is
-// kept: under its own tenant when that tenant has no live one, otherwise in
-// a quarantine record that is listed and removable but never used.
+// cached. A refresh or hand-over that returns another tenant's token has
+// already spent the refresh token, so the new refresh token Fortnox
+// returned is kept in a quarantine record: stored (in Redis in cluster
+// mode), listed, served under no name, until an operator releases it to
+// its own tenant or deletes it. It is never adopted by a tenant on its own:
+// a name chosen for one company must not become live for another.
 
 // checkTokenBinding checks that an access token is for subj: its tenantId
 // claim must name subj's tenant (a token without a readable tenantId is
@@ -124,7 +129,6 @@ func validQuarantineID(id string) bool {
 type strandedToken struct {
 	q          *quarantineRecord
 	quarantine bool // written to quarantine (false: kept in memory only)
-	userMixup  bool // same tenant, another user: it stays in quarantine
 }
 
 // quarantineAnswer keeps a refresh answer that came back for another
@@ -150,10 +154,10 @@ func (m *tokenManager) quarantineAnswer(ctx context.Context, s *managerSettings,
 		ExpiresAt:    issued.Add(answer.lifetime).UTC(),
 		CreatedAt:    issued.UTC(),
 	}
-	if terr.failure == failUserMismatch {
-		q.Tenant = subj.tenant
+	if tenant, err := tenantFromToken(answer.accessToken); err == nil {
+		q.Tenant = tenant // whose it is, whatever the failure was
 	}
-	st := &strandedToken{q: q, userMixup: terr.failure == failUserMismatch, quarantine: true}
+	st := &strandedToken{q: q, quarantine: true}
 	if err := m.writeQuarantine(ctx, s, q); err != nil {
 		m.logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
 			append(subj.logFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
@@ -167,7 +171,7 @@ func (m *tokenManager) quarantineAnswer(ctx context.Context, s *managerSettings,
 // another tenant's (or user's) token: the stored token is spent, so the
 // answer goes to quarantine first, then subj's record is marked so that
 // the operator sees why it has no refresh token. The caller holds subj's
-// lock; it then calls adoptStranded without it.
+// lock.
 func (m *tokenManager) strand(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord, answer *tokenAnswer, terr *tokenError) (*strandedToken, *tokenError) {
 	st := m.quarantineAnswer(ctx, s, subj, answer, terr)
 	rec.RefreshToken, rec.AccessToken = "", ""
@@ -238,54 +242,108 @@ func (m *tokenManager) saveStranded(ctx context.Context) {
 	}
 }
 
-// adoptStranded gives a stranded refresh token to its own tenant when that
-// tenant has no live refresh token, and otherwise leaves it in quarantine.
-// It says where the token is.
-func (m *tokenManager) adoptStranded(s *managerSettings, st *strandedToken) string {
-	q := st.q
-	where := "kept in quarantine as " + q.ID + " (GET /fortnox/quarantine lists it, DELETE /fortnox/quarantine/" + q.ID + " removes it)"
+// quarantinedWhere says where a stranded refresh token is, for the
+// answer and the log: in the quarantine, served under no name, until an
+// operator releases or deletes it.
+func quarantinedWhere(st *strandedToken) string {
 	if !st.quarantine {
-		where = "kept in this process's memory only (storage failed); it is written to quarantine as soon as storage works"
+		return "kept in this process's memory only (storage failed); it is written to the quarantine as soon as storage works, and served under no name"
 	}
-	if st.userMixup || !validTenantID(q.Tenant) {
-		return where
+	return "kept in the quarantine as " + st.q.ID + ", served under no name until an operator releases it to its own tenant (POST /fortnox/quarantine/" +
+		st.q.ID + "/release on the admin endpoint) or deletes it"
+}
+
+// releaseQuarantine serves a quarantined refresh token under its own
+// tenant (the one its access token names) and the account it was handed
+// over as, with the rules of a hand-over: never over a live refresh token,
+// never under an account bound to another user. The quarantine record is
+// deleted once the token is stored. It returns where the token went.
+func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subject, error) {
+	rs, err := m.records()
+	if err != nil {
+		return subject{}, err
+	}
+	s := m.settings.Load()
+	if !validQuarantineID(id) {
+		return subject{}, apiError(http.StatusBadRequest, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
+	}
+	q, err := m.loadQuarantine(ctx, rs, id)
+	if errors.Is(err, fs.ErrNotExist) {
+		return subject{}, apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s", id)
+	}
+	if err != nil {
+		return subject{}, adminStoreError("reading the quarantine record", err)
+	}
+	if !validTenantID(q.Tenant) {
+		return subject{}, apiError(http.StatusConflict, "tenant_unknown", "quarantine record %s holds a token that names no tenant, so it cannot be served under one; nothing was changed (delete it with DELETE /fortnox/quarantine/%s, and have the customer authorize again)", id, id)
 	}
 	owner := subject{tenant: q.Tenant, account: q.Account}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), lockBudget)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+time.Minute)
 	defer cancel()
-	adopted := false
-	err := s.records.withLock(ctx, owner, func() error {
-		rec, err := s.records.loadOrNew(ctx, owner)
-		if err != nil || rec.liveRefreshToken() || (rec.UserID != "" && rec.UserID != q.UserID) {
+	var refusal error
+	err = rs.withLock(ctx, owner, func() error {
+		// Read again under the lock: another release may have taken it.
+		q, err = m.loadQuarantine(ctx, rs, id)
+		if errors.Is(err, fs.ErrNotExist) {
+			refusal = apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
+			return nil
+		}
+		if err != nil {
 			return err
+		}
+		rec, err := rs.loadOrNew(ctx, owner)
+		if err != nil {
+			return err
+		}
+		if rec.liveRefreshToken() {
+			remedy := "drop the quarantined one (DELETE /fortnox/quarantine/" + id + ")"
+			if owner.account != "" {
+				remedy += ", or delete the account (DELETE /fortnox/tenants/" + owner.tenant + "/accounts/" + owner.account + ") and release it again"
+			}
+			refusal = apiError(http.StatusConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
+			return nil
+		}
+		if terr := checkTokenBinding(q.AccessToken, owner, grantRefreshToken, rec.UserID); terr != nil && q.AccessToken != "" {
+			code := terr.errorCode()
+			refusal = apiError(http.StatusConflict, code, "quarantine record %s cannot be served under %s: %s. It is kept as it was; delete the account first (DELETE /fortnox/tenants/%s/accounts/%s) to connect another user under its name", id, owner, terr.Error(), owner.tenant, owner.account)
+			return nil
 		}
 		rec.RefreshToken, rec.RefreshTokenAt = q.RefreshToken, q.IssuedAt
 		rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = q.AccessToken, q.IssuedAt, q.ExpiresAt
 		rec.Mode, rec.RejectedAt = grantRefreshToken, time.Time{}
 		rec.MismatchTenant, rec.MismatchAt = "", time.Time{}
-		if owner.account != "" && q.UserID != "" {
+		if owner.account == "" {
+			rec.ConsentRevokedAt = time.Time{}
+		} else if q.UserID != "" {
 			rec.UserID = q.UserID
 		}
-		if err := s.records.saveHard(ctx, owner, rec); err != nil {
+		if err := rs.saveHard(ctx, owner, rec); err != nil {
 			return err
 		}
-		adopted = true
+		// Stored under its owner: the quarantine copy goes, so the token
+		// is in one place only.
+		if err := rs.storage.Delete(ctx, quarantineKey(m.clientID, id)); err != nil {
+			m.logger().Warn("a released refresh token is stored under its tenant, but its quarantine record could not be deleted: delete it",
+				append(owner.logFields(), zap.String("quarantine_id", id), zap.Error(err))...)
+		}
 		return nil
 	})
-	if err != nil || !adopted {
-		if err != nil {
-			m.logger().Warn("could not give a stranded refresh token to its own tenant; it stays in quarantine",
-				zap.String("token_tenant", q.Tenant), zap.String("quarantine_id", q.ID), zap.Error(err))
-		}
-		return where + "; " + owner.String() + " already has a live refresh token"
+	if err != nil {
+		return subject{}, adminStoreError("releasing the quarantine record", err)
 	}
+	if refusal != nil {
+		return subject{}, refusal
+	}
+	m.drop(owner, nil)
 	m.tenantRecovered(owner)
-	if st.quarantine {
-		_ = s.records.storage.Delete(ctx, quarantineKey(m.clientID, q.ID))
+	// As a hand-over: a named account uses the access token at once; a
+	// service account still tries client credentials first.
+	if owner.account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(now()) {
+		m.cacheToken(owner, grantRefreshToken, q.AccessToken, q.IssuedAt, q.ExpiresAt.Sub(q.IssuedAt), s.refreshBefore)
 	}
-	m.logger().Warn("a refresh token handed over for another tenant was stored under its own tenant, which had none",
-		zap.String("tenant", q.Tenant), zap.String("submitted_for", q.SubmittedFor))
-	return "stored under " + owner.String() + ", which had no live refresh token"
+	m.logger().Warn("a quarantined refresh token was released to its own tenant through the admin API",
+		append(owner.logFields(), zap.String("quarantine_id", id), zap.String("handed_over_for", q.SubmittedFor))...)
+	return owner, nil
 }
 
 // listQuarantine lists the quarantine records, never a token.
@@ -297,6 +355,9 @@ func (m *tokenManager) listQuarantine(ctx context.Context, rs *recordStore) ([]q
 	out := []quarantineInfo{}
 	for _, id := range ids {
 		q, err := m.loadQuarantine(ctx, rs, id)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // released or deleted since it was listed, or a tombstone
+		}
 		if err != nil {
 			out = append(out, quarantineInfo{ID: id, Reason: err.Error()})
 			continue

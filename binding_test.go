@@ -45,43 +45,109 @@ func noCompanyDataOf(t *testing.T, body []byte, tenant string) {
 }
 
 // PUT of another tenant's refresh token: spent once to learn whose it is,
-// 409 naming both ids, never stored under the tenant asked for. The new
-// refresh token goes to its own tenant when that tenant has none.
-func TestHandedOverTokenOfAnotherTenantGoesToItsOwn(t *testing.T) {
+// 409 naming both ids, never stored under the tenant asked for, nor under
+// its own tenant (a name chosen for one company must not become live for
+// another): the new refresh token is quarantined, listed on its own
+// tenant's row, until an operator releases it there.
+func TestHandedOverTokenOfAnotherTenantIsQuarantined(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
 	foreign := fake.IssueRefreshToken(testClientID, "7654321")
 
 	status, body := sc.admin(http.MethodPut, "/fortnox/tenants/1234567/refresh_token", `{"refresh_token":"`+foreign+`"}`)
 	if status != http.StatusConflict || !strings.Contains(body, `"tenant_mismatch"`) ||
-		!strings.Contains(body, "1234567") || !strings.Contains(body, "7654321") || !strings.Contains(body, "stored under tenant 7654321") {
+		!strings.Contains(body, "The refresh token handed over for 1234567 belongs to 7654321.") || !strings.Contains(body, "kept in the quarantine as") {
 		t.Fatalf("PUT of tenant 7654321's token for 1234567: %d %s", status, body)
 	}
 	if strings.Contains(body, foreign) {
 		t.Fatal("the answer holds the token")
 	}
-	if _, err := os.Stat(sc.recordPath("1234567")); err == nil {
-		t.Error("a record was written for 1234567")
+	for _, tenant := range []string{"1234567", "7654321"} {
+		if _, err := os.Stat(sc.recordPath(tenant)); err == nil {
+			t.Errorf("a record was written for %s", tenant)
+		}
+		// Neither tenant is served with it.
+		status, answer, resp := sc.get("/3/companyinformation", tenant)
+		if tenant == "1234567" {
+			noCompanyDataOf(t, answer, "7654321")
+		}
+		if status != http.StatusForbidden || errorAnswer(t, resp, answer).Error != "tenant_not_authorized" {
+			t.Errorf("tenant %s after the slip: %d %s", tenant, status, answer)
+		}
 	}
-	// 1234567 has no consent and no refresh token: refused, no data.
-	status, answer, resp := sc.get("/3/companyinformation", "1234567")
-	noCompanyDataOf(t, answer, "7654321")
-	if status != http.StatusForbidden || errorAnswer(t, resp, answer).Error != "tenant_not_authorized" {
-		t.Errorf("tenant 1234567 after the slip: %d %s", status, answer)
+	if n := fake.APICalls(""); n != 0 {
+		t.Errorf("%d requests reached Fortnox", n)
 	}
-	// 7654321 got the new refresh token (it had none): its chain goes on.
+	if n := fake.LiveRefreshTokens(testClientID, "7654321", ""); n != 1 {
+		t.Errorf("%d live refresh tokens for 7654321, want the quarantined one", n)
+	}
+	q := sc.quarantine()
+	if len(q) != 1 || q[0].Tenant == nil || *q[0].Tenant != "7654321" || q[0].SubmittedFor != "1234567" || !strings.Contains(body, q[0].ID) {
+		t.Fatalf("quarantine: %+v", q)
+	}
+	// GET /fortnox/tenants lists it on its own tenant's row (otherwise
+	// unknown), never on the one it was handed over for.
+	row := findTenant(sc.tenants(), "7654321")
+	if row == nil || row.HasRefreshToken || len(row.Quarantined) != 1 {
+		t.Fatalf("tenant 7654321's row: %+v", row)
+	}
+	if e := row.Quarantined[0]; e.ID != q[0].ID || e.Account != "" || e.HandedOverFor != "1234567" || e.At.IsZero() {
+		t.Errorf("quarantined entry: %+v", e)
+	}
+	if other := findTenant(sc.tenants(), "1234567"); other != nil && len(other.Quarantined) != 0 {
+		t.Errorf("tenant 1234567's row lists the quarantine: %+v", other)
+	}
+	_, raw := sc.admin(http.MethodGet, "/fortnox/tenants", "")
+	if !strings.Contains(raw, `"quarantined":[{"id":"`+q[0].ID+`","account":"","handed_over_for":"1234567","at":"`) {
+		t.Errorf("GET /fortnox/tenants: %s", raw)
+	}
+	if strings.Contains(raw, "eyJ") || regexpHex40.MatchString(raw) {
+		t.Errorf("the tenants listing holds a token: %s", raw)
+	}
+
+	// The operator releases it: served under its own tenant now.
+	status, body = sc.admin(http.MethodPost, "/fortnox/quarantine/"+q[0].ID+"/release", "")
+	if status != http.StatusOK || body != `{"account":"","tenant":"7654321"}`+"\n" {
+		t.Fatalf("release: %d %s", status, body)
+	}
 	rec := sc.storedRecord("7654321")
 	if !fake.RefreshTokenValid(rec.RefreshToken) || rec.Tenant != "7654321" {
 		t.Fatalf("tenant 7654321's record: live=%v tenant=%s", fake.RefreshTokenValid(rec.RefreshToken), rec.Tenant)
 	}
+	advance(fake, 2*time.Hour) // the access token that came with it has expired: the chain goes on
 	if status, answer, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK || companyNumber(t, answer) != "7654321" {
-		t.Errorf("tenant 7654321: %d %s", status, answer)
+		t.Errorf("tenant 7654321 after the release: %d %s", status, answer)
+	}
+	if status, answer, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusForbidden {
+		noCompanyDataOf(t, answer, "7654321")
+		t.Errorf("tenant 1234567 after the release: %d %s", status, answer)
+	}
+	if q := sc.quarantine(); len(q) != 0 {
+		t.Errorf("quarantine after the release: %+v", q)
+	}
+	if row := findTenant(sc.tenants(), "7654321"); row == nil || !row.HasRefreshToken || len(row.Quarantined) != 0 {
+		t.Errorf("tenant 7654321's row after the release: %+v", row)
 	}
 	if n := fake.LiveRefreshTokens(testClientID, "7654321", ""); n != 1 {
 		t.Errorf("%d live refresh tokens for 7654321, want its one chain", n)
 	}
-	if q := sc.quarantine(); len(q) != 0 {
-		t.Errorf("quarantine: %+v", q)
+	if n := fake.TokenErrors("invalid_grant"); n != 0 {
+		t.Errorf("%d invalid_grant", n)
+	}
+	// Released once: it is gone.
+	if status, body := sc.admin(http.MethodPost, "/fortnox/quarantine/"+q[0].ID+"/release", ""); status != http.StatusNotFound || !strings.Contains(body, `"unknown_id"`) {
+		t.Errorf("release again: %d %s", status, body)
+	}
+	for path, want := range map[string]int{
+		"/fortnox/quarantine/not-an-id/release":              http.StatusBadRequest,
+		"/fortnox/quarantine/20260101T000000-abcdef/release": http.StatusNotFound,
+	} {
+		if status, body := sc.admin(http.MethodPost, path, ""); status != want || !strings.Contains(body, `"error"`) {
+			t.Errorf("POST %s: %d %s, want %d", path, status, body, want)
+		}
+	}
+	if status, _ := sc.admin(http.MethodGet, "/fortnox/quarantine/"+q[0].ID+"/release", ""); status != http.StatusMethodNotAllowed {
+		t.Errorf("GET of release: %d", status)
 	}
 }
 
@@ -118,11 +184,28 @@ func TestHandedOverTokenGoesToQuarantine(t *testing.T) {
 		noCompanyDataOf(t, answer, "7654321")
 		t.Fatalf("tenant 1234567 was served: %s", answer)
 	}
+	// A release never overwrites a live chain: 409, nothing changed.
+	status, body = sc.admin(http.MethodPost, "/fortnox/quarantine/"+q[0].ID+"/release", "")
+	if status != http.StatusConflict || !strings.Contains(body, `"live_refresh_token"`) || !strings.Contains(body, "tenant 7654321 already has a live refresh token") {
+		t.Errorf("release over a live chain: %d %s", status, body)
+	}
+	if got := sc.storedRecord("7654321").RefreshToken; got != ownBefore {
+		t.Error("the release overwrote tenant 7654321's live refresh token")
+	}
+	if after := sc.quarantine(); len(after) != 1 || after[0].ID != q[0].ID {
+		t.Errorf("the refused release changed the quarantine: %+v", after)
+	}
+	if n := fake.LiveRefreshTokens(testClientID, "7654321", ""); n != 2 {
+		t.Errorf("%d live refresh tokens for 7654321 after the refused release, want 2", n)
+	}
 	if status, body := sc.admin(http.MethodDelete, "/fortnox/quarantine/"+q[0].ID, ""); status != http.StatusNoContent {
 		t.Fatalf("DELETE quarantine: %d %s", status, body)
 	}
 	if q := sc.quarantine(); len(q) != 0 {
 		t.Errorf("after DELETE: %+v", q)
+	}
+	if row := findTenant(sc.tenants(), "7654321"); row == nil || len(row.Quarantined) != 0 {
+		t.Errorf("tenant 7654321's row after DELETE: %+v", row)
 	}
 	if status, _ := sc.admin(http.MethodDelete, "/fortnox/quarantine/"+q[0].ID, ""); status != http.StatusNotFound {
 		t.Errorf("DELETE again: %d", status)
@@ -182,19 +265,29 @@ func TestStoredRefreshTokenOfAnotherTenant(t *testing.T) {
 			if errorLines != 1 {
 				t.Errorf("%d ERROR lines, want 1", errorLines)
 			}
-			// Nothing lost: the new refresh token is live, under 7654321 or in quarantine.
+			// Nothing lost: the new refresh token is live, in the
+			// quarantine, and served under no name.
 			if n := fake.LiveRefreshTokens(testClientID, "7654321", ""); n != 1+boolInt(ownerHasOne) {
 				t.Errorf("%d live refresh tokens for 7654321", n)
+			}
+			q := sc.quarantine()
+			if len(q) != 1 || q[0].Tenant == nil || *q[0].Tenant != "7654321" || q[0].SubmittedFor != "1234567" {
+				t.Fatalf("quarantine: %+v", q)
+			}
+			if row := findTenant(sc.tenants(), "7654321"); row == nil || len(row.Quarantined) != 1 || row.Quarantined[0].HandedOverFor != "1234567" {
+				t.Errorf("tenant 7654321's row: %+v", row)
 			}
 			if ownerHasOne {
 				if got := sc.storedRecord("7654321").RefreshToken; got != ownerRT {
 					t.Error("the real tenant's live refresh token was overwritten")
 				}
-				if q := sc.quarantine(); len(q) != 1 {
-					t.Errorf("quarantine: %+v", q)
+			} else {
+				if _, err := os.Stat(sc.recordPath("7654321")); err == nil {
+					t.Error("the new refresh token was stored under its own tenant without a release")
 				}
-			} else if !fake.RefreshTokenValid(sc.storedRecord("7654321").RefreshToken) {
-				t.Error("the new refresh token did not reach its own tenant")
+				if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusForbidden {
+					t.Errorf("tenant 7654321 was served with the quarantined token: %d %s", status, body)
+				}
 			}
 		})
 	}
@@ -326,8 +419,21 @@ func TestTokenWithoutTenantClaim(t *testing.T) {
 	if status != http.StatusConflict || !strings.Contains(body, "names no tenant") || !strings.Contains(body, "quarantine") {
 		t.Fatalf("PUT of a token whose answer names no tenant: %d %s", status, body)
 	}
-	if q := sc.quarantine(); len(q) != 1 || q[0].Tenant != nil || q[0].SubmittedFor != "5550001" {
-		t.Errorf("quarantine: %+v", q)
+	q := sc.quarantine()
+	if len(q) != 1 || q[0].Tenant != nil || q[0].SubmittedFor != "5550001" {
+		t.Fatalf("quarantine: %+v", q)
+	}
+	// It belongs to no tenant: listed on none, and cannot be released.
+	for _, row := range sc.tenants() {
+		if len(row.Quarantined) != 0 {
+			t.Errorf("tenant %s lists a token that names no tenant: %+v", row.Tenant, row.Quarantined)
+		}
+	}
+	if status, body := sc.admin(http.MethodPost, "/fortnox/quarantine/"+q[0].ID+"/release", ""); status != http.StatusConflict || !strings.Contains(body, `"tenant_unknown"`) {
+		t.Errorf("release of a token that names no tenant: %d %s", status, body)
+	}
+	if after := sc.quarantine(); len(after) != 1 {
+		t.Errorf("the refused release changed the quarantine: %+v", after)
 	}
 	if n := fake.LiveRefreshTokens(testClientID, "5550001", ""); n != 1 {
 		t.Errorf("%d live refresh tokens: the answer was lost", n)

@@ -475,14 +475,24 @@ func dialFailure(err error) string {
 // tenantStatus is one object of GET /fortnox/tenants, read leniently: any
 // field may be missing or null (older sidecars have fewer of them).
 type tenantStatus struct {
-	Tenant                 json.RawMessage `json:"tenant"`
-	Mode                   string          `json:"mode"`
-	TokenExpiresAt         *string         `json:"token_expires_at"`
-	HasRefreshToken        *bool           `json:"has_refresh_token"`
-	LastError              *string         `json:"last_error"`
-	RefreshTokenAgeSeconds *float64        `json:"refresh_token_age_seconds"`
-	ConsentRevoked         bool            `json:"consent_revoked"`
-	Accounts               []accountStatus `json:"accounts"`
+	Tenant                 json.RawMessage     `json:"tenant"`
+	Mode                   string              `json:"mode"`
+	TokenExpiresAt         *string             `json:"token_expires_at"`
+	HasRefreshToken        *bool               `json:"has_refresh_token"`
+	LastError              *string             `json:"last_error"`
+	RefreshTokenAgeSeconds *float64            `json:"refresh_token_age_seconds"`
+	ConsentRevoked         bool                `json:"consent_revoked"`
+	Accounts               []accountStatus     `json:"accounts"`
+	Quarantined            []quarantinedStatus `json:"quarantined"`
+}
+
+// quarantinedStatus is a quarantined refresh token of a tenant (never the
+// token).
+type quarantinedStatus struct {
+	ID            string `json:"id"`
+	Account       string `json:"account"`
+	HandedOverFor string `json:"handed_over_for"`
+	At            string `json:"at"`
 }
 
 // accountStatus is a named user account of a tenant.
@@ -535,7 +545,50 @@ func printTenants(out io.Writer, body []byte, now time.Time) error {
 				expiresCell(a.TokenExpiresAt, now), errorCell(a.LastError), refreshTokenCell(a.HasRefreshToken, a.RefreshTokenAgeSeconds))
 		}
 	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	return printQuarantined(out, rows, now)
+}
+
+// printQuarantined prints the QUARANTINED section: refresh tokens handed
+// over for another tenant (or user) than their own, served under no name
+// until an operator releases (POST /fortnox/quarantine/{id}/release) or
+// deletes them. Nothing when there are none.
+func printQuarantined(out io.Writer, rows []tenantStatus, now time.Time) error {
+	n := 0
+	for _, r := range rows {
+		n += len(r.Quarantined)
+	}
+	if n == 0 {
+		return nil
+	}
+	fmt.Fprintf(out, "\nQUARANTINED: %d refresh token(s) handed over for another tenant or user than their own, served under no name.\n", n)
+	fmt.Fprintln(out, "Release one to its own tenant with POST /fortnox/quarantine/<id>/release, or delete it with DELETE /fortnox/quarantine/<id>.")
+	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tTENANT\tACCOUNT\tHANDED OVER FOR\tAT")
+	for _, r := range rows {
+		for _, q := range r.Quarantined {
+			account := "(service account)"
+			if q.Account != "" {
+				account = cell(q.Account)
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", cell(q.ID), cell(string(r.Tenant)), account, cell(q.HandedOverFor), atCell(q.At, now))
+		}
+	}
 	return tw.Flush()
+}
+
+// atCell is an RFC 3339 time and how long ago it was.
+func atCell(at string, now time.Time) string {
+	t, err := time.Parse(time.RFC3339, at)
+	if err != nil {
+		return cell(at)
+	}
+	if d := now.Sub(t); d >= 0 {
+		return t.UTC().Format(time.RFC3339) + " (" + shortDuration(d) + " ago)"
+	}
+	return t.UTC().Format(time.RFC3339)
 }
 
 // rawText is a JSON string's text, or a JSON number as written; "" for

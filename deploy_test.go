@@ -68,11 +68,11 @@ func TestDockerfileBuildsWithXcaddySh(t *testing.T) {
 	if !strings.Contains(readFile(t, "go.mod"), "\ngo 1.26") {
 		t.Error("go.mod's Go version no longer matches the Dockerfile's golang:1.26")
 	}
-	// Both builds are checked for the plugin's four modules.
+	// Both builds are checked for the plugin's five modules.
 	sh := readFile(t, "xcaddy.sh")
 	loop := regexp.MustCompile(`(?m)^for m in (.+); do$`).FindStringSubmatch(sh)
-	if loop == nil || strings.Join(strings.Fields(loop[1]), " ") != "http.handlers.fortnox http.handlers.fortnox_connect http.handlers.fortnox_webhook admin.api.fortnox" {
-		t.Errorf("xcaddy.sh does not check that the binary lists the four modules: %q", loop)
+	if loop == nil || strings.Join(strings.Fields(loop[1]), " ") != "http.handlers.fortnox http.handlers.fortnox_connect http.handlers.fortnox_webhook http.handlers.fortnox_handover admin.api.fortnox" {
+		t.Errorf("xcaddy.sh does not check that the binary lists the five modules: %q", loop)
 	}
 }
 

@@ -111,7 +111,7 @@ func TestDocsAgree(t *testing.T) {
 	agree(figure{"the load comparison's duration", regexp.MustCompile(`(?m)test/bench\b.*?\babout (a minute|\d+ ?s|\d+ minutes?)\b`), 3})
 }
 
-// Every option of the three handlers has its JSON name in
+// Every option of the four handlers has its JSON name in
 // docs/configuration.md, and every metric is in docs/operations.md: a new
 // option or metric is not done until it is documented.
 func TestDocsCoverEveryOptionAndMetric(t *testing.T) {
@@ -119,7 +119,7 @@ func TestDocsCoverEveryOptionAndMetric(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, v := range []any{Handler{}, Connect{}, Webhook{}} {
+	for _, v := range []any{Handler{}, Connect{}, Webhook{}, Handover{}} {
 		typ := reflect.TypeOf(v)
 		for i := 0; i < typ.NumField(); i++ {
 			name, _, _ := strings.Cut(typ.Field(i).Tag.Get("json"), ",")

@@ -116,6 +116,7 @@ type caddyfileTemplate struct {
 	options         string // extra lines inside the fortnox block
 	extraSites      string // more site blocks, appended to the Caddyfile
 	adminListen     string // the admin option; empty: 127.0.0.1:<adminPort>
+	siteLines       string // more lines inside the proxy's own site block
 }
 
 func freePort(t testing.TB) int {
@@ -133,6 +134,13 @@ func freePort(t testing.TB) int {
 // production.
 func startSidecar(t testing.TB, fake *fakefortnox.Server, options string) *sidecar {
 	t.Helper()
+	return startSidecarSite(t, fake, options, "")
+}
+
+// startSidecarSite is startSidecar with more lines in the proxy's own site
+// block (siteLines), there from the first load.
+func startSidecarSite(t testing.TB, fake *fakefortnox.Server, options, siteLines string) *sidecar {
+	t.Helper()
 	t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
 	t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
 	s := &sidecar{
@@ -145,6 +153,7 @@ func startSidecar(t testing.TB, fake *fakefortnox.Server, options string) *sidec
 			tokenURL:  fake.TokenURL(),
 			upstream:  fake.URL(),
 			options:   options,
+			siteLines: siteLines,
 		},
 		client: &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 256}},
 	}
@@ -198,7 +207,7 @@ http://127.0.0.1:%d {
 	log {
 		output file %s
 		format json
-	}
+	}%s
 	fortnox {
 		client_id {env.FORTNOX_TEST_CLIENT_ID}
 		client_secret {env.FORTNOX_TEST_CLIENT_SECRET}
@@ -207,7 +216,7 @@ http://127.0.0.1:%d {
 	}
 	reverse_proxy %s
 }
-%s`, admin, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.tokenURL,
+%s`, admin, filepath.Join(s.dir, "storage"), s.logPath(), s.port, s.accessLogPath(), s.siteLines, s.tokenURL,
 		indentOptions(s.options), s.upstream, s.extraSites)
 }
 

@@ -107,7 +107,7 @@ func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, sub
 		}
 		return nil, nil
 	})
-	m.settle(s, r)
+	m.settle(r)
 	switch {
 	case r.failure != nil:
 		m.recordFailure(subj, grantRefreshToken, r.failure, r.took)

@@ -160,7 +160,7 @@ func (m *tokenManager) viaRefreshToken(s *managerSettings, subj subject, stale *
 		return nil
 	})
 	lock.endErr(err) // the lock was not had (when it was, its span ended)
-	m.settle(s, r)
+	m.settle(r)
 	took := r.took
 	switch {
 	case errors.Is(err, errNoRefreshToken):
@@ -215,11 +215,11 @@ func (m *tokenManager) refreshStored(ctx context.Context, s *managerSettings, su
 	return r
 }
 
-// settle gives a stranded refresh token to its own tenant, outside the
-// subject's lock (the other tenant's lock is taken), and says where it went.
-func (m *tokenManager) settle(s *managerSettings, r rotated) {
+// settle says where a stranded refresh token went: the quarantine, never
+// another tenant's record.
+func (m *tokenManager) settle(r rotated) {
 	if r.stranded != nil {
-		r.failure.detail = "The new refresh token Fortnox returned was " + m.adoptStranded(s, r.stranded) + "."
+		r.failure.detail = "The new refresh token Fortnox returned was " + quarantinedWhere(r.stranded) + "."
 	}
 }
 
@@ -247,7 +247,7 @@ func noRefreshToken(subj subject, rec *tokenRecord) *tokenError {
 		return nil
 	}
 	return &tokenError{failure: failTenantMismatch, tenant: subj.tenant, tokenTenant: rec.MismatchTenant,
-		detail: "The refresh token it held was spent at " + rec.MismatchAt.Format(time.RFC3339) + "; the new one was stored elsewhere then (see the log and GET /fortnox/quarantine)."}
+		detail: "The refresh token it held was spent at " + rec.MismatchAt.Format(time.RFC3339) + "; the new one was kept in the quarantine then (see the log and GET /fortnox/tenants)."}
 }
 
 // keepAnswer puts a refresh answer into the record.

@@ -49,7 +49,7 @@ type tokenRecord struct {
 	RejectedAt time.Time `json:"rejected_at,omitzero"`
 	// MismatchTenant is set when the refresh token stored here turned out to
 	// belong to another tenant: the new refresh token Fortnox returned went
-	// to that tenant (or to quarantine), and this record holds none.
+	// to the quarantine, and this record holds none.
 	MismatchTenant string    `json:"mismatch_tenant,omitempty"`
 	MismatchAt     time.Time `json:"mismatch_at,omitzero"`
 	// ConsentRevokedAt is set when the customer revoked the service-account

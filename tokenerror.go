@@ -68,6 +68,9 @@ type tokenError struct {
 	// fromClientCredentials: the token came from client credentials
 	// (nothing was stored; it is Fortnox's error).
 	fromClientCredentials bool
+	// handedOver: the token was handed over (admin API, fortnox_handover,
+	// connect), not read from a stored record.
+	handedOver bool
 	// For failUserMismatch: the account, the user it is bound to and the
 	// user the token names.
 	account, wantUser, tokenUser string
@@ -266,6 +269,8 @@ func (e *tokenError) mismatchAdvice(tenant string) string {
 		case e.fromClientCredentials:
 		case e.account != "":
 			msg += " The account's refresh token belongs to tenant " + e.tokenTenant + "."
+		case e.handedOver:
+			msg += " The refresh token handed over for " + tenant + " belongs to " + e.tokenTenant + "."
 		default:
 			msg += " The refresh token stored for " + tenant + " belongs to " + e.tokenTenant + "."
 		}

@@ -89,10 +89,10 @@ stop_heartbeat
 
 say "[2/2] checking that $output lists the plugin's modules"
 modules="$("$output" list-modules)"
-for m in http.handlers.fortnox http.handlers.fortnox_connect http.handlers.fortnox_webhook admin.api.fortnox; do
+for m in http.handlers.fortnox http.handlers.fortnox_connect http.handlers.fortnox_webhook http.handlers.fortnox_handover admin.api.fortnox; do
 	grep -qx "$m" <<<"$modules" || {
 		say "$output does not list $m"
 		exit 1
 	}
 done
-say "built $output in $((SECONDS - started))s: it lists http.handlers.fortnox, http.handlers.fortnox_connect, http.handlers.fortnox_webhook and admin.api.fortnox"
+say "built $output in $((SECONDS - started))s: it lists http.handlers.fortnox, http.handlers.fortnox_connect, http.handlers.fortnox_webhook, http.handlers.fortnox_handover and admin.api.fortnox"

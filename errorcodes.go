@@ -21,7 +21,8 @@ const unlistedErrorNumber = 9100000
 // 91000xx the request itself (the app can fix it), 91001xx the tenant's
 // or account's authorization (the customer or user must act), 91002xx
 // Fortnox or the token endpoint, 91003xx the sidecar's own limits and
-// stores, 91004xx fortnox_webhook, 91005xx the admin API. A number, once
+// stores, 91004xx fortnox_webhook, 91005xx the admin API and
+// fortnox_handover (which shares its routes' answers). A number, once
 // given, is never reused for another code.
 var errorNumbers = map[string]int{
 	// The request (400, 403).
@@ -79,6 +80,10 @@ var errorNumbers = map[string]int{
 	"unknown_id":         9100512,
 	"unknown_tenant":     9100513,
 	"no_encryption_key":  9100514,
+	"live_refresh_token": 9100515,
+	"tenant_unknown":     9100516,
+	"handler_ambiguous":  9100517,
+	"internal_error":     9100518,
 }
 
 // errorNumber is code's ErrorInformation.code.

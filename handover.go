@@ -12,6 +12,7 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 func init() {
@@ -50,6 +51,10 @@ type Handover struct {
 
 	clientID, tokenURL string
 	logger             *zap.Logger
+	// logs keeps what the app can make this handler log (a token endpoint
+	// that fails, a config without its fortnox handler) to a line a
+	// minute per cause.
+	logs *logLimiter
 }
 
 // CaddyModule returns the Caddy module information.
@@ -64,6 +69,7 @@ func (Handover) CaddyModule() caddy.ModuleInfo {
 // time, not here: it may be provisioned after this one.
 func (ho *Handover) Provision(ctx caddy.Context) error {
 	ho.logger = ctx.Logger()
+	ho.logs = newLogLimiter()
 	repl := caddy.NewReplacer()
 	ho.clientID = strings.TrimSpace(repl.ReplaceAll(ho.ClientID, ""))
 	if ho.ClientID != "" && ho.clientID == "" {
@@ -121,7 +127,7 @@ func (ho *Handover) forTheApp(ae *adminError) *adminError {
 	if ae.status != http.StatusBadGateway && ae.status != http.StatusServiceUnavailable {
 		return ae
 	}
-	ho.logger.Warn("hand-over not completed: the token endpoint failed", zap.String("error", ae.code), zap.String("cause", ae.message))
+	ho.logs.write(ho.logger, zapcore.WarnLevel, ae.code, "hand-over not completed: the token endpoint failed", zap.String("error", ae.code), zap.String("cause", ae.message))
 	out := *ae
 	switch ae.status {
 	case http.StatusServiceUnavailable:
@@ -148,11 +154,11 @@ func (ho *Handover) manager() (*tokenManager, error) {
 	case 1:
 		return found[0], nil
 	case 0:
-		ho.logger.Error("fortnox_handover: no fortnox handler with its client_id and token_url is loaded: add one to the same config, or fix client_id/token_url",
+		ho.logs.write(ho.logger, zapcore.ErrorLevel, "no_handler", "fortnox_handover: no fortnox handler with its client_id and token_url is loaded: add one to the same config, or fix client_id/token_url",
 			zap.String("client_id", ho.clientID))
 		return nil, apiError(http.StatusInternalServerError, "no_handler", "No fortnox handler is loaded for this hand-over endpoint; nothing was stored and the token was not used. The sidecar's log says what to fix.")
 	}
-	ho.logger.Error("fortnox_handover: more than one fortnox handler matches: set client_id (and token_url) in the fortnox_handover block",
+	ho.logs.write(ho.logger, zapcore.ErrorLevel, "handler_ambiguous", "fortnox_handover: more than one fortnox handler matches: set client_id (and token_url) in the fortnox_handover block",
 		zap.Int("handlers", len(found)))
 	return nil, apiError(http.StatusInternalServerError, "handler_ambiguous", "More than one fortnox handler could take this hand-over; nothing was stored and the token was not used. The sidecar's log says what to fix.")
 }

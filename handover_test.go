@@ -263,6 +263,20 @@ func TestHandoverRefusals(t *testing.T) {
 		}
 		leaksNothing(t, fake, body, used)
 	}
+
+	// The app cannot flood the log through the hand-over: a token endpoint
+	// that keeps failing is logged once a minute, however many hand-overs
+	// meet it.
+	fake.SetFault(fakefortnox.Fault{Down: true})
+	for i := 0; i < 20; i++ {
+		if status, body, _ := sc.handOver("/tenants/1234567/refresh_token", used); status != http.StatusServiceUnavailable {
+			t.Fatalf("hand-over %d with Fortnox down: %d %s", i, status, body)
+		}
+	}
+	fake.ClearFault()
+	if lines := sc.logLinesStarting("hand-over not completed"); len(lines) != 1 {
+		t.Errorf("22 hand-overs that met a failing token endpoint wrote %d log lines, want 1 a minute", len(lines))
+	}
 }
 
 // With two fortnox handlers (two client ids) loaded, fortnox_handover

@@ -358,7 +358,7 @@ func adminTokenError(subj subject, terr *tokenError) error {
 	case failTenantMismatch, failUserMismatch:
 		return apiError(http.StatusConflict, terr.errorCode(), "%s", terr.advice(subj.tenant))
 	case failUnavailable:
-		retry := time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
+		retry := time.Duration(retryAfterSeconds(terr.retryAt, clk.Now())) * time.Second
 		return &adminError{status: http.StatusServiceUnavailable, code: terr.errorCode(), retryAfter: retry,
 			message: "Fortnox did not answer the refresh (" + terr.Error() + "). If the request reached Fortnox, its answer was stored; otherwise the refresh token was not used. Check GET /fortnox/tenants, and retry with the same token if it is not there."}
 	}
@@ -451,7 +451,7 @@ func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, su
 		return keptAnswer{stranded: m.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
 	}
 	var kept keptAnswer
-	issued := now()
+	issued := clk.Now()
 	m.keepAnswer(rec, answer, issued, subj)
 	if subj.account == "" {
 		rec.ConsentRevokedAt = time.Time{}
@@ -539,7 +539,7 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 		return "", apiError(http.StatusBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
 	}
 	subj := subject{tenant: tenant}
-	issued := now()
+	issued := clk.Now()
 	err = rs.withLock(ctx, subj, func() error {
 		rec, err := rs.loadOrNew(ctx, subj)
 		if err != nil {
@@ -731,7 +731,7 @@ func (m *tokenManager) tenantsInfo(ctx context.Context) ([]tenantInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := now()
+	n := clk.Now()
 	rows := map[subject]*subjectInfo{}
 	row := func(subj subject) *subjectInfo {
 		if r := rows[subj]; r != nil {

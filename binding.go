@@ -108,7 +108,7 @@ func quarantineKey(clientID, id string) string {
 func newQuarantineID() string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
-	return now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
+	return clk.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
 }
 
 // validQuarantineID: what newQuarantineID makes.
@@ -139,7 +139,7 @@ func (m *tokenManager) quarantineAnswer(ctx context.Context, s *managerSettings,
 	if answer.refreshToken == "" {
 		return nil
 	}
-	issued := now()
+	issued := clk.Now()
 	q := &quarantineRecord{
 		ID:           newQuarantineID(),
 		ClientID:     m.clientID,
@@ -180,7 +180,7 @@ func (m *tokenManager) strand(ctx context.Context, s *managerSettings, subj subj
 	if terr.failure == failUserMismatch {
 		rec.MismatchTenant = subj.tenant + " (user " + terr.tokenUser + ")"
 	}
-	rec.MismatchAt = now().UTC()
+	rec.MismatchAt = clk.Now().UTC()
 	if err := s.records.save(ctx, subj, rec); err != nil {
 		m.logger().Error("could not mark the record whose refresh token belonged to another tenant", append(subj.logFields(), zap.Error(err))...)
 	}
@@ -338,7 +338,7 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 	m.tenantRecovered(owner)
 	// As a hand-over: a named account uses the access token at once; a
 	// service account still tries client credentials first.
-	if owner.account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(now()) {
+	if owner.account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(clk.Now()) {
 		m.cacheToken(owner, grantRefreshToken, q.AccessToken, q.IssuedAt, q.ExpiresAt.Sub(q.IssuedAt), s.refreshBefore)
 	}
 	m.logger().Warn("a quarantined refresh token was released to its own tenant through the admin API",

@@ -245,12 +245,12 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 		}
 	}
 	// The pod with the slow clock takes the window's 25 turns at once.
-	skew := int64(1500 * time.Millisecond)
-	clockOffset.Add(-skew)
+	skew := 1500 * time.Millisecond
+	clk.Advance(-skew)
 	restored := false
 	t.Cleanup(func() {
 		if !restored {
-			clockOffset.Add(skew)
+			clk.Advance(skew)
 		}
 	})
 	var wg sync.WaitGroup
@@ -259,7 +259,7 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 	}
 	wg.Wait()
 	// A pod with the right clock sends the 26th.
-	clockOffset.Add(skew)
+	clk.Advance(skew)
 	restored = true
 	get()
 	if n := fake.TooMany(""); n != 0 {
@@ -282,10 +282,10 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	fake.SetRateLimit(1, time.Minute) // something else used the tenant's budget
-	skew := int64(3 * time.Second)
-	clockOffset.Add(-skew)
+	skew := 3 * time.Second
+	clk.Advance(-skew)
 	status, _, resp := sc.get("/3/companyinformation", "1234567")
-	clockOffset.Add(skew)
+	clk.Advance(skew)
 	if status != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "5" {
 		t.Fatalf("Fortnox's 429: %d, Retry-After %q", status, resp.Header.Get("Retry-After"))
 	}
@@ -352,7 +352,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	}
 
 	// Compare and invalidate: a 401 on an older token keeps the newer one.
-	newer := &sharedToken{AccessToken: "newer-token", Grant: grantClientCredentials, IssuedAt: now(), ExpiresAt: now().Add(time.Hour)}
+	newer := &sharedToken{AccessToken: "newer-token", Grant: grantClientCredentials, IssuedAt: clk.Now(), ExpiresAt: clk.Now().Add(time.Hour)}
 	if err := r.storeToken(ctx, subj, newer); err != nil {
 		t.Fatal(err)
 	}
@@ -370,7 +370,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	}
 
 	// Consent events apply in order: an old one replayed changes nothing.
-	at := now().Truncate(time.Second)
+	at := clk.Now().Truncate(time.Second)
 	ok, err := r.newerEvent(ctx, subj.tenant, at)
 	must(ok, err, "the first event")
 	ok, err = r.newerEvent(ctx, subj.tenant, at.Add(-time.Second))

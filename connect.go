@@ -301,7 +301,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 			c.render(w, r, http.StatusBadRequest, pageInput{kind: kindLinkNotAccepted})
 			return nil
 		}
-		if problem := checkLink(c.linkKey, q, now()); problem != "" {
+		if problem := checkLink(c.linkKey, q, clk.Now()); problem != "" {
 			c.logCause(string(problem), "connect link refused")
 			c.render(w, r, http.StatusForbidden, pageInput{kind: kindLinkInvalid})
 			return nil
@@ -329,7 +329,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	state := base64.RawURLEncoding.EncodeToString(raw)
-	flow := flowCookie{State: state, Expires: now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
+	flow := flowCookie{State: state, Expires: clk.Now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
 	http.SetCookie(w, &http.Cookie{
 		Name: stateCookieName(state), Value: c.seal(c.cookieKey, flow), Path: c.cookiePath,
 		MaxAge: int((stateLifetime + cookieGrace) / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
@@ -461,7 +461,7 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in := pageInput{result: connectResult{Tenant: flow.Tenant, Account: flow.Account, Link: flow.Link}}
-	if now().After(time.Unix(flow.Expires, 0)) {
+	if clk.Now().After(time.Unix(flow.Expires, 0)) {
 		c.logCause("state_expired", "connect callback refused: the flow took longer than its state lives", zap.Duration("lifetime", stateLifetime))
 		in.kind = kindTooLong
 		c.render(w, r, http.StatusBadRequest, in)
@@ -584,7 +584,7 @@ func (c *Connect) storeFailed(subj subject, err error, tokenTenant string, res c
 // finish keeps the result under the state and sends the browser to it
 // (303), or after a success to success_redirect when one is set.
 func (c *Connect) finish(w http.ResponseWriter, r *http.Request, state string, res connectResult) {
-	res.Expires = now().Add(stateLifetime).Unix()
+	res.Expires = clk.Now().Add(stateLifetime).Unix()
 	sealed := c.seal(c.resultKey, res)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), sharedCallLimit)
 	defer cancel()
@@ -631,7 +631,7 @@ func (c *Connect) showResult(w http.ResponseWriter, r *http.Request, sealed stri
 		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindGone})
 		return
 	}
-	if now().After(time.Unix(res.Expires, 0)) {
+	if clk.Now().After(time.Unix(res.Expires, 0)) {
 		c.render(w, r, http.StatusGone, pageInput{kind: kindGone})
 		return
 	}
@@ -712,7 +712,7 @@ type causeSeen struct {
 // allow reports whether cause may be logged now, and how many were left
 // out since it last was.
 func (l *causeLog) allow(cause string) (bool, int) {
-	t := now()
+	t := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.seen == nil {

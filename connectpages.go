@@ -259,7 +259,7 @@ func (c *Connect) pageData(lang string, status int, in pageInput) PageData {
 func (c *Connect) startAgainURL(res connectResult) string {
 	if res.Link != "" {
 		q, err := url.ParseQuery(res.Link)
-		if err != nil || checkLink(c.linkKey, q, now()) != "" {
+		if err != nil || checkLink(c.linkKey, q, clk.Now()) != "" {
 			return ""
 		}
 		return c.browserConnect + "?" + res.Link

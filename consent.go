@@ -113,7 +113,7 @@ func (m *tokenManager) persistRevocation(tenant string, revoked bool) error {
 		}
 		if revoked {
 			if rec.ConsentRevokedAt.IsZero() {
-				rec.ConsentRevokedAt = now().UTC()
+				rec.ConsentRevokedAt = clk.Now().UTC()
 			}
 			rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
 		} else {

@@ -345,7 +345,7 @@ func (s *sidecar) manager() *tokenManager {
 
 // advance moves the plugin's clock and the fake's together.
 func advance(fake *fakefortnox.Server, d time.Duration) {
-	advanceClock(d)
+	clk.Advance(d)
 	fake.Advance(d)
 }
 

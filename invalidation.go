@@ -30,7 +30,7 @@ const (
 // used up, and reports whether it did: then the request may be replayed
 // with a new token.
 func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
-	n := now()
+	n := clk.Now()
 	if n.Sub(t.issuedAt) < freshTokenGrace {
 		metrics.invalidationsBounded.Inc()
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")

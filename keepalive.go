@@ -62,7 +62,7 @@ func (m *tokenManager) keepAlive() int {
 		m.logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
 		return 0
 	}
-	n := now()
+	n := clk.Now()
 	var oldest time.Duration
 	refreshed := 0
 	for _, subj := range subjects {
@@ -96,7 +96,7 @@ func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, sub
 			if err != nil || rec == nil {
 				return err
 			}
-			if age, ok := refreshTokenAge(rec, now()); !ok || age < keepAliveAfter {
+			if age, ok := refreshTokenAge(rec, clk.Now()); !ok || age < keepAliveAfter {
 				return nil
 			}
 			r = m.refreshStored(ctx, s, subj, rec)

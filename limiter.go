@@ -94,7 +94,7 @@ func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duratio
 		return 0, err
 	}
 	k := l.lockedState(key)
-	start := now()
+	start := clk.Now()
 	need := k.earliestSlot(start, l.window).Sub(start)
 	if need <= 0 {
 		k.reserve(start)
@@ -156,11 +156,11 @@ func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d
 		select {
 		case <-ctx.Done():
 			k.leave(r)
-			return now().Sub(start), ctx.Err()
+			return clk.Now().Sub(start), ctx.Err()
 		case <-timer.C:
 		}
 		if d = k.leaveIfDue(r); d <= 0 {
-			return now().Sub(start), nil
+			return clk.Now().Sub(start), nil
 		}
 		timer.Reset(d)
 	}
@@ -171,7 +171,7 @@ func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d
 func (k *keyState) leaveIfDue(r *reservation) time.Duration {
 	k.mu.Lock()
 	defer k.mu.Unlock()
-	d := r.slot.Sub(now())
+	d := r.slot.Sub(clk.Now())
 	if d <= 0 {
 		k.removeWaiting(r)
 	}
@@ -191,10 +191,10 @@ func (k *keyState) removeWaiting(r *reservation) {
 	}
 }
 
-// penalize pauses key's schedule: nothing is admitted before now()+d. The
+// penalize pauses key's schedule: nothing is admitted before clk.Now()+d. The
 // caller uses it after Fortnox answered 429 anyway, because other processes
 // spend the same budget. Requests already waiting are all moved later by the
-// same amount, just enough for the earliest to go at now()+d, so they keep
+// same amount, just enough for the earliest to go at clk.Now()+d, so they keep
 // their order and spacing and the window still holds. That makes repeated
 // calls cheap: when every request caught in one 429 storm calls penalize,
 // the second call onwards moves nothing more than the time that passed.
@@ -204,7 +204,7 @@ func (l *rateLimiter) penalize(key string, d time.Duration) {
 	}
 	k := l.lockedState(key)
 	defer k.mu.Unlock()
-	until := now().Add(d)
+	until := clk.Now().Add(d)
 	k.pausedUntil = latest(k.pausedUntil, until)
 	k.postponeWaiting(until)
 }
@@ -252,7 +252,7 @@ func (l *rateLimiter) run(ctx context.Context) {
 // no admission in the last window, no one waiting and no pause, a fresh
 // schedule admits exactly what the old one would.
 func (l *rateLimiter) sweep() {
-	t := now()
+	t := clk.Now()
 	l.states.Range(func(key, v any) bool {
 		l.forgetIfIdle(key, v.(*keyState), t)
 		return true

@@ -14,7 +14,7 @@ type turnTaker interface {
 	// wait longer than maxWait (or ctx's deadline) is refused at once with
 	// a *rateLimitError.
 	wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error)
-	// penalize admits nothing for key before now()+d (after Fortnox's 429).
+	// penalize admits nothing for key before clk.Now()+d (after Fortnox's 429).
 	penalize(key string, d time.Duration)
 }
 
@@ -98,7 +98,7 @@ func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Durati
 	if deadline, ok := ctx.Deadline(); ok {
 		maxWait = min(maxWait, time.Until(deadline))
 	}
-	start := now()
+	start := clk.Now()
 	var res []int64
 	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
@@ -120,9 +120,9 @@ func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Durati
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return now().Sub(start), ctx.Err() // the turn stays taken, as in process
+		return clk.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
 	case <-t.C:
-		return now().Sub(start), nil
+		return clk.Now().Sub(start), nil
 	}
 }
 

@@ -24,7 +24,7 @@ func TestRateLimiterNeverAdmitsMoreThanLimitPerWindow(t *testing.T) {
 			if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
 				t.Error(err)
 			}
-			admitted[i] = now()
+			admitted[i] = clk.Now()
 		})
 	}
 	wg.Wait()
@@ -75,7 +75,7 @@ func TestRateLimiterAdmitsInArrivalOrder(t *testing.T) {
 func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
 	l := newRateLimiter(2, time.Second)
 	mustAdmitNow(t, l, "tenant")
-	advanceClock(300 * time.Millisecond)
+	clk.Advance(300 * time.Millisecond)
 	mustAdmitNow(t, l, "tenant")
 
 	// The first admission leaves the window in 700ms.
@@ -298,7 +298,7 @@ func TestRateLimiterSweepForgetsIdleKeysAndKeepsActiveOnes(t *testing.T) {
 	mustAdmitNow(t, l, "active")
 	l.penalize("penalized", 10*window)
 
-	advanceClock(window + time.Millisecond)
+	clk.Advance(window + time.Millisecond)
 	mustAdmitNow(t, l, "active")
 	l.sweep()
 	assertTracked(t, l, "active", "penalized")
@@ -307,7 +307,7 @@ func TestRateLimiterSweepForgetsIdleKeysAndKeepsActiveOnes(t *testing.T) {
 	mustAdmitNow(t, l, "idle")
 	mustAdmitNow(t, l, "idle")
 
-	advanceClock(10 * window)
+	clk.Advance(10 * window)
 	l.sweep()
 	assertTracked(t, l)
 }
@@ -325,7 +325,7 @@ func TestRateLimiterSweepKeepsKeysWithRequestsWaiting(t *testing.T) {
 	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
 
 	// The sleeper's slot is in the past now, but it has not gone yet.
-	advanceClock(2 * window)
+	clk.Advance(2 * window)
 	l.sweep()
 	assertTracked(t, l, "tenant")
 	wg.Wait()
@@ -335,7 +335,7 @@ func TestRateLimiterRunSweepsUntilCancelled(t *testing.T) {
 	const window = 10 * time.Millisecond
 	l := newRateLimiter(1, window)
 	mustAdmitNow(t, l, "tenant")
-	advanceClock(2 * window)
+	clk.Advance(2 * window)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan struct{})

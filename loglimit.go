@@ -68,7 +68,7 @@ func (l *logLimiter) write(log *zap.Logger, level zapcore.Level, cause, msg stri
 // allow says whether a line of cause may be written now, and how many of
 // the cause were left out before it.
 func (l *logLimiter) allow(cause string, level zapcore.Level, msg string, fields []zap.Field) (bool, int) {
-	n := now()
+	n := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	c := l.causes[cause]
@@ -106,7 +106,7 @@ func (l *logLimiter) forgetQuiet(n time.Time) {
 // out, one line that says how many (so a burst that stopped is still
 // counted in the log), and forgets the quiet causes.
 func (l *logLimiter) flush(log *zap.Logger) {
-	n := now()
+	n := clk.Now()
 	type summary struct {
 		level      zapcore.Level
 		msg        string

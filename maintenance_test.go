@@ -63,7 +63,7 @@ func TestUnknownFailuresAreBounded(t *testing.T) {
 	// unknown one for minutes.
 	m.recordSuccess(subject{tenant: "1234567"}, grantClientCredentials, &cachedToken{}, time.Millisecond)
 	m.recordFailure(subject{tenant: "1234567"}, grantClientCredentials, &tokenError{failure: failUnavailable}, time.Millisecond)
-	advanceClock(backoffCap + forgetUnknownAfter)
+	clk.Advance(backoffCap + forgetUnknownAfter)
 	m.forgetIdleTenants()
 	m.mu.Lock()
 	_, known := m.tenants["1234567"]
@@ -87,7 +87,7 @@ func TestRefreshAheadIsSpread(t *testing.T) {
 	m := newTokenManager("http://127.0.0.1:1/token", "spread-client")
 	defer m.Destruct()
 	const lifetime, before = time.Hour, 5 * time.Minute
-	issued := now()
+	issued := clk.Now()
 	for i := range 1000 {
 		m.cacheToken(subject{tenant: fmt.Sprint(1000000 + i)}, grantClientCredentials, "t", issued, lifetime, before)
 	}
@@ -196,7 +196,7 @@ func TestRefreshTokensAreKeptAlive(t *testing.T) {
 	}
 	for _, tn := range []string{"1234567", "7654321"} {
 		rec := sc.storedRecord(tn)
-		if !fake.RefreshTokenValid(rec.RefreshToken) || now().Sub(rec.RefreshTokenAt) > time.Minute {
+		if !fake.RefreshTokenValid(rec.RefreshToken) || clk.Now().Sub(rec.RefreshTokenAt) > time.Minute {
 			t.Errorf("%s: the stored refresh token was not renewed", tn)
 		}
 	}

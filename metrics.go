@@ -128,7 +128,7 @@ func countCachedTenants() float64 {
 	n := 0
 	managers.Range(func(_, v any) bool {
 		m := v.(*tokenManager)
-		at := now().UnixNano()
+		at := clk.Now().UnixNano()
 		for _, item := range m.cache.Items() {
 			if item.Object.(*cachedToken).usableAt(at) {
 				n++

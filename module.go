@@ -442,7 +442,7 @@ func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj sub
 	if !ok {
 		return nil, nil
 	}
-	if waited == 0 || tok.usableAt(now().UnixNano()) {
+	if waited == 0 || tok.usableAt(clk.Now().UnixNano()) {
 		return tok, nil // no wait: the token was usable a moment ago
 	}
 	return h.tokens.tokenFor(r.Context(), subj)
@@ -467,7 +467,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj s
 	countRefusal(terr.errorCode())
 	var retry time.Duration
 	if terr.httpStatus() == http.StatusServiceUnavailable {
-		retry = time.Duration(retryAfterSeconds(terr.retryAt, now())) * time.Second
+		retry = time.Duration(retryAfterSeconds(terr.retryAt, clk.Now())) * time.Second
 	}
 	writeAppError(w, terr.httpStatus(), terr.errorCode(), terr.advice(subj.tenant), retry)
 }

@@ -152,7 +152,7 @@ type pendingEvent struct {
 }
 
 func newPendingEvent(event string, subj subject, reason string) *pendingEvent {
-	n := now().UTC()
+	n := clk.Now().UTC()
 	id := newNotificationID()
 	body, _ := json.Marshal(notification{ID: id, Event: event, Tenant: subj.tenant, Account: subj.account, Reason: reason, At: n.Format(time.RFC3339Nano)})
 	return &pendingEvent{ID: id, Body: string(body), Event: event, Tenant: subj.tenant, Account: subj.account, CreatedAt: n, NextAt: n}
@@ -409,7 +409,7 @@ func (n *notifier) pass(kicked bool) {
 	n.mu.Lock()
 	unsent := n.unsent
 	n.unsent = nil
-	due := kicked || (!n.nextDue.IsZero() && !now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
+	due := kicked || (!n.nextDue.IsZero() && !clk.Now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
 	if due {
 		n.nextDue, n.lastScan = time.Time{}, time.Now()
 	}
@@ -431,7 +431,7 @@ func (n *notifier) pass(kicked bool) {
 	}
 	for n.m.ctx.Err() == nil {
 		ctx, cancel := context.WithTimeout(n.m.ctx, notifyTimeout)
-		at := now()
+		at := clk.Now()
 		evs, err := store.take(ctx, at, at.Add(notifyLease), 16)
 		cancel()
 		if err != nil {
@@ -464,13 +464,13 @@ func (n *notifier) deliver(ns *notifySettings, store notifyStore, ev *pendingEve
 		log.Info("notification delivered", append(ev.logFields(), zap.Int("attempts", ev.Attempts))...)
 		return
 	}
-	if now().Sub(ev.CreatedAt) >= notifyGiveUp {
+	if clk.Now().Sub(ev.CreatedAt) >= notifyGiveUp {
 		_ = store.done(ctx, ev)
 		log.Error("notification dropped: the app did not take it within a day", append(ev.logFields(),
 			zap.Int("attempts", ev.Attempts), zap.Time("created_at", ev.CreatedAt), zap.String("receiver", ns.host), zap.Error(err))...)
 		return
 	}
-	ev.NextAt = now().Add(notifyRetryAfter(ev.Attempts))
+	ev.NextAt = clk.Now().Add(notifyRetryAfter(ev.Attempts))
 	ev.LeaseUntil = time.Time{}
 	if lerr := store.later(ctx, ev); lerr != nil {
 		log.Warn("a notification that failed could not be put back: another sidecar retries it when its lease ends", append(ev.logFields(), zap.Error(lerr))...)

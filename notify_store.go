@@ -289,7 +289,7 @@ func (r *redisNotes) later(ctx context.Context, ev *pendingEvent) error {
 	if err != nil {
 		return err
 	}
-	ttl := max(ev.CreatedAt.Add(notifyEventTTL).Sub(now()), time.Minute)
+	ttl := max(ev.CreatedAt.Add(notifyEventTTL).Sub(clk.Now()), time.Minute)
 	return r.c.call(ctx, "notification retry", func(ctx context.Context) error {
 		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Set(ctx, r.eventKey(ev.ID), raw, ttl)

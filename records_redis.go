@@ -277,7 +277,7 @@ func (mr *migratingRecords) Load(ctx context.Context, key string) ([]byte, error
 	if _, err := mr.storeIfAbsent(ctx, key, old); err != nil {
 		return nil, err
 	}
-	stone, _ := json.Marshal(tombstone{MovedTo: "redis", MovedAt: now().UTC()})
+	stone, _ := json.Marshal(tombstone{MovedTo: "redis", MovedAt: clk.Now().UTC()})
 	if err := mr.caddy.Store(ctx, key, stone); err != nil {
 		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&scrubbedError{err}))
 	} else {

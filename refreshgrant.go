@@ -39,7 +39,7 @@ func (m *tokenManager) refreshTokenFirst(tenant string, n time.Time) bool {
 // for a tenant that fell back to its refresh token.
 func (m *tokenManager) noteClientCredentialsRefused(tenant string, s *managerSettings) {
 	m.mu.Lock()
-	m.state(tenant).ccRetryAt = now().Add(s.retryClientCredentials)
+	m.state(tenant).ccRetryAt = clk.Now().Add(s.retryClientCredentials)
 	m.mu.Unlock()
 }
 
@@ -79,7 +79,7 @@ func (m *tokenManager) spendRefreshToken(s *managerSettings, refreshToken string
 	}
 	defer release()
 	if !m.beginRefresh() {
-		return nil, 0, func() {}, &tokenError{failure: failUnavailable, cause: errStopping, retryAt: now().Add(time.Second)}
+		return nil, 0, func() {}, &tokenError{failure: failUnavailable, cause: errStopping, retryAt: clk.Now().Add(time.Second)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), refreshCallLimit)
 	defer cancel()
@@ -209,7 +209,7 @@ func (m *tokenManager) refreshStored(ctx context.Context, s *managerSettings, su
 		r.stranded, r.failure = m.strand(ctx, s, subj, rec, answer, terr)
 		return r
 	}
-	r.answer, r.issued = answer, now()
+	r.answer, r.issued = answer, clk.Now()
 	m.keepAnswer(rec, answer, r.issued, subj)
 	_ = m.storeRotated(ctx, s, subj, rec)
 	return r
@@ -280,7 +280,7 @@ func (m *tokenManager) refreshRefused(ctx context.Context, s *managerSettings, s
 		failure.failure = failBadAnswer
 	case failure.failure == failNoConsent: // invalid_grant: the refresh token is dead
 		failure.failure = failGrantRejected
-		rec.RejectedAt = now().UTC()
+		rec.RejectedAt = clk.Now().UTC()
 		span := m.storeSpan(subj, opSaveRecord)
 		serr := s.records.save(ctx, subj, rec)
 		span.endErr(serr)
@@ -305,7 +305,7 @@ func (m *tokenManager) useStored(s *managerSettings, subj subject, rec *tokenRec
 		return nil, nil
 	}
 	lifetime := rec.ExpiresAt.Sub(rec.IssuedAt)
-	n := now()
+	n := clk.Now()
 	if !n.Before(rec.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(rec.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil, nil
 	}

@@ -227,7 +227,7 @@ func TestReplayDoesNotJoinAFlightThatReturnsTheFailedToken(t *testing.T) {
 	defer m.Destruct()
 	m.settings.Store(&managerSettings{cred: credentials{testClientID, testClientSecret}, refreshBefore: time.Minute, tokenTimeout: 5 * time.Second, logger: testLogger(t)})
 	subj := subject{tenant: "1234567"}
-	failed := m.cacheToken(subj, grantClientCredentials, "the-failed-token", now().Add(-time.Minute), time.Hour, time.Minute)
+	failed := m.cacheToken(subj, grantClientCredentials, "the-failed-token", clk.Now().Add(-time.Minute), time.Hour, time.Minute)
 
 	release := make(chan struct{})
 	started := make(chan struct{})

@@ -121,7 +121,7 @@ func (l *localShared) publish(context.Context, event) error                     
 func (l *localShared) lockToken(context.Context, subject) (func(), error)       { return func() {}, nil }
 
 func (l *localShared) firstUse(_ context.Context, name string, ttl time.Duration) (bool, error) {
-	n := now()
+	n := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, until := range l.used {
@@ -142,7 +142,7 @@ type keptResult struct {
 }
 
 func (l *localShared) keepResult(_ context.Context, name, result string, ttl time.Duration) error {
-	n := now()
+	n := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, kept := range l.results {
@@ -157,7 +157,7 @@ func (l *localShared) keepResult(_ context.Context, name, result string, ttl tim
 func (l *localShared) flowResult(_ context.Context, name string) (string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if kept, ok := l.results[name]; ok && !now().After(kept.until) {
+	if kept, ok := l.results[name]; ok && !clk.Now().After(kept.until) {
 		return kept.result, nil
 	}
 	return "", nil
@@ -174,7 +174,7 @@ func (l *localShared) newerEvent(_ context.Context, tenant string, at time.Time)
 }
 
 func (l *localShared) allowInvalidation(_ context.Context, subj subject, max int, window time.Duration) (bool, error) {
-	n := now()
+	n := clk.Now()
 	key := subj.key()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -195,7 +195,7 @@ func (l *localShared) allowInvalidation(_ context.Context, subj subject, max int
 // forgetIdle drops invalidation windows that have passed (called by the
 // manager's sweeper).
 func (l *localShared) forgetIdle(window time.Duration) {
-	n := now()
+	n := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for key, ats := range l.invalidations {

@@ -113,7 +113,7 @@ func (r *redisShared) lockToken(ctx context.Context, subj subject) (func(), erro
 func (r *redisShared) publish(ctx context.Context, ev event) error {
 	ev.Origin = r.c.origin
 	if ev.At.IsZero() {
-		ev.At = now().UTC()
+		ev.At = clk.Now().UTC()
 	}
 	msg, err := json.Marshal(ev)
 	if err != nil {
@@ -203,7 +203,7 @@ func (r *redisShared) allowInvalidation(ctx context.Context, subj subject, max i
 	var allowed bool
 	err := r.c.call(ctx, "invalidation bound", func(ctx context.Context) error {
 		n, err := invalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.key()},
-			now().UnixMilli(), window.Milliseconds(), max, randomID()).Int()
+			clk.Now().UnixMilli(), window.Milliseconds(), max, randomID()).Int()
 		allowed = n == 1
 		return err
 	})
@@ -233,7 +233,7 @@ func (r *redisShared) tokenSlot(ctx context.Context, max int, wait time.Duration
 	for {
 		var got bool
 		err := r.c.call(ctx, "token slot", func(cctx context.Context) error {
-			n := now()
+			n := clk.Now()
 			res, err := slotScript.Run(cctx, r.c.client, []string{key}, n.UnixMilli(), max,
 				n.Add(refreshCallLimit+lockBudget).UnixMilli(), id).Int()
 			got = res == 1

@@ -355,7 +355,7 @@ func (rs *recordStore) save(ctx context.Context, id subject, rec *tokenRecord) e
 		// is written here was obtained from the configured one.
 		rec.TokenURL = rs.tokenURL
 	}
-	rec.UpdatedAt = now().UTC()
+	rec.UpdatedAt = clk.Now().UTC()
 	raw, err := rs.encode(key, rec)
 	if err != nil {
 		return err

@@ -382,7 +382,7 @@ func classifyTokenError(status int, retryAfter, code, description string) *token
 	case status == http.StatusTooManyRequests || status >= 500:
 		e.failure = failUnavailable
 		if d, ok := parseRetryAfter(retryAfter); ok {
-			e.retryAt = now().Add(d)
+			e.retryAt = clk.Now().Add(d)
 		}
 	case status >= 400:
 		e.failure = failNoConsent

@@ -344,7 +344,7 @@ func (m *tokenManager) sweep(every time.Duration) {
 
 // dropDeadTokens removes expired tokens from the cache.
 func (m *tokenManager) dropDeadTokens() {
-	n := now().UnixNano()
+	n := clk.Now().UnixNano()
 	for key, item := range m.cache.Items() {
 		if t := item.Object.(*cachedToken); n >= t.expiresAt {
 			m.cache.Delete(key)
@@ -356,7 +356,7 @@ func (m *tokenManager) dropDeadTokens() {
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
 func (m *tokenManager) forgetIdleTenants() {
-	n := now()
+	n := clk.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for key, st := range m.tenants {
@@ -417,7 +417,7 @@ func (m *tokenManager) logger() *zap.Logger {
 func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken, error) {
 	if v, ok := m.cache.Get(subj.key()); ok {
 		t := v.(*cachedToken)
-		n := now().UnixNano()
+		n := clk.Now().UnixNano()
 		if t.usableAt(n) {
 			m.hits.Add(1)
 			metrics.cacheHit.Inc()
@@ -468,7 +468,7 @@ func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *ca
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-limit.C:
-			return nil, &tokenError{failure: failUnavailable, cause: errStillWorking, retryAt: now().Add(time.Second)}
+			return nil, &tokenError{failure: failUnavailable, cause: errStillWorking, retryAt: clk.Now().Add(time.Second)}
 		}
 	}
 }
@@ -530,7 +530,7 @@ func (m *tokenManager) drop(subj subject, t *cachedToken) {
 // credentials first, the stored refresh token when the tenant has no usable
 // service-account consent; for a named account its own refresh token only.
 func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, error) {
-	n := now()
+	n := clk.Now()
 	if v, ok := m.cache.Get(subj.key()); ok {
 		t := v.(*cachedToken)
 		if t != stale && t.usableAt(n.UnixNano()) && n.UnixNano() < t.refreshAt.Load() {
@@ -654,7 +654,7 @@ func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cach
 		return nil
 	}
 	lifetime := st.ExpiresAt.Sub(st.IssuedAt)
-	n := now()
+	n := clk.Now()
 	if !n.Before(st.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(st.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil
 	}
@@ -695,14 +695,14 @@ func (m *tokenManager) tokenSlot(s *managerSettings) (release func(), err error)
 	}
 	release, err = m.shared().tokenSlot(m.ctx, n, s.tokenTimeout)
 	if err != nil {
-		return nil, &tokenError{failure: failUnavailable, cause: err, retryAt: now().Add(time.Second)}
+		return nil, &tokenError{failure: failUnavailable, cause: err, retryAt: clk.Now().Add(time.Second)}
 	}
 	return release, nil
 }
 
 // store caches a new token for the subject and returns it.
 func (m *tokenManager) store(subj subject, grant string, a *tokenAnswer, refreshBefore time.Duration) *cachedToken {
-	return m.cacheToken(subj, grant, a.accessToken, now(), a.lifetime, refreshBefore)
+	return m.cacheToken(subj, grant, a.accessToken, clk.Now(), a.lifetime, refreshBefore)
 }
 
 // cacheToken caches an access token issued at issued for lifetime.
@@ -779,7 +779,7 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	repeated := st.lastError != nil && st.lastError.failure == terr.failure && st.lastError.code == terr.code
 	st.failures++
 	delay := backoffDelay(st.failures)
-	retryAt := now().Add(delay)
+	retryAt := clk.Now().Add(delay)
 	if terr.retryAt.After(retryAt) {
 		retryAt = terr.retryAt
 	}

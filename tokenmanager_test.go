@@ -17,14 +17,14 @@ func TestForgetIdleTenants(t *testing.T) {
 	m.state("1000003").consentRevoked = true         // revoked: kept
 	m.state("1000004").unsaved = &tokenRecord{}      // unsaved refresh token: kept
 	failed := m.state("1000005")                     // a recent error: kept for a while
-	failed.lastError, failed.retryAt = &tokenError{failure: failUnavailable}, now()
+	failed.lastError, failed.retryAt = &tokenError{failure: failUnavailable}, clk.Now()
 	m.mu.Unlock()
 
 	m.forgetIdleTenants()
 	if got := tenantsKnown(m); got != "1000001 1000003 1000004 1000005 " {
 		t.Fatalf("after a sweep: %s", got)
 	}
-	advanceClock(forgetErrorsAfter + time.Minute)
+	clk.Advance(forgetErrorsAfter + time.Minute)
 	m.forgetIdleTenants()
 	if got := tenantsKnown(m); got != "1000001 1000003 1000004 " {
 		t.Fatalf("an hour later: %s", got)

@@ -114,7 +114,7 @@ func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*tran
 		res.Copied = append(res.Copied, key)
 	}
 	for _, key := range res.Copied {
-		stone := []byte(`{"moved_to":"redis","moved_at":"` + now().UTC().Format(time.RFC3339) + `"}`)
+		stone := []byte(`{"moved_to":"redis","moved_at":"` + clk.Now().UTC().Format(time.RFC3339) + `"}`)
 		if err := mr.caddy.Store(ctx, key, stone); err != nil {
 			m.logger().Warn("a record was imported into Redis, but its tombstone could not be written", zap.String("key", key), zap.Error(&scrubbedError{err}))
 		}

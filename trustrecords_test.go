@@ -181,7 +181,7 @@ func TestUnstampedRecordIsStampedOnNextWrite(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
 	writeRecord(t, sc, "1234567", tokenRecord{Tenant: "1234567", ClientID: testClientID, Mode: grantRefreshToken,
-		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: now().UTC()})
+		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: clk.Now().UTC()})
 	if rec := sc.storedRecord("1234567"); rec.TokenURL != "" {
 		t.Fatalf("the old record carries %q", rec.TokenURL)
 	}
@@ -493,7 +493,7 @@ func TestLogLimiterFlushAndBound(t *testing.T) {
 	if got := logs(); len(got) != 1 {
 		t.Fatalf("%d lines before the minute passed, want 1", len(got))
 	}
-	advanceClock(time.Minute)
+	clk.Advance(time.Minute)
 	l.flush(core)
 	got := logs()
 	if len(got) != 2 || got[1]["suppressed"] != int64(9) {

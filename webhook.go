@@ -247,7 +247,7 @@ func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent
 		return false
 	}
 	maxAge := time.Duration(wh.MaxAge)
-	n := now()
+	n := clk.Now()
 	switch {
 	case n.Sub(at) > maxAge:
 		countRefusal("event_too_old")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bsm/redislock"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -198,7 +199,7 @@ func (c *redisCluster) failed(op string, err error) {
 	if err == nil || errors.Is(err, redis.Nil) {
 		return
 	}
-	metrics.redisErrors.Inc()
+	metrics.RedisErrors.Inc()
 	if c.down.CompareAndSwap(false, true) {
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))
@@ -225,7 +226,7 @@ func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.
 		last := c.lastProbe.Load()
 		n := time.Now().UnixNano()
 		if n-last < int64(outageProbeEvery) || !c.lastProbe.CompareAndSwap(last, n) {
-			metrics.redisErrors.Inc()
+			metrics.RedisErrors.Inc()
 			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", errSharedUnavailable, op)
 		}
 	}
@@ -233,7 +234,7 @@ func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.
 	defer cancel()
 	start := time.Now()
 	err := fn(ctx)
-	opsMetrics.redisDuration.Observe(time.Since(start).Seconds())
+	metrics.RedisDuration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)
 		return fmt.Errorf("%w: %s: %v", errSharedUnavailable, op, err)

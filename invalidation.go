@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"go.uber.org/zap"
 )
 
@@ -32,7 +33,7 @@ const (
 func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
 	n := clk.Now()
 	if n.Sub(t.issuedAt) < freshTokenGrace {
-		metrics.invalidationsBounded.Inc()
+		metrics.InvalidationsBounded.Inc()
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
 		return false
 	}
@@ -43,7 +44,7 @@ func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
 	allowed, err := m.shared().allowInvalidation(ctx, subj, maxInvalidations, invalidationWindow)
 	cancel()
 	if err == nil && !allowed {
-		metrics.invalidationsBounded.Inc()
+		metrics.InvalidationsBounded.Inc()
 		m.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
 		return false
 	}

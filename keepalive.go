@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"go.uber.org/zap"
 )
 
@@ -113,7 +114,7 @@ func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, sub
 		m.recordFailure(subj, grantRefreshToken, r.failure, r.took)
 	case r.answer != nil:
 		metricsTokenRequest(grantRefreshToken, "ok", r.took)
-		metrics.keptAlive.Inc()
+		metrics.KeptAlive.Inc()
 		m.logger().Info("refresh token kept alive: it had not been used for 30 days", subj.logFields()...)
 	}
 	return r.answer != nil

@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
@@ -133,5 +134,5 @@ func (l *logLimiter) flush(log *zap.Logger) {
 // countRefusal counts a refused request by its kind (the error code of
 // the answer): every one, whether or not its log line was written.
 func countRefusal(kind string) {
-	metrics.refusals.WithLabelValues(kind).Inc()
+	metrics.Refusals.WithLabelValues(kind).Inc()
 }

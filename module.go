@@ -15,6 +15,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -273,7 +274,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
 		return err
 	}
-	opsMetrics.maxWait.Set(h.maxWait.Seconds())
+	metrics.MaxWait.Set(h.maxWait.Seconds())
 	h.settings = &managerSettings{
 		gen:                    settingsGeneration.Add(1),
 		cred:                   credentials{clientID: clientID, clientSecret: secret},
@@ -495,7 +496,7 @@ type errorBody struct {
 // writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
 // Retry-After header in whole seconds.
 func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	opsMetrics.errorAnswered(code)
+	metrics.ErrorAnswered(code)
 	body, _ := json.Marshal(errorBody{Error: code, Message: message, ErrorInformation: newErrorInformation(code, message)})
 	hdr := w.Header()
 	hdr.Set("Content-Type", "application/json")
@@ -511,7 +512,7 @@ func writeJSONError(w http.ResponseWriter, status int, code, message string, ret
 // writeAppError is writeJSONError for a request the fortnox handler
 // answers in Fortnox's stead (counted in caddy_fortnox_requests_total).
 func writeAppError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	opsMetrics.sidecarAnswered(status)
+	metrics.SidecarAnswered(status)
 	writeJSONError(w, status, code, message, retryAfter)
 }
 

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddyserver/caddy/v2"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -94,8 +95,8 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 	waited, err := h.limiter.wait(r.Context(), tenant, h.maxWait)
 	if err == nil {
 		if waited > 0 {
-			metrics.rateLimitWaits.Inc()
-			metrics.rateLimitWait.Observe(waited.Seconds())
+			metrics.RateLimitWaits.Inc()
+			metrics.RateLimitWait.Observe(waited.Seconds())
 			traceTurn(r, tenant, waited, nil)
 		}
 		return waited, true
@@ -103,7 +104,7 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 	traceTurn(r, tenant, waited, err)
 	var rle *rateLimitError
 	if errors.As(err, &rle) {
-		metrics.rateLimitReject.Inc()
+		metrics.RateLimitReject.Inc()
 		writeAppError(w, http.StatusTooManyRequests, "rate_limited",
 			fmt.Sprintf("Too many requests for tenant %s: Fortnox allows %d per %v, and this request would have waited longer than max_wait (or its own deadline). Retry after the number of seconds in Retry-After, or raise max_wait.",
 				tenant, h.rateRequests, h.rateWindow), rle.RetryAfter)

@@ -7,6 +7,8 @@ import (
 	"errors"
 	"sync"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
 // What the sidecars of one (token URL, client id) share. Fortnox's rate
@@ -218,7 +220,7 @@ func (l *localShared) tokenSlot(ctx context.Context, max int, wait time.Duration
 		return release, nil
 	default:
 	}
-	metrics.tokenRequestsQueued.Inc()
+	metrics.TokenRequestsQueued.Inc()
 	t := time.NewTimer(wait)
 	defer t.Stop()
 	select {

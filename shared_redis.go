@@ -8,6 +8,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
@@ -253,7 +254,7 @@ func (r *redisShared) tokenSlot(ctx context.Context, max int, wait time.Duration
 		}
 		if !queued {
 			queued = true
-			metrics.tokenRequestsQueued.Inc()
+			metrics.TokenRequestsQueued.Inc()
 		}
 		if time.Now().Add(backoff).After(deadline) {
 			return nil, errors.New("too many token requests of this client id in flight across the cluster (max_token_requests); they queued longer than token_timeout")

@@ -16,6 +16,8 @@ import (
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
 // tokenRecord is what the store holds for one subject (a tenant's service
@@ -229,7 +231,7 @@ func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, erro
 	if err != nil {
 		var plain *unencryptedRecordError
 		if errors.As(err, &plain) {
-			metrics.unencryptedRecords.Inc()
+			metrics.UnencryptedRecords.Inc()
 		}
 		return nil, err
 	}

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddyserver/caddy/v2"
 	gocache "github.com/patrickmn/go-cache"
 	"go.opentelemetry.io/otel/trace"
@@ -420,7 +421,7 @@ func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken
 		n := clk.Now().UnixNano()
 		if t.usableAt(n) {
 			m.hits.Add(1)
-			metrics.cacheHit.Inc()
+			metrics.CacheHit.Inc()
 			if n >= t.refreshAt.Load() && t.refreshing.CompareAndSwap(false, true) {
 				link, traced := linkTo(ctx)
 				go m.refreshAhead(subj, t, link, traced)
@@ -429,7 +430,7 @@ func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken
 		}
 	}
 	m.misses.Add(1)
-	metrics.cacheMiss.Inc()
+	metrics.CacheMiss.Inc()
 	return m.waitForToken(ctx, subj, nil)
 }
 
@@ -617,7 +618,7 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 		t, rerr := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
 			m.noteClientCredentialsRefused(subj.tenant, s)
-			metrics.tokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
+			metrics.TokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
 			if rerr == nil {
 				m.share(subj, t) // the other sidecars need not ask for client credentials
 			}
@@ -789,8 +790,8 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	failures := st.failures
 	m.mu.Unlock()
 	if took > 0 { // a request was sent (not a known-dead refresh token or a storage error)
-		metrics.tokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
-		metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+		metrics.TokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
+		metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 	}
 
 	log := m.logger()
@@ -879,8 +880,8 @@ func (m *tokenManager) recordSuccess(subj subject, grant string, t *cachedToken,
 	st.retryAt = time.Time{}
 	st.unknown = false
 	m.mu.Unlock()
-	metrics.tokenRequests.WithLabelValues(grant, "ok").Inc()
-	metrics.tokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+	metrics.TokenRequests.WithLabelValues(grant, "ok").Inc()
+	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 	m.logger().Info("token obtained", append(subj.logFields(),
 		zap.String("grant", grant),
 		zap.String("outcome", "ok"),

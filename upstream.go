@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -47,13 +48,13 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	fresh, err := h.tokens.waitForToken(r.Context(), subj, tok)
 	if err == nil && h.limiter != nil {
 		if fresh, err = h.turnWithToken(w, r, subj, fresh); fresh == nil && err == nil {
-			metrics.replays.WithLabelValues("no_turn").Inc()
+			metrics.Replays.WithLabelValues("no_turn").Inc()
 			span.end(outcomeRateLimited)
 			return nil // answered 429
 		}
 	}
 	if err != nil {
-		metrics.replays.WithLabelValues("no_token").Inc()
+		metrics.Replays.WithLabelValues("no_token").Inc()
 		span.endErr(err)
 		h.writeTokenError(w, r, subj, err)
 		return nil
@@ -61,7 +62,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 	if ce := h.logger.Check(zapcore.DebugLevel, "replaying after 401 with a new token"); ce != nil {
 		ce.Write(zap.String("tenant", subj.tenant), zap.String("method", r.Method))
 	}
-	metrics.replays.WithLabelValues("replayed").Inc()
+	metrics.Replays.WithLabelValues("replayed").Inc()
 	r.Header["Authorization"] = []string{fresh.bearer}
 	setBody(r, body)
 	uw.reset(w, h, subj, fresh, false)
@@ -83,7 +84,7 @@ func countProxyError(uw *upstreamWriter, err error) {
 	if errors.As(err, &he) && he.StatusCode != 0 {
 		status = he.StatusCode
 	}
-	opsMetrics.sidecarAnswered(status)
+	metrics.SidecarAnswered(status)
 }
 
 // oldFortnoxAuthHeaders are the headers of Fortnox's retired auth scheme,
@@ -334,11 +335,11 @@ func (uw *upstreamWriter) WriteHeader(status int) {
 			uw.held = true
 			return
 		}
-		metrics.replays.WithLabelValues("passed_through").Inc()
+		metrics.Replays.WithLabelValues("passed_through").Inc()
 	case http.StatusTooManyRequests:
 		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.subj.tenant)
 	}
-	opsMetrics.fortnoxAnswered(status)
+	metrics.FortnoxAnswered(status)
 	uw.ResponseWriter.WriteHeader(status)
 }
 
@@ -367,7 +368,7 @@ func (uw *upstreamWriter) Unwrap() http.ResponseWriter { return uw.ResponseWrite
 // tenant's budget, so this one slows down for a window, and the app is
 // told to wait at least that long.
 func (h *Handler) fortnoxSaidTooMany(hdr http.Header, tenant string) {
-	metrics.upstream429.Inc()
+	metrics.Upstream429.Inc()
 	wait := max(h.rateWindow, fortnoxWindow)
 	if d, ok := parseRetryAfter(hdr.Get("Retry-After")); ok && d > wait {
 		wait = d

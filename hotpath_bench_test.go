@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"go.uber.org/zap"
 )
 
@@ -32,7 +33,7 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	h.tokens.settings.Store(h.settings)
 	if limiter {
 		// A limit the benchmark never reaches: the cost of the bookkeeping.
-		h.limiter = newRateLimiter(25, time.Microsecond)
+		h.limiter = ratelimit.New(25, time.Microsecond, clk)
 	}
 	ids := make([]string, tenants)
 	for i := range ids {

@@ -4,19 +4,9 @@ import (
 	"context"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"github.com/redis/go-redis/v9"
 )
-
-// turnTaker is a tenant's rate budget: the in-process rateLimiter, or
-// redisLimiter in cluster mode.
-type turnTaker interface {
-	// wait blocks until the request for key may go, in arrival order; a
-	// wait longer than maxWait (or ctx's deadline) is refused at once with
-	// a *rateLimitError.
-	wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error)
-	// penalize admits nothing for key before clk.Now()+d (after Fortnox's 429).
-	penalize(key string, d time.Duration)
-}
 
 // redisLimiter is the rate budget of a cluster of sidecars: one
 // reservation log per (client id, tenant) in Redis, updated by one atomic
@@ -35,7 +25,7 @@ type redisLimiter struct {
 	c      *redisCluster
 	limit  int
 	window time.Duration // with the margin
-	local  *rateLimiter
+	local  *ratelimit.Limiter
 }
 
 // redisNow starts a script with `now`, Redis's clock in milliseconds.
@@ -91,7 +81,7 @@ func (l *redisLimiter) keys(key string) []string {
 	return []string{base, base + ":pause"}
 }
 
-func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+func (l *redisLimiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
@@ -107,11 +97,11 @@ func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Durati
 		return err
 	})
 	if err != nil || len(res) != 2 {
-		return l.local.wait(ctx, key, maxWait)
+		return l.local.Wait(ctx, key, maxWait)
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
-		return 0, &rateLimitError{RetryAfter: need}
+		return 0, &ratelimit.Error{RetryAfter: need}
 	}
 	if need <= 0 {
 		return 0, nil
@@ -126,8 +116,8 @@ func (l *redisLimiter) wait(ctx context.Context, key string, maxWait time.Durati
 	}
 }
 
-func (l *redisLimiter) penalize(key string, d time.Duration) {
-	l.local.penalize(key, d)
+func (l *redisLimiter) Penalize(key string, d time.Duration) {
+	l.local.Penalize(key, d)
 	ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
 	defer cancel()
 	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
@@ -135,7 +125,4 @@ func (l *redisLimiter) penalize(key string, d time.Duration) {
 	})
 }
 
-var (
-	_ turnTaker = (*rateLimiter)(nil)
-	_ turnTaker = (*redisLimiter)(nil)
-)
+var _ ratelimit.Waiter = (*redisLimiter)(nil)

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -143,7 +144,7 @@ type Handler struct {
 	resolver        *tenantResolver
 	accountHeader   string
 	owned           []string // headers the sidecar owns: never forwarded as the app sent them
-	limiter         turnTaker
+	limiter         ratelimit.Waiter
 	rateRequests    int
 	cluster         *redisCluster
 	clusterKey      string

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"github.com/caddyserver/caddy/v2"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -28,7 +29,7 @@ var limiters = caddy.NewUsagePool()
 
 // sharedLimiter is a rate limiter with its sweeper.
 type sharedLimiter struct {
-	*rateLimiter
+	*ratelimit.Limiter
 	stop context.CancelFunc
 }
 
@@ -73,14 +74,14 @@ func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
 	h.limiterKey = fmt.Sprintf("%s\x00%d\x00%d", managerKey(tokenURL, clientID), requests, effective)
 	val, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
 		ctx, stop := context.WithCancel(context.Background())
-		l := newRateLimiter(requests, effective)
-		go l.run(ctx)
-		return &sharedLimiter{rateLimiter: l, stop: stop}, nil
+		l := ratelimit.New(requests, effective, clk)
+		go l.Run(ctx)
+		return &sharedLimiter{Limiter: l, stop: stop}, nil
 	})
 	if err != nil {
 		return err
 	}
-	local := val.(*sharedLimiter).rateLimiter
+	local := val.(*sharedLimiter).Limiter
 	h.limiter, h.rateRequests = local, requests
 	if h.cluster != nil {
 		h.limiter = &redisLimiter{c: h.cluster, limit: requests, window: effective, local: local}
@@ -92,7 +93,7 @@ func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
 // long it waited. It answers the request itself and returns false when
 // the wait would be too long.
 func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) (time.Duration, bool) {
-	waited, err := h.limiter.wait(r.Context(), tenant, h.maxWait)
+	waited, err := h.limiter.Wait(r.Context(), tenant, h.maxWait)
 	if err == nil {
 		if waited > 0 {
 			metrics.RateLimitWaits.Inc()
@@ -102,7 +103,7 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 		return waited, true
 	}
 	traceTurn(r, tenant, waited, err)
-	var rle *rateLimitError
+	var rle *ratelimit.Error
 	if errors.As(err, &rle) {
 		metrics.RateLimitReject.Inc()
 		writeAppError(w, http.StatusTooManyRequests, "rate_limited",

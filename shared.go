@@ -19,7 +19,7 @@ import (
 // before), redisShared keeps them in Redis for a cluster of sidecars.
 // Nothing above the seam knows which it talks to. Token records are shared
 // the same way one level down: recordStore's backend is Caddy's storage or
-// Redis. The rate budget is the handler's turnTaker (limiter.go).
+// Redis. The rate budget is the handler's ratelimit.Waiter (internal/ratelimit).
 type sharedState interface {
 	// loadToken returns the subject's access token as another sidecar
 	// stored it (nil: none). Local: always nil, the memory cache is all.

@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/trace"
@@ -163,7 +164,7 @@ func outcomeOf(err error) string {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return outcomeCancelled
 	}
-	var rle *rateLimitError
+	var rle *ratelimit.Error
 	if errors.As(err, &rle) {
 		return outcomeRateLimited
 	}

@@ -374,7 +374,7 @@ func (h *Handler) fortnoxSaidTooMany(hdr http.Header, tenant string) {
 		wait = d
 	}
 	if h.limiter != nil {
-		h.limiter.penalize(tenant, wait)
+		h.limiter.Penalize(tenant, wait)
 	}
 	hdr.Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
 	if ce := h.logger.Check(zapcore.DebugLevel, "Fortnox answered 429: slowing the tenant down"); ce != nil {

@@ -1,4 +1,4 @@
-package fortnox
+package ratelimit
 
 import (
 	"context"
@@ -10,7 +10,16 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 )
+
+// clk is the limiters' clock in these tests, moved to skip idle windows.
+var clk = clock.New()
+
+func newRateLimiter(limit int, window time.Duration) *Limiter {
+	return New(limit, window, clk)
+}
 
 func TestRateLimiterNeverAdmitsMoreThanLimitPerWindow(t *testing.T) {
 	const limit, requests = 5, 23
@@ -21,7 +30,7 @@ func TestRateLimiterNeverAdmitsMoreThanLimitPerWindow(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range requests {
 		wg.Go(func() {
-			if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+			if _, err := l.Wait(context.Background(), "tenant", time.Minute); err != nil {
 				t.Error(err)
 			}
 			admitted[i] = clk.Now()
@@ -56,7 +65,7 @@ func TestRateLimiterAdmitsInArrivalOrder(t *testing.T) {
 	for i := range 8 {
 		before := newestSlot(l, "tenant")
 		wg.Go(func() {
-			if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+			if _, err := l.Wait(context.Background(), "tenant", time.Minute); err != nil {
 				t.Error(err)
 			}
 			mu.Lock()
@@ -80,7 +89,7 @@ func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
 
 	// The first admission leaves the window in 700ms.
 	started := time.Now()
-	_, err := l.wait(context.Background(), "tenant", 400*time.Millisecond)
+	_, err := l.Wait(context.Background(), "tenant", 400*time.Millisecond)
 	assertPromptly(t, started)
 	retryAfter := rateLimitedFor(t, err)
 	if retryAfter <= 600*time.Millisecond || retryAfter > 700*time.Millisecond {
@@ -92,7 +101,7 @@ func TestRateLimiterRejectsAtOnceAWaitLongerThanMaxWait(t *testing.T) {
 
 	// The rejected request took no slot: the next one is still 700ms away,
 	// not a window after the second admission.
-	_, err = l.wait(context.Background(), "tenant", 0)
+	_, err = l.Wait(context.Background(), "tenant", 0)
 	if retryAfter := rateLimitedFor(t, err); retryAfter > 700*time.Millisecond {
 		t.Errorf("after a rejection the next slot is %v away; want under 700ms", retryAfter)
 	}
@@ -105,7 +114,7 @@ func TestRateLimiterRejectsAtOnceAWaitPastTheDeadline(t *testing.T) {
 	defer cancel()
 
 	started := time.Now()
-	_, err := l.wait(ctx, "tenant", time.Minute)
+	_, err := l.Wait(ctx, "tenant", time.Minute)
 	assertPromptly(t, started)
 	if retryAfter := rateLimitedFor(t, err); retryAfter < 900*time.Millisecond {
 		t.Errorf("RetryAfter = %v; want about 1s", retryAfter)
@@ -118,7 +127,7 @@ func TestRateLimiterReturnsPromptlyWhenCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() {
-		_, err := l.wait(ctx, "tenant", time.Minute)
+		_, err := l.Wait(ctx, "tenant", time.Minute)
 		done <- err
 	}()
 	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
@@ -137,7 +146,7 @@ func TestRateLimiterReturnsPromptlyWhenCancelled(t *testing.T) {
 
 	// The cancelled request's slot stays reserved (see wait), so the next
 	// request queues a window behind it.
-	_, err := l.wait(context.Background(), "tenant", 0)
+	_, err := l.Wait(context.Background(), "tenant", 0)
 	if retryAfter := rateLimitedFor(t, err); retryAfter < 19*time.Second {
 		t.Errorf("next slot is %v away; want about 20s", retryAfter)
 	}
@@ -147,7 +156,7 @@ func TestRateLimiterTakesNoSlotForAnAlreadyCancelledContext(t *testing.T) {
 	l := newRateLimiter(1, time.Second)
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if _, err := l.wait(ctx, "tenant", time.Minute); !errors.Is(err, context.Canceled) {
+	if _, err := l.Wait(ctx, "tenant", time.Minute); !errors.Is(err, context.Canceled) {
 		t.Fatalf("err = %v; want context.Canceled", err)
 	}
 	mustAdmitNow(t, l, "tenant")
@@ -161,7 +170,7 @@ func TestRateLimiterKeepsKeysIndependent(t *testing.T) {
 	var wg sync.WaitGroup
 	for range 2 {
 		wg.Go(func() {
-			if _, err := l.wait(context.Background(), "busy", time.Minute); err != nil {
+			if _, err := l.Wait(context.Background(), "busy", time.Minute); err != nil {
 				t.Error(err)
 			}
 		})
@@ -175,15 +184,15 @@ func TestRateLimiterKeepsKeysIndependent(t *testing.T) {
 
 	// Sleepers hold no lock: their own key still answers at once.
 	started = time.Now()
-	_, err := l.wait(context.Background(), "busy", 0)
+	_, err := l.Wait(context.Background(), "busy", 0)
 	assertPromptly(t, started)
 	rateLimitedFor(t, err)
 }
 
 // mustAdmitNow fails the test unless a request for key goes without waiting.
-func mustAdmitNow(t *testing.T, l *rateLimiter, key string) {
+func mustAdmitNow(t *testing.T, l *Limiter, key string) {
 	t.Helper()
-	waited, err := l.wait(context.Background(), key, 0)
+	waited, err := l.Wait(context.Background(), key, 0)
 	if err != nil || waited != 0 {
 		t.Fatalf("wait(%q) = %v, %v; want it admitted at once", key, waited, err)
 	}
@@ -193,9 +202,9 @@ func mustAdmitNow(t *testing.T, l *rateLimiter, key string) {
 // returns its RetryAfter.
 func rateLimitedFor(t *testing.T, err error) time.Duration {
 	t.Helper()
-	var rl *rateLimitError
-	if !errors.As(err, &rl) || !errors.Is(err, errRateLimited) {
-		t.Fatalf("err = %v; want a *rateLimitError", err)
+	var rl *Error
+	if !errors.As(err, &rl) || !errors.Is(err, ErrRateLimited) {
+		t.Fatalf("err = %v; want a *Error", err)
 	}
 	return rl.RetryAfter
 }
@@ -212,7 +221,7 @@ func assertPromptly(t *testing.T, started time.Time) {
 }
 
 // newestSlot is the latest time reserved for key.
-func newestSlot(l *rateLimiter, key string) time.Time {
+func newestSlot(l *Limiter, key string) time.Time {
 	k := l.lockedState(key)
 	defer k.mu.Unlock()
 	return k.newest()
@@ -234,7 +243,7 @@ func TestRateLimiterPenalizeDelaysTheNextAdmission(t *testing.T) {
 	const pause = 150 * time.Millisecond
 	l := newRateLimiter(10, time.Second)
 	mustAdmitNow(t, l, "tenant")
-	l.penalize("tenant", pause)
+	l.Penalize("tenant", pause)
 	assertWaitsAbout(t, l, "tenant", pause)
 }
 
@@ -247,7 +256,7 @@ func TestRateLimiterPenalizeRepeatedForOne429StormDoesNotAddUp(t *testing.T) {
 	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
 	// Every request that got the 429 reports it.
 	for range 5 {
-		l.penalize("tenant", pause)
+		l.Penalize("tenant", pause)
 	}
 	wg.Wait()
 }
@@ -260,9 +269,9 @@ func TestRateLimiterPenalizeMovesRequestsAlreadyWaiting(t *testing.T) {
 	wg.Go(func() { assertWaitsAbout(t, l, "tenant", pause) })
 	waitUntil(t, func() bool { return waiting(l, "tenant") == 1 })
 
-	l.penalize("tenant", pause)
+	l.Penalize("tenant", pause)
 	// The next arrival still keeps a window from the moved request.
-	_, err := l.wait(context.Background(), "tenant", 0)
+	_, err := l.Wait(context.Background(), "tenant", 0)
 	if retryAfter := rateLimitedFor(t, err); retryAfter < pause+window-20*time.Millisecond {
 		t.Errorf("next slot is %v away; want about %v", retryAfter, pause+window)
 	}
@@ -271,9 +280,9 @@ func TestRateLimiterPenalizeMovesRequestsAlreadyWaiting(t *testing.T) {
 
 // assertWaitsAbout fails the test unless a request for key waits about d:
 // not less, and not much more than a busy scheduler adds.
-func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration) {
+func assertWaitsAbout(t *testing.T, l *Limiter, key string, d time.Duration) {
 	t.Helper()
-	waited, err := l.wait(context.Background(), key, time.Minute)
+	waited, err := l.Wait(context.Background(), key, time.Minute)
 	if err != nil {
 		t.Error(err)
 		return
@@ -284,7 +293,7 @@ func assertWaitsAbout(t *testing.T, l *rateLimiter, key string, d time.Duration)
 }
 
 // waiting is the number of requests for key that sleep until their slot.
-func waiting(l *rateLimiter, key string) int {
+func waiting(l *Limiter, key string) int {
 	k := l.lockedState(key)
 	defer k.mu.Unlock()
 	return len(k.waiting)
@@ -296,7 +305,7 @@ func TestRateLimiterSweepForgetsIdleKeysAndKeepsActiveOnes(t *testing.T) {
 	mustAdmitNow(t, l, "idle")
 	mustAdmitNow(t, l, "idle")
 	mustAdmitNow(t, l, "active")
-	l.penalize("penalized", 10*window)
+	l.Penalize("penalized", 10*window)
 
 	clk.Advance(window + time.Millisecond)
 	mustAdmitNow(t, l, "active")
@@ -318,7 +327,7 @@ func TestRateLimiterSweepKeepsKeysWithRequestsWaiting(t *testing.T) {
 	mustAdmitNow(t, l, "tenant")
 	var wg sync.WaitGroup
 	wg.Go(func() {
-		if _, err := l.wait(context.Background(), "tenant", time.Minute); err != nil {
+		if _, err := l.Wait(context.Background(), "tenant", time.Minute); err != nil {
 			t.Error(err)
 		}
 	})
@@ -340,7 +349,7 @@ func TestRateLimiterRunSweepsUntilCancelled(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	stopped := make(chan struct{})
 	go func() {
-		l.run(ctx)
+		l.Run(ctx)
 		close(stopped)
 	}()
 	waitUntil(t, func() bool { return l.keys() == 0 })
@@ -353,7 +362,7 @@ func TestRateLimiterRunSweepsUntilCancelled(t *testing.T) {
 }
 
 // assertTracked fails the test unless l tracks exactly the keys given.
-func assertTracked(t *testing.T, l *rateLimiter, keys ...string) {
+func assertTracked(t *testing.T, l *Limiter, keys ...string) {
 	t.Helper()
 	var tracked []string
 	l.states.Range(func(key, _ any) bool {
@@ -375,7 +384,7 @@ func BenchmarkRateLimiterUnderLimit(b *testing.B) {
 	defer cancel()
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := l.wait(ctx, "tenant", 0); err != nil {
+		if _, err := l.Wait(ctx, "tenant", 0); err != nil {
 			b.Fatal(err)
 		}
 	}
@@ -395,7 +404,7 @@ func BenchmarkRateLimiterUnderLimitParallel(b *testing.B) {
 		defer cancel()
 		i := int(next.Add(97))
 		for pb.Next() {
-			if _, err := l.wait(ctx, tenants[i%len(tenants)], 0); err != nil {
+			if _, err := l.Wait(ctx, tenants[i%len(tenants)], 0); err != nil {
 				b.Error(err)
 				return
 			}

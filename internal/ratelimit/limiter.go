@@ -1,4 +1,9 @@
-package fortnox
+// Package ratelimit paces requests per key (a client id and tenant) with
+// a sliding window, in arrival order: Fortnox allows so many requests per
+// window and answers 429 beyond it. Limiter is the in-process schedule;
+// Waiter is what the caller needs, which a shared (Redis) budget
+// implements too.
+package ratelimit
 
 import (
 	"context"
@@ -8,9 +13,24 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 )
 
-// rateLimiter admits at most limit requests per window for each key, in
+// Waiter is a key's rate budget: the in-process Limiter, or a budget
+// shared by several processes.
+type Waiter interface {
+	// Wait blocks until the request for key may go, in arrival order; a
+	// wait longer than maxWait (or ctx's deadline) is refused at once with
+	// an *Error.
+	Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error)
+	// Penalize admits nothing for key before now+d (after Fortnox's 429).
+	Penalize(key string, d time.Duration)
+}
+
+var _ Waiter = (*Limiter)(nil)
+
+// Limiter admits at most limit requests per window for each key, in
 // arrival order.
 //
 // Fortnox counts requests per (client_id, tenant) over a sliding window and
@@ -19,10 +39,11 @@ import (
 // earliest time the window allows, then sleeps until then holding no lock.
 // Times are handed out in the order the mutex is taken, so admission is FIFO
 // per key and a burst drains at exactly the allowed rate.
-type rateLimiter struct {
+type Limiter struct {
 	limit  int
 	window time.Duration
-	states sync.Map // key (string) → *keyState
+	clock  *clock.Clock // nil: real time
+	states sync.Map     // key (string) → *keyState
 	// tracked counts states, which sync.Map cannot do cheaply.
 	tracked atomic.Int64
 }
@@ -37,10 +58,10 @@ type keyState struct {
 	slots []time.Time
 	next  int
 	full  bool
-	// pausedUntil admits nothing before it (see penalize).
+	// pausedUntil admits nothing before it (see Penalize).
 	pausedUntil time.Time
 	// waiting holds the reservations whose requests still sleep, earliest
-	// first, so that penalize can move them.
+	// first, so that Penalize can move them.
 	waiting []*reservation
 	// forgotten is set when sweep drops the state from the map. A caller
 	// that looked it up just before must look again, or its reservation
@@ -51,50 +72,51 @@ type keyState struct {
 // reservation is the admission time of one sleeping request.
 type reservation struct{ slot time.Time }
 
-// errRateLimited is what every rejection by the limiter is (errors.Is);
-// the *rateLimitError wrapping it says how long the wait would have been.
-var errRateLimited = errors.New("rate limited")
+// ErrRateLimited is what every rejection by the limiter is (errors.Is);
+// the *Error wrapping it says how long the wait would have been.
+var ErrRateLimited = errors.New("rate limited")
 
-// rateLimitError rejects a request that would have had to wait too long.
-type rateLimitError struct {
+// Error rejects a request that would have had to wait too long.
+type Error struct {
 	// RetryAfter is the wait the request would have needed. Rounding it up
 	// to whole seconds for a Retry-After header is the caller's job.
 	RetryAfter time.Duration
 }
 
-func (e *rateLimitError) Error() string {
-	return fmt.Sprintf("%v: the next free slot is %v away", errRateLimited, e.RetryAfter.Round(time.Millisecond))
+func (e *Error) Error() string {
+	return fmt.Sprintf("%v: the next free slot is %v away", ErrRateLimited, e.RetryAfter.Round(time.Millisecond))
 }
 
-func (e *rateLimitError) Unwrap() error { return errRateLimited }
+func (e *Error) Unwrap() error { return ErrRateLimited }
 
-// newRateLimiter returns a limiter admitting limit requests per window per
-// key. The caller validates its configuration; nonsense here is a bug.
-func newRateLimiter(limit int, window time.Duration) *rateLimiter {
+// New returns a limiter admitting limit requests per window per key, on
+// clk (nil: real time). The caller validates its configuration; nonsense
+// here is a bug.
+func New(limit int, window time.Duration, clk *clock.Clock) *Limiter {
 	if limit < 1 || window <= 0 {
 		panic(fmt.Sprintf("fortnox: rate limit of %d per %v", limit, window))
 	}
-	return &rateLimiter{limit: limit, window: window}
+	return &Limiter{limit: limit, window: window, clock: clk}
 }
 
-// wait blocks until the request for key may go, in arrival order, and
+// Wait blocks until the request for key may go, in arrival order, and
 // returns how long it waited.
 //
 // A request whose wait would exceed maxWait, or end after ctx's deadline, is
-// rejected at once with a *rateLimitError and takes no slot: it would give
+// rejected at once with a *Error and takes no slot: it would give
 // up before its turn, and its slot would only delay the requests behind it.
 //
-// If ctx is cancelled while waiting, wait returns ctx.Err() promptly and the
+// If ctx is cancelled while waiting, Wait returns ctx.Err() promptly and the
 // reserved slot is left unused rather than given back: the requests behind
 // it already sleep until times computed with it counted, so handing it to a
 // newcomer would let the newcomer jump the queue, and keeping it costs at
 // most one of limit slots for one window.
-func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
 	k := l.lockedState(key)
-	start := clk.Now()
+	start := l.clock.Now()
 	need := k.earliestSlot(start, l.window).Sub(start)
 	if need <= 0 {
 		k.reserve(start)
@@ -109,11 +131,11 @@ func (l *rateLimiter) wait(ctx context.Context, key string, maxWait time.Duratio
 	k.reserve(r.slot)
 	k.waiting = append(k.waiting, r)
 	k.mu.Unlock()
-	return k.sleep(ctx, r, start, need)
+	return k.sleep(ctx, l.clock, r, start, need)
 }
 
 // lockedState returns key's schedule with its mutex held.
-func (l *rateLimiter) lockedState(key string) *keyState {
+func (l *Limiter) lockedState(key string) *keyState {
 	for {
 		k := l.state(key)
 		k.mu.Lock()
@@ -125,7 +147,7 @@ func (l *rateLimiter) lockedState(key string) *keyState {
 }
 
 // state returns key's schedule, creating it on first use.
-func (l *rateLimiter) state(key string) *keyState {
+func (l *Limiter) state(key string) *keyState {
 	if v, ok := l.states.Load(key); ok {
 		return v.(*keyState)
 	}
@@ -139,17 +161,17 @@ func (l *rateLimiter) state(key string) *keyState {
 // rejectLongWait refuses a wait longer than maxWait or past ctx's deadline.
 func rejectLongWait(ctx context.Context, need, maxWait time.Duration) error {
 	if need > maxWait {
-		return &rateLimitError{RetryAfter: need}
+		return &Error{RetryAfter: need}
 	}
 	if deadline, ok := ctx.Deadline(); ok && need > time.Until(deadline) {
-		return &rateLimitError{RetryAfter: need}
+		return &Error{RetryAfter: need}
 	}
 	return nil
 }
 
 // sleep waits d, and longer if penalize moves r's slot meanwhile, unless ctx
 // ends first. It returns how long the request waited since start.
-func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d time.Duration) (time.Duration, error) {
+func (k *keyState) sleep(ctx context.Context, clk *clock.Clock, r *reservation, start time.Time, d time.Duration) (time.Duration, error) {
 	timer := time.NewTimer(d)
 	defer timer.Stop()
 	for {
@@ -159,7 +181,7 @@ func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d
 			return clk.Now().Sub(start), ctx.Err()
 		case <-timer.C:
 		}
-		if d = k.leaveIfDue(r); d <= 0 {
+		if d = k.leaveIfDue(clk, r); d <= 0 {
 			return clk.Now().Sub(start), nil
 		}
 		timer.Reset(d)
@@ -168,7 +190,7 @@ func (k *keyState) sleep(ctx context.Context, r *reservation, start time.Time, d
 
 // leaveIfDue takes r off the waiting list if its slot has come, and
 // otherwise returns how long it still has to wait.
-func (k *keyState) leaveIfDue(r *reservation) time.Duration {
+func (k *keyState) leaveIfDue(clk *clock.Clock, r *reservation) time.Duration {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	d := r.slot.Sub(clk.Now())
@@ -178,7 +200,7 @@ func (k *keyState) leaveIfDue(r *reservation) time.Duration {
 	return d
 }
 
-// leave takes r off the waiting list; its slot stays reserved (see wait).
+// leave takes r off the waiting list; its slot stays reserved (see Wait).
 func (k *keyState) leave(r *reservation) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
@@ -191,20 +213,20 @@ func (k *keyState) removeWaiting(r *reservation) {
 	}
 }
 
-// penalize pauses key's schedule: nothing is admitted before clk.Now()+d. The
+// Penalize pauses key's schedule: nothing is admitted before now+d. The
 // caller uses it after Fortnox answered 429 anyway, because other processes
 // spend the same budget. Requests already waiting are all moved later by the
-// same amount, just enough for the earliest to go at clk.Now()+d, so they keep
+// same amount, just enough for the earliest to go at now+d, so they keep
 // their order and spacing and the window still holds. That makes repeated
-// calls cheap: when every request caught in one 429 storm calls penalize,
+// calls cheap: when every request caught in one 429 storm calls Penalize,
 // the second call onwards moves nothing more than the time that passed.
-func (l *rateLimiter) penalize(key string, d time.Duration) {
+func (l *Limiter) Penalize(key string, d time.Duration) {
 	if d <= 0 {
 		return
 	}
 	k := l.lockedState(key)
 	defer k.mu.Unlock()
-	until := clk.Now().Add(d)
+	until := l.clock.Now().Add(d)
 	k.pausedUntil = latest(k.pausedUntil, until)
 	k.postponeWaiting(until)
 }
@@ -233,8 +255,8 @@ func (k *keyState) postponeWaiting(until time.Time) {
 	}
 }
 
-// run sweeps every window until ctx is done.
-func (l *rateLimiter) run(ctx context.Context) {
+// Run sweeps every window until ctx is done.
+func (l *Limiter) Run(ctx context.Context) {
 	ticker := time.NewTicker(l.window)
 	defer ticker.Stop()
 	for {
@@ -251,15 +273,15 @@ func (l *rateLimiter) run(ctx context.Context) {
 // tenants that stopped calling is reclaimed. Forgetting loses nothing: with
 // no admission in the last window, no one waiting and no pause, a fresh
 // schedule admits exactly what the old one would.
-func (l *rateLimiter) sweep() {
-	t := clk.Now()
+func (l *Limiter) sweep() {
+	t := l.clock.Now()
 	l.states.Range(func(key, v any) bool {
 		l.forgetIfIdle(key, v.(*keyState), t)
 		return true
 	})
 }
 
-func (l *rateLimiter) forgetIfIdle(key any, k *keyState, t time.Time) {
+func (l *Limiter) forgetIfIdle(key any, k *keyState, t time.Time) {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if !k.idle(t, l.window) {
@@ -272,7 +294,7 @@ func (l *rateLimiter) forgetIfIdle(key any, k *keyState, t time.Time) {
 }
 
 // keys is the number of keys tracked.
-func (l *rateLimiter) keys() int {
+func (l *Limiter) keys() int {
 	return int(l.tracked.Load())
 }
 

@@ -23,7 +23,7 @@ import (
 // benchHandler is a handler with tokens cached for n tenants.
 func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string) {
 	tb.Helper()
-	h := &Handler{logger: zap.NewNop(), replayBodyLimit: defaultReplayBodyLimit, rateWindow: defaultRateWindow, maxWait: time.Second}
+	h := &Handler{logger: zap.NewNop(), replayBodyLimit: defaultReplayBodyLimit, pacing: pacer{window: defaultRateWindow, maxWait: time.Second}}
 	h.resolver = newTenantResolver(DefaultTenantHeader, nil, false, false)
 	h.accountHeader = DefaultAccountHeader
 	h.owned = ownedHeaders(DefaultTenantHeader, DefaultAccountHeader)
@@ -33,7 +33,7 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	h.tokens.settings.Store(h.settings)
 	if limiter {
 		// A limit the benchmark never reaches: the cost of the bookkeeping.
-		h.limiter = ratelimit.New(25, time.Microsecond, clk)
+		h.pacing.turns = ratelimit.New(25, time.Microsecond, clk)
 	}
 	ids := make([]string, tenants)
 	for i := range ids {

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
-	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -144,15 +143,11 @@ type Handler struct {
 	resolver        *tenantResolver
 	accountHeader   string
 	owned           []string // headers the sidecar owns: never forwarded as the app sent them
-	limiter         ratelimit.Waiter
-	rateRequests    int
+	pacing          pacer
 	cluster         *redisCluster
 	clusterKey      string
-	rateWindow      time.Duration
-	maxWait         time.Duration
 	replayBodyLimit int64
 	poolKey         string
-	limiterKey      string
 	logger          *zap.Logger
 }
 
@@ -272,10 +267,10 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		}
 		records.storage = &migratingRecords{redisRecords: h.cluster.records, caddy: ctx.Storage()}
 	}
-	if err := h.provisionRateLimit(clientID, tokenURL); err != nil {
+	if h.pacing, err = newPacer(h.RateLimit, h.MaxWait, clientID, tokenURL, h.cluster); err != nil {
 		return err
 	}
-	metrics.MaxWait.Set(h.maxWait.Seconds())
+	metrics.MaxWait.Set(h.pacing.maxWait.Seconds())
 	h.settings = &managerSettings{
 		gen:                    settingsGeneration.Add(1),
 		cred:                   credentials{clientID: clientID, clientSecret: secret},
@@ -374,9 +369,8 @@ func validHeaderName(s string) bool {
 // rate limiter.
 func (h *Handler) Cleanup() error {
 	var errs []error
-	if h.limiterKey != "" {
-		_, err := limiters.Delete(h.limiterKey)
-		errs = append(errs, err)
+	if h.pacing.poolKey != "" {
+		errs = append(errs, h.pacing.release())
 	}
 	errs = append(errs, leaveCluster(h.clusterKey), leaveManager(h.poolKey))
 	return errors.Join(errs...)
@@ -401,7 +395,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		h.writeTokenError(w, r, subj, err)
 		return nil
 	}
-	if h.limiter != nil {
+	if h.pacing.turns != nil {
 		if tok, err = h.turnWithToken(w, r, subj, tok); tok == nil {
 			if err != nil {
 				h.writeTokenError(w, r, subj, err)
@@ -440,7 +434,7 @@ func (h *Handler) resolveSubject(r *http.Request) (subject, *resolveError) {
 // the wait outlived the token, it is got again. It returns nil (and has
 // answered, unless err is set) when the request cannot go.
 func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj subject, tok *cachedToken) (*cachedToken, error) {
-	waited, ok := h.waitTurn(w, r, subj.tenant)
+	waited, ok := h.pacing.waitTurn(w, r, subj.tenant)
 	if !ok {
 		return nil, nil
 	}

@@ -45,19 +45,35 @@ func jitterMargin(window time.Duration) time.Duration {
 	return min(window/25, 250*time.Millisecond)
 }
 
-func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
+// pacer is a handler's pacing: its tenants' rate budget, the limit it
+// enforces (for the 429's message and Fortnox's own 429s) and how long a
+// request may wait for its turn.
+type pacer struct {
+	turns    ratelimit.Waiter // nil when rate_limit is off
+	requests int
+	window   time.Duration // 0 when rate_limit is off
+	maxWait  time.Duration
+	poolKey  string // the limiters key this handler holds, "" if none
+}
+
+// newPacer reads the handler's rate_limit and max_wait, and takes its
+// share of the process's limiter for (token_url, client_id, limit,
+// window); in cluster mode the budget is Redis's, with that limiter as the
+// fallback. On error, the pacer holds what it took (release it).
+func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, cluster *redisCluster) (pacer, error) {
+	var p pacer
 	requests, window := defaultRateRequests, defaultRateWindow
-	h.maxWait = time.Duration(h.MaxWait)
-	if h.maxWait == 0 {
-		h.maxWait = defaultMaxWait
+	p.maxWait = time.Duration(maxWait)
+	if p.maxWait == 0 {
+		p.maxWait = defaultMaxWait
 	}
-	if h.maxWait < 0 {
-		return errors.New("max_wait must not be negative")
+	if p.maxWait < 0 {
+		return p, errors.New("max_wait must not be negative")
 	}
-	if rl := h.RateLimit; rl != nil {
+	if rl != nil {
 		if rl.Off {
-			h.rateWindow = 0
-			return nil
+			p.window = 0
+			return p, nil
 		}
 		if rl.Requests != 0 {
 			requests = rl.Requests
@@ -66,34 +82,50 @@ func (h *Handler) provisionRateLimit(clientID, tokenURL string) error {
 			window = time.Duration(rl.Window)
 		}
 		if requests < 1 || window <= 0 {
-			return fmt.Errorf("rate_limit must allow at least 1 request per positive window, got %d per %v", requests, window)
+			return p, fmt.Errorf("rate_limit must allow at least 1 request per positive window, got %d per %v", requests, window)
 		}
 	}
-	h.rateWindow = window
+	p.window = window
 	effective := window + jitterMargin(window)
-	h.limiterKey = fmt.Sprintf("%s\x00%d\x00%d", managerKey(tokenURL, clientID), requests, effective)
-	val, _, err := limiters.LoadOrNew(h.limiterKey, func() (caddy.Destructor, error) {
+	p.poolKey = fmt.Sprintf("%s\x00%d\x00%d", managerKey(tokenURL, clientID), requests, effective)
+	val, _, err := limiters.LoadOrNew(p.poolKey, func() (caddy.Destructor, error) {
 		ctx, stop := context.WithCancel(context.Background())
 		l := ratelimit.New(requests, effective, clk)
 		go l.Run(ctx)
 		return &sharedLimiter{Limiter: l, stop: stop}, nil
 	})
 	if err != nil {
-		return err
+		return p, err
 	}
 	local := val.(*sharedLimiter).Limiter
-	h.limiter, h.rateRequests = local, requests
-	if h.cluster != nil {
-		h.limiter = &redisLimiter{c: h.cluster, limit: requests, window: effective, local: local}
+	p.turns, p.requests = local, requests
+	if cluster != nil {
+		p.turns = &redisLimiter{c: cluster, limit: requests, window: effective, local: local}
 	}
-	return nil
+	return p, nil
+}
+
+// release gives back the pacer's share of its limiter.
+func (p *pacer) release() error {
+	if p.poolKey == "" {
+		return nil
+	}
+	_, err := limiters.Delete(p.poolKey)
+	return err
+}
+
+// penalize slows the tenant down for d after Fortnox answered 429.
+func (p *pacer) penalize(tenant string, d time.Duration) {
+	if p.turns != nil {
+		p.turns.Penalize(tenant, d)
+	}
 }
 
 // waitTurn waits for the tenant's turn in the rate limiter and says how
 // long it waited. It answers the request itself and returns false when
 // the wait would be too long.
-func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) (time.Duration, bool) {
-	waited, err := h.limiter.Wait(r.Context(), tenant, h.maxWait)
+func (p *pacer) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) (time.Duration, bool) {
+	waited, err := p.turns.Wait(r.Context(), tenant, p.maxWait)
 	if err == nil {
 		if waited > 0 {
 			metrics.RateLimitWaits.Inc()
@@ -108,7 +140,7 @@ func (h *Handler) waitTurn(w http.ResponseWriter, r *http.Request, tenant string
 		metrics.RateLimitReject.Inc()
 		writeAppError(w, http.StatusTooManyRequests, "rate_limited",
 			fmt.Sprintf("Too many requests for tenant %s: Fortnox allows %d per %v, and this request would have waited longer than max_wait (or its own deadline). Retry after the number of seconds in Retry-After, or raise max_wait.",
-				tenant, h.rateRequests, h.rateWindow), rle.RetryAfter)
+				tenant, p.requests, p.window), rle.RetryAfter)
 		return 0, false
 	}
 	// The client went away while it waited.

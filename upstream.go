@@ -46,7 +46,7 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 		r = r.WithContext(rctx) // the replay's token and turn are its children
 	}
 	fresh, err := h.tokens.waitForToken(r.Context(), subj, tok)
-	if err == nil && h.limiter != nil {
+	if err == nil && h.pacing.turns != nil {
 		if fresh, err = h.turnWithToken(w, r, subj, fresh); fresh == nil && err == nil {
 			metrics.Replays.WithLabelValues("no_turn").Inc()
 			span.end(outcomeRateLimited)
@@ -369,13 +369,11 @@ func (uw *upstreamWriter) Unwrap() http.ResponseWriter { return uw.ResponseWrite
 // told to wait at least that long.
 func (h *Handler) fortnoxSaidTooMany(hdr http.Header, tenant string) {
 	metrics.Upstream429.Inc()
-	wait := max(h.rateWindow, fortnoxWindow)
+	wait := max(h.pacing.window, fortnoxWindow)
 	if d, ok := parseRetryAfter(hdr.Get("Retry-After")); ok && d > wait {
 		wait = d
 	}
-	if h.limiter != nil {
-		h.limiter.Penalize(tenant, wait)
-	}
+	h.pacing.penalize(tenant, wait)
 	hdr.Set("Retry-After", strconv.Itoa(int((wait+time.Second-1)/time.Second)))
 	if ce := h.logger.Check(zapcore.DebugLevel, "Fortnox answered 429: slowing the tenant down"); ce != nil {
 		ce.Write(zap.String("tenant", tenant), zap.Duration("for", wait))

@@ -508,16 +508,7 @@ func TestTokenPortOnLoopbackOnly(t *testing.T) {
 		if err != nil {
 			continue // a fragment (`fortnox { ... }`)
 		}
-		var cfg struct {
-			Apps struct {
-				HTTP struct {
-					Servers map[string]struct {
-						Listen []string        `json:"listen"`
-						Routes json.RawMessage `json:"routes"`
-					} `json:"servers"`
-				} `json:"http"`
-			} `json:"apps"`
-		}
+		var cfg adaptedConfig
 		if err := json.Unmarshal(adapted, &cfg); err != nil {
 			t.Fatal(err)
 		}
@@ -600,19 +591,7 @@ func adaptedAdmin(t *testing.T, name, text string) (admin string, metricsListen 
 	for _, w := range ws {
 		warnings = append(warnings, w.String())
 	}
-	var cfg struct {
-		Admin struct {
-			Listen string `json:"listen"`
-		} `json:"admin"`
-		Apps struct {
-			HTTP struct {
-				Servers map[string]struct {
-					Listen []string        `json:"listen"`
-					Routes json.RawMessage `json:"routes"`
-				} `json:"servers"`
-			} `json:"http"`
-		} `json:"apps"`
-	}
+	var cfg adaptedConfig
 	if err := json.Unmarshal(adapted, &cfg); err != nil {
 		t.Fatal(err)
 	}
@@ -862,4 +841,20 @@ func TestShippedFilesKeepTheAdminOffTCP(t *testing.T) {
 			t.Errorf("%s does not read CADDY_ADMIN: run.sh's socket would not be the one Caddy opens", f)
 		}
 	}
+}
+
+// adaptedConfig is the part of an adapted Caddyfile's JSON the shipped-file
+// tests read: the admin endpoint and each server's listeners and routes.
+type adaptedConfig struct {
+	Admin struct {
+		Listen string `json:"listen"`
+	} `json:"admin"`
+	Apps struct {
+		HTTP struct {
+			Servers map[string]struct {
+				Listen []string        `json:"listen"`
+				Routes json.RawMessage `json:"routes"`
+			} `json:"servers"`
+		} `json:"http"`
+	} `json:"apps"`
 }

@@ -93,13 +93,8 @@ func (s *Server) serveAuthorizeDecision(w http.ResponseWriter, r *http.Request) 
 		}
 	}
 	s.stats.setLastQuery(q)
-	if problem := s.checkAuthorizeQuery(q); problem != "" {
-		http.Error(w, "Fake Fortnox cannot authorize this request: "+problem, http.StatusBadRequest)
-		return
-	}
-	redirect, err := url.Parse(q.Get("redirect_uri"))
-	if err != nil || !redirect.IsAbs() {
-		http.Error(w, "Fake Fortnox cannot authorize this request: redirect_uri is not an absolute URL", http.StatusBadRequest)
+	redirect, ok := s.authorizeRedirect(w, q)
+	if !ok {
 		return
 	}
 	tenant, user := r.PostForm.Get("tenant"), strings.TrimSpace(r.PostForm.Get("user"))

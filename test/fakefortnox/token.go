@@ -442,13 +442,8 @@ func (s *Server) serveAuthorize(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	s.stats.setLastQuery(q)
 
-	if problem := s.checkAuthorizeQuery(q); problem != "" {
-		http.Error(w, "Fake Fortnox cannot authorize this request: "+problem, http.StatusBadRequest)
-		return
-	}
-	redirect, err := url.Parse(q.Get("redirect_uri"))
-	if err != nil || !redirect.IsAbs() {
-		http.Error(w, "Fake Fortnox cannot authorize this request: redirect_uri is not an absolute URL", http.StatusBadRequest)
+	redirect, ok := s.authorizeRedirect(w, q)
+	if !ok {
 		return
 	}
 	if s.showAuthorizePage(w, q) {
@@ -548,4 +543,20 @@ func (s *Server) serveRevoke(w http.ResponseWriter, r *http.Request) {
 		s.stats.countRevocation()
 	}
 	writeJSON(w, http.StatusOK, map[string]bool{"revoked": true})
+}
+
+// authorizeRedirect checks an authorize request's query (as the authorize
+// page or its form sent it) and returns where to send the browser back;
+// otherwise it answers 400 and returns false.
+func (s *Server) authorizeRedirect(w http.ResponseWriter, q url.Values) (*url.URL, bool) {
+	if problem := s.checkAuthorizeQuery(q); problem != "" {
+		http.Error(w, "Fake Fortnox cannot authorize this request: "+problem, http.StatusBadRequest)
+		return nil, false
+	}
+	redirect, err := url.Parse(q.Get("redirect_uri"))
+	if err != nil || !redirect.IsAbs() {
+		http.Error(w, "Fake Fortnox cannot authorize this request: redirect_uri is not an absolute URL", http.StatusBadRequest)
+		return nil, false
+	}
+	return redirect, true
 }

@@ -69,6 +69,71 @@ type adminError struct {
 
 func (e *adminError) Error() string { return e.message }
 
+// opError is an operation's failure as the core says it: its kind, a
+// stable code and a message that says what to do. The admin routes answer
+// it with the status of its kind (statusOf).
+type opError struct {
+	kind       opKind
+	code       string
+	message    string
+	retryAfter time.Duration
+	// token: the token endpoint's failure, for opToken.
+	token *tokenError
+}
+
+func (e *opError) Error() string { return e.message }
+
+// opKind is what went wrong in an operation, in the core's words.
+type opKind int
+
+// Kinds of operation failures.
+const (
+	opInvalid     opKind = iota + 1 // the request cannot be done as asked
+	opNotFound                      // there is nothing of that name
+	opConflict                      // what is stored stands in the way
+	opStorage                       // the token store failed
+	opUnavailable                   // Fortnox or the shared store did not answer; retry
+	opBadGateway                    // Fortnox answered with something unusable
+	opToken                         // the token endpoint failed as token says
+)
+
+func opErrorf(kind opKind, code, format string, args ...any) error {
+	return &opError{kind: kind, code: code, message: fmt.Sprintf(format, args...)}
+}
+
+// statusOf is the HTTP status an operation failure is answered with.
+func statusOf(e *opError) int {
+	switch e.kind {
+	case opToken:
+		return e.token.httpStatus()
+	case opInvalid:
+		return http.StatusBadRequest
+	case opNotFound:
+		return http.StatusNotFound
+	case opConflict:
+		return http.StatusConflict
+	case opUnavailable:
+		return http.StatusServiceUnavailable
+	case opBadGateway:
+		return http.StatusBadGateway
+	}
+	return http.StatusInternalServerError
+}
+
+// asAdminError is err as the admin routes answer it: an adminError of the
+// glue, or an operation failure of the core with the status of its kind.
+func asAdminError(err error) (*adminError, bool) {
+	var ae *adminError
+	if errors.As(err, &ae) {
+		return ae, true
+	}
+	var oe *opError
+	if errors.As(err, &oe) {
+		return &adminError{status: statusOf(oe), code: oe.code, message: oe.message, retryAfter: oe.retryAfter}, true
+	}
+	return nil, false
+}
+
 func apiError(status int, code, format string, args ...any) error {
 	return &adminError{status: status, code: code, message: fmt.Sprintf(format, args...)}
 }
@@ -77,8 +142,7 @@ func apiError(status int, code, format string, args ...any) error {
 // errors go to Caddy's admin server.
 func (a adminAPI) serveHTTP(w http.ResponseWriter, r *http.Request) error {
 	err := a.serve(w, r)
-	var ae *adminError
-	if errors.As(err, &ae) {
+	if ae, ok := asAdminError(err); ok {
 		writeJSONError(w, ae.status, ae.code, ae.message, ae.retryAfter)
 		return nil
 	}
@@ -331,7 +395,7 @@ func writeAdminJSON(w http.ResponseWriter, status int, v any) error {
 func (m *tokenManager) records() (*recordStore, error) {
 	s := m.settings.Load()
 	if s == nil || s.records == nil {
-		return nil, apiError(http.StatusServiceUnavailable, "not_ready", "the token store is not ready")
+		return nil, opErrorf(opUnavailable, "not_ready", "the token store is not ready")
 	}
 	return s.records, nil
 }
@@ -340,13 +404,13 @@ func (m *tokenManager) records() (*recordStore, error) {
 func adminStoreError(what string, err error) error {
 	switch {
 	case errors.Is(err, errRecordMisplaced):
-		return apiError(http.StatusConflict, "tenant_mismatch", "%v; nothing was changed", err)
+		return opErrorf(opConflict, "tenant_mismatch", "%v; nothing was changed", err)
 	case recordRefusalAdvice(err, "") != "": // its text says what to do
-		return apiError(http.StatusConflict, "record_unreadable", "%v; nothing was changed", err)
+		return opErrorf(opConflict, "record_unreadable", "%v; nothing was changed", err)
 	case errors.Is(err, errRecordUnreadable):
-		return apiError(http.StatusConflict, "record_unreadable", "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
+		return opErrorf(opConflict, "record_unreadable", "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
 	}
-	return apiError(http.StatusInternalServerError, "token_storage_unavailable", "%s: %v", what, err)
+	return opErrorf(opStorage, "token_storage_unavailable", "%s: %v", what, err)
 }
 
 // adminTokenError answers a failed refresh of a handed-over token.
@@ -354,15 +418,15 @@ func adminTokenError(subj subject, terr *tokenError) error {
 	terr = withAccount(terr, subj)
 	switch terr.failure {
 	case failNoConsent, failGrantRejected:
-		return apiError(http.StatusBadRequest, "refresh_token_rejected", "Fortnox rejected the refresh token (%s): it was used already, revoked or has expired; nothing was stored. The customer must authorize again", terr.Error())
+		return opErrorf(opInvalid, "refresh_token_rejected", "Fortnox rejected the refresh token (%s): it was used already, revoked or has expired; nothing was stored. The customer must authorize again", terr.Error())
 	case failTenantMismatch, failUserMismatch:
-		return apiError(http.StatusConflict, terr.errorCode(), "%s", terr.advice(subj.tenant))
+		return opErrorf(opConflict, terr.errorCode(), "%s", terr.advice(subj.tenant))
 	case failUnavailable:
 		retry := time.Duration(retryAfterSeconds(terr.retryAt, clk.Now())) * time.Second
-		return &adminError{status: http.StatusServiceUnavailable, code: terr.errorCode(), retryAfter: retry,
+		return &opError{kind: opUnavailable, code: terr.errorCode(), retryAfter: retry,
 			message: "Fortnox did not answer the refresh (" + terr.Error() + "). If the request reached Fortnox, its answer was stored; otherwise the refresh token was not used. Check GET /fortnox/tenants, and retry with the same token if it is not there."}
 	}
-	return apiError(terr.httpStatus(), terr.errorCode(), "%s: %s", terr.Error(), terr.advice(subj.tenant))
+	return &opError{kind: opToken, token: terr, code: terr.errorCode(), message: terr.Error() + ": " + terr.advice(subj.tenant)}
 }
 
 // handOver spends a refresh token once to learn whose it is, and stores
@@ -432,7 +496,7 @@ func (m *tokenManager) storeAnswer(ctx context.Context, subj subject, answer *to
 		if st := m.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
 			where = quarantinedWhere(st)
 		}
-		return apiError(http.StatusInternalServerError, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
+		return opErrorf(opStorage, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
 	}
 	return m.finishHandOver(subj, kept, "from a connection")
 }
@@ -457,7 +521,7 @@ func (m *tokenManager) keepAnswerFor(ctx context.Context, s *managerSettings, su
 		rec.ConsentRevokedAt = time.Time{}
 	}
 	if err := m.storeRotated(ctx, s, subj, rec); err != nil {
-		kept.failure = apiError(http.StatusInternalServerError, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
+		kept.failure = opErrorf(opStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
 	}
 	if subj.account != "" {
 		m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
@@ -536,7 +600,7 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 		if st := m.quarantineAnswer(ctx, s, subject{}, answer, mismatch); st != nil {
 			where = quarantinedWhere(st)
 		}
-		return "", apiError(http.StatusBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
+		return "", opErrorf(opBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
 	}
 	subj := subject{tenant: tenant}
 	issued := clk.Now()
@@ -554,7 +618,7 @@ func (m *tokenManager) importRefreshToken(ctx context.Context, refreshToken stri
 		m.keepAnswer(rec, answer, issued, subj)
 		m.keepUnsaved(subj, rec)
 		m.logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", zap.String("tenant", tenant), zap.Error(err))
-		return "", apiError(http.StatusInternalServerError, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
+		return "", opErrorf(opStorage, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
 	}
 	m.drop(subj, nil)
 	m.cacheToken(subj, grantRefreshToken, answer.accessToken, issued, answer.lifetime, s.refreshBefore)
@@ -592,7 +656,7 @@ func (m *tokenManager) dropToken(ctx context.Context, tenant string) error {
 		return adminStoreError("dropping the stored token", err)
 	}
 	if !cached && !known && !stored {
-		return apiError(http.StatusNotFound, "unknown_tenant", "tenant %s is not known", tenant)
+		return opErrorf(opNotFound, "unknown_tenant", "tenant %s is not known", tenant)
 	}
 	m.drop(subj, nil)
 	if v, ok := m.cache.Get(tenant); ok {
@@ -637,7 +701,7 @@ func (m *tokenManager) deleteAccount(ctx context.Context, subj subject, revoke b
 	}
 	if revokeErr != nil {
 		terr := asTokenError(revokeErr)
-		return &adminError{status: terr.httpStatus(), code: "revoke_failed", retryAfter: time.Second,
+		return &opError{kind: opToken, token: terr, code: "revoke_failed", retryAfter: time.Second,
 			message: "Fortnox did not revoke the account's refresh token (" + terr.Error() + "); nothing was deleted: try again, or delete without ?revoke=true"}
 	}
 	m.mu.Lock()
@@ -649,7 +713,7 @@ func (m *tokenManager) deleteAccount(ctx context.Context, subj subject, revoke b
 	}
 	m.tell(event{Kind: eventForget, Tenant: subj.tenant, Account: subj.account})
 	if !found && !known {
-		return apiError(http.StatusNotFound, "unknown_account", "%s is not known", subj)
+		return opErrorf(opNotFound, "unknown_account", "%s is not known", subj)
 	}
 	m.logger().Info("account deleted through the admin API", append(subj.logFields(), zap.Bool("revoked", revoke))...)
 	return nil
@@ -662,10 +726,10 @@ func (m *tokenManager) deleteQuarantine(ctx context.Context, id string) error {
 		return err
 	}
 	if !validQuarantineID(id) {
-		return apiError(http.StatusBadRequest, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
+		return opErrorf(opInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
 	}
 	if _, err := m.loadQuarantine(ctx, rs, id); err != nil {
-		return apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s", id)
+		return opErrorf(opNotFound, "unknown_id", "no quarantine record %s", id)
 	}
 	if err := rs.storage.Delete(ctx, quarantineKey(m.clientID, id)); err != nil {
 		return adminStoreError("deleting the quarantine record", storageError("deleting", quarantineKey(m.clientID, id), err))

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"sort"
 	"strings"
 	"time"
@@ -265,17 +264,17 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 	}
 	s := m.settings.Load()
 	if !validQuarantineID(id) {
-		return subject{}, apiError(http.StatusBadRequest, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
+		return subject{}, opErrorf(opInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
 	}
 	q, err := m.loadQuarantine(ctx, rs, id)
 	if errors.Is(err, fs.ErrNotExist) {
-		return subject{}, apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s", id)
+		return subject{}, opErrorf(opNotFound, "unknown_id", "no quarantine record %s", id)
 	}
 	if err != nil {
 		return subject{}, adminStoreError("reading the quarantine record", err)
 	}
 	if !validTenantID(q.Tenant) {
-		return subject{}, apiError(http.StatusConflict, "tenant_unknown", "quarantine record %s holds a token that names no tenant, so it cannot be served under one; nothing was changed (delete it with DELETE /fortnox/quarantine/%s, and have the customer authorize again)", id, id)
+		return subject{}, opErrorf(opConflict, "tenant_unknown", "quarantine record %s holds a token that names no tenant, so it cannot be served under one; nothing was changed (delete it with DELETE /fortnox/quarantine/%s, and have the customer authorize again)", id, id)
 	}
 	owner := subject{tenant: q.Tenant, account: q.Account}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+time.Minute)
@@ -285,7 +284,7 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 		// Read again under the lock: another release may have taken it.
 		q, err = m.loadQuarantine(ctx, rs, id)
 		if errors.Is(err, fs.ErrNotExist) {
-			refusal = apiError(http.StatusNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
+			refusal = opErrorf(opNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
 			return nil
 		}
 		if err != nil {
@@ -300,12 +299,12 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 			if owner.account != "" {
 				remedy += ", or delete the account (DELETE /fortnox/tenants/" + owner.tenant + "/accounts/" + owner.account + ") and release it again"
 			}
-			refusal = apiError(http.StatusConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
+			refusal = opErrorf(opConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
 			return nil
 		}
 		if terr := checkTokenBinding(q.AccessToken, owner, grantRefreshToken, rec.UserID); terr != nil && q.AccessToken != "" {
 			code := terr.errorCode()
-			refusal = apiError(http.StatusConflict, code, "quarantine record %s cannot be served under %s: %s. It is kept as it was; delete the account first (DELETE /fortnox/tenants/%s/accounts/%s) to connect another user under its name", id, owner, terr.Error(), owner.tenant, owner.account)
+			refusal = opErrorf(opConflict, code, "quarantine record %s cannot be served under %s: %s. It is kept as it was; delete the account first (DELETE /fortnox/tenants/%s/accounts/%s) to connect another user under its name", id, owner, terr.Error(), owner.tenant, owner.account)
 			return nil
 		}
 		rec.RefreshToken, rec.RefreshTokenAt = q.RefreshToken, q.IssuedAt

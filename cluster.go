@@ -40,11 +40,26 @@ var clusterGen atomic.Uint64
 // redisKeyPrefix starts every Redis key the plugin writes.
 const redisKeyPrefix = "caddy-fortnox:"
 
+// clusterOwner is what the Redis code needs of the tokens it serves: it
+// never sees the Manager itself.
+type clusterOwner interface {
+	ClientID() string
+	logger() *zap.Logger
+	// Codec seals what is shared, as records are sealed.
+	Codec() *recordStore
+	// ApplyEvent applies another sidecar's event; Resync reads the shared
+	// state again after an outage or a new subscription.
+	applyEvent(ev event)
+	resync()
+}
+
 // redisCluster is the Redis connection of one (token URL, client id).
 type redisCluster struct {
 	gen      uint64
 	key      string
-	m        *tokenManager
+	owner    clusterOwner
+	// repick makes the owner use its newest live cluster (the glue's).
+	repick func()
 	client   *redis.Client
 	locker   *redislock.Client
 	shared   *redisShared
@@ -107,13 +122,13 @@ func joinCluster(m *tokenManager, rawURL string, logger *zap.Logger) (*redisClus
 	}
 	key := managerKey(m.tokenURL, m.clientID) + "\x00" + rawURL
 	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newRedisCluster(key, m, opts, redactURL(rawURL), logger), nil
+		return newRedisCluster(key, m, opts, redactURL(rawURL), logger, func() { pickCluster(m) }), nil
 	})
 	if err != nil {
 		return nil, "", err
 	}
 	c := val.(*redisCluster)
-	m.pickCluster()
+	pickCluster(m)
 	return c, key, nil
 }
 
@@ -126,7 +141,7 @@ func leaveCluster(key string) error {
 	return err
 }
 
-func newRedisCluster(key string, m *tokenManager, opts *redis.Options, redacted string, logger *zap.Logger) *redisCluster {
+func newRedisCluster(key string, owner clusterOwner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *redisCluster {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)
@@ -134,7 +149,8 @@ func newRedisCluster(key string, m *tokenManager, opts *redis.Options, redacted 
 	c := &redisCluster{
 		gen:      clusterGen.Add(1),
 		key:      key,
-		m:        m,
+		owner:    owner,
+		repick:   repick,
 		client:   client,
 		locker:   redislock.New(client),
 		redacted: redacted,
@@ -166,13 +182,13 @@ func (c *redisCluster) Destruct() error {
 	c.cancel()
 	c.background.Wait()
 	c.records.releaseAll()
-	c.m.pickCluster()
+	c.repick()
 	return c.client.Close()
 }
 
 // pickCluster makes the newest live cluster of m's client the one m uses
 // (none: m works in this process only).
-func (m *tokenManager) pickCluster() {
+func pickCluster(m *tokenManager) {
 	prefix := managerKey(m.tokenURL, m.clientID) + "\x00"
 	var newest *redisCluster
 	clusters.Range(func(k, v any) bool {
@@ -186,12 +202,12 @@ func (m *tokenManager) pickCluster() {
 		m.cluster.Store(nil)
 		return
 	}
-	m.cluster.Store(newest.shared)
+	m.cluster.Store(&clusterRef{newest.shared})
 }
 
 // logger is the manager's logger, named for Redis.
 func (c *redisCluster) logger() *zap.Logger {
-	return c.m.logger().With(zap.String("redis", c.redacted))
+	return c.owner.logger().With(zap.String("redis", c.redacted))
 }
 
 // failed notes a failed Redis call: counted, and logged once per outage.
@@ -211,7 +227,7 @@ func (c *redisCluster) failed(op string, err error) {
 func (c *redisCluster) ok() {
 	if c.down.CompareAndSwap(true, false) {
 		c.logger().Info("Redis can be reached again: the cluster's state is shared again")
-		go c.m.resync()
+		go c.owner.resync()
 	}
 }
 

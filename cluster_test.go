@@ -430,7 +430,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	release2()
 
 	// Each answer came from Redis.
-	if r.c.down.Load() {
+	if r.clusterState.(*redisShared).c.down.Load() {
 		t.Error("the cluster counts Redis as down")
 	}
 	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {

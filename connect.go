@@ -567,8 +567,7 @@ func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answ
 // the log.
 func (c *Connect) storeFailed(subj subject, err error, tokenTenant string, res connectResult) connectResult {
 	res.Kind = kindNotSaved
-	var ae *adminError
-	if errors.As(err, &ae) {
+	if ae, ok := asAdminError(err); ok {
 		switch ae.code {
 		case "tenant_mismatch":
 			res.Kind, res.Chosen = kindTenantMismatch, tokenTenant

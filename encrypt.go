@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/http"
 	"strings"
 	"time"
 
@@ -69,7 +68,7 @@ func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, erro
 		return nil, err
 	}
 	if len(rs.keys) == 0 {
-		return nil, apiError(http.StatusBadRequest, "no_encryption_key", "the running config has no encryption_key: set it in the fortnox block and reload (a reloaded config takes over with its first request through the fortnox handler: send one, then run this again)")
+		return nil, opErrorf(opInvalid, "no_encryption_key", "the running config has no encryption_key: set it in the fortnox block and reload (a reloaded config takes over with its first request through the fortnox handler: send one, then run this again)")
 	}
 	prefix := recordPrefix(m.clientID)
 	keys, err := rs.storage.List(ctx, strings.TrimSuffix(prefix, "/"), true)
@@ -77,7 +76,7 @@ func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, erro
 		keys, err = nil, nil
 	}
 	if err != nil {
-		return nil, apiError(http.StatusServiceUnavailable, "token_storage_unavailable", "listing the records: %v", &scrubbedError{err})
+		return nil, opErrorf(opUnavailable, "token_storage_unavailable", "listing the records: %v", &scrubbedError{err})
 	}
 	res := &encryptResult{Encrypted: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {

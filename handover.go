@@ -87,8 +87,7 @@ func (ho *Handover) Provision(ctx caddy.Context) error {
 // ServeHTTP serves a hand-over. It never calls the next handler.
 func (ho *Handover) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp.Handler) error {
 	err := ho.serve(w, r)
-	var ae *adminError
-	if errors.As(err, &ae) {
+	if ae, ok := asAdminError(err); ok {
 		ae = ho.forTheApp(ae)
 		writeJSONError(w, ae.status, ae.code, ae.message, ae.retryAfter)
 		return nil

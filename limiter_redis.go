@@ -77,7 +77,7 @@ if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2])
 return 0`)
 
 func (l *redisLimiter) keys(key string) []string {
-	base := redisKeyPrefix + "turns:" + recordPrefix(l.c.m.clientID) + key
+	base := redisKeyPrefix + "turns:" + recordPrefix(l.c.owner.ClientID()) + key
 	return []string{base, base + ":pause"}
 }
 

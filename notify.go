@@ -279,7 +279,7 @@ func (n *notifier) settings() *notifySettings {
 // store is where this manager's claims and events live (nil: nowhere yet).
 func (n *notifier) store() notifyStore {
 	if c := n.m.cluster.Load(); c != nil {
-		return &redisNotes{c: c.c}
+		return c.notes()
 	}
 	s := n.m.settings.Load()
 	if s == nil || s.records == nil || s.records.storage == nil {

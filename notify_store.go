@@ -179,7 +179,7 @@ type redisNotes struct {
 }
 
 func (r *redisNotes) prefix() string {
-	return redisKeyPrefix + "notify:{" + recordPrefix(r.c.m.clientID) + "}:"
+	return redisKeyPrefix + "notify:{" + recordPrefix(r.c.owner.ClientID()) + "}:"
 }
 
 func (r *redisNotes) dueKey() string            { return r.prefix() + "due" }

@@ -41,7 +41,7 @@ type heldRedisLock struct {
 
 func (r *redisRecords) valueKey(key string) string { return redisKeyPrefix + "record:" + key }
 func (r *redisRecords) indexKey() string {
-	return redisKeyPrefix + "index:" + recordPrefix(r.c.m.clientID)
+	return redisKeyPrefix + "index:" + recordPrefix(r.c.owner.ClientID())
 }
 func (r *redisRecords) lockKey(name string) string { return redisKeyPrefix + "lock:" + name }
 
@@ -260,6 +260,25 @@ func isTombstone(raw []byte) (*tombstone, bool) {
 type migratingRecords struct {
 	*redisRecords
 	caddy certmagic.Storage
+}
+
+// migratingStorage is a shared store that takes records over from Caddy's
+// storage (cluster mode's record storage).
+type migratingStorage interface {
+	recordBackend
+	// sharedRecords is the shared store; oldRecords Caddy's storage (nil:
+	// none).
+	sharedRecords() recordBackend
+	oldRecords() recordBackend
+	storeIfAbsent(ctx context.Context, key string, value []byte) (bool, error)
+}
+
+func (mr *migratingRecords) sharedRecords() recordBackend { return mr.redisRecords }
+func (mr *migratingRecords) oldRecords() recordBackend {
+	if mr.caddy == nil {
+		return nil
+	}
+	return mr.caddy
 }
 
 func (mr *migratingRecords) Load(ctx context.Context, key string) ([]byte, error) {

@@ -28,19 +28,14 @@ func newRedisShared(c *redisCluster) *redisShared {
 }
 
 func (r *redisShared) clientKey(kind string) string {
-	return redisKeyPrefix + kind + ":" + recordPrefix(r.c.m.clientID)
+	return redisKeyPrefix + kind + ":" + recordPrefix(r.c.owner.ClientID())
 }
 
 func (r *redisShared) tokenKey(subj subject) string { return r.clientKey("token") + subj.key() }
 func (r *redisShared) channel() string              { return r.clientKey("events") }
 
 // records is the store's encoder: shared tokens are encrypted like records.
-func (r *redisShared) records() *recordStore {
-	if s := r.c.m.settings.Load(); s != nil && s.records != nil {
-		return s.records
-	}
-	return &recordStore{clientID: r.c.m.clientID}
-}
+func (r *redisShared) records() *recordStore { return r.c.owner.Codec() }
 
 func (r *redisShared) loadToken(ctx context.Context, subj subject) (*sharedToken, error) {
 	key := r.tokenKey(subj)
@@ -100,7 +95,7 @@ func (r *redisShared) dropToken(ctx context.Context, subj subject, accessToken s
 }
 
 func (r *redisShared) lockToken(ctx context.Context, subj subject) (func(), error) {
-	name := lockName(r.c.m.clientID, subj) + "/token"
+	name := lockName(r.c.owner.ClientID(), subj) + "/token"
 	if err := r.c.records.Lock(ctx, name); err != nil {
 		return nil, err
 	}
@@ -304,7 +299,7 @@ func (c *redisCluster) subscribe(logger *zap.Logger) {
 				c.background.Add(1)
 				go c.probeUntilUp()
 			} else {
-				go c.m.resync()
+				go c.owner.resync()
 			}
 		case *redis.Message:
 			var ev event
@@ -314,7 +309,7 @@ func (c *redisCluster) subscribe(logger *zap.Logger) {
 			if ev.Account != "" && !validAccountName(ev.Account) {
 				continue
 			}
-			c.m.applyEvent(ev)
+			c.owner.applyEvent(ev)
 		}
 	}
 }
@@ -422,6 +417,9 @@ func cutAccount(key string) (tenant, account string, isAccount bool) {
 }
 
 var _ sharedState = (*redisShared)(nil)
+
+// notes is where notifications are kept in cluster mode.
+func (r *redisShared) notes() notifyStore { return &redisNotes{c: r.c} }
 
 // dropAnyToken removes the subject's shared token, whichever it is.
 func (r *redisShared) dropAnyToken(ctx context.Context, subj subject) error {

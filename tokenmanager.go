@@ -266,7 +266,7 @@ type tokenManager struct {
 	// local is what is shared in one process; cluster, when set, what a
 	// cluster of sidecars shares through Redis (see sharedState).
 	local   *localShared
-	cluster atomic.Pointer[redisShared]
+	cluster atomic.Pointer[clusterRef]
 
 	// refreshes counts refresh-token requests in flight: a manager being
 	// destroyed waits for them (bounded), so that no rotated refresh token
@@ -405,6 +405,31 @@ func (m *tokenManager) Destruct() error {
 	}
 	m.cache.Flush()
 	return nil
+}
+
+// ClientID is the client id whose tokens the manager keeps.
+func (m *tokenManager) ClientID() string { return m.clientID }
+
+// Codec is the record store that seals records and shared tokens (a bare
+// one until a config is in).
+func (m *tokenManager) Codec() *recordStore {
+	if s := m.settings.Load(); s != nil && s.records != nil {
+		return s.records
+	}
+	return &recordStore{clientID: m.clientID}
+}
+
+// clusterRef holds what cluster mode shares (internal/redisstate), set by
+// the glue (pickCluster).
+type clusterRef struct{ clusterState }
+
+// clusterState is the Backend of cluster mode with what only it has.
+type clusterState interface {
+	sharedState
+	// dropAnyToken removes the subject's shared token, whichever it is.
+	dropAnyToken(ctx context.Context, subj subject) error
+	// notes is where notifications are kept.
+	notes() notifyStore
 }
 
 func (m *tokenManager) logger() *zap.Logger {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"io/fs"
-	"net/http"
 	"strings"
 	"time"
 
@@ -26,14 +25,14 @@ type transferResult struct {
 }
 
 // transferStores returns both stores of a cluster-mode manager.
-func (m *tokenManager) transferStores() (*migratingRecords, error) {
+func (m *tokenManager) transferStores() (migratingStorage, error) {
 	rs, err := m.records()
 	if err != nil {
 		return nil, err
 	}
-	mr, ok := rs.storage.(*migratingRecords)
-	if !ok || mr.caddy == nil {
-		return nil, apiError(http.StatusBadRequest, "not_cluster_mode", "this sidecar has no `redis` line: its records are in Caddy's storage already, there is nothing to export or import")
+	mr, ok := rs.storage.(migratingStorage)
+	if !ok || mr.oldRecords() == nil {
+		return nil, opErrorf(opInvalid, "not_cluster_mode", "this sidecar has no `redis` line: its records are in Caddy's storage already, there is nothing to export or import")
 	}
 	return mr, nil
 }
@@ -45,18 +44,18 @@ func (m *tokenManager) exportRecords(ctx context.Context) (*transferResult, erro
 	if err != nil {
 		return nil, err
 	}
-	keys, err := mr.redisRecords.List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
+	keys, err := mr.sharedRecords().List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
 	if err != nil {
-		return nil, apiError(http.StatusServiceUnavailable, "redis_unavailable", "listing the records in Redis: %v", err)
+		return nil, opErrorf(opUnavailable, "redis_unavailable", "listing the records in Redis: %v", err)
 	}
 	res := &transferResult{Copied: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {
-		raw, err := mr.redisRecords.Load(ctx, key)
+		raw, err := mr.sharedRecords().Load(ctx, key)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err == nil {
-			err = mr.caddy.Store(ctx, key, raw)
+			err = mr.oldRecords().Store(ctx, key, raw)
 		}
 		if err != nil {
 			res.Failed = append(res.Failed, key+": "+(&scrubbedError{err}).Error())
@@ -76,19 +75,19 @@ func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*tran
 	if err != nil {
 		return nil, err
 	}
-	keys, err := mr.caddy.List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
+	keys, err := mr.oldRecords().List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
 	if errors.Is(err, fs.ErrNotExist) {
 		keys, err = nil, nil
 	}
 	if err != nil {
-		return nil, apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &scrubbedError{err})
+		return nil, opErrorf(opStorage, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &scrubbedError{err})
 	}
 	res := &transferResult{Copied: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {
 		if !strings.HasSuffix(key, ".json") {
 			continue // a folder
 		}
-		raw, err := mr.caddy.Load(ctx, key)
+		raw, err := mr.oldRecords().Load(ctx, key)
 		if err != nil {
 			res.Failed = append(res.Failed, key+": "+(&scrubbedError{err}).Error())
 			continue
@@ -99,7 +98,7 @@ func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*tran
 		}
 		stored := true
 		if overwrite {
-			err = mr.redisRecords.Store(ctx, key, raw)
+			err = mr.sharedRecords().Store(ctx, key, raw)
 		} else {
 			stored, err = mr.storeIfAbsent(ctx, key, raw)
 		}
@@ -115,7 +114,7 @@ func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*tran
 	}
 	for _, key := range res.Copied {
 		stone := []byte(`{"moved_to":"redis","moved_at":"` + clk.Now().UTC().Format(time.RFC3339) + `"}`)
-		if err := mr.caddy.Store(ctx, key, stone); err != nil {
+		if err := mr.oldRecords().Store(ctx, key, stone); err != nil {
 			m.logger().Warn("a record was imported into Redis, but its tombstone could not be written", zap.String("key", key), zap.Error(&scrubbedError{err}))
 		}
 	}

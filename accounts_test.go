@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddyserver/caddy/v2"
 )
 
 // Named user accounts beside the service account (issue 12), end to end: a
@@ -57,7 +57,7 @@ func (s *sidecar) accountRecordPath(tenant, name string) string {
 }
 
 // storedAccountRecord reads a named account's plain record from storage.
-func (s *sidecar) storedAccountRecord(tenant, name string) *tokenRecord {
+func (s *sidecar) storedAccountRecord(tenant, name string) *tokens.Record {
 	s.t.Helper()
 	return s.readRecordFile(s.accountRecordPath(tenant, name))
 }
@@ -88,7 +88,7 @@ func echoOf(t testing.TB, body []byte) echoed {
 	return e
 }
 
-func findAccount(info *tenantInfo, name string) *accountInfo {
+func findAccount(info *tokens.TenantInfo, name string) *tokens.AccountInfo {
 	if info == nil {
 		return nil
 	}
@@ -427,7 +427,7 @@ func TestAccountUserBinding(t *testing.T) {
 	if got := sc.storedAccountRecord("1234567", "anna"); got.RefreshToken != annaChain || got.UserID != annaUser {
 		t.Errorf("the account's record changed: user %q, same chain %v", got.UserID, got.RefreshToken == annaChain)
 	}
-	var q []quarantineInfo
+	var q []tokens.QuarantineInfo
 	for _, entry := range sc.quarantine() {
 		if entry.Account != nil && *entry.Account == "anna" {
 			q = append(q, entry)
@@ -707,12 +707,12 @@ func TestAccountAdminAPI(t *testing.T) {
 		answers = append(answers, answer)
 		return status, answer
 	}
-	tokens := map[string]string{
+	handed := map[string]string{
 		"anna": fake.IssueUserRefreshToken(testClientID, "1234567", annaUser),
 		"bo":   fake.IssueUserRefreshToken(testClientID, "1234567", boUser),
 		"zoe":  fake.IssueUserRefreshToken(testClientID, "1234567", "9"),
 	}
-	for name, rt := range tokens {
+	for name, rt := range handed {
 		if status, body := admin(http.MethodPut, "/fortnox/tenants/1234567/accounts/"+name+"/refresh_token", `{"refresh_token":"`+rt+`"}`); status != http.StatusNoContent {
 			t.Fatalf("PUT %s: %d %s", name, status, body)
 		}
@@ -736,7 +736,7 @@ func TestAccountAdminAPI(t *testing.T) {
 	}
 
 	_, listing := admin(http.MethodGet, "/fortnox/tenants", "")
-	var infos []tenantInfo
+	var infos []tokens.TenantInfo
 	if err := json.Unmarshal([]byte(listing), &infos); err != nil {
 		t.Fatalf("listing: %v: %s", err, listing)
 	}
@@ -749,7 +749,7 @@ func TestAccountAdminAPI(t *testing.T) {
 	}
 	for name, user := range map[string]string{"anna": annaUser, "bo": boUser} {
 		a := findAccount(info, name)
-		if a.UserID == nil || *a.UserID != user || a.TokenExpiresAt == nil || !a.TokenExpiresAt.After(clk.Now()) || !a.HasRefreshToken || a.LastError != nil {
+		if a.UserID == nil || *a.UserID != user || a.TokenExpiresAt == nil || !a.TokenExpiresAt.After(tokens.Clock.Now()) || !a.HasRefreshToken || a.LastError != nil {
 			t.Errorf("%s's row: %+v", name, a)
 		}
 	}
@@ -841,7 +841,7 @@ func TestAccountAdminAPI(t *testing.T) {
 		t.Fatal(err)
 	}
 	secrets := []string{boChain, annaChain, sc.storedAccountRecord("1234567", "dan").RefreshToken}
-	for _, rt := range tokens {
+	for _, rt := range handed {
 		secrets = append(secrets, rt)
 	}
 	for _, answer := range answers {
@@ -873,7 +873,7 @@ func TestAccountReplayAfter401(t *testing.T) {
 			t.Fatalf("account %q: %d %s", account, status, body)
 		}
 	}
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567") // every token of the tenant so far, the users' too
 	refreshes, grants := fake.TokenRequests("refresh_token", ""), fake.TokenRequests("client_credentials", "")
 
@@ -908,7 +908,7 @@ func TestAccountChainOfAnotherTenant(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
 	path := sc.accountRecordPath("1234567", "anna")
-	raw, _ := json.Marshal(tokenRecord{Tenant: "1234567", ClientID: testClientID, Account: "anna", Mode: grantRefreshToken,
+	raw, _ := json.Marshal(tokens.Record{Tenant: "1234567", ClientID: testClientID, Account: "anna", Mode: tokens.GrantRefreshToken,
 		RefreshToken: fake.IssueUserRefreshToken(testClientID, "7654321", annaUser)})
 	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		t.Fatal(err)
@@ -965,19 +965,19 @@ func TestAccountsAreKeptAlive(t *testing.T) {
 	accounts := []struct{ tenant, name, user string }{{"1234567", "anna", annaUser}, {"7654321", "bo", boUser}}
 
 	advance(fake, 20*24*time.Hour)
-	if n := m.keepAlive(); n != 0 {
+	if n := m.KeepAlive(); n != 0 {
 		t.Fatalf("%d refreshed at 20 days", n)
 	}
 	if a := findAccount(findTenant(sc.tenants(), "1234567"), "anna"); a == nil || a.RefreshTokenAge == nil || *a.RefreshTokenAge < 20*24*3600 {
 		t.Errorf("anna's row at 20 days: %+v", a)
 	}
 	advance(fake, 11*24*time.Hour)
-	if n := m.keepAlive(); n != 2 {
+	if n := m.KeepAlive(); n != 2 {
 		t.Fatalf("%d refreshed at 31 days, want both accounts", n)
 	}
 	for _, acc := range accounts {
 		rec := sc.storedAccountRecord(acc.tenant, acc.name)
-		if !fake.RefreshTokenValid(rec.RefreshToken) || clk.Now().Sub(rec.RefreshTokenAt) > time.Minute || rec.UserID != acc.user {
+		if !fake.RefreshTokenValid(rec.RefreshToken) || tokens.Clock.Now().Sub(rec.RefreshTokenAt) > time.Minute || rec.UserID != acc.user {
 			t.Errorf("%s: the stored chain was not renewed (user %q)", acc.name, rec.UserID)
 		}
 	}
@@ -1012,7 +1012,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 	addr := strings.TrimPrefix(sc.adminURL, "http://")
 
 	var out bytes.Buffer
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, clk.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, tokens.Clock.Now()); err != nil {
 		t.Fatal(err)
 	}
 	const want = `TENANT   MODE                   EXPIRES  LAST ERROR                                REFRESH TOKEN
@@ -1025,10 +1025,10 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 		t.Errorf("table:\n%s\nwant:\n%s", out.String(), want)
 	}
 	out.Reset()
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, clk.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, tokens.Clock.Now()); err != nil {
 		t.Fatal(err)
 	}
-	var rows []tenantInfo
+	var rows []tokens.TenantInfo
 	if err := json.Unmarshal(out.Bytes(), &rows); err != nil || len(rows) != 3 {
 		t.Errorf("--json: %v: %s", err, out.String())
 	}
@@ -1038,7 +1038,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 
 	// A Caddy without a fortnox handler answers, and the error says so.
 	caddyStop(t)
-	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, clk.Now())
+	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, tokens.Clock.Now())
 	if err == nil || !strings.Contains(err.Error(), "refused GET /fortnox/tenants") || !strings.Contains(err.Error(), "no fortnox handler is loaded") {
 		t.Errorf("a Caddy without the sidecar's config: %v", err)
 	}
@@ -1054,7 +1054,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 		}
 		return err != nil && strings.Contains(err.Error(), "refused")
 	})
-	err = runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, clk.Now())
+	err = runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, tokens.Clock.Now())
 	if err == nil {
 		t.Fatal("no error with the admin endpoint gone")
 	}

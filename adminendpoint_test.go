@@ -13,10 +13,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
 // The admin endpoint is the operator's, never the app's: no message the
@@ -24,33 +24,33 @@ import (
 // message names the hand-over route (fortnox_handover) instead. The error
 // codes are those of DESIGN's table.
 func TestAppMessagesNeverPointAtTheAdminAPI(t *testing.T) {
-	codes := map[tokenFailure]string{
-		failNoConsent: "tenant_not_authorized", failGrantRejected: "refresh_token_rejected",
-		failBadClient: "invalid_client_credentials", failBadAnswer: "bad_token_response",
-		failUnavailable: "token_endpoint_unavailable", failStorage: "token_storage_unavailable",
-		failConsentRevoked: "consent_revoked", failTenantMismatch: "tenant_mismatch",
-		failRecordMisplaced: "tenant_mismatch", failAccountNotAuthorized: "account_not_authorized",
-		failUserMismatch: "account_user_mismatch",
+	codes := map[tokens.TokenFailure]string{
+		tokens.FailNoConsent: "tenant_not_authorized", tokens.FailGrantRejected: "refresh_token_rejected",
+		tokens.FailBadClient: "invalid_client_credentials", tokens.FailBadAnswer: "bad_token_response",
+		tokens.FailUnavailable: "token_endpoint_unavailable", tokens.FailStorage: "token_storage_unavailable",
+		tokens.FailConsentRevoked: "consent_revoked", tokens.FailTenantMismatch: "tenant_mismatch",
+		tokens.FailRecordMisplaced: "tenant_mismatch", tokens.FailAccountNotAuthorized: "account_not_authorized",
+		tokens.FailUserMismatch: "account_user_mismatch",
 	}
-	handover := map[tokenFailure]bool{failNoConsent: true, failGrantRejected: true, failTenantMismatch: true, failAccountNotAuthorized: true}
+	handover := map[tokens.TokenFailure]bool{tokens.FailNoConsent: true, tokens.FailGrantRejected: true, tokens.FailTenantMismatch: true, tokens.FailAccountNotAuthorized: true}
 	for failure, code := range codes {
 		for _, account := range []string{"", "anna"} {
-			e := &tokenError{failure: failure, tenant: "1234567", account: account, tokenTenant: "7654321", tokenUser: "2", wantUser: "1"}
-			msg := e.advice("1234567")
-			if got := e.errorCode(); got != code {
+			e := &tokens.Error{Failure: failure, Tenant: "1234567", Account: account, TokenTenant: "7654321", TokenUser: "2", WantUser: "1"}
+			msg := e.Advice("1234567")
+			if got := e.ErrorCode(); got != code {
 				t.Errorf("failure %d: error %q, want %q", failure, got, code)
 			}
 			if strings.Contains(strings.ToLower(msg), "admin api") || strings.Contains(msg, "/fortnox/tenants") || strings.Contains(msg, "2019") {
 				t.Errorf("%s (account %q) sends the app to the admin API: %s", code, account, msg)
 			}
-			if !handover[failure] || (failure == failNoConsent && account != "") { // a service-account failure only
+			if !handover[failure] || (failure == tokens.FailNoConsent && account != "") { // a service-account failure only
 				continue
 			}
 			path := "/tenants/1234567/refresh_token"
 			switch {
 			case account != "":
 				path = "/tenants/1234567/accounts/anna/refresh_token"
-			case failure == failAccountNotAuthorized:
+			case failure == tokens.FailAccountNotAuthorized:
 				path = "/tenants/1234567/accounts/<name>/refresh_token"
 			}
 			want := "PUT " + path + " with {\"refresh_token\":\"…\"} on the sidecar's hand-over route (fortnox_handover)"

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -23,13 +24,13 @@ import (
 var regexpHex40 = regexp.MustCompile(`[0-9a-f]{40}`)
 
 // quarantine lists GET /fortnox/quarantine.
-func (s *sidecar) quarantine() []quarantineInfo {
+func (s *sidecar) quarantine() []tokens.QuarantineInfo {
 	s.t.Helper()
 	status, body := s.admin(http.MethodGet, "/fortnox/quarantine", "")
 	if status != http.StatusOK {
 		s.t.Fatalf("GET /fortnox/quarantine: %d %s", status, body)
 	}
-	var out []quarantineInfo
+	var out []tokens.QuarantineInfo
 	if err := json.Unmarshal([]byte(body), &out); err != nil {
 		s.t.Fatalf("GET /fortnox/quarantine: %v: %s", err, body)
 	}
@@ -231,7 +232,7 @@ func TestStoredRefreshTokenOfAnotherTenant(t *testing.T) {
 				sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
 				ownerRT = sc.storedRecord("7654321").RefreshToken
 			}
-			writeRecord(t, sc, "1234567", tokenRecord{Tenant: "1234567", ClientID: testClientID, Mode: grantRefreshToken,
+			writeRecord(t, sc, "1234567", tokens.Record{Tenant: "1234567", ClientID: testClientID, Mode: tokens.GrantRefreshToken,
 				RefreshToken: fake.IssueRefreshToken(testClientID, "7654321")})
 
 			for i := range 3 {
@@ -302,7 +303,7 @@ func boolInt(b bool) int {
 
 // writeRecord writes a plain record file as an operator (or an attacker)
 // would.
-func writeRecord(t *testing.T, sc *sidecar, tenant string, rec tokenRecord) {
+func writeRecord(t *testing.T, sc *sidecar, tenant string, rec tokens.Record) {
 	t.Helper()
 	raw, _ := json.Marshal(rec)
 	path := sc.recordPath(tenant)
@@ -382,7 +383,7 @@ func TestClientCredentialsTokenOfAnotherTenant(t *testing.T) {
 	if n := fake.APICalls(""); n != 0 {
 		t.Errorf("%d requests reached Fortnox with the wrong token", n)
 	}
-	if _, cached := sc.manager().cache.Get("1234567"); cached {
+	if _, cached := sc.manager().Cache.Get("1234567"); cached {
 		t.Error("the token was cached")
 	}
 	info := findTenant(sc.tenants(), "1234567")
@@ -447,7 +448,7 @@ func TestStoredAccessTokenOfAnotherTenant(t *testing.T) {
 	sc := startSidecar(t, fake, "")
 	sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
 	foreign := sc.storedRecord("7654321")
-	writeRecord(t, sc, "1234567", tokenRecord{Tenant: "1234567", ClientID: testClientID, Mode: grantRefreshToken,
+	writeRecord(t, sc, "1234567", tokens.Record{Tenant: "1234567", ClientID: testClientID, Mode: tokens.GrantRefreshToken,
 		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), AccessToken: foreign.AccessToken,
 		IssuedAt: foreign.IssuedAt, ExpiresAt: foreign.ExpiresAt})
 	before, _ := os.ReadFile(sc.recordPath("1234567"))

@@ -11,11 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/chromedp/cdproto/cdp"
 	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
 var testStart = time.Now()

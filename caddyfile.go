@@ -3,6 +3,7 @@ package fortnox
 import (
 	"strconv"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -93,7 +94,7 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("tenant %q is declared twice, for %s and %s", name, prev, id)
 			}
 			h.Tenants[name] = id
-			if err := validateTenantNames(map[string]string{name: id}); err != nil {
+			if err := tokens.ValidateTenantNames(map[string]string{name: id}); err != nil {
 				return d.Err(err.Error())
 			}
 		case "only_listed_tenants":
@@ -273,3 +274,27 @@ func durationArg(d *caddyfile.Dispenser, dst *caddy.Duration) error {
 
 // Interface guard
 var _ caddyfile.Unmarshaler = (*Handler)(nil)
+
+// parseNotify reads `notify { url <url>; secret <key> }` inside the
+// fortnox block.
+func parseNotify(d *caddyfile.Dispenser) (*Notify, error) {
+	if d.NextArg() {
+		return nil, d.Errf("notify takes a block: notify { url <app URL>; secret <key> }")
+	}
+	n := new(Notify)
+	for nesting := d.Nesting(); d.NextBlock(nesting); {
+		switch d.Val() {
+		case "url":
+			if err := oneArg(d, &n.URL); err != nil {
+				return nil, err
+			}
+		case "secret":
+			if err := oneArg(d, &n.Secret); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, d.Errf("unrecognized notify option %q (url, secret)", d.Val())
+		}
+	}
+	return n, nil // both are checked at Provision, for JSON configs too
+}

@@ -11,10 +11,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/redis/go-redis/v9"
-
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/redis/go-redis/v9"
 )
 
 // Cluster mode as one sidecar sees it: what it shares lands in Redis, in
@@ -37,7 +38,7 @@ func redisSidecar(t *testing.T, fake *fakefortnox.Server, extra string) (*sideca
 func redisDump(t *testing.T, client *redis.Client) map[string]string {
 	t.Helper()
 	ctx := context.Background()
-	keys, err := client.Keys(ctx, redisKeyPrefix+"*").Result()
+	keys, err := client.Keys(ctx, redisstate.RedisKeyPrefix+"*").Result()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -73,10 +74,10 @@ func TestClusterModeSharesThroughRedis(t *testing.T) {
 	}
 	dump := redisDump(t, client)
 	for _, want := range []string{
-		redisKeyPrefix + "token:fortnox/test-client/1234567",       // the shared client-credentials token
-		redisKeyPrefix + "record:fortnox/test-client/7654321.json", // the refresh-token record
-		redisKeyPrefix + "turns:fortnox/test-client/1234567",       // the rate budget
-		redisKeyPrefix + "index:fortnox/test-client/",              // the record index
+		redisstate.RedisKeyPrefix + "token:fortnox/test-client/1234567",       // the shared client-credentials token
+		redisstate.RedisKeyPrefix + "record:fortnox/test-client/7654321.json", // the refresh-token record
+		redisstate.RedisKeyPrefix + "turns:fortnox/test-client/1234567",       // the rate budget
+		redisstate.RedisKeyPrefix + "index:fortnox/test-client/",              // the record index
 	} {
 		if _, ok := dump[want]; !ok {
 			t.Errorf("Redis has no %s (keys: %v)", want, keysOf(dump))
@@ -95,7 +96,7 @@ func TestClusterModeSharesThroughRedis(t *testing.T) {
 	// Another process reading the same Redis gets the shared token: drop
 	// this one's memory and count token requests.
 	before := fake.TokenRequests("", "")
-	sc.manager().cache.Flush()
+	sc.manager().Cache.Flush()
 	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
 		t.Fatalf("%d %s", status, body)
 	}
@@ -132,7 +133,7 @@ func TestRecordsMoveToRedisAndLeaveATombstone(t *testing.T) {
 		t.Fatalf("after the move: %d %s", status, body)
 	}
 	raw, _ := os.ReadFile(sc.recordPath("1234567"))
-	if _, dead := isTombstone(raw); !dead {
+	if _, dead := tokens.IsTombstone(raw); !dead {
 		t.Fatalf("Caddy's storage still holds a live record: %s", raw)
 	}
 	caddyStop(t)
@@ -174,19 +175,19 @@ func TestExportAndImportRecords(t *testing.T) {
 		t.Fatalf("export: %s", out)
 	}
 	raw, err := os.ReadFile(sc.recordPath("1234567"))
-	if err != nil || !strings.Contains(string(raw), encryptionAlgorithm) {
+	if err != nil || !strings.Contains(string(raw), tokens.EncryptionAlgorithm) {
 		t.Fatalf("the exported record is not there, encrypted: %v %s", err, raw)
 	}
 	// Redis loses everything (a disaster); the backup goes back in.
 	if err := client.FlushDB(context.Background()).Err(); err != nil {
 		t.Fatal(err)
 	}
-	sc.manager().cache.Flush()
+	sc.manager().Cache.Flush()
 	if out := run("import"); !strings.Contains(out, "import: 2 records copied") {
 		t.Fatalf("import: %s", out)
 	}
 	raw, _ = os.ReadFile(sc.recordPath("1234567"))
-	if _, dead := isTombstone(raw); !dead {
+	if _, dead := tokens.IsTombstone(raw); !dead {
 		t.Errorf("no tombstone after the import: %s", raw)
 	}
 	if out := run("import"); !strings.Contains(out, "0 records copied, 2 skipped") {
@@ -218,10 +219,10 @@ func TestClusterSharesThatATenantIsOnItsRefreshToken(t *testing.T) {
 	}
 	// Another sidecar: nothing in its memory.
 	m := sc.manager()
-	m.cache.Flush()
-	m.mu.Lock()
-	clear(m.tenants)
-	m.mu.Unlock()
+	m.Cache.Flush()
+	m.Mu.Lock()
+	clear(m.Tenants)
+	m.Mu.Unlock()
 	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
 		t.Fatalf("%d %s", status, body)
 	}
@@ -246,11 +247,11 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 	}
 	// The pod with the slow clock takes the window's 25 turns at once.
 	skew := 1500 * time.Millisecond
-	clk.Advance(-skew)
+	tokens.Clock.Advance(-skew)
 	restored := false
 	t.Cleanup(func() {
 		if !restored {
-			clk.Advance(skew)
+			tokens.Clock.Advance(skew)
 		}
 	})
 	var wg sync.WaitGroup
@@ -259,7 +260,7 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 	}
 	wg.Wait()
 	// A pod with the right clock sends the 26th.
-	clk.Advance(skew)
+	tokens.Clock.Advance(skew)
 	restored = true
 	get()
 	if n := fake.TooMany(""); n != 0 {
@@ -283,9 +284,9 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 	}
 	fake.SetRateLimit(1, time.Minute) // something else used the tenant's budget
 	skew := 3 * time.Second
-	clk.Advance(-skew)
+	tokens.Clock.Advance(-skew)
 	status, _, resp := sc.get("/3/companyinformation", "1234567")
-	clk.Advance(skew)
+	tokens.Clock.Advance(skew)
 	if status != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "5" {
 		t.Fatalf("Fortnox's 429: %d, Retry-After %q", status, resp.Header.Get("Retry-After"))
 	}
@@ -295,7 +296,7 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 		t.Errorf("a 429 was logged as a Redis outage: %v", lines)
 	}
 	ctx := context.Background()
-	until, err := client.Get(ctx, redisKeyPrefix+"turns:fortnox/test-client/1234567:pause").Int64()
+	until, err := client.Get(ctx, redisstate.RedisKeyPrefix+"turns:fortnox/test-client/1234567:pause").Int64()
 	if err != nil {
 		t.Fatalf("no pause in Redis: %v", err)
 	}
@@ -316,8 +317,8 @@ func TestRedisScriptsCompile(t *testing.T) {
 	client := redis.NewClient(&redis.Options{Addr: addr})
 	defer client.Close()
 	for name, s := range map[string]*redis.Script{
-		"turn": turnScript, "pause": pauseScript, "drop": dropScript, "newer": newerScript,
-		"invalidation": invalidationScript, "slot": slotScript,
+		"turn": redisstate.TurnScript, "pause": redisstate.PauseScript, "drop": redisstate.DropScript, "newer": redisstate.NewerScript,
+		"invalidation": redisstate.InvalidationScript, "slot": redisstate.SlotScript,
 	} {
 		if err := s.Load(context.Background(), client).Err(); err != nil {
 			t.Errorf("the %s script: %v", name, err)
@@ -332,12 +333,12 @@ func TestRedisScriptsCompile(t *testing.T) {
 func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc, client := redisSidecar(t, fake, "")
-	r := sc.manager().cluster.Load()
+	r := sc.manager().Cluster.Load()
 	if r == nil {
 		t.Fatal("the sidecar has no cluster")
 	}
 	ctx := context.Background()
-	subj := subject{tenant: "1234567"}
+	subj := tokens.Subject{Tenant: "1234567"}
 	must := func(ok bool, err error, what string) {
 		t.Helper()
 		if err != nil || !ok {
@@ -352,76 +353,76 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	}
 
 	// Compare and invalidate: a 401 on an older token keeps the newer one.
-	newer := &sharedToken{AccessToken: "newer-token", Grant: grantClientCredentials, IssuedAt: clk.Now(), ExpiresAt: clk.Now().Add(time.Hour)}
-	if err := r.storeToken(ctx, subj, newer); err != nil {
+	newer := &tokens.SharedToken{AccessToken: "newer-token", Grant: tokens.GrantClientCredentials, IssuedAt: tokens.Clock.Now(), ExpiresAt: tokens.Clock.Now().Add(time.Hour)}
+	if err := r.StoreToken(ctx, subj, newer); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.dropToken(ctx, subj, "older-token"); err != nil {
+	if err := r.DropToken(ctx, subj, "older-token"); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := r.loadToken(ctx, subj); err != nil || got == nil || got.AccessToken != "newer-token" {
+	if got, err := r.LoadToken(ctx, subj); err != nil || got == nil || got.AccessToken != "newer-token" {
 		t.Errorf("after a 401 on an older token: %+v %v, want the newer token kept", got, err)
 	}
-	if err := r.dropToken(ctx, subj, "newer-token"); err != nil {
+	if err := r.DropToken(ctx, subj, "newer-token"); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := r.loadToken(ctx, subj); err != nil || got != nil {
+	if got, err := r.LoadToken(ctx, subj); err != nil || got != nil {
 		t.Errorf("after a 401 on the token itself: %+v %v, want it gone", got, err)
 	}
 
 	// Consent events apply in order: an old one replayed changes nothing.
-	at := clk.Now().Truncate(time.Second)
-	ok, err := r.newerEvent(ctx, subj.tenant, at)
+	at := tokens.Clock.Now().Truncate(time.Second)
+	ok, err := r.NewerEvent(ctx, subj.Tenant, at)
 	must(ok, err, "the first event")
-	ok, err = r.newerEvent(ctx, subj.tenant, at.Add(-time.Second))
+	ok, err = r.NewerEvent(ctx, subj.Tenant, at.Add(-time.Second))
 	mustNot(ok, err, "an older event")
-	ok, err = r.newerEvent(ctx, subj.tenant, at)
+	ok, err = r.NewerEvent(ctx, subj.Tenant, at)
 	mustNot(ok, err, "the same event again")
-	ok, err = r.newerEvent(ctx, subj.tenant, at.Add(time.Second))
+	ok, err = r.NewerEvent(ctx, subj.Tenant, at.Add(time.Second))
 	must(ok, err, "a newer event")
 
 	// A connect state works once.
-	ok, err = r.firstUse(ctx, "state-1", time.Minute)
+	ok, err = r.FirstUse(ctx, "state-1", time.Minute)
 	must(ok, err, "a state's first use")
-	ok, err = r.firstUse(ctx, "state-1", time.Minute)
+	ok, err = r.FirstUse(ctx, "state-1", time.Minute)
 	mustNot(ok, err, "a state used again")
 	// How a connect flow ended is kept for every sidecar, for its time.
-	if got, err := r.flowResult(ctx, "connect-result:state-1"); err != nil || got != "" {
+	if got, err := r.FlowResult(ctx, "connect-result:state-1"); err != nil || got != "" {
 		t.Errorf("a result before one was kept: %q %v", got, err)
 	}
-	if err := r.keepResult(ctx, "connect-result:state-1", "sealed-result", 50*time.Millisecond); err != nil {
+	if err := r.KeepResult(ctx, "connect-result:state-1", "sealed-result", 50*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
-	if got, err := r.flowResult(ctx, "connect-result:state-1"); err != nil || got != "sealed-result" {
+	if got, err := r.FlowResult(ctx, "connect-result:state-1"); err != nil || got != "sealed-result" {
 		t.Errorf("the kept result: %q %v", got, err)
 	}
 	eventually(t, 5*time.Second, "the kept result to expire", func() bool {
-		got, err := r.flowResult(ctx, "connect-result:state-1")
+		got, err := r.FlowResult(ctx, "connect-result:state-1")
 		return err == nil && got == ""
 	})
 
 	// At most max invalidations per window.
 	for i := range 3 {
-		ok, err = r.allowInvalidation(ctx, subj, 3, time.Minute)
+		ok, err = r.AllowInvalidation(ctx, subj, 3, time.Minute)
 		must(ok, err, fmt.Sprintf("invalidation %d of 3", i+1))
 	}
-	ok, err = r.allowInvalidation(ctx, subj, 3, time.Minute)
+	ok, err = r.AllowInvalidation(ctx, subj, 3, time.Minute)
 	mustNot(ok, err, "a 4th invalidation in the minute")
 
 	// At most max token requests in flight for the client id.
-	release1, err := r.tokenSlot(ctx, 2, time.Second)
+	release1, err := r.TokenSlot(ctx, 2, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	release2, err := r.tokenSlot(ctx, 2, time.Second)
+	release2, err := r.TokenSlot(ctx, 2, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := r.tokenSlot(ctx, 2, 100*time.Millisecond); err == nil {
+	if _, err := r.TokenSlot(ctx, 2, 100*time.Millisecond); err == nil {
 		t.Error("a third token-request slot of 2")
 	}
 	release1()
-	release3, err := r.tokenSlot(ctx, 2, time.Second)
+	release3, err := r.TokenSlot(ctx, 2, time.Second)
 	if err != nil {
 		t.Errorf("a slot after one was released: %v", err)
 	} else {
@@ -430,14 +431,14 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	release2()
 
 	// Each answer came from Redis.
-	if r.clusterState.(*redisShared).c.down.Load() {
+	if r.ClusterState.(*redisstate.Backend).C.Down.Load() {
 		t.Error("the cluster counts Redis as down")
 	}
 	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {
 		t.Errorf("Redis calls failed: %v", lines)
 	}
 	for _, kind := range []string{"event", "invalidations"} {
-		if keys := client.Keys(ctx, redisKeyPrefix+kind+":*").Val(); len(keys) == 0 {
+		if keys := client.Keys(ctx, redisstate.RedisKeyPrefix+kind+":*").Val(); len(keys) == 0 {
 			t.Errorf("no %s key in Redis", kind)
 		}
 	}
@@ -450,15 +451,15 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc, client := redisSidecar(t, fake, "")
 	ctx := context.Background()
-	exists := func(key string) bool { return client.Exists(ctx, redisKeyPrefix+"record:"+key).Val() == 1 }
+	exists := func(key string) bool { return client.Exists(ctx, redisstate.RedisKeyPrefix+"record:"+key).Val() == 1 }
 	indexed := func(key string) bool {
-		return client.SIsMember(ctx, redisKeyPrefix+"index:"+recordPrefix(testClientID), key).Val()
+		return client.SIsMember(ctx, redisstate.RedisKeyPrefix+"index:"+tokens.RecordPrefix(testClientID), key).Val()
 	}
 
 	sc.putRefreshToken("7654321", fake.IssueRefreshToken(testClientID, "7654321"))
 	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
-	tenantKey := recordKey(testClientID, subject{tenant: "7654321"})
-	annaKey := recordKey(testClientID, subject{tenant: "1234567", account: "anna"})
+	tenantKey := tokens.RecordKey(testClientID, tokens.Subject{Tenant: "7654321"})
+	annaKey := tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567", Account: "anna"})
 	for _, key := range []string{tenantKey, annaKey} {
 		if !exists(key) || !indexed(key) {
 			t.Fatalf("%s is not in Redis (stored %v, indexed %v)", key, exists(key), indexed(key))
@@ -469,8 +470,8 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	}
 
 	// The tenants list comes from Redis: this sidecar's storage has nothing.
-	sc.manager().cache.Flush()
-	listed := map[string]tenantInfo{}
+	sc.manager().Cache.Flush()
+	listed := map[string]tokens.TenantInfo{}
 	for _, info := range sc.tenants() {
 		listed[info.Tenant] = info
 	}
@@ -504,7 +505,7 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/1111111/token", ""); status != http.StatusNoContent {
 		t.Fatalf("DELETE token: %d %s", status, body)
 	}
-	if n := client.Exists(ctx, redisKeyPrefix+"token:"+recordPrefix(testClientID)+"1111111").Val(); n != 0 {
+	if n := client.Exists(ctx, redisstate.RedisKeyPrefix+"token:"+tokens.RecordPrefix(testClientID)+"1111111").Val(); n != 0 {
 		t.Error("the dropped token is still shared in Redis")
 	}
 	if status, body, _ := sc.get("/3/companyinformation", "1111111"); status != http.StatusOK {
@@ -532,7 +533,7 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	if len(q) != 1 {
 		t.Fatalf("quarantine: %+v", q)
 	}
-	qKey := quarantineKey(testClientID, q[0].ID)
+	qKey := tokens.QuarantineKey(testClientID, q[0].ID)
 	if !exists(qKey) {
 		t.Fatalf("the quarantine record %s is not in Redis", qKey)
 	}

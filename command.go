@@ -18,6 +18,7 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	caddycmd "github.com/caddyserver/caddy/v2/cmd"
 	"github.com/spf13/cobra"
 )
@@ -121,7 +122,7 @@ const adminAddressHelp = "the admin endpoint's address, such as unix//run/caddy-
 func readTokenArg(in io.Reader, arg string) (string, error) {
 	tok := arg
 	if arg == "-" {
-		line, err := bufio.NewReader(io.LimitReader(in, maxJWTLength+1)).ReadString('\n')
+		line, err := bufio.NewReader(io.LimitReader(in, tokens.MaxJWTLength+1)).ReadString('\n')
 		if err != nil && !errors.Is(err, io.EOF) {
 			return "", fmt.Errorf("reading the token from standard input: %w", err)
 		}
@@ -143,11 +144,11 @@ func printTenantID(out io.Writer, in io.Reader, arg string) error {
 	if err != nil {
 		return err
 	}
-	c, err := decodeJWTClaims(tok)
+	c, err := tokens.DecodeJWTClaims(tok)
 	if err != nil {
 		return fmt.Errorf("cannot read the token: %v (expected a Fortnox access token: three base64url parts joined by dots)", err)
 	}
-	tenant, err := c.tenant()
+	tenant, err := c.Tenant()
 	if err != nil {
 		return fmt.Errorf("cannot read the token: %v", err)
 	}
@@ -297,7 +298,7 @@ func databaseNumber(ctx context.Context, url, token string) (string, error) {
 		raw = v.CompanySettings.DatabaseNumber
 	}
 	number := strings.Trim(string(raw), `"`)
-	if !validTenantID(number) {
+	if !tokens.ValidTenantID(number) {
 		return "", errors.New("Fortnox answered 200, but with no DatabaseNumber")
 	}
 	return number, nil
@@ -607,7 +608,7 @@ func rawText(raw json.RawMessage) string {
 // tenantLess orders TenantIds as numbers (shorter first), anything else
 // after them by text.
 func tenantLess(a, b string) bool {
-	da, db := validTenantID(a), validTenantID(b)
+	da, db := tokens.ValidTenantID(a), tokens.ValidTenantID(b)
 	switch {
 	case da && db && len(a) != len(b):
 		return len(a) < len(b)

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -114,7 +115,7 @@ type Connect struct {
 	browserConnect string // the connect path as the browser sees it
 	pages          *template.Template
 	poolKey        string
-	tokens         *tokenManager
+	tokens         *tokens.Manager
 	logger         *zap.Logger
 	causes         *causeLog
 }
@@ -301,7 +302,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 			c.render(w, r, http.StatusBadRequest, pageInput{kind: kindLinkNotAccepted})
 			return nil
 		}
-		if problem := checkLink(c.linkKey, q, clk.Now()); problem != "" {
+		if problem := checkLink(c.linkKey, q, tokens.Clock.Now()); problem != "" {
 			c.logCause(string(problem), "connect link refused")
 			c.render(w, r, http.StatusForbidden, pageInput{kind: kindLinkInvalid})
 			return nil
@@ -313,9 +314,9 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 		switch {
 		case c.AccountType != "off":
 			cause = "link_account_with_service_accounts"
-		case !validAccountName(target.account):
+		case !tokens.ValidAccountName(target.account):
 			cause = "link_bad_account"
-		case !validTenantID(target.tenant):
+		case !tokens.ValidTenantID(target.tenant):
 			cause = "link_bad_tenant"
 		}
 		if cause != "" {
@@ -329,13 +330,13 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	state := base64.RawURLEncoding.EncodeToString(raw)
-	flow := flowCookie{State: state, Expires: clk.Now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
+	flow := flowCookie{State: state, Expires: tokens.Clock.Now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
 	http.SetCookie(w, &http.Cookie{
 		Name: stateCookieName(state), Value: c.seal(c.cookieKey, flow), Path: c.cookiePath,
 		MaxAge: int((stateLifetime + cookieGrace) / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
 	})
 	q = url.Values{
-		"client_id":     {c.tokens.clientID},
+		"client_id":     {c.tokens.ClientID()},
 		"redirect_uri":  {c.RedirectURI},
 		"scope":         {strings.Join(strings.Fields(c.Scopes), " ")},
 		"state":         {state},
@@ -461,13 +462,13 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in := pageInput{result: connectResult{Tenant: flow.Tenant, Account: flow.Account, Link: flow.Link}}
-	if clk.Now().After(time.Unix(flow.Expires, 0)) {
+	if tokens.Clock.Now().After(time.Unix(flow.Expires, 0)) {
 		c.logCause("state_expired", "connect callback refused: the flow took longer than its state lives", zap.Duration("lifetime", stateLifetime))
 		in.kind = kindTooLong
 		c.render(w, r, http.StatusBadRequest, in)
 		return
 	}
-	fresh, err := c.tokens.shared().firstUse(r.Context(), "connect-state:"+state, stateLifetime+cookieGrace)
+	fresh, err := c.tokens.Shared().FirstUse(r.Context(), "connect-state:"+state, stateLifetime+cookieGrace)
 	if err != nil {
 		c.logCause("state_check_unavailable", "connect callback refused: used states cannot be checked", zap.Error(err))
 		in.kind = kindTryLater
@@ -503,23 +504,23 @@ func (c *Connect) complete(r *http.Request, flow flowCookie, q url.Values) conne
 		res.Kind = kindExchangeFailed
 		return res
 	}
-	s := c.tokens.settings.Load()
-	if s == nil || s.records == nil {
+	s := c.tokens.Settings.Load()
+	if s == nil || s.Records == nil {
 		c.logCause("no_fortnox_handler", "connect callback: no fortnox handler with this client_id and token_url is loaded; add one to the same config")
 		res.Kind = kindNotSaved
 		return res
 	}
 	// Not under the browser's context: once the code is exchanged, Fortnox
 	// has spent it, and a browser that leaves must not lose the grant.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), lockBudget+s.tokenTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), tokens.LockBudget+s.TokenTimeout)
 	defer cancel()
-	answer, err := c.tokens.client.exchangeCode(ctx, s.cred, code, c.RedirectURI)
+	answer, err := c.tokens.Client.ExchangeCode(ctx, s.Cred, code, c.RedirectURI)
 	if err != nil {
-		c.logCause("exchange_failed", "code exchange failed", zap.Error(asTokenError(err)))
+		c.logCause("exchange_failed", "code exchange failed", zap.Error(tokens.AsTokenError(err)))
 		res.Kind = kindExchangeFailed
 		return res
 	}
-	tenant, err := tenantFromToken(answer.accessToken)
+	tenant, err := tokens.TenantFromToken(answer.AccessToken)
 	if target.account != "" {
 		return c.connectAccount(ctx, target, answer, tenant, res)
 	}
@@ -529,16 +530,16 @@ func (c *Connect) complete(r *http.Request, flow flowCookie, q url.Values) conne
 		return res
 	}
 	res.Tenant = tenant
-	if answer.refreshToken != "" {
-		if err := c.tokens.storeAnswer(ctx, subject{tenant: tenant}, answer); err != nil {
-			return c.storeFailed(subject{tenant: tenant}, err, tenant, res)
+	if answer.RefreshToken != "" {
+		if err := c.tokens.StoreAnswer(ctx, tokens.Subject{Tenant: tenant}, answer); err != nil {
+			return c.storeFailed(tokens.Subject{Tenant: tenant}, err, tenant, res)
 		}
 	}
 	// The access token of the code grant belongs to the administrator who
 	// connected; it is not cached: the tenant's requests get the service
 	// account's token (client credentials) or, failing that, one from the
 	// stored refresh token.
-	c.tokens.consentCreated(tenant)
+	c.tokens.ConsentCreated(tenant)
 	c.logger.Info("customer connected", zap.String("tenant", tenant))
 	res.Kind = kindConnected
 	return res
@@ -547,17 +548,17 @@ func (c *Connect) complete(r *http.Request, flow flowCookie, q url.Values) conne
 // connectAccount stores a user's chain under the account name the signed
 // state carries, when the token is the expected tenant's. tokenTenant is
 // the tenant the token names ("" if none).
-func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answer *tokenAnswer, tokenTenant string, res connectResult) connectResult {
-	subj := subject{tenant: target.tenant, account: target.account}
-	if answer.refreshToken == "" {
-		c.logCause("no_refresh_token:"+target.tenant, "connect callback: Fortnox gave no refresh token for the user (was access_type=offline refused?)", subj.logFields()...)
+func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answer *tokens.Answer, tokenTenant string, res connectResult) connectResult {
+	subj := tokens.Subject{Tenant: target.tenant, Account: target.account}
+	if answer.RefreshToken == "" {
+		c.logCause("no_refresh_token:"+target.tenant, "connect callback: Fortnox gave no refresh token for the user (was access_type=offline refused?)", subj.LogFields()...)
 		res.Kind = kindNoRefreshToken
 		return res
 	}
-	if err := c.tokens.storeAnswer(ctx, subj, answer); err != nil {
+	if err := c.tokens.StoreAnswer(ctx, subj, answer); err != nil {
 		return c.storeFailed(subj, err, tokenTenant, res)
 	}
-	c.logger.Info("user account connected", subj.logFields()...)
+	c.logger.Info("user account connected", subj.LogFields()...)
 	res.Kind = kindConnected
 	return res
 }
@@ -565,7 +566,7 @@ func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answ
 // storeFailed turns what the store answered into a result; the whole
 // story (where the refresh token went, what the operator can do) is for
 // the log.
-func (c *Connect) storeFailed(subj subject, err error, tokenTenant string, res connectResult) connectResult {
+func (c *Connect) storeFailed(subj tokens.Subject, err error, tokenTenant string, res connectResult) connectResult {
 	res.Kind = kindNotSaved
 	if ae, ok := asAdminError(err); ok {
 		switch ae.code {
@@ -575,19 +576,19 @@ func (c *Connect) storeFailed(subj subject, err error, tokenTenant string, res c
 			res.Kind = kindUserMismatch
 		}
 	}
-	cause := res.Kind + ":" + subj.tenant
-	c.logCause(cause, "a connection's refresh token was not stored under its name", append(subj.logFields(), zap.Error(err))...)
+	cause := res.Kind + ":" + subj.Tenant
+	c.logCause(cause, "a connection's refresh token was not stored under its name", append(subj.LogFields(), zap.Error(err))...)
 	return res
 }
 
 // finish keeps the result under the state and sends the browser to it
 // (303), or after a success to success_redirect when one is set.
 func (c *Connect) finish(w http.ResponseWriter, r *http.Request, state string, res connectResult) {
-	res.Expires = clk.Now().Add(stateLifetime).Unix()
+	res.Expires = tokens.Clock.Now().Add(stateLifetime).Unix()
 	sealed := c.seal(c.resultKey, res)
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), sharedCallLimit)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), tokens.SharedCallLimit)
 	defer cancel()
-	if err := c.tokens.shared().keepResult(ctx, "connect-result:"+state, sealed, stateLifetime+cookieGrace); err != nil {
+	if err := c.tokens.Shared().KeepResult(ctx, "connect-result:"+state, sealed, stateLifetime+cookieGrace); err != nil {
 		c.logCause("result_not_kept", "a connection's result could not be kept for a reload", zap.Error(err))
 	}
 	if res.Kind == kindConnected && c.SuccessRedirect != "" {
@@ -604,9 +605,9 @@ func (c *Connect) finish(w http.ResponseWriter, r *http.Request, state string, r
 
 // keptResult returns the result kept for a state whose flow has ended.
 func (c *Connect) keptResult(ctx context.Context, state string) (connectResult, bool) {
-	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
+	ctx, cancel := context.WithTimeout(ctx, tokens.SharedCallLimit)
 	defer cancel()
-	sealed, err := c.tokens.shared().flowResult(ctx, "connect-result:"+state)
+	sealed, err := c.tokens.Shared().FlowResult(ctx, "connect-result:"+state)
 	var res connectResult
 	if err != nil || sealed == "" || !c.open(c.resultKey, sealed, &res) {
 		return connectResult{}, false
@@ -630,7 +631,7 @@ func (c *Connect) showResult(w http.ResponseWriter, r *http.Request, sealed stri
 		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindGone})
 		return
 	}
-	if clk.Now().After(time.Unix(res.Expires, 0)) {
+	if tokens.Clock.Now().After(time.Unix(res.Expires, 0)) {
 		c.render(w, r, http.StatusGone, pageInput{kind: kindGone})
 		return
 	}
@@ -711,7 +712,7 @@ type causeSeen struct {
 // allow reports whether cause may be logged now, and how many were left
 // out since it last was.
 func (l *causeLog) allow(cause string) (bool, int) {
-	t := clk.Now()
+	t := tokens.Clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.seen == nil {

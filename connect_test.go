@@ -8,9 +8,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // connectSite is a sidecar with a public site that has fortnox_connect

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/spf13/cobra"
 )
 
@@ -92,9 +93,9 @@ func connectLink(key []byte, base, tenant, account string, ttl time.Duration, t 
 	switch {
 	case len(key) < minLinkKeyLength:
 		return "", fmt.Errorf("the link key must be at least %d bytes (it has %d); make one with `openssl rand -base64 32` and give the same to link_key", minLinkKeyLength, len(key))
-	case !validTenantID(tenant):
+	case !tokens.ValidTenantID(tenant):
 		return "", fmt.Errorf("--tenant %q is not a TenantId (digits, as Fortnox's DatabaseNumber)", tenant)
-	case !validAccountName(account):
+	case !tokens.ValidAccountName(account):
 		return "", fmt.Errorf("--account %q is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only", account)
 	case ttl <= 0:
 		return "", fmt.Errorf("--ttl %v must be positive", ttl)

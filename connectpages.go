@@ -16,6 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"go.uber.org/zap"
 )
 
@@ -259,7 +260,7 @@ func (c *Connect) pageData(lang string, status int, in pageInput) PageData {
 func (c *Connect) startAgainURL(res connectResult) string {
 	if res.Link != "" {
 		q, err := url.ParseQuery(res.Link)
-		if err != nil || checkLink(c.linkKey, q, clk.Now()) != "" {
+		if err != nil || checkLink(c.linkKey, q, tokens.Clock.Now()) != "" {
 			return ""
 		}
 		return c.browserConnect + "?" + res.Link

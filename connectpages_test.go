@@ -13,9 +13,8 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 // pagesSite is a sidecar with a connect site that answers on both

@@ -9,19 +9,19 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
 // shortCredCheckDelay makes the check fire soon after start in this test.
 func shortCredCheckDelay(t *testing.T) {
 	t.Helper()
-	old := credCheckDelay
-	credCheckDelay = 50 * time.Millisecond
-	t.Cleanup(func() { credCheckDelay = old })
+	old := tokens.CredCheckDelay
+	tokens.CredCheckDelay = 50 * time.Millisecond
+	t.Cleanup(func() { tokens.CredCheckDelay = old })
 }
 
 // checkLines returns the credential check's log lines.
@@ -205,12 +205,12 @@ http://127.0.0.1:`+strconv.Itoa(freePort(t))+` {
 	if err := caddy.Validate(&cfg); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(10 * credCheckDelay)
+	time.Sleep(10 * tokens.CredCheckDelay)
 	if n := fake.TokenRequests("", ""); n != 0 {
 		t.Errorf("validate made %d token requests, want none", n)
 	}
-	credChecked.Range(func(k, _ any) bool {
-		if m := k.(*tokenManager); m.tokenURL == fake.TokenURL() {
+	tokens.CredChecked.Range(func(k, _ any) bool {
+		if m := k.(*tokens.Manager); m.TokenURL == fake.TokenURL() {
 			t.Error("the validated config's destroyed manager is still remembered")
 		}
 		return true

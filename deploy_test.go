@@ -16,11 +16,10 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig"
-	"gopkg.in/yaml.v3"
-
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddyserver/caddy/v2/caddyconfig"
+	"gopkg.in/yaml.v3"
 )
 
 // Docker cannot run in CI. These tests keep the image and the Kubernetes

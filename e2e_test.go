@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -119,15 +120,15 @@ func TestRefreshAheadKeepsTrafficOffTheTokenEndpoint(t *testing.T) {
 		// Let a background refresh started by this step finish before the
 		// clock moves on, as it would in real time.
 		eventually(t, 5*time.Second, "background refresh", func() bool {
-			v, ok := m.cache.Get("1234567")
-			return ok && !v.(*cachedToken).refreshing.Load()
+			v, ok := m.Cache.Get("1234567")
+			return ok && !v.(*tokens.Token).Refreshing.Load()
 		})
 		advance(fake, 5*time.Second)
 	}
 	if n := fake.Unauthorized(""); n != 0 {
 		t.Errorf("fake answered 401 %d times", n)
 	}
-	if n := m.misses.Load(); n != 1 {
+	if n := m.Misses.Load(); n != 1 {
 		t.Errorf("%d requests waited for a token, want only the first", n)
 	}
 	// 300s of tokens refreshed every 40s: 1 + 7 token requests.

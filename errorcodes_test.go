@@ -16,19 +16,25 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
 // emittedErrorCodes finds every "error" code the plugin's sources can
 // write: the string literals passed to writeJSONError, writeAppError and
-// apiError, set as the code of a resolveError or adminError, or returned
-// by an errorCode method. A new code written any of these ways is found
+// apiError or the core's opErrorf, set as the code of a resolveError,
+// adminError or tokens.OpError, or returned by an ErrorCode method (the
+// root and internal/tokens, internal/redisstate). A new code written any of these ways is found
 // without a list to keep up to date.
 func emittedErrorCodes(t *testing.T) map[string][]string {
 	t.Helper()
-	files, err := filepath.Glob("*.go")
-	if err != nil {
-		t.Fatal(err)
+	var files []string
+	for _, dir := range []string{".", "internal/tokens", "internal/redisstate"} {
+		more, err := filepath.Glob(filepath.Join(dir, "*.go"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		files = append(files, more...)
 	}
 	fset := token.NewFileSet()
 	codes := map[string][]string{}
@@ -56,18 +62,18 @@ func emittedErrorCodes(t *testing.T) map[string][]string {
 					switch {
 					case (id.Name == "writeJSONError" || id.Name == "writeAppError") && len(x.Args) > 2:
 						add(x.Args[2])
-					case id.Name == "apiError" && len(x.Args) > 1:
+					case (id.Name == "apiError" || id.Name == "opErrorf") && len(x.Args) > 1:
 						add(x.Args[1])
 					}
 				}
 			case *ast.CompositeLit:
 				id, ok := x.Type.(*ast.Ident)
-				if !ok || (id.Name != "resolveError" && id.Name != "adminError") {
+				if !ok || (id.Name != "resolveError" && id.Name != "adminError" && id.Name != "OpError") {
 					return true
 				}
 				for i, el := range x.Elts {
 					if kv, ok := el.(*ast.KeyValueExpr); ok {
-						if k, ok := kv.Key.(*ast.Ident); ok && k.Name == "code" {
+						if k, ok := kv.Key.(*ast.Ident); ok && (k.Name == "code" || k.Name == "Code") {
 							add(kv.Value)
 						}
 					} else if id.Name == "resolveError" && i == 1 {
@@ -75,7 +81,7 @@ func emittedErrorCodes(t *testing.T) map[string][]string {
 					}
 				}
 			case *ast.FuncDecl:
-				if x.Name.Name == "errorCode" && x.Body != nil {
+				if (x.Name.Name == "errorCode" || x.Name.Name == "ErrorCode") && x.Body != nil {
 					ast.Inspect(x.Body, func(n ast.Node) bool {
 						if r, ok := n.(*ast.ReturnStmt); ok && len(r.Results) == 1 {
 							add(r.Results[0])
@@ -171,7 +177,7 @@ func TestErrorAnswersFortnoxShape(t *testing.T) {
 	if err := sc.load(); err != nil {
 		t.Fatal(err)
 	}
-	writeRecord(t, sc, "1234567", tokenRecord{Tenant: "1234567", ClientID: testClientID, Mode: grantRefreshToken,
+	writeRecord(t, sc, "1234567", tokens.Record{Tenant: "1234567", ClientID: testClientID, Mode: tokens.GrantRefreshToken,
 		RefreshToken: fake.IssueRefreshToken(testClientID, "7654321")})
 
 	type answer struct {

@@ -9,6 +9,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 )
 
 // Tenant resolution never panics; what it accepts is a TenantId (a listed
@@ -25,11 +27,11 @@ func FuzzResolveTenant(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, value, alias string, onlyListed, twice bool) {
 		tenants := map[string]string{"acme": "1234567", "7654321": "7654321"}
-		aliasAccepted := validateTenantNames(map[string]string{alias: "5555555"}) == nil && tenants[alias] == ""
+		aliasAccepted := tokens.ValidateTenantNames(map[string]string{alias: "5555555"}) == nil && tenants[alias] == ""
 		if aliasAccepted {
 			tenants[alias] = "5555555"
 		}
-		if err := validateTenantNames(tenants); err != nil {
+		if err := tokens.ValidateTenantNames(tenants); err != nil {
 			t.Fatalf("the config's own names are refused: %v", err)
 		}
 		tr := newTenantResolver(DefaultTenantHeader, tenants, onlyListed, true)
@@ -55,7 +57,7 @@ func FuzzResolveTenant(f *testing.F) {
 			}
 			return
 		}
-		if !validTenantID(tenant) {
+		if !tokens.ValidTenantID(tenant) {
 			t.Fatalf("resolved %q from %q: not a TenantId", tenant, value)
 		}
 		if _, listed := tr.listed[tenant]; onlyListed && !listed {
@@ -77,11 +79,11 @@ func FuzzTenantFromToken(f *testing.F) {
 		f.Add(seed)
 	}
 	f.Fuzz(func(t *testing.T, token string) {
-		tenant, err := tenantFromToken(token)
-		if err == nil && !validTenantID(tenant) {
+		tenant, err := tokens.TenantFromToken(token)
+		if err == nil && !tokens.ValidTenantID(tenant) {
 			t.Fatalf("tenant %q from %q", tenant, token)
 		}
-		if _, err := tenantFromBearer("Bearer " + token); err == nil && len(token) > maxJWTLength {
+		if _, err := tokens.TenantFromBearer("Bearer " + token); err == nil && len(token) > tokens.MaxJWTLength {
 			t.Fatal("decoded a token over the length limit")
 		}
 	})
@@ -133,10 +135,10 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		{200, `{"access_token":"abc","error":"x"}`},
 		{400, `{"error":"` + strings.Repeat("x", 500) + `","error_description":"` + strings.Repeat("\x01", 300) + `"}`},
 		// Bodies at the size limit (the transport reads at most maxTokenAnswer+1 bytes).
-		{200, `{"access_token":"` + strings.Repeat("a", maxTokenAnswer) + `"}`},
-		{503, `<html>` + strings.Repeat("x", maxTokenAnswer) + `</html>`},
-		{429, strings.Repeat(" ", maxTokenAnswer+1)},
-		{400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", maxTokenAnswer) + `"}`},
+		{200, `{"access_token":"` + strings.Repeat("a", tokens.MaxTokenAnswer) + `"}`},
+		{503, `<html>` + strings.Repeat("x", tokens.MaxTokenAnswer) + `</html>`},
+		{429, strings.Repeat(" ", tokens.MaxTokenAnswer+1)},
+		{400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", tokens.MaxTokenAnswer) + `"}`},
 	} {
 		for _, ct := range []string{"application/json", "text/plain", "text/html"} {
 			f.Add(seed.status, []byte(seed.body), "120", ct)
@@ -147,43 +149,43 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		canned := &cannedAnswer{status: status, body: body, header: http.Header{}}
 		canned.header.Set("Retry-After", retryAfter)
 		canned.header.Set("Content-Type", contentType)
-		c := newTokenClient("https://apps.fortnox.example/oauth-v1/token")
-		c.transport = canned
-		a, err := c.refresh(context.Background(), credentials{"id", "secret"}, "sent-refresh-token")
+		c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token")
+		c.Transport = canned
+		a, err := c.Refresh(context.Background(), tokens.Credentials{ClientID: "id", ClientSecret: "secret"}, "sent-refresh-token")
 		if canned.requests != 1 {
 			t.Fatalf("%d requests, want 1", canned.requests)
 		}
 		if err != nil {
-			terr, ok := err.(*tokenError)
+			terr, ok := err.(*tokens.Error)
 			if !ok {
 				t.Fatalf("not a tokenError: %v", err)
 			}
-			if terr.failure < failNoConsent || terr.failure > failStorage {
-				t.Fatalf("unclassified failure %d", terr.failure)
+			if terr.Failure < tokens.FailNoConsent || terr.Failure > tokens.FailStorage {
+				t.Fatalf("unclassified failure %d", terr.Failure)
 			}
 			// 5xx and 429 mean "try later" (503 + Retry-After for the app),
 			// whatever the body, unless it names the client as invalid.
-			if (status == http.StatusTooManyRequests || status >= 500) && terr.failure != failUnavailable && terr.failure != failBadClient {
-				t.Fatalf("status %d classified as failure %d: %v", status, terr.failure, terr)
+			if (status == http.StatusTooManyRequests || status >= 500) && terr.Failure != tokens.FailUnavailable && terr.Failure != tokens.FailBadClient {
+				t.Fatalf("status %d classified as failure %d: %v", status, terr.Failure, terr)
 			}
-			if len(terr.description) > maxDescription+len("…") {
-				t.Fatalf("description of %d bytes", len(terr.description))
+			if len(terr.Description) > tokens.MaxDescription+len("…") {
+				t.Fatalf("description of %d bytes", len(terr.Description))
 			}
-			if text := terr.Error() + terr.advice("1"); len(body) >= 8 && strings.Contains(text, string(body)) {
+			if text := terr.Error() + terr.Advice("1"); len(body) >= 8 && strings.Contains(text, string(body)) {
 				t.Fatalf("error text repeats the body: %s", text)
 			}
 			return
 		}
-		if a.accessToken == "" || strings.ContainsAny(a.accessToken, " \t\r\n") {
-			t.Fatalf("unusable token %q", a.accessToken)
+		if a.AccessToken == "" || strings.ContainsAny(a.AccessToken, " \t\r\n") {
+			t.Fatalf("unusable token %q", a.AccessToken)
 		}
-		if a.lifetime < minTokenLifetime || a.lifetime > maxTokenLifetime {
-			t.Fatalf("lifetime %v", a.lifetime)
+		if a.Lifetime < tokens.MinTokenLifetime || a.Lifetime > tokens.MaxTokenLifetime {
+			t.Fatalf("lifetime %v", a.Lifetime)
 		}
 		if status < 200 || status > 299 {
 			t.Fatalf("a token from a %d answer", status)
 		}
-		if a.refreshToken == "sent-refresh-token" {
+		if a.RefreshToken == "sent-refresh-token" {
 			t.Fatal("the refresh token sent came back as a new one")
 		}
 	})
@@ -192,15 +194,15 @@ func FuzzParseTokenAnswer(f *testing.F) {
 // Stored records: decoding never panics; garbage is an error, not a record;
 // what is encoded decodes to the same record, with and without a key.
 func FuzzDecodeRecord(f *testing.F) {
-	aead, err := parseEncryptionKey(strings.Repeat("ab", 32))
+	aead, err := tokens.ParseEncryptionKey(strings.Repeat("ab", 32))
 	if err != nil {
 		f.Fatal(err)
 	}
-	plain := &recordStore{clientID: "c"}
-	sealed := &recordStore{clientID: "c", keys: []cipher.AEAD{aead}}
-	rec := &tokenRecord{Tenant: "1234567", ClientID: "c", Mode: "refresh_token", RefreshToken: "0123456789abcdef0123456789abcdef01234567"}
-	for _, rs := range []*recordStore{plain, sealed} {
-		raw, err := rs.encode(recordKey("c", subject{tenant: "1234567"}), rec)
+	plain := &tokens.Records{ClientID: "c"}
+	sealed := &tokens.Records{ClientID: "c", Keys: []cipher.AEAD{aead}}
+	rec := &tokens.Record{Tenant: "1234567", ClientID: "c", Mode: "refresh_token", RefreshToken: "0123456789abcdef0123456789abcdef01234567"}
+	for _, rs := range []*tokens.Records{plain, sealed} {
+		raw, err := rs.Encode(tokens.RecordKey("c", tokens.Subject{Tenant: "1234567"}), rec)
 		if err != nil {
 			f.Fatal(err)
 		}
@@ -210,20 +212,20 @@ func FuzzDecodeRecord(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, raw []byte) {
-		key := recordKey("c", subject{tenant: "1234567"})
-		for _, rs := range []*recordStore{plain, sealed} {
-			got, err := rs.decode(key, raw)
+		key := tokens.RecordKey("c", tokens.Subject{Tenant: "1234567"})
+		for _, rs := range []*tokens.Records{plain, sealed} {
+			got, err := rs.Decode(key, raw)
 			if err != nil {
 				continue
 			}
 			if got == nil {
 				t.Fatal("nil record without an error")
 			}
-			again, err := rs.encode(key, got)
+			again, err := rs.Encode(key, got)
 			if err != nil {
 				t.Fatal(err)
 			}
-			back, err := rs.decode(key, again)
+			back, err := rs.Decode(key, again)
 			if err != nil || back.RefreshToken != got.RefreshToken || back.Tenant != got.Tenant {
 				t.Fatalf("round trip lost the record: %v", err)
 			}

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -54,7 +55,7 @@ type Handover struct {
 	// logs keeps what the app can make this handler log (a token endpoint
 	// that fails, a config without its fortnox handler) to a line a
 	// minute per cause.
-	logs *logLimiter
+	logs *tokens.LogLimiter
 }
 
 // CaddyModule returns the Caddy module information.
@@ -69,7 +70,7 @@ func (Handover) CaddyModule() caddy.ModuleInfo {
 // time, not here: it may be provisioned after this one.
 func (ho *Handover) Provision(ctx caddy.Context) error {
 	ho.logger = ctx.Logger()
-	ho.logs = newLogLimiter()
+	ho.logs = tokens.NewLogLimiter()
 	repl := caddy.NewReplacer()
 	ho.clientID = strings.TrimSpace(repl.ReplaceAll(ho.ClientID, ""))
 	if ho.ClientID != "" && ho.clientID == "" {
@@ -113,9 +114,9 @@ func (ho *Handover) serve(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(r.Context(), lockBudget+time.Minute)
+	ctx, cancel := context.WithTimeout(r.Context(), tokens.LockBudget+time.Minute)
 	defer cancel()
-	return serveHandOver(ctx, w, r, m, subject{tenant: route.tenant, account: route.account}, "through fortnox_handover")
+	return serveHandOver(ctx, w, r, m, tokens.Subject{Tenant: route.tenant, Account: route.account}, "through fortnox_handover")
 }
 
 // forTheApp is an admin answer as the app gets it: when the token endpoint
@@ -126,7 +127,7 @@ func (ho *Handover) forTheApp(ae *adminError) *adminError {
 	if ae.status != http.StatusBadGateway && ae.status != http.StatusServiceUnavailable {
 		return ae
 	}
-	ho.logs.write(ho.logger, zapcore.WarnLevel, ae.code, "hand-over not completed: the token endpoint failed", zap.String("error", ae.code), zap.String("cause", ae.message))
+	ho.logs.Write(ho.logger, zapcore.WarnLevel, ae.code, "hand-over not completed: the token endpoint failed", zap.String("error", ae.code), zap.String("cause", ae.message))
 	out := *ae
 	switch ae.status {
 	case http.StatusServiceUnavailable:
@@ -140,11 +141,11 @@ func (ho *Handover) forTheApp(ae *adminError) *adminError {
 // manager finds the token manager of the fortnox handler with this
 // handler's client id and token URL (any, when not set); exactly one must
 // match. The answer names no client id or URL: the log does.
-func (ho *Handover) manager() (*tokenManager, error) {
-	var found []*tokenManager
+func (ho *Handover) manager() (*tokens.Manager, error) {
+	var found []*tokens.Manager
 	managers.Range(func(_, v any) bool {
-		m := v.(*tokenManager)
-		if (ho.clientID == "" || m.clientID == ho.clientID) && (ho.tokenURL == "" || m.tokenURL == ho.tokenURL) {
+		m := v.(*tokens.Manager)
+		if (ho.clientID == "" || m.ClientID() == ho.clientID) && (ho.tokenURL == "" || m.TokenURL == ho.tokenURL) {
 			found = append(found, m)
 		}
 		return true
@@ -153,11 +154,11 @@ func (ho *Handover) manager() (*tokenManager, error) {
 	case 1:
 		return found[0], nil
 	case 0:
-		ho.logs.write(ho.logger, zapcore.ErrorLevel, "no_handler", "fortnox_handover: no fortnox handler with its client_id and token_url is loaded: add one to the same config, or fix client_id/token_url",
+		ho.logs.Write(ho.logger, zapcore.ErrorLevel, "no_handler", "fortnox_handover: no fortnox handler with its client_id and token_url is loaded: add one to the same config, or fix client_id/token_url",
 			zap.String("client_id", ho.clientID))
 		return nil, apiError(http.StatusInternalServerError, "no_handler", "No fortnox handler is loaded for this hand-over endpoint; nothing was stored and the token was not used. The sidecar's log says what to fix.")
 	}
-	ho.logs.write(ho.logger, zapcore.ErrorLevel, "handler_ambiguous", "fortnox_handover: more than one fortnox handler matches: set client_id (and token_url) in the fortnox_handover block",
+	ho.logs.Write(ho.logger, zapcore.ErrorLevel, "handler_ambiguous", "fortnox_handover: more than one fortnox handler matches: set client_id (and token_url) in the fortnox_handover block",
 		zap.Int("handlers", len(found)))
 	return nil, apiError(http.StatusInternalServerError, "handler_ambiguous", "More than one fortnox handler could take this hand-over; nothing was stored and the token was not used. The sidecar's log says what to fix.")
 }

@@ -8,11 +8,12 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/redis/go-redis/v9"
-
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
+	"github.com/redis/go-redis/v9"
 )
 
 // fortnox_handover, end to end: the app hands refresh tokens over on the
@@ -364,13 +365,13 @@ func TestHandoverInClusterMode(t *testing.T) {
 	client := redis.NewClient(&redis.Options{Addr: addr})
 	t.Cleanup(func() { client.Close() })
 	ctx := context.Background()
-	exists := func(key string) bool { return client.Exists(ctx, redisKeyPrefix+"record:"+key).Val() == 1 }
+	exists := func(key string) bool { return client.Exists(ctx, redisstate.RedisKeyPrefix+"record:"+key).Val() == 1 }
 
 	rt := fake.IssueRefreshToken(testClientID, "1234567")
 	if status, body, _ := sc.handOver("/tenants/1234567/refresh_token", rt); status != http.StatusNoContent {
 		t.Fatalf("first request, hand-over: %d %s", status, body)
 	}
-	if key := recordKey(testClientID, subject{tenant: "1234567"}); !exists(key) {
+	if key := tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567"}); !exists(key) {
 		t.Fatalf("the record %s is not in Redis", key)
 	}
 	if _, err := os.Stat(sc.recordPath("1234567")); err == nil {
@@ -380,10 +381,10 @@ func TestHandoverInClusterMode(t *testing.T) {
 	if status, body, _ := sc.handOver("/tenants/1234567/accounts/anna/refresh_token", anna); status != http.StatusNoContent {
 		t.Fatalf("hand-over of anna's chain: %d %s", status, body)
 	}
-	if key := recordKey(testClientID, subject{tenant: "1234567", account: "anna"}); !exists(key) {
+	if key := tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567", Account: "anna"}); !exists(key) {
 		t.Fatalf("the record %s is not in Redis", key)
 	}
-	sc.manager().cache.Flush()
+	sc.manager().Cache.Flush()
 	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK || companyNumber(t, body) != "1234567" {
 		t.Errorf("tenant 1234567: %d %s", status, body)
 	}
@@ -399,7 +400,7 @@ func TestHandoverInClusterMode(t *testing.T) {
 		t.Fatalf("GET /fortnox/tenants, 7654321: %+v", q)
 	}
 	id := q.Quarantined[0].ID
-	if !exists(quarantineKey(testClientID, id)) {
+	if !exists(tokens.QuarantineKey(testClientID, id)) {
 		t.Fatalf("the quarantine record %s is not in Redis", id)
 	}
 	if entries, _ := os.ReadDir(sc.dir + "/storage/fortnox/" + testClientID + "/quarantine"); len(entries) != 0 {
@@ -409,10 +410,10 @@ func TestHandoverInClusterMode(t *testing.T) {
 	if status != http.StatusOK || out != `{"account":"bo","tenant":"7654321"}`+"\n" {
 		t.Fatalf("release: %d %s", status, out)
 	}
-	if exists(quarantineKey(testClientID, id)) || !exists(recordKey(testClientID, subject{tenant: "7654321", account: "bo"})) {
+	if exists(tokens.QuarantineKey(testClientID, id)) || !exists(tokens.RecordKey(testClientID, tokens.Subject{Tenant: "7654321", Account: "bo"})) {
 		t.Error("the release did not move the token from the quarantine to its record in Redis")
 	}
-	sc.manager().cache.Flush()
+	sc.manager().Cache.Flush()
 	if status, body, _ := sc.asAccount(http.MethodGet, "/3/invoices", "7654321", "bo"); status != http.StatusOK || echoOf(t, body).UserID != boUser {
 		t.Errorf("bo of 7654321 after the release: %d %s", status, body)
 	}

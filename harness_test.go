@@ -1,9 +1,5 @@
 package fortnox
 
-// The harness for end-to-end tests: a real Caddy (loaded in this process,
-// so the tests can move the plugin's clock), the fake Fortnox over real
-// HTTP, and a scan of every log line the suite writes for secrets.
-
 import (
 	"context"
 	"encoding/json"
@@ -19,14 +15,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	_ "github.com/caddyserver/caddy/v2/modules/standard"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 const (
@@ -328,10 +324,10 @@ func (s *sidecar) get(path, tenant string) (int, []byte, *http.Response) {
 }
 
 // manager returns the token manager the sidecar's handler uses.
-func (s *sidecar) manager() *tokenManager {
-	var found *tokenManager
+func (s *sidecar) manager() *tokens.Manager {
+	var found *tokens.Manager
 	managers.Range(func(_, v any) bool {
-		if m := v.(*tokenManager); m.tokenURL == s.tokenURL && m.clientID == testClientID {
+		if m := v.(*tokens.Manager); m.TokenURL == s.tokenURL && m.ClientID() == testClientID {
 			found = m
 			return false
 		}
@@ -345,7 +341,7 @@ func (s *sidecar) manager() *tokenManager {
 
 // advance moves the plugin's clock and the fake's together.
 func advance(fake *fakefortnox.Server, d time.Duration) {
-	clk.Advance(d)
+	tokens.Clock.Advance(d)
 	fake.Advance(d)
 }
 

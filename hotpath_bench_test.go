@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"go.uber.org/zap"
 )
 
@@ -27,18 +28,18 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	h.resolver = newTenantResolver(DefaultTenantHeader, nil, false, false)
 	h.accountHeader = DefaultAccountHeader
 	h.owned = ownedHeaders(DefaultTenantHeader, DefaultAccountHeader)
-	h.tokens = newTokenManager("http://127.0.0.1:1/token", "bench-client")
+	h.tokens = tokens.NewManager("http://127.0.0.1:1/token", "bench-client")
 	tb.Cleanup(func() { _ = h.tokens.Destruct() })
-	h.settings = &managerSettings{refreshBefore: defaultRefreshBefore, tokenTimeout: time.Second, logger: zap.NewNop()}
-	h.tokens.settings.Store(h.settings)
+	h.settings = &tokens.Settings{RefreshBefore: tokens.DefaultRefreshBefore, TokenTimeout: time.Second, Logger: zap.NewNop()}
+	h.tokens.Settings.Store(h.settings)
 	if limiter {
 		// A limit the benchmark never reaches: the cost of the bookkeeping.
-		h.pacing.turns = ratelimit.New(25, time.Microsecond, clk)
+		h.pacing.turns = ratelimit.New(25, time.Microsecond, tokens.Clock)
 	}
 	ids := make([]string, tenants)
 	for i := range ids {
 		ids[i] = strconv.Itoa(1000000 + i)
-		h.tokens.store(subject{tenant: ids[i]}, grantClientCredentials, &tokenAnswer{accessToken: "eyJ" + ids[i], lifetime: time.Hour}, defaultRefreshBefore)
+		h.tokens.Store(tokens.Subject{Tenant: ids[i]}, tokens.GrantClientCredentials, &tokens.Answer{AccessToken: "eyJ" + ids[i], Lifetime: time.Hour}, tokens.DefaultRefreshBefore)
 	}
 	return h, ids
 }
@@ -134,7 +135,7 @@ func BenchmarkTokenLookup(b *testing.B) {
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := h.tokens.tokenFor(ctx, subject{tenant: ids[i%n]}); err != nil {
+				if _, err := h.tokens.TokenFor(ctx, tokens.Subject{Tenant: ids[i%n]}); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -150,13 +151,13 @@ func BenchmarkMemoryPerTenant(b *testing.B) {
 			token := strings.Repeat("x", 3000)
 			var perTenant float64
 			for range b.N {
-				m := newTokenManager("http://127.0.0.1:1/token", "mem-client")
+				m := tokens.NewManager("http://127.0.0.1:1/token", "mem-client")
 				var before, after runtime.MemStats
 				runtime.GC()
 				runtime.ReadMemStats(&before)
 				for i := range n {
 					id := strconv.Itoa(1000000 + i)
-					m.store(subject{tenant: id}, grantClientCredentials, &tokenAnswer{accessToken: token + id, lifetime: time.Hour}, defaultRefreshBefore)
+					m.Store(tokens.Subject{Tenant: id}, tokens.GrantClientCredentials, &tokens.Answer{AccessToken: token + id, Lifetime: time.Hour}, tokens.DefaultRefreshBefore)
 				}
 				runtime.GC()
 				runtime.ReadMemStats(&after)

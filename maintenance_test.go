@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -45,53 +46,53 @@ func TestTokenRequestsArePacedPerClient(t *testing.T) {
 // Subjects that never had a token are remembered in bounded number, and
 // forgotten sooner than tenants that once worked.
 func TestUnknownFailuresAreBounded(t *testing.T) {
-	m := newTokenManager("http://127.0.0.1:1/token", "bounded-client")
+	m := tokens.NewManager("http://127.0.0.1:1/token", "bounded-client")
 	defer m.Destruct()
-	m.settings.Store(&managerSettings{logger: testLogger(t)})
-	for i := range maxUnknownSubjects + 2000 {
-		m.recordFailure(subject{tenant: fmt.Sprint(5000000 + i)}, grantClientCredentials, &tokenError{failure: failNoConsent}, time.Millisecond)
+	m.Settings.Store(&tokens.Settings{Logger: testLogger(t)})
+	for i := range tokens.MaxUnknownSubjects + 2000 {
+		m.RecordFailure(tokens.Subject{Tenant: fmt.Sprint(5000000 + i)}, tokens.GrantClientCredentials, &tokens.Error{Failure: tokens.FailNoConsent}, time.Millisecond)
 	}
-	m.mu.Lock()
-	n := len(m.tenants)
-	_, oldest := m.tenants["5000000"]
-	_, newest := m.tenants[fmt.Sprint(5000000+maxUnknownSubjects+1999)]
-	m.mu.Unlock()
-	if n > maxUnknownSubjects || oldest || !newest {
-		t.Fatalf("%d subjects remembered (oldest kept: %v, newest kept: %v), want at most %d, the oldest gone", n, oldest, newest, maxUnknownSubjects)
+	m.Mu.Lock()
+	n := len(m.Tenants)
+	_, oldest := m.Tenants["5000000"]
+	_, newest := m.Tenants[fmt.Sprint(5000000+tokens.MaxUnknownSubjects+1999)]
+	m.Mu.Unlock()
+	if n > tokens.MaxUnknownSubjects || oldest || !newest {
+		t.Fatalf("%d subjects remembered (oldest kept: %v, newest kept: %v), want at most %d, the oldest gone", n, oldest, newest, tokens.MaxUnknownSubjects)
 	}
 	// A tenant that once had a token keeps its error for an hour; an
 	// unknown one for minutes.
-	m.recordSuccess(subject{tenant: "1234567"}, grantClientCredentials, &cachedToken{}, time.Millisecond)
-	m.recordFailure(subject{tenant: "1234567"}, grantClientCredentials, &tokenError{failure: failUnavailable}, time.Millisecond)
-	clk.Advance(backoffCap + forgetUnknownAfter)
-	m.forgetIdleTenants()
-	m.mu.Lock()
-	_, known := m.tenants["1234567"]
-	left := len(m.tenants)
-	m.mu.Unlock()
+	m.RecordSuccess(tokens.Subject{Tenant: "1234567"}, tokens.GrantClientCredentials, &tokens.Token{}, time.Millisecond)
+	m.RecordFailure(tokens.Subject{Tenant: "1234567"}, tokens.GrantClientCredentials, &tokens.Error{Failure: tokens.FailUnavailable}, time.Millisecond)
+	tokens.Clock.Advance(tokens.BackoffCap + tokens.ForgetUnknownAfter)
+	m.ForgetIdleTenants()
+	m.Mu.Lock()
+	_, known := m.Tenants["1234567"]
+	left := len(m.Tenants)
+	m.Mu.Unlock()
 	if !known || left != 1 {
-		t.Errorf("after %v: known tenant kept=%v, %d subjects left, want only it", backoffCap+forgetUnknownAfter, known, left)
+		t.Errorf("after %v: known tenant kept=%v, %d subjects left, want only it", tokens.BackoffCap+tokens.ForgetUnknownAfter, known, left)
 	}
 }
 
 // refreshAtOf returns when the cached token of tenant is due for refresh.
-func refreshAtOf(m *tokenManager, tenant string) time.Time {
-	v, _ := m.cache.Get(tenant)
-	return time.Unix(0, v.(*cachedToken).refreshAt.Load())
+func refreshAtOf(m *tokens.Manager, tenant string) time.Time {
+	v, _ := m.Cache.Get(tenant)
+	return time.Unix(0, v.(*tokens.Token).RefreshAt.Load())
 }
 
 // 1,000 tenants warmed in the same instant are due for refresh spread over
 // a tenth of the lifetime before max(lifetime-refresh_before, lifetime/2),
 // not in the same second.
 func TestRefreshAheadIsSpread(t *testing.T) {
-	m := newTokenManager("http://127.0.0.1:1/token", "spread-client")
+	m := tokens.NewManager("http://127.0.0.1:1/token", "spread-client")
 	defer m.Destruct()
 	const lifetime, before = time.Hour, 5 * time.Minute
-	issued := clk.Now()
+	issued := tokens.Clock.Now()
 	for i := range 1000 {
-		m.cacheToken(subject{tenant: fmt.Sprint(1000000 + i)}, grantClientCredentials, "t", issued, lifetime, before)
+		m.CacheToken(tokens.Subject{Tenant: fmt.Sprint(1000000 + i)}, tokens.GrantClientCredentials, "t", issued, lifetime, before)
 	}
-	latest := issued.Add(refreshAheadAfter(lifetime, before))
+	latest := issued.Add(tokens.RefreshAheadAfter(lifetime, before))
 	earliest := latest.Add(-lifetime / 10)
 	perMinute := map[int]int{}
 	seconds := map[int64]bool{}
@@ -142,7 +143,7 @@ func TestTenantsWarmedTogetherRefreshApart(t *testing.T) {
 		}
 		eventually(t, 5*time.Second, "background refreshes", func() bool {
 			for _, tn := range tenants {
-				if v, ok := m.cache.Get(tn); ok && v.(*cachedToken).refreshing.Load() {
+				if v, ok := m.Cache.Get(tn); ok && v.(*tokens.Token).Refreshing.Load() {
 					return false
 				}
 			}
@@ -158,7 +159,7 @@ func TestTenantsWarmedTogetherRefreshApart(t *testing.T) {
 	if len(steps) < 5 {
 		t.Errorf("the refreshes fell in %d of 16 half-minute steps (%v), want them spread", len(steps), steps)
 	}
-	if misses := m.misses.Load(); misses != int64(len(tenants)) {
+	if misses := m.Misses.Load(); misses != int64(len(tenants)) {
 		t.Errorf("%d requests waited for a token, want only the first per tenant", misses)
 	}
 }
@@ -177,7 +178,7 @@ func TestRefreshTokensAreKeptAlive(t *testing.T) {
 	}
 	m := sc.manager()
 	advance(fake, 20*24*time.Hour)
-	if n := m.keepAlive(); n != 0 {
+	if n := m.KeepAlive(); n != 0 {
 		t.Fatalf("%d refreshed at 20 days", n)
 	}
 	if age := findTenant(sc.tenants(), "7654321").RefreshTokenAge; age == nil || *age < 20*24*3600 {
@@ -188,7 +189,7 @@ func TestRefreshTokensAreKeptAlive(t *testing.T) {
 	}
 	advance(fake, 11*24*time.Hour) // 31 days
 	before := fake.TokenRequests("refresh_token", "")
-	if n := m.keepAlive(); n != 2 {
+	if n := m.KeepAlive(); n != 2 {
 		t.Fatalf("%d refreshed at 31 days, want both", n)
 	}
 	if n := fake.TokenRequests("refresh_token", "") - before; n != 2 {
@@ -196,11 +197,11 @@ func TestRefreshTokensAreKeptAlive(t *testing.T) {
 	}
 	for _, tn := range []string{"1234567", "7654321"} {
 		rec := sc.storedRecord(tn)
-		if !fake.RefreshTokenValid(rec.RefreshToken) || clk.Now().Sub(rec.RefreshTokenAt) > time.Minute {
+		if !fake.RefreshTokenValid(rec.RefreshToken) || tokens.Clock.Now().Sub(rec.RefreshTokenAt) > time.Minute {
 			t.Errorf("%s: the stored refresh token was not renewed", tn)
 		}
 	}
-	if n := m.keepAlive(); n != 0 {
+	if n := m.KeepAlive(); n != 0 {
 		t.Errorf("a second pass refreshed %d again", n)
 	}
 	advance(fake, 15*24*time.Hour) // 46 days after the first hand-over: the old chain would be dead
@@ -228,15 +229,15 @@ func TestEncryptionKeyRotation(t *testing.T) {
 		sc.putRefreshToken(tn, fake.IssueRefreshToken(testClientID, tn))
 	}
 	readable := func(key string) map[string]bool {
-		aead, err := parseEncryptionKey(key)
+		aead, err := tokens.ParseEncryptionKey(key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		rs := &recordStore{clientID: testClientID, keys: []cipher.AEAD{aead}}
+		rs := &tokens.Records{ClientID: testClientID, Keys: []cipher.AEAD{aead}}
 		out := map[string]bool{}
 		for _, tn := range tenants {
 			raw, _ := os.ReadFile(sc.recordPath(tn))
-			_, err := rs.decode(recordKey(testClientID, subject{tenant: tn}), raw)
+			_, err := rs.Decode(tokens.RecordKey(testClientID, tokens.Subject{Tenant: tn}), raw)
 			out[tn] = err == nil
 		}
 		return out

@@ -4,9 +4,9 @@ import (
 	"errors"
 	"strings"
 	"sync"
-	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -51,9 +51,9 @@ func registerMetrics(reg *prometheus.Registry) error {
 	}
 	outcomes := []string{"ok"}
 	for _, f := range allTokenFailures() {
-		outcomes = append(outcomes, (&tokenError{failure: f}).errorCode())
+		outcomes = append(outcomes, (&tokens.Error{Failure: f}).ErrorCode())
 	}
-	metrics.KnowTokenOutcomes([]string{grantClientCredentials, grantRefreshToken, grantAuthorizationCode}, outcomes)
+	metrics.KnowTokenOutcomes([]string{tokens.GrantClientCredentials, tokens.GrantRefreshToken, tokens.GrantAuthorizationCode}, outcomes)
 	for _, c := range append(metrics.Collectors(), poolGauges.tenantsCached, poolGauges.refreshTokenOldest, poolGauges.chains) {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError
@@ -68,10 +68,10 @@ func registerMetrics(reg *prometheus.Registry) error {
 func countCachedTenants() float64 {
 	n := 0
 	managers.Range(func(_, v any) bool {
-		m := v.(*tokenManager)
-		at := clk.Now().UnixNano()
-		for _, item := range m.cache.Items() {
-			if item.Object.(*cachedToken).usableAt(at) {
+		m := v.(*tokens.Manager)
+		at := tokens.Clock.Now().UnixNano()
+		for _, item := range m.Cache.Items() {
+			if item.Object.(*tokens.Token).UsableAt(at) {
 				n++
 			}
 		}
@@ -80,21 +80,12 @@ func countCachedTenants() float64 {
 	return float64(n)
 }
 
-// metricsTokenRequest counts a token request that was sent (took > 0).
-func metricsTokenRequest(grant, outcome string, took time.Duration) {
-	if took <= 0 {
-		return
-	}
-	metrics.TokenRequests.WithLabelValues(grant, outcome).Inc()
-	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
-}
-
 // oldestRefreshTokenAge is the age in seconds of the oldest stored refresh
 // token over all token managers.
 func oldestRefreshTokenAge() float64 {
 	var oldest int64
 	managers.Range(func(_, v any) bool {
-		oldest = max(oldest, v.(*tokenManager).oldestRefreshToken.Load())
+		oldest = max(oldest, v.(*tokens.Manager).OldestRefreshToken.Load())
 		return true
 	})
 	return float64(oldest)
@@ -102,10 +93,10 @@ func oldestRefreshTokenAge() float64 {
 
 // allTokenFailures lists every tokenFailure, up to the first value that
 // has no name of its own.
-func allTokenFailures() []tokenFailure {
-	var all []tokenFailure
-	for f := failNoConsent; f < failNoConsent+64; f++ {
-		if (&tokenError{failure: f}).Error() == "token error" {
+func allTokenFailures() []tokens.TokenFailure {
+	var all []tokens.TokenFailure
+	for f := tokens.FailNoConsent; f < tokens.FailNoConsent+64; f++ {
+		if (&tokens.Error{Failure: f}).Error() == "token error" {
 			break
 		}
 		all = append(all, f)
@@ -124,9 +115,9 @@ func (c *reconnectCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc
 func (c *reconnectCollector) Collect(ch chan<- prometheus.Metric) {
 	var service, user int
 	managers.Range(func(_, v any) bool {
-		m := v.(*tokenManager)
-		m.mu.Lock()
-		for key, st := range m.tenants {
+		m := v.(*tokens.Manager)
+		m.Mu.Lock()
+		for key, st := range m.Tenants {
 			if !needsReconnect(st) {
 				continue
 			}
@@ -136,7 +127,7 @@ func (c *reconnectCollector) Collect(ch chan<- prometheus.Metric) {
 				service++
 			}
 		}
-		m.mu.Unlock()
+		m.Mu.Unlock()
 		return true
 	})
 	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(service), "service")
@@ -146,21 +137,21 @@ func (c *reconnectCollector) Collect(ch chan<- prometheus.Metric) {
 // needsReconnect says whether a subject's last failure needs a person to
 // authorize again. A subject that never had a token (a made-up TenantId,
 // a customer who never connected) is not a broken chain.
-func needsReconnect(st *tenantState) bool {
-	if st.consentRevoked {
+func needsReconnect(st *tokens.TenantState) bool {
+	if st.ConsentRevoked {
 		return true
 	}
-	e := st.lastError
+	e := st.LastError
 	if e == nil {
 		return false
 	}
-	switch e.failure {
-	case failGrantRejected, failConsentRevoked, failUserMismatch:
+	switch e.Failure {
+	case tokens.FailGrantRejected, tokens.FailConsentRevoked, tokens.FailUserMismatch:
 		return true
-	case failTenantMismatch:
-		return !e.fromClientCredentials
-	case failNoConsent, failAccountNotAuthorized:
-		return !st.unknown
+	case tokens.FailTenantMismatch:
+		return !e.FromClientCredentials
+	case tokens.FailNoConsent, tokens.FailAccountNotAuthorized:
+		return !st.Unknown
 	}
 	return false
 }

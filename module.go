@@ -1,6 +1,3 @@
-// Package fortnox is a Caddy v2 plugin that makes Caddy a sidecar for the
-// Fortnox API: it picks the tenant of each request, gets and caches a token
-// for it, and sends the request on with `Authorization: Bearer …`.
 package fortnox
 
 import (
@@ -16,6 +13,8 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
@@ -138,13 +137,13 @@ type Handler struct {
 	// Optional.
 	Notify *Notify `json:"notify,omitempty"`
 
-	tokens          *tokenManager
-	settings        *managerSettings
+	tokens          *tokens.Manager
+	settings        *tokens.Settings
 	resolver        *tenantResolver
 	accountHeader   string
 	owned           []string // headers the sidecar owns: never forwarded as the app sent them
 	pacing          pacer
-	cluster         *redisCluster
+	cluster         *redisstate.Conn
 	clusterKey      string
 	replayBodyLimit int64
 	poolKey         string
@@ -208,7 +207,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.MaxTokenRequests < 0 {
 		return errors.New("max_token_requests must not be negative")
 	}
-	if err := validateTenantNames(h.Tenants); err != nil {
+	if err := tokens.ValidateTenantNames(h.Tenants); err != nil {
 		return err
 	}
 	if h.OnlyListedTenants && len(h.Tenants) == 0 {
@@ -216,14 +215,14 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	}
 	refreshBefore := time.Duration(h.RefreshBefore)
 	if refreshBefore == 0 {
-		refreshBefore = defaultRefreshBefore
+		refreshBefore = tokens.DefaultRefreshBefore
 	}
 	if refreshBefore < 0 {
 		return errors.New("refresh_before must not be negative")
 	}
 	timeout := time.Duration(h.TokenTimeout)
 	if timeout == 0 {
-		timeout = defaultTokenTimeout
+		timeout = tokens.DefaultTokenTimeout
 	}
 	if timeout < 0 {
 		return errors.New("token_timeout must not be negative")
@@ -239,7 +238,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 
 	retryCC := time.Duration(h.RetryClientCredentials)
 	if retryCC == 0 {
-		retryCC = defaultRetryClientCredentials
+		retryCC = tokens.DefaultRetryClientCredentials
 	}
 	if retryCC < 0 {
 		return errors.New("retry_client_credentials must not be negative")
@@ -248,8 +247,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	records := &recordStore{storage: ctx.Storage(), clientID: clientID, tokenURL: tokenURL}
-	if records.keys, err = h.encryptionKeys(repl); err != nil {
+	records := &tokens.Records{Storage: ctx.Storage(), ClientID: clientID, TokenURL: tokenURL}
+	if records.Keys, err = h.encryptionKeys(repl); err != nil {
 		return err
 	}
 
@@ -265,29 +264,29 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if h.cluster, h.clusterKey, err = joinCluster(h.tokens, rawURL, h.logger); err != nil {
 			return err
 		}
-		records.storage = &migratingRecords{redisRecords: h.cluster.records, caddy: ctx.Storage()}
+		records.Storage = &redisstate.MigratingRecords{Records: h.cluster.Records, Caddy: ctx.Storage()}
 	}
 	if h.pacing, err = newPacer(h.RateLimit, h.MaxWait, clientID, tokenURL, h.cluster); err != nil {
 		return err
 	}
 	metrics.MaxWait.Set(h.pacing.maxWait.Seconds())
-	h.settings = &managerSettings{
-		gen:                    settingsGeneration.Add(1),
-		cred:                   credentials{clientID: clientID, clientSecret: secret},
-		refreshBefore:          refreshBefore,
-		tokenTimeout:           timeout,
-		retryClientCredentials: retryCC,
-		maxTokenRequests:       h.MaxTokenRequests,
-		records:                records,
-		listed:                 h.resolver.listed,
-		logger:                 h.logger,
-		notify:                 notify,
+	h.settings = &tokens.Settings{
+		Gen:                    tokens.SettingsGeneration.Add(1),
+		Cred:                   tokens.Credentials{ClientID: clientID, ClientSecret: secret},
+		RefreshBefore:          refreshBefore,
+		TokenTimeout:           timeout,
+		RetryClientCredentials: retryCC,
+		MaxTokenRequests:       h.MaxTokenRequests,
+		Records:                records,
+		Listed:                 h.resolver.listed,
+		Logger:                 h.logger,
+		Notify:                 notify,
 	}
 	// A new manager needs settings at once (background work, admin API);
 	// an existing one gets these when this handler serves its first request.
-	h.tokens.settings.CompareAndSwap(nil, h.settings)
+	h.tokens.Settings.CompareAndSwap(nil, h.settings)
 	if h.CheckCredentials == nil || *h.CheckCredentials {
-		h.tokens.checkCredentialsSoon(h.settings.cred, timeout, h.logger)
+		h.tokens.CheckCredentialsSoon(h.settings.Cred, timeout, h.logger)
 	}
 	return nil
 }
@@ -311,7 +310,7 @@ func (h *Handler) encryptionKeys(repl *caddy.Replacer) ([]cipher.AEAD, error) {
 		if err != nil {
 			return nil, err
 		}
-		aead, err := parseEncryptionKey(key)
+		aead, err := tokens.ParseEncryptionKey(key)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", name, err)
 		}
@@ -382,15 +381,15 @@ func (h *Handler) Cleanup() error {
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	subj, rerr := h.resolveSubject(r)
 	if rerr != nil {
-		countRefusal(rerr.code)
-		h.tokens.refusalLog.write(h.logger, zapcore.DebugLevel, rerr.code, "request refused", zap.String("error", rerr.code), zap.Int("status", rerr.status))
+		tokens.CountRefusal(rerr.code)
+		h.tokens.RefusalLog.Write(h.logger, zapcore.DebugLevel, rerr.code, "request refused", zap.String("error", rerr.code), zap.Int("status", rerr.status))
 		writeAppError(w, rerr.status, rerr.code, rerr.message, 0)
 		return nil
 	}
-	if h.tokens.settings.Load() != h.settings {
-		h.tokens.adopt(h.settings) // the first request of a newly loaded config
+	if h.tokens.Settings.Load() != h.settings {
+		h.tokens.Adopt(h.settings) // the first request of a newly loaded config
 	}
-	tok, err := h.tokens.tokenFor(r.Context(), subj)
+	tok, err := h.tokens.TokenFor(r.Context(), subj)
 	if err != nil {
 		h.writeTokenError(w, r, subj, err)
 		return nil
@@ -404,80 +403,68 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyht
 		}
 	}
 	h.ownHeaders(r, subj)
-	r.Header["Authorization"] = []string{tok.bearer}
+	r.Header["Authorization"] = []string{tok.Bearer}
 	return h.proxy(w, r, next, subj, tok)
 }
 
 // resolveSubject picks the tenant and, when the account header is sent,
 // the named account.
-func (h *Handler) resolveSubject(r *http.Request) (subject, *resolveError) {
+func (h *Handler) resolveSubject(r *http.Request) (tokens.Subject, *resolveError) {
 	tenant, rerr := h.resolver.resolve(r)
 	if rerr != nil {
-		return subject{}, rerr
+		return tokens.Subject{}, rerr
 	}
 	values := r.Header[h.accountHeader]
 	switch {
 	case len(values) == 0:
-		return subject{tenant: tenant}, nil
+		return tokens.Subject{Tenant: tenant}, nil
 	case len(values) > 1:
-		return subject{}, &resolveError{http.StatusBadRequest, "ambiguous_account",
+		return tokens.Subject{}, &resolveError{http.StatusBadRequest, "ambiguous_account",
 			"The request has more than one " + h.accountHeader + " header. Send at most one: the name of a user account of the tenant."}
-	case !validAccountName(values[0]):
-		return subject{}, &resolveError{http.StatusBadRequest, "invalid_account",
+	case !tokens.ValidAccountName(values[0]):
+		return tokens.Subject{}, &resolveError{http.StatusBadRequest, "invalid_account",
 			"The " + h.accountHeader + " header is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only (names are case-sensitive). Leave it out to use the service account."}
 	}
-	return subject{tenant: tenant, account: values[0]}, nil
+	return tokens.Subject{Tenant: tenant, Account: values[0]}, nil
 }
 
 // turnWithToken takes the tenant's turn in the rate limiter. The token was
 // got first, so that requests waiting for a token do not spend turns; if
 // the wait outlived the token, it is got again. It returns nil (and has
 // answered, unless err is set) when the request cannot go.
-func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj subject, tok *cachedToken) (*cachedToken, error) {
-	waited, ok := h.pacing.waitTurn(w, r, subj.tenant)
+func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj tokens.Subject, tok *tokens.Token) (*tokens.Token, error) {
+	waited, ok := h.pacing.waitTurn(w, r, subj.Tenant)
 	if !ok {
 		return nil, nil
 	}
-	if waited == 0 || tok.usableAt(clk.Now().UnixNano()) {
+	if waited == 0 || tok.UsableAt(tokens.Clock.Now().UnixNano()) {
 		return tok, nil // no wait: the token was usable a moment ago
 	}
-	return h.tokens.tokenFor(r.Context(), subj)
+	return h.tokens.TokenFor(r.Context(), subj)
 }
 
 // writeTokenError answers a request for which no token could be had. The
 // failure itself was logged once by the token manager.
-func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj subject, err error) {
-	var terr *tokenError
+func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj tokens.Subject, err error) {
+	var terr *tokens.Error
 	if !errors.As(err, &terr) {
 		// The caller's own context ended while it waited: the client left
 		// or its deadline passed. 503 so a proxy in front can retry.
 		if r.Context().Err() != nil {
-			countRefusal("token_wait_cancelled")
+			tokens.CountRefusal("token_wait_cancelled")
 			writeAppError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
 				"The request ended while it waited for a token for "+subj.String()+".", time.Second)
 			return
 		}
-		terr = asTokenError(err)
+		terr = tokens.AsTokenError(err)
 	}
-	terr = withAccount(terr, subj)
-	countRefusal(terr.errorCode())
+	terr = tokens.WithAccount(terr, subj)
+	tokens.CountRefusal(terr.ErrorCode())
 	var retry time.Duration
-	if terr.httpStatus() == http.StatusServiceUnavailable {
-		retry = time.Duration(retryAfterSeconds(terr.retryAt, clk.Now())) * time.Second
+	if terr.HttpStatus() == http.StatusServiceUnavailable {
+		retry = time.Duration(tokens.RetryAfterSeconds(terr.RetryAt, tokens.Clock.Now())) * time.Second
 	}
-	writeAppError(w, terr.httpStatus(), terr.errorCode(), terr.advice(subj.tenant), retry)
-}
-
-// withAccount is terr naming subj's account, so that its advice says how
-// to connect that account. A copy: the error may be shared with other
-// requests (a subject's last error is handed to each while it backs off).
-func withAccount(terr *tokenError, subj subject) *tokenError {
-	if subj.account == "" || terr.account != "" {
-		return terr
-	}
-	named := *terr
-	named.account = subj.account
-	return &named
+	writeAppError(w, terr.HttpStatus(), terr.ErrorCode(), terr.Advice(subj.Tenant), retry)
 }
 
 // errorBody is the JSON answer the app gets when the sidecar refuses a
@@ -517,3 +504,53 @@ var (
 	_ caddy.CleanerUpper          = (*Handler)(nil)
 	_ caddyhttp.MiddlewareHandler = (*Handler)(nil)
 )
+
+// Notify is where the app hears of state changes it must act on.
+type Notify struct {
+	// The app's URL that receives the events (POST, JSON). https, or http
+	// on loopback (127.0.0.1, ::1, localhost). Placeholders such as
+	// {env.FORTNOX_NOTIFY_URL} are resolved when the config loads. Required.
+	URL string `json:"url,omitempty"`
+
+	// The key the events are signed with: each carries
+	// `X-Fortnox-Signature: sha256=<lowercase hex HMAC-SHA256 of the body>`.
+	// Its text after placeholders is the key, as bytes. Use a placeholder
+	// ({env.FORTNOX_NOTIFY_SECRET}) so that the config holds no secret.
+	// Required.
+	Secret string `json:"secret,omitempty"`
+}
+
+// provision resolves and checks a notify block (nil: none).
+func (n *Notify) provision(repl *caddy.Replacer) (*tokens.NotifySettings, error) {
+	if n == nil {
+		return nil, nil
+	}
+	raw, err := resolveSetting(repl, "notify url", n.URL)
+	if err != nil {
+		return nil, err
+	}
+	secret, err := resolveSetting(repl, "notify secret", n.Secret)
+	if err != nil {
+		return nil, err
+	}
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return nil, errors.New("notify url is not an http(s) URL")
+	}
+	if u.User != nil {
+		return nil, errors.New("notify url must not contain credentials: the events are signed with the notify secret")
+	}
+	if u.Scheme == "http" && !isLoopback(u.Hostname()) {
+		return nil, fmt.Errorf("notify url must be https (http only on loopback: 127.0.0.1, ::1, localhost), not http on %s", u.Hostname())
+	}
+	return &tokens.NotifySettings{Url: u.String(), Host: u.Host, Secret: []byte(secret)}, nil
+}
+
+// resolveTokenURL is the configured token URL with placeholders resolved,
+// or Fortnox's.
+func resolveTokenURL(repl *caddy.Replacer, raw string) string {
+	if raw == "" {
+		return DefaultTokenURL
+	}
+	return strings.TrimSpace(repl.ReplaceAll(raw, ""))
+}

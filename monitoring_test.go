@@ -1,10 +1,5 @@
 package fortnox
 
-// Tests of the dashboard (deploy/grafana) and the alert rules
-// (deploy/prometheus): every series they name is exported by a sidecar
-// from its start, the rules pass promtool's checks and unit tests, and
-// every alert has a runbook.
-
 import (
 	"bufio"
 	"encoding/json"
@@ -20,9 +15,8 @@ import (
 	"time"
 	"unicode"
 
-	"gopkg.in/yaml.v3"
-
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"gopkg.in/yaml.v3"
 )
 
 const (

@@ -16,9 +16,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 const testNotifySecret = "notify-secret-7d1e4b"
@@ -32,9 +32,9 @@ type receiver struct {
 
 	mu       sync.Mutex
 	srv      *http.Server
-	failWith int            // 0: 204; otherwise this status
-	attempts []notification // every POST that was read, delivered or not
-	got      []notification // the ones answered 2xx
+	failWith int                   // 0: 204; otherwise this status
+	attempts []tokens.Notification // every POST that was read, delivered or not
+	got      []tokens.Notification // the ones answered 2xx
 	bodies   map[string]string
 }
 
@@ -114,7 +114,7 @@ func (r *receiver) serve(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	var fields map[string]any
-	var n notification
+	var n tokens.Notification
 	if json.Unmarshal(body, &fields) != nil || json.Unmarshal(body, &n) != nil || len(fields) != 6 {
 		r.t.Errorf("receiver: not the six fields: %s", body)
 	}
@@ -141,10 +141,10 @@ func (r *receiver) serve(w http.ResponseWriter, req *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-func (r *receiver) delivered() []notification {
+func (r *receiver) delivered() []tokens.Notification {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	return append([]notification(nil), r.got...)
+	return append([]tokens.Notification(nil), r.got...)
 }
 
 func (r *receiver) tried() int {
@@ -154,7 +154,7 @@ func (r *receiver) tried() int {
 }
 
 // waitDelivered waits until n events were delivered and returns them.
-func (r *receiver) waitDelivered(n int) []notification {
+func (r *receiver) waitDelivered(n int) []tokens.Notification {
 	r.t.Helper()
 	eventually(r.t, 15*time.Second, fmt.Sprintf("%d notifications delivered", n), func() bool { return len(r.delivered()) >= n })
 	return r.delivered()
@@ -207,17 +207,17 @@ func notifySidecar(t *testing.T, fake *fakefortnox.Server, r *receiver, extra ..
 
 // checkEvent fails unless ev is the event, tenant, account and reason
 // wanted, with an id and a recent time.
-func checkEvent(t *testing.T, ev notification, event, tenant, account, reason string) {
+func checkEvent(t *testing.T, ev tokens.Notification, event, tenant, account, reason string) {
 	t.Helper()
 	if ev.Event != event || ev.Tenant != tenant || ev.Account != account || ev.Reason != reason {
 		t.Errorf("event %+v, want %s for tenant %s account %q reason %s", ev, event, tenant, account, reason)
 	}
-	if !validNotificationID(ev.ID) {
+	if !tokens.ValidNotificationID(ev.ID) {
 		t.Errorf("id %q", ev.ID)
 	}
 	at, err := time.Parse(time.RFC3339, ev.At)
-	if err != nil || clk.Now().Sub(at) > 15*time.Minute || at.Sub(clk.Now()) > time.Minute {
-		t.Errorf("at %q (%v) is not RFC 3339 near the plugin's clock %s", ev.At, err, clk.Now().UTC())
+	if err != nil || tokens.Clock.Now().Sub(at) > 15*time.Minute || at.Sub(tokens.Clock.Now()) > time.Minute {
+		t.Errorf("at %q (%v) is not RFC 3339 near the plugin's clock %s", ev.At, err, tokens.Clock.Now().UTC())
 	}
 }
 
@@ -566,11 +566,11 @@ func TestNotifyCaddyfile(t *testing.T) {
 func TestNotifyRetrySchedule(t *testing.T) {
 	want := []time.Duration{5 * time.Second, 10 * time.Second, 20 * time.Second, 40 * time.Second, 80 * time.Second, 160 * time.Second, 5 * time.Minute, 5 * time.Minute}
 	for i, w := range want {
-		if got := notifyRetryAfter(i + 1); got != w {
+		if got := tokens.NotifyRetryAfter(i + 1); got != w {
 			t.Errorf("after %d failures: %v, want %v", i+1, got, w)
 		}
 	}
-	if got := notifyRetryAfter(1000); got != notifyMaxRetry {
+	if got := tokens.NotifyRetryAfter(1000); got != tokens.NotifyMaxRetry {
 		t.Errorf("after 1000: %v", got)
 	}
 }

@@ -13,9 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 )
 
 const testCookieSecret = "cookie-secret-for-tests-0123456789abcdef"

@@ -9,6 +9,8 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"go.opentelemetry.io/otel/trace"
 )
@@ -60,7 +62,7 @@ type pacer struct {
 // share of the process's limiter for (token_url, client_id, limit,
 // window); in cluster mode the budget is Redis's, with that limiter as the
 // fallback. On error, the pacer holds what it took (release it).
-func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, cluster *redisCluster) (pacer, error) {
+func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, cluster *redisstate.Conn) (pacer, error) {
 	var p pacer
 	requests, window := defaultRateRequests, defaultRateWindow
 	p.maxWait = time.Duration(maxWait)
@@ -90,7 +92,7 @@ func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, 
 	p.poolKey = fmt.Sprintf("%s\x00%d\x00%d", managerKey(tokenURL, clientID), requests, effective)
 	val, _, err := limiters.LoadOrNew(p.poolKey, func() (caddy.Destructor, error) {
 		ctx, stop := context.WithCancel(context.Background())
-		l := ratelimit.New(requests, effective, clk)
+		l := ratelimit.New(requests, effective, tokens.Clock)
 		go l.Run(ctx)
 		return &sharedLimiter{Limiter: l, stop: stop}, nil
 	})
@@ -100,7 +102,7 @@ func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, 
 	local := val.(*sharedLimiter).Limiter
 	p.turns, p.requests = local, requests
 	if cluster != nil {
-		p.turns = &redisLimiter{c: cluster, limit: requests, window: effective, local: local}
+		p.turns = &redisstate.Limiter{C: cluster, Limit: requests, Window: effective, Local: local}
 	}
 	return p, nil
 }
@@ -154,7 +156,7 @@ func (p *pacer) waitTurn(w http.ResponseWriter, r *http.Request, tenant string) 
 // never looks for its span, so the cached path costs the same with
 // tracing on or off.
 func traceTurn(r *http.Request, tenant string, waited time.Duration, err error) {
-	_, span := startSpan(r.Context(), spanRateLimit, subject{tenant: tenant},
+	_, span := tokens.StartSpan(r.Context(), tokens.SpanRateLimit, tokens.Subject{Tenant: tenant},
 		trace.WithTimestamp(time.Now().Add(-waited)))
-	span.endErr(err)
+	span.EndErr(err)
 }

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -51,39 +52,39 @@ func (s *sidecar) recordPath(tenant string) string {
 }
 
 // storedRecord reads the tenant's record straight from the storage folder.
-func (s *sidecar) storedRecord(tenant string) *tokenRecord {
+func (s *sidecar) storedRecord(tenant string) *tokens.Record {
 	s.t.Helper()
 	return s.readRecordFile(s.recordPath(tenant))
 }
 
 // readRecordFile reads a plain record file.
-func (s *sidecar) readRecordFile(path string) *tokenRecord {
+func (s *sidecar) readRecordFile(path string) *tokens.Record {
 	s.t.Helper()
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		s.t.Fatalf("reading the stored record: %v", err)
 	}
-	var rec tokenRecord
+	var rec tokens.Record
 	if err := json.Unmarshal(raw, &rec); err != nil {
 		s.t.Fatalf("stored record %s: %v", path, err)
 	}
 	return &rec
 }
 
-func (s *sidecar) tenants() []tenantInfo {
+func (s *sidecar) tenants() []tokens.TenantInfo {
 	s.t.Helper()
 	status, body := s.admin(http.MethodGet, "/fortnox/tenants", "")
 	if status != http.StatusOK {
 		s.t.Fatalf("GET /fortnox/tenants: %d %s", status, body)
 	}
-	var out []tenantInfo
+	var out []tokens.TenantInfo
 	if err := json.Unmarshal([]byte(body), &out); err != nil {
 		s.t.Fatalf("GET /fortnox/tenants: %v: %s", err, body)
 	}
 	return out
 }
 
-func findTenant(infos []tenantInfo, tenant string) *tenantInfo {
+func findTenant(infos []tokens.TenantInfo, tenant string) *tokens.TenantInfo {
 	for i := range infos {
 		if infos[i].Tenant == tenant {
 			return &infos[i]
@@ -136,8 +137,8 @@ func TestRefreshTokenTenantEndToEnd(t *testing.T) {
 			t.Fatalf("step %d: %d %s", step, status, body)
 		}
 		eventually(t, 5*time.Second, "background refresh", func() bool {
-			v, ok := sc.manager().cache.Get("1234567")
-			return ok && !v.(*cachedToken).refreshing.Load()
+			v, ok := sc.manager().Cache.Get("1234567")
+			return ok && !v.(*tokens.Token).Refreshing.Load()
 		})
 		if rt := sc.storedRecord("1234567").RefreshToken; !fake.RefreshTokenValid(rt) {
 			t.Fatalf("step %d: the stored refresh token is not the live one", step)
@@ -244,8 +245,8 @@ func TestRefreshTenantMovesToClientCredentials(t *testing.T) {
 			t.Fatalf("%d %s", status, body)
 		}
 		eventually(t, 5*time.Second, "background refresh", func() bool {
-			v, ok := sc.manager().cache.Get("1234567")
-			return ok && !v.(*cachedToken).refreshing.Load()
+			v, ok := sc.manager().Cache.Get("1234567")
+			return ok && !v.(*tokens.Token).Refreshing.Load()
 		})
 	}
 	info := findTenant(sc.tenants(), "1234567")
@@ -382,7 +383,7 @@ func TestImportRefreshTokenOfUnknownTenant(t *testing.T) {
 func TestAdminAPIWithTwoClients(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1, Clients: map[string]string{testClientID: testClientSecret, "other-client": "other-secret"}})
 	sc := startSidecar(t, fake, "")
-	second := newTokenManager(fake.TokenURL(), "other-client")
+	second := tokens.NewManager(fake.TokenURL(), "other-client")
 	managers.LoadOrStore(managerKey(fake.TokenURL(), "other-client"), second)
 	defer managers.Delete(managerKey(fake.TokenURL(), "other-client"))
 	status, body := sc.admin(http.MethodGet, "/fortnox/tenants", "")

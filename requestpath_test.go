@@ -12,9 +12,9 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap"
-
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"go.uber.org/zap"
 )
 
 // testLogger is the logger of managers built outside Caddy in unit tests.
@@ -148,7 +148,7 @@ func Test401StormIsBounded(t *testing.T) {
 	fake.GrantConsent(testClientID, "1234567")
 	sc := startSidecar(t, fake, "")
 	sc.get("/3/companyinformation", "1234567")
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	for i := range 10 {
 		status, body, _ := sc.get("/3/always-401/x", "1234567")
 		if status != http.StatusUnauthorized || !strings.Contains(string(body), "unauthorized") {
@@ -186,7 +186,7 @@ func TestRefreshTokenTenantAfter401(t *testing.T) {
 			if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
 				t.Fatalf("%d %s", status, body)
 			}
-			advance(fake, freshTokenGrace)
+			advance(fake, tokens.FreshTokenGrace)
 			revoked := sc.storedRecord("1234567").AccessToken
 			fake.RevokeAccessTokens(testClientID, "1234567")
 			big := strings.Repeat("y", 4096)
@@ -223,23 +223,23 @@ func TestRefreshTokenTenantAfter401(t *testing.T) {
 func TestReplayDoesNotJoinAFlightThatReturnsTheFailedToken(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	fake.GrantConsent(testClientID, "1234567")
-	m := newTokenManager(fake.TokenURL(), testClientID)
+	m := tokens.NewManager(fake.TokenURL(), testClientID)
 	defer m.Destruct()
-	m.settings.Store(&managerSettings{cred: credentials{testClientID, testClientSecret}, refreshBefore: time.Minute, tokenTimeout: 5 * time.Second, logger: testLogger(t)})
-	subj := subject{tenant: "1234567"}
-	failed := m.cacheToken(subj, grantClientCredentials, "the-failed-token", clk.Now().Add(-time.Minute), time.Hour, time.Minute)
+	m.Settings.Store(&tokens.Settings{Cred: tokens.Credentials{ClientID: testClientID, ClientSecret: testClientSecret}, RefreshBefore: time.Minute, TokenTimeout: 5 * time.Second, Logger: testLogger(t)})
+	subj := tokens.Subject{Tenant: "1234567"}
+	failed := m.CacheToken(subj, tokens.GrantClientCredentials, "the-failed-token", tokens.Clock.Now().Add(-time.Minute), time.Hour, time.Minute)
 
 	release := make(chan struct{})
 	started := make(chan struct{})
-	go m.flights.Do(subj.key(), func() (any, error) { // a flight that began before the 401
+	go m.Flights.Do(subj.Key(), func() (any, error) { // a flight that began before the 401
 		close(started)
 		<-release
 		return failed, nil
 	})
 	<-started
-	got := make(chan *cachedToken, 1)
+	got := make(chan *tokens.Token, 1)
 	go func() {
-		t, err := m.waitForToken(context.Background(), subj, failed)
+		t, err := m.WaitForToken(context.Background(), subj, failed)
 		if err != nil {
 			panic(err)
 		}
@@ -249,7 +249,7 @@ func TestReplayDoesNotJoinAFlightThatReturnsTheFailedToken(t *testing.T) {
 	close(release)
 	select {
 	case tok := <-got:
-		if tok == failed || tok.bearer == failed.bearer {
+		if tok == failed || tok.Bearer == failed.Bearer {
 			t.Fatal("the replay got the token that just failed")
 		}
 	case <-time.After(10 * time.Second):

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -48,7 +49,7 @@ func newTokenEndpoint(t *testing.T, answer http.HandlerFunc) *tokenEndpoint {
 
 func (e *tokenEndpoint) tokenURL() string { return e.URL + "/oauth-v1/token" }
 
-func (e *tokenEndpoint) client() *tokenClient { return newTokenClient(e.tokenURL()) }
+func (e *tokenEndpoint) client() *tokens.Client { return tokens.NewTokenClient(e.tokenURL()) }
 
 func (e *tokenEndpoint) seen() []seenRequest {
 	e.mu.Lock()
@@ -70,19 +71,19 @@ func answering(status int, contentType, body string, header ...string) http.Hand
 	}
 }
 
-var testCred = credentials{clientID: testClientID, clientSecret: testClientSecret}
+var testCred = tokens.Credentials{ClientID: testClientID, ClientSecret: testClientSecret}
 
 // A refresh token that matches the log scan's pattern, so a leak shows.
 const testRefreshToken = "0123456789abcdef0123456789abcdef01234567"
 
-func wantFailure(t *testing.T, err error, want tokenFailure) *tokenError {
+func wantFailure(t *testing.T, err error, want tokens.TokenFailure) *tokens.Error {
 	t.Helper()
-	var terr *tokenError
+	var terr *tokens.Error
 	if !errors.As(err, &terr) {
 		t.Fatalf("err = %v (%T), want a tokenError", err, err)
 	}
-	if terr.failure != want {
-		t.Fatalf("failure = %d (%v), want %d", terr.failure, terr, want)
+	if terr.Failure != want {
+		t.Fatalf("failure = %d (%v), want %d", terr.Failure, terr, want)
 	}
 	return terr
 }
@@ -96,7 +97,7 @@ func TestTokenAnswers(t *testing.T) {
 		status       int
 		contentType  string // default application/json
 		body         string
-		wantFailure  tokenFailure
+		wantFailure  tokens.TokenFailure
 		wantLifetime time.Duration
 	}{
 		{name: "client credentials", status: 200, body: `{"access_token":"abc","token_type":"bearer","expires_in":3600,"scope":"x"}`, wantLifetime: time.Hour},
@@ -111,17 +112,17 @@ func TestTokenAnswers(t *testing.T) {
 		{name: "two days, no JWT", status: 200, body: `{"access_token":"abc","expires_in":172800}`, wantLifetime: time.Hour},
 		// Stricter than the hand-written client was: x/oauth2 refuses an
 		// expires_in that is not a whole number.
-		{name: "fractional expires_in", status: 200, body: `{"access_token":"abc","expires_in":3600.5}`, wantFailure: failBadAnswer},
-		{name: "expires_in not a number", status: 200, body: `{"access_token":"abc","expires_in":"NaN"}`, wantFailure: failBadAnswer},
-		{name: "not bearer", status: 200, body: `{"access_token":"abc","token_type":"mac"}`, wantFailure: failBadAnswer},
-		{name: "access token with a space", status: 200, body: `{"access_token":"a b"}`, wantFailure: failBadAnswer},
-		{name: "no access token", status: 200, body: `{"token_type":"bearer"}`, wantFailure: failBadAnswer},
-		{name: "html 200", status: 200, contentType: "text/html", body: `<html>maintenance</html>`, wantFailure: failBadAnswer},
-		{name: "error in 200", status: 200, body: `{"error":"invalid_client"}`, wantFailure: failBadClient},
-		{name: "403 without body", status: 403, body: ``, wantFailure: failNoConsent},
-		{name: "500", status: 500, contentType: "text/plain", body: `oops`, wantFailure: failUnavailable},
-		{name: "429", status: 429, body: ``, wantFailure: failUnavailable},
-		{name: "redirect", status: 302, body: ``, wantFailure: failBadAnswer},
+		{name: "fractional expires_in", status: 200, body: `{"access_token":"abc","expires_in":3600.5}`, wantFailure: tokens.FailBadAnswer},
+		{name: "expires_in not a number", status: 200, body: `{"access_token":"abc","expires_in":"NaN"}`, wantFailure: tokens.FailBadAnswer},
+		{name: "not bearer", status: 200, body: `{"access_token":"abc","token_type":"mac"}`, wantFailure: tokens.FailBadAnswer},
+		{name: "access token with a space", status: 200, body: `{"access_token":"a b"}`, wantFailure: tokens.FailBadAnswer},
+		{name: "no access token", status: 200, body: `{"token_type":"bearer"}`, wantFailure: tokens.FailBadAnswer},
+		{name: "html 200", status: 200, contentType: "text/html", body: `<html>maintenance</html>`, wantFailure: tokens.FailBadAnswer},
+		{name: "error in 200", status: 200, body: `{"error":"invalid_client"}`, wantFailure: tokens.FailBadClient},
+		{name: "403 without body", status: 403, body: ``, wantFailure: tokens.FailNoConsent},
+		{name: "500", status: 500, contentType: "text/plain", body: `oops`, wantFailure: tokens.FailUnavailable},
+		{name: "429", status: 429, body: ``, wantFailure: tokens.FailUnavailable},
+		{name: "redirect", status: 302, body: ``, wantFailure: tokens.FailBadAnswer},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -130,7 +131,7 @@ func TestTokenAnswers(t *testing.T) {
 				ct = "application/json"
 			}
 			ep := newTokenEndpoint(t, answering(tt.status, ct, tt.body))
-			a, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
+			a, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 			if n := len(ep.seen()); n != 1 {
 				t.Errorf("%d requests, want 1", n)
 			}
@@ -141,8 +142,8 @@ func TestTokenAnswers(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if a.lifetime != tt.wantLifetime {
-				t.Errorf("lifetime = %v, want %v", a.lifetime, tt.wantLifetime)
+			if a.Lifetime != tt.wantLifetime {
+				t.Errorf("lifetime = %v, want %v", a.Lifetime, tt.wantLifetime)
 			}
 		})
 	}
@@ -156,17 +157,17 @@ func TestTokenErrorClassesForEachContentType(t *testing.T) {
 		status   int
 		body     string
 		refresh  bool // ask with the refresh grant (else client credentials)
-		want     tokenFailure
+		want     tokens.TokenFailure
 		wantCode string
 	}{
-		{name: "invalid_client", status: 401, body: `{"error":"invalid_client","error_description":"The client credentials are invalid"}`, want: failBadClient, wantCode: "invalid_client"},
-		{name: "no consent", status: 400, body: `{"error":"unauthorized_client","error_description":"no consent"}`, want: failNoConsent, wantCode: "unauthorized_client"},
-		{name: "no consent 403", status: 403, body: `{"error":"access_denied"}`, want: failNoConsent, wantCode: "access_denied"},
-		{name: "invalid_grant", status: 400, body: `{"error":"invalid_grant","error_description":"Invalid refresh token"}`, refresh: true, want: failNoConsent, wantCode: "invalid_grant"},
-		{name: "unavailable", status: 503, body: `{"error":"temporarily_unavailable"}`, want: failUnavailable, wantCode: "temporarily_unavailable"},
-		{name: "not JSON 401", status: 401, body: "Unauthorized\n", want: failNoConsent},
-		{name: "not JSON 400 refresh", status: 400, body: "<html>Bad Request</html>", refresh: true, want: failNoConsent},
-		{name: "not JSON 502", status: 502, body: "<html>Bad Gateway</html>", want: failUnavailable},
+		{name: "invalid_client", status: 401, body: `{"error":"invalid_client","error_description":"The client credentials are invalid"}`, want: tokens.FailBadClient, wantCode: "invalid_client"},
+		{name: "no consent", status: 400, body: `{"error":"unauthorized_client","error_description":"no consent"}`, want: tokens.FailNoConsent, wantCode: "unauthorized_client"},
+		{name: "no consent 403", status: 403, body: `{"error":"access_denied"}`, want: tokens.FailNoConsent, wantCode: "access_denied"},
+		{name: "invalid_grant", status: 400, body: `{"error":"invalid_grant","error_description":"Invalid refresh token"}`, refresh: true, want: tokens.FailNoConsent, wantCode: "invalid_grant"},
+		{name: "unavailable", status: 503, body: `{"error":"temporarily_unavailable"}`, want: tokens.FailUnavailable, wantCode: "temporarily_unavailable"},
+		{name: "not JSON 401", status: 401, body: "Unauthorized\n", want: tokens.FailNoConsent},
+		{name: "not JSON 400 refresh", status: 400, body: "<html>Bad Request</html>", refresh: true, want: tokens.FailNoConsent},
+		{name: "not JSON 502", status: 502, body: "<html>Bad Gateway</html>", want: tokens.FailUnavailable},
 	}
 	for _, c := range classes {
 		for _, ct := range []string{"application/json", "text/plain", "text/html", "text/plain; charset=utf-8", ""} {
@@ -174,16 +175,16 @@ func TestTokenErrorClassesForEachContentType(t *testing.T) {
 				ep := newTokenEndpoint(t, answering(c.status, ct, c.body))
 				var err error
 				if c.refresh {
-					_, err = ep.client().refresh(context.Background(), testCred, testRefreshToken)
+					_, err = ep.client().Refresh(context.Background(), testCred, testRefreshToken)
 				} else {
-					_, err = ep.client().clientCredentials(context.Background(), testCred, "1234567")
+					_, err = ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 				}
 				terr := wantFailure(t, err, c.want)
-				if terr.code != c.wantCode {
-					t.Errorf("code = %q, want %q", terr.code, c.wantCode)
+				if terr.Code != c.wantCode {
+					t.Errorf("code = %q, want %q", terr.Code, c.wantCode)
 				}
-				if terr.status != c.status {
-					t.Errorf("status = %d, want %d", terr.status, c.status)
+				if terr.Status != c.status {
+					t.Errorf("status = %d, want %d", terr.Status, c.status)
 				}
 				if n := len(ep.seen()); n != 1 {
 					t.Errorf("%d requests, want exactly 1", n)
@@ -209,12 +210,12 @@ func TestRefusedRequestIsNotSentAgain(t *testing.T) {
 	for name, answer := range answers {
 		t.Run(name, func(t *testing.T) {
 			ep := newTokenEndpoint(t, answer)
-			_, _ = ep.client().clientCredentials(context.Background(), testCred, "1234567")
+			_, _ = ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 			if n := len(ep.seen()); n != 1 {
 				t.Errorf("client credentials: %d requests, want 1", n)
 			}
 			ep2 := newTokenEndpoint(t, answer)
-			_, _ = ep2.client().refresh(context.Background(), testCred, testRefreshToken)
+			_, _ = ep2.client().Refresh(context.Background(), testCred, testRefreshToken)
 			seen := ep2.seen()
 			if len(seen) != 1 {
 				t.Fatalf("refresh: %d requests, want 1", len(seen))
@@ -232,13 +233,13 @@ func TestWhatEachGrantSends(t *testing.T) {
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
 	c := ep.client()
 	ctx := context.Background()
-	if _, err := c.clientCredentials(ctx, testCred, "1234567"); err != nil {
+	if _, err := c.ClientCredentials(ctx, testCred, "1234567"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.refresh(ctx, testCred, testRefreshToken); err != nil {
+	if _, err := c.Refresh(ctx, testCred, testRefreshToken); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := c.exchangeCode(ctx, testCred, "the-code", "https://app.example/callback"); err != nil {
+	if _, err := c.ExchangeCode(ctx, testCred, "the-code", "https://app.example/callback"); err != nil {
 		t.Fatal(err)
 	}
 	want := []struct {
@@ -283,35 +284,35 @@ func TestWhatEachGrantSends(t *testing.T) {
 // is "no new refresh token", not the old one back.
 func TestRefreshAnswerWithoutNewRefreshToken(t *testing.T) {
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
-	a, err := ep.client().refresh(context.Background(), testCred, testRefreshToken)
+	a, err := ep.client().Refresh(context.Background(), testCred, testRefreshToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.refreshToken != "" {
-		t.Errorf("refreshToken = %q, want none", a.refreshToken)
+	if a.RefreshToken != "" {
+		t.Errorf("refreshToken = %q, want none", a.RefreshToken)
 	}
 	const rotated = "fedcba9876543210fedcba9876543210fedcba98"
 	ep = newTokenEndpoint(t, answering(200, "text/html", `{"access_token":"abc","refresh_token":"`+rotated+`","expires_in":3600,"scope":"companyinformation"}`))
-	a, err = ep.client().refresh(context.Background(), testCred, testRefreshToken)
+	a, err = ep.client().Refresh(context.Background(), testCred, testRefreshToken)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.refreshToken != rotated || a.scope != "companyinformation" {
-		t.Errorf("refreshToken %q scope %q, want the rotated token and the scope", a.refreshToken, a.scope)
+	if a.RefreshToken != rotated || a.Scope != "companyinformation" {
+		t.Errorf("refreshToken %q scope %q, want the rotated token and the scope", a.RefreshToken, a.Scope)
 	}
 }
 
 // The lifetime is read from the raw expires_in, not from x/oauth2's Expiry
 // (time.Now based): it is exact, however far the plugin's clock has moved.
 func TestLifetimeIgnoresTheWallClock(t *testing.T) {
-	clk.Advance(3 * time.Hour)
+	tokens.Clock.Advance(3 * time.Hour)
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
-	a, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
+	a, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if a.lifetime != time.Hour {
-		t.Errorf("lifetime = %v, want exactly 1h", a.lifetime)
+	if a.Lifetime != time.Hour {
+		t.Errorf("lifetime = %v, want exactly 1h", a.Lifetime)
 	}
 }
 
@@ -326,21 +327,21 @@ func TestRetryAfterFromFortnox(t *testing.T) {
 		{503, "down", "30", 30 * time.Second},
 		{429, `{"error":"slow_down"}`, "7", 7 * time.Second},
 		{500, "", " 12 ", 12 * time.Second},
-		{503, "<html>" + strings.Repeat("x", maxTokenAnswer) + "</html>", "45", 45 * time.Second}, // over the bound: not read, still "later"
-		{503, "", "Wed, 21 Oct 2015 07:28:00 GMT", 0},                                             // dates are ignored
-		{503, "", "86400", time.Hour},                                                             // capped
+		{503, "<html>" + strings.Repeat("x", tokens.MaxTokenAnswer) + "</html>", "45", 45 * time.Second}, // over the bound: not read, still "later"
+		{503, "", "Wed, 21 Oct 2015 07:28:00 GMT", 0},                                                    // dates are ignored
+		{503, "", "86400", time.Hour},                                                                    // capped
 	} {
 		t.Run(strconv.Itoa(tt.status)+" "+strings.TrimSpace(tt.value), func(t *testing.T) {
 			ep := newTokenEndpoint(t, answering(tt.status, "text/plain", tt.body, "Retry-After", tt.value))
-			_, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
-			terr := wantFailure(t, err, failUnavailable)
+			_, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
+			terr := wantFailure(t, err, tokens.FailUnavailable)
 			if tt.want == 0 {
-				if !terr.retryAt.IsZero() {
+				if !terr.RetryAt.IsZero() {
 					t.Errorf("retryAt set from %q", tt.value)
 				}
 				return
 			}
-			if got := terr.retryAt.Sub(clk.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
+			if got := terr.RetryAt.Sub(tokens.Clock.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
 				t.Errorf("retryAt in %v, want about %v", got, tt.want)
 			}
 		})
@@ -351,28 +352,28 @@ func TestRetryAfterFromFortnox(t *testing.T) {
 // or 429 over it is still "try later"; an answer at the bound is read.
 func TestAnswerSizeBound(t *testing.T) {
 	valid := `{"access_token":"abc","expires_in":3600}`
-	atBound := valid + strings.Repeat(" ", maxTokenAnswer-len(valid))
+	atBound := valid + strings.Repeat(" ", tokens.MaxTokenAnswer-len(valid))
 	tests := []struct {
 		name   string
 		status int
 		body   string
-		want   tokenFailure
+		want   tokens.TokenFailure
 	}{
 		{"at the bound", 200, atBound, 0},
-		{"one byte over", 200, atBound + " ", failBadAnswer},
-		{"huge token", 200, `{"access_token":"` + strings.Repeat("a", maxTokenAnswer) + `"}`, failBadAnswer},
-		{"huge 503 page", 503, "<html>" + strings.Repeat("x", maxTokenAnswer) + "</html>", failUnavailable},
-		{"huge 429", 429, strings.Repeat(" ", maxTokenAnswer+1), failUnavailable},
+		{"one byte over", 200, atBound + " ", tokens.FailBadAnswer},
+		{"huge token", 200, `{"access_token":"` + strings.Repeat("a", tokens.MaxTokenAnswer) + `"}`, tokens.FailBadAnswer},
+		{"huge 503 page", 503, "<html>" + strings.Repeat("x", tokens.MaxTokenAnswer) + "</html>", tokens.FailUnavailable},
+		{"huge 429", 429, strings.Repeat(" ", tokens.MaxTokenAnswer+1), tokens.FailUnavailable},
 		// Not read, so it cannot say invalid_grant: it must not mark a
 		// refresh token dead.
-		{"huge 400", 400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", maxTokenAnswer) + `"}`, failBadAnswer},
+		{"huge 400", 400, `{"error":"invalid_grant","error_description":"` + strings.Repeat("y", tokens.MaxTokenAnswer) + `"}`, tokens.FailBadAnswer},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ep := newTokenEndpoint(t, answering(tt.status, "application/json", tt.body))
-			a, err := ep.client().refresh(context.Background(), testCred, testRefreshToken)
+			a, err := ep.client().Refresh(context.Background(), testCred, testRefreshToken)
 			if tt.want == 0 {
-				if err != nil || a.accessToken != "abc" {
+				if err != nil || a.AccessToken != "abc" {
 					t.Fatalf("answer %v, %v; want the token", a, err)
 				}
 				return
@@ -389,10 +390,10 @@ func TestNoRedirects(t *testing.T) {
 		ep := newTokenEndpoint(t, func(w http.ResponseWriter, r *http.Request) {
 			http.Redirect(w, r, elsewhere.tokenURL(), status)
 		})
-		_, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
-		terr := wantFailure(t, err, failBadAnswer)
-		if terr.status != status {
-			t.Errorf("%d: status %d", status, terr.status)
+		_, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
+		terr := wantFailure(t, err, tokens.FailBadAnswer)
+		if terr.Status != status {
+			t.Errorf("%d: status %d", status, terr.Status)
 		}
 	}
 	if n := len(elsewhere.seen()); n != 0 {
@@ -412,12 +413,12 @@ func TestTokenErrorTextHasNoBody(t *testing.T) {
 		{200, `{"access_token":"rt-secret","token_type":"mac"}`},
 	} {
 		ep := newTokenEndpoint(t, answering(tt.status, "text/plain", tt.body))
-		_, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
+		_, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 		if err == nil {
 			t.Fatalf("%d %s: no error", tt.status, tt.body)
 		}
-		terr := asTokenError(err)
-		if text := err.Error() + terr.advice("1"); strings.Contains(text, "rt-secret") {
+		terr := tokens.AsTokenError(err)
+		if text := err.Error() + terr.Advice("1"); strings.Contains(text, "rt-secret") {
 			t.Errorf("error text repeats the body: %s", text)
 		}
 	}
@@ -432,8 +433,8 @@ func TestUnusableAnswerSaysWhy(t *testing.T) {
 		`{"access_token":"abc","expires_in":3600.5}`:       "whole number of seconds",
 	} {
 		ep := newTokenEndpoint(t, answering(200, "application/json", body))
-		_, err := ep.client().clientCredentials(context.Background(), testCred, "1234567")
-		if terr := wantFailure(t, err, failBadAnswer); !strings.Contains(terr.Error(), want) {
+		_, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
+		if terr := wantFailure(t, err, tokens.FailBadAnswer); !strings.Contains(terr.Error(), want) {
 			t.Errorf("%s: %q does not say %q", body, terr.Error(), want)
 		}
 	}
@@ -477,32 +478,32 @@ func TestTransportFailureClasses(t *testing.T) {
 	tests := []struct {
 		name     string
 		url      string
-		kind     transportKind
+		kind     tokens.TransportKind
 		wantText []string
 		wantHint string
 	}{
-		{"DNS", "https://tokens.caddy-fortnox.invalid/oauth-v1/token", transportDNS, []string{"DNS failure", "tokens.caddy-fortnox.invalid"}, "DNS resolver"},
-		{"refused", "http://" + refused + "/oauth-v1/token", transportRefused, []string{"connection refused", refused}, "blocks the port"},
-		{"timeout", slow.URL + "/oauth-v1/token", transportTimeout, []string{"timed out", strings.TrimPrefix(slow.URL, "http://")}, "token_timeout"},
-		{"TLS untrusted", tlsServer.URL + "/oauth-v1/token", transportTLS, []string{"TLS failure", "not trusted"}, "CA certificates"},
-		{"TLS to plain HTTP", strings.Replace(plain.URL, "http:", "https:", 1) + "/oauth-v1/token", transportTLS, []string{"TLS failure", "does not speak TLS"}, "CA certificates"},
-		{"hang-up", hangUp.URL + "/oauth-v1/token", transportClosed, []string{"closed without an answer"}, ""},
+		{"DNS", "https://tokens.caddy-fortnox.invalid/oauth-v1/token", tokens.TransportDNS, []string{"DNS failure", "tokens.caddy-fortnox.invalid"}, "DNS resolver"},
+		{"refused", "http://" + refused + "/oauth-v1/token", tokens.TransportRefused, []string{"connection refused", refused}, "blocks the port"},
+		{"timeout", slow.URL + "/oauth-v1/token", tokens.TransportTimeout, []string{"timed out", strings.TrimPrefix(slow.URL, "http://")}, "token_timeout"},
+		{"TLS untrusted", tlsServer.URL + "/oauth-v1/token", tokens.TransportTLS, []string{"TLS failure", "not trusted"}, "CA certificates"},
+		{"TLS to plain HTTP", strings.Replace(plain.URL, "http:", "https:", 1) + "/oauth-v1/token", tokens.TransportTLS, []string{"TLS failure", "does not speak TLS"}, "CA certificates"},
+		{"hang-up", hangUp.URL + "/oauth-v1/token", tokens.TransportClosed, []string{"closed without an answer"}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			budget := 10 * time.Second // only the timeout case should time out
-			if tt.kind == transportTimeout {
+			if tt.kind == tokens.TransportTimeout {
 				budget = 300 * time.Millisecond
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), budget)
 			defer cancel()
-			_, err := newTokenClient(tt.url).clientCredentials(ctx, testCred, "1234567")
-			terr := wantFailure(t, err, failUnavailable)
-			var te *transportError
-			if !errors.As(terr.cause, &te) || te.kind != tt.kind {
-				t.Fatalf("cause %v (%T), want transport failure kind %d", terr.cause, terr.cause, tt.kind)
+			_, err := tokens.NewTokenClient(tt.url).ClientCredentials(ctx, testCred, "1234567")
+			terr := wantFailure(t, err, tokens.FailUnavailable)
+			var te *tokens.TransportError
+			if !errors.As(terr.Cause, &te) || te.Kind != tt.kind {
+				t.Fatalf("cause %v (%T), want transport failure kind %d", terr.Cause, terr.Cause, tt.kind)
 			}
-			advice := terr.advice("1234567")
+			advice := terr.Advice("1234567")
 			for _, text := range []string{terr.Error(), advice} {
 				for _, want := range tt.wantText {
 					if !strings.Contains(text, want) {
@@ -565,17 +566,17 @@ func TestUnavailableAnswerNamesTheCause(t *testing.T) {
 }
 
 func TestRefreshAheadAfter(t *testing.T) {
-	if got := refreshAheadAfter(time.Hour, 5*time.Minute); got != 55*time.Minute {
+	if got := tokens.RefreshAheadAfter(time.Hour, 5*time.Minute); got != 55*time.Minute {
 		t.Errorf("1h token: %v", got)
 	}
-	if got := refreshAheadAfter(time.Minute, 5*time.Minute); got != 30*time.Second {
+	if got := tokens.RefreshAheadAfter(time.Minute, 5*time.Minute); got != 30*time.Second {
 		t.Errorf("1m token: %v", got)
 	}
 }
 
 func TestBackoffDelayGrowsAndCaps(t *testing.T) {
 	for n, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 7: time.Minute, 50: time.Minute} {
-		got := backoffDelay(n)
+		got := tokens.BackoffDelay(n)
 		if got < want*8/10 || got > want*12/10 {
 			t.Errorf("backoffDelay(%d) = %v, want %v ±20%%", n, got, want)
 		}
@@ -611,11 +612,11 @@ func (t bodyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // A huge answer is not read past the bound (x/oauth2 would read a MiB).
 func TestAnswerIsNotReadPastTheBound(t *testing.T) {
 	body := &countingBody{left: 8 << 20}
-	c := newTokenClient("https://apps.fortnox.example/oauth-v1/token")
-	c.transport = bodyTransport{body}
-	_, err := c.clientCredentials(context.Background(), testCred, "1234567")
-	wantFailure(t, err, failBadAnswer)
-	if body.read > maxTokenAnswer+1 {
-		t.Errorf("read %d bytes of the answer, want at most %d", body.read, maxTokenAnswer+1)
+	c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token")
+	c.Transport = bodyTransport{body}
+	_, err := c.ClientCredentials(context.Background(), testCred, "1234567")
+	wantFailure(t, err, tokens.FailBadAnswer)
+	if body.read > tokens.MaxTokenAnswer+1 {
+		t.Errorf("read %d bytes of the answer, want at most %d", body.read, tokens.MaxTokenAnswer+1)
 	}
 }

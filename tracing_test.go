@@ -11,6 +11,10 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"go.opentelemetry.io/contrib/exporters/autoexport"
@@ -18,10 +22,6 @@ import (
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 // Caddy's `tracing` directive builds its tracer provider from the
@@ -196,16 +196,16 @@ func TestTracingColdAndCachedToken(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans := traceSpans(t, tid)
-	token := only(t, spans, spanToken)
+	token := only(t, spans, tokens.SpanToken)
 	wantParent(t, token, serverSpan(t, spans))
-	wantAttrs(t, token, map[attribute.Key]string{attrTenant: "1234567", attrGrant: grantClientCredentials, attrOutcome: "ok", attrAccount: ""})
-	request := only(t, spans, spanTokenRequest)
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrOutcome: "ok", tokens.AttrAccount: ""})
+	request := only(t, spans, tokens.SpanTokenRequest)
 	wantParent(t, request, token)
-	wantAttrs(t, request, map[attribute.Key]string{attrTenant: "1234567", attrGrant: grantClientCredentials, attrStatus: "200", attrOutcome: "ok"})
+	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrStatus: "200", tokens.AttrOutcome: "ok"})
 	if !request.StartTime.Before(request.EndTime) || request.StartTime.Before(token.StartTime) || request.EndTime.After(token.EndTime) {
 		t.Errorf("the token request (%v to %v) is not within the token span (%v to %v)", request.StartTime, request.EndTime, token.StartTime, token.EndTime)
 	}
-	if n := len(named(spans, spanRateLimit)); n != 0 {
+	if n := len(named(spans, tokens.SpanRateLimit)); n != 0 {
 		t.Errorf("%d rate-limit spans for a request that did not wait", n)
 	}
 
@@ -232,11 +232,11 @@ func TestTracingRefusedToken(t *testing.T) {
 		t.Fatalf("status %d, want 403", status)
 	}
 	spans := traceSpans(t, tid)
-	token := only(t, spans, spanToken)
-	wantAttrs(t, token, map[attribute.Key]string{attrOutcome: "tenant_not_authorized", attrGrant: ""})
-	request := only(t, spans, spanTokenRequest)
-	wantAttrs(t, request, map[attribute.Key]string{attrGrant: grantClientCredentials, attrOutcome: "tenant_not_authorized"})
-	if got := attr(request, attrStatus); got == "" || got[0] != '4' {
+	token := only(t, spans, tokens.SpanToken)
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrOutcome: "tenant_not_authorized", tokens.AttrGrant: ""})
+	request := only(t, spans, tokens.SpanTokenRequest)
+	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrOutcome: "tenant_not_authorized"})
+	if got := attr(request, tokens.AttrStatus); got == "" || got[0] != '4' {
 		t.Errorf("Fortnox's status on the token request: %q, want its 4xx", got)
 	}
 }
@@ -257,29 +257,29 @@ func TestTracingRefreshTokenPath(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans := traceSpans(t, tid)
-	token := only(t, spans, spanToken)
-	wantAttrs(t, token, map[attribute.Key]string{attrGrant: grantRefreshToken, attrOutcome: "ok"})
+	token := only(t, spans, tokens.SpanToken)
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantRefreshToken, tokens.AttrOutcome: "ok"})
 	var grants []string
-	for _, s := range named(spans, spanTokenRequest) {
+	for _, s := range named(spans, tokens.SpanTokenRequest) {
 		wantParent(t, s, token)
-		grants = append(grants, attr(s, attrGrant)+"="+attr(s, attrOutcome)+"/"+attr(s, attrStatus))
+		grants = append(grants, attr(s, tokens.AttrGrant)+"="+attr(s, tokens.AttrOutcome)+"/"+attr(s, tokens.AttrStatus))
 	}
 	// Client credentials first (no consent), then the refresh token.
 	if want := []string{"client_credentials=tenant_not_authorized/", "refresh_token=ok/200"}; len(grants) != 2 || grants[1] != want[1] || !strings.HasPrefix(grants[0], want[0]) {
 		t.Errorf("token requests %v, want %v (with Fortnox's 4xx)", grants, want)
 	}
-	lock := only(t, spans, spanLock)
+	lock := only(t, spans, tokens.SpanLock)
 	wantParent(t, lock, token)
-	wantAttrs(t, lock, map[attribute.Key]string{attrTenant: "1234567", attrOutcome: "ok"})
+	wantAttrs(t, lock, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok"})
 	var ops []string
-	for _, s := range named(spans, spanStore) {
+	for _, s := range named(spans, tokens.SpanStore) {
 		wantParent(t, s, token)
-		if attr(s, attrOutcome) != "ok" {
-			t.Errorf("store %s: outcome %s", attr(s, attrOperation), attr(s, attrOutcome))
+		if attr(s, tokens.AttrOutcome) != "ok" {
+			t.Errorf("store %s: outcome %s", attr(s, tokens.AttrOperation), attr(s, tokens.AttrOutcome))
 		}
-		ops = append(ops, attr(s, attrOperation))
+		ops = append(ops, attr(s, tokens.AttrOperation))
 	}
-	for _, op := range []string{opLoadRecord, opSaveRecord} {
+	for _, op := range []string{tokens.OpLoadRecord, tokens.OpSaveRecord} {
 		if !slices.Contains(ops, op) {
 			t.Errorf("store operations %v: no %s", ops, op)
 		}
@@ -293,9 +293,9 @@ func TestTracingRefreshTokenPath(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans = traceSpans(t, tid)
-	wantAttrs(t, only(t, spans, spanToken), map[attribute.Key]string{attrTenant: "1234567", attrAccount: "anna", attrGrant: grantRefreshToken, attrOutcome: "ok"})
-	for _, s := range named(spans, spanStore) {
-		wantAttrs(t, s, map[attribute.Key]string{attrTenant: "1234567", attrAccount: "anna"})
+	wantAttrs(t, only(t, spans, tokens.SpanToken), map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrAccount: "anna", tokens.AttrGrant: tokens.GrantRefreshToken, tokens.AttrOutcome: "ok"})
+	for _, s := range named(spans, tokens.SpanStore) {
+		wantAttrs(t, s, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrAccount: "anna"})
 	}
 	noSecretsInSpans(t)
 }
@@ -316,9 +316,9 @@ func TestTracingRateLimitWait(t *testing.T) {
 		t.Fatal(status)
 	}
 	spans := traceSpans(t, tid)
-	wait := only(t, spans, spanRateLimit)
+	wait := only(t, spans, tokens.SpanRateLimit)
 	wantParent(t, wait, serverSpan(t, spans))
-	wantAttrs(t, wait, map[attribute.Key]string{attrTenant: "1234567", attrOutcome: "ok"})
+	wantAttrs(t, wait, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok"})
 	if d := wait.EndTime.Sub(wait.StartTime); d <= 0 || d > 3500*time.Millisecond {
 		t.Errorf("the wait span lasted %v, want up to the window (3s)", d)
 	}
@@ -330,7 +330,7 @@ func TestTracingRateLimitWait(t *testing.T) {
 	if status != http.StatusTooManyRequests {
 		t.Fatalf("status %d, want 429", status)
 	}
-	wantAttrs(t, only(t, traceSpans(t, tid), spanRateLimit), map[attribute.Key]string{attrOutcome: outcomeRateLimited})
+	wantAttrs(t, only(t, traceSpans(t, tid), tokens.SpanRateLimit), map[attribute.Key]string{tokens.AttrOutcome: tokens.OutcomeRateLimited})
 }
 
 func startFakeWithConsent(t *testing.T) *fakefortnox.Server {
@@ -347,20 +347,20 @@ func TestTracingReplayAfter401(t *testing.T) {
 	if status, _, _ := sc.tracedGet("/3/companyinformation", "1234567"); status != http.StatusOK {
 		t.Fatal(status)
 	}
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 	status, body, tid := sc.tracedGet("/3/companyinformation", "1234567")
 	if status != http.StatusOK {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans := traceSpans(t, tid)
-	replay := only(t, spans, spanReplay)
+	replay := only(t, spans, tokens.SpanReplay)
 	wantParent(t, replay, serverSpan(t, spans))
-	wantAttrs(t, replay, map[attribute.Key]string{attrTenant: "1234567", attrOutcome: "ok"})
-	token := only(t, spans, spanToken)
+	wantAttrs(t, replay, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok"})
+	token := only(t, spans, tokens.SpanToken)
 	wantParent(t, token, replay)
-	wantAttrs(t, token, map[attribute.Key]string{attrOutcome: "ok", attrGrant: grantClientCredentials})
-	wantParent(t, only(t, spans, spanTokenRequest), token)
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
+	wantParent(t, only(t, spans, tokens.SpanTokenRequest), token)
 	noSecretsInSpans(t)
 }
 
@@ -380,13 +380,13 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 		t.Fatal(status)
 	}
 	spans := traceSpans(t, tid)
-	if n := len(named(spans, spanToken)); n != 0 {
+	if n := len(named(spans, tokens.SpanToken)); n != 0 {
 		t.Errorf("the request that started the refresh has %d token spans; the refresh is not its own", n)
 	}
 	req := serverSpan(t, spans)
 	var bg tracetest.SpanStub
 	eventually(t, 10*time.Second, "the background refresh's span", func() bool {
-		for _, s := range named(traceSink.GetSpans(), spanToken) {
+		for _, s := range named(traceSink.GetSpans(), tokens.SpanToken) {
 			if len(s.Links) == 1 && s.Links[0].SpanContext.SpanID() == req.SpanContext.SpanID() {
 				bg = s
 				return true
@@ -397,18 +397,18 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 	if bg.Parent.IsValid() || bg.SpanContext.TraceID() == tid {
 		t.Errorf("the background refresh is not a root span of its own trace (parent %v)", bg.Parent.SpanID())
 	}
-	wantAttrs(t, bg, map[attribute.Key]string{attrBackground: "true", attrTenant: "1234567", attrOutcome: "ok", attrGrant: grantClientCredentials})
+	wantAttrs(t, bg, map[attribute.Key]string{tokens.AttrBackground: "true", tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
 	var requests tracetest.SpanStubs
 	eventually(t, 10*time.Second, "the background refresh's token request span", func() bool {
 		requests = nil
-		for _, s := range named(traceSink.GetSpans(), spanTokenRequest) {
+		for _, s := range named(traceSink.GetSpans(), tokens.SpanTokenRequest) {
 			if s.Parent.SpanID() == bg.SpanContext.SpanID() {
 				requests = append(requests, s)
 			}
 		}
 		return len(requests) == 1
 	})
-	wantAttrs(t, requests[0], map[attribute.Key]string{attrGrant: grantClientCredentials, attrStatus: "200"})
+	wantAttrs(t, requests[0], map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrStatus: "200"})
 	noSecretsInSpans(t)
 }
 
@@ -425,21 +425,21 @@ func TestTracingClusterMode(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans := traceSpans(t, tid)
-	token := only(t, spans, spanToken)
-	lock := only(t, spans, spanLock)
+	token := only(t, spans, tokens.SpanToken)
+	lock := only(t, spans, tokens.SpanLock)
 	wantParent(t, lock, token)
-	wantAttrs(t, lock, map[attribute.Key]string{attrTenant: "1234567", attrOutcome: "ok"})
+	wantAttrs(t, lock, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok"})
 	var ops []string
-	for _, s := range named(spans, spanStore) {
+	for _, s := range named(spans, tokens.SpanStore) {
 		wantParent(t, s, token)
-		ops = append(ops, attr(s, attrOperation)+"="+attr(s, attrOutcome))
+		ops = append(ops, attr(s, tokens.AttrOperation)+"="+attr(s, tokens.AttrOutcome))
 	}
-	for _, op := range []string{opLoadSharedToken + "=ok", opShareToken + "=ok"} {
+	for _, op := range []string{tokens.OpLoadSharedToken + "=ok", tokens.OpShareToken + "=ok"} {
 		if !slices.Contains(ops, op) {
 			t.Errorf("store operations %v: no %s", ops, op)
 		}
 	}
-	wantAttrs(t, only(t, spans, spanTokenRequest), map[attribute.Key]string{attrStatus: "200", attrOutcome: "ok"})
+	wantAttrs(t, only(t, spans, tokens.SpanTokenRequest), map[attribute.Key]string{tokens.AttrStatus: "200", tokens.AttrOutcome: "ok"})
 	noSecretsInSpans(t)
 }
 
@@ -524,26 +524,26 @@ func TestTracingSingleFlight(t *testing.T) {
 	}
 	second := <-joined
 
-	leader := only(t, traceSpans(t, first), spanToken)
-	wantAttrs(t, leader, map[attribute.Key]string{attrOutcome: outcomeCancelled})
-	follower := only(t, traceSpans(t, second), spanToken)
-	wantAttrs(t, follower, map[attribute.Key]string{attrOutcome: "ok", attrGrant: grantClientCredentials})
+	leader := only(t, traceSpans(t, first), tokens.SpanToken)
+	wantAttrs(t, leader, map[attribute.Key]string{tokens.AttrOutcome: tokens.OutcomeCancelled})
+	follower := only(t, traceSpans(t, second), tokens.SpanToken)
+	wantAttrs(t, follower, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
 	if len(follower.Links) != 1 || follower.Links[0].SpanContext.SpanID() != leader.SpanContext.SpanID() {
 		t.Errorf("the joining request's token span links to %v, want the first request's token span", follower.Links)
 	}
-	if n := len(named(traceSpans(t, second), spanTokenRequest)); n != 0 {
+	if n := len(named(traceSpans(t, second), tokens.SpanTokenRequest)); n != 0 {
 		t.Errorf("the joining request has %d token request spans of its own", n)
 	}
 	var request tracetest.SpanStub
 	eventually(t, 10*time.Second, "the token request's span", func() bool {
-		found := named(traceSink.GetSpans(), spanTokenRequest)
+		found := named(traceSink.GetSpans(), tokens.SpanTokenRequest)
 		if len(found) == 1 {
 			request = found[0]
 		}
 		return len(found) == 1
 	})
 	wantParent(t, request, leader)
-	wantAttrs(t, request, map[attribute.Key]string{attrOutcome: "ok", attrStatus: "200"})
+	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrStatus: "200"})
 	if n := fake.TokenRequests("", ""); n != 1 {
 		t.Errorf("%d token requests, want 1", n)
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -30,8 +31,8 @@ func TestRevokedTokenIsReplayedInvisibly(t *testing.T) {
 			if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
 				t.Fatalf("warm-up: %d %s", status, body)
 			}
-			advance(fake, freshTokenGrace) // a 401 on a token minted seconds ago is not the token's fault
-			advance(fake, freshTokenGrace)
+			advance(fake, tokens.FreshTokenGrace) // a 401 on a token minted seconds ago is not the token's fault
+			advance(fake, tokens.FreshTokenGrace)
 			fake.RevokeAccessTokens(testClientID, "1234567")
 			fake.Reset()
 
@@ -84,7 +85,7 @@ func TestLargeBodyIsNotReplayed(t *testing.T) {
 	fake.GrantConsent(testClientID, "1234567")
 	sc := startSidecar(t, fake, "replay_body_limit 1KiB")
 	sc.get("/3/companyinformation", "1234567")
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 
 	big := `{"x":"` + strings.Repeat("a", 4096) + `"}`
@@ -107,7 +108,7 @@ func TestBurstOf401sMakesOneTokenRequest(t *testing.T) {
 	fake.GrantConsent(testClientID, "1234567")
 	sc := startSidecar(t, fake, "rate_limit off")
 	sc.get("/3/companyinformation", "1234567")
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 	fake.SetFault(fakefortnox.Fault{Delay: 100 * time.Millisecond}) // the burst meets the 401s while the new token is in flight
 	fake.Reset()
@@ -300,7 +301,7 @@ func TestMetrics(t *testing.T) {
 		sc.get("/3/companyinformation", "1234567") // 1 miss, 2 hits
 	}
 	sc.get("/3/companyinformation", "5550001") // no consent: a failed token request
-	advance(fake, freshTokenGrace)
+	advance(fake, tokens.FreshTokenGrace)
 	fake.RevokeAccessTokens(testClientID, "1234567")
 	sc.get("/3/companyinformation", "1234567") // a replay
 	// Another tenant: a turn for its first request (a miss), then a burst

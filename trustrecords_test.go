@@ -12,13 +12,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
 )
 
 // The trust boundary, as far as stored records and the log go: a refresh
@@ -76,7 +77,7 @@ http://127.0.0.1:%[1]d {
 			t.Setenv("FORTNOX_TEST_CLIENT_ID", testClientID)
 			t.Setenv("FORTNOX_TEST_CLIENT_SECRET", testClientSecret)
 			sc := &sidecar{t: t, fake: fake, dir: t.TempDir()}
-			tokenURL := cmpOr(tt.tokenURL, fake.TokenURL())
+			tokenURL := tokens.CmpOr(tt.tokenURL, fake.TokenURL())
 			sc.caddyfileTemplate = caddyfileTemplate{port: freePort(t), adminPort: freePort(t), tokenURL: tokenURL, upstream: fake.URL(), extraSites: tt.extra}
 			err := sc.load()
 			t.Cleanup(func() { _ = stopCaddy() })
@@ -180,8 +181,8 @@ func TestRecordGoesOnlyToItsTokenURL(t *testing.T) {
 func TestUnstampedRecordIsStampedOnNextWrite(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
-	writeRecord(t, sc, "1234567", tokenRecord{Tenant: "1234567", ClientID: testClientID, Mode: grantRefreshToken,
-		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: clk.Now().UTC()})
+	writeRecord(t, sc, "1234567", tokens.Record{Tenant: "1234567", ClientID: testClientID, Mode: tokens.GrantRefreshToken,
+		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: tokens.Clock.Now().UTC()})
 	if rec := sc.storedRecord("1234567"); rec.TokenURL != "" {
 		t.Fatalf("the old record carries %q", rec.TokenURL)
 	}
@@ -205,7 +206,7 @@ func TestUnencryptedRecordIsRefusedUntilEncrypted(t *testing.T) {
 	sc := startSidecar(t, fake, "")
 	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
 	sc.putAccountToken("1234567", "anna", fake.IssueUserRefreshToken(testClientID, "1234567", annaUser))
-	if raw, _ := os.ReadFile(sc.recordPath("1234567")); strings.Contains(string(raw), encryptionAlgorithm) {
+	if raw, _ := os.ReadFile(sc.recordPath("1234567")); strings.Contains(string(raw), tokens.EncryptionAlgorithm) {
 		t.Fatal("without a key the record is encrypted")
 	}
 	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
@@ -260,8 +261,8 @@ func TestUnencryptedRecordIsRefusedUntilEncrypted(t *testing.T) {
 	encrypted := map[string][]byte{}
 	for _, path := range []string{sc.recordPath("1234567"), sc.accountRecordPath("1234567", "anna")} {
 		raw, _ := os.ReadFile(path)
-		var probe encryptedRecord
-		if json.Unmarshal(raw, &probe) != nil || probe.Encrypted != encryptionAlgorithm || strings.Contains(string(raw), "refresh_token") {
+		var probe tokens.EncryptedRecord
+		if json.Unmarshal(raw, &probe) != nil || probe.Encrypted != tokens.EncryptionAlgorithm || strings.Contains(string(raw), "refresh_token") {
 			t.Errorf("%s is not encrypted: %s", path, raw)
 		}
 		encrypted[path] = raw
@@ -324,7 +325,7 @@ func TestEncryptLeavesCopiedRecordAlone(t *testing.T) {
 	}
 	sc.get("/3/companyinformation", "1234567") // the first request installs the new settings
 	st, b := sc.admin(http.MethodPost, "/fortnox/encrypt", "")
-	var res encryptResult
+	var res tokens.EncryptResult
 	if st != http.StatusOK || json.Unmarshal([]byte(b), &res) != nil || len(res.Encrypted) != 1 || len(res.Failed) != 1 ||
 		!strings.Contains(res.Failed[0], "7654321.json") || !strings.Contains(res.Failed[0], "belongs elsewhere") {
 		t.Fatalf("POST /fortnox/encrypt with a copied record: %d %s", st, b)
@@ -332,7 +333,7 @@ func TestEncryptLeavesCopiedRecordAlone(t *testing.T) {
 	if raw, _ := os.ReadFile(sc.recordPath("7654321")); !bytes.Equal(raw, original) {
 		t.Error("the copied record was changed")
 	}
-	if raw, _ := os.ReadFile(sc.recordPath("1234567")); !strings.Contains(string(raw), encryptionAlgorithm) {
+	if raw, _ := os.ReadFile(sc.recordPath("1234567")); !strings.Contains(string(raw), tokens.EncryptionAlgorithm) {
 		t.Error("the tenant's own record was not encrypted")
 	}
 	status, body, _ := sc.get("/3/companyinformation", "7654321")
@@ -354,7 +355,7 @@ func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {
 	// plain JSON.
 	sc := startSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}")
 	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
-	valueKey := redisKeyPrefix + "record:" + recordKey(testClientID, subject{tenant: "1234567"})
+	valueKey := redisstate.RedisKeyPrefix + "record:" + tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567"})
 	plain := client.Get(context.Background(), valueKey).Val()
 	if !strings.Contains(plain, `"refresh_token"`) {
 		t.Fatalf("no plain record in Redis: %q", plain)
@@ -364,14 +365,14 @@ func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {
 		t.Fatal(err)
 	}
 	advance(fake, 2*time.Hour)
-	sc.manager().cache.Flush()
+	sc.manager().Cache.Flush()
 	status, body, resp := sc.get("/3/companyinformation", "1234567")
 	if e := errorAnswer(t, resp, body); status != http.StatusServiceUnavailable || e.Error != "token_storage_unavailable" || !strings.Contains(e.Message, "not encrypted") {
 		t.Fatalf("an unencrypted Redis record with encryption_key set: %d %s", status, body)
 	}
 
 	st, b := sc.admin(http.MethodPost, "/fortnox/encrypt", "")
-	var res encryptResult
+	var res tokens.EncryptResult
 	if st != http.StatusOK || json.Unmarshal([]byte(b), &res) != nil || len(res.Encrypted) != 1 || res.AlreadyEncrypted != 0 || len(res.Failed) != 0 {
 		t.Fatalf("POST /fortnox/encrypt: %d %s", st, b)
 	}
@@ -379,7 +380,7 @@ func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {
 		t.Errorf("the answer may hold a token: %s", b)
 	}
 	sealed := client.Get(context.Background(), valueKey).Val()
-	if !strings.Contains(sealed, encryptionAlgorithm) || strings.Contains(sealed, "refresh_token") {
+	if !strings.Contains(sealed, tokens.EncryptionAlgorithm) || strings.Contains(sealed, "refresh_token") {
 		t.Fatalf("the Redis record is not encrypted: %q", sealed)
 	}
 	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
@@ -485,28 +486,28 @@ func TestMadeUpNamesDoNotFloodTheLog(t *testing.T) {
 // memory is bounded however many causes arrive.
 func TestLogLimiterFlushAndBound(t *testing.T) {
 	core, logs := observedLogger()
-	l := newLogLimiter()
+	l := tokens.NewLogLimiter()
 	for i := 0; i < 10; i++ {
-		l.write(core, zapcore.WarnLevel, "kind\x00", "refused")
+		l.Write(core, zapcore.WarnLevel, "kind\x00", "refused")
 	}
-	l.flush(core)
+	l.Flush(core)
 	if got := logs(); len(got) != 1 {
 		t.Fatalf("%d lines before the minute passed, want 1", len(got))
 	}
-	clk.Advance(time.Minute)
-	l.flush(core)
+	tokens.Clock.Advance(time.Minute)
+	l.Flush(core)
 	got := logs()
 	if len(got) != 2 || got[1]["suppressed"] != int64(9) {
 		t.Fatalf("the flush after the minute: %v", got)
 	}
-	for i := 0; i < 5*maxLogCauses; i++ {
-		l.write(core, zapcore.WarnLevel, fmt.Sprintf("kind\x00%d", i), "refused")
+	for i := 0; i < 5*tokens.MaxLogCauses; i++ {
+		l.Write(core, zapcore.WarnLevel, fmt.Sprintf("kind\x00%d", i), "refused")
 	}
-	l.mu.Lock()
-	size := len(l.causes)
-	l.mu.Unlock()
-	if size > maxLogCauses+1 {
-		t.Errorf("the limiter remembers %d causes, want at most %d", size, maxLogCauses+1)
+	l.Mu.Lock()
+	size := len(l.Causes)
+	l.Mu.Unlock()
+	if size > tokens.MaxLogCauses+1 {
+		t.Errorf("the limiter remembers %d causes, want at most %d", size, tokens.MaxLogCauses+1)
 	}
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -26,7 +27,7 @@ const fortnoxWindow = 5 * time.Second
 // request is sent once more with a new token (and a new turn in the rate
 // limiter: it is a second request to Fortnox), invisibly to the app. A 429
 // slows the tenant's limiter down and tells the app when to come back.
-func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, subj subject, tok *cachedToken) error {
+func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler, subj tokens.Subject, tok *tokens.Token) error {
 	body, replayable, err := h.keepBody(r)
 	if err != nil {
 		return caddyhttp.Error(http.StatusBadRequest, err)
@@ -41,35 +42,35 @@ func (h *Handler) proxy(w http.ResponseWriter, r *http.Request, next caddyhttp.H
 
 	// Fortnox answered 401 and the answer was held back: replay once.
 	uw.restoreHeaders()
-	rctx, span := startSpan(r.Context(), spanReplay, subj)
-	if span.recording() {
+	rctx, span := tokens.StartSpan(r.Context(), tokens.SpanReplay, subj)
+	if span.Recording() {
 		r = r.WithContext(rctx) // the replay's token and turn are its children
 	}
-	fresh, err := h.tokens.waitForToken(r.Context(), subj, tok)
+	fresh, err := h.tokens.WaitForToken(r.Context(), subj, tok)
 	if err == nil && h.pacing.turns != nil {
 		if fresh, err = h.turnWithToken(w, r, subj, fresh); fresh == nil && err == nil {
 			metrics.Replays.WithLabelValues("no_turn").Inc()
-			span.end(outcomeRateLimited)
+			span.End(tokens.OutcomeRateLimited)
 			return nil // answered 429
 		}
 	}
 	if err != nil {
 		metrics.Replays.WithLabelValues("no_token").Inc()
-		span.endErr(err)
+		span.EndErr(err)
 		h.writeTokenError(w, r, subj, err)
 		return nil
 	}
 	if ce := h.logger.Check(zapcore.DebugLevel, "replaying after 401 with a new token"); ce != nil {
-		ce.Write(zap.String("tenant", subj.tenant), zap.String("method", r.Method))
+		ce.Write(zap.String("tenant", subj.Tenant), zap.String("method", r.Method))
 	}
 	metrics.Replays.WithLabelValues("replayed").Inc()
-	r.Header["Authorization"] = []string{fresh.bearer}
+	r.Header["Authorization"] = []string{fresh.Bearer}
 	setBody(r, body)
 	uw.reset(w, h, subj, fresh, false)
 	uw.replay = true
 	err = next.ServeHTTP(uw, r)
 	countProxyError(uw, err)
-	span.endErr(err)
+	span.EndErr(err)
 	return err
 }
 
@@ -104,7 +105,7 @@ func ownedHeaders(tenantHeader, accountHeader string) []string {
 // account headers, and any Connection option naming them (reverse_proxy
 // drops the headers that Connection names, which would drop the injected
 // token).
-func (h *Handler) ownHeaders(r *http.Request, subj subject) {
+func (h *Handler) ownHeaders(r *http.Request, subj tokens.Subject) {
 	hdr := r.Header
 	// Authorization is overwritten by the caller; the account header is
 	// there only when subj names an account (resolveSubject refuses an
@@ -114,7 +115,7 @@ func (h *Handler) ownHeaders(r *http.Request, subj subject) {
 	for _, k := range oldFortnoxAuthHeaders {
 		delete(hdr, k)
 	}
-	if subj.account != "" {
+	if subj.Account != "" {
 		delete(hdr, h.accountHeader)
 	}
 	if conn := hdr["Connection"]; len(conn) > 0 && h.namesOwned(conn) {
@@ -248,8 +249,8 @@ func setBody(r *http.Request, b []byte) {
 type upstreamWriter struct {
 	http.ResponseWriter
 	h          *Handler
-	subj       subject
-	tok        *cachedToken
+	subj       tokens.Subject
+	tok        *tokens.Token
 	replayable bool
 	replay     bool // this is the replay: its 401 passes through
 
@@ -272,7 +273,7 @@ type savedHeader struct {
 
 var upstreamWriters = sync.Pool{New: func() any { return new(upstreamWriter) }}
 
-func getUpstreamWriter(w http.ResponseWriter, h *Handler, subj subject, tok *cachedToken, replayable bool) *upstreamWriter {
+func getUpstreamWriter(w http.ResponseWriter, h *Handler, subj tokens.Subject, tok *tokens.Token, replayable bool) *upstreamWriter {
 	uw := upstreamWriters.Get().(*upstreamWriter)
 	uw.reset(w, h, subj, tok, replayable)
 	uw.saveHeaders()
@@ -284,7 +285,7 @@ func putUpstreamWriter(uw *upstreamWriter) {
 	upstreamWriters.Put(uw)
 }
 
-func (uw *upstreamWriter) reset(w http.ResponseWriter, h *Handler, subj subject, tok *cachedToken, replayable bool) {
+func (uw *upstreamWriter) reset(w http.ResponseWriter, h *Handler, subj tokens.Subject, tok *tokens.Token, replayable bool) {
 	uw.ResponseWriter, uw.h, uw.subj, uw.tok, uw.replayable = w, h, subj, tok, replayable
 	uw.wroteHeader, uw.held, uw.replay = false, false, false
 }
@@ -331,13 +332,13 @@ func (uw *upstreamWriter) WriteHeader(status int) {
 		// past the subject's bound of invalidations is not the token's
 		// fault (a wrong path, a missing scope): it passes through, and
 		// the token stays.
-		if !uw.replay && uw.h.tokens.unauthorized(uw.subj, uw.tok) && uw.replayable {
+		if !uw.replay && uw.h.tokens.Unauthorized(uw.subj, uw.tok) && uw.replayable {
 			uw.held = true
 			return
 		}
 		metrics.Replays.WithLabelValues("passed_through").Inc()
 	case http.StatusTooManyRequests:
-		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.subj.tenant)
+		uw.h.fortnoxSaidTooMany(uw.ResponseWriter.Header(), uw.subj.Tenant)
 	}
 	metrics.FortnoxAnswered(status)
 	uw.ResponseWriter.WriteHeader(status)
@@ -370,7 +371,7 @@ func (uw *upstreamWriter) Unwrap() http.ResponseWriter { return uw.ResponseWrite
 func (h *Handler) fortnoxSaidTooMany(hdr http.Header, tenant string) {
 	metrics.Upstream429.Inc()
 	wait := max(h.pacing.window, fortnoxWindow)
-	if d, ok := parseRetryAfter(hdr.Get("Retry-After")); ok && d > wait {
+	if d, ok := tokens.ParseRetryAfter(hdr.Get("Retry-After")); ok && d > wait {
 		wait = d
 	}
 	h.pacing.penalize(tenant, wait)

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -92,7 +93,7 @@ type Webhook struct {
 
 	secret  []byte
 	poolKey string
-	tokens  *tokenManager
+	tokens  *tokens.Manager
 	logger  *zap.Logger
 }
 
@@ -190,8 +191,8 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 	}
 	signatures := r.Header.Values(wh.SignatureHeader)
 	if len(signatures) > maxSignatureHeaders {
-		countRefusal("too_many_signatures")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "too_many_signatures", "consent event with too many signature headers refused unchecked",
+		tokens.CountRefusal("too_many_signatures")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.WarnLevel, "too_many_signatures", "consent event with too many signature headers refused unchecked",
 			zap.Int("headers", len(signatures)), zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusBadRequest, "too_many_signatures", fmt.Sprintf(
 			"The event carries %d %s headers; at most %d are checked (one per secret while a secret is rotated). Send one signature per secret.",
@@ -204,8 +205,8 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 		return nil
 	}
 	if !wh.anyValidSignature(signatures, body) {
-		countRefusal("bad_signature")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "bad_signature", "consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
+		tokens.CountRefusal("bad_signature")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.WarnLevel, "bad_signature", "consent event with a missing or bad signature refused", zap.String("remote", r.RemoteAddr))
 		writeJSONError(w, http.StatusUnauthorized, "bad_signature", "The "+wh.SignatureHeader+" header is missing or does not match the body.", 0)
 		return nil
 	}
@@ -217,11 +218,11 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 	var apply func(tenant string)
 	switch {
 	case slices.Contains(wh.CreatedEvents, ev.name):
-		apply = wh.tokens.consentCreated
+		apply = wh.tokens.ConsentCreated
 	case slices.Contains(wh.RevokedEvents, ev.name):
-		apply = wh.tokens.consentRevoked
+		apply = wh.tokens.ConsentRevoked
 	default:
-		wh.logger.Info("consent event ignored: not a configured event name", zap.String("event", cutDescription(ev.name)), zap.String("tenant", ev.tenant))
+		wh.logger.Info("consent event ignored: not a configured event name", zap.String("event", tokens.CutDescription(ev.name)), zap.String("tenant", ev.tenant))
 		w.WriteHeader(http.StatusAccepted)
 		return nil
 	}
@@ -241,30 +242,30 @@ func (wh *Webhook) ServeHTTP(w http.ResponseWriter, r *http.Request, _ caddyhttp
 func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent) bool {
 	at, err := eventTime(ev.fields[wh.TimestampField], wh.TimestampField)
 	if err != nil {
-		countRefusal("bad_timestamp")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "bad_timestamp\x00"+ev.tenant, "consent event refused: no readable timestamp", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
+		tokens.CountRefusal("bad_timestamp")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.WarnLevel, "bad_timestamp\x00"+ev.tenant, "consent event refused: no readable timestamp", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
 		writeJSONError(w, http.StatusBadRequest, "bad_timestamp", err.Error()+"; replay protection (timestamp_field) needs the event's time inside the signed body.", 0)
 		return false
 	}
 	maxAge := time.Duration(wh.MaxAge)
-	n := clk.Now()
+	n := tokens.Clock.Now()
 	switch {
 	case n.Sub(at) > maxAge:
-		countRefusal("event_too_old")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "event_too_old\x00"+ev.tenant, "consent event refused: too old", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		tokens.CountRefusal("event_too_old")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.WarnLevel, "event_too_old\x00"+ev.tenant, "consent event refused: too old", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusBadRequest, "event_too_old", fmt.Sprintf(
 			"The event's %s (%s) is %s old, more than max_age (%s): a replay, or a delivery late beyond max_age. Nothing changed.",
 			wh.TimestampField, at.UTC().Format(time.RFC3339), n.Sub(at).Round(time.Second), maxAge), 0)
 		return false
 	case at.Sub(n) > maxAge:
-		countRefusal("event_in_future")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.WarnLevel, "event_in_future\x00"+ev.tenant, "consent event refused: timestamp in the future", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		tokens.CountRefusal("event_in_future")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.WarnLevel, "event_in_future\x00"+ev.tenant, "consent event refused: timestamp in the future", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusBadRequest, "event_in_future", fmt.Sprintf(
 			"The event's %s (%s) is %s ahead of this clock (%s), more than max_age (%s): check the sender's and this host's clocks. Nothing changed.",
 			wh.TimestampField, at.UTC().Format(time.RFC3339), at.Sub(n).Round(time.Second), n.UTC().Format(time.RFC3339), maxAge), 0)
 		return false
 	}
-	newer, err := wh.tokens.shared().newerEvent(r.Context(), ev.tenant, at)
+	newer, err := wh.tokens.Shared().NewerEvent(r.Context(), ev.tenant, at)
 	if err != nil {
 		wh.logger.Error("consent event not applied: its order cannot be checked", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Error(err))
 		writeJSONError(w, http.StatusServiceUnavailable, "shared_state_unavailable",
@@ -272,8 +273,8 @@ func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent
 		return false
 	}
 	if !newer {
-		countRefusal("stale_event")
-		wh.tokens.refusalLog.write(wh.logger, zapcore.InfoLevel, "stale_event\x00"+ev.tenant, "consent event ignored: not newer than the last one applied for the tenant", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
+		tokens.CountRefusal("stale_event")
+		wh.tokens.RefusalLog.Write(wh.logger, zapcore.InfoLevel, "stale_event\x00"+ev.tenant, "consent event ignored: not newer than the last one applied for the tenant", zap.String("tenant", ev.tenant), zap.String("event", ev.name), zap.Time("event_time", at))
 		writeJSONError(w, http.StatusConflict, "stale_event", fmt.Sprintf(
 			"An event for tenant %s at least as new as this one (%s) was applied already: a replay, a redelivery or an event overtaken by a newer one. Nothing changed.",
 			ev.tenant, at.UTC().Format(time.RFC3339Nano)), 0)
@@ -303,11 +304,11 @@ func eventTime(raw json.RawMessage, field string) (time.Time, error) {
 	}
 	m := unixSeconds.FindStringSubmatch(text)
 	if m == nil {
-		return time.Time{}, fmt.Errorf("the event's %q (%s) is neither RFC 3339 nor Unix seconds", field, cutDescription(text))
+		return time.Time{}, fmt.Errorf("the event's %q (%s) is neither RFC 3339 nor Unix seconds", field, tokens.CutDescription(text))
 	}
 	sec, err := strconv.ParseInt(m[1], 10, 64)
 	if err != nil || sec > 1e11 {
-		return time.Time{}, fmt.Errorf("the event's %q (%s) is too large for Unix seconds (milliseconds?)", field, cutDescription(text))
+		return time.Time{}, fmt.Errorf("the event's %q (%s) is too large for Unix seconds (milliseconds?)", field, tokens.CutDescription(text))
 	}
 	nanos, _ := strconv.Atoi((m[2] + "000000000")[:9])
 	return time.Unix(sec, int64(nanos)), nil
@@ -372,7 +373,7 @@ func (wh *Webhook) parse(body []byte) (consentEvent, error) {
 		return ev, fmt.Errorf("the event has no %q string", wh.EventField)
 	}
 	ev.tenant = string(bytes.Trim(bytes.TrimSpace(ev.fields[wh.TenantField]), `"`))
-	if !validTenantID(ev.tenant) {
+	if !tokens.ValidTenantID(ev.tenant) {
 		return ev, fmt.Errorf("the event's %q is not a TenantId", wh.TenantField)
 	}
 	return ev, nil

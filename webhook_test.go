@@ -14,11 +14,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-
-	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
 const testWebhookSecret = "webhook-secret"
@@ -193,7 +193,7 @@ func TestWebhookReplayOfAnOldEventChangesNothing(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	t0 := clk.Now()
+	t0 := tokens.Clock.Now()
 	oldRevoked := stampedEvent(revokedEvent, "1234567", rfc3339(t0.Add(-2*time.Minute)))
 	if status, e := signedEvent(t, webhook, oldRevoked); status != http.StatusNoContent {
 		t.Fatalf("revoked: %d %+v", status, e)
@@ -257,10 +257,10 @@ func TestWebhookRefusesOldFutureAndUnstampedEvents(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	n := clk.Now()
+	n := tokens.Clock.Now()
 	delivered := stampedEvent(revokedEvent, "1234567", unixNumber(n))
 	advance(fake, 5*time.Minute+2*time.Second) // delivered 5m2s after it was sent
-	n = clk.Now()
+	n = tokens.Clock.Now()
 	for _, tc := range []struct {
 		name, body, code, message string
 	}{
@@ -284,26 +284,26 @@ func TestWebhookRefusesOldFutureAndUnstampedEvents(t *testing.T) {
 	// Within max_age, late or early, an event applies. Had a refused
 	// event (6 minutes ahead) entered the tenant's order, this one would
 	// be stale.
-	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "1234567", rfc3339(clk.Now().Add(-4*time.Minute)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "1234567", rfc3339(tokens.Clock.Now().Add(-4*time.Minute)))); status != http.StatusNoContent {
 		t.Fatalf("a 4-minute-old event: %d %+v", status, e)
 	}
 	if served(t, sc, "1234567") {
 		t.Error("the 4-minute-old revocation was not applied")
 	}
-	if status, e := signedEvent(t, webhook, stampedEvent(createdEvent, "1234567", rfc3339(clk.Now().Add(4*time.Minute)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(createdEvent, "1234567", rfc3339(tokens.Clock.Now().Add(4*time.Minute)))); status != http.StatusNoContent {
 		t.Fatalf("an event 4 minutes ahead: %d %+v", status, e)
 	}
 
 	// max_age 1m: two minutes is too old now.
 	reload("timestamp_field timestamp\nmax_age 1m")
-	status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(clk.Now().Add(-2*time.Minute))))
+	status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(tokens.Clock.Now().Add(-2*time.Minute))))
 	if status != http.StatusBadRequest || e.Error != "event_too_old" || !strings.Contains(e.Message, "max_age (1m0s)") {
 		t.Errorf("2 minutes old with max_age 1m: %d %+v", status, e)
 	}
 	if !served(t, sc, "7654321") {
 		t.Fatal("a refused event revoked the tenant")
 	}
-	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(clk.Now().Add(-30*time.Second)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(tokens.Clock.Now().Add(-30*time.Second)))); status != http.StatusNoContent {
 		t.Errorf("30 seconds old with max_age 1m: %d %+v", status, e)
 	}
 }
@@ -318,10 +318,10 @@ func TestWebhookOrderIsTheSharedState(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	shared := sc.manager().shared()
+	shared := sc.manager().Shared()
 	ctx := context.Background()
-	t0 := clk.Now().Add(-time.Minute).Truncate(time.Second)
-	if newer, err := shared.newerEvent(ctx, "1234567", t0); err != nil || !newer {
+	t0 := tokens.Clock.Now().Add(-time.Minute).Truncate(time.Second)
+	if newer, err := shared.NewerEvent(ctx, "1234567", t0); err != nil || !newer {
 		t.Fatalf("seeding the order as another sidecar: %v %v", newer, err)
 	}
 	for _, at := range []time.Time{t0.Add(-time.Second), t0} {
@@ -335,7 +335,7 @@ func TestWebhookOrderIsTheSharedState(t *testing.T) {
 	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "1234567", unixNumber(t0.Add(2*time.Second)))); status != http.StatusNoContent {
 		t.Fatalf("a newer revocation: %d %+v", status, e)
 	}
-	if newer, err := shared.newerEvent(ctx, "1234567", t0.Add(time.Second)); err != nil || newer {
+	if newer, err := shared.NewerEvent(ctx, "1234567", t0.Add(time.Second)); err != nil || newer {
 		t.Errorf("the applied event is not in the shared order: an older one is still newer (%v %v)", newer, err)
 	}
 }
@@ -350,7 +350,7 @@ func TestWebhookWithoutTimestampField(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	revoked := stampedEvent(revokedEvent, "1234567", rfc3339(clk.Now().Add(-24*time.Hour)))
+	revoked := stampedEvent(revokedEvent, "1234567", rfc3339(tokens.Clock.Now().Add(-24*time.Hour)))
 	created := `{"event":"client_credentials_consent","tenant_id":1234567}`
 	for i, step := range []struct {
 		body   string

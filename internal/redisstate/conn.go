@@ -1,4 +1,4 @@
-package fortnox
+package redisstate
 
 import (
 	"context"
@@ -14,75 +14,61 @@ import (
 
 	"github.com/bsm/redislock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
-	"github.com/caddyserver/caddy/v2"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
-
-// Cluster mode: `redis <url>` in the fortnox block makes every handler of
-// that (token URL, client id) share its tenants' rate budget, tokens,
-// refresh tokens and revocations with the other sidecars through Redis.
-//
-// The connection is registered when the fortnox handler is provisioned
-// (its own UsagePool entry, released in Cleanup), so fortnox_webhook,
-// fortnox_connect and the admin API of the same client find it through
-// the token manager even when a webhook is a sidecar's first request.
-// Provision touches no network: go-redis connects on first use, and the
-// subscription and the persistence check start shortly after.
-
-// clusters holds one *redisCluster per (token URL, client id, Redis URL).
-var clusters = caddy.NewUsagePool()
 
 // clusterGen numbers clusters in provisioning order: the newest one of a
 // manager is the one it uses.
 var clusterGen atomic.Uint64
 
 // redisKeyPrefix starts every Redis key the plugin writes.
-const redisKeyPrefix = "caddy-fortnox:"
+const RedisKeyPrefix = "caddy-fortnox:"
 
 // clusterOwner is what the Redis code needs of the tokens it serves: it
 // never sees the Manager itself.
-type clusterOwner interface {
+type Owner interface {
 	ClientID() string
-	logger() *zap.Logger
+	Logger() *zap.Logger
 	// Codec seals what is shared, as records are sealed.
-	Codec() *recordStore
+	Codec() *tokens.Records
 	// ApplyEvent applies another sidecar's event; Resync reads the shared
 	// state again after an outage or a new subscription.
-	applyEvent(ev event)
-	resync()
+	ApplyEvent(ev tokens.Event)
+	Resync()
 }
 
 // redisCluster is the Redis connection of one (token URL, client id).
-type redisCluster struct {
-	gen      uint64
-	key      string
-	owner    clusterOwner
+type Conn struct {
+	Gen   uint64
+	key   string
+	owner Owner
 	// repick makes the owner use its newest live cluster (the glue's).
-	repick func()
+	repick   func()
 	client   *redis.Client
 	locker   *redislock.Client
-	shared   *redisShared
-	records  *redisRecords
+	Shared   *Backend
+	Records  *Records
 	redacted string // the URL without its password, for logs
 	origin   string // this sidecar, in the events it sends
 
-	down       atomic.Bool  // an outage is under way (logged once)
+	Down       atomic.Bool  // an outage is under way (logged once)
 	lastProbe  atomic.Int64 // unix ns of the last call tried during an outage
-	ctx        context.Context
+	Ctx        context.Context
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
 
 // parseRedisURL checks a `redis` setting without connecting.
-func parseRedisURL(raw string) (*redis.Options, error) {
+func ParseRedisURL(raw string) (*redis.Options, error) {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
-		return nil, fmt.Errorf("redis %q is not a redis:// or rediss:// URL (redis://[user:password@]host:port/db)", redactURL(raw))
+		return nil, fmt.Errorf("redis %q is not a redis:// or rediss:// URL (redis://[user:password@]host:port/db)", RedactURL(raw))
 	}
 	opts, err := redis.ParseURL(raw)
 	if err != nil {
-		return nil, fmt.Errorf("redis %s: %v", redactURL(raw), redactErr(err, raw))
+		return nil, fmt.Errorf("redis %s: %v", RedactURL(raw), redactErr(err, raw))
 	}
 	// Every call is bounded: a slow Redis must not hold requests up.
 	opts.DialTimeout = 2 * time.Second
@@ -94,7 +80,7 @@ func parseRedisURL(raw string) (*redis.Options, error) {
 }
 
 // redactURL hides a Redis URL's password.
-func redactURL(raw string) string {
+func RedactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return "(unparsable URL)"
@@ -112,42 +98,13 @@ func redactErr(err error, raw string) error {
 	return err
 }
 
-// joinCluster takes a hold on the Redis connection of m's client for
-// rawURL, creating it if needed, and makes it m's: the newest wins. The
-// caller releases it with leaveCluster(key) in its Cleanup.
-func joinCluster(m *tokenManager, rawURL string, logger *zap.Logger) (*redisCluster, string, error) {
-	opts, err := parseRedisURL(rawURL)
-	if err != nil {
-		return nil, "", err
-	}
-	key := managerKey(m.tokenURL, m.clientID) + "\x00" + rawURL
-	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newRedisCluster(key, m, opts, redactURL(rawURL), logger, func() { pickCluster(m) }), nil
-	})
-	if err != nil {
-		return nil, "", err
-	}
-	c := val.(*redisCluster)
-	pickCluster(m)
-	return c, key, nil
-}
-
-// leaveCluster releases a hold taken by joinCluster ("" = none taken).
-func leaveCluster(key string) error {
-	if key == "" {
-		return nil
-	}
-	_, err := clusters.Delete(key)
-	return err
-}
-
-func newRedisCluster(key string, owner clusterOwner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *redisCluster {
+func NewRedisCluster(key string, owner Owner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)
 	client := redis.NewClient(opts)
-	c := &redisCluster{
-		gen:      clusterGen.Add(1),
+	c := &Conn{
+		Gen:      clusterGen.Add(1),
 		key:      key,
 		owner:    owner,
 		repick:   repick,
@@ -155,11 +112,11 @@ func newRedisCluster(key string, owner clusterOwner, opts *redis.Options, redact
 		locker:   redislock.New(client),
 		redacted: redacted,
 		origin:   hex.EncodeToString(origin),
-		ctx:      ctx,
+		Ctx:      ctx,
 		cancel:   cancel,
 	}
-	c.records = &redisRecords{c: c, held: make(map[string]*heldRedisLock)}
-	c.shared = newRedisShared(c)
+	c.Records = &Records{c: c, held: make(map[string]*heldRedisLock)}
+	c.Shared = newRedisShared(c)
 	c.background.Add(1)
 	go func() {
 		defer c.background.Done()
@@ -178,45 +135,26 @@ func newRedisCluster(key string, owner clusterOwner, opts *redis.Options, redact
 
 // Destruct implements caddy.Destructor: the last config using this
 // connection is gone.
-func (c *redisCluster) Destruct() error {
+func (c *Conn) Destruct() error {
 	c.cancel()
 	c.background.Wait()
-	c.records.releaseAll()
+	c.Records.releaseAll()
 	c.repick()
 	return c.client.Close()
 }
 
-// pickCluster makes the newest live cluster of m's client the one m uses
-// (none: m works in this process only).
-func pickCluster(m *tokenManager) {
-	prefix := managerKey(m.tokenURL, m.clientID) + "\x00"
-	var newest *redisCluster
-	clusters.Range(func(k, v any) bool {
-		c := v.(*redisCluster)
-		if strings.HasPrefix(k.(string), prefix) && c.ctx.Err() == nil && (newest == nil || c.gen > newest.gen) {
-			newest = c
-		}
-		return true
-	})
-	if newest == nil {
-		m.cluster.Store(nil)
-		return
-	}
-	m.cluster.Store(&clusterRef{newest.shared})
-}
-
 // logger is the manager's logger, named for Redis.
-func (c *redisCluster) logger() *zap.Logger {
-	return c.owner.logger().With(zap.String("redis", c.redacted))
+func (c *Conn) logger() *zap.Logger {
+	return c.owner.Logger().With(zap.String("redis", c.redacted))
 }
 
 // failed notes a failed Redis call: counted, and logged once per outage.
-func (c *redisCluster) failed(op string, err error) {
+func (c *Conn) failed(op string, err error) {
 	if err == nil || errors.Is(err, redis.Nil) {
 		return
 	}
 	metrics.RedisErrors.Inc()
-	if c.down.CompareAndSwap(false, true) {
+	if c.Down.CompareAndSwap(false, true) {
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))
 	}
@@ -224,10 +162,10 @@ func (c *redisCluster) failed(op string, err error) {
 
 // ok notes a Redis call that worked: the end of an outage is logged once,
 // and what was shared meanwhile is read again.
-func (c *redisCluster) ok() {
-	if c.down.CompareAndSwap(true, false) {
+func (c *Conn) ok() {
+	if c.Down.CompareAndSwap(true, false) {
 		c.logger().Info("Redis can be reached again: the cluster's state is shared again")
-		go c.owner.resync()
+		go c.owner.Resync()
 	}
 }
 
@@ -237,23 +175,23 @@ func (c *redisCluster) ok() {
 const outageProbeEvery = 500 * time.Millisecond
 
 // call bounds one Redis call and notes its outcome.
-func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
-	if c.down.Load() {
+func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
+	if c.Down.Load() {
 		last := c.lastProbe.Load()
 		n := time.Now().UnixNano()
 		if n-last < int64(outageProbeEvery) || !c.lastProbe.CompareAndSwap(last, n) {
 			metrics.RedisErrors.Inc()
-			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", errSharedUnavailable, op)
+			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", tokens.ErrSharedUnavailable, op)
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, sharedCallLimit)
+	ctx, cancel := context.WithTimeout(ctx, tokens.SharedCallLimit)
 	defer cancel()
 	start := time.Now()
 	err := fn(ctx)
 	metrics.RedisDuration.Observe(time.Since(start).Seconds())
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)
-		return fmt.Errorf("%w: %s: %v", errSharedUnavailable, op, err)
+		return fmt.Errorf("%w: %s: %v", tokens.ErrSharedUnavailable, op, err)
 	}
 	c.ok()
 	return err
@@ -263,16 +201,16 @@ func (c *redisCluster) call(ctx context.Context, op string, fn func(ctx context.
 // (ok() then logs the end of the outage and reads the shared state), the
 // outage ends otherwise, or the cluster is destroyed: the end of an outage
 // is noticed without waiting for a request.
-func (c *redisCluster) probeUntilUp() {
+func (c *Conn) probeUntilUp() {
 	defer c.background.Done()
 	t := time.NewTicker(outageProbeEvery)
 	defer t.Stop()
-	for c.down.Load() {
-		ctx, cancel := context.WithTimeout(c.ctx, sharedCallLimit)
+	for c.Down.Load() {
+		ctx, cancel := context.WithTimeout(c.Ctx, tokens.SharedCallLimit)
 		_ = c.call(ctx, "ping", func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
 		cancel()
 		select {
-		case <-c.ctx.Done():
+		case <-c.Ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -281,13 +219,13 @@ func (c *redisCluster) probeUntilUp() {
 
 // checkPersistence warns unless a rotated refresh token is on disk before
 // Redis answers: Redis holds the only copy of single-use refresh tokens.
-func (c *redisCluster) checkPersistence(logger *zap.Logger) {
-	ctx, cancel := context.WithTimeout(c.ctx, 3*time.Second)
+func (c *Conn) checkPersistence(logger *zap.Logger) {
+	ctx, cancel := context.WithTimeout(c.Ctx, 3*time.Second)
 	defer cancel()
 	log := logger.With(zap.String("redis", c.redacted))
 	cfg, err := c.client.ConfigGet(ctx, "append*").Result()
 	if err != nil {
-		if c.ctx.Err() == nil {
+		if c.Ctx.Err() == nil {
 			log.Warn("could not check Redis's persistence (CONFIG GET refused or Redis unreachable): run it with appendonly yes and appendfsync always, since it holds the only copy of rotated refresh tokens", zap.Error(err))
 		}
 		return

@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
-	"github.com/caddyserver/caddy/v2"
 	gocache "github.com/patrickmn/go-cache"
 	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
@@ -20,8 +19,8 @@ import (
 
 // Defaults for the token manager's settings.
 const (
-	defaultRefreshBefore = 5 * time.Minute
-	defaultTokenTimeout  = 10 * time.Second
+	DefaultRefreshBefore = 5 * time.Minute
+	DefaultTokenTimeout  = 10 * time.Second
 	// defaultMaxTokenRequests: token requests of one client id in flight at
 	// once; the rest queue. Fortnox's token endpoint may have a limit of its
 	// own (unknown), and 200 made-up TenantIds must not become 200
@@ -34,83 +33,30 @@ const (
 	// Backoff after a failed token request, per tenant: 1s, 2s, 4s ... 60s,
 	// each with ±20% jitter so that many tenants do not retry in step.
 	backoffBase = time.Second
-	backoffCap  = time.Minute
+	BackoffCap  = time.Minute
 )
 
 // settingsGeneration numbers managerSettings in provisioning order.
-var settingsGeneration atomic.Uint64
+var SettingsGeneration atomic.Uint64
 
 // adopt installs s as the manager's settings unless newer ones are in.
-func (m *tokenManager) adopt(s *managerSettings) {
+func (m *Manager) Adopt(s *Settings) {
 	for {
-		cur := m.settings.Load()
-		if cur == s || (cur != nil && cur.gen > s.gen) {
+		cur := m.Settings.Load()
+		if cur == s || (cur != nil && cur.Gen > s.Gen) {
 			return
 		}
-		if m.settings.CompareAndSwap(cur, s) {
+		if m.Settings.CompareAndSwap(cur, s) {
 			return
 		}
 	}
-}
-
-// managers holds one tokenManager per (token_url, client_id), shared by all
-// handlers of all loaded configs, so that cached tokens survive a config
-// reload. Keyed by managerKey.
-var managers = caddy.NewUsagePool()
-
-func managerKey(tokenURL, clientID string) string {
-	return tokenURL + "\x00" + clientID
-}
-
-// joinManager takes a hold on the shared token manager of (tokenURL,
-// clientID), creating it if needed; the caller releases it with
-// leaveManager(key) in its Cleanup.
-func joinManager(tokenURL, clientID string) (m *tokenManager, key string, err error) {
-	key = managerKey(tokenURL, clientID)
-	val, _, err := managers.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return newTokenManager(tokenURL, clientID), nil
-	})
-	if err != nil {
-		return nil, "", err
-	}
-	return val.(*tokenManager), key, nil
-}
-
-// leaveManager releases a hold taken by joinManager ("" = none taken).
-func leaveManager(key string) error {
-	if key == "" {
-		return nil
-	}
-	_, err := managers.Delete(key)
-	return err
-}
-
-// joinConfiguredManager is joinManager for a module's token_url option:
-// resolved, and checked as the fortnox handler checks it (an http:// one
-// only on loopback), so that no module sends the client secret or a
-// refresh token where the fortnox handler would not.
-func joinConfiguredManager(repl *caddy.Replacer, rawTokenURL, clientID string) (*tokenManager, string, error) {
-	tokenURL := resolveTokenURL(repl, rawTokenURL)
-	if err := checkTokenURL(tokenURL); err != nil {
-		return nil, "", err
-	}
-	return joinManager(tokenURL, clientID)
-}
-
-// resolveTokenURL is the configured token URL with placeholders resolved,
-// or Fortnox's.
-func resolveTokenURL(repl *caddy.Replacer, raw string) string {
-	if raw == "" {
-		return DefaultTokenURL
-	}
-	return strings.TrimSpace(repl.ReplaceAll(raw, ""))
 }
 
 // credentials are the client's id and secret. The secret is only ever put
 // into the Basic auth header of a token request.
-type credentials struct {
-	clientID     string
-	clientSecret string
+type Credentials struct {
+	ClientID     string
+	ClientSecret string
 }
 
 // managerSettings can change with each config load. A handler's settings
@@ -118,72 +64,72 @@ type credentials struct {
 // request (or when the manager is new), never merely because a config was
 // provisioned: a config that fails to load must not leave its secret or
 // storage behind. Newer configs win (gen).
-type managerSettings struct {
-	gen           uint64
-	cred          credentials
-	refreshBefore time.Duration
-	tokenTimeout  time.Duration
+type Settings struct {
+	Gen           uint64
+	Cred          Credentials
+	RefreshBefore time.Duration
+	TokenTimeout  time.Duration
 	// retryClientCredentials: how often a tenant on the refresh-token
 	// fallback tries client credentials again.
-	retryClientCredentials time.Duration
+	RetryClientCredentials time.Duration
 	// maxTokenRequests: token requests in flight at once (0: the default).
-	maxTokenRequests int
+	MaxTokenRequests int
 	// records is the token store (nil in unit tests).
-	records *recordStore
-	logger  *zap.Logger
+	Records *Records
+	Logger  *zap.Logger
 	// notify is where the app hears of state changes (nil: nowhere).
-	notify *notifySettings
+	Notify *NotifySettings
 	// listed holds the TenantIds the config names (`tenant` lines): known
 	// tenants, which log lines may name (see namedInLogLocked).
-	listed map[string]struct{}
+	Listed map[string]struct{}
 }
 
 // listedTenants is s.listed; nil for nil settings.
-func (s *managerSettings) listedTenants() map[string]struct{} {
+func (s *Settings) listedTenants() map[string]struct{} {
 	if s == nil {
 		return nil
 	}
-	return s.listed
+	return s.Listed
 }
 
 // subject is whose token: a tenant's service account (account "", the
 // client-credentials token with the tenant's own refresh token as
 // fallback), or a named user account of the tenant (its own refresh-token
 // chain only).
-type subject struct {
-	tenant, account string
+type Subject struct {
+	Tenant, Account string
 }
 
 // key is the subject's key in the manager's maps: the TenantId itself for
 // the service account (no allocation on the hot path), tenant/account
 // otherwise (account names cannot hold a slash).
-func (s subject) key() string {
-	if s.account == "" {
-		return s.tenant
+func (s Subject) Key() string {
+	if s.Account == "" {
+		return s.Tenant
 	}
-	return s.tenant + "/" + s.account
+	return s.Tenant + "/" + s.Account
 }
 
-func (s subject) String() string {
-	if s.account == "" {
-		return "tenant " + s.tenant
+func (s Subject) String() string {
+	if s.Account == "" {
+		return "tenant " + s.Tenant
 	}
-	return "account " + s.account + " of tenant " + s.tenant
+	return "account " + s.Account + " of tenant " + s.Tenant
 }
 
 // logFields names the subject in a log line.
-func (s subject) logFields() []zap.Field {
-	if s.account == "" {
-		return []zap.Field{zap.String("tenant", s.tenant)}
+func (s Subject) LogFields() []zap.Field {
+	if s.Account == "" {
+		return []zap.Field{zap.String("tenant", s.Tenant)}
 	}
-	return []zap.Field{zap.String("tenant", s.tenant), zap.String("account", s.account)}
+	return []zap.Field{zap.String("tenant", s.Tenant), zap.String("account", s.Account)}
 }
 
 // cachedToken is an access token ready to be sent. It is never changed after
 // it is cached except for the refresh-ahead bookkeeping, which is atomic.
-type cachedToken struct {
+type Token struct {
 	// bearer is the whole Authorization header value, made once.
-	bearer string
+	Bearer string
 	grant  string
 	// issuedAt is when Fortnox minted the token (not when this process
 	// read it from storage): a 401 on a token minted seconds ago is not the
@@ -195,27 +141,27 @@ type cachedToken struct {
 	// refreshAt is when a background refresh should start (unix ns). It is
 	// pushed back after a failed refresh so that requests do not start
 	// another one before the tenant's backoff has passed.
-	refreshAt  atomic.Int64
-	refreshing atomic.Bool
+	RefreshAt  atomic.Int64
+	Refreshing atomic.Bool
 }
 
-func (t *cachedToken) expiry() time.Time { return time.Unix(0, t.expiresAt) }
+func (t *Token) expiry() time.Time { return time.Unix(0, t.expiresAt) }
 
 // accessToken is the token without its "Bearer " prefix.
-func (t *cachedToken) accessToken() string { return strings.TrimPrefix(t.bearer, "Bearer ") }
+func (t *Token) accessToken() string { return strings.TrimPrefix(t.Bearer, "Bearer ") }
 
 // usableAt says whether t may still be sent at time n (unix ns).
-func (t *cachedToken) usableAt(n int64) bool {
+func (t *Token) UsableAt(n int64) bool {
 	return n < t.usableUntil
 }
 
 // tenantState is what the manager remembers about a subject besides its
 // token: the last failure and when to try again.
-type tenantState struct {
-	mode      string // grantClientCredentials, grantRefreshToken or "" (none yet)
-	lastError *tokenError
+type TenantState struct {
+	Mode      string // grantClientCredentials, grantRefreshToken or "" (none yet)
+	LastError *Error
 	failures  int
-	retryAt   time.Time
+	RetryAt   time.Time
 	// ccRetryAt: when a tenant on the refresh-token fallback next tries
 	// client credentials (it may have gained a service-account consent).
 	ccRetryAt time.Time
@@ -223,40 +169,40 @@ type tenantState struct {
 	hasRefreshToken bool
 	// unsaved holds a record whose new refresh token could not be written
 	// to storage; it is written on the next chance, never dropped.
-	unsaved *tokenRecord
+	Unsaved *Record
 	// consentRevoked: the customer revoked the service-account consent
 	// (fortnox_webhook); the tenant's service account gets 403 until a new
 	// consent or refresh token arrives. revocationRead: the stored mark was
 	// read (once per state), so a restart does not forget a revocation.
-	consentRevoked bool
+	ConsentRevoked bool
 	revocationRead bool
 	// rejected is the last access token Fortnox answered 401 to: it is
 	// never used again, even if a store still holds it.
 	rejected string
 	// unknown: the subject never had a token; its failure is remembered
 	// more cheaply (see rememberUnknown).
-	unknown bool
+	Unknown bool
 }
 
 // tokenManager gets, caches and refreshes tokens for one (token_url,
 // client_id). The hot path (tokenFor with a cached, fresh token) takes no
 // lock of its own and allocates nothing.
-type tokenManager struct {
-	tokenURL string
+type Manager struct {
+	TokenURL string
 	clientID string
-	client   *tokenClient
-	settings atomic.Pointer[managerSettings]
+	Client   *Client
+	Settings atomic.Pointer[Settings]
 
 	// cache holds *cachedToken by subject key. Dead tokens are removed by
 	// the manager's sweeper (go-cache's own janitor is not used: it would
 	// outlive the manager).
-	cache   *gocache.Cache
-	flights singleflight.Group
+	Cache   *gocache.Cache
+	Flights singleflight.Group
 	// traces: the span of the request each traced flight runs for.
 	traces flightTraces
 
-	mu      sync.Mutex
-	tenants map[string]*tenantState
+	Mu      sync.Mutex
+	Tenants map[string]*TenantState
 	// stranded holds quarantine records that could not be written yet.
 	stranded []*quarantineRecord
 	// unknownOrder lists the subject keys of unknown failing subjects,
@@ -265,8 +211,8 @@ type tokenManager struct {
 
 	// local is what is shared in one process; cluster, when set, what a
 	// cluster of sidecars shares through Redis (see sharedState).
-	local   *localShared
-	cluster atomic.Pointer[clusterRef]
+	local   *LocalBackend
+	Cluster atomic.Pointer[ClusterRef]
 
 	// refreshes counts refresh-token requests in flight: a manager being
 	// destroyed waits for them (bounded), so that no rotated refresh token
@@ -280,30 +226,30 @@ type tokenManager struct {
 	cancel context.CancelFunc
 
 	// Counters for tests and metrics.
-	hits, misses atomic.Int64
+	hits, Misses atomic.Int64
 	// refusalLog keeps refusals anyone can cause from flooding the log.
-	refusalLog *logLimiter
+	RefusalLog *LogLimiter
 	// oldestRefreshToken: the age in seconds of the oldest stored refresh
 	// token at the last keep-alive pass.
-	oldestRefreshToken atomic.Int64
+	OldestRefreshToken atomic.Int64
 
 	// notes tells the app of state changes (notify).
 	notes *notifier
 }
 
-func newTokenManager(tokenURL, clientID string) *tokenManager {
+func NewManager(tokenURL, clientID string) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
-	m := &tokenManager{
-		tokenURL: tokenURL,
+	m := &Manager{
+		TokenURL: tokenURL,
 		clientID: clientID,
-		client:   newTokenClient(tokenURL),
-		cache:    gocache.New(gocache.NoExpiration, 0),
-		tenants:  make(map[string]*tenantState),
-		local:    newLocalShared(),
+		Client:   NewTokenClient(tokenURL),
+		Cache:    gocache.New(gocache.NoExpiration, 0),
+		Tenants:  make(map[string]*TenantState),
+		local:    NewLocalBackend(),
 		ctx:      ctx,
 		cancel:   cancel,
 	}
-	m.refusalLog = newLogLimiter()
+	m.RefusalLog = NewLogLimiter()
 	m.notes = newNotifier(m)
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
@@ -318,15 +264,15 @@ const sweepInterval = 10 * time.Minute
 // /fortnox/tenants) this long after its last retry time. A subject that
 // never had a token is forgotten sooner (forgetUnknownAfter).
 const (
-	forgetErrorsAfter  = time.Hour
-	forgetUnknownAfter = 5 * time.Minute
+	ForgetErrorsAfter  = time.Hour
+	ForgetUnknownAfter = 5 * time.Minute
 	// maxUnknownSubjects bounds how many never-seen subjects' failures are
 	// remembered: made-up TenantIds cannot grow the manager's memory.
-	maxUnknownSubjects = 10000
+	MaxUnknownSubjects = 10000
 )
 
 // sweep reclaims memory until the manager is destroyed.
-func (m *tokenManager) sweep(every time.Duration) {
+func (m *Manager) sweep(every time.Duration) {
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -335,20 +281,20 @@ func (m *tokenManager) sweep(every time.Duration) {
 			return
 		case <-t.C:
 			m.dropDeadTokens()
-			m.forgetIdleTenants()
+			m.ForgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
 			m.saveStranded(m.ctx)
-			m.refusalLog.flush(m.logger())
+			m.RefusalLog.Flush(m.Logger())
 		}
 	}
 }
 
 // dropDeadTokens removes expired tokens from the cache.
-func (m *tokenManager) dropDeadTokens() {
-	n := clk.Now().UnixNano()
-	for key, item := range m.cache.Items() {
-		if t := item.Object.(*cachedToken); n >= t.expiresAt {
-			m.cache.Delete(key)
+func (m *Manager) dropDeadTokens() {
+	n := Clock.Now().UnixNano()
+	for key, item := range m.Cache.Items() {
+		if t := item.Object.(*Token); n >= t.expiresAt {
+			m.Cache.Delete(key)
 		}
 	}
 }
@@ -356,26 +302,26 @@ func (m *tokenManager) dropDeadTokens() {
 // forgetIdleTenants drops what is remembered about subjects with no cached
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
-func (m *tokenManager) forgetIdleTenants() {
-	n := clk.Now()
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for key, st := range m.tenants {
-		if _, cached := m.cache.Get(key); cached || st.unsaved != nil || st.consentRevoked {
+func (m *Manager) ForgetIdleTenants() {
+	n := Clock.Now()
+	m.Mu.Lock()
+	defer m.Mu.Unlock()
+	for key, st := range m.Tenants {
+		if _, cached := m.Cache.Get(key); cached || st.Unsaved != nil || st.ConsentRevoked {
 			continue
 		}
-		keep := forgetErrorsAfter
-		if st.unknown {
-			keep = forgetUnknownAfter
+		keep := ForgetErrorsAfter
+		if st.Unknown {
+			keep = ForgetUnknownAfter
 		}
-		if st.lastError != nil && n.Before(st.retryAt.Add(keep)) {
+		if st.LastError != nil && n.Before(st.RetryAt.Add(keep)) {
 			continue
 		}
-		delete(m.tenants, key)
+		delete(m.Tenants, key)
 	}
 	m.unknownOrder = m.unknownOrder[:0:0]
-	for key, st := range m.tenants {
-		if st.unknown {
+	for key, st := range m.Tenants {
+		if st.Unknown {
 			m.unknownOrder = append(m.unknownOrder, key)
 		}
 	}
@@ -388,11 +334,11 @@ const destroyGrace = 35 * time.Second
 
 // Destruct implements caddy.Destructor: the last config using this manager
 // is gone.
-func (m *tokenManager) Destruct() error {
+func (m *Manager) Destruct() error {
 	m.notes.wait(5 * time.Second) // notifications being written reach the store
-	m.mu.Lock()                   // no refresh may begin after this (beginRefresh)
+	m.Mu.Lock()                   // no refresh may begin after this (beginRefresh)
 	m.cancel()
-	m.mu.Unlock()
+	m.Mu.Unlock()
 	done := make(chan struct{})
 	go func() {
 		m.refreshes.Wait()
@@ -401,62 +347,62 @@ func (m *tokenManager) Destruct() error {
 	select {
 	case <-done:
 	case <-time.After(destroyGrace):
-		m.logger().Error("a refresh-token request sent to Fortnox had no answer within the shutdown grace period; if Fortnox rotated the refresh token, the customer must authorize again")
+		m.Logger().Error("a refresh-token request sent to Fortnox had no answer within the shutdown grace period; if Fortnox rotated the refresh token, the customer must authorize again")
 	}
-	m.cache.Flush()
+	m.Cache.Flush()
 	return nil
 }
 
 // ClientID is the client id whose tokens the manager keeps.
-func (m *tokenManager) ClientID() string { return m.clientID }
+func (m *Manager) ClientID() string { return m.clientID }
 
 // Codec is the record store that seals records and shared tokens (a bare
 // one until a config is in).
-func (m *tokenManager) Codec() *recordStore {
-	if s := m.settings.Load(); s != nil && s.records != nil {
-		return s.records
+func (m *Manager) Codec() *Records {
+	if s := m.Settings.Load(); s != nil && s.Records != nil {
+		return s.Records
 	}
-	return &recordStore{clientID: m.clientID}
+	return &Records{ClientID: m.clientID}
 }
 
 // clusterRef holds what cluster mode shares (internal/redisstate), set by
 // the glue (pickCluster).
-type clusterRef struct{ clusterState }
+type ClusterRef struct{ ClusterState }
 
 // clusterState is the Backend of cluster mode with what only it has.
-type clusterState interface {
-	sharedState
+type ClusterState interface {
+	Backend
 	// dropAnyToken removes the subject's shared token, whichever it is.
-	dropAnyToken(ctx context.Context, subj subject) error
+	DropAnyToken(ctx context.Context, subj Subject) error
 	// notes is where notifications are kept.
-	notes() notifyStore
+	Notes() NotifyStore
 }
 
-func (m *tokenManager) logger() *zap.Logger {
-	if s := m.settings.Load(); s != nil {
-		return s.logger
+func (m *Manager) Logger() *zap.Logger {
+	if s := m.Settings.Load(); s != nil {
+		return s.Logger
 	}
 	return zap.NewNop()
 }
 
 // tokenFor returns a token for the subject. ctx bounds only this caller's wait.
-func (m *tokenManager) tokenFor(ctx context.Context, subj subject) (*cachedToken, error) {
-	if v, ok := m.cache.Get(subj.key()); ok {
-		t := v.(*cachedToken)
-		n := clk.Now().UnixNano()
-		if t.usableAt(n) {
+func (m *Manager) TokenFor(ctx context.Context, subj Subject) (*Token, error) {
+	if v, ok := m.Cache.Get(subj.Key()); ok {
+		t := v.(*Token)
+		n := Clock.Now().UnixNano()
+		if t.UsableAt(n) {
 			m.hits.Add(1)
 			metrics.CacheHit.Inc()
-			if n >= t.refreshAt.Load() && t.refreshing.CompareAndSwap(false, true) {
+			if n >= t.RefreshAt.Load() && t.Refreshing.CompareAndSwap(false, true) {
 				link, traced := linkTo(ctx)
 				go m.refreshAhead(subj, t, link, traced)
 			}
 			return t, nil
 		}
 	}
-	m.misses.Add(1)
+	m.Misses.Add(1)
 	metrics.CacheMiss.Inc()
-	return m.waitForToken(ctx, subj, nil)
+	return m.WaitForToken(ctx, subj, nil)
 }
 
 // errStillWorking answers a caller whose token request is still running
@@ -469,14 +415,14 @@ var errStillWorking = errors.New("the token request for the tenant is still runn
 // token the caller knows is bad and that must not be returned again: a
 // flight that started before the caller knew (and so may hand it back) is
 // waited out, and a new one is started.
-func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *cachedToken) (tok *cachedToken, err error) {
-	key := subj.key()
+func (m *Manager) WaitForToken(ctx context.Context, subj Subject, stale *Token) (tok *Token, err error) {
+	key := subj.Key()
 	tctx, span := tokenSpan(ctx, subj)
 	defer func() { span.endToken(tok, err) }()
 	limit := time.NewTimer(m.callerWaitLimit())
 	defer limit.Stop()
 	for attempt := 0; ; attempt++ {
-		ch := m.flights.DoChan(key, func() (any, error) {
+		ch := m.Flights.DoChan(key, func() (any, error) {
 			defer m.traces.begin(key, tctx)()
 			return m.obtain(subj, stale)
 		})
@@ -486,67 +432,67 @@ func (m *tokenManager) waitForToken(ctx context.Context, subj subject, stale *ca
 			if res.Err != nil {
 				return nil, res.Err
 			}
-			t := res.Val.(*cachedToken)
-			if stale != nil && t.bearer == stale.bearer && attempt < 2 {
+			t := res.Val.(*Token)
+			if stale != nil && t.Bearer == stale.Bearer && attempt < 2 {
 				continue // that flight began before the token failed
 			}
 			return t, nil
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-limit.C:
-			return nil, &tokenError{failure: failUnavailable, cause: errStillWorking, retryAt: clk.Now().Add(time.Second)}
+			return nil, &Error{Failure: FailUnavailable, Cause: errStillWorking, RetryAt: Clock.Now().Add(time.Second)}
 		}
 	}
 }
 
 // callerWaitLimit is the longest a request waits for a token request: the
 // storage lock and the token request itself.
-func (m *tokenManager) callerWaitLimit() time.Duration {
-	s := m.settings.Load()
+func (m *Manager) callerWaitLimit() time.Duration {
+	s := m.Settings.Load()
 	if s == nil {
-		return lockBudget + defaultTokenTimeout
+		return LockBudget + DefaultTokenTimeout
 	}
-	return lockBudget + 2*s.tokenTimeout
+	return LockBudget + 2*s.TokenTimeout
 }
 
 // refreshAhead replaces t in the background before it expires. When the
 // request that started it is traced (link), it is traced too, in a root
 // span linked to that request's.
-func (m *tokenManager) refreshAhead(subj subject, t *cachedToken, link spanLink, traced bool) {
-	defer t.refreshing.Store(false)
+func (m *Manager) refreshAhead(subj Subject, t *Token, link spanLink, traced bool) {
+	defer t.Refreshing.Store(false)
 	var tctx context.Context
 	var span tspan
 	if traced {
 		tctx, span = link.startBackground(subj)
 	}
-	ch := m.flights.DoChan(subj.key(), func() (any, error) {
-		defer m.traces.begin(subj.key(), tctx)()
+	ch := m.Flights.DoChan(subj.Key(), func() (any, error) {
+		defer m.traces.begin(subj.Key(), tctx)()
 		return m.obtain(subj, t)
 	})
-	m.joined(span, subj.key(), tctx)
+	m.joined(span, subj.Key(), tctx)
 	res := <-ch
-	tok, _ := res.Val.(*cachedToken)
+	tok, _ := res.Val.(*Token)
 	span.endToken(tok, res.Err)
 	if res.Err != nil {
 		// Keep using t while it is valid, but do not try again before the
 		// tenant's backoff says so.
-		var terr *tokenError
-		if errors.As(res.Err, &terr) && !terr.retryAt.IsZero() {
-			t.refreshAt.Store(terr.retryAt.UnixNano())
+		var terr *Error
+		if errors.As(res.Err, &terr) && !terr.RetryAt.IsZero() {
+			t.RefreshAt.Store(terr.RetryAt.UnixNano())
 		}
 	}
 }
 
 // drop forgets the subject's cached token if it is still t (nil: whatever
 // is cached).
-func (m *tokenManager) drop(subj subject, t *cachedToken) {
-	key := subj.key()
+func (m *Manager) drop(subj Subject, t *Token) {
+	key := subj.Key()
 	if t == nil {
-		m.cache.Delete(key)
+		m.Cache.Delete(key)
 		return
 	}
-	if v, ok := m.cache.Get(key); ok && v.(*cachedToken) == t {
-		m.cache.Delete(key)
+	if v, ok := m.Cache.Get(key); ok && v.(*Token) == t {
+		m.Cache.Delete(key)
 	}
 }
 
@@ -555,34 +501,34 @@ func (m *tokenManager) drop(subj subject, t *cachedToken) {
 // backoff, and otherwise asks Fortnox: for a service account client
 // credentials first, the stored refresh token when the tenant has no usable
 // service-account consent; for a named account its own refresh token only.
-func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, error) {
-	n := clk.Now()
-	if v, ok := m.cache.Get(subj.key()); ok {
-		t := v.(*cachedToken)
-		if t != stale && t.usableAt(n.UnixNano()) && n.UnixNano() < t.refreshAt.Load() {
+func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
+	n := Clock.Now()
+	if v, ok := m.Cache.Get(subj.Key()); ok {
+		t := v.(*Token)
+		if t != stale && t.UsableAt(n.UnixNano()) && n.UnixNano() < t.RefreshAt.Load() {
 			return t, nil
 		}
 	}
-	s := m.settings.Load()
-	if subj.account == "" {
-		if err := m.revokedError(s, subj.tenant); err != nil {
+	s := m.Settings.Load()
+	if subj.Account == "" {
+		if err := m.revokedError(s, subj.Tenant); err != nil {
 			return nil, err
 		}
 	}
 	if err := m.backingOff(subj, n); err != nil {
 		return nil, err
 	}
-	if subj.account != "" {
+	if subj.Account != "" {
 		t, err := m.viaRefreshToken(s, subj, stale)
 		if errors.Is(err, errNoRefreshToken) {
 			m.notifyRecordLost(subj)
-			terr := &tokenError{failure: failAccountNotAuthorized}
-			m.recordFailure(subj, grantRefreshToken, terr, 0)
+			terr := &Error{Failure: FailAccountNotAuthorized}
+			m.RecordFailure(subj, GrantRefreshToken, terr, 0)
 			return nil, terr
 		}
 		return t, err
 	}
-	if m.refreshTokenFirst(subj.tenant, n) {
+	if m.refreshTokenFirst(subj.Tenant, n) {
 		t, err := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(err, errNoRefreshToken) {
 			return t, err
@@ -590,23 +536,23 @@ func (m *tokenManager) obtain(subj subject, stale *cachedToken) (*cachedToken, e
 		// The record is gone (deleted by hand, or moved): start over with
 		// client credentials, which answers "no consent" with a backoff.
 		m.notifyRecordLost(subj)
-		m.forgetMode(subj.tenant)
+		m.forgetMode(subj.Tenant)
 	}
 	return m.viaClientCredentials(s, subj, stale)
 }
 
 // viaClientCredentials asks for the tenant's service-account token and
 // falls back to its stored refresh token when Fortnox refuses.
-func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, stale *cachedToken) (*cachedToken, error) {
+func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) (*Token, error) {
 	// In a cluster another sidecar may have the token already; one asks
 	// Fortnox for it, under the subject's lock, and shares it.
 	if t := m.sharedFresh(s, subj, stale); t != nil {
 		return t, nil
 	}
-	lctx, lcancel := context.WithTimeout(m.ctx, lockBudget)
-	lspan := m.sharedSpan(subj, spanLock, "")
-	unlock, lerr := m.shared().lockToken(lctx, subj)
-	lspan.endErr(lerr)
+	lctx, lcancel := context.WithTimeout(m.ctx, LockBudget)
+	lspan := m.sharedSpan(subj, SpanLock, "")
+	unlock, lerr := m.Shared().LockToken(lctx, subj)
+	lspan.EndErr(lerr)
 	lcancel()
 	if lerr == nil {
 		defer unlock()
@@ -614,36 +560,36 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 			return t, nil
 		}
 	}
-	rspan := m.childSpan(subj, spanTokenRequest, trace.WithAttributes(attrGrant.String(grantClientCredentials)))
+	rspan := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(GrantClientCredentials)))
 	release, err := m.tokenSlot(s)
 	if err != nil {
-		rspan.endErr(err)
+		rspan.EndErr(err)
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(m.ctx, s.tokenTimeout)
+	ctx, cancel := context.WithTimeout(m.ctx, s.TokenTimeout)
 	start := time.Now()
-	answer, err := m.client.clientCredentials(ctx, s.cred, subj.tenant)
+	answer, err := m.Client.ClientCredentials(ctx, s.Cred, subj.Tenant)
 	took := time.Since(start)
 	cancel()
 	release()
 	rspan.endAnswer(answer, err)
 	if err == nil {
-		if terr := checkTokenTenant(answer.accessToken, subj.tenant, grantClientCredentials); terr != nil {
-			terr.fromClientCredentials = true
-			m.recordFailure(subj, grantClientCredentials, terr, took)
+		if terr := checkTokenTenant(answer.AccessToken, subj.Tenant, GrantClientCredentials); terr != nil {
+			terr.FromClientCredentials = true
+			m.RecordFailure(subj, GrantClientCredentials, terr, took)
 			return nil, terr
 		}
-		t := m.store(subj, grantClientCredentials, answer, s.refreshBefore)
-		m.recordSuccess(subj, grantClientCredentials, t, took)
+		t := m.Store(subj, GrantClientCredentials, answer, s.RefreshBefore)
+		m.RecordSuccess(subj, GrantClientCredentials, t, took)
 		m.share(subj, t)
 		return t, nil
 	}
-	terr := asTokenError(err)
-	if terr.failure == failNoConsent && s.records != nil {
+	terr := AsTokenError(err)
+	if terr.Failure == FailNoConsent && s.Records != nil {
 		t, rerr := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
-			m.noteClientCredentialsRefused(subj.tenant, s)
-			metrics.TokenRequests.WithLabelValues(grantClientCredentials, terr.errorCode()).Inc()
+			m.noteClientCredentialsRefused(subj.Tenant, s)
+			metrics.TokenRequests.WithLabelValues(GrantClientCredentials, terr.ErrorCode()).Inc()
 			if rerr == nil {
 				m.share(subj, t) // the other sidecars need not ask for client credentials
 			}
@@ -651,13 +597,13 @@ func (m *tokenManager) viaClientCredentials(s *managerSettings, subj subject, st
 		}
 		m.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
 	}
-	m.recordFailure(subj, grantClientCredentials, terr, took)
+	m.RecordFailure(subj, GrantClientCredentials, terr, took)
 	return nil, terr
 }
 
 // shared is the seam to what the client's sidecars share.
-func (m *tokenManager) shared() sharedState {
-	if c := m.cluster.Load(); c != nil {
+func (m *Manager) Shared() Backend {
+	if c := m.Cluster.Load(); c != nil {
 		return c
 	}
 	return m.local
@@ -666,85 +612,85 @@ func (m *tokenManager) shared() sharedState {
 // sharedFresh caches and returns the subject's token as another sidecar
 // shared it, when it is fresh (not stale, not refused, not yet due for
 // refresh) and the tenant's. Local: there is none.
-func (m *tokenManager) sharedFresh(s *managerSettings, subj subject, stale *cachedToken) *cachedToken {
-	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
-	span := m.sharedSpan(subj, spanStore, opLoadSharedToken)
-	st, err := m.shared().loadToken(ctx, subj)
-	span.endErr(err)
+func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
+	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+	span := m.sharedSpan(subj, SpanStore, OpLoadSharedToken)
+	st, err := m.Shared().LoadToken(ctx, subj)
+	span.EndErr(err)
 	cancel()
 	if err != nil || st == nil || !st.ExpiresAt.After(st.IssuedAt) {
 		return nil
 	}
 	bearer := "Bearer " + st.AccessToken
-	if (stale != nil && stale.bearer == bearer) || m.wasRejected(subj, bearer) {
+	if (stale != nil && stale.Bearer == bearer) || m.wasRejected(subj, bearer) {
 		return nil
 	}
 	lifetime := st.ExpiresAt.Sub(st.IssuedAt)
-	n := clk.Now()
-	if !n.Before(st.IssuedAt.Add(refreshAheadAfter(lifetime, s.refreshBefore))) || !n.Before(st.ExpiresAt.Add(-skewFor(lifetime))) {
+	n := Clock.Now()
+	if !n.Before(st.IssuedAt.Add(RefreshAheadAfter(lifetime, s.RefreshBefore))) || !n.Before(st.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil
 	}
 	if checkTokenBinding(st.AccessToken, subj, st.Grant, "") != nil {
 		return nil
 	}
-	t := m.cacheToken(subj, st.Grant, st.AccessToken, st.IssuedAt, lifetime, s.refreshBefore)
-	m.mu.Lock()
-	state := m.state(subj.key())
-	state.mode = st.Grant
-	state.failures, state.lastError, state.retryAt, state.unknown = 0, nil, time.Time{}, false
-	if st.Grant == grantRefreshToken && subj.account == "" {
+	t := m.CacheToken(subj, st.Grant, st.AccessToken, st.IssuedAt, lifetime, s.RefreshBefore)
+	m.Mu.Lock()
+	state := m.State(subj.Key())
+	state.Mode = st.Grant
+	state.failures, state.LastError, state.RetryAt, state.Unknown = 0, nil, time.Time{}, false
+	if st.Grant == GrantRefreshToken && subj.Account == "" {
 		// Another sidecar found that the tenant has no service-account
 		// consent: do not ask again before retry_client_credentials.
 		state.hasRefreshToken = true
-		state.ccRetryAt = n.Add(s.retryClientCredentials)
+		state.ccRetryAt = n.Add(s.RetryClientCredentials)
 	}
-	m.mu.Unlock()
+	m.Mu.Unlock()
 	return t
 }
 
 // share gives a new token to the other sidecars (cluster mode).
-func (m *tokenManager) share(subj subject, t *cachedToken) {
-	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
+func (m *Manager) share(subj Subject, t *Token) {
+	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
 	defer cancel()
-	span := m.sharedSpan(subj, spanStore, opShareToken)
-	span.endErr(m.shared().storeToken(ctx, subj, &sharedToken{AccessToken: t.accessToken(), Grant: t.grant,
+	span := m.sharedSpan(subj, SpanStore, OpShareToken)
+	span.EndErr(m.Shared().StoreToken(ctx, subj, &SharedToken{AccessToken: t.accessToken(), Grant: t.grant,
 		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()}))
 }
 
 // tokenSlot waits for one of the client's token-request slots (at most
 // max_token_requests in flight, across the cluster in cluster mode), for
 // up to token_timeout.
-func (m *tokenManager) tokenSlot(s *managerSettings) (release func(), err error) {
-	n := s.maxTokenRequests
+func (m *Manager) tokenSlot(s *Settings) (release func(), err error) {
+	n := s.MaxTokenRequests
 	if n <= 0 {
 		n = defaultMaxTokenRequests
 	}
-	release, err = m.shared().tokenSlot(m.ctx, n, s.tokenTimeout)
+	release, err = m.Shared().TokenSlot(m.ctx, n, s.TokenTimeout)
 	if err != nil {
-		return nil, &tokenError{failure: failUnavailable, cause: err, retryAt: clk.Now().Add(time.Second)}
+		return nil, &Error{Failure: FailUnavailable, Cause: err, RetryAt: Clock.Now().Add(time.Second)}
 	}
 	return release, nil
 }
 
 // store caches a new token for the subject and returns it.
-func (m *tokenManager) store(subj subject, grant string, a *tokenAnswer, refreshBefore time.Duration) *cachedToken {
-	return m.cacheToken(subj, grant, a.accessToken, clk.Now(), a.lifetime, refreshBefore)
+func (m *Manager) Store(subj Subject, grant string, a *Answer, refreshBefore time.Duration) *Token {
+	return m.CacheToken(subj, grant, a.AccessToken, Clock.Now(), a.Lifetime, refreshBefore)
 }
 
 // cacheToken caches an access token issued at issued for lifetime.
-func (m *tokenManager) cacheToken(subj subject, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *cachedToken {
-	t := &cachedToken{
-		bearer:    "Bearer " + accessToken,
+func (m *Manager) CacheToken(subj Subject, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *Token {
+	t := &Token{
+		Bearer:    "Bearer " + accessToken,
 		grant:     grant,
 		issuedAt:  issued,
 		expiresAt: issued.Add(lifetime).UnixNano(),
 	}
 	t.usableUntil = t.expiresAt - int64(skewFor(lifetime))
-	t.refreshAt.Store(issued.Add(refreshAheadAfter(lifetime, refreshBefore) - refreshSpread(lifetime)).UnixNano())
+	t.RefreshAt.Store(issued.Add(RefreshAheadAfter(lifetime, refreshBefore) - refreshSpread(lifetime)).UnixNano())
 	// No go-cache expiry: its Get would read the clock a second time on
 	// the hot path. Dead tokens are never used (usableAt) and the sweeper
 	// removes them.
-	m.cache.Set(subj.key(), t, gocache.NoExpiration)
+	m.Cache.Set(subj.Key(), t, gocache.NoExpiration)
 	return t
 }
 
@@ -757,7 +703,7 @@ func skewFor(lifetime time.Duration) time.Duration {
 // refreshAheadAfter is how long after issue a token is due for a
 // background refresh: max(lifetime-refreshBefore, lifetime/2), so that a
 // short lifetime is not refreshed on every request.
-func refreshAheadAfter(lifetime, refreshBefore time.Duration) time.Duration {
+func RefreshAheadAfter(lifetime, refreshBefore time.Duration) time.Duration {
 	return max(lifetime-refreshBefore, lifetime/2)
 }
 
@@ -770,22 +716,22 @@ func refreshSpread(lifetime time.Duration) time.Duration {
 }
 
 // backingOff returns the subject's last error while its backoff lasts.
-func (m *tokenManager) backingOff(subj subject, n time.Time) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	st := m.tenants[subj.key()]
-	if st == nil || st.lastError == nil || !n.Before(st.retryAt) {
+func (m *Manager) backingOff(subj Subject, n time.Time) error {
+	m.Mu.Lock()
+	defer m.Mu.Unlock()
+	st := m.Tenants[subj.Key()]
+	if st == nil || st.LastError == nil || !n.Before(st.RetryAt) {
 		return nil
 	}
-	return st.lastError
+	return st.LastError
 }
 
 // state returns the subject's state, creating it. The caller holds m.mu.
-func (m *tokenManager) state(key string) *tenantState {
-	st := m.tenants[key]
+func (m *Manager) State(key string) *TenantState {
+	st := m.Tenants[key]
 	if st == nil {
-		st = &tenantState{}
-		m.tenants[key] = st
+		st = &TenantState{}
+		m.Tenants[key] = st
 	}
 	return st
 }
@@ -793,40 +739,40 @@ func (m *tokenManager) state(key string) *tenantState {
 // recordFailure remembers a failed token request, sets the subject's next
 // attempt (exponential backoff with jitter, or Fortnox's Retry-After if
 // longer) and logs it once.
-func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenError, took time.Duration) {
-	m.mu.Lock()
-	st := m.state(subj.key())
+func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took time.Duration) {
+	m.Mu.Lock()
+	st := m.State(subj.Key())
 	named := m.namedInLogLocked(subj, st, terr)
-	if st.mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.unknown && !st.consentRevoked {
-		m.rememberUnknown(subj.key(), st)
+	if st.Mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.Unknown && !st.ConsentRevoked {
+		m.rememberUnknown(subj.Key(), st)
 	}
 	// The same failure again is not news: log it at DEBUG, so that each
 	// change of a tenant's state is logged once at its own level.
-	repeated := st.lastError != nil && st.lastError.failure == terr.failure && st.lastError.code == terr.code
+	repeated := st.LastError != nil && st.LastError.Failure == terr.Failure && st.LastError.Code == terr.Code
 	st.failures++
-	delay := backoffDelay(st.failures)
-	retryAt := clk.Now().Add(delay)
-	if terr.retryAt.After(retryAt) {
-		retryAt = terr.retryAt
+	delay := BackoffDelay(st.failures)
+	retryAt := Clock.Now().Add(delay)
+	if terr.RetryAt.After(retryAt) {
+		retryAt = terr.RetryAt
 	}
-	terr.retryAt = retryAt
-	st.retryAt = retryAt
-	st.lastError = terr
+	terr.RetryAt = retryAt
+	st.RetryAt = retryAt
+	st.LastError = terr
 	failures := st.failures
-	m.mu.Unlock()
+	m.Mu.Unlock()
 	if took > 0 { // a request was sent (not a known-dead refresh token or a storage error)
-		metrics.TokenRequests.WithLabelValues(grant, terr.errorCode()).Inc()
+		metrics.TokenRequests.WithLabelValues(grant, terr.ErrorCode()).Inc()
 		metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 	}
 
-	log := m.logger()
+	log := m.Logger()
 	var fields []zap.Field
-	if named.tenant != "" {
-		fields = named.logFields()
+	if named.Tenant != "" {
+		fields = named.LogFields()
 	}
 	fields = append(fields,
 		zap.String("grant", grant),
-		zap.String("outcome", terr.errorCode()),
+		zap.String("outcome", terr.ErrorCode()),
 		zap.Duration("duration", took),
 		zap.Int("consecutive_failures", failures),
 		zap.Time("retry_at", retryAt),
@@ -834,7 +780,7 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	errText := terr.Error()
 	if named != subj {
 		fields = append(fields, zap.String("subject", "not known to the sidecar (GET /fortnox/tenants lists it)"))
-		if (named.tenant == "" && strings.Contains(errText, subj.tenant)) || (named.account == "" && subj.account != "" && strings.Contains(errText, subj.account)) {
+		if (named.Tenant == "" && strings.Contains(errText, subj.Tenant)) || (named.Account == "" && subj.Account != "" && strings.Contains(errText, subj.Account)) {
 			errText = "(left out: it names a tenant or account the sidecar does not know, which a client may have made up)"
 		}
 	}
@@ -843,18 +789,18 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 	if errors.As(terr, &other) {
 		fields = append(fields, zap.String("record_token_url", other.recorded), zap.String("token_url", other.configured))
 	}
-	cause := terr.errorCode() + "\x00" + named.key()
+	cause := terr.ErrorCode() + "\x00" + named.Key()
 	switch {
 	case repeated:
 		if ce := log.Check(zapcore.DebugLevel, "token request failed again"); ce != nil {
 			ce.Write(fields...)
 		}
-	case terr.failure == failNoConsent || terr.failure == failAccountNotAuthorized:
-		m.refusalLog.write(log, zapcore.WarnLevel, cause, "no token for tenant", fields...)
-	case terr.failure == failUnavailable:
-		m.refusalLog.write(log, zapcore.WarnLevel, cause, "token request failed", fields...)
+	case terr.Failure == FailNoConsent || terr.Failure == FailAccountNotAuthorized:
+		m.RefusalLog.Write(log, zapcore.WarnLevel, cause, "no token for tenant", fields...)
+	case terr.Failure == FailUnavailable:
+		m.RefusalLog.Write(log, zapcore.WarnLevel, cause, "token request failed", fields...)
 	default:
-		m.refusalLog.write(log, zapcore.ErrorLevel, cause, "token request failed", fields...)
+		m.RefusalLog.Write(log, zapcore.ErrorLevel, cause, "token request failed", fields...)
 	}
 }
 
@@ -862,19 +808,19 @@ func (m *tokenManager) recordFailure(subj subject, grant string, terr *tokenErro
 // account) the sidecar knows, never one a client may have made up (any
 // TenantId or account name can be sent). The caller holds m.mu; st is
 // subj's state, before this failure is recorded.
-func (m *tokenManager) namedInLogLocked(subj subject, st *tenantState, terr *tokenError) subject {
+func (m *Manager) namedInLogLocked(subj Subject, st *TenantState, terr *Error) Subject {
 	if terr.foundInRecord() {
 		return subj
 	}
-	known := func(st *tenantState) bool {
-		return st != nil && (st.mode != "" || st.hasRefreshToken || st.consentRevoked)
+	known := func(st *TenantState) bool {
+		return st != nil && (st.Mode != "" || st.hasRefreshToken || st.ConsentRevoked)
 	}
-	var named subject
-	_, listed := m.settings.Load().listedTenants()[subj.tenant]
-	if listed || known(m.tenants[subj.tenant]) {
-		named.tenant = subj.tenant
-		if subj.account != "" && known(st) {
-			named.account = subj.account
+	var named Subject
+	_, listed := m.Settings.Load().listedTenants()[subj.Tenant]
+	if listed || known(m.Tenants[subj.Tenant]) {
+		named.Tenant = subj.Tenant
+		if subj.Account != "" && known(st) {
+			named.Account = subj.Account
 		}
 	}
 	return named
@@ -884,30 +830,30 @@ func (m *tokenManager) namedInLogLocked(subj subject, st *tenantState, terr *tok
 // made-up TenantId, a customer who never connected): such states are
 // forgotten sooner, and at most maxUnknownSubjects are kept, the oldest
 // going first. The caller holds m.mu.
-func (m *tokenManager) rememberUnknown(key string, st *tenantState) {
-	st.unknown = true
+func (m *Manager) rememberUnknown(key string, st *TenantState) {
+	st.Unknown = true
 	m.unknownOrder = append(m.unknownOrder, key)
-	for len(m.unknownOrder) > maxUnknownSubjects {
+	for len(m.unknownOrder) > MaxUnknownSubjects {
 		oldest := m.unknownOrder[0]
 		m.unknownOrder = m.unknownOrder[1:]
-		if old := m.tenants[oldest]; old != nil && old.unknown && old.unsaved == nil && !old.consentRevoked {
-			delete(m.tenants, oldest)
+		if old := m.Tenants[oldest]; old != nil && old.Unknown && old.Unsaved == nil && !old.ConsentRevoked {
+			delete(m.Tenants, oldest)
 		}
 	}
 }
 
-func (m *tokenManager) recordSuccess(subj subject, grant string, t *cachedToken, took time.Duration) {
-	m.mu.Lock()
-	st := m.state(subj.key())
-	st.mode = grant
+func (m *Manager) RecordSuccess(subj Subject, grant string, t *Token, took time.Duration) {
+	m.Mu.Lock()
+	st := m.State(subj.Key())
+	st.Mode = grant
 	st.failures = 0
-	st.lastError = nil
-	st.retryAt = time.Time{}
-	st.unknown = false
-	m.mu.Unlock()
+	st.LastError = nil
+	st.RetryAt = time.Time{}
+	st.Unknown = false
+	m.Mu.Unlock()
 	metrics.TokenRequests.WithLabelValues(grant, "ok").Inc()
 	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
-	m.logger().Info("token obtained", append(subj.logFields(),
+	m.Logger().Info("token obtained", append(subj.LogFields(),
 		zap.String("grant", grant),
 		zap.String("outcome", "ok"),
 		zap.Duration("duration", took),
@@ -915,10 +861,10 @@ func (m *tokenManager) recordSuccess(subj subject, grant string, t *cachedToken,
 }
 
 // backoffDelay is the wait after the n-th consecutive failure.
-func backoffDelay(n int) time.Duration {
-	d := backoffCap
+func BackoffDelay(n int) time.Duration {
+	d := BackoffCap
 	if n < 7 {
-		d = min(backoffBase<<(n-1), backoffCap)
+		d = min(backoffBase<<(n-1), BackoffCap)
 	}
 	jitter := 0.8 + 0.4*rand.Float64()
 	return time.Duration(float64(d) * jitter)
@@ -927,18 +873,18 @@ func backoffDelay(n int) time.Duration {
 // asTokenError is the token error of err: err itself when it is one, a
 // tenant mismatch for a record that names another tenant, and otherwise
 // the token endpoint's failure.
-func asTokenError(err error) *tokenError {
-	return classifyFailure(err, failUnavailable)
+func AsTokenError(err error) *Error {
+	return classifyFailure(err, FailUnavailable)
 }
 
 // classifyFailure is asTokenError with another failure for the rest.
-func classifyFailure(err error, rest tokenFailure) *tokenError {
-	var terr *tokenError
+func classifyFailure(err error, rest TokenFailure) *Error {
+	var terr *Error
 	if errors.As(err, &terr) {
 		return terr
 	}
 	if errors.Is(err, errRecordMisplaced) {
-		return &tokenError{failure: failRecordMisplaced, cause: err}
+		return &Error{Failure: FailRecordMisplaced, Cause: err}
 	}
-	return &tokenError{failure: rest, cause: err}
+	return &Error{Failure: rest, Cause: err}
 }

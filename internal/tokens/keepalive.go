@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -21,7 +21,7 @@ const (
 
 // keepAliveLoop runs keepAlive a few minutes after the manager starts,
 // then every keepAliveEvery, until the manager is destroyed.
-func (m *tokenManager) keepAliveLoop() {
+func (m *Manager) keepAliveLoop() {
 	t := time.NewTimer(5 * time.Minute)
 	defer t.Stop()
 	for {
@@ -29,7 +29,7 @@ func (m *tokenManager) keepAliveLoop() {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			m.keepAlive()
+			m.KeepAlive()
 			t.Reset(keepAliveEvery)
 		}
 	}
@@ -37,7 +37,7 @@ func (m *tokenManager) keepAliveLoop() {
 
 // refreshTokenAge is how long ago the record's refresh token was issued
 // (records of older versions: when its access token was).
-func refreshTokenAge(rec *tokenRecord, n time.Time) (time.Duration, bool) {
+func refreshTokenAge(rec *Record, n time.Time) (time.Duration, bool) {
 	at := rec.RefreshTokenAt
 	if at.IsZero() {
 		at = rec.IssuedAt
@@ -51,23 +51,23 @@ func refreshTokenAge(rec *tokenRecord, n time.Time) (time.Duration, bool) {
 // keepAlive refreshes the stored refresh tokens that are older than
 // keepAliveAfter, and updates the age metric. It returns how many it
 // refreshed.
-func (m *tokenManager) keepAlive() int {
-	s := m.settings.Load()
-	if s == nil || s.records == nil {
+func (m *Manager) KeepAlive() int {
+	s := m.Settings.Load()
+	if s == nil || s.Records == nil {
 		return 0
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, 10*time.Minute)
 	defer cancel()
-	subjects, err := s.records.subjects(ctx)
+	subjects, err := s.Records.subjects(ctx)
 	if err != nil {
-		m.logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
+		m.Logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
 		return 0
 	}
-	n := clk.Now()
+	n := Clock.Now()
 	var oldest time.Duration
 	refreshed := 0
 	for _, subj := range subjects {
-		rec, err := s.records.load(ctx, subj)
+		rec, err := s.Records.load(ctx, subj)
 		if err != nil || rec == nil {
 			continue
 		}
@@ -81,7 +81,7 @@ func (m *tokenManager) keepAlive() int {
 		}
 		oldest = max(oldest, age)
 	}
-	m.oldestRefreshToken.Store(int64(oldest / time.Second))
+	m.OldestRefreshToken.Store(int64(oldest / time.Second))
 	return refreshed
 }
 
@@ -89,33 +89,33 @@ func (m *tokenManager) keepAlive() int {
 // it is still old when read again (another process may have refreshed it).
 // The new access token is stored but not cached: a tenant on client
 // credentials keeps using its service account's token.
-func (m *tokenManager) keepAliveOne(ctx context.Context, s *managerSettings, subj subject) bool {
+func (m *Manager) keepAliveOne(ctx context.Context, s *Settings, subj Subject) bool {
 	var r rotated
-	_, _, _ = m.flights.Do(subj.key(), func() (any, error) {
-		err := s.records.withLock(ctx, subj, func() error {
-			rec, err := s.records.load(ctx, subj)
+	_, _, _ = m.Flights.Do(subj.Key(), func() (any, error) {
+		err := s.Records.withLock(ctx, subj, func() error {
+			rec, err := s.Records.load(ctx, subj)
 			if err != nil || rec == nil {
 				return err
 			}
-			if age, ok := refreshTokenAge(rec, clk.Now()); !ok || age < keepAliveAfter {
+			if age, ok := refreshTokenAge(rec, Clock.Now()); !ok || age < keepAliveAfter {
 				return nil
 			}
 			r = m.refreshStored(ctx, s, subj, rec)
 			return nil
 		})
 		if err != nil {
-			m.logger().Warn("keep-alive: the refresh token could not be refreshed", append(subj.logFields(), zap.Error(err))...)
+			m.Logger().Warn("keep-alive: the refresh token could not be refreshed", append(subj.LogFields(), zap.Error(err))...)
 		}
 		return nil, nil
 	})
 	m.settle(r)
 	switch {
 	case r.failure != nil:
-		m.recordFailure(subj, grantRefreshToken, r.failure, r.took)
+		m.RecordFailure(subj, GrantRefreshToken, r.failure, r.took)
 	case r.answer != nil:
-		metricsTokenRequest(grantRefreshToken, "ok", r.took)
+		metricsTokenRequest(GrantRefreshToken, "ok", r.took)
 		metrics.KeptAlive.Inc()
-		m.logger().Info("refresh token kept alive: it had not been used for 30 days", subj.logFields()...)
+		m.Logger().Info("refresh token kept alive: it had not been used for 30 days", subj.LogFields()...)
 	}
 	return r.answer != nil
 }

@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"bytes"
@@ -24,31 +24,31 @@ import (
 // maxTokenAnswer bounds how much of a token endpoint answer is read. Real
 // answers are about 3 KB; anything near this limit is not a token answer.
 // (x/oauth2 would read up to 1 MiB: the transport below cuts it first.)
-const maxTokenAnswer = 64 << 10
+const MaxTokenAnswer = 64 << 10
 
 // maxDescription bounds how much of Fortnox's error_description we repeat.
-const maxDescription = 200
+const MaxDescription = 200
 
 // Lifetimes outside these bounds are not believed (see tokenLifetime).
 const (
-	minTokenLifetime     = time.Second
-	maxTokenLifetime     = 24 * time.Hour
+	MinTokenLifetime     = time.Second
+	MaxTokenLifetime     = 24 * time.Hour
 	defaultTokenLifetime = time.Hour
 )
 
 // grant names, as sent in grant_type and used in logs and metrics.
 const (
-	grantClientCredentials = "client_credentials"
-	grantRefreshToken      = "refresh_token"
-	grantAuthorizationCode = "authorization_code"
+	GrantClientCredentials = "client_credentials"
+	GrantRefreshToken      = "refresh_token"
+	GrantAuthorizationCode = "authorization_code"
 )
 
 // tokenAnswer is a successful token endpoint answer.
-type tokenAnswer struct {
-	accessToken  string
-	refreshToken string // only for the refresh-token and code grants; "" when Fortnox sent no new one
-	lifetime     time.Duration
-	scope        string
+type Answer struct {
+	AccessToken  string
+	RefreshToken string // only for the refresh-token and code grants; "" when Fortnox sent no new one
+	Lifetime     time.Duration
+	Scope        string
 	status       int // Fortnox's HTTP status (2xx), for tracing
 }
 
@@ -67,15 +67,15 @@ type tokenAnswer struct {
 //     redirect would carry the client secret elsewhere);
 //   - lifetimes come from the raw expires_in and the plugin's clock, never
 //     from x/oauth2's Expiry (which uses time.Now).
-type tokenClient struct {
+type Client struct {
 	tokenURL string
 	// host is the token URL's host[:port], the only part of it that error
 	// texts name.
 	host      string
-	transport http.RoundTripper
+	Transport http.RoundTripper
 }
 
-func newTokenClient(tokenURL string) *tokenClient {
+func NewTokenClient(tokenURL string) *Client {
 	transport := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -85,7 +85,7 @@ func newTokenClient(tokenURL string) *tokenClient {
 		ResponseHeaderTimeout: 30 * time.Second,
 		ForceAttemptHTTP2:     true,
 	}
-	return &tokenClient{tokenURL: tokenURL, host: hostOf(tokenURL), transport: transport}
+	return &Client{tokenURL: tokenURL, host: hostOf(tokenURL), Transport: transport}
 }
 
 // hostOf returns the host[:port] of a URL, never its user info, path or query.
@@ -97,10 +97,10 @@ func hostOf(rawURL string) string {
 }
 
 // clientCredentials asks for a service-account token for tenant.
-func (c *tokenClient) clientCredentials(ctx context.Context, cred credentials, tenant string) (*tokenAnswer, error) {
+func (c *Client) ClientCredentials(ctx context.Context, cred Credentials, tenant string) (*Answer, error) {
 	conf := &clientcredentials.Config{
-		ClientID:     cred.clientID,
-		ClientSecret: cred.clientSecret,
+		ClientID:     cred.ClientID,
+		ClientSecret: cred.ClientSecret,
 		TokenURL:     c.tokenURL,
 		AuthStyle:    oauth2.AuthStyleInHeader,
 	}
@@ -111,10 +111,10 @@ func (c *tokenClient) clientCredentials(ctx context.Context, cred credentials, t
 
 // refresh trades a refresh token for a new access and refresh token. The
 // refresh token is sent once, whatever the answer.
-func (c *tokenClient) refresh(ctx context.Context, cred credentials, refreshToken string) (*tokenAnswer, error) {
+func (c *Client) Refresh(ctx context.Context, cred Credentials, refreshToken string) (*Answer, error) {
 	if refreshToken == "" {
 		// x/oauth2 would refuse it without a request; say so our way.
-		return nil, &tokenError{failure: failNoConsent, code: "invalid_grant", description: "no refresh token to send"}
+		return nil, &Error{Failure: FailNoConsent, Code: "invalid_grant", Description: "no refresh token to send"}
 	}
 	ctx, tr := c.requestContext(ctx, "")
 	tok, err := c.config(cred, "").TokenSource(ctx, &oauth2.Token{RefreshToken: refreshToken}).Token()
@@ -122,16 +122,16 @@ func (c *tokenClient) refresh(ctx context.Context, cred credentials, refreshToke
 }
 
 // exchangeCode trades an authorization code for tokens.
-func (c *tokenClient) exchangeCode(ctx context.Context, cred credentials, code, redirectURI string) (*tokenAnswer, error) {
+func (c *Client) ExchangeCode(ctx context.Context, cred Credentials, code, redirectURI string) (*Answer, error) {
 	ctx, tr := c.requestContext(ctx, "")
 	tok, err := c.config(cred, redirectURI).Exchange(ctx, code)
 	return c.answer(tr, tok, err, "")
 }
 
-func (c *tokenClient) config(cred credentials, redirectURI string) *oauth2.Config {
+func (c *Client) config(cred Credentials, redirectURI string) *oauth2.Config {
 	return &oauth2.Config{
-		ClientID:     cred.clientID,
-		ClientSecret: cred.clientSecret,
+		ClientID:     cred.ClientID,
+		ClientSecret: cred.ClientSecret,
 		Endpoint:     oauth2.Endpoint{TokenURL: c.tokenURL, AuthStyle: oauth2.AuthStyleInHeader},
 		RedirectURL:  redirectURI,
 	}
@@ -140,7 +140,7 @@ func (c *tokenClient) config(cred credentials, redirectURI string) *oauth2.Confi
 // requestContext hands x/oauth2 the HTTP client of one token request: the
 // shared transport wrapped with Fortnox's headers and the answer bound, and
 // no redirects. The wrapper is returned too: it keeps the answer it read.
-func (c *tokenClient) requestContext(ctx context.Context, tenant string) (context.Context, *fortnoxTransport) {
+func (c *Client) requestContext(ctx context.Context, tenant string) (context.Context, *fortnoxTransport) {
 	client, tr := c.httpClient(tenant)
 	return context.WithValue(ctx, oauth2.HTTPClient, client), tr
 }
@@ -148,8 +148,8 @@ func (c *tokenClient) requestContext(ctx context.Context, tenant string) (contex
 // httpClient is the HTTP client of one request to Fortnox's OAuth
 // endpoints: the shared transport with Fortnox's headers, the answer
 // bound, and no redirects (a redirect would carry the secret elsewhere).
-func (c *tokenClient) httpClient(tenant string) (*http.Client, *fortnoxTransport) {
-	tr := &fortnoxTransport{base: c.transport, tenant: tenant}
+func (c *Client) httpClient(tenant string) (*http.Client, *fortnoxTransport) {
+	tr := &fortnoxTransport{base: c.Transport, tenant: tenant}
 	return &http.Client{
 		Transport: tr,
 		CheckRedirect: func(*http.Request, []*http.Request) error {
@@ -172,29 +172,29 @@ func revokeURL(tokenURL string) string {
 // x/oauth2 has no revoke call; the request goes through the same client as
 // the token requests, with the client id and secret in the Basic header
 // (form-encoded first, as x/oauth2 does).
-func (c *tokenClient) revoke(ctx context.Context, cred credentials, refreshToken string) error {
+func (c *Client) revoke(ctx context.Context, cred Credentials, refreshToken string) error {
 	form := url.Values{"token_type_hint": {"refresh_token"}, "token": {refreshToken}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, revokeURL(c.tokenURL), strings.NewReader(form.Encode()))
 	if err != nil {
-		return &tokenError{failure: failBadAnswer, cause: errors.New("the revoke URL is not usable")}
+		return &Error{Failure: FailBadAnswer, Cause: errors.New("the revoke URL is not usable")}
 	}
-	req.SetBasicAuth(url.QueryEscape(cred.clientID), url.QueryEscape(cred.clientSecret))
+	req.SetBasicAuth(url.QueryEscape(cred.ClientID), url.QueryEscape(cred.ClientSecret))
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	client, _ := c.httpClient("")
 	resp, err := client.Do(req)
 	if err != nil {
-		return &tokenError{failure: failUnavailable, cause: transportCause(err)}
+		return &Error{Failure: FailUnavailable, Cause: transportCause(err)}
 	}
 	resp.Body.Close()
 	switch {
 	case resp.StatusCode >= 200 && resp.StatusCode < 300:
 		return nil
 	case resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
-		return &tokenError{failure: failUnavailable, status: resp.StatusCode}
+		return &Error{Failure: FailUnavailable, Status: resp.StatusCode}
 	case resp.StatusCode == http.StatusUnauthorized:
-		return &tokenError{failure: failBadClient, status: resp.StatusCode}
+		return &Error{Failure: FailBadClient, Status: resp.StatusCode}
 	}
-	return &tokenError{failure: failBadAnswer, status: resp.StatusCode, cause: fmt.Errorf("the revoke endpoint answered %d", resp.StatusCode)}
+	return &Error{Failure: FailBadAnswer, Status: resp.StatusCode, Cause: fmt.Errorf("the revoke endpoint answered %d", resp.StatusCode)}
 }
 
 // fortnoxTransport adds Fortnox's headers to a token request and reads the
@@ -220,11 +220,11 @@ func (t *fortnoxTransport) RoundTrip(req *http.Request) (*http.Response, error) 
 		return nil, err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxTokenAnswer+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, MaxTokenAnswer+1))
 	if err != nil {
 		return nil, err // the connection broke or timed out mid-answer
 	}
-	if len(body) > maxTokenAnswer {
+	if len(body) > MaxTokenAnswer {
 		return nil, &answerTooLarge{status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After")}
 	}
 	t.body, t.status = body, resp.StatusCode
@@ -247,26 +247,26 @@ func (e *answerTooLarge) Error() string { return "answer too large" }
 // answer turns what x/oauth2 returned into a tokenAnswer or a *tokenError.
 // sentRefresh is the refresh token the request carried ("" for the other
 // grants): x/oauth2 copies it into an answer that has none.
-func (c *tokenClient) answer(tr *fortnoxTransport, tok *oauth2.Token, err error, sentRefresh string) (*tokenAnswer, error) {
+func (c *Client) answer(tr *fortnoxTransport, tok *oauth2.Token, err error, sentRefresh string) (*Answer, error) {
 	if err != nil {
 		return nil, c.classify(err, tr.body)
 	}
 	if tok.TokenType != "" && !strings.EqualFold(tok.TokenType, "bearer") {
-		return nil, &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New("token_type is not bearer")}
+		return nil, &Error{Failure: FailBadAnswer, Status: http.StatusOK, Cause: errors.New("token_type is not bearer")}
 	}
 	if strings.ContainsAny(tok.AccessToken, " \t\r\n") {
-		return nil, &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New("access_token is not a single word")}
+		return nil, &Error{Failure: FailBadAnswer, Status: http.StatusOK, Cause: errors.New("access_token is not a single word")}
 	}
 	refreshToken := tok.RefreshToken
 	if refreshToken == sentRefresh {
 		refreshToken = "" // no new refresh token: x/oauth2 echoed the one sent
 	}
 	scope, _ := tok.Extra("scope").(string)
-	return &tokenAnswer{
-		accessToken:  tok.AccessToken,
-		refreshToken: refreshToken,
-		lifetime:     tokenLifetime(tok.Extra("expires_in"), tok.AccessToken),
-		scope:        scope,
+	return &Answer{
+		AccessToken:  tok.AccessToken,
+		RefreshToken: refreshToken,
+		Lifetime:     tokenLifetime(tok.Extra("expires_in"), tok.AccessToken),
+		Scope:        scope,
 		status:       tr.status,
 	}, nil
 }
@@ -274,7 +274,7 @@ func (c *tokenClient) answer(tr *fortnoxTransport, tok *oauth2.Token, err error,
 // classify turns an x/oauth2 error into a *tokenError. It never repeats the
 // answer's body (which may hold a token) nor the token URL's path or query.
 // body is the answer as read, when there was one.
-func (c *tokenClient) classify(err error, body []byte) *tokenError {
+func (c *Client) classify(err error, body []byte) *Error {
 	var tooLarge *answerTooLarge
 	if errors.As(err, &tooLarge) {
 		if tooLarge.status == http.StatusTooManyRequests || tooLarge.status >= 500 {
@@ -284,7 +284,7 @@ func (c *tokenClient) classify(err error, body []byte) *tokenError {
 		}
 		// A 4xx is not read either, so it cannot say invalid_grant and
 		// must not mark a refresh token dead.
-		return &tokenError{failure: failBadAnswer, status: tooLarge.status, cause: errors.New("answer too large")}
+		return &Error{Failure: FailBadAnswer, Status: tooLarge.status, Cause: errors.New("answer too large")}
 	}
 	var rerr *oauth2.RetrieveError
 	if errors.As(err, &rerr) && rerr.Response != nil {
@@ -293,10 +293,10 @@ func (c *tokenClient) classify(err error, body []byte) *tokenError {
 	}
 	var uerr *url.Error
 	if errors.As(err, &uerr) {
-		return &tokenError{failure: failUnavailable, cause: classifyTransport(uerr.Err, c.host)}
+		return &Error{Failure: FailUnavailable, Cause: classifyTransport(uerr.Err, c.host)}
 	}
 	// x/oauth2 read a 2xx answer but found no token in it.
-	return &tokenError{failure: failBadAnswer, status: http.StatusOK, cause: errors.New(unusableAnswer(body))}
+	return &Error{Failure: FailBadAnswer, Status: http.StatusOK, Cause: errors.New(unusableAnswer(body))}
 }
 
 // oauthErrorFields reads the OAuth error fields of an answer body as JSON,
@@ -343,12 +343,12 @@ func unusableAnswer(body []byte) string {
 // in the cache. expiresIn is the raw JSON value (float64, string or nil).
 func tokenLifetime(expiresIn any, accessToken string) time.Duration {
 	if secs, ok := seconds(expiresIn); ok {
-		if d := time.Duration(secs * float64(time.Second)); d >= minTokenLifetime && d <= maxTokenLifetime {
+		if d := time.Duration(secs * float64(time.Second)); d >= MinTokenLifetime && d <= MaxTokenLifetime {
 			return d
 		}
 	}
-	if c, err := decodeJWTClaims(accessToken); err == nil && c.Exp > c.Iat && c.Iat > 0 {
-		if d := time.Duration(c.Exp-c.Iat) * time.Second; d >= minTokenLifetime && d <= maxTokenLifetime {
+	if c, err := DecodeJWTClaims(accessToken); err == nil && c.Exp > c.Iat && c.Iat > 0 {
+		if d := time.Duration(c.Exp-c.Iat) * time.Second; d >= MinTokenLifetime && d <= MaxTokenLifetime {
 			return d
 		}
 	}
@@ -374,40 +374,40 @@ func seconds(v any) (float64, bool) {
 // Any 4xx other than invalid_client means "no usable consent" for client
 // credentials (Fortnox's exact answer is unknown); the refresh-token path
 // reads invalid_grant out of the same error.
-func classifyTokenError(status int, retryAfter, code, description string) *tokenError {
-	e := &tokenError{status: status, code: cutDescription(code), description: cutDescription(description)}
+func classifyTokenError(status int, retryAfter, code, description string) *Error {
+	e := &Error{Status: status, Code: CutDescription(code), Description: CutDescription(description)}
 	switch {
 	case code == "invalid_client":
-		e.failure = failBadClient
+		e.Failure = FailBadClient
 	case status == http.StatusTooManyRequests || status >= 500:
-		e.failure = failUnavailable
-		if d, ok := parseRetryAfter(retryAfter); ok {
-			e.retryAt = clk.Now().Add(d)
+		e.Failure = FailUnavailable
+		if d, ok := ParseRetryAfter(retryAfter); ok {
+			e.RetryAt = Clock.Now().Add(d)
 		}
 	case status >= 400:
-		e.failure = failNoConsent
+		e.Failure = FailNoConsent
 	default:
-		e.failure = failBadAnswer
+		e.Failure = FailBadAnswer
 	}
 	return e
 }
 
-func cutDescription(s string) string {
+func CutDescription(s string) string {
 	s = strings.Map(func(r rune) rune {
 		if r < 0x20 || r == 0x7f {
 			return ' '
 		}
 		return r
 	}, s)
-	if len(s) > maxDescription {
-		s = s[:maxDescription] + "…"
+	if len(s) > MaxDescription {
+		s = s[:MaxDescription] + "…"
 	}
 	return s
 }
 
 // parseRetryAfter reads a Retry-After header given in seconds (the form a
 // token endpoint uses); dates and nonsense are ignored. Capped at an hour.
-func parseRetryAfter(v string) (time.Duration, bool) {
+func ParseRetryAfter(v string) (time.Duration, bool) {
 	secs, err := strconv.Atoi(strings.TrimSpace(v))
 	if err != nil || secs <= 0 {
 		return 0, false
@@ -426,46 +426,46 @@ func transportCause(err error) error {
 }
 
 // transportKind is why a request got no HTTP answer.
-type transportKind int
+type TransportKind int
 
 const (
-	transportOther transportKind = iota
-	transportDNS
-	transportRefused
-	transportTimeout
-	transportTLS
-	transportClosed
+	transportOther TransportKind = iota
+	TransportDNS
+	TransportRefused
+	TransportTimeout
+	TransportTLS
+	TransportClosed
 	transportCancelled
 )
 
 // transportError is a request that got no HTTP answer, reduced to its
 // class and the host it tried. Its text holds no URL, token or secret.
-type transportError struct {
-	kind transportKind
+type TransportError struct {
+	Kind TransportKind
 	// host is host[:port] of the URL (or the name that did not resolve).
 	host string
 	// detail is a short, safe reason (a DNS or TLS error text), or "".
 	detail string
 }
 
-func (e *transportError) Error() string {
+func (e *TransportError) Error() string {
 	host := e.host
 	if host == "" {
 		host = "the server"
 	}
-	switch e.kind {
-	case transportDNS:
+	switch e.Kind {
+	case TransportDNS:
 		if e.detail == "" {
 			return "DNS failure: the name " + host + " does not resolve"
 		}
 		return "DNS failure: looking up " + host + " failed (" + e.detail + ")"
-	case transportRefused:
+	case TransportRefused:
 		return "connection refused by " + host
-	case transportTimeout:
+	case TransportTimeout:
 		return "timed out waiting for " + host
-	case transportTLS:
+	case TransportTLS:
 		return "TLS failure with " + host + ": " + e.detail
-	case transportClosed:
+	case TransportClosed:
 		return "the connection to " + host + " closed without an answer"
 	case transportCancelled:
 		return "the request to " + host + " was cancelled"
@@ -481,7 +481,7 @@ func (e *transportError) Error() string {
 // DNS failure, connection refused, timeout, TLS failure, a connection
 // closed without an answer, or cancellation. host is host[:port] of the
 // request's URL.
-func classifyTransport(err error, host string) *transportError {
+func classifyTransport(err error, host string) *TransportError {
 	var dnsErr *net.DNSError
 	if errors.As(err, &dnsErr) {
 		name := dnsErr.Name
@@ -489,32 +489,32 @@ func classifyTransport(err error, host string) *transportError {
 			name = host
 		}
 		if dnsErr.IsNotFound {
-			return &transportError{kind: transportDNS, host: name}
+			return &TransportError{Kind: TransportDNS, host: name}
 		}
-		return &transportError{kind: transportDNS, host: name, detail: dnsErr.Err}
+		return &TransportError{Kind: TransportDNS, host: name, detail: dnsErr.Err}
 	}
 	if detail, ok := tlsFailure(err); ok {
-		return &transportError{kind: transportTLS, host: host, detail: detail}
+		return &TransportError{Kind: TransportTLS, host: host, detail: detail}
 	}
 	if errors.Is(err, syscall.ECONNREFUSED) {
-		return &transportError{kind: transportRefused, host: host}
+		return &TransportError{Kind: TransportRefused, host: host}
 	}
 	var netErr net.Error
 	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
-		return &transportError{kind: transportTimeout, host: host}
+		return &TransportError{Kind: TransportTimeout, host: host}
 	}
 	if errors.Is(err, context.Canceled) {
-		return &transportError{kind: transportCancelled, host: host}
+		return &TransportError{Kind: transportCancelled, host: host}
 	}
 	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.ECONNABORTED) || errors.Is(err, syscall.EPIPE) {
-		return &transportError{kind: transportClosed, host: host}
+		return &TransportError{Kind: TransportClosed, host: host}
 	}
 	var opErr *net.OpError
 	if errors.As(err, &opErr) && opErr.Err != nil {
-		return &transportError{kind: transportOther, host: host, detail: opErr.Err.Error()}
+		return &TransportError{Kind: transportOther, host: host, detail: opErr.Err.Error()}
 	}
-	return &transportError{kind: transportOther, host: host, detail: cutDescription(err.Error())}
+	return &TransportError{Kind: transportOther, host: host, detail: CutDescription(err.Error())}
 }
 
 // tlsFailure reports whether err is a TLS handshake or certificate failure,

@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"bytes"
@@ -16,8 +16,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/caddyserver/caddy/v2"
-	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"go.uber.org/zap"
 )
 
@@ -50,7 +48,7 @@ const (
 	// notifyFirstRetry is the wait after the first failed delivery; each
 	// further failure doubles it, up to notifyMaxRetry.
 	notifyFirstRetry = 5 * time.Second
-	notifyMaxRetry   = 5 * time.Minute
+	NotifyMaxRetry   = 5 * time.Minute
 	// notifyGiveUp: an event not delivered this long after it was made is
 	// dropped (one log line).
 	notifyGiveUp = 24 * time.Hour
@@ -64,69 +62,28 @@ const (
 	notifyScanEvery = 5 * time.Second
 	// notifyClaimMemory: how long the state the app was last told of is
 	// remembered.
-	notifyClaimMemory = 90 * 24 * time.Hour
+	NotifyClaimMemory = 90 * 24 * time.Hour
 	// notifyMaxUnsent bounds the events kept in memory while the store
 	// cannot take them.
 	notifyMaxUnsent = 1000
 )
 
-// Notify is where the app hears of state changes it must act on.
-type Notify struct {
-	// The app's URL that receives the events (POST, JSON). https, or http
-	// on loopback (127.0.0.1, ::1, localhost). Placeholders such as
-	// {env.FORTNOX_NOTIFY_URL} are resolved when the config loads. Required.
-	URL string `json:"url,omitempty"`
-
-	// The key the events are signed with: each carries
-	// `X-Fortnox-Signature: sha256=<lowercase hex HMAC-SHA256 of the body>`.
-	// Its text after placeholders is the key, as bytes. Use a placeholder
-	// ({env.FORTNOX_NOTIFY_SECRET}) so that the config holds no secret.
-	// Required.
-	Secret string `json:"secret,omitempty"`
-}
-
 // notifySettings is a resolved Notify.
-type notifySettings struct {
-	url    string
-	host   string // for log lines: never the path or query, which may carry a key
-	secret []byte
-}
-
-// provision resolves and checks a notify block (nil: none).
-func (n *Notify) provision(repl *caddy.Replacer) (*notifySettings, error) {
-	if n == nil {
-		return nil, nil
-	}
-	raw, err := resolveSetting(repl, "notify url", n.URL)
-	if err != nil {
-		return nil, err
-	}
-	secret, err := resolveSetting(repl, "notify secret", n.Secret)
-	if err != nil {
-		return nil, err
-	}
-	u, err := url.Parse(raw)
-	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
-		return nil, errors.New("notify url is not an http(s) URL")
-	}
-	if u.User != nil {
-		return nil, errors.New("notify url must not contain credentials: the events are signed with the notify secret")
-	}
-	if u.Scheme == "http" && !isLoopback(u.Hostname()) {
-		return nil, fmt.Errorf("notify url must be https (http only on loopback: 127.0.0.1, ::1, localhost), not http on %s", u.Hostname())
-	}
-	return &notifySettings{url: u.String(), host: u.Host, secret: []byte(secret)}, nil
+type NotifySettings struct {
+	Url    string
+	Host   string // for log lines: never the path or query, which may carry a key
+	Secret []byte
 }
 
 // sign is the X-Fortnox-Signature value of body.
-func (ns *notifySettings) sign(body []byte) string {
-	mac := hmac.New(sha256.New, ns.secret)
+func (ns *NotifySettings) sign(body []byte) string {
+	mac := hmac.New(sha256.New, ns.Secret)
 	mac.Write(body)
 	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
 }
 
 // notification is the body the app receives.
-type notification struct {
+type Notification struct {
 	ID      string `json:"id"`
 	Event   string `json:"event"`
 	Tenant  string `json:"tenant"`
@@ -136,7 +93,7 @@ type notification struct {
 }
 
 // pendingEvent is a notification not delivered yet, as the store keeps it.
-type pendingEvent struct {
+type PendingEvent struct {
 	ID string `json:"id"`
 	// Body is exactly what is POSTed, every time (its signature too).
 	Body      string    `json:"body"`
@@ -151,20 +108,20 @@ type pendingEvent struct {
 	LeaseUntil time.Time `json:"lease_until,omitzero"`
 }
 
-func newPendingEvent(event string, subj subject, reason string) *pendingEvent {
-	n := clk.Now().UTC()
+func newPendingEvent(event string, subj Subject, reason string) *PendingEvent {
+	n := Clock.Now().UTC()
 	id := newNotificationID()
-	body, _ := json.Marshal(notification{ID: id, Event: event, Tenant: subj.tenant, Account: subj.account, Reason: reason, At: n.Format(time.RFC3339Nano)})
-	return &pendingEvent{ID: id, Body: string(body), Event: event, Tenant: subj.tenant, Account: subj.account, CreatedAt: n, NextAt: n}
+	body, _ := json.Marshal(Notification{ID: id, Event: event, Tenant: subj.Tenant, Account: subj.Account, Reason: reason, At: n.Format(time.RFC3339Nano)})
+	return &PendingEvent{ID: id, Body: string(body), Event: event, Tenant: subj.Tenant, Account: subj.Account, CreatedAt: n, NextAt: n}
 }
 
 // newNotificationID is 16 random bytes in hex.
 func newNotificationID() string {
-	return randomID() + randomID()
+	return RandomID() + RandomID()
 }
 
 // validNotificationID: what newNotificationID makes.
-func validNotificationID(id string) bool {
+func ValidNotificationID(id string) bool {
 	if len(id) != 32 {
 		return false
 	}
@@ -172,7 +129,7 @@ func validNotificationID(id string) bool {
 	return err == nil && strings.ToLower(id) == id
 }
 
-func (ev *pendingEvent) logFields() []zap.Field {
+func (ev *PendingEvent) logFields() []zap.Field {
 	f := []zap.Field{zap.String("notification", ev.ID), zap.String("event", ev.Event), zap.String("tenant", ev.Tenant)}
 	if ev.Account != "" {
 		f = append(f, zap.String("account", ev.Account))
@@ -181,44 +138,44 @@ func (ev *pendingEvent) logFields() []zap.Field {
 }
 
 // notifyRetryAfter is the wait after the n-th failed attempt.
-func notifyRetryAfter(attempts int) time.Duration {
+func NotifyRetryAfter(attempts int) time.Duration {
 	if attempts > 10 {
-		return notifyMaxRetry
+		return NotifyMaxRetry
 	}
-	return min(notifyFirstRetry<<(attempts-1), notifyMaxRetry)
+	return min(notifyFirstRetry<<(attempts-1), NotifyMaxRetry)
 }
 
 // notifyStore is where claims and pending events live: Caddy's storage
 // (storageNotes), or Redis in cluster mode (redisNotes).
-type notifyStore interface {
+type NotifyStore interface {
 	// enqueue stores ev as pending. With a claim, only when claim's state
 	// differs from the one recorded last (then it is recorded): it says
 	// whether ev was stored.
-	enqueue(ctx context.Context, claim *notifyClaim, ev *pendingEvent) (bool, error)
+	Enqueue(ctx context.Context, claim *NotifyClaim, ev *PendingEvent) (bool, error)
 	// release forgets the state recorded for a claim key, so that the
 	// next change is told again.
-	release(ctx context.Context, key string) error
+	Release(ctx context.Context, key string) error
 	// take returns up to max events due at n, each leased until until.
-	take(ctx context.Context, n, until time.Time, max int) ([]*pendingEvent, error)
+	Take(ctx context.Context, n, until time.Time, max int) ([]*PendingEvent, error)
 	// done removes a delivered (or dropped) event.
-	done(ctx context.Context, ev *pendingEvent) error
+	Done(ctx context.Context, ev *PendingEvent) error
 	// later puts ev back, due at ev.NextAt.
-	later(ctx context.Context, ev *pendingEvent) error
+	Later(ctx context.Context, ev *PendingEvent) error
 }
 
 // notifyClaim names a subject's kind of state and the state the app is
 // about to be told of.
-type notifyClaim struct {
-	key   string // tenant[/accounts/account]/topic
-	state string
+type NotifyClaim struct {
+	Key   string // tenant[/accounts/account]/topic
+	State string
 }
 
 // claimKey is the claim key of a subject's topic.
-func claimKey(subj subject, topic string) string {
-	if subj.account == "" {
-		return subj.tenant + "/" + topic
+func claimKey(subj Subject, topic string) string {
+	if subj.Account == "" {
+		return subj.Tenant + "/" + topic
 	}
-	return subj.tenant + "/accounts/" + subj.account + "/" + topic
+	return subj.Tenant + "/accounts/" + subj.Account + "/" + topic
 }
 
 // Claim topics and their states.
@@ -229,7 +186,7 @@ const (
 
 // notifier emits and delivers one token manager's notifications.
 type notifier struct {
-	m      *tokenManager
+	m      *Manager
 	client *http.Client
 	kick   chan struct{}
 	// emitting counts emissions still being written: a manager being
@@ -248,11 +205,11 @@ type notifier struct {
 }
 
 type emission struct {
-	claim *notifyClaim
-	ev    *pendingEvent
+	claim *NotifyClaim
+	ev    *PendingEvent
 }
 
-func newNotifier(m *tokenManager) *notifier {
+func newNotifier(m *Manager) *notifier {
 	return &notifier{
 		m:    m,
 		kick: make(chan struct{}, 1),
@@ -266,32 +223,32 @@ func newNotifier(m *tokenManager) *notifier {
 }
 
 // settings is the notify block in force (nil: none).
-func (n *notifier) settings() *notifySettings {
+func (n *notifier) settings() *NotifySettings {
 	if n == nil { // a manager made without newTokenManager (unit tests)
 		return nil
 	}
-	if s := n.m.settings.Load(); s != nil {
-		return s.notify
+	if s := n.m.Settings.Load(); s != nil {
+		return s.Notify
 	}
 	return nil
 }
 
 // store is where this manager's claims and events live (nil: nowhere yet).
-func (n *notifier) store() notifyStore {
-	if c := n.m.cluster.Load(); c != nil {
-		return c.notes()
+func (n *notifier) store() NotifyStore {
+	if c := n.m.Cluster.Load(); c != nil {
+		return c.Notes()
 	}
-	s := n.m.settings.Load()
-	if s == nil || s.records == nil || s.records.storage == nil {
+	s := n.m.Settings.Load()
+	if s == nil || s.Records == nil || s.Records.Storage == nil {
 		return nil
 	}
-	return &storageNotes{storage: s.records.storage, clientID: n.m.clientID}
+	return &storageNotes{storage: s.Records.Storage, clientID: n.m.clientID}
 }
 
 // emit makes an event, claimed (when claim is set) so that each change of
 // state is told once, and writes it to the store in the background: a
 // request never waits for it.
-func (n *notifier) emit(event string, subj subject, reason string, claim *notifyClaim) {
+func (n *notifier) emit(event string, subj Subject, reason string, claim *NotifyClaim) {
 	if n.settings() == nil {
 		return
 	}
@@ -311,10 +268,10 @@ func (n *notifier) write(e emission) bool {
 	err := errors.New("no store yet")
 	if store != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(n.m.ctx), notifyTimeout)
-		stored, err = store.enqueue(ctx, e.claim, e.ev)
+		stored, err = store.Enqueue(ctx, e.claim, e.ev)
 		cancel()
 	}
-	log := n.m.logger()
+	log := n.m.Logger()
 	if err != nil {
 		n.mu.Lock()
 		alarm := !n.storeAlarm
@@ -361,8 +318,8 @@ func (n *notifier) release(key string) {
 		}
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(n.m.ctx), notifyTimeout)
 		defer cancel()
-		if err := store.release(ctx, key); err != nil {
-			n.m.logger().Warn("could not reset what the app was last told of a tenant: its next break may not be told", zap.String("claim", key), zap.Error(err))
+		if err := store.Release(ctx, key); err != nil {
+			n.m.Logger().Warn("could not reset what the app was last told of a tenant: its next break may not be told", zap.String("claim", key), zap.Error(err))
 		}
 	}()
 }
@@ -409,7 +366,7 @@ func (n *notifier) pass(kicked bool) {
 	n.mu.Lock()
 	unsent := n.unsent
 	n.unsent = nil
-	due := kicked || (!n.nextDue.IsZero() && !clk.Now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
+	due := kicked || (!n.nextDue.IsZero() && !Clock.Now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
 	if due {
 		n.nextDue, n.lastScan = time.Time{}, time.Now()
 	}
@@ -431,11 +388,11 @@ func (n *notifier) pass(kicked bool) {
 	}
 	for n.m.ctx.Err() == nil {
 		ctx, cancel := context.WithTimeout(n.m.ctx, notifyTimeout)
-		at := clk.Now()
-		evs, err := store.take(ctx, at, at.Add(notifyLease), 16)
+		at := Clock.Now()
+		evs, err := store.Take(ctx, at, at.Add(notifyLease), 16)
 		cancel()
 		if err != nil {
-			if ce := n.m.logger().Check(zap.DebugLevel, "could not read pending notifications"); ce != nil {
+			if ce := n.m.Logger().Check(zap.DebugLevel, "could not read pending notifications"); ce != nil {
 				ce.Write(zap.Error(err))
 			}
 			return
@@ -451,28 +408,28 @@ func (n *notifier) pass(kicked bool) {
 
 // deliver POSTs one event; on failure it is put back with the next
 // attempt's time, or dropped once it is a day old.
-func (n *notifier) deliver(ns *notifySettings, store notifyStore, ev *pendingEvent) {
-	log := n.m.logger()
+func (n *notifier) deliver(ns *NotifySettings, store NotifyStore, ev *PendingEvent) {
+	log := n.m.Logger()
 	ev.Attempts++
 	err := n.post(ns, ev)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(n.m.ctx), notifyTimeout)
 	defer cancel()
 	if err == nil {
-		if derr := store.done(ctx, ev); derr != nil {
+		if derr := store.Done(ctx, ev); derr != nil {
 			log.Warn("a notification was delivered but could not be removed from the store: it may be delivered again", append(ev.logFields(), zap.Error(derr))...)
 		}
 		log.Info("notification delivered", append(ev.logFields(), zap.Int("attempts", ev.Attempts))...)
 		return
 	}
-	if clk.Now().Sub(ev.CreatedAt) >= notifyGiveUp {
-		_ = store.done(ctx, ev)
+	if Clock.Now().Sub(ev.CreatedAt) >= notifyGiveUp {
+		_ = store.Done(ctx, ev)
 		log.Error("notification dropped: the app did not take it within a day", append(ev.logFields(),
-			zap.Int("attempts", ev.Attempts), zap.Time("created_at", ev.CreatedAt), zap.String("receiver", ns.host), zap.Error(err))...)
+			zap.Int("attempts", ev.Attempts), zap.Time("created_at", ev.CreatedAt), zap.String("receiver", ns.Host), zap.Error(err))...)
 		return
 	}
-	ev.NextAt = clk.Now().Add(notifyRetryAfter(ev.Attempts))
+	ev.NextAt = Clock.Now().Add(NotifyRetryAfter(ev.Attempts))
 	ev.LeaseUntil = time.Time{}
-	if lerr := store.later(ctx, ev); lerr != nil {
+	if lerr := store.Later(ctx, ev); lerr != nil {
 		log.Warn("a notification that failed could not be put back: another sidecar retries it when its lease ends", append(ev.logFields(), zap.Error(lerr))...)
 	}
 	n.mu.Lock()
@@ -486,16 +443,16 @@ func (n *notifier) deliver(ns *notifySettings, store notifyStore, ev *pendingEve
 	}
 	if ce := log.Check(level, "notification not delivered: it is tried again"); ce != nil {
 		ce.Write(append(ev.logFields(), zap.Int("attempts", ev.Attempts), zap.Time("next_attempt", ev.NextAt),
-			zap.String("receiver", ns.host), zap.Error(err))...)
+			zap.String("receiver", ns.Host), zap.Error(err))...)
 	}
 }
 
 // post sends one attempt; any 2xx is delivered.
-func (n *notifier) post(ns *notifySettings, ev *pendingEvent) error {
+func (n *notifier) post(ns *NotifySettings, ev *PendingEvent) error {
 	body := []byte(ev.Body)
 	ctx, cancel := context.WithTimeout(n.m.ctx, notifyTimeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, ns.url, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, ns.Url, bytes.NewReader(body))
 	if err != nil {
 		return err
 	}
@@ -522,22 +479,22 @@ func (n *notifier) post(ns *notifySettings, ev *pendingEvent) error {
 
 // notifyChainBroken tells the app that subj's refresh-token chain was
 // rejected (reason refresh_token_rejected) and must be connected again.
-func (m *tokenManager) notifyChainBroken(subj subject, reason string) {
-	m.notes.emit(notifyReconnectRequired, subj, reason, &notifyClaim{key: claimKey(subj, topicChain), state: "broken"})
+func (m *Manager) notifyChainBroken(subj Subject, reason string) {
+	m.notes.emit(notifyReconnectRequired, subj, reason, &NotifyClaim{Key: claimKey(subj, topicChain), State: "broken"})
 }
 
 // notifyRecordLost tells the app that subj, which this sidecar knew to
 // run on a refresh token, has no record any more (reason record_lost).
 // What this sidecar remembers of the chain goes with it, so that it is
 // noticed once.
-func (m *tokenManager) notifyRecordLost(subj subject) {
-	m.mu.Lock()
-	st := m.tenants[subj.key()]
-	had := st != nil && (st.mode == grantRefreshToken || st.hasRefreshToken)
+func (m *Manager) notifyRecordLost(subj Subject) {
+	m.Mu.Lock()
+	st := m.Tenants[subj.Key()]
+	had := st != nil && (st.Mode == GrantRefreshToken || st.hasRefreshToken)
 	if had {
-		st.mode, st.ccRetryAt, st.hasRefreshToken = "", time.Time{}, false
+		st.Mode, st.ccRetryAt, st.hasRefreshToken = "", time.Time{}, false
 	}
-	m.mu.Unlock()
+	m.Mu.Unlock()
 	if had {
 		m.notifyChainBroken(subj, "record_lost")
 	}
@@ -545,52 +502,28 @@ func (m *tokenManager) notifyRecordLost(subj subject) {
 
 // notifyChainRestored re-arms reconnect_required for subj: a new refresh
 // token was stored.
-func (m *tokenManager) notifyChainRestored(subj subject) {
+func (m *Manager) notifyChainRestored(subj Subject) {
 	m.notes.release(claimKey(subj, topicChain))
 }
 
 // notifyConsent tells the app of a consent revoked or created (kind is
 // eventRevoked or eventCreated); applied by several sidecars, it is told
 // once.
-func (m *tokenManager) notifyConsent(tenant, kind string) {
+func (m *Manager) notifyConsent(tenant, kind string) {
 	state, event := "created", notifyConsentCreated
 	if kind == eventRevoked {
 		state, event = "revoked", notifyConsentRevoked
 	}
-	subj := subject{tenant: tenant}
-	m.notes.emit(event, subj, "webhook", &notifyClaim{key: claimKey(subj, topicConsent), state: state})
+	subj := Subject{Tenant: tenant}
+	m.notes.emit(event, subj, "webhook", &NotifyClaim{Key: claimKey(subj, topicConsent), State: state})
 }
 
 // notifyQuarantined tells the app that a refresh token handed over (or
 // rotated) for q.SubmittedFor was put in the quarantine.
-func (m *tokenManager) notifyQuarantined(q *quarantineRecord) {
+func (m *Manager) notifyQuarantined(q *quarantineRecord) {
 	reason := "tenant_mismatch"
 	if q.Tenant == q.SubmittedFor && q.Tenant != "" {
 		reason = "account_user_mismatch"
 	}
-	m.notes.emit(notifyQuarantined, subject{tenant: q.SubmittedFor, account: q.Account}, reason, nil)
-}
-
-// parseNotify reads `notify { url <url>; secret <key> }` inside the
-// fortnox block.
-func parseNotify(d *caddyfile.Dispenser) (*Notify, error) {
-	if d.NextArg() {
-		return nil, d.Errf("notify takes a block: notify { url <app URL>; secret <key> }")
-	}
-	n := new(Notify)
-	for nesting := d.Nesting(); d.NextBlock(nesting); {
-		switch d.Val() {
-		case "url":
-			if err := oneArg(d, &n.URL); err != nil {
-				return nil, err
-			}
-		case "secret":
-			if err := oneArg(d, &n.Secret); err != nil {
-				return nil, err
-			}
-		default:
-			return nil, d.Errf("unrecognized notify option %q (url, secret)", d.Val())
-		}
-	}
-	return n, nil // both are checked at Provision, for JSON configs too
+	m.notes.emit(notifyQuarantined, Subject{Tenant: q.SubmittedFor, Account: q.Account}, reason, nil)
 }

@@ -1,7 +1,8 @@
-package fortnox
+package tokens
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
@@ -20,43 +21,43 @@ import (
 // Nothing above the seam knows which it talks to. Token records are shared
 // the same way one level down: recordStore's backend is Caddy's storage or
 // Redis. The rate budget is the handler's ratelimit.Waiter (internal/ratelimit).
-type sharedState interface {
+type Backend interface {
 	// loadToken returns the subject's access token as another sidecar
 	// stored it (nil: none). Local: always nil, the memory cache is all.
-	loadToken(ctx context.Context, subj subject) (*sharedToken, error)
+	LoadToken(ctx context.Context, subj Subject) (*SharedToken, error)
 	// storeToken shares an access token with the other sidecars.
-	storeToken(ctx context.Context, subj subject, t *sharedToken) error
+	StoreToken(ctx context.Context, subj Subject, t *SharedToken) error
 	// dropToken removes the subject's shared access token if it is still
 	// accessToken (compare and invalidate), and tells every sidecar.
-	dropToken(ctx context.Context, subj subject, accessToken string) error
+	DropToken(ctx context.Context, subj Subject, accessToken string) error
 	// lockToken serializes token requests for the subject across sidecars
 	// (local: nothing to do, the single flight is enough).
-	lockToken(ctx context.Context, subj subject) (unlock func(), err error)
+	LockToken(ctx context.Context, subj Subject) (unlock func(), err error)
 
 	// publish tells the other sidecars about an event this one has
 	// already applied to itself.
-	publish(ctx context.Context, ev event) error
+	Publish(ctx context.Context, ev Event) error
 
 	// firstUse reports whether name (a connect state) is used for the
 	// first time; it is remembered for ttl.
-	firstUse(ctx context.Context, name string, ttl time.Duration) (bool, error)
+	FirstUse(ctx context.Context, name string, ttl time.Duration) (bool, error)
 	// keepResult remembers how a connect flow ended (a signed result,
 	// never a token) for ttl; flowResult reads it back ("" if none).
-	keepResult(ctx context.Context, name, result string, ttl time.Duration) error
-	flowResult(ctx context.Context, name string) (string, error)
+	KeepResult(ctx context.Context, name, result string, ttl time.Duration) error
+	FlowResult(ctx context.Context, name string) (string, error)
 	// newerEvent reports whether a consent event for tenant stamped at is
 	// newer than every one applied before, and remembers it if so.
-	newerEvent(ctx context.Context, tenant string, at time.Time) (bool, error)
+	NewerEvent(ctx context.Context, tenant string, at time.Time) (bool, error)
 	// allowInvalidation reports whether a 401 may drop the subject's token:
 	// at most max per window.
-	allowInvalidation(ctx context.Context, subj subject, max int, window time.Duration) (bool, error)
+	AllowInvalidation(ctx context.Context, subj Subject, max int, window time.Duration) (bool, error)
 	// tokenSlot waits up to wait for one of max token-request slots of the
 	// client id.
-	tokenSlot(ctx context.Context, max int, wait time.Duration) (release func(), err error)
+	TokenSlot(ctx context.Context, max int, wait time.Duration) (release func(), err error)
 }
 
 // sharedToken is an access token as it is shared between sidecars.
-type sharedToken struct {
+type SharedToken struct {
 	AccessToken string    `json:"access_token"`
 	Grant       string    `json:"grant"`
 	IssuedAt    time.Time `json:"issued_at"`
@@ -64,7 +65,7 @@ type sharedToken struct {
 }
 
 // event is what one sidecar tells the others.
-type event struct {
+type Event struct {
 	Kind    string `json:"kind"`
 	Tenant  string `json:"tenant"`
 	Account string `json:"account,omitempty"`
@@ -81,22 +82,22 @@ const (
 	eventRevoked    = "consent_revoked" // the service-account consent was revoked
 	eventCreated    = "consent_created" // a consent was created
 	eventRecovered  = "refresh_token"   // a new refresh token was stored for the subject
-	eventInvalidate = "invalidate"      // Fortnox answered 401 to the subject's token
+	EventInvalidate = "invalidate"      // Fortnox answered 401 to the subject's token
 	eventForget     = "forget"          // the subject (a named account) was deleted
 	eventDropped    = "token_dropped"   // the subject's token was dropped through the admin API
 )
 
 // tokenHash names an access token without showing it.
-func tokenHash(accessToken string) string {
+func TokenHash(accessToken string) string {
 	sum := sha256.Sum256([]byte(accessToken))
 	return hex.EncodeToString(sum[:12])
 }
 
 // errSharedUnavailable: the shared store cannot be reached.
-var errSharedUnavailable = errors.New("the shared state (Redis) cannot be reached")
+var ErrSharedUnavailable = errors.New("the shared state (Redis) cannot be reached")
 
 // localShared is the seam in one process.
-type localShared struct {
+type LocalBackend struct {
 	slotsMu sync.Mutex
 	slots   chan struct{}
 
@@ -107,8 +108,8 @@ type localShared struct {
 	invalidations map[string][]time.Time
 }
 
-func newLocalShared() *localShared {
-	return &localShared{
+func NewLocalBackend() *LocalBackend {
+	return &LocalBackend{
 		used:          make(map[string]time.Time),
 		results:       make(map[string]keptResult),
 		lastEvent:     make(map[string]time.Time),
@@ -116,14 +117,14 @@ func newLocalShared() *localShared {
 	}
 }
 
-func (l *localShared) loadToken(context.Context, subject) (*sharedToken, error) { return nil, nil }
-func (l *localShared) storeToken(context.Context, subject, *sharedToken) error  { return nil }
-func (l *localShared) dropToken(context.Context, subject, string) error         { return nil }
-func (l *localShared) publish(context.Context, event) error                     { return nil }
-func (l *localShared) lockToken(context.Context, subject) (func(), error)       { return func() {}, nil }
+func (l *LocalBackend) LoadToken(context.Context, Subject) (*SharedToken, error) { return nil, nil }
+func (l *LocalBackend) StoreToken(context.Context, Subject, *SharedToken) error  { return nil }
+func (l *LocalBackend) DropToken(context.Context, Subject, string) error         { return nil }
+func (l *LocalBackend) Publish(context.Context, Event) error                     { return nil }
+func (l *LocalBackend) LockToken(context.Context, Subject) (func(), error)       { return func() {}, nil }
 
-func (l *localShared) firstUse(_ context.Context, name string, ttl time.Duration) (bool, error) {
-	n := clk.Now()
+func (l *LocalBackend) FirstUse(_ context.Context, name string, ttl time.Duration) (bool, error) {
+	n := Clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, until := range l.used {
@@ -143,8 +144,8 @@ type keptResult struct {
 	until  time.Time
 }
 
-func (l *localShared) keepResult(_ context.Context, name, result string, ttl time.Duration) error {
-	n := clk.Now()
+func (l *LocalBackend) KeepResult(_ context.Context, name, result string, ttl time.Duration) error {
+	n := Clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, kept := range l.results {
@@ -156,16 +157,16 @@ func (l *localShared) keepResult(_ context.Context, name, result string, ttl tim
 	return nil
 }
 
-func (l *localShared) flowResult(_ context.Context, name string) (string, error) {
+func (l *LocalBackend) FlowResult(_ context.Context, name string) (string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if kept, ok := l.results[name]; ok && !clk.Now().After(kept.until) {
+	if kept, ok := l.results[name]; ok && !Clock.Now().After(kept.until) {
 		return kept.result, nil
 	}
 	return "", nil
 }
 
-func (l *localShared) newerEvent(_ context.Context, tenant string, at time.Time) (bool, error) {
+func (l *LocalBackend) NewerEvent(_ context.Context, tenant string, at time.Time) (bool, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if last, ok := l.lastEvent[tenant]; ok && !at.After(last) {
@@ -175,9 +176,9 @@ func (l *localShared) newerEvent(_ context.Context, tenant string, at time.Time)
 	return true, nil
 }
 
-func (l *localShared) allowInvalidation(_ context.Context, subj subject, max int, window time.Duration) (bool, error) {
-	n := clk.Now()
-	key := subj.key()
+func (l *LocalBackend) AllowInvalidation(_ context.Context, subj Subject, max int, window time.Duration) (bool, error) {
+	n := Clock.Now()
+	key := subj.Key()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	recent := l.invalidations[key][:0]
@@ -196,8 +197,8 @@ func (l *localShared) allowInvalidation(_ context.Context, subj subject, max int
 
 // forgetIdle drops invalidation windows that have passed (called by the
 // manager's sweeper).
-func (l *localShared) forgetIdle(window time.Duration) {
-	n := clk.Now()
+func (l *LocalBackend) forgetIdle(window time.Duration) {
+	n := Clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for key, ats := range l.invalidations {
@@ -207,7 +208,7 @@ func (l *localShared) forgetIdle(window time.Duration) {
 	}
 }
 
-func (l *localShared) tokenSlot(ctx context.Context, max int, wait time.Duration) (func(), error) {
+func (l *LocalBackend) TokenSlot(ctx context.Context, max int, wait time.Duration) (func(), error) {
 	l.slotsMu.Lock()
 	if l.slots == nil || cap(l.slots) != max {
 		l.slots = make(chan struct{}, max) // a reload that changes max starts a new pool
@@ -229,8 +230,14 @@ func (l *localShared) tokenSlot(ctx context.Context, max int, wait time.Duration
 	case <-t.C:
 		return nil, errors.New("too many token requests of this client id in flight (max_token_requests); they queued longer than token_timeout")
 	case <-ctx.Done():
-		return nil, errStopping
+		return nil, ErrStopping
 	}
 }
 
-var _ sharedState = (*localShared)(nil)
+var _ Backend = (*LocalBackend)(nil)
+
+func RandomID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}

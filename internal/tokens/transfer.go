@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -25,82 +25,82 @@ type transferResult struct {
 }
 
 // transferStores returns both stores of a cluster-mode manager.
-func (m *tokenManager) transferStores() (migratingStorage, error) {
-	rs, err := m.records()
+func (m *Manager) transferStores() (Migrating, error) {
+	rs, err := m.Records()
 	if err != nil {
 		return nil, err
 	}
-	mr, ok := rs.storage.(migratingStorage)
-	if !ok || mr.oldRecords() == nil {
-		return nil, opErrorf(opInvalid, "not_cluster_mode", "this sidecar has no `redis` line: its records are in Caddy's storage already, there is nothing to export or import")
+	mr, ok := rs.Storage.(Migrating)
+	if !ok || mr.OldRecords() == nil {
+		return nil, opErrorf(OpInvalid, "not_cluster_mode", "this sidecar has no `redis` line: its records are in Caddy's storage already, there is nothing to export or import")
 	}
 	return mr, nil
 }
 
 // exportRecords copies every record of the client from Redis to Caddy's
 // storage, replacing what is there (tombstones included).
-func (m *tokenManager) exportRecords(ctx context.Context) (*transferResult, error) {
+func (m *Manager) ExportRecords(ctx context.Context) (*transferResult, error) {
 	mr, err := m.transferStores()
 	if err != nil {
 		return nil, err
 	}
-	keys, err := mr.sharedRecords().List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
+	keys, err := mr.SharedRecords().List(ctx, strings.TrimSuffix(RecordPrefix(m.clientID), "/"), true)
 	if err != nil {
-		return nil, opErrorf(opUnavailable, "redis_unavailable", "listing the records in Redis: %v", err)
+		return nil, opErrorf(OpUnavailable, "redis_unavailable", "listing the records in Redis: %v", err)
 	}
 	res := &transferResult{Copied: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {
-		raw, err := mr.sharedRecords().Load(ctx, key)
+		raw, err := mr.SharedRecords().Load(ctx, key)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue
 		}
 		if err == nil {
-			err = mr.oldRecords().Store(ctx, key, raw)
+			err = mr.OldRecords().Store(ctx, key, raw)
 		}
 		if err != nil {
-			res.Failed = append(res.Failed, key+": "+(&scrubbedError{err}).Error())
+			res.Failed = append(res.Failed, key+": "+(&ScrubbedError{err}).Error())
 			continue
 		}
 		res.Copied = append(res.Copied, key)
 	}
-	m.logger().Info("records exported from Redis to Caddy's storage", zap.Int("copied", len(res.Copied)), zap.Int("failed", len(res.Failed)))
+	m.Logger().Info("records exported from Redis to Caddy's storage", zap.Int("copied", len(res.Copied)), zap.Int("failed", len(res.Failed)))
 	return res, nil
 }
 
 // importRecords copies every record of the client still in Caddy's storage
 // into Redis (not over a record Redis has, unless overwrite), and leaves a
 // tombstone for each.
-func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*transferResult, error) {
+func (m *Manager) ImportRecords(ctx context.Context, overwrite bool) (*transferResult, error) {
 	mr, err := m.transferStores()
 	if err != nil {
 		return nil, err
 	}
-	keys, err := mr.oldRecords().List(ctx, strings.TrimSuffix(recordPrefix(m.clientID), "/"), true)
+	keys, err := mr.OldRecords().List(ctx, strings.TrimSuffix(RecordPrefix(m.clientID), "/"), true)
 	if errors.Is(err, fs.ErrNotExist) {
 		keys, err = nil, nil
 	}
 	if err != nil {
-		return nil, opErrorf(opStorage, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &scrubbedError{err})
+		return nil, opErrorf(opStorage, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &ScrubbedError{err})
 	}
 	res := &transferResult{Copied: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {
 		if !strings.HasSuffix(key, ".json") {
 			continue // a folder
 		}
-		raw, err := mr.oldRecords().Load(ctx, key)
+		raw, err := mr.OldRecords().Load(ctx, key)
 		if err != nil {
-			res.Failed = append(res.Failed, key+": "+(&scrubbedError{err}).Error())
+			res.Failed = append(res.Failed, key+": "+(&ScrubbedError{err}).Error())
 			continue
 		}
-		if _, dead := isTombstone(raw); dead {
+		if _, dead := IsTombstone(raw); dead {
 			res.Skipped = append(res.Skipped, key)
 			continue
 		}
 		stored := true
 		if overwrite {
-			err = mr.sharedRecords().Store(ctx, key, raw)
+			err = mr.SharedRecords().Store(ctx, key, raw)
 		} else {
-			stored, err = mr.storeIfAbsent(ctx, key, raw)
+			stored, err = mr.StoreIfAbsent(ctx, key, raw)
 		}
 		if err != nil {
 			res.Failed = append(res.Failed, key+": "+err.Error())
@@ -113,11 +113,11 @@ func (m *tokenManager) importRecords(ctx context.Context, overwrite bool) (*tran
 		res.Copied = append(res.Copied, key)
 	}
 	for _, key := range res.Copied {
-		stone := []byte(`{"moved_to":"redis","moved_at":"` + clk.Now().UTC().Format(time.RFC3339) + `"}`)
-		if err := mr.oldRecords().Store(ctx, key, stone); err != nil {
-			m.logger().Warn("a record was imported into Redis, but its tombstone could not be written", zap.String("key", key), zap.Error(&scrubbedError{err}))
+		stone := []byte(`{"moved_to":"redis","moved_at":"` + Clock.Now().UTC().Format(time.RFC3339) + `"}`)
+		if err := mr.OldRecords().Store(ctx, key, stone); err != nil {
+			m.Logger().Warn("a record was imported into Redis, but its tombstone could not be written", zap.String("key", key), zap.Error(&ScrubbedError{err}))
 		}
 	}
-	m.logger().Info("records imported from Caddy's storage into Redis", zap.Int("copied", len(res.Copied)), zap.Int("skipped", len(res.Skipped)), zap.Int("failed", len(res.Failed)))
+	m.Logger().Info("records imported from Caddy's storage into Redis", zap.Int("copied", len(res.Copied)), zap.Int("skipped", len(res.Skipped)), zap.Int("failed", len(res.Failed)))
 	return res, nil
 }

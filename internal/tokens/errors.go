@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"errors"
@@ -9,130 +9,142 @@ import (
 	"time"
 )
 
+// withAccount is terr naming subj's account, so that its advice says how
+// to connect that account. A copy: the error may be shared with other
+// requests (a subject's last error is handed to each while it backs off).
+func WithAccount(terr *Error, subj Subject) *Error {
+	if subj.Account == "" || terr.Account != "" {
+		return terr
+	}
+	named := *terr
+	named.Account = subj.Account
+	return &named
+}
+
 // tokenFailure says why no token could be had, and so what the app is told.
-type tokenFailure int
+type TokenFailure int
 
 const (
 	// failNoConsent: the tenant has no usable service-account consent and no
 	// refresh token to fall back on. The customer must authorize.
-	failNoConsent tokenFailure = iota + 1
+	FailNoConsent TokenFailure = iota + 1
 	// failGrantRejected: Fortnox rejected the stored refresh token
 	// (invalid_grant). The customer must authorize again.
-	failGrantRejected
+	FailGrantRejected
 	// failBadClient: Fortnox rejected the client id or secret (invalid_client).
-	failBadClient
+	FailBadClient
 	// failBadAnswer: the token endpoint answered something we cannot use.
-	failBadAnswer
+	FailBadAnswer
 	// failUnavailable: the token endpoint could not be reached, timed out, or
 	// answered 5xx or 429.
-	failUnavailable
+	FailUnavailable
 	// failStorage: the token store could not be read or written.
-	failStorage
+	FailStorage
 	// failConsentRevoked: Fortnox told us (consent webhook) that the
 	// customer revoked the integration's consent.
-	failConsentRevoked
+	FailConsentRevoked
 	// failTenantMismatch: a token (from Fortnox, or read from a store)
 	// names another tenant than the one it was asked for, or none where one
 	// is required. It is never used.
-	failTenantMismatch
+	FailTenantMismatch
 	// failRecordMisplaced: a stored record names another tenant, account
 	// or client than the key it is stored under. It is never used and
 	// never overwritten.
-	failRecordMisplaced
+	FailRecordMisplaced
 	// failAccountNotAuthorized: a named user account has no refresh token.
-	failAccountNotAuthorized
+	FailAccountNotAuthorized
 	// failUserMismatch: a named account's token is another Fortnox user's
 	// than the one the account is bound to.
-	failUserMismatch
+	FailUserMismatch
 )
 
 // tokenError is what the token manager returns when it has no token for a
 // tenant. It never holds a token, a refresh token or a secret: its text is
 // safe for logs and for the app.
-type tokenError struct {
-	failure tokenFailure
+type Error struct {
+	Failure TokenFailure
 	// status is the token endpoint's HTTP status, 0 when there was no answer.
-	status int
+	Status int
 	// code and description are the OAuth error fields of the answer, if any
 	// (description is cut short; it is Fortnox's text, never ours).
-	code        string
-	description string
+	Code        string
+	Description string
 	// cause is the underlying error (transport error, parse error), if any.
-	cause error
+	Cause error
 	// retryAt is when the next attempt for this tenant will be made.
-	retryAt time.Time
+	RetryAt time.Time
 	// For failTenantMismatch: the tenant asked for and the one the token
 	// names ("" when it names none); detail adds what became of it (where
 	// the new refresh token that came with it was kept), as a sentence.
-	tenant, tokenTenant, detail string
+	Tenant, TokenTenant, detail string
 	// fromClientCredentials: the token came from client credentials
 	// (nothing was stored; it is Fortnox's error).
-	fromClientCredentials bool
+	FromClientCredentials bool
 	// handedOver: the token was handed over (admin API, fortnox_handover,
 	// connect), not read from a stored record.
 	handedOver bool
 	// For failUserMismatch: the account, the user it is bound to and the
 	// user the token names.
-	account, wantUser, tokenUser string
+	Account, WantUser, TokenUser string
 }
 
-func (e *tokenError) Error() string {
+func (e *Error) Error() string {
 	var s string
-	switch e.failure {
-	case failNoConsent:
+	switch e.Failure {
+	case FailNoConsent:
 		s = "no service-account consent for this tenant and no refresh token stored"
-	case failGrantRejected:
+	case FailGrantRejected:
 		s = "the stored refresh token was rejected"
-	case failBadClient:
+	case FailBadClient:
 		s = "the token endpoint rejected the client id or secret"
-	case failBadAnswer:
+	case FailBadAnswer:
 		s = "the token endpoint gave an answer that cannot be used"
-	case failUnavailable:
+	case FailUnavailable:
 		s = "the token endpoint is unavailable"
-	case failStorage:
+	case FailStorage:
 		s = "the token store failed"
-	case failConsentRevoked:
+	case FailConsentRevoked:
 		s = "the customer revoked the consent"
-	case failTenantMismatch:
+	case FailTenantMismatch:
 		s = "the token is not the tenant's"
-		if e.tokenTenant != "" {
-			s = fmt.Sprintf("the token is for tenant %s, not %s", e.tokenTenant, e.tenant)
+		if e.TokenTenant != "" {
+			s = fmt.Sprintf("the token is for tenant %s, not %s", e.TokenTenant, e.Tenant)
 		}
-	case failRecordMisplaced:
+	case FailRecordMisplaced:
 		s = "the stored record is another tenant's"
-	case failAccountNotAuthorized:
+	case FailAccountNotAuthorized:
 		s = "no refresh token is stored for the account"
-	case failUserMismatch:
-		s = fmt.Sprintf("the token is user %s's, but account %s is bound to user %s", e.tokenUser, e.account, e.wantUser)
+	case FailUserMismatch:
+		s = fmt.Sprintf("the token is user %s's, but account %s is bound to user %s", e.TokenUser, e.Account, e.WantUser)
 	default:
 		s = "token error"
 	}
-	if e.status != 0 {
-		s += fmt.Sprintf(" (HTTP %d", e.status)
-		if e.code != "" {
-			s += " " + e.code
+	if e.Status != 0 {
+		s += fmt.Sprintf(" (HTTP %d", e.Status)
+		if e.Code != "" {
+			s += " " + e.Code
 		}
-		if e.description != "" {
-			s += ": " + strconv.Quote(e.description)
+		if e.Description != "" {
+			s += ": " + strconv.Quote(e.Description)
 		}
 		s += ")"
 	}
-	if e.cause != nil {
-		s += ": " + e.cause.Error()
+	if e.Cause != nil {
+		s += ": " + e.Cause.Error()
 	}
 	return s
 }
 
-func (e *tokenError) Unwrap() error { return e.cause }
+func (e *Error) Unwrap() error { return e.Cause }
 
 // httpStatus is the status the app gets for this failure (DESIGN's table).
-func (e *tokenError) httpStatus() int {
-	switch e.failure {
-	case failNoConsent, failGrantRejected, failConsentRevoked, failAccountNotAuthorized:
+func (e *Error) HttpStatus() int {
+	switch e.Failure {
+	case FailNoConsent, FailGrantRejected, FailConsentRevoked, FailAccountNotAuthorized:
 		return http.StatusForbidden
-	case failTenantMismatch, failRecordMisplaced, failUserMismatch:
+	case FailTenantMismatch, FailRecordMisplaced, FailUserMismatch:
 		return http.StatusConflict
-	case failBadClient, failBadAnswer:
+	case FailBadClient, FailBadAnswer:
 		return http.StatusBadGateway
 	default:
 		return http.StatusServiceUnavailable
@@ -140,25 +152,25 @@ func (e *tokenError) httpStatus() int {
 }
 
 // errorCode is the machine-readable "error" field of the app's answer.
-func (e *tokenError) errorCode() string {
-	switch e.failure {
-	case failNoConsent:
+func (e *Error) ErrorCode() string {
+	switch e.Failure {
+	case FailNoConsent:
 		return "tenant_not_authorized"
-	case failGrantRejected:
+	case FailGrantRejected:
 		return "refresh_token_rejected"
-	case failBadClient:
+	case FailBadClient:
 		return "invalid_client_credentials"
-	case failBadAnswer:
+	case FailBadAnswer:
 		return "bad_token_response"
-	case failStorage:
+	case FailStorage:
 		return "token_storage_unavailable"
-	case failConsentRevoked:
+	case FailConsentRevoked:
 		return "consent_revoked"
-	case failTenantMismatch, failRecordMisplaced:
+	case FailTenantMismatch, FailRecordMisplaced:
 		return "tenant_mismatch"
-	case failAccountNotAuthorized:
+	case FailAccountNotAuthorized:
 		return "account_not_authorized"
-	case failUserMismatch:
+	case FailUserMismatch:
 		return "account_user_mismatch"
 	default:
 		return "token_endpoint_unavailable"
@@ -166,44 +178,44 @@ func (e *tokenError) errorCode() string {
 }
 
 // advice is the "message" field: what happened and what to do.
-func (e *tokenError) advice(tenant string) string {
-	switch e.failure {
-	case failNoConsent:
+func (e *Error) Advice(tenant string) string {
+	switch e.Failure {
+	case FailNoConsent:
 		return "Fortnox gave no token for tenant " + tenant + ": the customer has not given this integration a service-account consent and no refresh token is stored. " +
 			"Ask a system administrator of the customer to authorize the integration (authorization code flow with account_type=service), or hand a refresh token for the tenant over: " + handoverStep(tenant, "") + "."
-	case failGrantRejected:
-		if e.account != "" {
-			return "Fortnox rejected the refresh token stored for account " + e.account + " of tenant " + tenant + " (used, revoked or expired). The user must authorize again: " + e.accountRemedy(tenant)
+	case FailGrantRejected:
+		if e.Account != "" {
+			return "Fortnox rejected the refresh token stored for account " + e.Account + " of tenant " + tenant + " (used, revoked or expired). The user must authorize again: " + e.accountRemedy(tenant)
 		}
 		return "Fortnox rejected the stored refresh token for tenant " + tenant + " (used or expired). The customer must authorize the integration again; then hand the new refresh token over: " + handoverStep(tenant, "") + "."
-	case failBadClient:
+	case FailBadClient:
 		return "Fortnox rejected the configured client id or client secret. Check client_id and client_secret in the fortnox block (and the environment variables or files they name)."
-	case failBadAnswer:
+	case FailBadAnswer:
 		return "Fortnox's token endpoint gave an answer that is not a usable token. Check token_url; if it is right, this is on Fortnox's side: try again later."
-	case failConsentRevoked:
+	case FailConsentRevoked:
 		return "The customer (tenant " + tenant + ") revoked this integration's consent in Fortnox. The customer must authorize the integration again; requests are refused until a new consent or refresh token arrives."
-	case failTenantMismatch:
+	case FailTenantMismatch:
 		return e.mismatchAdvice(tenant)
-	case failRecordMisplaced:
+	case FailRecordMisplaced:
 		msg := "The token store holds a record for tenant " + tenant + " that names another tenant or client"
-		if e.cause != nil {
-			msg += " (" + e.cause.Error() + ")"
+		if e.Cause != nil {
+			msg += " (" + e.Cause.Error() + ")"
 		}
 		return msg + ". It is never used for this tenant's requests."
-	case failAccountNotAuthorized:
-		if e.account != "" {
-			return "No refresh token is stored for account " + e.account + " of tenant " + tenant + ": " + e.accountRemedy(tenant) + " Requests without the account header use the service account."
+	case FailAccountNotAuthorized:
+		if e.Account != "" {
+			return "No refresh token is stored for account " + e.Account + " of tenant " + tenant + ": " + e.accountRemedy(tenant) + " Requests without the account header use the service account."
 		}
 		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user with a signed connect link (fortnox_connect, ?account=<name>&tenant=" + tenant + " signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, "<name>") + ". Requests without the account header use the service account."
-	case failUserMismatch:
-		return "Fortnox's token for account " + e.account + " of tenant " + tenant + " is user " + e.tokenUser + "'s, but the account is bound to user " + e.wantUser + ": it was not used. An operator must delete the account before another user can be connected under its name."
-	case failStorage:
-		if msg := recordRefusalAdvice(e.cause, e.whose(tenant)); msg != "" {
+	case FailUserMismatch:
+		return "Fortnox's token for account " + e.Account + " of tenant " + tenant + " is user " + e.TokenUser + "'s, but the account is bound to user " + e.WantUser + ": it was not used. An operator must delete the account before another user can be connected under its name."
+	case FailStorage:
+		if msg := recordRefusalAdvice(e.Cause, e.whose(tenant)); msg != "" {
 			return msg
 		}
 		msg := "The token store (Caddy's storage) could not be used for tenant " + tenant
-		if e.cause != nil {
-			msg += ": " + e.cause.Error()
+		if e.Cause != nil {
+			msg += ": " + e.Cause.Error()
 		}
 		return msg + ". Nothing stored was changed; fix the storage or the encryption_key and retry."
 	default:
@@ -215,14 +227,14 @@ func (e *tokenError) advice(tenant string) string {
 // unavailableReason names why the token endpoint is unavailable: the HTTP
 // status it answered, or the class of transport failure (DNS, connection
 // refused, timeout, TLS). It names a host at most, never a URL.
-func (e *tokenError) unavailableReason() string {
-	var te *transportError
+func (e *Error) unavailableReason() string {
+	var te *TransportError
 	switch {
-	case e.status == http.StatusTooManyRequests:
+	case e.Status == http.StatusTooManyRequests:
 		return "answered HTTP 429 (too many requests)"
-	case e.status != 0:
-		return fmt.Sprintf("answered HTTP %d", e.status)
-	case errors.As(e.cause, &te):
+	case e.Status != 0:
+		return fmt.Sprintf("answered HTTP %d", e.Status)
+	case errors.As(e.Cause, &te):
 		return "could not be reached (" + te.Error() + ")"
 	default:
 		return "could not be reached or is failing"
@@ -231,24 +243,24 @@ func (e *tokenError) unavailableReason() string {
 
 // unavailableHint says what the operator can check, for the failures that
 // are not Fortnox's own.
-func (e *tokenError) unavailableHint() string {
-	var te *transportError
+func (e *Error) unavailableHint() string {
+	var te *TransportError
 	switch {
-	case e.status == http.StatusTooManyRequests:
+	case e.Status == http.StatusTooManyRequests:
 		return "Fortnox is limiting token requests. "
-	case e.status != 0:
+	case e.Status != 0:
 		return "This is on Fortnox's side (or a proxy in front of it). "
-	case !errors.As(e.cause, &te):
+	case !errors.As(e.Cause, &te):
 		return ""
 	}
-	switch te.kind {
-	case transportDNS:
+	switch te.Kind {
+	case TransportDNS:
 		return "Check token_url and this host's DNS resolver. "
-	case transportRefused:
+	case TransportRefused:
 		return "Check token_url, and that nothing between this host and Fortnox blocks the port. "
-	case transportTimeout:
+	case TransportTimeout:
 		return "Check the network path (firewall, HTTP proxy), or raise token_timeout. "
-	case transportTLS:
+	case TransportTLS:
 		return "Check token_url, the system's CA certificates and any TLS-inspecting proxy. "
 	default:
 		return ""
@@ -257,36 +269,36 @@ func (e *tokenError) unavailableHint() string {
 
 // mismatchAdvice explains a token that is not the tenant's: both ids, never
 // a token.
-func (e *tokenError) mismatchAdvice(tenant string) string {
+func (e *Error) mismatchAdvice(tenant string) string {
 	whose := "tenant " + tenant
-	if e.account != "" {
-		whose = "account " + e.account + " of tenant " + tenant
+	if e.Account != "" {
+		whose = "account " + e.Account + " of tenant " + tenant
 	}
 	var msg string
-	if e.tokenTenant != "" {
-		msg = "Fortnox's token for " + whose + " is for tenant " + e.tokenTenant + ", so it was not used."
+	if e.TokenTenant != "" {
+		msg = "Fortnox's token for " + whose + " is for tenant " + e.TokenTenant + ", so it was not used."
 		switch {
-		case e.fromClientCredentials:
-		case e.account != "":
-			msg += " The account's refresh token belongs to tenant " + e.tokenTenant + "."
+		case e.FromClientCredentials:
+		case e.Account != "":
+			msg += " The account's refresh token belongs to tenant " + e.TokenTenant + "."
 		case e.handedOver:
-			msg += " The refresh token handed over for " + tenant + " belongs to " + e.tokenTenant + "."
+			msg += " The refresh token handed over for " + tenant + " belongs to " + e.TokenTenant + "."
 		default:
-			msg += " The refresh token stored for " + tenant + " belongs to " + e.tokenTenant + "."
+			msg += " The refresh token stored for " + tenant + " belongs to " + e.TokenTenant + "."
 		}
 	} else {
 		msg = "Fortnox's token for " + whose + " names no tenant, so it cannot be proved to be " + tenant + "'s and was not used."
-		if e.cause != nil {
-			msg = "Fortnox's token for " + whose + " was not used: " + e.cause.Error() + "."
+		if e.Cause != nil {
+			msg = "Fortnox's token for " + whose + " was not used: " + e.Cause.Error() + "."
 		}
 	}
 	if e.detail != "" {
 		msg += " " + e.detail
 	}
 	switch {
-	case e.fromClientCredentials:
+	case e.FromClientCredentials:
 		return msg + " This is Fortnox's error (or token_url does not point at Fortnox): try again later."
-	case e.account != "":
+	case e.Account != "":
 		return msg + " The user must authorize again for tenant " + tenant + ": " + e.accountRemedy(tenant)
 	}
 	return msg + " Hand tenant " + tenant + "'s own refresh token over (" + handoverStep(tenant, "") + "), or have the customer authorize again."
@@ -295,30 +307,30 @@ func (e *tokenError) mismatchAdvice(tenant string) string {
 // foundInRecord says whether the failure was found in a stored record (or
 // in a refresh of a stored token): its subject exists, and is not a name a
 // client made up.
-func (e *tokenError) foundInRecord() bool {
-	switch e.failure {
-	case failGrantRejected, failRecordMisplaced, failUserMismatch, failConsentRevoked:
+func (e *Error) foundInRecord() bool {
+	switch e.Failure {
+	case FailGrantRejected, FailRecordMisplaced, FailUserMismatch, FailConsentRevoked:
 		return true
-	case failTenantMismatch:
-		return !e.fromClientCredentials
-	case failStorage:
-		return errors.Is(e.cause, errRecordUnreadable)
+	case FailTenantMismatch:
+		return !e.FromClientCredentials
+	case FailStorage:
+		return errors.Is(e.Cause, errRecordUnreadable)
 	}
 	return false
 }
 
 // whose names the subject of the failure.
-func (e *tokenError) whose(tenant string) string {
-	if e.account != "" {
-		return "account " + e.account + " of tenant " + tenant
+func (e *Error) whose(tenant string) string {
+	if e.Account != "" {
+		return "account " + e.Account + " of tenant " + tenant
 	}
 	return "tenant " + tenant
 }
 
 // accountRemedy says how a named account gets a (new) refresh-token chain.
-func (e *tokenError) accountRemedy(tenant string) string {
-	return "connect the user with a signed connect link (fortnox_connect, ?account=" + e.account + "&tenant=" + tenant +
-		" signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, e.account) + "."
+func (e *Error) accountRemedy(tenant string) string {
+	return "connect the user with a signed connect link (fortnox_connect, ?account=" + e.Account + "&tenant=" + tenant +
+		" signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, e.Account) + "."
 }
 
 // handoverStep names the request that hands a refresh token over to the
@@ -334,7 +346,7 @@ func handoverStep(tenant, account string) string {
 
 // retryAfterSeconds is the Retry-After value for an answer given at t:
 // whole seconds until the next attempt, at least 1.
-func retryAfterSeconds(retryAt, t time.Time) int {
+func RetryAfterSeconds(retryAt, t time.Time) int {
 	s := int(math.Ceil(retryAt.Sub(t).Seconds()))
 	if s < 1 {
 		return 1

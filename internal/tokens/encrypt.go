@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -48,7 +48,7 @@ func recordRefusalAdvice(cause error, whose string) string {
 }
 
 // encryptResult is what POST /fortnox/encrypt did. Never a token.
-type encryptResult struct {
+type EncryptResult struct {
 	// Encrypted lists the keys rewritten encrypted now.
 	Encrypted []string `json:"encrypted"`
 	// AlreadyEncrypted counts the records that were encrypted already.
@@ -62,23 +62,23 @@ type encryptResult struct {
 
 // encryptRecords rewrites every unencrypted record (and quarantine record)
 // of the client with the configured key.
-func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, error) {
-	rs, err := m.records()
+func (m *Manager) EncryptRecords(ctx context.Context) (*EncryptResult, error) {
+	rs, err := m.Records()
 	if err != nil {
 		return nil, err
 	}
-	if len(rs.keys) == 0 {
-		return nil, opErrorf(opInvalid, "no_encryption_key", "the running config has no encryption_key: set it in the fortnox block and reload (a reloaded config takes over with its first request through the fortnox handler: send one, then run this again)")
+	if len(rs.Keys) == 0 {
+		return nil, opErrorf(OpInvalid, "no_encryption_key", "the running config has no encryption_key: set it in the fortnox block and reload (a reloaded config takes over with its first request through the fortnox handler: send one, then run this again)")
 	}
-	prefix := recordPrefix(m.clientID)
-	keys, err := rs.storage.List(ctx, strings.TrimSuffix(prefix, "/"), true)
+	prefix := RecordPrefix(m.clientID)
+	keys, err := rs.Storage.List(ctx, strings.TrimSuffix(prefix, "/"), true)
 	if errors.Is(err, fs.ErrNotExist) {
 		keys, err = nil, nil
 	}
 	if err != nil {
-		return nil, opErrorf(opUnavailable, "token_storage_unavailable", "listing the records: %v", &scrubbedError{err})
+		return nil, opErrorf(OpUnavailable, "token_storage_unavailable", "listing the records: %v", &ScrubbedError{err})
 	}
-	res := &encryptResult{Encrypted: []string{}, Skipped: []string{}, Failed: []string{}}
+	res := &EncryptResult{Encrypted: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {
 		if !strings.HasSuffix(key, ".json") {
 			continue // a folder
@@ -91,7 +91,7 @@ func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, erro
 			err = rs.withLock(ctx, subj, func() error {
 				var lerr error
 				outcome, lerr = rs.encryptInPlace(ctx, key, func(plain []byte) error {
-					var rec tokenRecord
+					var rec Record
 					if err := json.Unmarshal(plain, &rec); err != nil {
 						return fmt.Errorf("%w: %s holds no token record", errRecordUnreadable, key)
 					}
@@ -119,7 +119,7 @@ func (m *tokenManager) encryptRecords(ctx context.Context) (*encryptResult, erro
 			res.Skipped = append(res.Skipped, key)
 		}
 	}
-	m.logger().Info("unencrypted token records encrypted", zap.Int("encrypted", len(res.Encrypted)),
+	m.Logger().Info("unencrypted token records encrypted", zap.Int("encrypted", len(res.Encrypted)),
 		zap.Int("already_encrypted", res.AlreadyEncrypted), zap.Int("skipped", len(res.Skipped)), zap.Int("failed", len(res.Failed)))
 	return res, nil
 }
@@ -136,21 +136,21 @@ const (
 // encryptInPlace rewrites the value at key encrypted, when it is plain
 // JSON that check accepts. Its content is kept byte for byte (compacted):
 // fields this version does not know are not lost.
-func (rs *recordStore) encryptInPlace(ctx context.Context, key string, check func(plain []byte) error) (encryptOutcome, error) {
-	raw, err := rs.storage.Load(ctx, key)
+func (rs *Records) encryptInPlace(ctx context.Context, key string, check func(plain []byte) error) (encryptOutcome, error) {
+	raw, err := rs.Storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
 		return notARecord, nil // gone meanwhile
 	}
 	if err != nil {
 		return notARecord, storageError("loading", key, err)
 	}
-	if _, dead := isTombstone(raw); dead {
+	if _, dead := IsTombstone(raw); dead {
 		return notARecord, nil
 	}
 	if len(raw) > maxRecordSize {
 		return notARecord, fmt.Errorf("%w: %s is larger than %d bytes", errRecordUnreadable, key, maxRecordSize)
 	}
-	var probe encryptedRecord
+	var probe EncryptedRecord
 	if err := json.Unmarshal(raw, &probe); err != nil {
 		return notARecord, fmt.Errorf("%w: %s", errRecordUnreadable, describeBadJSON(key, raw))
 	}
@@ -160,11 +160,11 @@ func (rs *recordStore) encryptInPlace(ctx context.Context, key string, check fun
 	if err := check(raw); err != nil {
 		return notARecord, err
 	}
-	sealed, err := rs.encode(key, json.RawMessage(raw))
+	sealed, err := rs.Encode(key, json.RawMessage(raw))
 	if err != nil {
 		return notARecord, err
 	}
-	if err := rs.storage.Store(ctx, key, sealed); err != nil {
+	if err := rs.Storage.Store(ctx, key, sealed); err != nil {
 		return notARecord, storageError("writing", key, err)
 	}
 	return encryptedNow, nil
@@ -172,31 +172,31 @@ func (rs *recordStore) encryptInPlace(ctx context.Context, key string, check fun
 
 // subjectOfKey is the subject whose record is stored at key, if key is a
 // record's key (recordKey's inverse).
-func subjectOfKey(clientID, key string) (subject, bool) {
-	rest, ok := strings.CutPrefix(key, recordPrefix(clientID))
+func subjectOfKey(clientID, key string) (Subject, bool) {
+	rest, ok := strings.CutPrefix(key, RecordPrefix(clientID))
 	if !ok {
-		return subject{}, false
+		return Subject{}, false
 	}
 	rest, ok = strings.CutSuffix(rest, ".json")
 	if !ok {
-		return subject{}, false
+		return Subject{}, false
 	}
 	parts := strings.Split(rest, "/")
 	switch {
-	case len(parts) == 1 && validTenantID(parts[0]):
-		return subject{tenant: parts[0]}, true
-	case len(parts) == 3 && parts[0] == "accounts" && validTenantID(parts[1]) && validAccountName(parts[2]):
-		return subject{tenant: parts[1], account: parts[2]}, true
+	case len(parts) == 1 && ValidTenantID(parts[0]):
+		return Subject{Tenant: parts[0]}, true
+	case len(parts) == 3 && parts[0] == "accounts" && ValidTenantID(parts[1]) && ValidAccountName(parts[2]):
+		return Subject{Tenant: parts[1], Account: parts[2]}, true
 	}
-	return subject{}, false
+	return Subject{}, false
 }
 
 // forgetStorageFailure lets a subject whose record could not be used try
 // again at once, now that the record was rewritten.
-func (m *tokenManager) forgetStorageFailure(subj subject) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if st := m.tenants[subj.key()]; st != nil && st.lastError != nil && st.lastError.failure == failStorage {
-		st.lastError, st.failures, st.retryAt = nil, 0, time.Time{}
+func (m *Manager) forgetStorageFailure(subj Subject) {
+	m.Mu.Lock()
+	defer m.Mu.Unlock()
+	if st := m.Tenants[subj.Key()]; st != nil && st.LastError != nil && st.LastError.Failure == FailStorage {
+		st.LastError, st.failures, st.RetryAt = nil, 0, time.Time{}
 	}
 }

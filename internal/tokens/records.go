@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -20,6 +20,36 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
+// tombstone is what a record moved to Redis leaves in Caddy's storage, so
+// that a sidecar still without `redis` (a rolling upgrade) refuses clearly
+// instead of spending a dead refresh token.
+type Tombstone struct {
+	Tenant   string    `json:"tenant,omitempty"`
+	ClientID string    `json:"client_id,omitempty"`
+	MovedTo  string    `json:"moved_to"`
+	MovedAt  time.Time `json:"moved_at"`
+}
+
+// isTombstone says whether a stored value is a tombstone.
+func IsTombstone(raw []byte) (*Tombstone, bool) {
+	var t Tombstone
+	if json.Unmarshal(raw, &t) != nil || t.MovedTo == "" {
+		return nil, false
+	}
+	return &t, true
+}
+
+// migratingStorage is a shared store that takes records over from Caddy's
+// storage (cluster mode's record storage).
+type Migrating interface {
+	Storage
+	// sharedRecords is the shared store; oldRecords Caddy's storage (nil:
+	// none).
+	SharedRecords() Storage
+	OldRecords() Storage
+	StoreIfAbsent(ctx context.Context, key string, value []byte) (bool, error)
+}
+
 // tokenRecord is what the store holds for one subject (a tenant's service
 // account, or a named user account of a tenant) of one client id: the
 // refresh token (the only copy of a single-use secret), and the access
@@ -30,7 +60,7 @@ import (
 // from the key the record is stored under, and checked against that key
 // when it is read: a record found under another key is never used and
 // never overwritten (see errRecordMisplaced).
-type tokenRecord struct {
+type Record struct {
 	Tenant       string    `json:"tenant"`
 	ClientID     string    `json:"client_id"`
 	Account      string    `json:"account,omitempty"`
@@ -68,7 +98,7 @@ type tokenRecord struct {
 
 // liveRefreshToken says whether the record holds a refresh token that may
 // still work.
-func (r *tokenRecord) liveRefreshToken() bool {
+func (r *Record) liveRefreshToken() bool {
 	return r != nil && r.RefreshToken != "" && r.RejectedAt.IsZero()
 }
 
@@ -126,29 +156,29 @@ func (e *otherTokenURLError) Error() string {
 func (e *otherTokenURLError) Unwrap() error { return errRecordUnreadable }
 
 // recordKey is where a record lives in the store.
-func recordKey(clientID string, id subject) string {
-	if id.account == "" {
-		return recordPrefix(clientID) + id.tenant + ".json"
+func RecordKey(clientID string, id Subject) string {
+	if id.Account == "" {
+		return RecordPrefix(clientID) + id.Tenant + ".json"
 	}
-	return recordPrefix(clientID) + "accounts/" + id.tenant + "/" + id.account + ".json"
+	return RecordPrefix(clientID) + "accounts/" + id.Tenant + "/" + id.Account + ".json"
 }
 
-func recordPrefix(clientID string) string {
+func RecordPrefix(clientID string) string {
 	return "fortnox/" + url.PathEscape(clientID) + "/"
 }
 
 // quarantinePrefix is where refresh tokens that could not be stored under
 // their tenant are kept (see quarantine).
 func quarantinePrefix(clientID string) string {
-	return recordPrefix(clientID) + "quarantine/"
+	return RecordPrefix(clientID) + "quarantine/"
 }
 
 // lockName is the storage lock that serializes refreshes of a record's
 // refresh token across processes.
-func lockName(clientID string, id subject) string {
-	name := "fortnox/" + url.PathEscape(clientID) + "/" + id.tenant
-	if id.account != "" {
-		name += "/accounts/" + id.account
+func LockName(clientID string, id Subject) string {
+	name := "fortnox/" + url.PathEscape(clientID) + "/" + id.Tenant
+	if id.Account != "" {
+		name += "/accounts/" + id.Account
 	}
 	return name
 }
@@ -156,7 +186,7 @@ func lockName(clientID string, id subject) string {
 // recordBackend is where records live: Caddy's storage (certmagic.Storage
 // satisfies it), or Redis in cluster mode. Load answers fs.ErrNotExist
 // for a missing key.
-type recordBackend interface {
+type Storage interface {
 	Store(ctx context.Context, key string, value []byte) error
 	Load(ctx context.Context, key string) ([]byte, error)
 	Delete(ctx context.Context, key string) error
@@ -167,30 +197,30 @@ type recordBackend interface {
 
 // recordStore reads and writes token records, encrypting them when a key
 // is configured.
-type recordStore struct {
-	storage  recordBackend
-	clientID string
+type Records struct {
+	Storage  Storage
+	ClientID string
 	// tokenURL is the configured token endpoint: records are stamped with
 	// it when written, and one stamped with another is refused when read.
 	// Empty: not checked (unit tests).
-	tokenURL string
+	TokenURL string
 	// keys: the first encrypts what is written; all of them are tried on
 	// what is read (older keys, while a store moves to a new one). Empty:
 	// records are stored as plain JSON.
-	keys []cipher.AEAD
+	Keys []cipher.AEAD
 }
 
 // encryptedRecord is the stored form of an encrypted record.
-type encryptedRecord struct {
+type EncryptedRecord struct {
 	Encrypted string `json:"encrypted"` // the algorithm: "AES-256-GCM"
 	Data      string `json:"data"`      // base64(nonce || ciphertext)
 }
 
-const encryptionAlgorithm = "AES-256-GCM"
+const EncryptionAlgorithm = "AES-256-GCM"
 
 // parseEncryptionKey reads a 32-byte key given as base64 (standard or URL
 // alphabet, padded or not) or as 64 hex characters.
-func parseEncryptionKey(s string) (cipher.AEAD, error) {
+func ParseEncryptionKey(s string) (cipher.AEAD, error) {
 	s = strings.TrimSpace(s)
 	var key []byte
 	if b, err := hex.DecodeString(s); err == nil && len(b) == 32 {
@@ -214,20 +244,20 @@ func parseEncryptionKey(s string) (cipher.AEAD, error) {
 }
 
 // load returns a record, or nil when there is none.
-func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, error) {
-	key := recordKey(rs.clientID, id)
-	raw, err := rs.storage.Load(ctx, key)
+func (rs *Records) load(ctx context.Context, id Subject) (*Record, error) {
+	key := RecordKey(rs.ClientID, id)
+	raw, err := rs.Storage.Load(ctx, key)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
 	if err != nil {
 		return nil, storageError("loading", key, err)
 	}
-	if t, dead := isTombstone(raw); dead {
+	if t, dead := IsTombstone(raw); dead {
 		return nil, fmt.Errorf("%w: the tokens of %s moved to %s (cluster mode) on %s, and this sidecar has no `redis` line: add the same `redis <url>` to its fortnox block (or copy the records back with `caddy fortnox export`)",
 			errRecordUnreadable, key, strings.ToUpper(t.MovedTo[:1])+t.MovedTo[1:], t.MovedAt.Format(time.RFC3339))
 	}
-	rec, err := rs.decode(key, raw)
+	rec, err := rs.Decode(key, raw)
 	if err != nil {
 		var plain *unencryptedRecordError
 		if errors.As(err, &plain) {
@@ -238,8 +268,8 @@ func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, erro
 	if err := rs.checkBinding(key, id, rec); err != nil {
 		return nil, err
 	}
-	if rec.TokenURL != "" && rs.tokenURL != "" && rec.TokenURL != rs.tokenURL {
-		return nil, &otherTokenURLError{key: key, recorded: rec.TokenURL, configured: rs.tokenURL}
+	if rec.TokenURL != "" && rs.TokenURL != "" && rec.TokenURL != rs.TokenURL {
+		return nil, &otherTokenURLError{key: key, recorded: rec.TokenURL, configured: rs.TokenURL}
 	}
 	return rec, nil
 }
@@ -247,21 +277,21 @@ func (rs *recordStore) load(ctx context.Context, id subject) (*tokenRecord, erro
 // checkBinding refuses a record whose content names another tenant,
 // account or client than its key. Encrypted records are bound to their key
 // by the cipher as well; this catches plain ones copied by hand.
-func (rs *recordStore) checkBinding(key string, id subject, rec *tokenRecord) error {
-	tenantOK := rec.Tenant == "" || rec.Tenant == id.tenant
-	clientOK := rec.ClientID == "" || rec.ClientID == rs.clientID
-	if tenantOK && clientOK && rec.Account == id.account {
+func (rs *Records) checkBinding(key string, id Subject, rec *Record) error {
+	tenantOK := rec.Tenant == "" || rec.Tenant == id.Tenant
+	clientOK := rec.ClientID == "" || rec.ClientID == rs.ClientID
+	if tenantOK && clientOK && rec.Account == id.Account {
 		return nil
 	}
 	return &misplacedRecordError{
 		key:        key,
-		wantTenant: id.tenant, tenant: cmpOr(rec.Tenant, id.tenant),
-		wantClient: rs.clientID, client: cmpOr(rec.ClientID, rs.clientID),
-		wantAccount: id.account, account: rec.Account,
+		wantTenant: id.Tenant, tenant: CmpOr(rec.Tenant, id.Tenant),
+		wantClient: rs.ClientID, client: CmpOr(rec.ClientID, rs.ClientID),
+		wantAccount: id.Account, account: rec.Account,
 	}
 }
 
-func cmpOr(a, b string) string {
+func CmpOr(a, b string) string {
 	if a != "" {
 		return a
 	}
@@ -269,22 +299,22 @@ func cmpOr(a, b string) string {
 }
 
 // loadOrNew returns a record, or a new refresh-token record for id.
-func (rs *recordStore) loadOrNew(ctx context.Context, id subject) (*tokenRecord, error) {
+func (rs *Records) loadOrNew(ctx context.Context, id Subject) (*Record, error) {
 	rec, err := rs.load(ctx, id)
 	if err == nil && rec == nil {
-		rec = &tokenRecord{Tenant: id.tenant, Account: id.account, Mode: grantRefreshToken}
+		rec = &Record{Tenant: id.Tenant, Account: id.Account, Mode: GrantRefreshToken}
 	}
 	return rec, err
 }
 
 // decode reads a stored record. With encryption_key set, a plain one is
 // refused (unencryptedRecordError).
-func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {
-	plain, err := rs.plain(key, raw)
+func (rs *Records) Decode(key string, raw []byte) (*Record, error) {
+	plain, err := rs.Plain(key, raw)
 	if err != nil {
 		return nil, err
 	}
-	var rec tokenRecord
+	var rec Record
 	if err := json.Unmarshal(plain, &rec); err != nil {
 		return nil, fmt.Errorf("%w: %s holds no token record", errRecordUnreadable, key)
 	}
@@ -292,16 +322,16 @@ func (rs *recordStore) decode(key string, raw []byte) (*tokenRecord, error) {
 }
 
 // plain returns the JSON of a stored value, decrypted when it is encrypted.
-func (rs *recordStore) plain(key string, raw []byte) ([]byte, error) {
+func (rs *Records) Plain(key string, raw []byte) ([]byte, error) {
 	if len(raw) > maxRecordSize {
 		return nil, fmt.Errorf("%w: %s is larger than %d bytes", errRecordUnreadable, key, maxRecordSize)
 	}
-	var probe encryptedRecord
+	var probe EncryptedRecord
 	if err := json.Unmarshal(raw, &probe); err != nil {
 		return nil, fmt.Errorf("%w: %s", errRecordUnreadable, describeBadJSON(key, raw))
 	}
 	if probe.Encrypted == "" {
-		if len(rs.keys) > 0 {
+		if len(rs.Keys) > 0 {
 			// With a key set, a plain record is one nobody encrypted:
 			// written before the key (`caddy fortnox encrypt` rewrites
 			// those), or put there by someone who can write to the store.
@@ -327,18 +357,18 @@ func describeBadJSON(key string, raw []byte) string {
 }
 
 // open decrypts an encrypted record with the first key that fits.
-func (rs *recordStore) open(key string, er encryptedRecord) ([]byte, error) {
-	if er.Encrypted != encryptionAlgorithm {
+func (rs *Records) open(key string, er EncryptedRecord) ([]byte, error) {
+	if er.Encrypted != EncryptionAlgorithm {
 		return nil, fmt.Errorf("%w: %s is encrypted with %q, which this version does not know", errRecordUnreadable, key, er.Encrypted)
 	}
-	if len(rs.keys) == 0 {
+	if len(rs.Keys) == 0 {
 		return nil, fmt.Errorf("%w: %s is encrypted, but no encryption_key is configured", errRecordUnreadable, key)
 	}
 	sealed, err := base64.StdEncoding.DecodeString(er.Data)
-	if err != nil || len(sealed) < rs.keys[0].NonceSize() {
+	if err != nil || len(sealed) < rs.Keys[0].NonceSize() {
 		return nil, fmt.Errorf("%w: %s is damaged", errRecordUnreadable, key)
 	}
-	for _, aead := range rs.keys {
+	for _, aead := range rs.Keys {
 		ns := aead.NonceSize()
 		if plain, err := aead.Open(nil, sealed[:ns], sealed[ns:], []byte(key)); err == nil {
 			return plain, nil
@@ -349,46 +379,46 @@ func (rs *recordStore) open(key string, er encryptedRecord) ([]byte, error) {
 
 // save writes a record under id. The key decides whose record it is: the
 // record's own fields are set from it.
-func (rs *recordStore) save(ctx context.Context, id subject, rec *tokenRecord) error {
-	key := recordKey(rs.clientID, id)
-	rec.Tenant, rec.Account, rec.ClientID = id.tenant, id.account, rs.clientID
-	if rs.tokenURL != "" {
+func (rs *Records) save(ctx context.Context, id Subject, rec *Record) error {
+	key := RecordKey(rs.ClientID, id)
+	rec.Tenant, rec.Account, rec.ClientID = id.Tenant, id.Account, rs.ClientID
+	if rs.TokenURL != "" {
 		// A record read with another token URL is refused (load), so what
 		// is written here was obtained from the configured one.
-		rec.TokenURL = rs.tokenURL
+		rec.TokenURL = rs.TokenURL
 	}
-	rec.UpdatedAt = clk.Now().UTC()
-	raw, err := rs.encode(key, rec)
+	rec.UpdatedAt = Clock.Now().UTC()
+	raw, err := rs.Encode(key, rec)
 	if err != nil {
 		return err
 	}
-	if err := rs.storage.Store(ctx, key, raw); err != nil {
+	if err := rs.Storage.Store(ctx, key, raw); err != nil {
 		return storageError("writing", key, err)
 	}
 	return nil
 }
 
-func (rs *recordStore) encode(key string, rec any) ([]byte, error) {
+func (rs *Records) Encode(key string, rec any) ([]byte, error) {
 	plain, err := json.Marshal(rec)
 	if err != nil {
 		return nil, err
 	}
-	if len(rs.keys) == 0 {
+	if len(rs.Keys) == 0 {
 		return plain, nil
 	}
-	aead := rs.keys[0]
+	aead := rs.Keys[0]
 	nonce := make([]byte, aead.NonceSize(), aead.NonceSize()+len(plain)+aead.Overhead())
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
 	sealed := aead.Seal(nonce, nonce, plain, []byte(key))
-	return json.Marshal(encryptedRecord{Encrypted: encryptionAlgorithm, Data: base64.StdEncoding.EncodeToString(sealed)})
+	return json.Marshal(EncryptedRecord{Encrypted: EncryptionAlgorithm, Data: base64.StdEncoding.EncodeToString(sealed)})
 }
 
 // saveHard writes a record that holds a new refresh token: the old one is
 // dead, so this copy is the only one. It tries a few times before giving
 // up, and is not cut short by ctx: a write that has started finishes.
-func (rs *recordStore) saveHard(ctx context.Context, id subject, rec *tokenRecord) error {
+func (rs *Records) saveHard(ctx context.Context, id Subject, rec *Record) error {
 	ctx = context.WithoutCancel(ctx)
 	var err error
 	for attempt, pause := 0, 100*time.Millisecond; attempt < 4; attempt, pause = attempt+1, pause*3 {
@@ -404,30 +434,30 @@ func (rs *recordStore) saveHard(ctx context.Context, id subject, rec *tokenRecor
 }
 
 // tenants lists the tenants that have a service-account record.
-func (rs *recordStore) tenants(ctx context.Context) ([]string, error) {
-	return rs.names(ctx, strings.TrimSuffix(recordPrefix(rs.clientID), "/"), ".json", validTenantID)
+func (rs *Records) tenants(ctx context.Context) ([]string, error) {
+	return rs.names(ctx, strings.TrimSuffix(RecordPrefix(rs.ClientID), "/"), ".json", ValidTenantID)
 }
 
 // accounts lists the named accounts stored for tenant.
-func (rs *recordStore) accounts(ctx context.Context, tenant string) ([]string, error) {
-	return rs.names(ctx, recordPrefix(rs.clientID)+"accounts/"+tenant, ".json", validAccountName)
+func (rs *Records) accounts(ctx context.Context, tenant string) ([]string, error) {
+	return rs.names(ctx, RecordPrefix(rs.ClientID)+"accounts/"+tenant, ".json", ValidAccountName)
 }
 
 // accountTenants lists the tenants that have named accounts stored.
-func (rs *recordStore) accountTenants(ctx context.Context) ([]string, error) {
-	return rs.names(ctx, recordPrefix(rs.clientID)+"accounts", "", validTenantID)
+func (rs *Records) accountTenants(ctx context.Context) ([]string, error) {
+	return rs.names(ctx, RecordPrefix(rs.ClientID)+"accounts", "", ValidTenantID)
 }
 
 // subjects lists every subject with a record: tenants' service accounts,
 // then named accounts.
-func (rs *recordStore) subjects(ctx context.Context) ([]subject, error) {
+func (rs *Records) subjects(ctx context.Context) ([]Subject, error) {
 	tenants, err := rs.tenants(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var out []subject
+	var out []Subject
 	for _, t := range tenants {
-		out = append(out, subject{tenant: t})
+		out = append(out, Subject{Tenant: t})
 	}
 	accountTenants, err := rs.accountTenants(ctx)
 	if err != nil {
@@ -439,7 +469,7 @@ func (rs *recordStore) subjects(ctx context.Context) ([]subject, error) {
 			return nil, err
 		}
 		for _, name := range names {
-			out = append(out, subject{tenant: t, account: name})
+			out = append(out, Subject{Tenant: t, Account: name})
 		}
 	}
 	return out, nil
@@ -448,8 +478,8 @@ func (rs *recordStore) subjects(ctx context.Context) ([]subject, error) {
 // names lists what is directly in dir: the last part of each key, less
 // suffix (keys without it are left out), kept when valid says so. A
 // missing dir holds nothing.
-func (rs *recordStore) names(ctx context.Context, dir, suffix string, valid func(string) bool) ([]string, error) {
-	keys, err := rs.storage.List(ctx, dir, false)
+func (rs *Records) names(ctx context.Context, dir, suffix string, valid func(string) bool) ([]string, error) {
+	keys, err := rs.Storage.List(ctx, dir, false)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}
@@ -466,9 +496,9 @@ func (rs *recordStore) names(ctx context.Context, dir, suffix string, valid func
 }
 
 // withLock runs fn while holding the record's storage lock.
-func (rs *recordStore) withLock(ctx context.Context, id subject, fn func() error) error {
-	name := lockName(rs.clientID, id)
-	if err := rs.storage.Lock(ctx, name); err != nil {
+func (rs *Records) withLock(ctx context.Context, id Subject, fn func() error) error {
+	name := LockName(rs.ClientID, id)
+	if err := rs.Storage.Lock(ctx, name); err != nil {
 		if ctx.Err() != nil {
 			return fmt.Errorf("taking the storage lock for %s: another process held it too long", id)
 		}
@@ -479,7 +509,7 @@ func (rs *recordStore) withLock(ctx context.Context, id subject, fn func() error
 		// other replicas until it goes stale.
 		uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
 		defer cancel()
-		_ = rs.storage.Unlock(uctx, name)
+		_ = rs.Storage.Unlock(uctx, name)
 	}()
 	return fn()
 }
@@ -491,23 +521,23 @@ var absolutePath = regexp.MustCompile(`(^|[\s"'(=:])(/[^\s"':),]+)`)
 // file system error carries (they would reach the app's 503 and the admin
 // API's answers): the key, the operation and the cause are enough.
 func storageError(op, key string, err error) error {
-	return fmt.Errorf("%s %s in the token store: %w", op, key, &scrubbedError{err})
+	return fmt.Errorf("%s %s in the token store: %w", op, key, &ScrubbedError{err})
 }
 
 // scrubbedError is an error whose text has no absolute path; errors.Is
 // and errors.As still reach the original.
-type scrubbedError struct{ err error }
+type ScrubbedError struct{ Err error }
 
-func (e *scrubbedError) Unwrap() error { return e.err }
+func (e *ScrubbedError) Unwrap() error { return e.Err }
 
-func (e *scrubbedError) Error() string {
+func (e *ScrubbedError) Error() string {
 	var pe *fs.PathError
-	if errors.As(e.err, &pe) {
+	if errors.As(e.Err, &pe) {
 		return pe.Op + ": " + pe.Err.Error()
 	}
 	var le *os.LinkError
-	if errors.As(e.err, &le) {
+	if errors.As(e.Err, &le) {
 		return le.Op + ": " + le.Err.Error()
 	}
-	return absolutePath.ReplaceAllString(e.err.Error(), "$1<path>")
+	return absolutePath.ReplaceAllString(e.Err.Error(), "$1<path>")
 }

@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -23,7 +23,7 @@ import (
 // network.
 
 // credCheckDelay is how long after Provision the check is made.
-var credCheckDelay = 1500 * time.Millisecond
+var CredCheckDelay = 1500 * time.Millisecond
 
 // credCheckRefreshToken is the refresh token the check sends: not a token
 // Fortnox can have issued (those are 40 hex characters).
@@ -32,27 +32,27 @@ const credCheckRefreshToken = "caddy-fortnox-credential-check"
 // credChecked holds, for each live token manager, a fingerprint of the
 // credentials last checked, so that each manager checks them once (and
 // again only when a reload changes them).
-var credChecked sync.Map // *tokenManager -> [sha256.Size]byte
+var CredChecked sync.Map // *tokenManager -> [sha256.Size]byte
 
 // checkCredentialsSoon schedules the check of cred for this manager, unless
 // these credentials were checked (or are being checked) already.
-func (m *tokenManager) checkCredentialsSoon(cred credentials, timeout time.Duration, logger *zap.Logger) {
-	fingerprint := sha256.Sum256([]byte(cred.clientID + "\x00" + cred.clientSecret))
-	prev, loaded := credChecked.Swap(m, fingerprint)
+func (m *Manager) CheckCredentialsSoon(cred Credentials, timeout time.Duration, logger *zap.Logger) {
+	fingerprint := sha256.Sum256([]byte(cred.ClientID + "\x00" + cred.ClientSecret))
+	prev, loaded := CredChecked.Swap(m, fingerprint)
 	if loaded && prev.([sha256.Size]byte) == fingerprint {
 		return
 	}
 	if !loaded {
 		// Forget the manager with it, so that a destroyed manager is not
 		// kept alive by this map.
-		context.AfterFunc(m.ctx, func() { credChecked.Delete(m) })
+		context.AfterFunc(m.ctx, func() { CredChecked.Delete(m) })
 	}
-	go m.checkCredentials(credCheckDelay, cred, timeout, logger)
+	go m.checkCredentials(CredCheckDelay, cred, timeout, logger)
 }
 
 // checkCredentials waits delay, then makes the check and logs what it
 // found. A manager destroyed meanwhile makes no request.
-func (m *tokenManager) checkCredentials(delay time.Duration, cred credentials, timeout time.Duration, logger *zap.Logger) {
+func (m *Manager) checkCredentials(delay time.Duration, cred Credentials, timeout time.Duration, logger *zap.Logger) {
 	t := time.NewTimer(delay)
 	defer t.Stop()
 	select {
@@ -62,11 +62,11 @@ func (m *tokenManager) checkCredentials(delay time.Duration, cred credentials, t
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, timeout)
 	defer cancel()
-	_, err := m.client.refresh(ctx, cred, credCheckRefreshToken)
+	_, err := m.Client.Refresh(ctx, cred, credCheckRefreshToken)
 	if m.ctx.Err() != nil {
 		return // unloaded while asking: nobody to tell
 	}
-	logCredentialCheck(logger, m.tokenURL, cred.clientID, err)
+	logCredentialCheck(logger, m.TokenURL, cred.ClientID, err)
 }
 
 // logCredentialCheck reports the check's outcome: ERROR when Fortnox
@@ -79,27 +79,27 @@ func logCredentialCheck(logger *zap.Logger, tokenURL, clientID string, err error
 		logger.Warn("credential check: the token endpoint accepted a refresh token that cannot exist; is token_url Fortnox's token endpoint?", fields...)
 		return
 	}
-	var terr *tokenError
+	var terr *Error
 	if !errors.As(err, &terr) {
 		logger.Warn("credential check failed", append(fields, zap.Error(err))...)
 		return
 	}
-	if terr.status != 0 {
-		fields = append(fields, zap.Int("status", terr.status))
+	if terr.Status != 0 {
+		fields = append(fields, zap.Int("status", terr.Status))
 	}
-	if terr.code != "" {
-		fields = append(fields, zap.String("error_code", terr.code))
+	if terr.Code != "" {
+		fields = append(fields, zap.String("error_code", terr.Code))
 	}
-	switch terr.failure {
-	case failBadClient:
+	switch terr.Failure {
+	case FailBadClient:
 		logger.Error("credential check: Fortnox REJECTED the client id or client secret (invalid_client); every token request will fail until they are fixed. "+
 			"Check client_id and client_secret in the fortnox block, the environment variables or files they name, and that the integration is active in Fortnox's developer portal",
 			fields...)
-	case failNoConsent:
+	case FailNoConsent:
 		// invalid_grant for the made-up refresh token: the client was
 		// authenticated. Another 4xx says as much (no invalid_client).
 		logger.Info("credential check: Fortnox accepts the client id and secret", fields...)
-	case failUnavailable:
+	case FailUnavailable:
 		logger.Warn("credential check: Fortnox's token endpoint cannot be reached, so the client id and secret were not checked; token requests will fail the same way until it can",
 			append(fields, zap.String("cause", terr.unavailableReason()))...)
 	default:

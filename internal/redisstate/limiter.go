@@ -1,10 +1,11 @@
-package fortnox
+package redisstate
 
 import (
 	"context"
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -21,11 +22,11 @@ import (
 // reading its clock and the script running, cannot reserve a turn in the
 // past and so admit a 26th request inside Fortnox's window. A sidecar
 // only learns how long to wait, and sleeps that long from the answer.
-type redisLimiter struct {
-	c      *redisCluster
-	limit  int
-	window time.Duration // with the margin
-	local  *ratelimit.Limiter
+type Limiter struct {
+	C      *Conn
+	Limit  int
+	Window time.Duration // with the margin
+	Local  *ratelimit.Limiter
 }
 
 // redisNow starts a script with `now`, Redis's clock in milliseconds.
@@ -44,7 +45,7 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
 // window of budget), and with appendfsync always, which the refresh tokens
 // need, each request would otherwise wait for an fsync (measured: b/a
 // throughput 0.56 instead of 0.76, see docs/performance.md).
-var turnScript = redis.NewScript(redisNow + `
+var TurnScript = redis.NewScript(redisNow + `
 redis.set_repl(redis.REPL_NONE)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
@@ -70,34 +71,34 @@ return {slot, wait}`)
 
 // pauseScript moves the pause (Redis's clock + ARGV[1] milliseconds)
 // later, never earlier; ARGV[2] is the key's time to live.
-var pauseScript = redis.NewScript(redisNow + `
+var PauseScript = redis.NewScript(redisNow + `
 local pause_until = now + tonumber(ARGV[1])
 local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2]) end
 return 0`)
 
-func (l *redisLimiter) keys(key string) []string {
-	base := redisKeyPrefix + "turns:" + recordPrefix(l.c.owner.ClientID()) + key
+func (l *Limiter) keys(key string) []string {
+	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.C.owner.ClientID()) + key
 	return []string{base, base + ":pause"}
 }
 
-func (l *redisLimiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
 	if deadline, ok := ctx.Deadline(); ok {
 		maxWait = min(maxWait, time.Until(deadline))
 	}
-	start := clk.Now()
+	start := tokens.Clock.Now()
 	var res []int64
-	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
+	err := l.C.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
-		res, err = turnScript.Run(cctx, l.c.client, l.keys(key),
-			l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
+		res, err = TurnScript.Run(cctx, l.C.client, l.keys(key),
+			l.Window.Milliseconds(), l.Limit, maxWait.Milliseconds()).Int64Slice()
 		return err
 	})
 	if err != nil || len(res) != 2 {
-		return l.local.Wait(ctx, key, maxWait)
+		return l.Local.Wait(ctx, key, maxWait)
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
@@ -110,19 +111,19 @@ func (l *redisLimiter) Wait(ctx context.Context, key string, maxWait time.Durati
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return clk.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
+		return tokens.Clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
 	case <-t.C:
-		return clk.Now().Sub(start), nil
+		return tokens.Clock.Now().Sub(start), nil
 	}
 }
 
-func (l *redisLimiter) Penalize(key string, d time.Duration) {
-	l.local.Penalize(key, d)
-	ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
+func (l *Limiter) Penalize(key string, d time.Duration) {
+	l.Local.Penalize(key, d)
+	ctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 	defer cancel()
-	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
-		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
+	_ = l.C.call(ctx, "rate limit pause", func(ctx context.Context) error {
+		return PauseScript.Run(ctx, l.C.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
 	})
 }
 
-var _ ratelimit.Waiter = (*redisLimiter)(nil)
+var _ ratelimit.Waiter = (*Limiter)(nil)

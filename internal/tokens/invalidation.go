@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -16,10 +16,10 @@ import (
 const (
 	// sharedCallLimit bounds a call to the shared state (Redis): slow
 	// Redis must not hold requests up.
-	sharedCallLimit = time.Second
+	SharedCallLimit = time.Second
 	// freshTokenGrace: a 401 on a token Fortnox minted this recently (its
 	// issue time, not when this process read it) is not the token's fault.
-	freshTokenGrace = 10 * time.Second
+	FreshTokenGrace = 10 * time.Second
 	// maxInvalidations 401-invalidations per subject per
 	// invalidationWindow; past that, 401s pass through and the token stays.
 	maxInvalidations   = 3
@@ -30,51 +30,51 @@ const (
 // cached and stored, unless t is fresh or the subject's invalidations are
 // used up, and reports whether it did: then the request may be replayed
 // with a new token.
-func (m *tokenManager) unauthorized(subj subject, t *cachedToken) bool {
-	n := clk.Now()
-	if n.Sub(t.issuedAt) < freshTokenGrace {
+func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
+	n := Clock.Now()
+	if n.Sub(t.issuedAt) < FreshTokenGrace {
 		metrics.InvalidationsBounded.Inc()
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
 		return false
 	}
-	if m.wasRejected(subj, t.bearer) {
+	if m.wasRejected(subj, t.Bearer) {
 		return true // another request met the same 401 and dropped it
 	}
-	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
-	allowed, err := m.shared().allowInvalidation(ctx, subj, maxInvalidations, invalidationWindow)
+	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+	allowed, err := m.Shared().AllowInvalidation(ctx, subj, maxInvalidations, invalidationWindow)
 	cancel()
 	if err == nil && !allowed {
 		metrics.InvalidationsBounded.Inc()
 		m.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
 		return false
 	}
-	m.reject(subj, t.bearer)
+	m.reject(subj, t.Bearer)
 	m.drop(subj, t)
 	go m.dropEverywhere(subj, t)
 	return true
 }
 
 // reject remembers the access token Fortnox refused: it is never used again.
-func (m *tokenManager) reject(subj subject, bearer string) {
-	m.mu.Lock()
-	m.state(subj.key()).rejected = bearer
-	m.mu.Unlock()
+func (m *Manager) reject(subj Subject, bearer string) {
+	m.Mu.Lock()
+	m.State(subj.Key()).rejected = bearer
+	m.Mu.Unlock()
 }
 
 // dropEverywhere removes a refused token from the stores and tells the
 // other sidecars.
-func (m *tokenManager) dropEverywhere(subj subject, t *cachedToken) {
-	ctx, cancel := context.WithTimeout(m.ctx, sharedCallLimit)
-	_ = m.shared().dropToken(ctx, subj, t.accessToken())
+func (m *Manager) dropEverywhere(subj Subject, t *Token) {
+	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+	_ = m.Shared().DropToken(ctx, subj, t.accessToken())
 	cancel()
-	if t.grant == grantRefreshToken {
+	if t.grant == GrantRefreshToken {
 		m.dropStoredAccessToken(subj, t.accessToken())
 	}
 }
 
-func (m *tokenManager) debug401(subj subject, msg string) {
-	if ce := m.logger().Check(zap.DebugLevel, msg); ce != nil {
-		ce.Write(subj.logFields()...)
+func (m *Manager) debug401(subj Subject, msg string) {
+	if ce := m.Logger().Check(zap.DebugLevel, msg); ce != nil {
+		ce.Write(subj.LogFields()...)
 	}
 }
 
@@ -83,22 +83,22 @@ func (m *tokenManager) debug401(subj subject, msg string) {
 // invalidate: a newer token stored meanwhile stays), so that no process
 // reads it back. Under the record's lock: the record holds the refresh
 // token too.
-func (m *tokenManager) dropStoredAccessToken(subj subject, accessToken string) {
-	s := m.settings.Load()
-	if s == nil || s.records == nil {
+func (m *Manager) dropStoredAccessToken(subj Subject, accessToken string) {
+	s := m.Settings.Load()
+	if s == nil || s.Records == nil {
 		return
 	}
-	ctx, cancel := context.WithTimeout(m.ctx, lockBudget)
+	ctx, cancel := context.WithTimeout(m.ctx, LockBudget)
 	defer cancel()
-	err := s.records.withLock(ctx, subj, func() error {
-		rec, err := s.records.load(ctx, subj)
+	err := s.Records.withLock(ctx, subj, func() error {
+		rec, err := s.Records.load(ctx, subj)
 		if err != nil || rec == nil || rec.AccessToken != accessToken {
 			return err
 		}
 		rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
-		return s.records.save(ctx, subj, rec)
+		return s.Records.save(ctx, subj, rec)
 	})
 	if err != nil && m.ctx.Err() == nil {
-		m.logger().Warn("could not drop the refused access token from the store; this process will not use it", append(subj.logFields(), zap.Error(err))...)
+		m.Logger().Warn("could not drop the refused access token from the store; this process will not use it", append(subj.LogFields(), zap.Error(err))...)
 	}
 }

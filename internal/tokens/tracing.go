@@ -1,19 +1,4 @@
-package fortnox
-
-// Tracing under Caddy's own `tracing` directive. Caddy keeps its tracer
-// provider to itself, so the plugin takes it from the request's span
-// (otelhttp's, which `tracing` starts): with no `tracing` directive, or a
-// request that is not sampled, that span is a no-op that does not record,
-// and the plugin does no tracing work at all. The cached path never looks:
-// its spans would say nothing, and it stays as fast as without tracing.
-//
-// Spans (children of the request's span): fortnox.token, getting a token
-// that was not simply cached, with fortnox.lock, fortnox.store and
-// fortnox.token_request under it; fortnox.rate_limit, a wait for the
-// tenant's turn (or a refusal); fortnox.replay, the replay after a 401. A
-// refresh ahead of expiry that a request started is a root fortnox.token
-// span of its own (fortnox.background=true) with a link to that request's
-// span. No span or attribute ever holds a token or a secret.
+package tokens
 
 import (
 	"context"
@@ -32,43 +17,43 @@ const tracerName = "github.com/caddy-fortnox/caddy-fortnox"
 
 // Span names (DESIGN "What operators see").
 const (
-	spanRateLimit    = "fortnox.rate_limit"
-	spanToken        = "fortnox.token"
-	spanLock         = "fortnox.lock"
-	spanTokenRequest = "fortnox.token_request"
-	spanStore        = "fortnox.store"
-	spanReplay       = "fortnox.replay"
+	SpanRateLimit    = "fortnox.rate_limit"
+	SpanToken        = "fortnox.token"
+	SpanLock         = "fortnox.lock"
+	SpanTokenRequest = "fortnox.token_request"
+	SpanStore        = "fortnox.store"
+	SpanReplay       = "fortnox.replay"
 )
 
 // Attribute keys.
 const (
-	attrTenant  = attribute.Key("fortnox.tenant")
-	attrAccount = attribute.Key("fortnox.account")
-	attrGrant   = attribute.Key("fortnox.grant")
-	attrOutcome = attribute.Key("fortnox.outcome")
+	AttrTenant  = attribute.Key("fortnox.tenant")
+	AttrAccount = attribute.Key("fortnox.account")
+	AttrGrant   = attribute.Key("fortnox.grant")
+	AttrOutcome = attribute.Key("fortnox.outcome")
 	// attrOperation says what a fortnox.store span did.
-	attrOperation = attribute.Key("fortnox.operation")
+	AttrOperation = attribute.Key("fortnox.operation")
 	// attrBackground marks the root span of a refresh ahead of expiry.
-	attrBackground = attribute.Key("fortnox.background")
+	AttrBackground = attribute.Key("fortnox.background")
 	// attrStatus is Fortnox's HTTP status on a fortnox.token_request span
 	// (absent when no answer came), by OpenTelemetry's name for it.
-	attrStatus = attribute.Key("http.response.status_code")
+	AttrStatus = attribute.Key("http.response.status_code")
 )
 
 // Outcomes besides "ok" and the error codes of the JSON answers.
 const (
 	outcomeOK          = "ok"
-	outcomeRateLimited = "rate_limited"
-	outcomeCancelled   = "cancelled"
+	OutcomeRateLimited = "rate_limited"
+	OutcomeCancelled   = "cancelled"
 	outcomeError       = "error"
 )
 
 // Operations of fortnox.store spans.
 const (
-	opLoadRecord      = "load_record"
-	opSaveRecord      = "save_record"
-	opLoadSharedToken = "load_shared_token"
-	opShareToken      = "share_token"
+	OpLoadRecord      = "load_record"
+	OpSaveRecord      = "save_record"
+	OpLoadSharedToken = "load_shared_token"
+	OpShareToken      = "share_token"
 )
 
 // tspan is one fortnox.* span, or none (tracing off, or the request not
@@ -77,7 +62,7 @@ type tspan struct{ s trace.Span }
 
 // startSpan starts a child named name of the span in parent, if that span
 // is recording; ctx then carries the new span.
-func startSpan(parent context.Context, name string, subj subject, opts ...trace.SpanStartOption) (context.Context, tspan) {
+func StartSpan(parent context.Context, name string, subj Subject, opts ...trace.SpanStartOption) (context.Context, tspan) {
 	p := trace.SpanFromContext(parent)
 	if !p.IsRecording() {
 		return parent, tspan{}
@@ -87,28 +72,28 @@ func startSpan(parent context.Context, name string, subj subject, opts ...trace.
 	return ctx, tspan{s}
 }
 
-func (s subject) traceAttributes() []attribute.KeyValue {
-	if s.account == "" {
-		return []attribute.KeyValue{attrTenant.String(s.tenant)}
+func (s Subject) traceAttributes() []attribute.KeyValue {
+	if s.Account == "" {
+		return []attribute.KeyValue{AttrTenant.String(s.Tenant)}
 	}
-	return []attribute.KeyValue{attrTenant.String(s.tenant), attrAccount.String(s.account)}
+	return []attribute.KeyValue{AttrTenant.String(s.Tenant), AttrAccount.String(s.Account)}
 }
 
-func (t tspan) recording() bool { return t.s != nil && t.s.IsRecording() }
+func (t tspan) Recording() bool { return t.s != nil && t.s.IsRecording() }
 
 // set adds attributes.
 func (t tspan) set(attrs ...attribute.KeyValue) {
-	if t.recording() {
+	if t.Recording() {
 		t.s.SetAttributes(attrs...)
 	}
 }
 
 // end ends the span with outcome (a second end does nothing).
-func (t tspan) end(outcome string, opts ...trace.SpanEndOption) {
-	if !t.recording() {
+func (t tspan) End(outcome string, opts ...trace.SpanEndOption) {
+	if !t.Recording() {
 		return
 	}
-	t.s.SetAttributes(attrOutcome.String(outcome))
+	t.s.SetAttributes(AttrOutcome.String(outcome))
 	if outcome != outcomeOK {
 		t.s.SetStatus(codes.Error, outcome)
 	}
@@ -116,38 +101,38 @@ func (t tspan) end(outcome string, opts ...trace.SpanEndOption) {
 }
 
 // endErr ends the span with err's outcome ("ok" for nil).
-func (t tspan) endErr(err error) {
-	if t.recording() {
-		t.end(outcomeOf(err))
+func (t tspan) EndErr(err error) {
+	if t.Recording() {
+		t.End(outcomeOf(err))
 	}
 }
 
 // endToken ends a fortnox.token span with the token's grant, or err.
-func (t tspan) endToken(tok *cachedToken, err error) {
-	if t.recording() && err == nil && tok != nil {
-		t.s.SetAttributes(attrGrant.String(tok.grant))
+func (t tspan) endToken(tok *Token, err error) {
+	if t.Recording() && err == nil && tok != nil {
+		t.s.SetAttributes(AttrGrant.String(tok.grant))
 	}
-	t.endErr(err)
+	t.EndErr(err)
 }
 
 // endAnswer ends a fortnox.token_request span with Fortnox's status.
-func (t tspan) endAnswer(a *tokenAnswer, err error) {
-	if !t.recording() {
+func (t tspan) endAnswer(a *Answer, err error) {
+	if !t.Recording() {
 		return
 	}
-	var terr *tokenError
+	var terr *Error
 	switch {
 	case err == nil && a != nil && a.status != 0:
-		t.s.SetAttributes(attrStatus.Int(a.status))
-	case errors.As(err, &terr) && terr.status != 0:
-		t.s.SetAttributes(attrStatus.Int(terr.status))
+		t.s.SetAttributes(AttrStatus.Int(a.status))
+	case errors.As(err, &terr) && terr.Status != 0:
+		t.s.SetAttributes(AttrStatus.Int(terr.Status))
 	}
-	t.endErr(err)
+	t.EndErr(err)
 }
 
 // link adds a link to the span in ctx (another request's).
 func (t tspan) link(ctx context.Context) {
-	if sc := trace.SpanContextFromContext(ctx); t.recording() && sc.IsValid() {
+	if sc := trace.SpanContextFromContext(ctx); t.Recording() && sc.IsValid() {
 		t.s.AddLink(trace.Link{SpanContext: sc})
 	}
 }
@@ -155,18 +140,18 @@ func (t tspan) link(ctx context.Context) {
 // outcomeOf names what err means for the app: the error code of its JSON
 // answer, never the error's text.
 func outcomeOf(err error) string {
-	var terr *tokenError
+	var terr *Error
 	switch {
 	case err == nil:
 		return outcomeOK
 	case errors.As(err, &terr):
-		return terr.errorCode()
+		return terr.ErrorCode()
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
-		return outcomeCancelled
+		return OutcomeCancelled
 	}
 	var rle *ratelimit.Error
 	if errors.As(err, &rle) {
-		return outcomeRateLimited
+		return OutcomeRateLimited
 	}
 	return outcomeError
 }
@@ -189,10 +174,10 @@ func linkTo(ctx context.Context) (spanLink, bool) {
 
 // startBackground starts the root span of a refresh ahead of expiry,
 // linked to the request that started it.
-func (l spanLink) startBackground(subj subject) (context.Context, tspan) {
-	ctx, s := l.tp.Tracer(tracerName).Start(context.Background(), spanToken,
+func (l spanLink) startBackground(subj Subject) (context.Context, tspan) {
+	ctx, s := l.tp.Tracer(tracerName).Start(context.Background(), SpanToken,
 		trace.WithNewRoot(), trace.WithLinks(trace.Link{SpanContext: l.sc}),
-		trace.WithAttributes(append(subj.traceAttributes(), attrBackground.Bool(true))...))
+		trace.WithAttributes(append(subj.traceAttributes(), AttrBackground.Bool(true))...))
 	return ctx, tspan{s}
 }
 
@@ -234,8 +219,8 @@ func (f *flightTraces) of(key string) context.Context {
 }
 
 // childSpan starts a span under the traced flight of subj, if any.
-func (m *tokenManager) childSpan(subj subject, name string, opts ...trace.SpanStartOption) tspan {
-	parent := m.traces.of(subj.key())
+func (m *Manager) childSpan(subj Subject, name string, opts ...trace.SpanStartOption) tspan {
+	parent := m.traces.of(subj.Key())
 	if parent == nil {
 		return tspan{}
 	}
@@ -248,27 +233,27 @@ func (m *tokenManager) childSpan(subj subject, name string, opts ...trace.SpanSt
 }
 
 // storeSpan is a fortnox.store span for op under subj's traced flight.
-func (m *tokenManager) storeSpan(subj subject, op string) tspan {
-	return m.childSpan(subj, spanStore, trace.WithAttributes(attrOperation.String(op)))
+func (m *Manager) storeSpan(subj Subject, op string) tspan {
+	return m.childSpan(subj, SpanStore, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // sharedSpan is a span for a call to what the sidecars share: only in
 // cluster mode (in one process those calls do nothing).
-func (m *tokenManager) sharedSpan(subj subject, name, op string) tspan {
-	if m.cluster.Load() == nil {
+func (m *Manager) sharedSpan(subj Subject, name, op string) tspan {
+	if m.Cluster.Load() == nil {
 		return tspan{}
 	}
 	if op == "" {
 		return m.childSpan(subj, name)
 	}
-	return m.childSpan(subj, name, trace.WithAttributes(attrOperation.String(op)))
+	return m.childSpan(subj, name, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // tokenSpan starts the fortnox.token span of a caller that waits for a
 // token flight; tctx is nil when the caller is not traced.
-func tokenSpan(ctx context.Context, subj subject) (tctx context.Context, t tspan) {
-	tctx, t = startSpan(ctx, spanToken, subj)
-	if !t.recording() {
+func tokenSpan(ctx context.Context, subj Subject) (tctx context.Context, t tspan) {
+	tctx, t = StartSpan(ctx, SpanToken, subj)
+	if !t.Recording() {
 		return nil, t
 	}
 	return tctx, t
@@ -277,8 +262,8 @@ func tokenSpan(ctx context.Context, subj subject) (tctx context.Context, t tspan
 // joined links a caller's fortnox.token span to the flight it joined, when
 // another request's (its fortnox.token_request span is there). Best
 // effort: a flight whose goroutine has not begun yet is not seen.
-func (m *tokenManager) joined(t tspan, key string, own context.Context) {
-	if !t.recording() {
+func (m *Manager) joined(t tspan, key string, own context.Context) {
+	if !t.Recording() {
 		return
 	}
 	if lead := m.traces.of(key); lead != nil && lead != own {

@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"sync"
@@ -23,15 +23,15 @@ const (
 	logCauseEvery = time.Minute
 	// maxLogCauses bounds how many causes are remembered; past it, new
 	// ones share one (overflowLogCause).
-	maxLogCauses     = 1024
+	MaxLogCauses     = 1024
 	overflowLogCause = "\x00overflow"
 )
 
 // logLimiter lets one line per cause through per logCauseEvery, on the
 // plugin's clock.
-type logLimiter struct {
-	mu     sync.Mutex
-	causes map[string]*limitedCause
+type LogLimiter struct {
+	Mu     sync.Mutex
+	Causes map[string]*limitedCause
 }
 
 // limitedCause is a cause's last line written and how many were left out
@@ -46,14 +46,14 @@ type limitedCause struct {
 	fields []zap.Field
 }
 
-func newLogLimiter() *logLimiter {
-	return &logLimiter{causes: make(map[string]*limitedCause)}
+func NewLogLimiter() *LogLimiter {
+	return &LogLimiter{Causes: make(map[string]*limitedCause)}
 }
 
 // write logs msg at level unless a line of the same cause was written
 // less than a minute ago (then it only counts it). A line written after
 // some were left out carries their number as `suppressed`.
-func (l *logLimiter) write(log *zap.Logger, level zapcore.Level, cause, msg string, fields ...zap.Field) {
+func (l *LogLimiter) Write(log *zap.Logger, level zapcore.Level, cause, msg string, fields ...zap.Field) {
 	ok, suppressed := l.allow(cause, level, msg, fields)
 	if !ok {
 		return
@@ -68,20 +68,20 @@ func (l *logLimiter) write(log *zap.Logger, level zapcore.Level, cause, msg stri
 
 // allow says whether a line of cause may be written now, and how many of
 // the cause were left out before it.
-func (l *logLimiter) allow(cause string, level zapcore.Level, msg string, fields []zap.Field) (bool, int) {
-	n := clk.Now()
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	c := l.causes[cause]
-	if c == nil && len(l.causes) >= maxLogCauses {
+func (l *LogLimiter) allow(cause string, level zapcore.Level, msg string, fields []zap.Field) (bool, int) {
+	n := Clock.Now()
+	l.Mu.Lock()
+	defer l.Mu.Unlock()
+	c := l.Causes[cause]
+	if c == nil && len(l.Causes) >= MaxLogCauses {
 		l.forgetQuiet(n)
-		if len(l.causes) >= maxLogCauses {
+		if len(l.Causes) >= MaxLogCauses {
 			cause = overflowLogCause
-			c = l.causes[cause]
+			c = l.Causes[cause]
 		}
 	}
 	if c == nil {
-		l.causes[cause] = &limitedCause{last: n, level: level, msg: msg, fields: fields}
+		l.Causes[cause] = &limitedCause{last: n, level: level, msg: msg, fields: fields}
 		return true, 0
 	}
 	if n.Sub(c.last) < logCauseEvery {
@@ -95,10 +95,10 @@ func (l *logLimiter) allow(cause string, level zapcore.Level, msg string, fields
 
 // forgetQuiet drops the causes with nothing left out whose minute has
 // passed. The caller holds l.mu.
-func (l *logLimiter) forgetQuiet(n time.Time) {
-	for cause, c := range l.causes {
+func (l *LogLimiter) forgetQuiet(n time.Time) {
+	for cause, c := range l.Causes {
 		if c.suppressed == 0 && n.Sub(c.last) >= logCauseEvery {
-			delete(l.causes, cause)
+			delete(l.Causes, cause)
 		}
 	}
 }
@@ -106,8 +106,8 @@ func (l *logLimiter) forgetQuiet(n time.Time) {
 // flush writes, for each cause whose minute has passed with lines left
 // out, one line that says how many (so a burst that stopped is still
 // counted in the log), and forgets the quiet causes.
-func (l *logLimiter) flush(log *zap.Logger) {
-	n := clk.Now()
+func (l *LogLimiter) Flush(log *zap.Logger) {
+	n := Clock.Now()
 	type summary struct {
 		level      zapcore.Level
 		msg        string
@@ -115,15 +115,15 @@ func (l *logLimiter) flush(log *zap.Logger) {
 		suppressed int
 	}
 	var out []summary
-	l.mu.Lock()
-	for _, c := range l.causes {
+	l.Mu.Lock()
+	for _, c := range l.Causes {
 		if c.suppressed > 0 && n.Sub(c.last) >= logCauseEvery {
 			out = append(out, summary{c.level, c.msg, c.fields, c.suppressed})
 			c.last, c.suppressed = n, 0
 		}
 	}
 	l.forgetQuiet(n)
-	l.mu.Unlock()
+	l.Mu.Unlock()
 	for _, s := range out {
 		if ce := log.Check(s.level, s.msg); ce != nil {
 			ce.Write(append(s.fields[:len(s.fields):len(s.fields)], zap.Int("suppressed", s.suppressed))...)
@@ -133,6 +133,6 @@ func (l *logLimiter) flush(log *zap.Logger) {
 
 // countRefusal counts a refused request by its kind (the error code of
 // the answer): every one, whether or not its log line was written.
-func countRefusal(kind string) {
+func CountRefusal(kind string) {
 	metrics.Refusals.WithLabelValues(kind).Inc()
 }

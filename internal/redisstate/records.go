@@ -1,4 +1,4 @@
-package fortnox
+package redisstate
 
 import (
 	"context"
@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/bsm/redislock"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/certmagic"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -27,8 +28,8 @@ import (
 const redisLockTTL = 10 * time.Second
 
 // redisRecords is a recordBackend on Redis.
-type redisRecords struct {
-	c    *redisCluster
+type Records struct {
+	c    *Conn
 	mu   sync.Mutex
 	held map[string]*heldRedisLock
 }
@@ -39,13 +40,13 @@ type heldRedisLock struct {
 	done chan struct{}
 }
 
-func (r *redisRecords) valueKey(key string) string { return redisKeyPrefix + "record:" + key }
-func (r *redisRecords) indexKey() string {
-	return redisKeyPrefix + "index:" + recordPrefix(r.c.owner.ClientID())
+func (r *Records) valueKey(key string) string { return RedisKeyPrefix + "record:" + key }
+func (r *Records) indexKey() string {
+	return RedisKeyPrefix + "index:" + tokens.RecordPrefix(r.c.owner.ClientID())
 }
-func (r *redisRecords) lockKey(name string) string { return redisKeyPrefix + "lock:" + name }
+func (r *Records) lockKey(name string) string { return RedisKeyPrefix + "lock:" + name }
 
-func (r *redisRecords) Store(ctx context.Context, key string, value []byte) error {
+func (r *Records) Store(ctx context.Context, key string, value []byte) error {
 	return r.c.call(ctx, "store", func(ctx context.Context) error {
 		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Set(ctx, r.valueKey(key), value, 0)
@@ -58,7 +59,7 @@ func (r *redisRecords) Store(ctx context.Context, key string, value []byte) erro
 
 // storeIfAbsent stores value unless the key holds one already, and says
 // whether it did.
-func (r *redisRecords) storeIfAbsent(ctx context.Context, key string, value []byte) (bool, error) {
+func (r *Records) StoreIfAbsent(ctx context.Context, key string, value []byte) (bool, error) {
 	var stored bool
 	err := r.c.call(ctx, "store", func(ctx context.Context) error {
 		ok, err := r.c.client.SetNX(ctx, r.valueKey(key), value, 0).Result()
@@ -71,7 +72,7 @@ func (r *redisRecords) storeIfAbsent(ctx context.Context, key string, value []by
 	return stored, err
 }
 
-func (r *redisRecords) Load(ctx context.Context, key string) ([]byte, error) {
+func (r *Records) Load(ctx context.Context, key string) ([]byte, error) {
 	var value []byte
 	err := r.c.call(ctx, "load", func(ctx context.Context) error {
 		var err error
@@ -84,7 +85,7 @@ func (r *redisRecords) Load(ctx context.Context, key string) ([]byte, error) {
 	return value, err
 }
 
-func (r *redisRecords) Delete(ctx context.Context, key string) error {
+func (r *Records) Delete(ctx context.Context, key string) error {
 	return r.c.call(ctx, "delete", func(ctx context.Context) error {
 		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Del(ctx, r.valueKey(key))
@@ -97,7 +98,7 @@ func (r *redisRecords) Delete(ctx context.Context, key string) error {
 
 // List lists the keys under path as Caddy's storage does: recursive, every
 // key; otherwise each direct child once (a key or a "folder").
-func (r *redisRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+func (r *Records) List(ctx context.Context, path string, recursive bool) ([]string, error) {
 	var all []string
 	err := r.c.call(ctx, "list", func(ctx context.Context) error {
 		var err error
@@ -138,7 +139,7 @@ func childrenOf(keys []string, path string, recursive bool) []string {
 // Lock blocks until it holds the named lock, ctx is done, or Redis fails.
 // The lock is kept alive in the background until Unlock; if this process
 // dies, it frees itself within redisLockTTL.
-func (r *redisRecords) Lock(ctx context.Context, name string) error {
+func (r *Records) Lock(ctx context.Context, name string) error {
 	backoff := 5 * time.Millisecond
 	for {
 		var l *redislock.Lock
@@ -167,7 +168,7 @@ func (r *redisRecords) Lock(ctx context.Context, name string) error {
 }
 
 // keepFresh refreshes a held lock every third of its TTL until Unlock.
-func (r *redisRecords) keepFresh(name string, l *redislock.Lock) {
+func (r *Records) keepFresh(name string, l *redislock.Lock) {
 	ctx, stop := context.WithCancel(context.Background())
 	h := &heldRedisLock{lock: l, stop: stop, done: make(chan struct{})}
 	r.mu.Lock()
@@ -199,7 +200,7 @@ func (r *redisRecords) keepFresh(name string, l *redislock.Lock) {
 	}()
 }
 
-func (r *redisRecords) Unlock(ctx context.Context, name string) error {
+func (r *Records) Unlock(ctx context.Context, name string) error {
 	r.mu.Lock()
 	h := r.held[name]
 	delete(r.held, name)
@@ -219,7 +220,7 @@ func (r *redisRecords) Unlock(ctx context.Context, name string) error {
 }
 
 // releaseAll lets go of every lock still held (a cluster being destroyed).
-func (r *redisRecords) releaseAll() {
+func (r *Records) releaseAll() {
 	r.mu.Lock()
 	names := make([]string, 0, len(r.held))
 	for name := range r.held {
@@ -227,29 +228,10 @@ func (r *redisRecords) releaseAll() {
 	}
 	r.mu.Unlock()
 	for _, name := range names {
-		ctx, cancel := context.WithTimeout(context.Background(), sharedCallLimit)
+		ctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 		_ = r.Unlock(ctx, name)
 		cancel()
 	}
-}
-
-// tombstone is what a record moved to Redis leaves in Caddy's storage, so
-// that a sidecar still without `redis` (a rolling upgrade) refuses clearly
-// instead of spending a dead refresh token.
-type tombstone struct {
-	Tenant   string    `json:"tenant,omitempty"`
-	ClientID string    `json:"client_id,omitempty"`
-	MovedTo  string    `json:"moved_to"`
-	MovedAt  time.Time `json:"moved_at"`
-}
-
-// isTombstone says whether a stored value is a tombstone.
-func isTombstone(raw []byte) (*tombstone, bool) {
-	var t tombstone
-	if json.Unmarshal(raw, &t) != nil || t.MovedTo == "" {
-		return nil, false
-	}
-	return &t, true
 }
 
 // migratingRecords is the record backend of cluster mode: Redis, with
@@ -257,62 +239,51 @@ func isTombstone(raw []byte) (*tombstone, bool) {
 // over on first use. The move is a set-if-absent, so it never overwrites
 // what a refresh already wrote to Redis; then a tombstone replaces the
 // record in Caddy's storage.
-type migratingRecords struct {
-	*redisRecords
-	caddy certmagic.Storage
+type MigratingRecords struct {
+	*Records
+	Caddy certmagic.Storage
 }
 
-// migratingStorage is a shared store that takes records over from Caddy's
-// storage (cluster mode's record storage).
-type migratingStorage interface {
-	recordBackend
-	// sharedRecords is the shared store; oldRecords Caddy's storage (nil:
-	// none).
-	sharedRecords() recordBackend
-	oldRecords() recordBackend
-	storeIfAbsent(ctx context.Context, key string, value []byte) (bool, error)
-}
-
-func (mr *migratingRecords) sharedRecords() recordBackend { return mr.redisRecords }
-func (mr *migratingRecords) oldRecords() recordBackend {
-	if mr.caddy == nil {
+func (mr *MigratingRecords) SharedRecords() tokens.Storage { return mr.Records }
+func (mr *MigratingRecords) OldRecords() tokens.Storage {
+	if mr.Caddy == nil {
 		return nil
 	}
-	return mr.caddy
+	return mr.Caddy
 }
 
-func (mr *migratingRecords) Load(ctx context.Context, key string) ([]byte, error) {
-	value, err := mr.redisRecords.Load(ctx, key)
-	if !errors.Is(err, fs.ErrNotExist) || mr.caddy == nil {
+func (mr *MigratingRecords) Load(ctx context.Context, key string) ([]byte, error) {
+	value, err := mr.Records.Load(ctx, key)
+	if !errors.Is(err, fs.ErrNotExist) || mr.Caddy == nil {
 		return value, err
 	}
-	old, cerr := mr.caddy.Load(ctx, key)
+	old, cerr := mr.Caddy.Load(ctx, key)
 	if cerr != nil {
 		return nil, fs.ErrNotExist // nothing (usable) there either
 	}
-	if _, dead := isTombstone(old); dead {
+	if _, dead := tokens.IsTombstone(old); dead {
 		return nil, fs.ErrNotExist
 	}
-	if _, err := mr.storeIfAbsent(ctx, key, old); err != nil {
+	if _, err := mr.StoreIfAbsent(ctx, key, old); err != nil {
 		return nil, err
 	}
-	stone, _ := json.Marshal(tombstone{MovedTo: "redis", MovedAt: clk.Now().UTC()})
-	if err := mr.caddy.Store(ctx, key, stone); err != nil {
-		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&scrubbedError{err}))
+	stone, _ := json.Marshal(tokens.Tombstone{MovedTo: "redis", MovedAt: tokens.Clock.Now().UTC()})
+	if err := mr.Caddy.Store(ctx, key, stone); err != nil {
+		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&tokens.ScrubbedError{Err: err}))
 	} else {
 		mr.c.logger().Info("a token record moved from Caddy's storage to Redis", zap.String("key", key))
 	}
-	return mr.redisRecords.Load(ctx, key)
+	return mr.Records.Load(ctx, key)
 }
 
 // List lists what is in Redis and what is still to move from Caddy's
 // storage.
-func (mr *migratingRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
-	keys, err := mr.redisRecords.List(ctx, path, recursive)
-	if err != nil || mr.caddy == nil {
+func (mr *MigratingRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
+	keys, err := mr.Records.List(ctx, path, recursive)
+	if err != nil || mr.Caddy == nil {
 		return keys, err
 	}
-	old, cerr := mr.caddy.List(ctx, path, recursive)
+	old, cerr := mr.Caddy.List(ctx, path, recursive)
 	if cerr != nil {
 		return keys, nil
 	}

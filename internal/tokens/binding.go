@@ -1,4 +1,4 @@
-package fortnox
+package tokens
 
 import (
 	"context"
@@ -30,36 +30,36 @@ import (
 // accepted only from client credentials, where the TenantId header binds
 // it), and for a named account bound to a user, a userId claim must name
 // that user.
-func checkTokenBinding(accessToken string, subj subject, grant, wantUser string) *tokenError {
-	c, err := decodeJWTClaims(accessToken)
+func checkTokenBinding(accessToken string, subj Subject, grant, wantUser string) *Error {
+	c, err := DecodeJWTClaims(accessToken)
 	var tenant string
 	if err == nil {
-		tenant, err = c.tenant()
+		tenant, err = c.Tenant()
 	}
 	switch {
-	case err != nil && grant == grantClientCredentials:
+	case err != nil && grant == GrantClientCredentials:
 		// bound by the TenantId header it was asked with
 	case err != nil:
-		return &tokenError{failure: failTenantMismatch, tenant: subj.tenant, cause: fmt.Errorf("Fortnox's token names no tenant (%v), so it cannot be proved to be the tenant's", err)}
-	case tenant != subj.tenant:
-		return &tokenError{failure: failTenantMismatch, tenant: subj.tenant, tokenTenant: tenant}
+		return &Error{Failure: FailTenantMismatch, Tenant: subj.Tenant, Cause: fmt.Errorf("Fortnox's token names no tenant (%v), so it cannot be proved to be the tenant's", err)}
+	case tenant != subj.Tenant:
+		return &Error{Failure: FailTenantMismatch, Tenant: subj.Tenant, TokenTenant: tenant}
 	}
-	if subj.account != "" && wantUser != "" && c != nil {
+	if subj.Account != "" && wantUser != "" && c != nil {
 		if user := c.user(); user != "" && user != wantUser {
-			return &tokenError{failure: failUserMismatch, tenant: subj.tenant, account: subj.account, wantUser: wantUser, tokenUser: user}
+			return &Error{Failure: FailUserMismatch, Tenant: subj.Tenant, Account: subj.Account, WantUser: wantUser, TokenUser: user}
 		}
 	}
 	return nil
 }
 
 // checkTokenTenant is checkTokenBinding for a tenant's service account.
-func checkTokenTenant(accessToken, tenant, grant string) *tokenError {
-	return checkTokenBinding(accessToken, subject{tenant: tenant}, grant, "")
+func checkTokenTenant(accessToken, tenant, grant string) *Error {
+	return checkTokenBinding(accessToken, Subject{Tenant: tenant}, grant, "")
 }
 
 // tokenUserID is the userId claim of an access token, "" if none.
 func tokenUserID(accessToken string) string {
-	c, err := decodeJWTClaims(accessToken)
+	c, err := DecodeJWTClaims(accessToken)
 	if err != nil {
 		return ""
 	}
@@ -90,7 +90,7 @@ type quarantineRecord struct {
 }
 
 // quarantineInfo is a quarantine record as the admin API lists it.
-type quarantineInfo struct {
+type QuarantineInfo struct {
 	ID           string    `json:"id"`
 	Tenant       *string   `json:"tenant"`
 	UserID       *string   `json:"user_id"`
@@ -100,14 +100,14 @@ type quarantineInfo struct {
 	CreatedAt    time.Time `json:"created_at"`
 }
 
-func quarantineKey(clientID, id string) string {
+func QuarantineKey(clientID, id string) string {
 	return quarantinePrefix(clientID) + id + ".json"
 }
 
 func newQuarantineID() string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
-	return clk.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
+	return Clock.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
 }
 
 // validQuarantineID: what newQuarantineID makes.
@@ -134,32 +134,32 @@ type strandedToken struct {
 // tenant (or user) than subj's in quarantine: one write, so the window
 // between Fortnox rotating the token and storing it stays as short as it
 // can be. It returns nil when the answer holds no refresh token.
-func (m *tokenManager) quarantineAnswer(ctx context.Context, s *managerSettings, subj subject, answer *tokenAnswer, terr *tokenError) *strandedToken {
-	if answer.refreshToken == "" {
+func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subject, answer *Answer, terr *Error) *strandedToken {
+	if answer.RefreshToken == "" {
 		return nil
 	}
-	issued := clk.Now()
+	issued := Clock.Now()
 	q := &quarantineRecord{
 		ID:           newQuarantineID(),
 		ClientID:     m.clientID,
-		Tenant:       terr.tokenTenant,
-		UserID:       tokenUserID(answer.accessToken),
-		Account:      subj.account,
-		SubmittedFor: subj.tenant,
+		Tenant:       terr.TokenTenant,
+		UserID:       tokenUserID(answer.AccessToken),
+		Account:      subj.Account,
+		SubmittedFor: subj.Tenant,
 		Reason:       terr.Error(),
-		RefreshToken: answer.refreshToken,
-		AccessToken:  answer.accessToken,
+		RefreshToken: answer.RefreshToken,
+		AccessToken:  answer.AccessToken,
 		IssuedAt:     issued.UTC(),
-		ExpiresAt:    issued.Add(answer.lifetime).UTC(),
+		ExpiresAt:    issued.Add(answer.Lifetime).UTC(),
 		CreatedAt:    issued.UTC(),
 	}
-	if tenant, err := tenantFromToken(answer.accessToken); err == nil {
+	if tenant, err := TenantFromToken(answer.AccessToken); err == nil {
 		q.Tenant = tenant // whose it is, whatever the failure was
 	}
 	st := &strandedToken{q: q, quarantine: true}
 	if err := m.writeQuarantine(ctx, s, q); err != nil {
-		m.logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
-			append(subj.logFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
+		m.Logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
+			append(subj.LogFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
 		st.quarantine = false
 		m.keepStranded(q)
 	}
@@ -171,20 +171,20 @@ func (m *tokenManager) quarantineAnswer(ctx context.Context, s *managerSettings,
 // answer goes to quarantine first, then subj's record is marked so that
 // the operator sees why it has no refresh token. The caller holds subj's
 // lock.
-func (m *tokenManager) strand(ctx context.Context, s *managerSettings, subj subject, rec *tokenRecord, answer *tokenAnswer, terr *tokenError) (*strandedToken, *tokenError) {
+func (m *Manager) strand(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer, terr *Error) (*strandedToken, *Error) {
 	st := m.quarantineAnswer(ctx, s, subj, answer, terr)
 	rec.RefreshToken, rec.AccessToken = "", ""
 	rec.IssuedAt, rec.ExpiresAt = time.Time{}, time.Time{}
-	rec.MismatchTenant = cmpOr(terr.tokenTenant, "(none)")
-	if terr.failure == failUserMismatch {
-		rec.MismatchTenant = subj.tenant + " (user " + terr.tokenUser + ")"
+	rec.MismatchTenant = CmpOr(terr.TokenTenant, "(none)")
+	if terr.Failure == FailUserMismatch {
+		rec.MismatchTenant = subj.Tenant + " (user " + terr.TokenUser + ")"
 	}
-	rec.MismatchAt = clk.Now().UTC()
-	if err := s.records.save(ctx, subj, rec); err != nil {
-		m.logger().Error("could not mark the record whose refresh token belonged to another tenant", append(subj.logFields(), zap.Error(err))...)
+	rec.MismatchAt = Clock.Now().UTC()
+	if err := s.Records.save(ctx, subj, rec); err != nil {
+		m.Logger().Error("could not mark the record whose refresh token belonged to another tenant", append(subj.LogFields(), zap.Error(err))...)
 	}
-	m.logger().Error("a refresh token stored for the tenant belongs to another: its token was not used",
-		append(subj.logFields(), zap.String("token_tenant", rec.MismatchTenant), zap.String("error", terr.Error()))...)
+	m.Logger().Error("a refresh token stored for the tenant belongs to another: its token was not used",
+		append(subj.LogFields(), zap.String("token_tenant", rec.MismatchTenant), zap.String("error", terr.Error()))...)
 	if st == nil {
 		terr.detail = "Fortnox returned no new refresh token with it."
 	}
@@ -193,16 +193,16 @@ func (m *tokenManager) strand(ctx context.Context, s *managerSettings, subj subj
 
 // writeQuarantine stores a quarantine record; like saveHard, a write that
 // has started is not cut short.
-func (m *tokenManager) writeQuarantine(ctx context.Context, s *managerSettings, q *quarantineRecord) error {
-	key := quarantineKey(m.clientID, q.ID)
-	raw, err := s.records.encode(key, q)
+func (m *Manager) writeQuarantine(ctx context.Context, s *Settings, q *quarantineRecord) error {
+	key := QuarantineKey(m.clientID, q.ID)
+	raw, err := s.Records.Encode(key, q)
 	if err != nil {
 		return err
 	}
 	ctx = context.WithoutCancel(ctx)
 	for attempt, pause := 0, 100*time.Millisecond; ; attempt, pause = attempt+1, pause*3 {
 		wctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err = s.records.storage.Store(wctx, key, raw)
+		err = s.Records.Storage.Store(wctx, key, raw)
 		cancel()
 		if err == nil {
 			m.notifyQuarantined(q)
@@ -216,28 +216,28 @@ func (m *tokenManager) writeQuarantine(ctx context.Context, s *managerSettings, 
 
 // keepStranded holds a quarantine record that could not be written; the
 // sweeper tries again.
-func (m *tokenManager) keepStranded(q *quarantineRecord) {
-	m.mu.Lock()
+func (m *Manager) keepStranded(q *quarantineRecord) {
+	m.Mu.Lock()
 	m.stranded = append(m.stranded, q)
-	m.mu.Unlock()
+	m.Mu.Unlock()
 }
 
 // saveStranded writes quarantine records kept in memory.
-func (m *tokenManager) saveStranded(ctx context.Context) {
-	s := m.settings.Load()
-	if s == nil || s.records == nil {
+func (m *Manager) saveStranded(ctx context.Context) {
+	s := m.Settings.Load()
+	if s == nil || s.Records == nil {
 		return
 	}
-	m.mu.Lock()
+	m.Mu.Lock()
 	pending := m.stranded
 	m.stranded = nil
-	m.mu.Unlock()
+	m.Mu.Unlock()
 	for _, q := range pending {
 		if err := m.writeQuarantine(ctx, s, q); err != nil {
 			m.keepStranded(q)
 			continue
 		}
-		m.logger().Warn("a refresh token kept in memory is saved to quarantine now", zap.String("quarantine_id", q.ID))
+		m.Logger().Warn("a refresh token kept in memory is saved to quarantine now", zap.String("quarantine_id", q.ID))
 	}
 }
 
@@ -257,34 +257,34 @@ func quarantinedWhere(st *strandedToken) string {
 // over as, with the rules of a hand-over: never over a live refresh token,
 // never under an account bound to another user. The quarantine record is
 // deleted once the token is stored. It returns where the token went.
-func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subject, error) {
-	rs, err := m.records()
+func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, error) {
+	rs, err := m.Records()
 	if err != nil {
-		return subject{}, err
+		return Subject{}, err
 	}
-	s := m.settings.Load()
+	s := m.Settings.Load()
 	if !validQuarantineID(id) {
-		return subject{}, opErrorf(opInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
+		return Subject{}, opErrorf(OpInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
 	}
 	q, err := m.loadQuarantine(ctx, rs, id)
 	if errors.Is(err, fs.ErrNotExist) {
-		return subject{}, opErrorf(opNotFound, "unknown_id", "no quarantine record %s", id)
+		return Subject{}, opErrorf(OpNotFound, "unknown_id", "no quarantine record %s", id)
 	}
 	if err != nil {
-		return subject{}, adminStoreError("reading the quarantine record", err)
+		return Subject{}, adminStoreError("reading the quarantine record", err)
 	}
-	if !validTenantID(q.Tenant) {
-		return subject{}, opErrorf(opConflict, "tenant_unknown", "quarantine record %s holds a token that names no tenant, so it cannot be served under one; nothing was changed (delete it with DELETE /fortnox/quarantine/%s, and have the customer authorize again)", id, id)
+	if !ValidTenantID(q.Tenant) {
+		return Subject{}, opErrorf(OpConflict, "tenant_unknown", "quarantine record %s holds a token that names no tenant, so it cannot be served under one; nothing was changed (delete it with DELETE /fortnox/quarantine/%s, and have the customer authorize again)", id, id)
 	}
-	owner := subject{tenant: q.Tenant, account: q.Account}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), lockBudget+time.Minute)
+	owner := Subject{Tenant: q.Tenant, Account: q.Account}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), LockBudget+time.Minute)
 	defer cancel()
 	var refusal error
 	err = rs.withLock(ctx, owner, func() error {
 		// Read again under the lock: another release may have taken it.
 		q, err = m.loadQuarantine(ctx, rs, id)
 		if errors.Is(err, fs.ErrNotExist) {
-			refusal = opErrorf(opNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
+			refusal = opErrorf(OpNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
 			return nil
 		}
 		if err != nil {
@@ -296,22 +296,22 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 		}
 		if rec.liveRefreshToken() {
 			remedy := "drop the quarantined one (DELETE /fortnox/quarantine/" + id + ")"
-			if owner.account != "" {
-				remedy += ", or delete the account (DELETE /fortnox/tenants/" + owner.tenant + "/accounts/" + owner.account + ") and release it again"
+			if owner.Account != "" {
+				remedy += ", or delete the account (DELETE /fortnox/tenants/" + owner.Tenant + "/accounts/" + owner.Account + ") and release it again"
 			}
-			refusal = opErrorf(opConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
+			refusal = opErrorf(OpConflict, "live_refresh_token", "%s already has a live refresh token: it is not overwritten, and quarantine record %s is kept as it was. Keep one of the two: %s", owner, id, remedy)
 			return nil
 		}
-		if terr := checkTokenBinding(q.AccessToken, owner, grantRefreshToken, rec.UserID); terr != nil && q.AccessToken != "" {
-			code := terr.errorCode()
-			refusal = opErrorf(opConflict, code, "quarantine record %s cannot be served under %s: %s. It is kept as it was; delete the account first (DELETE /fortnox/tenants/%s/accounts/%s) to connect another user under its name", id, owner, terr.Error(), owner.tenant, owner.account)
+		if terr := checkTokenBinding(q.AccessToken, owner, GrantRefreshToken, rec.UserID); terr != nil && q.AccessToken != "" {
+			code := terr.ErrorCode()
+			refusal = opErrorf(OpConflict, code, "quarantine record %s cannot be served under %s: %s. It is kept as it was; delete the account first (DELETE /fortnox/tenants/%s/accounts/%s) to connect another user under its name", id, owner, terr.Error(), owner.Tenant, owner.Account)
 			return nil
 		}
 		rec.RefreshToken, rec.RefreshTokenAt = q.RefreshToken, q.IssuedAt
 		rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = q.AccessToken, q.IssuedAt, q.ExpiresAt
-		rec.Mode, rec.RejectedAt = grantRefreshToken, time.Time{}
+		rec.Mode, rec.RejectedAt = GrantRefreshToken, time.Time{}
 		rec.MismatchTenant, rec.MismatchAt = "", time.Time{}
-		if owner.account == "" {
+		if owner.Account == "" {
 			rec.ConsentRevokedAt = time.Time{}
 		} else if q.UserID != "" {
 			rec.UserID = q.UserID
@@ -321,60 +321,60 @@ func (m *tokenManager) releaseQuarantine(ctx context.Context, id string) (subjec
 		}
 		// Stored under its owner: the quarantine copy goes, so the token
 		// is in one place only.
-		if err := rs.storage.Delete(ctx, quarantineKey(m.clientID, id)); err != nil {
-			m.logger().Warn("a released refresh token is stored under its tenant, but its quarantine record could not be deleted: delete it",
-				append(owner.logFields(), zap.String("quarantine_id", id), zap.Error(err))...)
+		if err := rs.Storage.Delete(ctx, QuarantineKey(m.clientID, id)); err != nil {
+			m.Logger().Warn("a released refresh token is stored under its tenant, but its quarantine record could not be deleted: delete it",
+				append(owner.LogFields(), zap.String("quarantine_id", id), zap.Error(err))...)
 		}
 		return nil
 	})
 	if err != nil {
-		return subject{}, adminStoreError("releasing the quarantine record", err)
+		return Subject{}, adminStoreError("releasing the quarantine record", err)
 	}
 	if refusal != nil {
-		return subject{}, refusal
+		return Subject{}, refusal
 	}
 	m.drop(owner, nil)
 	m.tenantRecovered(owner)
 	// As a hand-over: a named account uses the access token at once; a
 	// service account still tries client credentials first.
-	if owner.account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(clk.Now()) {
-		m.cacheToken(owner, grantRefreshToken, q.AccessToken, q.IssuedAt, q.ExpiresAt.Sub(q.IssuedAt), s.refreshBefore)
+	if owner.Account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(Clock.Now()) {
+		m.CacheToken(owner, GrantRefreshToken, q.AccessToken, q.IssuedAt, q.ExpiresAt.Sub(q.IssuedAt), s.RefreshBefore)
 	}
-	m.logger().Warn("a quarantined refresh token was released to its own tenant through the admin API",
-		append(owner.logFields(), zap.String("quarantine_id", id), zap.String("handed_over_for", q.SubmittedFor))...)
+	m.Logger().Warn("a quarantined refresh token was released to its own tenant through the admin API",
+		append(owner.LogFields(), zap.String("quarantine_id", id), zap.String("handed_over_for", q.SubmittedFor))...)
 	return owner, nil
 }
 
 // listQuarantine lists the quarantine records, never a token.
-func (m *tokenManager) listQuarantine(ctx context.Context, rs *recordStore) ([]quarantineInfo, error) {
+func (m *Manager) ListQuarantine(ctx context.Context, rs *Records) ([]QuarantineInfo, error) {
 	ids, err := rs.names(ctx, strings.TrimSuffix(quarantinePrefix(m.clientID), "/"), ".json", validQuarantineID)
 	if err != nil {
 		return nil, err
 	}
-	out := []quarantineInfo{}
+	out := []QuarantineInfo{}
 	for _, id := range ids {
 		q, err := m.loadQuarantine(ctx, rs, id)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // released or deleted since it was listed, or a tombstone
 		}
 		if err != nil {
-			out = append(out, quarantineInfo{ID: id, Reason: err.Error()})
+			out = append(out, QuarantineInfo{ID: id, Reason: err.Error()})
 			continue
 		}
-		out = append(out, quarantineInfo{ID: q.ID, Tenant: optional(q.Tenant), UserID: optional(q.UserID), Account: optional(q.Account),
+		out = append(out, QuarantineInfo{ID: q.ID, Tenant: optional(q.Tenant), UserID: optional(q.UserID), Account: optional(q.Account),
 			SubmittedFor: q.SubmittedFor, Reason: q.Reason, CreatedAt: q.CreatedAt})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
 	return out, nil
 }
 
-func (m *tokenManager) loadQuarantine(ctx context.Context, rs *recordStore, id string) (*quarantineRecord, error) {
-	key := quarantineKey(m.clientID, id)
-	raw, err := rs.storage.Load(ctx, key)
+func (m *Manager) loadQuarantine(ctx context.Context, rs *Records, id string) (*quarantineRecord, error) {
+	key := QuarantineKey(m.clientID, id)
+	raw, err := rs.Storage.Load(ctx, key)
 	if err != nil {
 		return nil, storageError("loading", key, err)
 	}
-	plain, err := rs.plain(key, raw)
+	plain, err := rs.Plain(key, raw)
 	if err != nil {
 		return nil, err
 	}

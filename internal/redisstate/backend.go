@@ -1,0 +1,320 @@
+package redisstate
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// redisShared is the seam to a cluster of sidecars through Redis. Every
+// call is bounded in time (sharedCallLimit). When Redis cannot be reached,
+// each guard falls back to this process's own (local), so a sidecar keeps
+// serving; what must never happen without Redis (a refresh token used
+// without the cluster's lock) fails instead, in the record store.
+type Backend struct {
+	C     *Conn
+	local *tokens.LocalBackend
+}
+
+func newRedisShared(c *Conn) *Backend {
+	return &Backend{C: c, local: tokens.NewLocalBackend()}
+}
+
+func (r *Backend) clientKey(kind string) string {
+	return RedisKeyPrefix + kind + ":" + tokens.RecordPrefix(r.C.owner.ClientID())
+}
+
+func (r *Backend) tokenKey(subj tokens.Subject) string { return r.clientKey("token") + subj.Key() }
+func (r *Backend) channel() string                     { return r.clientKey("events") }
+
+// records is the store's encoder: shared tokens are encrypted like records.
+func (r *Backend) records() *tokens.Records { return r.C.owner.Codec() }
+
+func (r *Backend) LoadToken(ctx context.Context, subj tokens.Subject) (*tokens.SharedToken, error) {
+	key := r.tokenKey(subj)
+	var raw string
+	err := r.C.call(ctx, "load token", func(ctx context.Context) error {
+		var err error
+		raw, err = r.C.client.HGet(ctx, key, "data").Result()
+		return err
+	})
+	if errors.Is(err, redis.Nil) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	plain, err := r.records().Plain(key, []byte(raw))
+	if err != nil {
+		return nil, err
+	}
+	var t tokens.SharedToken
+	if err := json.Unmarshal(plain, &t); err != nil || t.AccessToken == "" {
+		return nil, errors.New("the shared token at " + key + " is damaged")
+	}
+	return &t, nil
+}
+
+func (r *Backend) StoreToken(ctx context.Context, subj tokens.Subject, t *tokens.SharedToken) error {
+	key := r.tokenKey(subj)
+	raw, err := r.records().Encode(key, t)
+	if err != nil {
+		return err
+	}
+	return r.C.call(ctx, "store token", func(ctx context.Context) error {
+		_, err := r.C.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+			p.HSet(ctx, key, "data", raw, "hash", tokens.TokenHash(t.AccessToken))
+			p.PExpireAt(ctx, key, t.ExpiresAt)
+			return nil
+		})
+		return err
+	})
+}
+
+// dropScript deletes a shared token only if it is still the one named.
+var DropScript = redis.NewScript(`
+if redis.call('HGET', KEYS[1], 'hash') == ARGV[1] then
+	return redis.call('DEL', KEYS[1])
+end
+return 0`)
+
+func (r *Backend) DropToken(ctx context.Context, subj tokens.Subject, accessToken string) error {
+	hash := tokens.TokenHash(accessToken)
+	err := r.C.call(ctx, "drop token", func(ctx context.Context) error {
+		return DropScript.Run(ctx, r.C.client, []string{r.tokenKey(subj)}, hash).Err()
+	})
+	perr := r.Publish(ctx, tokens.Event{Kind: tokens.EventInvalidate, Tenant: subj.Tenant, Account: subj.Account, TokenHash: hash})
+	return errors.Join(err, perr)
+}
+
+func (r *Backend) LockToken(ctx context.Context, subj tokens.Subject) (func(), error) {
+	name := tokens.LockName(r.C.owner.ClientID(), subj) + "/token"
+	if err := r.C.Records.Lock(ctx, name); err != nil {
+		return nil, err
+	}
+	return func() {
+		uctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
+		defer cancel()
+		_ = r.C.Records.Unlock(uctx, name)
+	}, nil
+}
+
+func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
+	ev.Origin = r.C.origin
+	if ev.At.IsZero() {
+		ev.At = tokens.Clock.Now().UTC()
+	}
+	msg, err := json.Marshal(ev)
+	if err != nil {
+		return err
+	}
+	return r.C.call(ctx, "publish", func(ctx context.Context) error {
+		return r.C.client.Publish(ctx, r.channel(), msg).Err()
+	})
+}
+
+func (r *Backend) FirstUse(ctx context.Context, name string, ttl time.Duration) (bool, error) {
+	var fresh bool
+	err := r.C.call(ctx, "first use", func(ctx context.Context) error {
+		var err error
+		fresh, err = r.C.client.SetNX(ctx, r.clientKey("used")+name, 1, ttl).Result()
+		return err
+	})
+	if err != nil {
+		return r.local.FirstUse(ctx, name, ttl)
+	}
+	return fresh, nil
+}
+
+func (r *Backend) KeepResult(ctx context.Context, name, result string, ttl time.Duration) error {
+	err := r.C.call(ctx, "keep connect result", func(ctx context.Context) error {
+		return r.C.client.Set(ctx, r.clientKey("result")+name, result, ttl).Err()
+	})
+	if err != nil {
+		return r.local.KeepResult(ctx, name, result, ttl)
+	}
+	return nil
+}
+
+func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
+	var result string
+	err := r.C.call(ctx, "read connect result", func(ctx context.Context) error {
+		v, err := r.C.client.Get(ctx, r.clientKey("result")+name).Result()
+		if errors.Is(err, redis.Nil) {
+			return nil
+		}
+		result = v
+		return err
+	})
+	if err != nil || result == "" {
+		return r.local.FlowResult(ctx, name)
+	}
+	return result, nil
+}
+
+// newerScript remembers the newest event time of a tenant.
+var NewerScript = redis.NewScript(`
+local last = redis.call('GET', KEYS[1])
+if last and tonumber(last) >= tonumber(ARGV[1]) then
+	return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1`)
+
+// eventMemory: how long the newest event time of a tenant is remembered.
+const eventMemory = 90 * 24 * time.Hour
+
+func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (bool, error) {
+	var newer bool
+	err := r.C.call(ctx, "event order", func(ctx context.Context) error {
+		n, err := NewerScript.Run(ctx, r.C.client, []string{r.clientKey("event") + tenant},
+			at.UnixNano(), eventMemory.Milliseconds()).Int()
+		newer = n == 1
+		return err
+	})
+	if err != nil {
+		return r.local.NewerEvent(ctx, tenant, at)
+	}
+	return newer, nil
+}
+
+// invalidationScript counts 401-invalidations in a sliding window.
+var InvalidationScript = redis.NewScript(`
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+	return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1`)
+
+func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, max int, window time.Duration) (bool, error) {
+	var allowed bool
+	err := r.C.call(ctx, "invalidation bound", func(ctx context.Context) error {
+		n, err := InvalidationScript.Run(ctx, r.C.client, []string{r.clientKey("invalidations") + subj.Key()},
+			tokens.Clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
+		allowed = n == 1
+		return err
+	})
+	if err != nil {
+		return r.local.AllowInvalidation(ctx, subj, max, window)
+	}
+	return allowed, nil
+}
+
+// slotScript takes one of a client's token-request slots: a sorted set of
+// holders by expiry, so that a dead holder's slot frees itself.
+var SlotScript = redis.NewScript(`
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+	return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) - tonumber(ARGV[1]))
+return 1`)
+
+func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (func(), error) {
+	key := r.clientKey("slots")
+	id := tokens.RandomID()
+	deadline := time.Now().Add(wait)
+	backoff := 5 * time.Millisecond
+	queued := false
+	for {
+		var got bool
+		err := r.C.call(ctx, "token slot", func(cctx context.Context) error {
+			n := tokens.Clock.Now()
+			res, err := SlotScript.Run(cctx, r.C.client, []string{key}, n.UnixMilli(), max,
+				n.Add(tokens.RefreshCallLimit+tokens.LockBudget).UnixMilli(), id).Int()
+			got = res == 1
+			return err
+		})
+		if err != nil {
+			return r.local.TokenSlot(ctx, max, time.Until(deadline))
+		}
+		if got {
+			return func() {
+				rctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
+				defer cancel()
+				_ = r.C.call(rctx, "token slot", func(ctx context.Context) error {
+					return r.C.client.ZRem(ctx, key, id).Err()
+				})
+			}, nil
+		}
+		if !queued {
+			queued = true
+			metrics.TokenRequestsQueued.Inc()
+		}
+		if time.Now().Add(backoff).After(deadline) {
+			return nil, errors.New("too many token requests of this client id in flight across the cluster (max_token_requests); they queued longer than token_timeout")
+		}
+		select {
+		case <-ctx.Done():
+			return nil, tokens.ErrStopping
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, 50*time.Millisecond)
+	}
+}
+
+// subscribe applies the other sidecars' events until the cluster is
+// destroyed. After a reconnection (an outage), what was broadcast meanwhile
+// is read again from the shared state.
+func (c *Conn) subscribe(logger *zap.Logger) {
+	ps := c.client.Subscribe(c.Ctx, c.Shared.channel())
+	defer ps.Close()
+	// The loop below ends only when ps is closed: close it when the cluster
+	// is destroyed (a shutdown, a reload), or Destruct waits for ever.
+	defer context.AfterFunc(c.Ctx, func() { _ = ps.Close() })()
+	subscriptions := 0
+	for msg := range ps.ChannelWithSubscriptions(redis.WithChannelHealthCheckInterval(5 * time.Second)) {
+		switch m := msg.(type) {
+		case *redis.Subscription:
+			if m.Kind != "subscribe" {
+				continue
+			}
+			subscriptions++
+			if subscriptions > 1 {
+				logger.Info("subscribed to the cluster's events again: reading the shared state", zap.String("redis", c.redacted))
+			}
+			// Read what was broadcast while this sidecar was not
+			// subscribed: it subscribes shortly after it starts (and may
+			// have served tenants already), and again after an outage.
+			// After an outage a command must work first: the connection
+			// pool may refuse to dial for a moment after the subscription
+			// is back, and ok() reads the state once a command works.
+			if c.Down.Load() {
+				c.background.Add(1)
+				go c.probeUntilUp()
+			} else {
+				go c.owner.Resync()
+			}
+		case *redis.Message:
+			var ev tokens.Event
+			if err := json.Unmarshal([]byte(m.Payload), &ev); err != nil || ev.Origin == c.origin || !tokens.ValidTenantID(ev.Tenant) {
+				continue
+			}
+			if ev.Account != "" && !tokens.ValidAccountName(ev.Account) {
+				continue
+			}
+			c.owner.ApplyEvent(ev)
+		}
+	}
+}
+
+var _ tokens.Backend = (*Backend)(nil)
+
+// notes is where notifications are kept in cluster mode.
+func (r *Backend) Notes() tokens.NotifyStore { return &Notes{c: r.C} }
+
+// dropAnyToken removes the subject's shared token, whichever it is.
+func (r *Backend) DropAnyToken(ctx context.Context, subj tokens.Subject) error {
+	return r.C.call(ctx, "drop token", func(ctx context.Context) error {
+		return r.C.client.Del(ctx, r.tokenKey(subj)).Err()
+	})
+}

@@ -1,0 +1,116 @@
+package fortnox
+
+import (
+	"strings"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+)
+
+// Cluster mode: `redis <url>` in the fortnox block makes every handler of
+// that (token URL, client id) share its tenants' rate budget, tokens,
+// refresh tokens and revocations with the other sidecars through Redis.
+//
+// The connection is registered when the fortnox handler is provisioned
+// (its own UsagePool entry, released in Cleanup), so fortnox_webhook,
+// fortnox_connect and the admin API of the same client find it through
+// the token manager even when a webhook is a sidecar's first request.
+// Provision touches no network: go-redis connects on first use, and the
+// subscription and the persistence check start shortly after.
+
+// clusters holds one *redisCluster per (token URL, client id, Redis URL).
+var clusters = caddy.NewUsagePool()
+
+// joinCluster takes a hold on the Redis connection of m's client for
+// rawURL, creating it if needed, and makes it m's: the newest wins. The
+// caller releases it with leaveCluster(key) in its Cleanup.
+func joinCluster(m *tokens.Manager, rawURL string, logger *zap.Logger) (*redisstate.Conn, string, error) {
+	opts, err := redisstate.ParseRedisURL(rawURL)
+	if err != nil {
+		return nil, "", err
+	}
+	key := managerKey(m.TokenURL, m.ClientID()) + "\x00" + rawURL
+	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return redisstate.NewRedisCluster(key, m, opts, redisstate.RedactURL(rawURL), logger, func() { pickCluster(m) }), nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	c := val.(*redisstate.Conn)
+	pickCluster(m)
+	return c, key, nil
+}
+
+// leaveCluster releases a hold taken by joinCluster ("" = none taken).
+func leaveCluster(key string) error {
+	if key == "" {
+		return nil
+	}
+	_, err := clusters.Delete(key)
+	return err
+}
+
+// pickCluster makes the newest live cluster of m's client the one m uses
+// (none: m works in this process only).
+func pickCluster(m *tokens.Manager) {
+	prefix := managerKey(m.TokenURL, m.ClientID()) + "\x00"
+	var newest *redisstate.Conn
+	clusters.Range(func(k, v any) bool {
+		c := v.(*redisstate.Conn)
+		if strings.HasPrefix(k.(string), prefix) && c.Ctx.Err() == nil && (newest == nil || c.Gen > newest.Gen) {
+			newest = c
+		}
+		return true
+	})
+	if newest == nil {
+		m.Cluster.Store(nil)
+		return
+	}
+	m.Cluster.Store(&tokens.ClusterRef{ClusterState: newest.Shared})
+}
+
+// managers holds one tokenManager per (token_url, client_id), shared by all
+// handlers of all loaded configs, so that cached tokens survive a config
+// reload. Keyed by managerKey.
+var managers = caddy.NewUsagePool()
+
+func managerKey(tokenURL, clientID string) string {
+	return tokenURL + "\x00" + clientID
+}
+
+// joinManager takes a hold on the shared token manager of (tokenURL,
+// clientID), creating it if needed; the caller releases it with
+// leaveManager(key) in its Cleanup.
+func joinManager(tokenURL, clientID string) (m *tokens.Manager, key string, err error) {
+	key = managerKey(tokenURL, clientID)
+	val, _, err := managers.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return tokens.NewManager(tokenURL, clientID), nil
+	})
+	if err != nil {
+		return nil, "", err
+	}
+	return val.(*tokens.Manager), key, nil
+}
+
+// leaveManager releases a hold taken by joinManager ("" = none taken).
+func leaveManager(key string) error {
+	if key == "" {
+		return nil
+	}
+	_, err := managers.Delete(key)
+	return err
+}
+
+// joinConfiguredManager is joinManager for a module's token_url option:
+// resolved, and checked as the fortnox handler checks it (an http:// one
+// only on loopback), so that no module sends the client secret or a
+// refresh token where the fortnox handler would not.
+func joinConfiguredManager(repl *caddy.Replacer, rawTokenURL, clientID string) (*tokens.Manager, string, error) {
+	tokenURL := resolveTokenURL(repl, rawTokenURL)
+	if err := checkTokenURL(tokenURL); err != nil {
+		return nil, "", err
+	}
+	return joinManager(tokenURL, clientID)
+}

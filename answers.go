@@ -1,5 +1,14 @@
 package fortnox
 
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
+)
+
 // Fortnox's SDKs read errors from Fortnox's own shape,
 // {"ErrorInformation":{"error":1,"message":"…","code":2000423}}, and cannot
 // read {"error","message"}. Every JSON error the sidecar writes itself
@@ -103,4 +112,35 @@ type errorInformation struct {
 
 func newErrorInformation(code, message string) *errorInformation {
 	return &errorInformation{Error: 1, Message: code + ": " + message, Code: errorNumber(code)}
+}
+
+// errorBody is the JSON answer the app gets when the sidecar refuses a
+// request: ours, and Fortnox's own shape beside it (errorNumbers).
+type errorBody struct {
+	Error            string            `json:"error"`
+	Message          string            `json:"message"`
+	ErrorInformation *errorInformation `json:"ErrorInformation,omitempty"`
+}
+
+// writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
+// Retry-After header in whole seconds.
+func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
+	metrics.ErrorAnswered(code)
+	body, _ := json.Marshal(errorBody{Error: code, Message: message, ErrorInformation: newErrorInformation(code, message)})
+	hdr := w.Header()
+	hdr.Set("Content-Type", "application/json")
+	hdr.Set("Cache-Control", "no-store")
+	hdr.Set("X-Content-Type-Options", "nosniff")
+	if retryAfter > 0 {
+		hdr.Set("Retry-After", strconv.Itoa(max(1, int((retryAfter+time.Second-1)/time.Second))))
+	}
+	w.WriteHeader(status)
+	_, _ = w.Write(append(body, '\n'))
+}
+
+// writeAppError is writeJSONError for a request the fortnox handler
+// answers in Fortnox's stead (counted in caddy_fortnox_requests_total).
+func writeAppError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
+	metrics.SidecarAnswered(status)
+	writeJSONError(w, status, code, message, retryAfter)
 }

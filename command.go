@@ -774,3 +774,45 @@ func printEncrypt(out io.Writer, body []byte) error {
 	}
 	return nil
 }
+
+// connectLinkCommand is `caddy fortnox connect-link`.
+func connectLinkCommand() *cobra.Command {
+	var tenant, account, base string
+	var ttl time.Duration
+	cmd := &cobra.Command{
+		Use:   "connect-link --tenant <TenantId> --account <name> [--ttl 24h] [--url <connect URL>]",
+		Short: "Print a signed fortnox_connect link for a named user account (key from " + linkKeyEnv + ")",
+		Long: `Prints a link that connects a named user account of a tenant through
+fortnox_connect, signed with the key in the environment variable ` + linkKeyEnv + `
+(the same text as fortnox_connect's link_key, at least 32 bytes). The link
+carries account, tenant, expires (now + --ttl, at most 7 days) and sig.
+Without --url it prints the path and query (` + defaultConnectLinkURL + `?…),
+to put behind the connect site's origin.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			return printConnectLink(c.OutOrStdout(), os.Getenv(linkKeyEnv), base, tenant, account, ttl, time.Now())
+		},
+	}
+	cmd.Flags().StringVar(&tenant, "tenant", "", "the TenantId of the company the user connects (required)")
+	cmd.Flags().StringVar(&account, "account", "", "the account name the user's chain is stored under (required)")
+	cmd.Flags().DurationVar(&ttl, "ttl", 24*time.Hour, "how long the link is valid (at most 168h)")
+	cmd.Flags().StringVar(&base, "url", defaultConnectLinkURL, "the connect URL, e.g. https://connect.example.com/fortnox/connect")
+	return cmd
+}
+
+// printConnectLink prints a signed link; the key is never printed.
+func printConnectLink(out io.Writer, key, base, tenant, account string, ttl time.Duration, t time.Time) error {
+	key = strings.TrimSpace(key)
+	if key == "" {
+		return errors.New(linkKeyEnv + " is not set: export the key fortnox_connect's link_key holds (at least 32 bytes)")
+	}
+	if tenant == "" || account == "" {
+		return errors.New("--tenant and --account are both required")
+	}
+	link, err := connectLink([]byte(key), base, tenant, account, ttl, t)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(out, link)
+	return err
+}

@@ -105,7 +105,7 @@ func TestErrorNumbers(t *testing.T) {
 	}
 	for code, where := range codes {
 		if _, ok := errorNumbers[code]; !ok {
-			t.Errorf("error code %q (%s) has no number in errorNumbers (errorcodes.go)", code, strings.Join(where, ", "))
+			t.Errorf("error code %q (%s) has no number in errorNumbers (answers.go)", code, strings.Join(where, ", "))
 		}
 	}
 	byNumber := map[int]string{}

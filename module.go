@@ -2,13 +2,11 @@ package fortnox
 
 import (
 	"crypto/cipher"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
 	"regexp"
-	"strconv"
 	"strings"
 	"time"
 
@@ -18,7 +16,6 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 )
 
 // DefaultTokenURL is Fortnox's token endpoint.
@@ -373,129 +370,6 @@ func (h *Handler) Cleanup() error {
 	}
 	errs = append(errs, leaveCluster(h.clusterKey), leaveManager(h.poolKey))
 	return errors.Join(errs...)
-}
-
-// ServeHTTP resolves the tenant (and account), gets its token, waits for
-// the tenant's turn in the rate limiter with the token in hand, puts the
-// token on the request and hands it to the next handler.
-func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
-	subj, rerr := h.resolveSubject(r)
-	if rerr != nil {
-		tokens.CountRefusal(rerr.code)
-		h.tokens.RefusalLog.Write(h.logger, zapcore.DebugLevel, rerr.code, "request refused", zap.String("error", rerr.code), zap.Int("status", rerr.status))
-		writeAppError(w, rerr.status, rerr.code, rerr.message, 0)
-		return nil
-	}
-	if h.tokens.Settings.Load() != h.settings {
-		h.tokens.Adopt(h.settings) // the first request of a newly loaded config
-	}
-	tok, err := h.tokens.TokenFor(r.Context(), subj)
-	if err != nil {
-		h.writeTokenError(w, r, subj, err)
-		return nil
-	}
-	if h.pacing.turns != nil {
-		if tok, err = h.turnWithToken(w, r, subj, tok); tok == nil {
-			if err != nil {
-				h.writeTokenError(w, r, subj, err)
-			}
-			return nil
-		}
-	}
-	h.ownHeaders(r, subj)
-	r.Header["Authorization"] = []string{tok.Bearer}
-	return h.proxy(w, r, next, subj, tok)
-}
-
-// resolveSubject picks the tenant and, when the account header is sent,
-// the named account.
-func (h *Handler) resolveSubject(r *http.Request) (tokens.Subject, *resolveError) {
-	tenant, rerr := h.resolver.resolve(r)
-	if rerr != nil {
-		return tokens.Subject{}, rerr
-	}
-	values := r.Header[h.accountHeader]
-	switch {
-	case len(values) == 0:
-		return tokens.Subject{Tenant: tenant}, nil
-	case len(values) > 1:
-		return tokens.Subject{}, &resolveError{http.StatusBadRequest, "ambiguous_account",
-			"The request has more than one " + h.accountHeader + " header. Send at most one: the name of a user account of the tenant."}
-	case !tokens.ValidAccountName(values[0]):
-		return tokens.Subject{}, &resolveError{http.StatusBadRequest, "invalid_account",
-			"The " + h.accountHeader + " header is not an account name: 1 to 64 of A-Z a-z 0-9 . _ @ -, not dots only (names are case-sensitive). Leave it out to use the service account."}
-	}
-	return tokens.Subject{Tenant: tenant, Account: values[0]}, nil
-}
-
-// turnWithToken takes the tenant's turn in the rate limiter. The token was
-// got first, so that requests waiting for a token do not spend turns; if
-// the wait outlived the token, it is got again. It returns nil (and has
-// answered, unless err is set) when the request cannot go.
-func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj tokens.Subject, tok *tokens.Token) (*tokens.Token, error) {
-	waited, ok := h.pacing.waitTurn(w, r, subj.Tenant)
-	if !ok {
-		return nil, nil
-	}
-	if waited == 0 || tok.UsableAt(tokens.Clock.Now().UnixNano()) {
-		return tok, nil // no wait: the token was usable a moment ago
-	}
-	return h.tokens.TokenFor(r.Context(), subj)
-}
-
-// writeTokenError answers a request for which no token could be had. The
-// failure itself was logged once by the token manager.
-func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj tokens.Subject, err error) {
-	var terr *tokens.Error
-	if !errors.As(err, &terr) {
-		// The caller's own context ended while it waited: the client left
-		// or its deadline passed. 503 so a proxy in front can retry.
-		if r.Context().Err() != nil {
-			tokens.CountRefusal("token_wait_cancelled")
-			writeAppError(w, http.StatusServiceUnavailable, "token_wait_cancelled",
-				"The request ended while it waited for a token for "+subj.String()+".", time.Second)
-			return
-		}
-		terr = tokens.AsTokenError(err)
-	}
-	terr = tokens.WithAccount(terr, subj)
-	tokens.CountRefusal(terr.ErrorCode())
-	var retry time.Duration
-	if terr.HttpStatus() == http.StatusServiceUnavailable {
-		retry = time.Duration(tokens.RetryAfterSeconds(terr.RetryAt, tokens.Clock.Now())) * time.Second
-	}
-	writeAppError(w, terr.HttpStatus(), terr.ErrorCode(), terr.Advice(subj.Tenant), retry)
-}
-
-// errorBody is the JSON answer the app gets when the sidecar refuses a
-// request: ours, and Fortnox's own shape beside it (errorcodes.go).
-type errorBody struct {
-	Error            string            `json:"error"`
-	Message          string            `json:"message"`
-	ErrorInformation *errorInformation `json:"ErrorInformation,omitempty"`
-}
-
-// writeJSONError writes the DESIGN's error answer. retryAfter > 0 adds a
-// Retry-After header in whole seconds.
-func writeJSONError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	metrics.ErrorAnswered(code)
-	body, _ := json.Marshal(errorBody{Error: code, Message: message, ErrorInformation: newErrorInformation(code, message)})
-	hdr := w.Header()
-	hdr.Set("Content-Type", "application/json")
-	hdr.Set("Cache-Control", "no-store")
-	hdr.Set("X-Content-Type-Options", "nosniff")
-	if retryAfter > 0 {
-		hdr.Set("Retry-After", strconv.Itoa(max(1, int((retryAfter+time.Second-1)/time.Second))))
-	}
-	w.WriteHeader(status)
-	_, _ = w.Write(append(body, '\n'))
-}
-
-// writeAppError is writeJSONError for a request the fortnox handler
-// answers in Fortnox's stead (counted in caddy_fortnox_requests_total).
-func writeAppError(w http.ResponseWriter, status int, code, message string, retryAfter time.Duration) {
-	metrics.SidecarAnswered(status)
-	writeJSONError(w, status, code, message, retryAfter)
 }
 
 // Interface guards

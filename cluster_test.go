@@ -431,7 +431,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	release2()
 
 	// Each answer came from Redis.
-	if r.ClusterState.(*redisstate.Backend).C.Down.Load() {
+	if r.ClusterState.(*redisstate.Backend).Down() {
 		t.Error("the cluster counts Redis as down")
 	}
 	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {

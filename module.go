@@ -261,7 +261,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		if h.cluster, h.clusterKey, err = joinCluster(h.tokens, rawURL, h.logger); err != nil {
 			return err
 		}
-		records.Storage = &redisstate.MigratingRecords{Records: h.cluster.Records, Caddy: ctx.Storage()}
+		records.Storage = h.cluster.Migrating(ctx.Storage())
 	}
 	if h.pacing, err = newPacer(h.RateLimit, h.MaxWait, clientID, tokenURL, h.cluster); err != nil {
 		return err

@@ -102,7 +102,7 @@ func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, 
 	local := val.(*sharedLimiter).Limiter
 	p.turns, p.requests = local, requests
 	if cluster != nil {
-		p.turns = &redisstate.Limiter{C: cluster, Limit: requests, Window: effective, Local: local}
+		p.turns = redisstate.NewLimiter(cluster, requests, effective, local)
 	}
 	return p, nil
 }

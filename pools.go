@@ -33,7 +33,7 @@ func joinCluster(m *tokens.Manager, rawURL string, logger *zap.Logger) (*redisst
 	}
 	key := managerKey(m.TokenURL, m.ClientID()) + "\x00" + rawURL
 	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return redisstate.NewRedisCluster(key, m, opts, redisstate.RedactURL(rawURL), logger, func() { pickCluster(m) }), nil
+		return redisstate.New(key, m, opts, redisstate.RedactURL(rawURL), logger, func() { pickCluster(m) }), nil
 	})
 	if err != nil {
 		return nil, "", err
@@ -59,7 +59,7 @@ func pickCluster(m *tokens.Manager) {
 	var newest *redisstate.Conn
 	clusters.Range(func(k, v any) bool {
 		c := v.(*redisstate.Conn)
-		if strings.HasPrefix(k.(string), prefix) && c.Ctx.Err() == nil && (newest == nil || c.Gen > newest.Gen) {
+		if strings.HasPrefix(k.(string), prefix) && !c.Closed() && (newest == nil || c.Gen() > newest.Gen()) {
 			newest = c
 		}
 		return true
@@ -68,7 +68,7 @@ func pickCluster(m *tokens.Manager) {
 		m.Cluster.Store(nil)
 		return
 	}
-	m.Cluster.Store(&tokens.ClusterRef{ClusterState: newest.Shared})
+	m.Cluster.Store(&tokens.ClusterRef{ClusterState: newest.Backend()})
 }
 
 // managers holds one tokenManager per (token_url, client_id), shared by all

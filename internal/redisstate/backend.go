@@ -18,30 +18,30 @@ import (
 // serving; what must never happen without Redis (a refresh token used
 // without the cluster's lock) fails instead, in the record store.
 type Backend struct {
-	C     *Conn
+	c     *Conn
 	local *tokens.LocalBackend
 }
 
 func newRedisShared(c *Conn) *Backend {
-	return &Backend{C: c, local: tokens.NewLocalBackend()}
+	return &Backend{c: c, local: tokens.NewLocalBackend()}
 }
 
 func (r *Backend) clientKey(kind string) string {
-	return RedisKeyPrefix + kind + ":" + tokens.RecordPrefix(r.C.owner.ClientID())
+	return RedisKeyPrefix + kind + ":" + tokens.RecordPrefix(r.c.owner.ClientID())
 }
 
 func (r *Backend) tokenKey(subj tokens.Subject) string { return r.clientKey("token") + subj.Key() }
 func (r *Backend) channel() string                     { return r.clientKey("events") }
 
 // records is the store's encoder: shared tokens are encrypted like records.
-func (r *Backend) records() *tokens.Records { return r.C.owner.Codec() }
+func (r *Backend) records() *tokens.Records { return r.c.owner.Codec() }
 
 func (r *Backend) LoadToken(ctx context.Context, subj tokens.Subject) (*tokens.SharedToken, error) {
 	key := r.tokenKey(subj)
 	var raw string
-	err := r.C.call(ctx, "load token", func(ctx context.Context) error {
+	err := r.c.call(ctx, "load token", func(ctx context.Context) error {
 		var err error
-		raw, err = r.C.client.HGet(ctx, key, "data").Result()
+		raw, err = r.c.client.HGet(ctx, key, "data").Result()
 		return err
 	})
 	if errors.Is(err, redis.Nil) {
@@ -67,8 +67,8 @@ func (r *Backend) StoreToken(ctx context.Context, subj tokens.Subject, t *tokens
 	if err != nil {
 		return err
 	}
-	return r.C.call(ctx, "store token", func(ctx context.Context) error {
-		_, err := r.C.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	return r.c.call(ctx, "store token", func(ctx context.Context) error {
+		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.HSet(ctx, key, "data", raw, "hash", tokens.TokenHash(t.AccessToken))
 			p.PExpireAt(ctx, key, t.ExpiresAt)
 			return nil
@@ -86,27 +86,27 @@ return 0`)
 
 func (r *Backend) DropToken(ctx context.Context, subj tokens.Subject, accessToken string) error {
 	hash := tokens.TokenHash(accessToken)
-	err := r.C.call(ctx, "drop token", func(ctx context.Context) error {
-		return DropScript.Run(ctx, r.C.client, []string{r.tokenKey(subj)}, hash).Err()
+	err := r.c.call(ctx, "drop token", func(ctx context.Context) error {
+		return DropScript.Run(ctx, r.c.client, []string{r.tokenKey(subj)}, hash).Err()
 	})
 	perr := r.Publish(ctx, tokens.Event{Kind: tokens.EventInvalidate, Tenant: subj.Tenant, Account: subj.Account, TokenHash: hash})
 	return errors.Join(err, perr)
 }
 
 func (r *Backend) LockToken(ctx context.Context, subj tokens.Subject) (func(), error) {
-	name := tokens.LockName(r.C.owner.ClientID(), subj) + "/token"
-	if err := r.C.Records.Lock(ctx, name); err != nil {
+	name := tokens.LockName(r.c.owner.ClientID(), subj) + "/token"
+	if err := r.c.records.Lock(ctx, name); err != nil {
 		return nil, err
 	}
 	return func() {
 		uctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 		defer cancel()
-		_ = r.C.Records.Unlock(uctx, name)
+		_ = r.c.records.Unlock(uctx, name)
 	}, nil
 }
 
 func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
-	ev.Origin = r.C.origin
+	ev.Origin = r.c.origin
 	if ev.At.IsZero() {
 		ev.At = tokens.Clock.Now().UTC()
 	}
@@ -114,16 +114,16 @@ func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
 	if err != nil {
 		return err
 	}
-	return r.C.call(ctx, "publish", func(ctx context.Context) error {
-		return r.C.client.Publish(ctx, r.channel(), msg).Err()
+	return r.c.call(ctx, "publish", func(ctx context.Context) error {
+		return r.c.client.Publish(ctx, r.channel(), msg).Err()
 	})
 }
 
 func (r *Backend) FirstUse(ctx context.Context, name string, ttl time.Duration) (bool, error) {
 	var fresh bool
-	err := r.C.call(ctx, "first use", func(ctx context.Context) error {
+	err := r.c.call(ctx, "first use", func(ctx context.Context) error {
 		var err error
-		fresh, err = r.C.client.SetNX(ctx, r.clientKey("used")+name, 1, ttl).Result()
+		fresh, err = r.c.client.SetNX(ctx, r.clientKey("used")+name, 1, ttl).Result()
 		return err
 	})
 	if err != nil {
@@ -133,8 +133,8 @@ func (r *Backend) FirstUse(ctx context.Context, name string, ttl time.Duration) 
 }
 
 func (r *Backend) KeepResult(ctx context.Context, name, result string, ttl time.Duration) error {
-	err := r.C.call(ctx, "keep connect result", func(ctx context.Context) error {
-		return r.C.client.Set(ctx, r.clientKey("result")+name, result, ttl).Err()
+	err := r.c.call(ctx, "keep connect result", func(ctx context.Context) error {
+		return r.c.client.Set(ctx, r.clientKey("result")+name, result, ttl).Err()
 	})
 	if err != nil {
 		return r.local.KeepResult(ctx, name, result, ttl)
@@ -144,8 +144,8 @@ func (r *Backend) KeepResult(ctx context.Context, name, result string, ttl time.
 
 func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
 	var result string
-	err := r.C.call(ctx, "read connect result", func(ctx context.Context) error {
-		v, err := r.C.client.Get(ctx, r.clientKey("result")+name).Result()
+	err := r.c.call(ctx, "read connect result", func(ctx context.Context) error {
+		v, err := r.c.client.Get(ctx, r.clientKey("result")+name).Result()
 		if errors.Is(err, redis.Nil) {
 			return nil
 		}
@@ -172,8 +172,8 @@ const eventMemory = 90 * 24 * time.Hour
 
 func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (bool, error) {
 	var newer bool
-	err := r.C.call(ctx, "event order", func(ctx context.Context) error {
-		n, err := NewerScript.Run(ctx, r.C.client, []string{r.clientKey("event") + tenant},
+	err := r.c.call(ctx, "event order", func(ctx context.Context) error {
+		n, err := NewerScript.Run(ctx, r.c.client, []string{r.clientKey("event") + tenant},
 			at.UnixNano(), eventMemory.Milliseconds()).Int()
 		newer = n == 1
 		return err
@@ -196,8 +196,8 @@ return 1`)
 
 func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, max int, window time.Duration) (bool, error) {
 	var allowed bool
-	err := r.C.call(ctx, "invalidation bound", func(ctx context.Context) error {
-		n, err := InvalidationScript.Run(ctx, r.C.client, []string{r.clientKey("invalidations") + subj.Key()},
+	err := r.c.call(ctx, "invalidation bound", func(ctx context.Context) error {
+		n, err := InvalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.Key()},
 			tokens.Clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
 		allowed = n == 1
 		return err
@@ -227,9 +227,9 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 	queued := false
 	for {
 		var got bool
-		err := r.C.call(ctx, "token slot", func(cctx context.Context) error {
+		err := r.c.call(ctx, "token slot", func(cctx context.Context) error {
 			n := tokens.Clock.Now()
-			res, err := SlotScript.Run(cctx, r.C.client, []string{key}, n.UnixMilli(), max,
+			res, err := SlotScript.Run(cctx, r.c.client, []string{key}, n.UnixMilli(), max,
 				n.Add(tokens.RefreshCallLimit+tokens.LockBudget).UnixMilli(), id).Int()
 			got = res == 1
 			return err
@@ -241,8 +241,8 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 			return func() {
 				rctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 				defer cancel()
-				_ = r.C.call(rctx, "token slot", func(ctx context.Context) error {
-					return r.C.client.ZRem(ctx, key, id).Err()
+				_ = r.c.call(rctx, "token slot", func(ctx context.Context) error {
+					return r.c.client.ZRem(ctx, key, id).Err()
 				})
 			}, nil
 		}
@@ -266,11 +266,11 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 // destroyed. After a reconnection (an outage), what was broadcast meanwhile
 // is read again from the shared state.
 func (c *Conn) subscribe(logger *zap.Logger) {
-	ps := c.client.Subscribe(c.Ctx, c.Shared.channel())
+	ps := c.client.Subscribe(c.ctx, c.backend.channel())
 	defer ps.Close()
 	// The loop below ends only when ps is closed: close it when the cluster
 	// is destroyed (a shutdown, a reload), or Destruct waits for ever.
-	defer context.AfterFunc(c.Ctx, func() { _ = ps.Close() })()
+	defer context.AfterFunc(c.ctx, func() { _ = ps.Close() })()
 	subscriptions := 0
 	for msg := range ps.ChannelWithSubscriptions(redis.WithChannelHealthCheckInterval(5 * time.Second)) {
 		switch m := msg.(type) {
@@ -288,7 +288,7 @@ func (c *Conn) subscribe(logger *zap.Logger) {
 			// After an outage a command must work first: the connection
 			// pool may refuse to dial for a moment after the subscription
 			// is back, and ok() reads the state once a command works.
-			if c.Down.Load() {
+			if c.down.Load() {
 				c.background.Add(1)
 				go c.probeUntilUp()
 			} else {
@@ -310,11 +310,14 @@ func (c *Conn) subscribe(logger *zap.Logger) {
 var _ tokens.Backend = (*Backend)(nil)
 
 // notes is where notifications are kept in cluster mode.
-func (r *Backend) Notes() tokens.NotifyStore { return &Notes{c: r.C} }
+func (r *Backend) Notes() tokens.NotifyStore { return &Notes{c: r.c} }
 
 // dropAnyToken removes the subject's shared token, whichever it is.
 func (r *Backend) DropAnyToken(ctx context.Context, subj tokens.Subject) error {
-	return r.C.call(ctx, "drop token", func(ctx context.Context) error {
-		return r.C.client.Del(ctx, r.tokenKey(subj)).Err()
+	return r.c.call(ctx, "drop token", func(ctx context.Context) error {
+		return r.c.client.Del(ctx, r.tokenKey(subj)).Err()
 	})
 }
+
+// Down reports whether the connection counts Redis as down.
+func (r *Backend) Down() bool { return r.c.Down() }

@@ -41,21 +41,21 @@ type Owner interface {
 
 // redisCluster is the Redis connection of one (token URL, client id).
 type Conn struct {
-	Gen   uint64
+	gen   uint64
 	key   string
 	owner Owner
 	// repick makes the owner use its newest live cluster (the glue's).
 	repick   func()
 	client   *redis.Client
 	locker   *redislock.Client
-	Shared   *Backend
-	Records  *Records
+	backend  *Backend
+	records  *Records
 	redacted string // the URL without its password, for logs
 	origin   string // this sidecar, in the events it sends
 
-	Down       atomic.Bool  // an outage is under way (logged once)
+	down       atomic.Bool  // an outage is under way (logged once)
 	lastProbe  atomic.Int64 // unix ns of the last call tried during an outage
-	Ctx        context.Context
+	ctx        context.Context
 	cancel     context.CancelFunc
 	background sync.WaitGroup
 }
@@ -98,13 +98,18 @@ func redactErr(err error, raw string) error {
 	return err
 }
 
-func NewRedisCluster(key string, owner Owner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *Conn {
+// New makes the Redis connection of one (token URL, client id) for owner:
+// no network until it is used (the subscription and the persistence
+// check start shortly after). key names it in the glue's pool; repick is
+// called once it is closed, so that the owner moves to its newest live
+// connection.
+func New(key string, owner Owner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)
 	client := redis.NewClient(opts)
 	c := &Conn{
-		Gen:      clusterGen.Add(1),
+		gen:      clusterGen.Add(1),
 		key:      key,
 		owner:    owner,
 		repick:   repick,
@@ -112,11 +117,11 @@ func NewRedisCluster(key string, owner Owner, opts *redis.Options, redacted stri
 		locker:   redislock.New(client),
 		redacted: redacted,
 		origin:   hex.EncodeToString(origin),
-		Ctx:      ctx,
+		ctx:      ctx,
 		cancel:   cancel,
 	}
-	c.Records = &Records{c: c, held: make(map[string]*heldRedisLock)}
-	c.Shared = newRedisShared(c)
+	c.records = &Records{c: c, held: make(map[string]*heldRedisLock)}
+	c.backend = newRedisShared(c)
 	c.background.Add(1)
 	go func() {
 		defer c.background.Done()
@@ -133,12 +138,29 @@ func NewRedisCluster(key string, owner Owner, opts *redis.Options, redacted stri
 	return c
 }
 
+// Gen numbers connections in the order they were made: the newest live
+// one of an owner is the one it uses.
+func (c *Conn) Gen() uint64 { return c.gen }
+
+// Closed reports whether the connection was closed (Destruct).
+func (c *Conn) Closed() bool { return c.ctx.Err() != nil }
+
+// Backend is what the sidecars share through this connection
+// (tokens.Backend, with what only cluster mode has).
+func (c *Conn) Backend() *Backend { return c.backend }
+
+// Records is the records' store in Redis (tokens.Storage).
+func (c *Conn) Records() *Records { return c.records }
+
+// Down reports whether an outage is under way.
+func (c *Conn) Down() bool { return c.down.Load() }
+
 // Destruct implements caddy.Destructor: the last config using this
 // connection is gone.
 func (c *Conn) Destruct() error {
 	c.cancel()
 	c.background.Wait()
-	c.Records.releaseAll()
+	c.records.releaseAll()
 	c.repick()
 	return c.client.Close()
 }
@@ -154,7 +176,7 @@ func (c *Conn) failed(op string, err error) {
 		return
 	}
 	metrics.RedisErrors.Inc()
-	if c.Down.CompareAndSwap(false, true) {
+	if c.down.CompareAndSwap(false, true) {
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))
 	}
@@ -163,7 +185,7 @@ func (c *Conn) failed(op string, err error) {
 // ok notes a Redis call that worked: the end of an outage is logged once,
 // and what was shared meanwhile is read again.
 func (c *Conn) ok() {
-	if c.Down.CompareAndSwap(true, false) {
+	if c.down.CompareAndSwap(true, false) {
 		c.logger().Info("Redis can be reached again: the cluster's state is shared again")
 		go c.owner.Resync()
 	}
@@ -176,7 +198,7 @@ const outageProbeEvery = 500 * time.Millisecond
 
 // call bounds one Redis call and notes its outcome.
 func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
-	if c.Down.Load() {
+	if c.down.Load() {
 		last := c.lastProbe.Load()
 		n := time.Now().UnixNano()
 		if n-last < int64(outageProbeEvery) || !c.lastProbe.CompareAndSwap(last, n) {
@@ -205,12 +227,12 @@ func (c *Conn) probeUntilUp() {
 	defer c.background.Done()
 	t := time.NewTicker(outageProbeEvery)
 	defer t.Stop()
-	for c.Down.Load() {
-		ctx, cancel := context.WithTimeout(c.Ctx, tokens.SharedCallLimit)
+	for c.down.Load() {
+		ctx, cancel := context.WithTimeout(c.ctx, tokens.SharedCallLimit)
 		_ = c.call(ctx, "ping", func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
 		cancel()
 		select {
-		case <-c.Ctx.Done():
+		case <-c.ctx.Done():
 			return
 		case <-t.C:
 		}
@@ -220,12 +242,12 @@ func (c *Conn) probeUntilUp() {
 // checkPersistence warns unless a rotated refresh token is on disk before
 // Redis answers: Redis holds the only copy of single-use refresh tokens.
 func (c *Conn) checkPersistence(logger *zap.Logger) {
-	ctx, cancel := context.WithTimeout(c.Ctx, 3*time.Second)
+	ctx, cancel := context.WithTimeout(c.ctx, 3*time.Second)
 	defer cancel()
 	log := logger.With(zap.String("redis", c.redacted))
 	cfg, err := c.client.ConfigGet(ctx, "append*").Result()
 	if err != nil {
-		if c.Ctx.Err() == nil {
+		if c.ctx.Err() == nil {
 			log.Warn("could not check Redis's persistence (CONFIG GET refused or Redis unreachable): run it with appendonly yes and appendfsync always, since it holds the only copy of rotated refresh tokens", zap.Error(err))
 		}
 		return

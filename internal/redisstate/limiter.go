@@ -23,10 +23,17 @@ import (
 // past and so admit a 26th request inside Fortnox's window. A sidecar
 // only learns how long to wait, and sleeps that long from the answer.
 type Limiter struct {
-	C      *Conn
-	Limit  int
-	Window time.Duration // with the margin
-	Local  *ratelimit.Limiter
+	c      *Conn
+	limit  int
+	window time.Duration // with the margin
+	local  *ratelimit.Limiter
+}
+
+// NewLimiter is the rate budget of limit requests per window (its margin
+// included) shared through c; local keeps it while Redis cannot be
+// reached.
+func NewLimiter(c *Conn, limit int, window time.Duration, local *ratelimit.Limiter) *Limiter {
+	return &Limiter{c: c, limit: limit, window: window, local: local}
 }
 
 // redisNow starts a script with `now`, Redis's clock in milliseconds.
@@ -78,7 +85,7 @@ if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2])
 return 0`)
 
 func (l *Limiter) keys(key string) []string {
-	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.C.owner.ClientID()) + key
+	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.c.owner.ClientID()) + key
 	return []string{base, base + ":pause"}
 }
 
@@ -91,14 +98,14 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	}
 	start := tokens.Clock.Now()
 	var res []int64
-	err := l.C.call(ctx, "rate limit", func(cctx context.Context) error {
+	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
-		res, err = TurnScript.Run(cctx, l.C.client, l.keys(key),
-			l.Window.Milliseconds(), l.Limit, maxWait.Milliseconds()).Int64Slice()
+		res, err = TurnScript.Run(cctx, l.c.client, l.keys(key),
+			l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
 		return err
 	})
 	if err != nil || len(res) != 2 {
-		return l.Local.Wait(ctx, key, maxWait)
+		return l.local.Wait(ctx, key, maxWait)
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
@@ -118,11 +125,11 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 }
 
 func (l *Limiter) Penalize(key string, d time.Duration) {
-	l.Local.Penalize(key, d)
+	l.local.Penalize(key, d)
 	ctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 	defer cancel()
-	_ = l.C.call(ctx, "rate limit pause", func(ctx context.Context) error {
-		return PauseScript.Run(ctx, l.C.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
+	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
+		return PauseScript.Run(ctx, l.c.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
 	})
 }
 

@@ -241,23 +241,29 @@ func (r *Records) releaseAll() {
 // record in Caddy's storage.
 type MigratingRecords struct {
 	*Records
-	Caddy certmagic.Storage
+	caddy certmagic.Storage
+}
+
+// Migrating is the connection's records in Redis, taking over the records
+// still in caddy (Caddy's storage; nil: none) on first use.
+func (c *Conn) Migrating(caddy certmagic.Storage) *MigratingRecords {
+	return &MigratingRecords{Records: c.records, caddy: caddy}
 }
 
 func (mr *MigratingRecords) SharedRecords() tokens.Storage { return mr.Records }
 func (mr *MigratingRecords) OldRecords() tokens.Storage {
-	if mr.Caddy == nil {
+	if mr.caddy == nil {
 		return nil
 	}
-	return mr.Caddy
+	return mr.caddy
 }
 
 func (mr *MigratingRecords) Load(ctx context.Context, key string) ([]byte, error) {
 	value, err := mr.Records.Load(ctx, key)
-	if !errors.Is(err, fs.ErrNotExist) || mr.Caddy == nil {
+	if !errors.Is(err, fs.ErrNotExist) || mr.caddy == nil {
 		return value, err
 	}
-	old, cerr := mr.Caddy.Load(ctx, key)
+	old, cerr := mr.caddy.Load(ctx, key)
 	if cerr != nil {
 		return nil, fs.ErrNotExist // nothing (usable) there either
 	}
@@ -268,7 +274,7 @@ func (mr *MigratingRecords) Load(ctx context.Context, key string) ([]byte, error
 		return nil, err
 	}
 	stone, _ := json.Marshal(tokens.Tombstone{MovedTo: "redis", MovedAt: tokens.Clock.Now().UTC()})
-	if err := mr.Caddy.Store(ctx, key, stone); err != nil {
+	if err := mr.caddy.Store(ctx, key, stone); err != nil {
 		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&tokens.ScrubbedError{Err: err}))
 	} else {
 		mr.c.logger().Info("a token record moved from Caddy's storage to Redis", zap.String("key", key))
@@ -280,10 +286,10 @@ func (mr *MigratingRecords) Load(ctx context.Context, key string) ([]byte, error
 // storage.
 func (mr *MigratingRecords) List(ctx context.Context, path string, recursive bool) ([]string, error) {
 	keys, err := mr.Records.List(ctx, path, recursive)
-	if err != nil || mr.Caddy == nil {
+	if err != nil || mr.caddy == nil {
 		return keys, err
 	}
-	old, cerr := mr.Caddy.List(ctx, path, recursive)
+	old, cerr := mr.caddy.List(ctx, path, recursive)
 	if cerr != nil {
 		return keys, nil
 	}

@@ -749,7 +749,7 @@ func TestAccountAdminAPI(t *testing.T) {
 	}
 	for name, user := range map[string]string{"anna": annaUser, "bo": boUser} {
 		a := findAccount(info, name)
-		if a.UserID == nil || *a.UserID != user || a.TokenExpiresAt == nil || !a.TokenExpiresAt.After(tokens.Clock.Now()) || !a.HasRefreshToken || a.LastError != nil {
+		if a.UserID == nil || *a.UserID != user || a.TokenExpiresAt == nil || !a.TokenExpiresAt.After(clk.Now()) || !a.HasRefreshToken || a.LastError != nil {
 			t.Errorf("%s's row: %+v", name, a)
 		}
 	}
@@ -977,7 +977,7 @@ func TestAccountsAreKeptAlive(t *testing.T) {
 	}
 	for _, acc := range accounts {
 		rec := sc.storedAccountRecord(acc.tenant, acc.name)
-		if !fake.RefreshTokenValid(rec.RefreshToken) || tokens.Clock.Now().Sub(rec.RefreshTokenAt) > time.Minute || rec.UserID != acc.user {
+		if !fake.RefreshTokenValid(rec.RefreshToken) || clk.Now().Sub(rec.RefreshTokenAt) > time.Minute || rec.UserID != acc.user {
 			t.Errorf("%s: the stored chain was not renewed (user %q)", acc.name, rec.UserID)
 		}
 	}
@@ -1012,7 +1012,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 	addr := strings.TrimPrefix(sc.adminURL, "http://")
 
 	var out bytes.Buffer
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, tokens.Clock.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	const want = `TENANT   MODE                   EXPIRES  LAST ERROR                                REFRESH TOKEN
@@ -1025,7 +1025,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 		t.Errorf("table:\n%s\nwant:\n%s", out.String(), want)
 	}
 	out.Reset()
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, tokens.Clock.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	var rows []tokens.TenantInfo
@@ -1038,7 +1038,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 
 	// A Caddy without a fortnox handler answers, and the error says so.
 	caddyStop(t)
-	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, tokens.Clock.Now())
+	err := runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, clk.Now())
 	if err == nil || !strings.Contains(err.Error(), "refused GET /fortnox/tenants") || !strings.Contains(err.Error(), "no fortnox handler is loaded") {
 		t.Errorf("a Caddy without the sidecar's config: %v", err)
 	}
@@ -1054,7 +1054,7 @@ func TestCommandTenantsAgainstASidecar(t *testing.T) {
 		}
 		return err != nil && strings.Contains(err.Error(), "refused")
 	})
-	err = runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, tokens.Clock.Now())
+	err = runTenants(context.Background(), &bytes.Buffer{}, tenantsFlags{address: addr}, clk.Now())
 	if err == nil {
 		t.Fatal("no error with the admin endpoint gone")
 	}

@@ -247,11 +247,11 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 	}
 	// The pod with the slow clock takes the window's 25 turns at once.
 	skew := 1500 * time.Millisecond
-	tokens.Clock.Advance(-skew)
+	clk.Advance(-skew)
 	restored := false
 	t.Cleanup(func() {
 		if !restored {
-			tokens.Clock.Advance(skew)
+			clk.Advance(skew)
 		}
 	})
 	var wg sync.WaitGroup
@@ -260,7 +260,7 @@ func TestSharedRateBudgetKeepsRedisClockNotTheSidecars(t *testing.T) {
 	}
 	wg.Wait()
 	// A pod with the right clock sends the 26th.
-	tokens.Clock.Advance(skew)
+	clk.Advance(skew)
 	restored = true
 	get()
 	if n := fake.TooMany(""); n != 0 {
@@ -284,9 +284,9 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 	}
 	fake.SetRateLimit(1, time.Minute) // something else used the tenant's budget
 	skew := 3 * time.Second
-	tokens.Clock.Advance(-skew)
+	clk.Advance(-skew)
 	status, _, resp := sc.get("/3/companyinformation", "1234567")
-	tokens.Clock.Advance(skew)
+	clk.Advance(skew)
 	if status != http.StatusTooManyRequests || resp.Header.Get("Retry-After") != "5" {
 		t.Fatalf("Fortnox's 429: %d, Retry-After %q", status, resp.Header.Get("Retry-After"))
 	}
@@ -353,7 +353,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	}
 
 	// Compare and invalidate: a 401 on an older token keeps the newer one.
-	newer := &tokens.SharedToken{AccessToken: "newer-token", Grant: tokens.GrantClientCredentials, IssuedAt: tokens.Clock.Now(), ExpiresAt: tokens.Clock.Now().Add(time.Hour)}
+	newer := &tokens.SharedToken{AccessToken: "newer-token", Grant: tokens.GrantClientCredentials, IssuedAt: clk.Now(), ExpiresAt: clk.Now().Add(time.Hour)}
 	if err := r.StoreToken(ctx, subj, newer); err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +371,7 @@ func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
 	}
 
 	// Consent events apply in order: an old one replayed changes nothing.
-	at := tokens.Clock.Now().Truncate(time.Second)
+	at := clk.Now().Truncate(time.Second)
 	ok, err := r.NewerEvent(ctx, subj.Tenant, at)
 	must(ok, err, "the first event")
 	ok, err = r.NewerEvent(ctx, subj.Tenant, at.Add(-time.Second))

@@ -309,7 +309,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 			c.render(w, r, http.StatusBadRequest, pageInput{kind: kindLinkNotAccepted})
 			return nil
 		}
-		if problem := checkLink(c.linkKey, q, tokens.Clock.Now()); problem != "" {
+		if problem := checkLink(c.linkKey, q, clk.Now()); problem != "" {
 			c.logCause(string(problem), "connect link refused")
 			c.render(w, r, http.StatusForbidden, pageInput{kind: kindLinkInvalid})
 			return nil
@@ -337,7 +337,7 @@ func (c *Connect) start(w http.ResponseWriter, r *http.Request) error {
 		return caddyhttp.Error(http.StatusInternalServerError, err)
 	}
 	state := base64.RawURLEncoding.EncodeToString(raw)
-	flow := flowCookie{State: state, Expires: tokens.Clock.Now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
+	flow := flowCookie{State: state, Expires: clk.Now().Add(stateLifetime).Unix(), Account: target.account, Tenant: target.tenant, Link: link}
 	http.SetCookie(w, &http.Cookie{
 		Name: stateCookieName(state), Value: c.seal(c.cookieKey, flow), Path: c.cookiePath,
 		MaxAge: int((stateLifetime + cookieGrace) / time.Second), HttpOnly: true, Secure: c.secure, SameSite: http.SameSiteLaxMode,
@@ -469,7 +469,7 @@ func (c *Connect) callback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	in := pageInput{result: connectResult{Tenant: flow.Tenant, Account: flow.Account, Link: flow.Link}}
-	if tokens.Clock.Now().After(time.Unix(flow.Expires, 0)) {
+	if clk.Now().After(time.Unix(flow.Expires, 0)) {
 		c.logCause("state_expired", "connect callback refused: the flow took longer than its state lives", zap.Duration("lifetime", stateLifetime))
 		in.kind = kindTooLong
 		c.render(w, r, http.StatusBadRequest, in)
@@ -591,7 +591,7 @@ func (c *Connect) storeFailed(subj tokens.Subject, err error, tokenTenant string
 // finish keeps the result under the state and sends the browser to it
 // (303), or after a success to success_redirect when one is set.
 func (c *Connect) finish(w http.ResponseWriter, r *http.Request, state string, res connectResult) {
-	res.Expires = tokens.Clock.Now().Add(stateLifetime).Unix()
+	res.Expires = clk.Now().Add(stateLifetime).Unix()
 	sealed := c.seal(c.resultKey, res)
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), tokens.SharedCallLimit)
 	defer cancel()
@@ -638,7 +638,7 @@ func (c *Connect) showResult(w http.ResponseWriter, r *http.Request, sealed stri
 		c.render(w, r, http.StatusBadRequest, pageInput{kind: kindGone})
 		return
 	}
-	if tokens.Clock.Now().After(time.Unix(res.Expires, 0)) {
+	if clk.Now().After(time.Unix(res.Expires, 0)) {
 		c.render(w, r, http.StatusGone, pageInput{kind: kindGone})
 		return
 	}
@@ -719,7 +719,7 @@ type causeSeen struct {
 // allow reports whether cause may be logged now, and how many were left
 // out since it last was.
 func (l *causeLog) allow(cause string) (bool, int) {
-	t := tokens.Clock.Now()
+	t := clk.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.seen == nil {
@@ -1100,7 +1100,7 @@ func (c *Connect) pageData(lang string, status int, in pageInput) PageData {
 func (c *Connect) startAgainURL(res connectResult) string {
 	if res.Link != "" {
 		q, err := url.ParseQuery(res.Link)
-		if err != nil || checkLink(c.linkKey, q, tokens.Clock.Now()) != "" {
+		if err != nil || checkLink(c.linkKey, q, clk.Now()) != "" {
 			return ""
 		}
 		return c.browserConnect + "?" + res.Link

@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -26,7 +25,7 @@ func signLink(t testing.TB, link string, ttl time.Duration) string {
 		t.Fatal(err)
 	}
 	q := u.Query()
-	q.Set("expires", strconv.FormatInt(tokens.Clock.Now().Add(ttl).Unix(), 10))
+	q.Set("expires", strconv.FormatInt(clk.Now().Add(ttl).Unix(), 10))
 	q.Set("sig", linkSignature([]byte(testLinkKey), q))
 	u.RawQuery = q.Encode()
 	return u.String()
@@ -113,16 +112,16 @@ func TestConnectSignedLinks(t *testing.T) {
 		{"account changed", with(func(c url.Values) { c.Set("account", "bo") })},
 		{"tenant changed", with(func(c url.Values) { c.Set("tenant", "7654321") })},
 		{"expires changed", with(func(c url.Values) {
-			c.Set("expires", strconv.FormatInt(tokens.Clock.Now().Add(2*time.Hour).Unix(), 10))
+			c.Set("expires", strconv.FormatInt(clk.Now().Add(2*time.Hour).Unix(), 10))
 		})},
 		{"parameter added", with(func(c url.Values) { c.Set("from", "x") })},
 		{"sig twice", with(func(c url.Values) { c.Add("sig", c.Get("sig")) })},
 		{"expires not a number", resign(func(c url.Values) { c.Set("expires", "tomorrow") }, testLinkKey)},
 		{"expired", resign(func(c url.Values) {
-			c.Set("expires", strconv.FormatInt(tokens.Clock.Now().Add(-time.Second).Unix(), 10))
+			c.Set("expires", strconv.FormatInt(clk.Now().Add(-time.Second).Unix(), 10))
 		}, testLinkKey)},
 		{"too far ahead", resign(func(c url.Values) {
-			c.Set("expires", strconv.FormatInt(tokens.Clock.Now().Add(7*24*time.Hour+time.Minute).Unix(), 10))
+			c.Set("expires", strconv.FormatInt(clk.Now().Add(7*24*time.Hour+time.Minute).Unix(), 10))
 		}, testLinkKey)},
 	} {
 		refusedLink(t, tc.what, tc.link, http.StatusForbidden, notValid)
@@ -228,15 +227,15 @@ func TestConnectLinkCommand(t *testing.T) {
 	fake.SetAuthorizeAs("1234567", annaUser)
 	sc, public := connectSidecar(t, fake, "account_type off")
 	var out bytes.Buffer
-	if err := printConnectLink(&out, testLinkKey, public+"/fortnox/connect", "1234567", "anna", 24*time.Hour, tokens.Clock.Now()); err != nil {
+	if err := printConnectLink(&out, testLinkKey, public+"/fortnox/connect", "1234567", "anna", 24*time.Hour, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	link := strings.TrimSpace(out.String())
 	u, err := url.Parse(link)
-	if err != nil || checkLink([]byte(testLinkKey), u.Query(), tokens.Clock.Now()) != "" {
+	if err != nil || checkLink([]byte(testLinkKey), u.Query(), clk.Now()) != "" {
 		t.Fatalf("the printed link does not verify: %s %v", link, err)
 	}
-	if exp, _ := strconv.ParseInt(u.Query().Get("expires"), 10, 64); time.Unix(exp, 0).Sub(tokens.Clock.Now()) > 24*time.Hour || time.Unix(exp, 0).Sub(tokens.Clock.Now()) < 24*time.Hour-time.Minute {
+	if exp, _ := strconv.ParseInt(u.Query().Get("expires"), 10, 64); time.Unix(exp, 0).Sub(clk.Now()) > 24*time.Hour || time.Unix(exp, 0).Sub(clk.Now()) < 24*time.Hour-time.Minute {
 		t.Errorf("expires %s is not 24h ahead", u.Query().Get("expires"))
 	}
 	if strings.Contains(link, testLinkKey) {
@@ -251,7 +250,7 @@ func TestConnectLinkCommand(t *testing.T) {
 	}
 
 	out.Reset()
-	if err := printConnectLink(&out, testLinkKey, defaultConnectLinkURL, "1234567", "anna", time.Hour, tokens.Clock.Now()); err != nil || !strings.HasPrefix(out.String(), "/fortnox/connect?account=anna&expires=") {
+	if err := printConnectLink(&out, testLinkKey, defaultConnectLinkURL, "1234567", "anna", time.Hour, clk.Now()); err != nil || !strings.HasPrefix(out.String(), "/fortnox/connect?account=anna&expires=") {
 		t.Errorf("default url: %q %v", out.String(), err)
 	}
 	for _, tc := range []struct {
@@ -270,7 +269,7 @@ func TestConnectLinkCommand(t *testing.T) {
 		{testLinkKey, "ftp://x.example/c", "1234567", "anna", time.Hour, "must be the connect path"},
 	} {
 		out.Reset()
-		err := printConnectLink(&out, tc.key, tc.base, tc.tenant, tc.account, tc.ttl, tokens.Clock.Now())
+		err := printConnectLink(&out, tc.key, tc.base, tc.tenant, tc.account, tc.ttl, clk.Now())
 		if err == nil || !strings.Contains(err.Error(), tc.want) || out.Len() != 0 {
 			t.Errorf("%+v: %v, printed %q; want %q", tc, err, out.String(), tc.want)
 		}

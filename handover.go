@@ -70,7 +70,7 @@ func (Handover) CaddyModule() caddy.ModuleInfo {
 // time, not here: it may be provisioned after this one.
 func (ho *Handover) Provision(ctx caddy.Context) error {
 	ho.logger = ctx.Logger()
-	ho.logs = tokens.NewLogLimiter()
+	ho.logs = tokens.NewLogLimiter(clk)
 	repl := caddy.NewReplacer()
 	ho.clientID = strings.TrimSpace(repl.ReplaceAll(ho.ClientID, ""))
 	if ho.ClientID != "" && ho.clientID == "" {

@@ -341,7 +341,7 @@ func (s *sidecar) manager() *tokens.Manager {
 
 // advance moves the plugin's clock and the fake's together.
 func advance(fake *fakefortnox.Server, d time.Duration) {
-	tokens.Clock.Advance(d)
+	clk.Advance(d)
 	fake.Advance(d)
 }
 

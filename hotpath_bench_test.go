@@ -28,13 +28,13 @@ func benchHandler(tb testing.TB, tenants int, limiter bool) (*Handler, []string)
 	h.resolver = newTenantResolver(DefaultTenantHeader, nil, false, false)
 	h.accountHeader = DefaultAccountHeader
 	h.owned = ownedHeaders(DefaultTenantHeader, DefaultAccountHeader)
-	h.tokens = tokens.NewManager("http://127.0.0.1:1/token", "bench-client")
+	h.tokens = tokens.NewManager("http://127.0.0.1:1/token", "bench-client", clk)
 	tb.Cleanup(func() { _ = h.tokens.Destruct() })
 	h.settings = &tokens.Settings{RefreshBefore: tokens.DefaultRefreshBefore, TokenTimeout: time.Second, Logger: zap.NewNop()}
 	h.tokens.Settings.Store(h.settings)
 	if limiter {
 		// A limit the benchmark never reaches: the cost of the bookkeeping.
-		h.pacing.turns = ratelimit.New(25, time.Microsecond, tokens.Clock)
+		h.pacing.turns = ratelimit.New(25, time.Microsecond, clk)
 	}
 	ids := make([]string, tenants)
 	for i := range ids {
@@ -151,7 +151,7 @@ func BenchmarkMemoryPerTenant(b *testing.B) {
 			token := strings.Repeat("x", 3000)
 			var perTenant float64
 			for range b.N {
-				m := tokens.NewManager("http://127.0.0.1:1/token", "mem-client")
+				m := tokens.NewManager("http://127.0.0.1:1/token", "mem-client", clk)
 				var before, after runtime.MemStats
 				runtime.GC()
 				runtime.ReadMemStats(&before)

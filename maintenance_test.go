@@ -46,7 +46,7 @@ func TestTokenRequestsArePacedPerClient(t *testing.T) {
 // Subjects that never had a token are remembered in bounded number, and
 // forgotten sooner than tenants that once worked.
 func TestUnknownFailuresAreBounded(t *testing.T) {
-	m := tokens.NewManager("http://127.0.0.1:1/token", "bounded-client")
+	m := tokens.NewManager("http://127.0.0.1:1/token", "bounded-client", clk)
 	defer m.Destruct()
 	m.Settings.Store(&tokens.Settings{Logger: testLogger(t)})
 	for i := range tokens.MaxUnknownSubjects + 2000 {
@@ -64,7 +64,7 @@ func TestUnknownFailuresAreBounded(t *testing.T) {
 	// unknown one for minutes.
 	m.RecordSuccess(tokens.Subject{Tenant: "1234567"}, tokens.GrantClientCredentials, &tokens.Token{}, time.Millisecond)
 	m.RecordFailure(tokens.Subject{Tenant: "1234567"}, tokens.GrantClientCredentials, &tokens.Error{Failure: tokens.FailUnavailable}, time.Millisecond)
-	tokens.Clock.Advance(tokens.BackoffCap + tokens.ForgetUnknownAfter)
+	clk.Advance(tokens.BackoffCap + tokens.ForgetUnknownAfter)
 	m.ForgetIdleTenants()
 	m.Mu.Lock()
 	_, known := m.Tenants["1234567"]
@@ -85,10 +85,10 @@ func refreshAtOf(m *tokens.Manager, tenant string) time.Time {
 // a tenth of the lifetime before max(lifetime-refresh_before, lifetime/2),
 // not in the same second.
 func TestRefreshAheadIsSpread(t *testing.T) {
-	m := tokens.NewManager("http://127.0.0.1:1/token", "spread-client")
+	m := tokens.NewManager("http://127.0.0.1:1/token", "spread-client", clk)
 	defer m.Destruct()
 	const lifetime, before = time.Hour, 5 * time.Minute
-	issued := tokens.Clock.Now()
+	issued := clk.Now()
 	for i := range 1000 {
 		m.CacheToken(tokens.Subject{Tenant: fmt.Sprint(1000000 + i)}, tokens.GrantClientCredentials, "t", issued, lifetime, before)
 	}
@@ -197,7 +197,7 @@ func TestRefreshTokensAreKeptAlive(t *testing.T) {
 	}
 	for _, tn := range []string{"1234567", "7654321"} {
 		rec := sc.storedRecord(tn)
-		if !fake.RefreshTokenValid(rec.RefreshToken) || tokens.Clock.Now().Sub(rec.RefreshTokenAt) > time.Minute {
+		if !fake.RefreshTokenValid(rec.RefreshToken) || clk.Now().Sub(rec.RefreshTokenAt) > time.Minute {
 			t.Errorf("%s: the stored refresh token was not renewed", tn)
 		}
 	}

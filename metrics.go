@@ -69,7 +69,7 @@ func countCachedTenants() float64 {
 	n := 0
 	managers.Range(func(_, v any) bool {
 		m := v.(*tokens.Manager)
-		at := tokens.Clock.Now().UnixNano()
+		at := clk.Now().UnixNano()
 		for _, item := range m.Cache.Items() {
 			if item.Object.(*tokens.Token).UsableAt(at) {
 				n++

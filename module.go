@@ -244,7 +244,7 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
-	records := &tokens.Records{Storage: ctx.Storage(), ClientID: clientID, TokenURL: tokenURL}
+	records := &tokens.Records{Storage: ctx.Storage(), ClientID: clientID, TokenURL: tokenURL, Clock: clk}
 	if records.Keys, err = h.encryptionKeys(repl); err != nil {
 		return err
 	}

@@ -92,7 +92,7 @@ func newPacer(rl *RateLimit, maxWait caddy.Duration, clientID, tokenURL string, 
 	p.poolKey = fmt.Sprintf("%s\x00%d\x00%d", managerKey(tokenURL, clientID), requests, effective)
 	val, _, err := limiters.LoadOrNew(p.poolKey, func() (caddy.Destructor, error) {
 		ctx, stop := context.WithCancel(context.Background())
-		l := ratelimit.New(requests, effective, tokens.Clock)
+		l := ratelimit.New(requests, effective, clk)
 		go l.Run(ctx)
 		return &sharedLimiter{Limiter: l, stop: stop}, nil
 	})

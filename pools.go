@@ -3,6 +3,7 @@ package fortnox
 import (
 	"strings"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
@@ -19,6 +20,11 @@ import (
 // the token manager even when a webhook is a sidecar's first request.
 // Provision touches no network: go-redis connects on first use, and the
 // subscription and the persistence check start shortly after.
+
+// clk is the glue's clock, which every Manager it makes holds: time.Now
+// plus an offset that the root's tests move (clk.Advance). Production code
+// never moves it.
+var clk = clock.New()
 
 // clusters holds one *redisCluster per (token URL, client id, Redis URL).
 var clusters = caddy.NewUsagePool()
@@ -86,7 +92,7 @@ func managerKey(tokenURL, clientID string) string {
 func joinManager(tokenURL, clientID string) (m *tokens.Manager, key string, err error) {
 	key = managerKey(tokenURL, clientID)
 	val, _, err := managers.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return tokens.NewManager(tokenURL, clientID), nil
+		return tokens.NewManager(tokenURL, clientID, clk), nil
 	})
 	if err != nil {
 		return nil, "", err

@@ -9,7 +9,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 )
 
@@ -46,7 +45,7 @@ func TestQuarantineSurvivesARestart(t *testing.T) {
 	// `caddy fortnox tenants`: a QUARANTINED section; --json the API's JSON.
 	addr := strings.TrimPrefix(sc.adminURL, "http://")
 	var out bytes.Buffer
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, tokens.Clock.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr}, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	table := out.String()
@@ -57,7 +56,7 @@ func TestQuarantineSurvivesARestart(t *testing.T) {
 		t.Errorf("table:\n%s", table)
 	}
 	out.Reset()
-	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, tokens.Clock.Now()); err != nil {
+	if err := runTenants(context.Background(), &out, tenantsFlags{address: addr, json: true}, clk.Now()); err != nil {
 		t.Fatal(err)
 	}
 	if !strings.Contains(out.String(), `"quarantined":[{"id":"`+id+`","account":"anna","handed_over_for":"1234567","at":"`+at) {

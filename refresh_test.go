@@ -383,7 +383,7 @@ func TestImportRefreshTokenOfUnknownTenant(t *testing.T) {
 func TestAdminAPIWithTwoClients(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1, Clients: map[string]string{testClientID: testClientSecret, "other-client": "other-secret"}})
 	sc := startSidecar(t, fake, "")
-	second := tokens.NewManager(fake.TokenURL(), "other-client")
+	second := tokens.NewManager(fake.TokenURL(), "other-client", clk)
 	managers.LoadOrStore(managerKey(fake.TokenURL(), "other-client"), second)
 	defer managers.Delete(managerKey(fake.TokenURL(), "other-client"))
 	status, body := sc.admin(http.MethodGet, "/fortnox/tenants", "")

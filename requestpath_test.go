@@ -223,11 +223,11 @@ func TestRefreshTokenTenantAfter401(t *testing.T) {
 func TestReplayDoesNotJoinAFlightThatReturnsTheFailedToken(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	fake.GrantConsent(testClientID, "1234567")
-	m := tokens.NewManager(fake.TokenURL(), testClientID)
+	m := tokens.NewManager(fake.TokenURL(), testClientID, clk)
 	defer m.Destruct()
 	m.Settings.Store(&tokens.Settings{Cred: tokens.Credentials{ClientID: testClientID, ClientSecret: testClientSecret}, RefreshBefore: time.Minute, TokenTimeout: 5 * time.Second, Logger: testLogger(t)})
 	subj := tokens.Subject{Tenant: "1234567"}
-	failed := m.CacheToken(subj, tokens.GrantClientCredentials, "the-failed-token", tokens.Clock.Now().Add(-time.Minute), time.Hour, time.Minute)
+	failed := m.CacheToken(subj, tokens.GrantClientCredentials, "the-failed-token", clk.Now().Add(-time.Minute), time.Hour, time.Minute)
 
 	release := make(chan struct{})
 	started := make(chan struct{})

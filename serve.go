@@ -79,7 +79,7 @@ func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj tok
 	if !ok {
 		return nil, nil
 	}
-	if waited == 0 || tok.UsableAt(tokens.Clock.Now().UnixNano()) {
+	if waited == 0 || tok.UsableAt(clk.Now().UnixNano()) {
 		return tok, nil // no wait: the token was usable a moment ago
 	}
 	return h.tokens.TokenFor(r.Context(), subj)
@@ -104,7 +104,7 @@ func (h *Handler) writeTokenError(w http.ResponseWriter, r *http.Request, subj t
 	tokens.CountRefusal(terr.ErrorCode())
 	var retry time.Duration
 	if terr.HttpStatus() == http.StatusServiceUnavailable {
-		retry = time.Duration(tokens.RetryAfterSeconds(terr.RetryAt, tokens.Clock.Now())) * time.Second
+		retry = time.Duration(tokens.RetryAfterSeconds(terr.RetryAt, clk.Now())) * time.Second
 	}
 	writeAppError(w, terr.HttpStatus(), terr.ErrorCode(), terr.Advice(subj.Tenant), retry)
 }

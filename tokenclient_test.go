@@ -305,7 +305,7 @@ func TestRefreshAnswerWithoutNewRefreshToken(t *testing.T) {
 // The lifetime is read from the raw expires_in, not from x/oauth2's Expiry
 // (time.Now based): it is exact, however far the plugin's clock has moved.
 func TestLifetimeIgnoresTheWallClock(t *testing.T) {
-	tokens.Clock.Advance(3 * time.Hour)
+	clk.Advance(3 * time.Hour)
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
 	a, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 	if err != nil {
@@ -341,7 +341,7 @@ func TestRetryAfterFromFortnox(t *testing.T) {
 				}
 				return
 			}
-			if got := terr.RetryAt.Sub(tokens.Clock.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
+			if got := terr.RetryAt.Sub(clk.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
 				t.Errorf("retryAt in %v, want about %v", got, tt.want)
 			}
 		})

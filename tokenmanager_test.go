@@ -10,7 +10,7 @@ import (
 
 // Idle tenants are forgotten; those whose state still matters are kept.
 func TestForgetIdleTenants(t *testing.T) {
-	m := tokens.NewManager("http://127.0.0.1:1/token", "sweep-client")
+	m := tokens.NewManager("http://127.0.0.1:1/token", "sweep-client", clk)
 	defer m.Destruct()
 	m.Store(tokens.Subject{Tenant: "1000001"}, tokens.GrantClientCredentials, &tokens.Answer{AccessToken: "a", Lifetime: time.Hour}, time.Minute)
 	m.Mu.Lock()
@@ -19,14 +19,14 @@ func TestForgetIdleTenants(t *testing.T) {
 	m.State("1000003").ConsentRevoked = true                // revoked: kept
 	m.State("1000004").Unsaved = &tokens.Record{}           // unsaved refresh token: kept
 	failed := m.State("1000005")                            // a recent error: kept for a while
-	failed.LastError, failed.RetryAt = &tokens.Error{Failure: tokens.FailUnavailable}, tokens.Clock.Now()
+	failed.LastError, failed.RetryAt = &tokens.Error{Failure: tokens.FailUnavailable}, clk.Now()
 	m.Mu.Unlock()
 
 	m.ForgetIdleTenants()
 	if got := tenantsKnown(m); got != "1000001 1000003 1000004 1000005 " {
 		t.Fatalf("after a sweep: %s", got)
 	}
-	tokens.Clock.Advance(tokens.ForgetErrorsAfter + time.Minute)
+	clk.Advance(tokens.ForgetErrorsAfter + time.Minute)
 	m.ForgetIdleTenants()
 	if got := tenantsKnown(m); got != "1000001 1000003 1000004 " {
 		t.Fatalf("an hour later: %s", got)
@@ -49,7 +49,7 @@ func tenantsKnown(m *tokens.Manager) string {
 func TestManagerDestructStopsItsGoroutines(t *testing.T) {
 	before := runtime.NumGoroutine()
 	for range 20 {
-		_ = tokens.NewManager("http://127.0.0.1:1/token", "leak-client").Destruct()
+		_ = tokens.NewManager("http://127.0.0.1:1/token", "leak-client", clk).Destruct()
 	}
 	eventually(t, 2*time.Second, "the sweepers to stop", func() bool { return runtime.NumGoroutine() <= before+2 })
 }

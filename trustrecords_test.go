@@ -182,7 +182,7 @@ func TestUnstampedRecordIsStampedOnNextWrite(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc := startSidecar(t, fake, "")
 	writeRecord(t, sc, "1234567", tokens.Record{Tenant: "1234567", ClientID: testClientID, Mode: tokens.GrantRefreshToken,
-		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: tokens.Clock.Now().UTC()})
+		RefreshToken: fake.IssueRefreshToken(testClientID, "1234567"), UpdatedAt: clk.Now().UTC()})
 	if rec := sc.storedRecord("1234567"); rec.TokenURL != "" {
 		t.Fatalf("the old record carries %q", rec.TokenURL)
 	}
@@ -486,7 +486,7 @@ func TestMadeUpNamesDoNotFloodTheLog(t *testing.T) {
 // memory is bounded however many causes arrive.
 func TestLogLimiterFlushAndBound(t *testing.T) {
 	core, logs := observedLogger()
-	l := tokens.NewLogLimiter()
+	l := tokens.NewLogLimiter(clk)
 	for i := 0; i < 10; i++ {
 		l.Write(core, zapcore.WarnLevel, "kind\x00", "refused")
 	}
@@ -494,7 +494,7 @@ func TestLogLimiterFlushAndBound(t *testing.T) {
 	if got := logs(); len(got) != 1 {
 		t.Fatalf("%d lines before the minute passed, want 1", len(got))
 	}
-	tokens.Clock.Advance(time.Minute)
+	clk.Advance(time.Minute)
 	l.Flush(core)
 	got := logs()
 	if len(got) != 2 || got[1]["suppressed"] != int64(9) {

@@ -248,7 +248,7 @@ func (wh *Webhook) fresh(w http.ResponseWriter, r *http.Request, ev consentEvent
 		return false
 	}
 	maxAge := time.Duration(wh.MaxAge)
-	n := tokens.Clock.Now()
+	n := clk.Now()
 	switch {
 	case n.Sub(at) > maxAge:
 		tokens.CountRefusal("event_too_old")

@@ -14,7 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
@@ -193,7 +192,7 @@ func TestWebhookReplayOfAnOldEventChangesNothing(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	t0 := tokens.Clock.Now()
+	t0 := clk.Now()
 	oldRevoked := stampedEvent(revokedEvent, "1234567", rfc3339(t0.Add(-2*time.Minute)))
 	if status, e := signedEvent(t, webhook, oldRevoked); status != http.StatusNoContent {
 		t.Fatalf("revoked: %d %+v", status, e)
@@ -257,10 +256,10 @@ func TestWebhookRefusesOldFutureAndUnstampedEvents(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	n := tokens.Clock.Now()
+	n := clk.Now()
 	delivered := stampedEvent(revokedEvent, "1234567", unixNumber(n))
 	advance(fake, 5*time.Minute+2*time.Second) // delivered 5m2s after it was sent
-	n = tokens.Clock.Now()
+	n = clk.Now()
 	for _, tc := range []struct {
 		name, body, code, message string
 	}{
@@ -284,26 +283,26 @@ func TestWebhookRefusesOldFutureAndUnstampedEvents(t *testing.T) {
 	// Within max_age, late or early, an event applies. Had a refused
 	// event (6 minutes ahead) entered the tenant's order, this one would
 	// be stale.
-	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "1234567", rfc3339(tokens.Clock.Now().Add(-4*time.Minute)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "1234567", rfc3339(clk.Now().Add(-4*time.Minute)))); status != http.StatusNoContent {
 		t.Fatalf("a 4-minute-old event: %d %+v", status, e)
 	}
 	if served(t, sc, "1234567") {
 		t.Error("the 4-minute-old revocation was not applied")
 	}
-	if status, e := signedEvent(t, webhook, stampedEvent(createdEvent, "1234567", rfc3339(tokens.Clock.Now().Add(4*time.Minute)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(createdEvent, "1234567", rfc3339(clk.Now().Add(4*time.Minute)))); status != http.StatusNoContent {
 		t.Fatalf("an event 4 minutes ahead: %d %+v", status, e)
 	}
 
 	// max_age 1m: two minutes is too old now.
 	reload("timestamp_field timestamp\nmax_age 1m")
-	status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(tokens.Clock.Now().Add(-2*time.Minute))))
+	status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(clk.Now().Add(-2*time.Minute))))
 	if status != http.StatusBadRequest || e.Error != "event_too_old" || !strings.Contains(e.Message, "max_age (1m0s)") {
 		t.Errorf("2 minutes old with max_age 1m: %d %+v", status, e)
 	}
 	if !served(t, sc, "7654321") {
 		t.Fatal("a refused event revoked the tenant")
 	}
-	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(tokens.Clock.Now().Add(-30*time.Second)))); status != http.StatusNoContent {
+	if status, e := signedEvent(t, webhook, stampedEvent(revokedEvent, "7654321", unixNumber(clk.Now().Add(-30*time.Second)))); status != http.StatusNoContent {
 		t.Errorf("30 seconds old with max_age 1m: %d %+v", status, e)
 	}
 }
@@ -320,7 +319,7 @@ func TestWebhookOrderIsTheSharedState(t *testing.T) {
 	}
 	shared := sc.manager().Shared()
 	ctx := context.Background()
-	t0 := tokens.Clock.Now().Add(-time.Minute).Truncate(time.Second)
+	t0 := clk.Now().Add(-time.Minute).Truncate(time.Second)
 	if newer, err := shared.NewerEvent(ctx, "1234567", t0); err != nil || !newer {
 		t.Fatalf("seeding the order as another sidecar: %v %v", newer, err)
 	}
@@ -350,7 +349,7 @@ func TestWebhookWithoutTimestampField(t *testing.T) {
 	if !served(t, sc, "1234567") {
 		t.Fatal("warm-up failed")
 	}
-	revoked := stampedEvent(revokedEvent, "1234567", rfc3339(tokens.Clock.Now().Add(-24*time.Hour)))
+	revoked := stampedEvent(revokedEvent, "1234567", rfc3339(clk.Now().Add(-24*time.Hour)))
 	created := `{"event":"client_credentials_consent","tenant_id":1234567}`
 	for i, step := range []struct {
 		body   string

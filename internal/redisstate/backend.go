@@ -23,7 +23,7 @@ type Backend struct {
 }
 
 func newRedisShared(c *Conn) *Backend {
-	return &Backend{c: c, local: tokens.NewLocalBackend()}
+	return &Backend{c: c, local: tokens.NewLocalBackend(c.clock)}
 }
 
 func (r *Backend) clientKey(kind string) string {
@@ -108,7 +108,7 @@ func (r *Backend) LockToken(ctx context.Context, subj tokens.Subject) (func(), e
 func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
 	ev.Origin = r.c.origin
 	if ev.At.IsZero() {
-		ev.At = tokens.Clock.Now().UTC()
+		ev.At = r.c.clock.Now().UTC()
 	}
 	msg, err := json.Marshal(ev)
 	if err != nil {
@@ -198,7 +198,7 @@ func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, ma
 	var allowed bool
 	err := r.c.call(ctx, "invalidation bound", func(ctx context.Context) error {
 		n, err := InvalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.Key()},
-			tokens.Clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
+			r.c.clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
 		allowed = n == 1
 		return err
 	})
@@ -228,7 +228,7 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 	for {
 		var got bool
 		err := r.c.call(ctx, "token slot", func(cctx context.Context) error {
-			n := tokens.Clock.Now()
+			n := r.c.clock.Now()
 			res, err := SlotScript.Run(cctx, r.c.client, []string{key}, n.UnixMilli(), max,
 				n.Add(tokens.RefreshCallLimit+tokens.LockBudget).UnixMilli(), id).Int()
 			got = res == 1

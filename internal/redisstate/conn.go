@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bsm/redislock"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/redis/go-redis/v9"
@@ -30,6 +31,8 @@ const RedisKeyPrefix = "caddy-fortnox:"
 // never sees the Manager itself.
 type Owner interface {
 	ClientID() string
+	// Clock is the owner's clock.
+	Clock() *clock.Clock
 	Logger() *zap.Logger
 	// Codec seals what is shared, as records are sealed.
 	Codec() *tokens.Records
@@ -41,6 +44,7 @@ type Owner interface {
 
 // redisCluster is the Redis connection of one (token URL, client id).
 type Conn struct {
+	clock *clock.Clock // the owner's
 	gen   uint64
 	key   string
 	owner Owner
@@ -112,6 +116,7 @@ func New(key string, owner Owner, opts *redis.Options, redacted string, logger *
 		gen:      clusterGen.Add(1),
 		key:      key,
 		owner:    owner,
+		clock:    owner.Clock(),
 		repick:   repick,
 		client:   client,
 		locker:   redislock.New(client),

@@ -96,7 +96,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	if deadline, ok := ctx.Deadline(); ok {
 		maxWait = min(maxWait, time.Until(deadline))
 	}
-	start := tokens.Clock.Now()
+	start := l.c.clock.Now()
 	var res []int64
 	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
@@ -118,9 +118,9 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
-		return tokens.Clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
+		return l.c.clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
 	case <-t.C:
-		return tokens.Clock.Now().Sub(start), nil
+		return l.c.clock.Now().Sub(start), nil
 	}
 }
 

@@ -128,7 +128,7 @@ func (r *Notes) Later(ctx context.Context, ev *tokens.PendingEvent) error {
 	if err != nil {
 		return err
 	}
-	ttl := max(ev.CreatedAt.Add(tokens.NotifyEventTTL).Sub(tokens.Clock.Now()), time.Minute)
+	ttl := max(ev.CreatedAt.Add(tokens.NotifyEventTTL).Sub(r.c.clock.Now()), time.Minute)
 	return r.c.call(ctx, "notification retry", func(ctx context.Context) error {
 		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
 			p.Set(ctx, r.eventKey(ev.ID), raw, ttl)

@@ -273,7 +273,7 @@ func (mr *MigratingRecords) Load(ctx context.Context, key string) ([]byte, error
 	if _, err := mr.StoreIfAbsent(ctx, key, old); err != nil {
 		return nil, err
 	}
-	stone, _ := json.Marshal(tokens.Tombstone{MovedTo: "redis", MovedAt: tokens.Clock.Now().UTC()})
+	stone, _ := json.Marshal(tokens.Tombstone{MovedTo: "redis", MovedAt: mr.c.clock.Now().UTC()})
 	if err := mr.caddy.Store(ctx, key, stone); err != nil {
 		mr.c.logger().Warn("a record moved to Redis, but its tombstone could not be written to Caddy's storage", zap.String("key", key), zap.Error(&tokens.ScrubbedError{Err: err}))
 	} else {

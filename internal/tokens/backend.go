@@ -9,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
@@ -98,6 +99,7 @@ var ErrSharedUnavailable = errors.New("the shared state (Redis) cannot be reache
 
 // localShared is the seam in one process.
 type LocalBackend struct {
+	clock   *clock.Clock
 	slotsMu sync.Mutex
 	slots   chan struct{}
 
@@ -108,8 +110,10 @@ type LocalBackend struct {
 	invalidations map[string][]time.Time
 }
 
-func NewLocalBackend() *LocalBackend {
-	return &LocalBackend{
+// NewLocalBackend keeps what is shared in this process, on clk (nil: real
+// time).
+func NewLocalBackend(clk *clock.Clock) *LocalBackend {
+	return &LocalBackend{clock: clk,
 		used:          make(map[string]time.Time),
 		results:       make(map[string]keptResult),
 		lastEvent:     make(map[string]time.Time),
@@ -124,7 +128,7 @@ func (l *LocalBackend) Publish(context.Context, Event) error                    
 func (l *LocalBackend) LockToken(context.Context, Subject) (func(), error)       { return func() {}, nil }
 
 func (l *LocalBackend) FirstUse(_ context.Context, name string, ttl time.Duration) (bool, error) {
-	n := Clock.Now()
+	n := l.clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, until := range l.used {
@@ -145,7 +149,7 @@ type keptResult struct {
 }
 
 func (l *LocalBackend) KeepResult(_ context.Context, name, result string, ttl time.Duration) error {
-	n := Clock.Now()
+	n := l.clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for k, kept := range l.results {
@@ -160,7 +164,7 @@ func (l *LocalBackend) KeepResult(_ context.Context, name, result string, ttl ti
 func (l *LocalBackend) FlowResult(_ context.Context, name string) (string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if kept, ok := l.results[name]; ok && !Clock.Now().After(kept.until) {
+	if kept, ok := l.results[name]; ok && !l.clock.Now().After(kept.until) {
 		return kept.result, nil
 	}
 	return "", nil
@@ -177,7 +181,7 @@ func (l *LocalBackend) NewerEvent(_ context.Context, tenant string, at time.Time
 }
 
 func (l *LocalBackend) AllowInvalidation(_ context.Context, subj Subject, max int, window time.Duration) (bool, error) {
-	n := Clock.Now()
+	n := l.clock.Now()
 	key := subj.Key()
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -198,7 +202,7 @@ func (l *LocalBackend) AllowInvalidation(_ context.Context, subj Subject, max in
 // forgetIdle drops invalidation windows that have passed (called by the
 // manager's sweeper).
 func (l *LocalBackend) forgetIdle(window time.Duration) {
-	n := Clock.Now()
+	n := l.clock.Now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	for key, ats := range l.invalidations {

@@ -104,10 +104,10 @@ func QuarantineKey(clientID, id string) string {
 	return quarantinePrefix(clientID) + id + ".json"
 }
 
-func newQuarantineID() string {
+func newQuarantineID(at time.Time) string {
 	b := make([]byte, 6)
 	_, _ = rand.Read(b)
-	return Clock.Now().UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
+	return at.UTC().Format("20060102T150405") + "-" + hex.EncodeToString(b)
 }
 
 // validQuarantineID: what newQuarantineID makes.
@@ -138,9 +138,9 @@ func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subjec
 	if answer.RefreshToken == "" {
 		return nil
 	}
-	issued := Clock.Now()
+	issued := m.clock.Now()
 	q := &quarantineRecord{
-		ID:           newQuarantineID(),
+		ID:           newQuarantineID(issued),
 		ClientID:     m.clientID,
 		Tenant:       terr.TokenTenant,
 		UserID:       tokenUserID(answer.AccessToken),
@@ -179,7 +179,7 @@ func (m *Manager) strand(ctx context.Context, s *Settings, subj Subject, rec *Re
 	if terr.Failure == FailUserMismatch {
 		rec.MismatchTenant = subj.Tenant + " (user " + terr.TokenUser + ")"
 	}
-	rec.MismatchAt = Clock.Now().UTC()
+	rec.MismatchAt = m.clock.Now().UTC()
 	if err := s.Records.save(ctx, subj, rec); err != nil {
 		m.Logger().Error("could not mark the record whose refresh token belonged to another tenant", append(subj.LogFields(), zap.Error(err))...)
 	}
@@ -337,7 +337,7 @@ func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, er
 	m.tenantRecovered(owner)
 	// As a hand-over: a named account uses the access token at once; a
 	// service account still tries client credentials first.
-	if owner.Account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(Clock.Now()) {
+	if owner.Account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(m.clock.Now()) {
 		m.CacheToken(owner, GrantRefreshToken, q.AccessToken, q.IssuedAt, q.ExpiresAt.Sub(q.IssuedAt), s.RefreshBefore)
 	}
 	m.Logger().Warn("a quarantined refresh token was released to its own tenant through the admin API",

@@ -17,6 +17,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 )
@@ -68,6 +69,7 @@ type Answer struct {
 //   - lifetimes come from the raw expires_in and the plugin's clock, never
 //     from x/oauth2's Expiry (which uses time.Now).
 type Client struct {
+	clock    *clock.Clock
 	tokenURL string
 	// host is the token URL's host[:port], the only part of it that error
 	// texts name.
@@ -280,7 +282,7 @@ func (c *Client) classify(err error, body []byte) *Error {
 		if tooLarge.status == http.StatusTooManyRequests || tooLarge.status >= 500 {
 			// Not read, but a big error page from a proxy in front is
 			// still "try later" (503 and Retry-After for the app).
-			return classifyTokenError(tooLarge.status, tooLarge.retryAfter, "", "")
+			return classifyTokenError(tooLarge.status, tooLarge.retryAfter, "", "", c.clock.Now())
 		}
 		// A 4xx is not read either, so it cannot say invalid_grant and
 		// must not mark a refresh token dead.
@@ -289,7 +291,7 @@ func (c *Client) classify(err error, body []byte) *Error {
 	var rerr *oauth2.RetrieveError
 	if errors.As(err, &rerr) && rerr.Response != nil {
 		code, description := oauthErrorFields(rerr.Body)
-		return classifyTokenError(rerr.Response.StatusCode, rerr.Response.Header.Get("Retry-After"), code, description)
+		return classifyTokenError(rerr.Response.StatusCode, rerr.Response.Header.Get("Retry-After"), code, description, c.clock.Now())
 	}
 	var uerr *url.Error
 	if errors.As(err, &uerr) {
@@ -374,7 +376,7 @@ func seconds(v any) (float64, bool) {
 // Any 4xx other than invalid_client means "no usable consent" for client
 // credentials (Fortnox's exact answer is unknown); the refresh-token path
 // reads invalid_grant out of the same error.
-func classifyTokenError(status int, retryAfter, code, description string) *Error {
+func classifyTokenError(status int, retryAfter, code, description string, at time.Time) *Error {
 	e := &Error{Status: status, Code: CutDescription(code), Description: CutDescription(description)}
 	switch {
 	case code == "invalid_client":
@@ -382,7 +384,7 @@ func classifyTokenError(status int, retryAfter, code, description string) *Error
 	case status == http.StatusTooManyRequests || status >= 500:
 		e.Failure = FailUnavailable
 		if d, ok := ParseRetryAfter(retryAfter); ok {
-			e.RetryAt = Clock.Now().Add(d)
+			e.RetryAt = at.Add(d)
 		}
 	case status >= 400:
 		e.Failure = FailNoConsent

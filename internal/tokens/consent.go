@@ -113,7 +113,7 @@ func (m *Manager) persistRevocation(tenant string, revoked bool) error {
 		}
 		if revoked {
 			if rec.ConsentRevokedAt.IsZero() {
-				rec.ConsentRevokedAt = Clock.Now().UTC()
+				rec.ConsentRevokedAt = m.clock.Now().UTC()
 			}
 			rec.AccessToken, rec.IssuedAt, rec.ExpiresAt = "", time.Time{}, time.Time{}
 		} else {

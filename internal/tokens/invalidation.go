@@ -31,7 +31,7 @@ const (
 // used up, and reports whether it did: then the request may be replayed
 // with a new token.
 func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
-	n := Clock.Now()
+	n := m.clock.Now()
 	if n.Sub(t.issuedAt) < FreshTokenGrace {
 		metrics.InvalidationsBounded.Inc()
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")

@@ -63,7 +63,7 @@ func (m *Manager) KeepAlive() int {
 		m.Logger().Warn("keep-alive: could not list the stored refresh tokens", zap.Error(err))
 		return 0
 	}
-	n := Clock.Now()
+	n := m.clock.Now()
 	var oldest time.Duration
 	refreshed := 0
 	for _, subj := range subjects {
@@ -97,7 +97,7 @@ func (m *Manager) keepAliveOne(ctx context.Context, s *Settings, subj Subject) b
 			if err != nil || rec == nil {
 				return err
 			}
-			if age, ok := refreshTokenAge(rec, Clock.Now()); !ok || age < keepAliveAfter {
+			if age, ok := refreshTokenAge(rec, m.clock.Now()); !ok || age < keepAliveAfter {
 				return nil
 			}
 			r = m.refreshStored(ctx, s, subj, rec)

@@ -4,6 +4,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -30,6 +31,7 @@ const (
 // logLimiter lets one line per cause through per logCauseEvery, on the
 // plugin's clock.
 type LogLimiter struct {
+	clock  *clock.Clock
 	Mu     sync.Mutex
 	Causes map[string]*limitedCause
 }
@@ -46,8 +48,8 @@ type limitedCause struct {
 	fields []zap.Field
 }
 
-func NewLogLimiter() *LogLimiter {
-	return &LogLimiter{Causes: make(map[string]*limitedCause)}
+func NewLogLimiter(clk *clock.Clock) *LogLimiter {
+	return &LogLimiter{clock: clk, Causes: make(map[string]*limitedCause)}
 }
 
 // write logs msg at level unless a line of the same cause was written
@@ -69,7 +71,7 @@ func (l *LogLimiter) Write(log *zap.Logger, level zapcore.Level, cause, msg stri
 // allow says whether a line of cause may be written now, and how many of
 // the cause were left out before it.
 func (l *LogLimiter) allow(cause string, level zapcore.Level, msg string, fields []zap.Field) (bool, int) {
-	n := Clock.Now()
+	n := l.clock.Now()
 	l.Mu.Lock()
 	defer l.Mu.Unlock()
 	c := l.Causes[cause]
@@ -107,7 +109,7 @@ func (l *LogLimiter) forgetQuiet(n time.Time) {
 // out, one line that says how many (so a burst that stopped is still
 // counted in the log), and forgets the quiet causes.
 func (l *LogLimiter) Flush(log *zap.Logger) {
-	n := Clock.Now()
+	n := l.clock.Now()
 	type summary struct {
 		level      zapcore.Level
 		msg        string

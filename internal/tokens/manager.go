@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	gocache "github.com/patrickmn/go-cache"
 	"go.opentelemetry.io/otel/trace"
@@ -188,6 +189,8 @@ type TenantState struct {
 // client_id). The hot path (tokenFor with a cached, fresh token) takes no
 // lock of its own and allocates nothing.
 type Manager struct {
+	// clock is the manager's time: time.Now plus an offset that tests move.
+	clock    *clock.Clock
 	TokenURL string
 	clientID string
 	Client   *Client
@@ -237,19 +240,21 @@ type Manager struct {
 	notes *notifier
 }
 
-func NewManager(tokenURL, clientID string) *Manager {
+func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 	ctx, cancel := context.WithCancel(context.Background())
 	m := &Manager{
 		TokenURL: tokenURL,
 		clientID: clientID,
+		clock:    clk,
 		Client:   NewTokenClient(tokenURL),
 		Cache:    gocache.New(gocache.NoExpiration, 0),
 		Tenants:  make(map[string]*TenantState),
-		local:    NewLocalBackend(),
+		local:    NewLocalBackend(clk),
 		ctx:      ctx,
 		cancel:   cancel,
 	}
-	m.RefusalLog = NewLogLimiter()
+	m.RefusalLog = NewLogLimiter(clk)
+	m.Client.clock = clk
 	m.notes = newNotifier(m)
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()
@@ -291,7 +296,7 @@ func (m *Manager) sweep(every time.Duration) {
 
 // dropDeadTokens removes expired tokens from the cache.
 func (m *Manager) dropDeadTokens() {
-	n := Clock.Now().UnixNano()
+	n := m.clock.Now().UnixNano()
 	for key, item := range m.Cache.Items() {
 		if t := item.Object.(*Token); n >= t.expiresAt {
 			m.Cache.Delete(key)
@@ -303,7 +308,7 @@ func (m *Manager) dropDeadTokens() {
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
 func (m *Manager) ForgetIdleTenants() {
-	n := Clock.Now()
+	n := m.clock.Now()
 	m.Mu.Lock()
 	defer m.Mu.Unlock()
 	for key, st := range m.Tenants {
@@ -353,6 +358,9 @@ func (m *Manager) Destruct() error {
 	return nil
 }
 
+// Clock is the manager's clock.
+func (m *Manager) Clock() *clock.Clock { return m.clock }
+
 // ClientID is the client id whose tokens the manager keeps.
 func (m *Manager) ClientID() string { return m.clientID }
 
@@ -362,7 +370,7 @@ func (m *Manager) Codec() *Records {
 	if s := m.Settings.Load(); s != nil && s.Records != nil {
 		return s.Records
 	}
-	return &Records{ClientID: m.clientID}
+	return &Records{ClientID: m.clientID, Clock: m.clock}
 }
 
 // clusterRef holds what cluster mode shares (internal/redisstate), set by
@@ -389,7 +397,7 @@ func (m *Manager) Logger() *zap.Logger {
 func (m *Manager) TokenFor(ctx context.Context, subj Subject) (*Token, error) {
 	if v, ok := m.Cache.Get(subj.Key()); ok {
 		t := v.(*Token)
-		n := Clock.Now().UnixNano()
+		n := m.clock.Now().UnixNano()
 		if t.UsableAt(n) {
 			m.hits.Add(1)
 			metrics.CacheHit.Inc()
@@ -440,7 +448,7 @@ func (m *Manager) WaitForToken(ctx context.Context, subj Subject, stale *Token) 
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-limit.C:
-			return nil, &Error{Failure: FailUnavailable, Cause: errStillWorking, RetryAt: Clock.Now().Add(time.Second)}
+			return nil, &Error{Failure: FailUnavailable, Cause: errStillWorking, RetryAt: m.clock.Now().Add(time.Second)}
 		}
 	}
 }
@@ -502,7 +510,7 @@ func (m *Manager) drop(subj Subject, t *Token) {
 // credentials first, the stored refresh token when the tenant has no usable
 // service-account consent; for a named account its own refresh token only.
 func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
-	n := Clock.Now()
+	n := m.clock.Now()
 	if v, ok := m.Cache.Get(subj.Key()); ok {
 		t := v.(*Token)
 		if t != stale && t.UsableAt(n.UnixNano()) && n.UnixNano() < t.RefreshAt.Load() {
@@ -626,7 +634,7 @@ func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
 		return nil
 	}
 	lifetime := st.ExpiresAt.Sub(st.IssuedAt)
-	n := Clock.Now()
+	n := m.clock.Now()
 	if !n.Before(st.IssuedAt.Add(RefreshAheadAfter(lifetime, s.RefreshBefore))) || !n.Before(st.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil
 	}
@@ -667,14 +675,14 @@ func (m *Manager) tokenSlot(s *Settings) (release func(), err error) {
 	}
 	release, err = m.Shared().TokenSlot(m.ctx, n, s.TokenTimeout)
 	if err != nil {
-		return nil, &Error{Failure: FailUnavailable, Cause: err, RetryAt: Clock.Now().Add(time.Second)}
+		return nil, &Error{Failure: FailUnavailable, Cause: err, RetryAt: m.clock.Now().Add(time.Second)}
 	}
 	return release, nil
 }
 
 // store caches a new token for the subject and returns it.
 func (m *Manager) Store(subj Subject, grant string, a *Answer, refreshBefore time.Duration) *Token {
-	return m.CacheToken(subj, grant, a.AccessToken, Clock.Now(), a.Lifetime, refreshBefore)
+	return m.CacheToken(subj, grant, a.AccessToken, m.clock.Now(), a.Lifetime, refreshBefore)
 }
 
 // cacheToken caches an access token issued at issued for lifetime.
@@ -751,7 +759,7 @@ func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took ti
 	repeated := st.LastError != nil && st.LastError.Failure == terr.Failure && st.LastError.Code == terr.Code
 	st.failures++
 	delay := BackoffDelay(st.failures)
-	retryAt := Clock.Now().Add(delay)
+	retryAt := m.clock.Now().Add(delay)
 	if terr.RetryAt.After(retryAt) {
 		retryAt = terr.RetryAt
 	}

@@ -108,8 +108,8 @@ type PendingEvent struct {
 	LeaseUntil time.Time `json:"lease_until,omitzero"`
 }
 
-func newPendingEvent(event string, subj Subject, reason string) *PendingEvent {
-	n := Clock.Now().UTC()
+func newPendingEvent(event string, subj Subject, reason string, at time.Time) *PendingEvent {
+	n := at.UTC()
 	id := newNotificationID()
 	body, _ := json.Marshal(Notification{ID: id, Event: event, Tenant: subj.Tenant, Account: subj.Account, Reason: reason, At: n.Format(time.RFC3339Nano)})
 	return &PendingEvent{ID: id, Body: string(body), Event: event, Tenant: subj.Tenant, Account: subj.Account, CreatedAt: n, NextAt: n}
@@ -242,7 +242,7 @@ func (n *notifier) store() NotifyStore {
 	if s == nil || s.Records == nil || s.Records.Storage == nil {
 		return nil
 	}
-	return &storageNotes{storage: s.Records.Storage, clientID: n.m.clientID}
+	return &storageNotes{storage: s.Records.Storage, clientID: n.m.clientID, clock: n.m.clock}
 }
 
 // emit makes an event, claimed (when claim is set) so that each change of
@@ -252,7 +252,7 @@ func (n *notifier) emit(event string, subj Subject, reason string, claim *Notify
 	if n.settings() == nil {
 		return
 	}
-	e := emission{claim: claim, ev: newPendingEvent(event, subj, reason)}
+	e := emission{claim: claim, ev: newPendingEvent(event, subj, reason, n.m.clock.Now())}
 	n.emitting.Add(1)
 	go func() {
 		defer n.emitting.Done()
@@ -366,7 +366,7 @@ func (n *notifier) pass(kicked bool) {
 	n.mu.Lock()
 	unsent := n.unsent
 	n.unsent = nil
-	due := kicked || (!n.nextDue.IsZero() && !Clock.Now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
+	due := kicked || (!n.nextDue.IsZero() && !n.m.clock.Now().Before(n.nextDue)) || time.Since(n.lastScan) >= notifyScanEvery
 	if due {
 		n.nextDue, n.lastScan = time.Time{}, time.Now()
 	}
@@ -388,7 +388,7 @@ func (n *notifier) pass(kicked bool) {
 	}
 	for n.m.ctx.Err() == nil {
 		ctx, cancel := context.WithTimeout(n.m.ctx, notifyTimeout)
-		at := Clock.Now()
+		at := n.m.clock.Now()
 		evs, err := store.Take(ctx, at, at.Add(notifyLease), 16)
 		cancel()
 		if err != nil {
@@ -421,13 +421,13 @@ func (n *notifier) deliver(ns *NotifySettings, store NotifyStore, ev *PendingEve
 		log.Info("notification delivered", append(ev.logFields(), zap.Int("attempts", ev.Attempts))...)
 		return
 	}
-	if Clock.Now().Sub(ev.CreatedAt) >= notifyGiveUp {
+	if n.m.clock.Now().Sub(ev.CreatedAt) >= notifyGiveUp {
 		_ = store.Done(ctx, ev)
 		log.Error("notification dropped: the app did not take it within a day", append(ev.logFields(),
 			zap.Int("attempts", ev.Attempts), zap.Time("created_at", ev.CreatedAt), zap.String("receiver", ns.Host), zap.Error(err))...)
 		return
 	}
-	ev.NextAt = Clock.Now().Add(NotifyRetryAfter(ev.Attempts))
+	ev.NextAt = n.m.clock.Now().Add(NotifyRetryAfter(ev.Attempts))
 	ev.LeaseUntil = time.Time{}
 	if lerr := store.Later(ctx, ev); lerr != nil {
 		log.Warn("a notification that failed could not be put back: another sidecar retries it when its lease ends", append(ev.logFields(), zap.Error(lerr))...)

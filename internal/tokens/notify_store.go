@@ -9,6 +9,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 )
 
 // Where notifications wait: Caddy's storage without `redis`, Redis in
@@ -21,6 +23,7 @@ import (
 //	fortnox-notify/<client_id>/pending/<id>.json   an event not delivered yet
 //	fortnox-notify/<client_id>/claims/<claim key>  the state the app was last told of
 type storageNotes struct {
+	clock    *clock.Clock
 	storage  Storage
 	clientID string
 }

@@ -67,7 +67,7 @@ func adminStoreError(what string, err error) error {
 }
 
 // adminTokenError answers a failed refresh of a handed-over token.
-func adminTokenError(subj Subject, terr *Error) error {
+func adminTokenError(subj Subject, terr *Error, at time.Time) error {
 	terr = WithAccount(terr, subj)
 	switch terr.Failure {
 	case FailNoConsent, FailGrantRejected:
@@ -75,7 +75,7 @@ func adminTokenError(subj Subject, terr *Error) error {
 	case FailTenantMismatch, FailUserMismatch:
 		return opErrorf(OpConflict, terr.ErrorCode(), "%s", terr.Advice(subj.Tenant))
 	case FailUnavailable:
-		retry := time.Duration(RetryAfterSeconds(terr.RetryAt, Clock.Now())) * time.Second
+		retry := time.Duration(RetryAfterSeconds(terr.RetryAt, at)) * time.Second
 		return &OpError{Kind: OpUnavailable, Code: terr.ErrorCode(), RetryAfter: retry,
 			Message: "Fortnox did not answer the refresh (" + terr.Error() + "). If the request reached Fortnox, its answer was stored; otherwise the refresh token was not used. Check GET /fortnox/tenants, and retry with the same token if it is not there."}
 	}
@@ -111,7 +111,7 @@ func (m *Manager) HandOver(ctx context.Context, subj Subject, refreshToken, how 
 		if err != nil {
 			terr := AsTokenError(err)
 			metricsTokenRequest(GrantRefreshToken, terr.ErrorCode(), took)
-			kept.failure = adminTokenError(subj, terr)
+			kept.failure = adminTokenError(subj, terr, m.clock.Now())
 			return nil
 		}
 		metricsTokenRequest(GrantRefreshToken, "ok", took)
@@ -168,7 +168,7 @@ func (m *Manager) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, 
 		return keptAnswer{stranded: m.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
 	}
 	var kept keptAnswer
-	issued := Clock.Now()
+	issued := m.clock.Now()
 	m.keepAnswer(rec, answer, issued, subj)
 	if subj.Account == "" {
 		rec.ConsentRevokedAt = time.Time{}
@@ -193,7 +193,7 @@ func (m *Manager) finishHandOver(subj Subject, kept keptAnswer, how string) erro
 		}
 		m.Logger().Error("a refresh token handed over "+how+" is not the tenant's (or user's): not stored under it",
 			append(subj.LogFields(), zap.String("token_tenant", kept.mismatch.TokenTenant), zap.String("error", kept.mismatch.Error()))...)
-		return adminTokenError(subj, kept.mismatch)
+		return adminTokenError(subj, kept.mismatch, m.clock.Now())
 	}
 	if kept.failure != nil {
 		return kept.failure
@@ -243,7 +243,7 @@ func (m *Manager) ImportRefreshToken(ctx context.Context, refreshToken string) (
 	if err != nil {
 		terr := AsTokenError(err)
 		metricsTokenRequest(GrantRefreshToken, terr.ErrorCode(), took)
-		return "", adminTokenError(Subject{}, terr)
+		return "", adminTokenError(Subject{}, terr, m.clock.Now())
 	}
 	metricsTokenRequest(GrantRefreshToken, "ok", took)
 	tenant, terr := TenantFromToken(answer.AccessToken)
@@ -256,7 +256,7 @@ func (m *Manager) ImportRefreshToken(ctx context.Context, refreshToken string) (
 		return "", opErrorf(OpBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
 	}
 	subj := Subject{Tenant: tenant}
-	issued := Clock.Now()
+	issued := m.clock.Now()
 	err = rs.withLock(ctx, subj, func() error {
 		rec, err := rs.loadOrNew(ctx, subj)
 		if err != nil {
@@ -448,7 +448,7 @@ func (m *Manager) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 	if err != nil {
 		return nil, err
 	}
-	n := Clock.Now()
+	n := m.clock.Now()
 	rows := map[Subject]*subjectInfo{}
 	row := func(subj Subject) *subjectInfo {
 		if r := rows[subj]; r != nil {

@@ -17,6 +17,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
@@ -198,6 +199,8 @@ type Storage interface {
 // recordStore reads and writes token records, encrypting them when a key
 // is configured.
 type Records struct {
+	// Clock stamps what is saved (nil: real time).
+	Clock    *clock.Clock
 	Storage  Storage
 	ClientID string
 	// tokenURL is the configured token endpoint: records are stamped with
@@ -387,7 +390,7 @@ func (rs *Records) save(ctx context.Context, id Subject, rec *Record) error {
 		// is written here was obtained from the configured one.
 		rec.TokenURL = rs.TokenURL
 	}
-	rec.UpdatedAt = Clock.Now().UTC()
+	rec.UpdatedAt = rs.Clock.Now().UTC()
 	raw, err := rs.Encode(key, rec)
 	if err != nil {
 		return err

@@ -39,7 +39,7 @@ func (m *Manager) refreshTokenFirst(tenant string, n time.Time) bool {
 // for a tenant that fell back to its refresh token.
 func (m *Manager) noteClientCredentialsRefused(tenant string, s *Settings) {
 	m.Mu.Lock()
-	m.State(tenant).ccRetryAt = Clock.Now().Add(s.RetryClientCredentials)
+	m.State(tenant).ccRetryAt = m.clock.Now().Add(s.RetryClientCredentials)
 	m.Mu.Unlock()
 }
 
@@ -79,7 +79,7 @@ func (m *Manager) spendRefreshToken(s *Settings, refreshToken string) (answer *A
 	}
 	defer release()
 	if !m.beginRefresh() {
-		return nil, 0, func() {}, &Error{Failure: FailUnavailable, Cause: ErrStopping, RetryAt: Clock.Now().Add(time.Second)}
+		return nil, 0, func() {}, &Error{Failure: FailUnavailable, Cause: ErrStopping, RetryAt: m.clock.Now().Add(time.Second)}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), RefreshCallLimit)
 	defer cancel()
@@ -209,7 +209,7 @@ func (m *Manager) refreshStored(ctx context.Context, s *Settings, subj Subject, 
 		r.stranded, r.failure = m.strand(ctx, s, subj, rec, answer, terr)
 		return r
 	}
-	r.answer, r.issued = answer, Clock.Now()
+	r.answer, r.issued = answer, m.clock.Now()
 	m.keepAnswer(rec, answer, r.issued, subj)
 	_ = m.storeRotated(ctx, s, subj, rec)
 	return r
@@ -280,7 +280,7 @@ func (m *Manager) refreshRefused(ctx context.Context, s *Settings, subj Subject,
 		failure.Failure = FailBadAnswer
 	case failure.Failure == FailNoConsent: // invalid_grant: the refresh token is dead
 		failure.Failure = FailGrantRejected
-		rec.RejectedAt = Clock.Now().UTC()
+		rec.RejectedAt = m.clock.Now().UTC()
 		span := m.storeSpan(subj, OpSaveRecord)
 		serr := s.Records.save(ctx, subj, rec)
 		span.EndErr(serr)
@@ -305,7 +305,7 @@ func (m *Manager) useStored(s *Settings, subj Subject, rec *Record, stale *Token
 		return nil, nil
 	}
 	lifetime := rec.ExpiresAt.Sub(rec.IssuedAt)
-	n := Clock.Now()
+	n := m.clock.Now()
 	if !n.Before(rec.IssuedAt.Add(RefreshAheadAfter(lifetime, s.RefreshBefore))) || !n.Before(rec.ExpiresAt.Add(-skewFor(lifetime))) {
 		return nil, nil
 	}

@@ -113,7 +113,7 @@ func (m *Manager) ImportRecords(ctx context.Context, overwrite bool) (*transferR
 		res.Copied = append(res.Copied, key)
 	}
 	for _, key := range res.Copied {
-		stone := []byte(`{"moved_to":"redis","moved_at":"` + Clock.Now().UTC().Format(time.RFC3339) + `"}`)
+		stone := []byte(`{"moved_to":"redis","moved_at":"` + m.clock.Now().UTC().Format(time.RFC3339) + `"}`)
 		if err := mr.OldRecords().Store(ctx, key, stone); err != nil {
 			m.Logger().Warn("a record was imported into Redis, but its tombstone could not be written", zap.String("key", key), zap.Error(&ScrubbedError{err}))
 		}

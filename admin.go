@@ -180,41 +180,41 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	subj := tokens.Subject{Tenant: route.tenant, Account: route.account}
 	switch route.name {
 	case "tenants":
-		infos, err := m.TenantsInfo(ctx)
+		infos, err := m.Ops().TenantsInfo(ctx)
 		if err != nil {
 			return apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing tenants: %v", err)
 		}
 		return writeAdminJSON(w, http.StatusOK, infos)
 	case "quarantine":
-		rs, err := m.Records()
+		rs, err := m.Ops().Records()
 		if err != nil {
 			return err
 		}
-		list, err := m.ListQuarantine(ctx, rs)
+		list, err := m.Ops().ListQuarantine(ctx, rs)
 		if err != nil {
 			return apiError(http.StatusInternalServerError, "token_storage_unavailable", "listing the quarantine: %v", err)
 		}
 		return writeAdminJSON(w, http.StatusOK, list)
 	case "export":
-		res, err := m.ExportRecords(ctx)
+		res, err := m.Ops().ExportRecords(ctx)
 		if err != nil {
 			return err
 		}
 		return writeAdminJSON(w, http.StatusOK, res)
 	case "import_records":
-		res, err := m.ImportRecords(ctx, r.URL.Query().Get("overwrite") == "true")
+		res, err := m.Ops().ImportRecords(ctx, r.URL.Query().Get("overwrite") == "true")
 		if err != nil {
 			return err
 		}
 		return writeAdminJSON(w, http.StatusOK, res)
 	case "encrypt":
-		res, err := m.EncryptRecords(ctx)
+		res, err := m.Ops().EncryptRecords(ctx)
 		if err != nil {
 			return err
 		}
 		return writeAdminJSON(w, http.StatusOK, res)
 	case "quarantine_entry":
-		if err := m.DeleteQuarantine(ctx, route.id); err != nil {
+		if err := m.Ops().DeleteQuarantine(ctx, route.id); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -224,7 +224,7 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 		if err != nil {
 			return err
 		}
-		tenant, err := m.ImportRefreshToken(ctx, rt)
+		tenant, err := m.Ops().ImportRefreshToken(ctx, rt)
 		if err != nil {
 			return err
 		}
@@ -232,19 +232,19 @@ func (a adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
 	case "refresh_token":
 		return serveHandOver(ctx, w, r, m, subj, "through the admin API")
 	case "quarantine_release":
-		owner, err := m.ReleaseQuarantine(ctx, route.id)
+		owner, err := m.Ops().ReleaseQuarantine(ctx, route.id)
 		if err != nil {
 			return err
 		}
 		return writeAdminJSON(w, http.StatusOK, map[string]string{"tenant": owner.Tenant, "account": owner.Account})
 	case "account":
-		if err := m.DeleteAccount(ctx, subj, r.URL.Query().Get("revoke") == "true"); err != nil {
+		if err := m.Ops().DeleteAccount(ctx, subj, r.URL.Query().Get("revoke") == "true"); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
 		return nil
 	default: // token
-		if err := m.DropToken(ctx, route.tenant); err != nil {
+		if err := m.Ops().DropToken(ctx, route.tenant); err != nil {
 			return err
 		}
 		w.WriteHeader(http.StatusNoContent)
@@ -277,7 +277,7 @@ func serveHandOver(ctx context.Context, w http.ResponseWriter, r *http.Request, 
 	if err != nil {
 		return err
 	}
-	if err := m.HandOver(ctx, subj, rt, how); err != nil {
+	if err := m.Ops().HandOver(ctx, subj, rt, how); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

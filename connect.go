@@ -538,7 +538,7 @@ func (c *Connect) complete(r *http.Request, flow flowCookie, q url.Values) conne
 	}
 	res.Tenant = tenant
 	if answer.RefreshToken != "" {
-		if err := c.tokens.StoreAnswer(ctx, tokens.Subject{Tenant: tenant}, answer); err != nil {
+		if err := c.tokens.Ops().StoreAnswer(ctx, tokens.Subject{Tenant: tenant}, answer); err != nil {
 			return c.storeFailed(tokens.Subject{Tenant: tenant}, err, tenant, res)
 		}
 	}
@@ -562,7 +562,7 @@ func (c *Connect) connectAccount(ctx context.Context, target connectTarget, answ
 		res.Kind = kindNoRefreshToken
 		return res
 	}
-	if err := c.tokens.StoreAnswer(ctx, subj, answer); err != nil {
+	if err := c.tokens.Ops().StoreAnswer(ctx, subj, answer); err != nil {
 		return c.storeFailed(subj, err, tokenTenant, res)
 	}
 	c.logger.Info("user account connected", subj.LogFields()...)

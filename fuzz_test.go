@@ -149,7 +149,7 @@ func FuzzParseTokenAnswer(f *testing.F) {
 		canned := &cannedAnswer{status: status, body: body, header: http.Header{}}
 		canned.header.Set("Retry-After", retryAfter)
 		canned.header.Set("Content-Type", contentType)
-		c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token")
+		c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token", clk)
 		c.Transport = canned
 		a, err := c.Refresh(context.Background(), tokens.Credentials{ClientID: "id", ClientSecret: "secret"}, "sent-refresh-token")
 		if canned.requests != 1 {

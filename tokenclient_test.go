@@ -49,7 +49,7 @@ func newTokenEndpoint(t *testing.T, answer http.HandlerFunc) *tokenEndpoint {
 
 func (e *tokenEndpoint) tokenURL() string { return e.URL + "/oauth-v1/token" }
 
-func (e *tokenEndpoint) client() *tokens.Client { return tokens.NewTokenClient(e.tokenURL()) }
+func (e *tokenEndpoint) client() *tokens.Client { return tokens.NewTokenClient(e.tokenURL(), clk) }
 
 func (e *tokenEndpoint) seen() []seenRequest {
 	e.mu.Lock()
@@ -497,7 +497,7 @@ func TestTransportFailureClasses(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), budget)
 			defer cancel()
-			_, err := tokens.NewTokenClient(tt.url).ClientCredentials(ctx, testCred, "1234567")
+			_, err := tokens.NewTokenClient(tt.url, clk).ClientCredentials(ctx, testCred, "1234567")
 			terr := wantFailure(t, err, tokens.FailUnavailable)
 			var te *tokens.TransportError
 			if !errors.As(terr.Cause, &te) || te.Kind != tt.kind {
@@ -612,7 +612,7 @@ func (t bodyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 // A huge answer is not read past the bound (x/oauth2 would read a MiB).
 func TestAnswerIsNotReadPastTheBound(t *testing.T) {
 	body := &countingBody{left: 8 << 20}
-	c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token")
+	c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token", clk)
 	c.Transport = bodyTransport{body}
 	_, err := c.ClientCredentials(context.Background(), testCred, "1234567")
 	wantFailure(t, err, tokens.FailBadAnswer)

@@ -257,8 +257,9 @@ func quarantinedWhere(st *strandedToken) string {
 // over as, with the rules of a hand-over: never over a live refresh token,
 // never under an account bound to another user. The quarantine record is
 // deleted once the token is stored. It returns where the token went.
-func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, error) {
-	rs, err := m.Records()
+func (o Ops) ReleaseQuarantine(ctx context.Context, id string) (Subject, error) {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return Subject{}, err
 	}
@@ -266,7 +267,7 @@ func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, er
 	if !validQuarantineID(id) {
 		return Subject{}, opErrorf(OpInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
 	}
-	q, err := m.loadQuarantine(ctx, rs, id)
+	q, err := o.loadQuarantine(ctx, rs, id)
 	if errors.Is(err, fs.ErrNotExist) {
 		return Subject{}, opErrorf(OpNotFound, "unknown_id", "no quarantine record %s", id)
 	}
@@ -282,7 +283,7 @@ func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, er
 	var refusal error
 	err = rs.withLock(ctx, owner, func() error {
 		// Read again under the lock: another release may have taken it.
-		q, err = m.loadQuarantine(ctx, rs, id)
+		q, err = o.loadQuarantine(ctx, rs, id)
 		if errors.Is(err, fs.ErrNotExist) {
 			refusal = opErrorf(OpNotFound, "unknown_id", "no quarantine record %s (it was released or deleted just now)", id)
 			return nil
@@ -334,7 +335,7 @@ func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, er
 		return Subject{}, refusal
 	}
 	m.drop(owner, nil)
-	m.tenantRecovered(owner)
+	o.tenantRecovered(owner)
 	// As a hand-over: a named account uses the access token at once; a
 	// service account still tries client credentials first.
 	if owner.Account != "" && s != nil && q.AccessToken != "" && q.ExpiresAt.After(m.clock.Now()) {
@@ -346,14 +347,15 @@ func (m *Manager) ReleaseQuarantine(ctx context.Context, id string) (Subject, er
 }
 
 // listQuarantine lists the quarantine records, never a token.
-func (m *Manager) ListQuarantine(ctx context.Context, rs *Records) ([]QuarantineInfo, error) {
+func (o Ops) ListQuarantine(ctx context.Context, rs *Records) ([]QuarantineInfo, error) {
+	m := o.m
 	ids, err := rs.names(ctx, strings.TrimSuffix(quarantinePrefix(m.clientID), "/"), ".json", validQuarantineID)
 	if err != nil {
 		return nil, err
 	}
 	out := []QuarantineInfo{}
 	for _, id := range ids {
-		q, err := m.loadQuarantine(ctx, rs, id)
+		q, err := o.loadQuarantine(ctx, rs, id)
 		if errors.Is(err, fs.ErrNotExist) {
 			continue // released or deleted since it was listed, or a tombstone
 		}
@@ -368,7 +370,8 @@ func (m *Manager) ListQuarantine(ctx context.Context, rs *Records) ([]Quarantine
 	return out, nil
 }
 
-func (m *Manager) loadQuarantine(ctx context.Context, rs *Records, id string) (*quarantineRecord, error) {
+func (o Ops) loadQuarantine(ctx context.Context, rs *Records, id string) (*quarantineRecord, error) {
+	m := o.m
 	key := QuarantineKey(m.clientID, id)
 	raw, err := rs.Storage.Load(ctx, key)
 	if err != nil {

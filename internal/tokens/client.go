@@ -77,7 +77,7 @@ type Client struct {
 	Transport http.RoundTripper
 }
 
-func NewTokenClient(tokenURL string) *Client {
+func NewTokenClient(tokenURL string, clk *clock.Clock) *Client {
 	transport := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
 		DialContext:           (&net.Dialer{Timeout: 10 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
@@ -87,7 +87,7 @@ func NewTokenClient(tokenURL string) *Client {
 		ResponseHeaderTimeout: 30 * time.Second,
 		ForceAttemptHTTP2:     true,
 	}
-	return &Client{tokenURL: tokenURL, host: hostOf(tokenURL), Transport: transport}
+	return &Client{clock: clk, tokenURL: tokenURL, host: hostOf(tokenURL), Transport: transport}
 }
 
 // hostOf returns the host[:port] of a URL, never its user info, path or query.

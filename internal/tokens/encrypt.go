@@ -62,8 +62,9 @@ type EncryptResult struct {
 
 // encryptRecords rewrites every unencrypted record (and quarantine record)
 // of the client with the configured key.
-func (m *Manager) EncryptRecords(ctx context.Context) (*EncryptResult, error) {
-	rs, err := m.Records()
+func (o Ops) EncryptRecords(ctx context.Context) (*EncryptResult, error) {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return nil, err
 	}

@@ -246,7 +246,7 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 		TokenURL: tokenURL,
 		clientID: clientID,
 		clock:    clk,
-		Client:   NewTokenClient(tokenURL),
+		Client:   NewTokenClient(tokenURL, clk),
 		Cache:    gocache.New(gocache.NoExpiration, 0),
 		Tenants:  make(map[string]*TenantState),
 		local:    NewLocalBackend(clk),
@@ -254,7 +254,6 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 		cancel:   cancel,
 	}
 	m.RefusalLog = NewLogLimiter(clk)
-	m.Client.clock = clk
 	m.notes = newNotifier(m)
 	go m.sweep(sweepInterval)
 	go m.keepAliveLoop()

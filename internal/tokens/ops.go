@@ -43,9 +43,19 @@ func opErrorf(kind OpKind, code, format string, args ...any) error {
 	return &OpError{Kind: kind, Code: code, Message: fmt.Sprintf(format, args...)}
 }
 
-// records returns the manager's token store, or an admin error when the
-// manager has none (not provisioned yet).
-func (m *Manager) Records() (*Records, error) {
+// Ops are the operator's operations on a manager's tokens and records
+// (the admin API, the CLI, the connect and hand-over handlers): hand-over,
+// import, drop, delete, list, quarantine, export/import, encrypt. They
+// fail with *OpError, which the glue maps to its answers.
+type Ops struct{ m *Manager }
+
+// Ops is the operator's view of m.
+func (m *Manager) Ops() Ops { return Ops{m} }
+
+// Records returns the manager's token store, or an operation failure when
+// the manager has none (not provisioned yet).
+func (o Ops) Records() (*Records, error) {
+	m := o.m
 	s := m.Settings.Load()
 	if s == nil || s.Records == nil {
 		return nil, opErrorf(OpUnavailable, "not_ready", "the token store is not ready")
@@ -90,8 +100,9 @@ func adminTokenError(subj Subject, terr *Error, at time.Time) error {
 // token is sent, nothing cancels the exchange: not the client leaving, not
 // a reload. The answer is stored first. how says where it came from, for
 // the log.
-func (m *Manager) HandOver(ctx context.Context, subj Subject, refreshToken, how string) error {
-	rs, err := m.Records()
+func (o Ops) HandOver(ctx context.Context, subj Subject, refreshToken, how string) error {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return err
 	}
@@ -115,21 +126,22 @@ func (m *Manager) HandOver(ctx context.Context, subj Subject, refreshToken, how 
 			return nil
 		}
 		metricsTokenRequest(GrantRefreshToken, "ok", took)
-		kept = m.keepAnswerFor(ctx, s, subj, rec, answer)
+		kept = o.keepAnswerFor(ctx, s, subj, rec, answer)
 		return nil
 	})
 	if err != nil {
 		return adminStoreError("storing the refresh token", err)
 	}
-	return m.finishHandOver(subj, kept, how)
+	return o.finishHandOver(subj, kept, how)
 }
 
 // storeAnswer stores a code exchange's answer under subj, as handOver
 // stores a refresh answer: only when it is subj's. The code is spent, so
 // the answer is never lost: a record that cannot be written to goes to
 // quarantine.
-func (m *Manager) StoreAnswer(ctx context.Context, subj Subject, answer *Answer) error {
-	rs, err := m.Records()
+func (o Ops) StoreAnswer(ctx context.Context, subj Subject, answer *Answer) error {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return err
 	}
@@ -140,7 +152,7 @@ func (m *Manager) StoreAnswer(ctx context.Context, subj Subject, answer *Answer)
 		if err != nil {
 			return err
 		}
-		kept = m.keepAnswerFor(ctx, s, subj, rec, answer)
+		kept = o.keepAnswerFor(ctx, s, subj, rec, answer)
 		return nil
 	})
 	if err != nil {
@@ -151,7 +163,7 @@ func (m *Manager) StoreAnswer(ctx context.Context, subj Subject, answer *Answer)
 		}
 		return opErrorf(opStorage, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
 	}
-	return m.finishHandOver(subj, kept, "from a connection")
+	return o.finishHandOver(subj, kept, "from a connection")
 }
 
 // keptAnswer is what became of a handed-over answer.
@@ -163,7 +175,8 @@ type keptAnswer struct {
 
 // keepAnswerFor stores an answer under subj if it is subj's, under subj's
 // lock (held by the caller), or quarantines it.
-func (m *Manager) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer) keptAnswer {
+func (o Ops) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer) keptAnswer {
+	m := o.m
 	if terr := checkTokenBinding(answer.AccessToken, subj, GrantRefreshToken, rec.UserID); terr != nil {
 		return keptAnswer{stranded: m.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
 	}
@@ -185,7 +198,8 @@ func (m *Manager) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, 
 // finishHandOver answers a hand-over after the lock is released. A
 // mismatched token stays in the quarantine: it is not served under subj,
 // nor under its own tenant until an operator releases it.
-func (m *Manager) finishHandOver(subj Subject, kept keptAnswer, how string) error {
+func (o Ops) finishHandOver(subj Subject, kept keptAnswer, how string) error {
+	m := o.m
 	if kept.mismatch != nil {
 		kept.mismatch.handedOver = true
 		if kept.stranded != nil {
@@ -198,14 +212,15 @@ func (m *Manager) finishHandOver(subj Subject, kept keptAnswer, how string) erro
 	if kept.failure != nil {
 		return kept.failure
 	}
-	m.tenantRecovered(subj)
+	o.tenantRecovered(subj)
 	m.Logger().Info("refresh token stored "+how, subj.LogFields()...)
 	return nil
 }
 
 // tenantRecovered forgets a subject's failure after a new refresh token,
 // here and in every sidecar.
-func (m *Manager) tenantRecovered(subj Subject) {
+func (o Ops) tenantRecovered(subj Subject) {
+	m := o.m
 	m.noteRecovered(subj)
 	m.notifyChainRestored(subj)
 	m.tell(Event{Kind: eventRecovered, Tenant: subj.Tenant, Account: subj.Account})
@@ -230,8 +245,9 @@ func (m *Manager) noteRecovered(subj Subject) {
 // the tenant from the new access token and stores the new refresh token
 // under it. The old token is dead once Fortnox answers, so the new one is
 // stored before anything else: in quarantine when no tenant can be read.
-func (m *Manager) ImportRefreshToken(ctx context.Context, refreshToken string) (string, error) {
-	rs, err := m.Records()
+func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (string, error) {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return "", err
 	}
@@ -275,15 +291,16 @@ func (m *Manager) ImportRefreshToken(ctx context.Context, refreshToken string) (
 	}
 	m.drop(subj, nil)
 	m.CacheToken(subj, GrantRefreshToken, answer.AccessToken, issued, answer.Lifetime, s.RefreshBefore)
-	m.tenantRecovered(subj)
+	o.tenantRecovered(subj)
 	m.Logger().Info("refresh token imported through the admin API", zap.String("tenant", tenant))
 	return tenant, nil
 }
 
 // dropToken drops the tenant's access token, cached and stored, so that
 // the next request gets a new one.
-func (m *Manager) DropToken(ctx context.Context, tenant string) error {
-	rs, err := m.Records()
+func (o Ops) DropToken(ctx context.Context, tenant string) error {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return err
 	}
@@ -325,8 +342,9 @@ func (m *Manager) DropToken(ctx context.Context, tenant string) error {
 // deleteAccount forgets a named account: its record, its cached token and
 // its state. With revoke, its refresh token is first revoked at Fortnox; if
 // that fails, nothing is deleted.
-func (m *Manager) DeleteAccount(ctx context.Context, subj Subject, revoke bool) error {
-	rs, err := m.Records()
+func (o Ops) DeleteAccount(ctx context.Context, subj Subject, revoke bool) error {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return err
 	}
@@ -373,15 +391,16 @@ func (m *Manager) DeleteAccount(ctx context.Context, subj Subject, revoke bool) 
 }
 
 // deleteQuarantine removes a quarantine record.
-func (m *Manager) DeleteQuarantine(ctx context.Context, id string) error {
-	rs, err := m.Records()
+func (o Ops) DeleteQuarantine(ctx context.Context, id string) error {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return err
 	}
 	if !validQuarantineID(id) {
 		return opErrorf(OpInvalid, "invalid_id", "%q is not a quarantine id (see GET /fortnox/quarantine)", id)
 	}
-	if _, err := m.loadQuarantine(ctx, rs, id); err != nil {
+	if _, err := o.loadQuarantine(ctx, rs, id); err != nil {
 		return opErrorf(OpNotFound, "unknown_id", "no quarantine record %s", id)
 	}
 	if err := rs.Storage.Delete(ctx, QuarantineKey(m.clientID, id)); err != nil {
@@ -443,8 +462,9 @@ type subjectInfo struct {
 
 // tenantsInfo lists every tenant (and named account) known in memory or
 // in storage.
-func (m *Manager) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
-	rs, err := m.Records()
+func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
+	m := o.m
+	rs, err := o.Records()
 	if err != nil {
 		return nil, err
 	}
@@ -534,7 +554,7 @@ func (m *Manager) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 		}
 		return t
 	}
-	quarantined, err := m.ListQuarantine(ctx, rs)
+	quarantined, err := o.ListQuarantine(ctx, rs)
 	if err != nil {
 		return nil, err
 	}

@@ -25,8 +25,8 @@ type transferResult struct {
 }
 
 // transferStores returns both stores of a cluster-mode manager.
-func (m *Manager) transferStores() (Migrating, error) {
-	rs, err := m.Records()
+func (o Ops) transferStores() (Migrating, error) {
+	rs, err := o.Records()
 	if err != nil {
 		return nil, err
 	}
@@ -39,8 +39,9 @@ func (m *Manager) transferStores() (Migrating, error) {
 
 // exportRecords copies every record of the client from Redis to Caddy's
 // storage, replacing what is there (tombstones included).
-func (m *Manager) ExportRecords(ctx context.Context) (*transferResult, error) {
-	mr, err := m.transferStores()
+func (o Ops) ExportRecords(ctx context.Context) (*transferResult, error) {
+	m := o.m
+	mr, err := o.transferStores()
 	if err != nil {
 		return nil, err
 	}
@@ -70,8 +71,9 @@ func (m *Manager) ExportRecords(ctx context.Context) (*transferResult, error) {
 // importRecords copies every record of the client still in Caddy's storage
 // into Redis (not over a record Redis has, unless overwrite), and leaves a
 // tombstone for each.
-func (m *Manager) ImportRecords(ctx context.Context, overwrite bool) (*transferResult, error) {
-	mr, err := m.transferStores()
+func (o Ops) ImportRecords(ctx context.Context, overwrite bool) (*transferResult, error) {
+	m := o.m
+	mr, err := o.transferStores()
 	if err != nil {
 		return nil, err
 	}

@@ -220,9 +220,7 @@ func TestClusterSharesThatATenantIsOnItsRefreshToken(t *testing.T) {
 	// Another sidecar: nothing in its memory.
 	m := sc.manager()
 	m.Cache.Flush()
-	m.Mu.Lock()
-	clear(m.Tenants)
-	m.Mu.Unlock()
+	m.Ledger().Clear()
 	if status, body, _ := sc.get("/3/companyinformation", "7654321"); status != http.StatusOK {
 		t.Fatalf("%d %s", status, body)
 	}

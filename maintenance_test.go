@@ -52,11 +52,9 @@ func TestUnknownFailuresAreBounded(t *testing.T) {
 	for i := range tokens.MaxUnknownSubjects + 2000 {
 		m.RecordFailure(tokens.Subject{Tenant: fmt.Sprint(5000000 + i)}, tokens.GrantClientCredentials, &tokens.Error{Failure: tokens.FailNoConsent}, time.Millisecond)
 	}
-	m.Mu.Lock()
-	n := len(m.Tenants)
-	_, oldest := m.Tenants["5000000"]
-	_, newest := m.Tenants[fmt.Sprint(5000000+tokens.MaxUnknownSubjects+1999)]
-	m.Mu.Unlock()
+	n := m.Ledger().Len()
+	oldest := m.Ledger().Knows("5000000")
+	newest := m.Ledger().Knows(fmt.Sprint(5000000 + tokens.MaxUnknownSubjects + 1999))
 	if n > tokens.MaxUnknownSubjects || oldest || !newest {
 		t.Fatalf("%d subjects remembered (oldest kept: %v, newest kept: %v), want at most %d, the oldest gone", n, oldest, newest, tokens.MaxUnknownSubjects)
 	}
@@ -66,10 +64,8 @@ func TestUnknownFailuresAreBounded(t *testing.T) {
 	m.RecordFailure(tokens.Subject{Tenant: "1234567"}, tokens.GrantClientCredentials, &tokens.Error{Failure: tokens.FailUnavailable}, time.Millisecond)
 	clk.Advance(tokens.BackoffCap + tokens.ForgetUnknownAfter)
 	m.ForgetIdleTenants()
-	m.Mu.Lock()
-	_, known := m.Tenants["1234567"]
-	left := len(m.Tenants)
-	m.Mu.Unlock()
+	known := m.Ledger().Knows("1234567")
+	left := m.Ledger().Len()
 	if !known || left != 1 {
 		t.Errorf("after %v: known tenant kept=%v, %d subjects left, want only it", tokens.BackoffCap+tokens.ForgetUnknownAfter, known, left)
 	}

@@ -116,18 +116,15 @@ func (c *reconnectCollector) Collect(ch chan<- prometheus.Metric) {
 	var service, user int
 	managers.Range(func(_, v any) bool {
 		m := v.(*tokens.Manager)
-		m.Mu.Lock()
-		for key, st := range m.Tenants {
-			if !needsReconnect(st) {
-				continue
-			}
-			if strings.Contains(key, "/") {
+		m.Ledger().Each(func(key string, st tokens.TenantState) {
+			switch {
+			case !needsReconnect(&st):
+			case strings.Contains(key, "/"):
 				user++
-			} else {
+			default:
 				service++
 			}
-		}
-		m.Mu.Unlock()
+		})
 		return true
 	})
 	ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, float64(service), "service")

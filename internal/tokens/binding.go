@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -161,7 +162,7 @@ func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subjec
 		m.Logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
 			append(subj.LogFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
 		st.quarantine = false
-		m.keepStranded(q)
+		m.stranded.keep(q)
 	}
 	return st
 }
@@ -214,12 +215,27 @@ func (m *Manager) writeQuarantine(ctx context.Context, s *Settings, q *quarantin
 	}
 }
 
-// keepStranded holds a quarantine record that could not be written; the
-// sweeper tries again.
-func (m *Manager) keepStranded(q *quarantineRecord) {
-	m.Mu.Lock()
-	m.stranded = append(m.stranded, q)
-	m.Mu.Unlock()
+// stranded holds quarantine records that could not be written yet, under
+// its own lock; the sweeper tries again (saveStranded).
+type stranded struct {
+	mu      sync.Mutex
+	records []*quarantineRecord
+}
+
+// keep holds a record that could not be written.
+func (q *stranded) keep(r *quarantineRecord) {
+	q.mu.Lock()
+	q.records = append(q.records, r)
+	q.mu.Unlock()
+}
+
+// take hands every held record over to the caller.
+func (q *stranded) take() []*quarantineRecord {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	held := q.records
+	q.records = nil
+	return held
 }
 
 // saveStranded writes quarantine records kept in memory.
@@ -228,13 +244,10 @@ func (m *Manager) saveStranded(ctx context.Context) {
 	if s == nil || s.Records == nil {
 		return
 	}
-	m.Mu.Lock()
-	pending := m.stranded
-	m.stranded = nil
-	m.Mu.Unlock()
+	pending := m.stranded.take()
 	for _, q := range pending {
 		if err := m.writeQuarantine(ctx, s, q); err != nil {
-			m.keepStranded(q)
+			m.stranded.keep(q)
 			continue
 		}
 		m.Logger().Warn("a refresh token kept in memory is saved to quarantine now", zap.String("quarantine_id", q.ID))

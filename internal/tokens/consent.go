@@ -33,14 +33,7 @@ func (m *Manager) ConsentCreated(tenant string) {
 
 // noteCreated is consentCreated in this process's memory.
 func (m *Manager) noteCreated(tenant string) {
-	m.Mu.Lock()
-	st := m.State(tenant)
-	st.ConsentRevoked, st.revocationRead = false, true
-	st.LastError, st.failures, st.RetryAt, st.ccRetryAt, st.Unknown = nil, 0, time.Time{}, time.Time{}, false
-	if st.Mode == GrantRefreshToken {
-		st.Mode = "" // try client credentials first again
-	}
-	m.Mu.Unlock()
+	m.ledger.consentCreated(tenant)
 }
 
 // consentRevoked notes that a customer revoked the consent: its cached
@@ -65,11 +58,7 @@ func (m *Manager) ConsentRevoked(tenant string) {
 
 // noteRevoked is consentRevoked in this process's memory.
 func (m *Manager) noteRevoked(tenant string) {
-	m.Mu.Lock()
-	st := m.State(tenant)
-	st.ConsentRevoked, st.revocationRead = true, true
-	st.LastError = &Error{Failure: FailConsentRevoked}
-	m.Mu.Unlock()
+	m.ledger.consentRevoked(tenant)
 	// A token request in flight may cache its token after this: wait for it
 	// (joining its flight, or taking the slot so none starts), then drop.
 	_, _, _ = m.Flights.Do(tenant, func() (any, error) {
@@ -126,11 +115,7 @@ func (m *Manager) persistRevocation(tenant string, revoked bool) error {
 // revokedError is the answer for a tenant whose consent was revoked. The
 // stored mark is read once per tenant state, so a restart remembers it.
 func (m *Manager) revokedError(s *Settings, tenant string) error {
-	m.Mu.Lock()
-	st := m.Tenants[tenant]
-	read := st != nil && st.revocationRead
-	revoked := st != nil && st.ConsentRevoked
-	m.Mu.Unlock()
+	read, revoked := m.ledger.revocation(tenant)
 	if !read && s != nil && s.Records != nil {
 		ctx, cancel := context.WithTimeout(m.ctx, s.TokenTimeout)
 		span := m.storeSpan(Subject{Tenant: tenant}, OpLoadRecord)
@@ -138,23 +123,7 @@ func (m *Manager) revokedError(s *Settings, tenant string) error {
 		span.EndErr(err)
 		cancel()
 		if err == nil {
-			m.Mu.Lock()
-			st = m.State(tenant)
-			if !st.revocationRead {
-				st.revocationRead = true
-				switch {
-				case rec != nil && !rec.ConsentRevokedAt.IsZero():
-					st.ConsentRevoked = true
-					st.LastError = &Error{Failure: FailConsentRevoked}
-				case st.ConsentRevoked:
-					// Revoked here, but a new consent cleared the mark
-					// (a broadcast this sidecar missed: resync).
-					st.ConsentRevoked = false
-					st.LastError, st.failures, st.RetryAt = nil, 0, time.Time{}
-				}
-			}
-			revoked = st.ConsentRevoked
-			m.Mu.Unlock()
+			revoked = m.ledger.revocationRead(tenant, rec != nil && !rec.ConsentRevokedAt.IsZero())
 		}
 	}
 	if revoked {

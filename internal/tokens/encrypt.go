@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io/fs"
 	"strings"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -195,9 +194,5 @@ func subjectOfKey(clientID, key string) (Subject, bool) {
 // forgetStorageFailure lets a subject whose record could not be used try
 // again at once, now that the record was rewritten.
 func (m *Manager) forgetStorageFailure(subj Subject) {
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
-	if st := m.Tenants[subj.Key()]; st != nil && st.LastError != nil && st.LastError.Failure == FailStorage {
-		st.LastError, st.failures, st.RetryAt = nil, 0, time.Time{}
-	}
+	m.ledger.forgetStorageFailure(subj.Key())
 }

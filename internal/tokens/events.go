@@ -2,7 +2,6 @@ package tokens
 
 import (
 	"context"
-	"time"
 
 	"go.uber.org/zap"
 )
@@ -62,9 +61,7 @@ func (m *Manager) storedRevocation(tenant string) (revoked, known bool) {
 
 // forget drops everything remembered in memory about a subject.
 func (m *Manager) forget(subj Subject) {
-	m.Mu.Lock()
-	delete(m.Tenants, subj.Key())
-	m.Mu.Unlock()
+	m.ledger.forget(subj.Key())
 	m.drop(subj, nil)
 }
 
@@ -73,20 +70,7 @@ func (m *Manager) forget(subj Subject) {
 // tenants' records.
 func (m *Manager) Resync() {
 	s := m.Settings.Load()
-	m.Mu.Lock()
-	var tenants []string
-	for key, st := range m.Tenants {
-		st.revocationRead = false
-		if st.LastError != nil && st.LastError.Failure == FailStorage {
-			// The store failed because Redis did: try again now, not
-			// after the backoff the outage built up.
-			st.RetryAt, st.failures = time.Time{}, 0
-		}
-		if _, _, isAccount := cutAccount(key); !isAccount {
-			tenants = append(tenants, key)
-		}
-	}
-	m.Mu.Unlock()
+	tenants := m.ledger.resync()
 	for key := range m.Cache.Items() {
 		if _, _, isAccount := cutAccount(key); !isAccount {
 			tenants = append(tenants, key)

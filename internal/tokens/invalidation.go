@@ -37,7 +37,7 @@ func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
 		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
 		return false
 	}
-	if m.wasRejected(subj, t.Bearer) {
+	if m.ledger.wasRejected(subj.Key(), t.Bearer) {
 		return true // another request met the same 401 and dropped it
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
@@ -56,9 +56,7 @@ func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
 
 // reject remembers the access token Fortnox refused: it is never used again.
 func (m *Manager) reject(subj Subject, bearer string) {
-	m.Mu.Lock()
-	m.State(subj.Key()).rejected = bearer
-	m.Mu.Unlock()
+	m.ledger.reject(subj.Key(), bearer)
 }
 
 // dropEverywhere removes a refused token from the stores and tells the

@@ -204,13 +204,13 @@ type Manager struct {
 	// traces: the span of the request each traced flight runs for.
 	traces flightTraces
 
-	Mu      sync.Mutex
-	Tenants map[string]*TenantState
+	// ledger is what the manager remembers per subject besides its token.
+	ledger *Ledger
 	// stranded holds quarantine records that could not be written yet.
-	stranded []*quarantineRecord
-	// unknownOrder lists the subject keys of unknown failing subjects,
-	// oldest first, so that their number stays bounded.
-	unknownOrder []string
+	stranded stranded
+	// lifecycle orders beginRefresh against Destruct: no refresh starts
+	// after Destruct cancels.
+	lifecycle sync.Mutex
 
 	// local is what is shared in one process; cluster, when set, what a
 	// cluster of sidecars shares through Redis (see sharedState).
@@ -248,7 +248,7 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 		clock:    clk,
 		Client:   NewTokenClient(tokenURL, clk),
 		Cache:    gocache.New(gocache.NoExpiration, 0),
-		Tenants:  make(map[string]*TenantState),
+		ledger:   newLedger(),
 		local:    NewLocalBackend(clk),
 		ctx:      ctx,
 		cancel:   cancel,
@@ -307,28 +307,10 @@ func (m *Manager) dropDeadTokens() {
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
 func (m *Manager) ForgetIdleTenants() {
-	n := m.clock.Now()
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
-	for key, st := range m.Tenants {
-		if _, cached := m.Cache.Get(key); cached || st.Unsaved != nil || st.ConsentRevoked {
-			continue
-		}
-		keep := ForgetErrorsAfter
-		if st.Unknown {
-			keep = ForgetUnknownAfter
-		}
-		if st.LastError != nil && n.Before(st.RetryAt.Add(keep)) {
-			continue
-		}
-		delete(m.Tenants, key)
-	}
-	m.unknownOrder = m.unknownOrder[:0:0]
-	for key, st := range m.Tenants {
-		if st.Unknown {
-			m.unknownOrder = append(m.unknownOrder, key)
-		}
-	}
+	m.ledger.forgetIdle(m.clock.Now(), func(key string) bool {
+		_, cached := m.Cache.Get(key)
+		return cached
+	})
 }
 
 // destroyGrace bounds how long a manager being destroyed (a config reload
@@ -340,9 +322,9 @@ const destroyGrace = 35 * time.Second
 // is gone.
 func (m *Manager) Destruct() error {
 	m.notes.wait(5 * time.Second) // notifications being written reach the store
-	m.Mu.Lock()                   // no refresh may begin after this (beginRefresh)
+	m.lifecycle.Lock()            // no refresh may begin after this (beginRefresh)
 	m.cancel()
-	m.Mu.Unlock()
+	m.lifecycle.Unlock()
 	done := make(chan struct{})
 	go func() {
 		m.refreshes.Wait()
@@ -356,6 +338,10 @@ func (m *Manager) Destruct() error {
 	m.Cache.Flush()
 	return nil
 }
+
+// Ledger is what the manager remembers per subject besides its token (for
+// metrics and tests; the manager alone changes it).
+func (m *Manager) Ledger() *Ledger { return m.ledger }
 
 // Clock is the manager's clock.
 func (m *Manager) Clock() *clock.Clock { return m.clock }
@@ -522,7 +508,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 			return nil, err
 		}
 	}
-	if err := m.backingOff(subj, n); err != nil {
+	if err := m.ledger.backingOff(subj.Key(), n); err != nil {
 		return nil, err
 	}
 	if subj.Account != "" {
@@ -535,7 +521,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		}
 		return t, err
 	}
-	if m.refreshTokenFirst(subj.Tenant, n) {
+	if m.ledger.refreshTokenFirst(subj.Tenant, n) {
 		t, err := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(err, errNoRefreshToken) {
 			return t, err
@@ -543,7 +529,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		// The record is gone (deleted by hand, or moved): start over with
 		// client credentials, which answers "no consent" with a backoff.
 		m.notifyRecordLost(subj)
-		m.forgetMode(subj.Tenant)
+		m.ledger.forgetMode(subj.Tenant)
 	}
 	return m.viaClientCredentials(s, subj, stale)
 }
@@ -595,7 +581,7 @@ func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) 
 	if terr.Failure == FailNoConsent && s.Records != nil {
 		t, rerr := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
-			m.noteClientCredentialsRefused(subj.Tenant, s)
+			m.ledger.clientCredentialsRefused(subj.Tenant, m.clock.Now().Add(s.RetryClientCredentials))
 			metrics.TokenRequests.WithLabelValues(GrantClientCredentials, terr.ErrorCode()).Inc()
 			if rerr == nil {
 				m.share(subj, t) // the other sidecars need not ask for client credentials
@@ -629,7 +615,7 @@ func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
 		return nil
 	}
 	bearer := "Bearer " + st.AccessToken
-	if (stale != nil && stale.Bearer == bearer) || m.wasRejected(subj, bearer) {
+	if (stale != nil && stale.Bearer == bearer) || m.ledger.wasRejected(subj.Key(), bearer) {
 		return nil
 	}
 	lifetime := st.ExpiresAt.Sub(st.IssuedAt)
@@ -641,17 +627,7 @@ func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
 		return nil
 	}
 	t := m.CacheToken(subj, st.Grant, st.AccessToken, st.IssuedAt, lifetime, s.RefreshBefore)
-	m.Mu.Lock()
-	state := m.State(subj.Key())
-	state.Mode = st.Grant
-	state.failures, state.LastError, state.RetryAt, state.Unknown = 0, nil, time.Time{}, false
-	if st.Grant == GrantRefreshToken && subj.Account == "" {
-		// Another sidecar found that the tenant has no service-account
-		// consent: do not ask again before retry_client_credentials.
-		state.hasRefreshToken = true
-		state.ccRetryAt = n.Add(s.RetryClientCredentials)
-	}
-	m.Mu.Unlock()
+	m.ledger.sharedFound(subj, st.Grant, n.Add(s.RetryClientCredentials))
 	return t
 }
 
@@ -722,51 +698,12 @@ func refreshSpread(lifetime time.Duration) time.Duration {
 	return time.Duration(rand.Int64N(int64(lifetime/10) + 1))
 }
 
-// backingOff returns the subject's last error while its backoff lasts.
-func (m *Manager) backingOff(subj Subject, n time.Time) error {
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
-	st := m.Tenants[subj.Key()]
-	if st == nil || st.LastError == nil || !n.Before(st.RetryAt) {
-		return nil
-	}
-	return st.LastError
-}
-
-// state returns the subject's state, creating it. The caller holds m.mu.
-func (m *Manager) State(key string) *TenantState {
-	st := m.Tenants[key]
-	if st == nil {
-		st = &TenantState{}
-		m.Tenants[key] = st
-	}
-	return st
-}
-
 // recordFailure remembers a failed token request, sets the subject's next
 // attempt (exponential backoff with jitter, or Fortnox's Retry-After if
 // longer) and logs it once.
 func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took time.Duration) {
-	m.Mu.Lock()
-	st := m.State(subj.Key())
-	named := m.namedInLogLocked(subj, st, terr)
-	if st.Mode == "" && st.failures == 0 && !st.hasRefreshToken && !st.Unknown && !st.ConsentRevoked {
-		m.rememberUnknown(subj.Key(), st)
-	}
-	// The same failure again is not news: log it at DEBUG, so that each
-	// change of a tenant's state is logged once at its own level.
-	repeated := st.LastError != nil && st.LastError.Failure == terr.Failure && st.LastError.Code == terr.Code
-	st.failures++
-	delay := BackoffDelay(st.failures)
-	retryAt := m.clock.Now().Add(delay)
-	if terr.RetryAt.After(retryAt) {
-		retryAt = terr.RetryAt
-	}
-	terr.RetryAt = retryAt
-	st.RetryAt = retryAt
-	st.LastError = terr
-	failures := st.failures
-	m.Mu.Unlock()
+	f := m.ledger.failed(subj, terr, m.clock.Now(), m.Settings.Load().listedTenants())
+	named, repeated, failures, retryAt := f.named, f.repeated, f.failures, f.retryAt
 	if took > 0 { // a request was sent (not a known-dead refresh token or a storage error)
 		metrics.TokenRequests.WithLabelValues(grant, terr.ErrorCode()).Inc()
 		metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
@@ -811,53 +748,8 @@ func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took ti
 	}
 }
 
-// namedInLogLocked is the part of subj a log line may name: a tenant (or
-// account) the sidecar knows, never one a client may have made up (any
-// TenantId or account name can be sent). The caller holds m.mu; st is
-// subj's state, before this failure is recorded.
-func (m *Manager) namedInLogLocked(subj Subject, st *TenantState, terr *Error) Subject {
-	if terr.foundInRecord() {
-		return subj
-	}
-	known := func(st *TenantState) bool {
-		return st != nil && (st.Mode != "" || st.hasRefreshToken || st.ConsentRevoked)
-	}
-	var named Subject
-	_, listed := m.Settings.Load().listedTenants()[subj.Tenant]
-	if listed || known(m.Tenants[subj.Tenant]) {
-		named.Tenant = subj.Tenant
-		if subj.Account != "" && known(st) {
-			named.Account = subj.Account
-		}
-	}
-	return named
-}
-
-// rememberUnknown notes a subject that never had a token and now fails (a
-// made-up TenantId, a customer who never connected): such states are
-// forgotten sooner, and at most maxUnknownSubjects are kept, the oldest
-// going first. The caller holds m.mu.
-func (m *Manager) rememberUnknown(key string, st *TenantState) {
-	st.Unknown = true
-	m.unknownOrder = append(m.unknownOrder, key)
-	for len(m.unknownOrder) > MaxUnknownSubjects {
-		oldest := m.unknownOrder[0]
-		m.unknownOrder = m.unknownOrder[1:]
-		if old := m.Tenants[oldest]; old != nil && old.Unknown && old.Unsaved == nil && !old.ConsentRevoked {
-			delete(m.Tenants, oldest)
-		}
-	}
-}
-
 func (m *Manager) RecordSuccess(subj Subject, grant string, t *Token, took time.Duration) {
-	m.Mu.Lock()
-	st := m.State(subj.Key())
-	st.Mode = grant
-	st.failures = 0
-	st.LastError = nil
-	st.RetryAt = time.Time{}
-	st.Unknown = false
-	m.Mu.Unlock()
+	m.ledger.succeeded(subj.Key(), grant)
 	metrics.TokenRequests.WithLabelValues(grant, "ok").Inc()
 	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
 	m.Logger().Info("token obtained", append(subj.LogFields(),

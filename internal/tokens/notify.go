@@ -488,14 +488,7 @@ func (m *Manager) notifyChainBroken(subj Subject, reason string) {
 // What this sidecar remembers of the chain goes with it, so that it is
 // noticed once.
 func (m *Manager) notifyRecordLost(subj Subject) {
-	m.Mu.Lock()
-	st := m.Tenants[subj.Key()]
-	had := st != nil && (st.Mode == GrantRefreshToken || st.hasRefreshToken)
-	if had {
-		st.Mode, st.ccRetryAt, st.hasRefreshToken = "", time.Time{}, false
-	}
-	m.Mu.Unlock()
-	if had {
+	if m.ledger.lostRecord(subj.Key()) {
 		m.notifyChainBroken(subj, "record_lost")
 	}
 }

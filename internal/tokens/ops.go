@@ -228,17 +228,7 @@ func (o Ops) tenantRecovered(subj Subject) {
 
 // noteRecovered is tenantRecovered in this process's memory.
 func (m *Manager) noteRecovered(subj Subject) {
-	m.Mu.Lock()
-	st := m.State(subj.Key())
-	st.hasRefreshToken = true
-	st.LastError, st.failures, st.RetryAt, st.Unknown, st.rejected = nil, 0, time.Time{}, false, ""
-	if subj.Account == "" {
-		st.ConsentRevoked, st.revocationRead = false, true
-	}
-	if st.Mode == "" || subj.Account != "" {
-		st.Mode = GrantRefreshToken
-	}
-	m.Mu.Unlock()
+	m.ledger.recovered(subj)
 }
 
 // importRefreshToken uses a refresh token of an unknown tenant once, reads
@@ -285,7 +275,7 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 	if err != nil {
 		rec := &Record{Mode: GrantRefreshToken}
 		m.keepAnswer(rec, answer, issued, subj)
-		m.keepUnsaved(subj, rec)
+		m.ledger.keepUnsaved(subj.Key(), rec)
 		m.Logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", zap.String("tenant", tenant), zap.Error(err))
 		return "", opErrorf(opStorage, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
 	}
@@ -306,9 +296,7 @@ func (o Ops) DropToken(ctx context.Context, tenant string) error {
 	}
 	subj := Subject{Tenant: tenant}
 	_, cached := m.Cache.Get(tenant)
-	m.Mu.Lock()
-	_, known := m.Tenants[tenant]
-	m.Mu.Unlock()
+	known := m.ledger.Knows(tenant)
 	stored := false
 	err = rs.withLock(ctx, subj, func() error {
 		rec, err := rs.load(ctx, subj)
@@ -375,9 +363,7 @@ func (o Ops) DeleteAccount(ctx context.Context, subj Subject, revoke bool) error
 		return &OpError{Kind: OpToken, Token: terr, Code: "revoke_failed", RetryAfter: time.Second,
 			Message: "Fortnox did not revoke the account's refresh token (" + terr.Error() + "); nothing was deleted: try again, or delete without ?revoke=true"}
 	}
-	m.Mu.Lock()
-	_, known := m.Tenants[subj.Key()]
-	m.Mu.Unlock()
+	known := m.ledger.Knows(subj.Key())
 	m.forget(subj)
 	if c := m.Cluster.Load(); c != nil {
 		_ = c.DropAnyToken(ctx, subj)
@@ -514,8 +500,7 @@ func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 			r.lastError = &msg
 		}
 	}
-	m.Mu.Lock()
-	for key, st := range m.Tenants {
+	m.ledger.each(func(key string, st *TenantState) {
 		tenant, account, _ := strings.Cut(key, "/")
 		r := row(Subject{Tenant: tenant, Account: account})
 		if st.Mode != "" {
@@ -531,8 +516,7 @@ func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 			msg := st.LastError.ErrorCode() + ": " + st.LastError.Error()
 			r.lastError = &msg
 		}
-	}
-	m.Mu.Unlock()
+	})
 	for key, item := range m.Cache.Items() {
 		t := item.Object.(*Token)
 		if t.UsableAt(n.UnixNano()) {

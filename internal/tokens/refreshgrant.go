@@ -26,39 +26,12 @@ const (
 // errNoRefreshToken: the subject has no stored refresh token to use.
 var errNoRefreshToken = errors.New("no refresh token stored")
 
-// refreshTokenFirst says whether tenant is on the refresh-token fallback
-// and not yet due to try client credentials again.
-func (m *Manager) refreshTokenFirst(tenant string, n time.Time) bool {
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
-	st := m.Tenants[tenant]
-	return st != nil && st.Mode == GrantRefreshToken && n.Before(st.ccRetryAt)
-}
-
-// noteClientCredentialsRefused schedules the next client-credentials try
-// for a tenant that fell back to its refresh token.
-func (m *Manager) noteClientCredentialsRefused(tenant string, s *Settings) {
-	m.Mu.Lock()
-	m.State(tenant).ccRetryAt = m.clock.Now().Add(s.RetryClientCredentials)
-	m.Mu.Unlock()
-}
-
-// forgetMode makes a tenant whose refresh-token record disappeared start
-// over with client credentials.
-func (m *Manager) forgetMode(tenant string) {
-	m.Mu.Lock()
-	if st := m.Tenants[tenant]; st != nil {
-		st.Mode, st.ccRetryAt, st.hasRefreshToken = "", time.Time{}, false
-	}
-	m.Mu.Unlock()
-}
-
 // beginRefresh registers a refresh-token request about to be sent, unless
 // the manager is being destroyed (then none may start). Destruct waits for
 // those registered.
 func (m *Manager) beginRefresh() bool {
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
+	m.lifecycle.Lock()
+	defer m.lifecycle.Unlock()
 	if m.ctx.Err() != nil {
 		return false
 	}
@@ -175,7 +148,7 @@ func (m *Manager) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Tok
 		m.RecordSuccess(subj, GrantRefreshToken, token, took)
 		m.share(subj, token)
 	} else {
-		m.noteMode(subj, GrantRefreshToken)
+		m.ledger.found(subj.Key(), GrantRefreshToken)
 	}
 	return token, nil
 }
@@ -232,7 +205,7 @@ func (m *Manager) storeRotated(ctx context.Context, s *Settings, subj Subject, r
 	err := s.Records.saveHard(ctx, subj, rec)
 	span.EndErr(err)
 	if err != nil {
-		m.keepUnsaved(subj, rec)
+		m.ledger.keepUnsaved(subj.Key(), rec)
 		m.Logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
 			append(subj.LogFields(), zap.Error(err))...)
 	}
@@ -301,7 +274,7 @@ func (m *Manager) useStored(s *Settings, subj Subject, rec *Record, stale *Token
 		return nil, nil
 	}
 	bearer := "Bearer " + rec.AccessToken
-	if (stale != nil && stale.Bearer == bearer) || m.wasRejected(subj, bearer) {
+	if (stale != nil && stale.Bearer == bearer) || m.ledger.wasRejected(subj.Key(), bearer) {
 		return nil, nil
 	}
 	lifetime := rec.ExpiresAt.Sub(rec.IssuedAt)
@@ -314,55 +287,21 @@ func (m *Manager) useStored(s *Settings, subj Subject, rec *Record, stale *Token
 		return nil, terr
 	}
 	t := m.CacheToken(subj, GrantRefreshToken, rec.AccessToken, rec.IssuedAt, lifetime, s.RefreshBefore)
-	m.noteMode(subj, GrantRefreshToken)
+	m.ledger.found(subj.Key(), GrantRefreshToken)
 	return t, nil
-}
-
-// wasRejected says whether Fortnox answered 401 to this bearer token.
-func (m *Manager) wasRejected(subj Subject, bearer string) bool {
-	m.Mu.Lock()
-	defer m.Mu.Unlock()
-	st := m.Tenants[subj.Key()]
-	return st != nil && st.rejected == bearer
-}
-
-// noteMode records the grant a subject's token came from without a token
-// request of this process (it was found in storage).
-func (m *Manager) noteMode(subj Subject, grant string) {
-	m.Mu.Lock()
-	st := m.State(subj.Key())
-	st.Mode, st.hasRefreshToken = grant, true
-	st.failures, st.LastError, st.RetryAt, st.Unknown = 0, nil, time.Time{}, false
-	m.Mu.Unlock()
-}
-
-func (m *Manager) keepUnsaved(subj Subject, rec *Record) {
-	m.Mu.Lock()
-	m.State(subj.Key()).Unsaved = rec
-	m.Mu.Unlock()
 }
 
 // saveUnsaved writes a record whose save failed earlier. Until it is
 // written, no refresh may happen: its refresh token is the only live one.
 func (m *Manager) saveUnsaved(ctx context.Context, s *Settings, subj Subject) error {
-	m.Mu.Lock()
-	st := m.Tenants[subj.Key()]
-	var rec *Record
-	if st != nil {
-		rec = st.Unsaved
-	}
-	m.Mu.Unlock()
+	rec := m.ledger.unsaved(subj.Key())
 	if rec == nil {
 		return nil
 	}
 	if err := s.Records.withLock(ctx, subj, func() error { return s.Records.saveHard(ctx, subj, rec) }); err != nil {
 		return err
 	}
-	m.Mu.Lock()
-	if st.Unsaved == rec {
-		st.Unsaved = nil
-	}
-	m.Mu.Unlock()
+	m.ledger.saved(subj.Key(), rec)
 	m.Logger().Warn("the refresh token that could not be saved earlier is saved now", subj.LogFields()...)
 	return nil
 }

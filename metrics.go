@@ -53,7 +53,7 @@ func registerMetrics(reg *prometheus.Registry) error {
 	for _, f := range allTokenFailures() {
 		outcomes = append(outcomes, (&tokens.Error{Failure: f}).ErrorCode())
 	}
-	metrics.KnowTokenOutcomes([]string{tokens.GrantClientCredentials, tokens.GrantRefreshToken, tokens.GrantAuthorizationCode}, outcomes)
+	metrics.KnowTokenOutcomes([]string{tokens.GrantClientCredentials.String(), tokens.GrantRefreshToken.String(), tokens.GrantAuthorizationCode.String()}, outcomes)
 	for _, c := range append(metrics.Collectors(), poolGauges.tenantsCached, poolGauges.refreshTokenOldest, poolGauges.chains) {
 		if err := reg.Register(c); err != nil {
 			var are prometheus.AlreadyRegisteredError

@@ -198,10 +198,10 @@ func TestTracingColdAndCachedToken(t *testing.T) {
 	spans := traceSpans(t, tid)
 	token := only(t, spans, tokens.SpanToken)
 	wantParent(t, token, serverSpan(t, spans))
-	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrOutcome: "ok", tokens.AttrAccount: ""})
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials.String(), tokens.AttrOutcome: "ok", tokens.AttrAccount: ""})
 	request := only(t, spans, tokens.SpanTokenRequest)
 	wantParent(t, request, token)
-	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrStatus: "200", tokens.AttrOutcome: "ok"})
+	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrGrant: tokens.GrantClientCredentials.String(), tokens.AttrStatus: "200", tokens.AttrOutcome: "ok"})
 	if !request.StartTime.Before(request.EndTime) || request.StartTime.Before(token.StartTime) || request.EndTime.After(token.EndTime) {
 		t.Errorf("the token request (%v to %v) is not within the token span (%v to %v)", request.StartTime, request.EndTime, token.StartTime, token.EndTime)
 	}
@@ -235,7 +235,7 @@ func TestTracingRefusedToken(t *testing.T) {
 	token := only(t, spans, tokens.SpanToken)
 	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrOutcome: "tenant_not_authorized", tokens.AttrGrant: ""})
 	request := only(t, spans, tokens.SpanTokenRequest)
-	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrOutcome: "tenant_not_authorized"})
+	wantAttrs(t, request, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials.String(), tokens.AttrOutcome: "tenant_not_authorized"})
 	if got := attr(request, tokens.AttrStatus); got == "" || got[0] != '4' {
 		t.Errorf("Fortnox's status on the token request: %q, want its 4xx", got)
 	}
@@ -258,7 +258,7 @@ func TestTracingRefreshTokenPath(t *testing.T) {
 	}
 	spans := traceSpans(t, tid)
 	token := only(t, spans, tokens.SpanToken)
-	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantRefreshToken, tokens.AttrOutcome: "ok"})
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrGrant: tokens.GrantRefreshToken.String(), tokens.AttrOutcome: "ok"})
 	var grants []string
 	for _, s := range named(spans, tokens.SpanTokenRequest) {
 		wantParent(t, s, token)
@@ -293,7 +293,7 @@ func TestTracingRefreshTokenPath(t *testing.T) {
 		t.Fatalf("%d %s", status, body)
 	}
 	spans = traceSpans(t, tid)
-	wantAttrs(t, only(t, spans, tokens.SpanToken), map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrAccount: "anna", tokens.AttrGrant: tokens.GrantRefreshToken, tokens.AttrOutcome: "ok"})
+	wantAttrs(t, only(t, spans, tokens.SpanToken), map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrAccount: "anna", tokens.AttrGrant: tokens.GrantRefreshToken.String(), tokens.AttrOutcome: "ok"})
 	for _, s := range named(spans, tokens.SpanStore) {
 		wantAttrs(t, s, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrAccount: "anna"})
 	}
@@ -359,7 +359,7 @@ func TestTracingReplayAfter401(t *testing.T) {
 	wantAttrs(t, replay, map[attribute.Key]string{tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok"})
 	token := only(t, spans, tokens.SpanToken)
 	wantParent(t, token, replay)
-	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
+	wantAttrs(t, token, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials.String()})
 	wantParent(t, only(t, spans, tokens.SpanTokenRequest), token)
 	noSecretsInSpans(t)
 }
@@ -397,7 +397,7 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 	if bg.Parent.IsValid() || bg.SpanContext.TraceID() == tid {
 		t.Errorf("the background refresh is not a root span of its own trace (parent %v)", bg.Parent.SpanID())
 	}
-	wantAttrs(t, bg, map[attribute.Key]string{tokens.AttrBackground: "true", tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
+	wantAttrs(t, bg, map[attribute.Key]string{tokens.AttrBackground: "true", tokens.AttrTenant: "1234567", tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials.String()})
 	var requests tracetest.SpanStubs
 	eventually(t, 10*time.Second, "the background refresh's token request span", func() bool {
 		requests = nil
@@ -408,7 +408,7 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 		}
 		return len(requests) == 1
 	})
-	wantAttrs(t, requests[0], map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials, tokens.AttrStatus: "200"})
+	wantAttrs(t, requests[0], map[attribute.Key]string{tokens.AttrGrant: tokens.GrantClientCredentials.String(), tokens.AttrStatus: "200"})
 	noSecretsInSpans(t)
 }
 
@@ -527,7 +527,7 @@ func TestTracingSingleFlight(t *testing.T) {
 	leader := only(t, traceSpans(t, first), tokens.SpanToken)
 	wantAttrs(t, leader, map[attribute.Key]string{tokens.AttrOutcome: tokens.OutcomeCancelled})
 	follower := only(t, traceSpans(t, second), tokens.SpanToken)
-	wantAttrs(t, follower, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials})
+	wantAttrs(t, follower, map[attribute.Key]string{tokens.AttrOutcome: "ok", tokens.AttrGrant: tokens.GrantClientCredentials.String()})
 	if len(follower.Links) != 1 || follower.Links[0].SpanContext.SpanID() != leader.SpanContext.SpanID() {
 		t.Errorf("the joining request's token span links to %v, want the first request's token span", follower.Links)
 	}

@@ -60,7 +60,7 @@ type Backend interface {
 // sharedToken is an access token as it is shared between sidecars.
 type SharedToken struct {
 	AccessToken string    `json:"access_token"`
-	Grant       string    `json:"grant"`
+	Grant       Grant     `json:"grant"`
 	IssuedAt    time.Time `json:"issued_at"`
 	ExpiresAt   time.Time `json:"expires_at"`
 }

@@ -31,7 +31,7 @@ import (
 // accepted only from client credentials, where the TenantId header binds
 // it), and for a named account bound to a user, a userId claim must name
 // that user.
-func checkTokenBinding(accessToken string, subj Subject, grant, wantUser string) *Error {
+func checkTokenBinding(accessToken string, subj Subject, grant Grant, wantUser string) *Error {
 	c, err := DecodeJWTClaims(accessToken)
 	var tenant string
 	if err == nil {
@@ -54,7 +54,7 @@ func checkTokenBinding(accessToken string, subj Subject, grant, wantUser string)
 }
 
 // checkTokenTenant is checkTokenBinding for a tenant's service account.
-func checkTokenTenant(accessToken, tenant, grant string) *Error {
+func checkTokenTenant(accessToken, tenant string, grant Grant) *Error {
 	return checkTokenBinding(accessToken, Subject{Tenant: tenant}, grant, "")
 }
 

@@ -37,12 +37,19 @@ const (
 	defaultTokenLifetime = time.Hour
 )
 
-// grant names, as sent in grant_type and used in logs and metrics.
+// Grant names an OAuth2 grant, as sent in grant_type and used in logs,
+// metrics and the records: one type for every place a grant is named.
+type Grant string
+
+// The grants the sidecar uses.
 const (
-	GrantClientCredentials = "client_credentials"
-	GrantRefreshToken      = "refresh_token"
-	GrantAuthorizationCode = "authorization_code"
+	GrantClientCredentials Grant = "client_credentials"
+	GrantRefreshToken      Grant = "refresh_token"
+	GrantAuthorizationCode Grant = "authorization_code"
 )
+
+// String is the grant's name.
+func (g Grant) String() string { return string(g) }
 
 // tokenAnswer is a successful token endpoint answer.
 type Answer struct {

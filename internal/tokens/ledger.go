@@ -168,7 +168,7 @@ func (l *Ledger) failed(subj Subject, terr *Error, n time.Time, listed map[strin
 }
 
 // succeeded notes a token obtained through grant.
-func (l *Ledger) succeeded(key, grant string) {
+func (l *Ledger) succeeded(key string, grant Grant) {
 	l.update(key, func(st *TenantState) {
 		st.Mode = grant
 		st.failures, st.LastError, st.RetryAt, st.Unknown = 0, nil, time.Time{}, false
@@ -265,7 +265,7 @@ func (l *Ledger) wasRejected(key, bearer string) bool {
 
 // found records the grant a subject's token came from without a token
 // request of this process (it was found in storage).
-func (l *Ledger) found(key, grant string) {
+func (l *Ledger) found(key string, grant Grant) {
 	l.update(key, func(st *TenantState) {
 		st.Mode, st.hasRefreshToken = grant, true
 		st.failures, st.LastError, st.RetryAt, st.Unknown = 0, nil, time.Time{}, false
@@ -393,7 +393,7 @@ func (l *Ledger) recovered(subj Subject) {
 // sharedFound notes a token another sidecar obtained through grant; for a
 // tenant's refresh token, client credentials are not tried again before
 // ccRetryAt.
-func (l *Ledger) sharedFound(subj Subject, grant string, ccRetryAt time.Time) {
+func (l *Ledger) sharedFound(subj Subject, grant Grant, ccRetryAt time.Time) {
 	l.update(subj.Key(), func(st *TenantState) {
 		st.Mode = grant
 		st.failures, st.LastError, st.RetryAt, st.Unknown = 0, nil, time.Time{}, false

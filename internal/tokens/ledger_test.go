@@ -19,7 +19,7 @@ func TestForgetIdleTenants(t *testing.T) {
 	m.ledger.update("1000002", func(st *TenantState) { st.Mode = GrantClientCredentials }) // idle: forgotten
 	m.ledger.update("1000003", func(st *TenantState) { st.ConsentRevoked = true })         // revoked: kept
 	m.ledger.update("1000004", func(st *TenantState) { st.Unsaved = &Record{} })           // unsaved refresh token: kept
-	m.ledger.update("1000005", func(st *TenantState) { // a recent error: kept for a while
+	m.ledger.update("1000005", func(st *TenantState) {                                     // a recent error: kept for a while
 		st.LastError, st.RetryAt = &Error{Failure: FailUnavailable}, clk.Now()
 	})
 

@@ -131,7 +131,7 @@ func (s Subject) LogFields() []zap.Field {
 type Token struct {
 	// bearer is the whole Authorization header value, made once.
 	Bearer string
-	grant  string
+	grant  Grant
 	// issuedAt is when Fortnox minted the token (not when this process
 	// read it from storage): a 401 on a token minted seconds ago is not the
 	// token's fault.
@@ -159,7 +159,7 @@ func (t *Token) UsableAt(n int64) bool {
 // tenantState is what the manager remembers about a subject besides its
 // token: the last failure and when to try again.
 type TenantState struct {
-	Mode      string // grantClientCredentials, grantRefreshToken or "" (none yet)
+	Mode      Grant // GrantClientCredentials, grantRefreshToken or "" (none yet)
 	LastError *Error
 	failures  int
 	RetryAt   time.Time
@@ -553,7 +553,7 @@ func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) 
 			return t, nil
 		}
 	}
-	rspan := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(GrantClientCredentials)))
+	rspan := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantClientCredentials))))
 	release, err := m.tokenSlot(s)
 	if err != nil {
 		rspan.EndErr(err)
@@ -582,7 +582,7 @@ func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) 
 		t, rerr := m.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
 			m.ledger.clientCredentialsRefused(subj.Tenant, m.clock.Now().Add(s.RetryClientCredentials))
-			metrics.TokenRequests.WithLabelValues(GrantClientCredentials, terr.ErrorCode()).Inc()
+			metrics.TokenRequests.WithLabelValues(string(GrantClientCredentials), terr.ErrorCode()).Inc()
 			if rerr == nil {
 				m.share(subj, t) // the other sidecars need not ask for client credentials
 			}
@@ -656,12 +656,12 @@ func (m *Manager) tokenSlot(s *Settings) (release func(), err error) {
 }
 
 // store caches a new token for the subject and returns it.
-func (m *Manager) Store(subj Subject, grant string, a *Answer, refreshBefore time.Duration) *Token {
+func (m *Manager) Store(subj Subject, grant Grant, a *Answer, refreshBefore time.Duration) *Token {
 	return m.CacheToken(subj, grant, a.AccessToken, m.clock.Now(), a.Lifetime, refreshBefore)
 }
 
 // cacheToken caches an access token issued at issued for lifetime.
-func (m *Manager) CacheToken(subj Subject, grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *Token {
+func (m *Manager) CacheToken(subj Subject, grant Grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *Token {
 	t := &Token{
 		Bearer:    "Bearer " + accessToken,
 		grant:     grant,
@@ -701,12 +701,12 @@ func refreshSpread(lifetime time.Duration) time.Duration {
 // recordFailure remembers a failed token request, sets the subject's next
 // attempt (exponential backoff with jitter, or Fortnox's Retry-After if
 // longer) and logs it once.
-func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took time.Duration) {
+func (m *Manager) RecordFailure(subj Subject, grant Grant, terr *Error, took time.Duration) {
 	f := m.ledger.failed(subj, terr, m.clock.Now(), m.Settings.Load().listedTenants())
 	named, repeated, failures, retryAt := f.named, f.repeated, f.failures, f.retryAt
 	if took > 0 { // a request was sent (not a known-dead refresh token or a storage error)
-		metrics.TokenRequests.WithLabelValues(grant, terr.ErrorCode()).Inc()
-		metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+		metrics.TokenRequests.WithLabelValues(string(grant), terr.ErrorCode()).Inc()
+		metrics.TokenDuration.WithLabelValues(string(grant)).Observe(took.Seconds())
 	}
 
 	log := m.Logger()
@@ -715,7 +715,7 @@ func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took ti
 		fields = named.LogFields()
 	}
 	fields = append(fields,
-		zap.String("grant", grant),
+		zap.String("grant", string(grant)),
 		zap.String("outcome", terr.ErrorCode()),
 		zap.Duration("duration", took),
 		zap.Int("consecutive_failures", failures),
@@ -748,12 +748,12 @@ func (m *Manager) RecordFailure(subj Subject, grant string, terr *Error, took ti
 	}
 }
 
-func (m *Manager) RecordSuccess(subj Subject, grant string, t *Token, took time.Duration) {
+func (m *Manager) RecordSuccess(subj Subject, grant Grant, t *Token, took time.Duration) {
 	m.ledger.succeeded(subj.Key(), grant)
-	metrics.TokenRequests.WithLabelValues(grant, "ok").Inc()
-	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+	metrics.TokenRequests.WithLabelValues(string(grant), "ok").Inc()
+	metrics.TokenDuration.WithLabelValues(string(grant)).Observe(took.Seconds())
 	m.Logger().Info("token obtained", append(subj.LogFields(),
-		zap.String("grant", grant),
+		zap.String("grant", string(grant)),
 		zap.String("outcome", "ok"),
 		zap.Duration("duration", took),
 		zap.Time("expires_at", t.expiry()))...)

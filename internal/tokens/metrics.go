@@ -7,10 +7,10 @@ import (
 )
 
 // metricsTokenRequest counts a token request that was sent (took > 0).
-func metricsTokenRequest(grant, outcome string, took time.Duration) {
+func metricsTokenRequest(grant Grant, outcome string, took time.Duration) {
 	if took <= 0 {
 		return
 	}
-	metrics.TokenRequests.WithLabelValues(grant, outcome).Inc()
-	metrics.TokenDuration.WithLabelValues(grant).Observe(took.Seconds())
+	metrics.TokenRequests.WithLabelValues(string(grant), outcome).Inc()
+	metrics.TokenDuration.WithLabelValues(string(grant)).Observe(took.Seconds())
 }

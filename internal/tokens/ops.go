@@ -485,7 +485,7 @@ func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 			r.refreshAge = &age
 		}
 		if rec.Mode != "" {
-			r.mode = rec.Mode
+			r.mode = string(rec.Mode)
 		}
 		if rec.UserID != "" {
 			r.userID = &rec.UserID
@@ -504,7 +504,7 @@ func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 		tenant, account, _ := strings.Cut(key, "/")
 		r := row(Subject{Tenant: tenant, Account: account})
 		if st.Mode != "" {
-			r.mode = st.Mode
+			r.mode = string(st.Mode)
 		}
 		if st.hasRefreshToken {
 			r.hasRefreshToken = st.LastError == nil || st.LastError.Failure != FailGrantRejected
@@ -525,7 +525,7 @@ func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 			exp := t.expiry().UTC()
 			r.expiresAt = &exp
 			if r.mode == "none" {
-				r.mode = t.grant
+				r.mode = string(t.grant)
 			}
 		}
 	}

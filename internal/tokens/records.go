@@ -65,7 +65,7 @@ type Record struct {
 	Tenant       string    `json:"tenant"`
 	ClientID     string    `json:"client_id"`
 	Account      string    `json:"account,omitempty"`
-	Mode         string    `json:"mode,omitempty"`
+	Mode         Grant     `json:"mode,omitempty"`
 	RefreshToken string    `json:"refresh_token,omitempty"`
 	AccessToken  string    `json:"access_token,omitempty"`
 	IssuedAt     time.Time `json:"issued_at,omitzero"`

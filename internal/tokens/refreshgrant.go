@@ -167,7 +167,7 @@ type rotated struct {
 // rejected is marked (refreshRefused); an answer that is another tenant's
 // (or user's) is stranded, and the caller calls settle without the lock.
 func (m *Manager) refreshStored(ctx context.Context, s *Settings, subj Subject, rec *Record) rotated {
-	span := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(GrantRefreshToken)))
+	span := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantRefreshToken))))
 	answer, took, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
 	span.endAnswer(answer, err)
 	defer stored()

@@ -110,7 +110,7 @@ func (t tspan) EndErr(err error) {
 // endToken ends a fortnox.token span with the token's grant, or err.
 func (t tspan) endToken(tok *Token, err error) {
 	if t.Recording() && err == nil && tok != nil {
-		t.s.SetAttributes(AttrGrant.String(tok.grant))
+		t.s.SetAttributes(AttrGrant.String(string(tok.grant)))
 	}
 	t.EndErr(err)
 }

@@ -131,11 +131,17 @@ type strandedToken struct {
 	quarantine bool // written to quarantine (false: kept in memory only)
 }
 
+// quarantine keeps refresh tokens that came back for another tenant or
+// user: written to the quarantine records, or held (stranded) until they
+// can be.
+type quarantine struct{ m *Manager }
+
 // quarantineAnswer keeps a refresh answer that came back for another
 // tenant (or user) than subj's in quarantine: one write, so the window
 // between Fortnox rotating the token and storing it stays as short as it
 // can be. It returns nil when the answer holds no refresh token.
-func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subject, answer *Answer, terr *Error) *strandedToken {
+func (qu quarantine) quarantineAnswer(ctx context.Context, s *Settings, subj Subject, answer *Answer, terr *Error) *strandedToken {
+	m := qu.m
 	if answer.RefreshToken == "" {
 		return nil
 	}
@@ -158,7 +164,7 @@ func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subjec
 		q.Tenant = tenant // whose it is, whatever the failure was
 	}
 	st := &strandedToken{q: q, quarantine: true}
-	if err := m.writeQuarantine(ctx, s, q); err != nil {
+	if err := m.quarantine.writeQuarantine(ctx, s, q); err != nil {
 		m.Logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
 			append(subj.LogFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
 		st.quarantine = false
@@ -172,8 +178,9 @@ func (m *Manager) quarantineAnswer(ctx context.Context, s *Settings, subj Subjec
 // answer goes to quarantine first, then subj's record is marked so that
 // the operator sees why it has no refresh token. The caller holds subj's
 // lock.
-func (m *Manager) strand(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer, terr *Error) (*strandedToken, *Error) {
-	st := m.quarantineAnswer(ctx, s, subj, answer, terr)
+func (qu quarantine) strand(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer, terr *Error) (*strandedToken, *Error) {
+	m := qu.m
+	st := m.quarantine.quarantineAnswer(ctx, s, subj, answer, terr)
 	rec.RefreshToken, rec.AccessToken = "", ""
 	rec.IssuedAt, rec.ExpiresAt = time.Time{}, time.Time{}
 	rec.MismatchTenant = CmpOr(terr.TokenTenant, "(none)")
@@ -194,7 +201,8 @@ func (m *Manager) strand(ctx context.Context, s *Settings, subj Subject, rec *Re
 
 // writeQuarantine stores a quarantine record; like saveHard, a write that
 // has started is not cut short.
-func (m *Manager) writeQuarantine(ctx context.Context, s *Settings, q *quarantineRecord) error {
+func (qu quarantine) writeQuarantine(ctx context.Context, s *Settings, q *quarantineRecord) error {
+	m := qu.m
 	key := QuarantineKey(m.clientID, q.ID)
 	raw, err := s.Records.Encode(key, q)
 	if err != nil {
@@ -206,7 +214,7 @@ func (m *Manager) writeQuarantine(ctx context.Context, s *Settings, q *quarantin
 		err = s.Records.Storage.Store(wctx, key, raw)
 		cancel()
 		if err == nil {
-			m.notifyQuarantined(q)
+			m.notes.notifyQuarantined(q)
 		}
 		if err == nil || attempt == 3 {
 			return err
@@ -239,14 +247,15 @@ func (q *stranded) take() []*quarantineRecord {
 }
 
 // saveStranded writes quarantine records kept in memory.
-func (m *Manager) saveStranded(ctx context.Context) {
+func (qu quarantine) saveStranded(ctx context.Context) {
+	m := qu.m
 	s := m.Settings.Load()
 	if s == nil || s.Records == nil {
 		return
 	}
 	pending := m.stranded.take()
 	for _, q := range pending {
-		if err := m.writeQuarantine(ctx, s, q); err != nil {
+		if err := m.quarantine.writeQuarantine(ctx, s, q); err != nil {
 			m.stranded.keep(q)
 			continue
 		}

@@ -22,17 +22,22 @@ import (
 // sidecar's broadcast may arrive meanwhile, and it is weighed against the
 // record (see applyEvent), so the record must already hold this event.
 func (m *Manager) ConsentCreated(tenant string) {
-	if err := m.persistRevocation(tenant, false); err != nil {
+	if err := m.consent.persistRevocation(tenant, false); err != nil {
 		m.Logger().Error("could not clear the stored consent revocation", zap.String("tenant", tenant), zap.Error(err))
 	}
-	m.noteCreated(tenant)
-	m.notifyConsent(tenant, eventCreated)
+	m.consent.noteCreated(tenant)
+	m.notes.notifyConsent(tenant, eventCreated)
 	m.tell(Event{Kind: eventCreated, Tenant: tenant})
 	m.Logger().Info("consent created", zap.String("tenant", tenant))
 }
 
+// consents keeps a tenant's service-account consent: revoked and given
+// again (webhooks, other sidecars), and the mark stored in its record.
+type consents struct{ m *Manager }
+
 // noteCreated is consentCreated in this process's memory.
-func (m *Manager) noteCreated(tenant string) {
+func (cs consents) noteCreated(tenant string) {
+	m := cs.m
 	m.ledger.consentCreated(tenant)
 }
 
@@ -42,22 +47,23 @@ func (m *Manager) noteCreated(tenant string) {
 // (it survives a restart; first, as in consentCreated) and every sidecar
 // is told.
 func (m *Manager) ConsentRevoked(tenant string) {
-	if err := m.persistRevocation(tenant, true); err != nil {
+	if err := m.consent.persistRevocation(tenant, true); err != nil {
 		m.Logger().Error("could not store the consent revocation: a restart would forget it", zap.String("tenant", tenant), zap.Error(err))
 	}
-	m.noteRevoked(tenant)
+	m.consent.noteRevoked(tenant)
 	if c := m.Cluster.Load(); c != nil {
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(m.ctx), SharedCallLimit)
 		_ = c.DropAnyToken(ctx, Subject{Tenant: tenant})
 		cancel()
 	}
-	m.notifyConsent(tenant, eventRevoked)
+	m.notes.notifyConsent(tenant, eventRevoked)
 	m.tell(Event{Kind: eventRevoked, Tenant: tenant})
 	m.Logger().Warn("consent revoked: requests for the tenant are refused until it authorizes again", zap.String("tenant", tenant))
 }
 
 // noteRevoked is consentRevoked in this process's memory.
-func (m *Manager) noteRevoked(tenant string) {
+func (cs consents) noteRevoked(tenant string) {
+	m := cs.m
 	m.ledger.consentRevoked(tenant)
 	// A token request in flight may cache its token after this: wait for it
 	// (joining its flight, or taking the slot so none starts), then drop.
@@ -79,7 +85,8 @@ func (m *Manager) tell(ev Event) {
 // persistRevocation writes (or clears) the revocation mark in the tenant's
 // record, under its lock. A revoked tenant's stored access token is
 // dropped too.
-func (m *Manager) persistRevocation(tenant string, revoked bool) error {
+func (cs consents) persistRevocation(tenant string, revoked bool) error {
+	m := cs.m
 	s := m.Settings.Load()
 	if s == nil || s.Records == nil {
 		return nil
@@ -114,11 +121,12 @@ func (m *Manager) persistRevocation(tenant string, revoked bool) error {
 
 // revokedError is the answer for a tenant whose consent was revoked. The
 // stored mark is read once per tenant state, so a restart remembers it.
-func (m *Manager) revokedError(s *Settings, tenant string) error {
+func (cs consents) revokedError(s *Settings, tenant string) error {
+	m := cs.m
 	read, revoked := m.ledger.revocation(tenant)
 	if !read && s != nil && s.Records != nil {
 		ctx, cancel := context.WithTimeout(m.ctx, s.TokenTimeout)
-		span := m.storeSpan(Subject{Tenant: tenant}, OpLoadRecord)
+		span := m.tracer.storeSpan(Subject{Tenant: tenant}, OpLoadRecord)
 		rec, err := s.Records.load(ctx, Subject{Tenant: tenant})
 		span.EndErr(err)
 		cancel()

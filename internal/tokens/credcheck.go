@@ -47,12 +47,12 @@ func (m *Manager) CheckCredentialsSoon(cred Credentials, timeout time.Duration, 
 		// kept alive by this map.
 		context.AfterFunc(m.ctx, func() { CredChecked.Delete(m) })
 	}
-	go m.checkCredentials(CredCheckDelay, cred, timeout, logger)
+	go checkCredentials(m, CredCheckDelay, cred, timeout, logger)
 }
 
 // checkCredentials waits delay, then makes the check and logs what it
 // found. A manager destroyed meanwhile makes no request.
-func (m *Manager) checkCredentials(delay time.Duration, cred Credentials, timeout time.Duration, logger *zap.Logger) {
+func checkCredentials(m *Manager, delay time.Duration, cred Credentials, timeout time.Duration, logger *zap.Logger) {
 	t := time.NewTimer(delay)
 	defer t.Stop()
 	select {

@@ -101,7 +101,7 @@ func (o Ops) EncryptRecords(ctx context.Context) (*EncryptResult, error) {
 				return lerr
 			})
 			if outcome == encryptedNow {
-				m.forgetStorageFailure(subj)
+				m.ledger.forgetStorageFailure(subj.Key())
 			}
 		case strings.HasPrefix(key, quarantinePrefix(m.clientID)):
 			outcome, err = rs.encryptInPlace(ctx, key, func([]byte) error { return nil })
@@ -189,10 +189,4 @@ func subjectOfKey(clientID, key string) (Subject, bool) {
 		return Subject{Tenant: parts[1], Account: parts[2]}, true
 	}
 	return Subject{}, false
-}
-
-// forgetStorageFailure lets a subject whose record could not be used try
-// again at once, now that the record was rewritten.
-func (m *Manager) forgetStorageFailure(subj Subject) {
-	m.ledger.forgetStorageFailure(subj.Key())
 }

@@ -18,21 +18,21 @@ func (m *Manager) ApplyEvent(ev Event) {
 		// consent through its webhook before it reads another's earlier
 		// revocation. The tenant's record, written before each broadcast,
 		// has the latest word: an event it contradicts is stale.
-		if revoked, known := m.storedRevocation(ev.Tenant); known && revoked != (ev.Kind == eventRevoked) {
+		if revoked, known := m.consent.storedRevocation(ev.Tenant); known && revoked != (ev.Kind == eventRevoked) {
 			return
 		}
 		if ev.Kind == eventRevoked {
-			m.noteRevoked(ev.Tenant)
+			m.consent.noteRevoked(ev.Tenant)
 		} else {
-			m.noteCreated(ev.Tenant)
+			m.consent.noteCreated(ev.Tenant)
 		}
-		m.notifyConsent(ev.Tenant, ev.Kind) // told once, whichever sidecar claims it first
+		m.notes.notifyConsent(ev.Tenant, ev.Kind) // told once, whichever sidecar claims it first
 	case eventRecovered:
-		m.noteRecovered(subj)
+		m.ledger.recovered(subj)
 	case EventInvalidate:
 		if v, ok := m.Cache.Get(subj.Key()); ok {
 			if t := v.(*Token); TokenHash(t.accessToken()) == ev.TokenHash {
-				m.reject(subj, t.Bearer)
+				m.invalidate.reject(subj, t.Bearer)
 				m.drop(subj, t)
 			}
 		}
@@ -45,7 +45,8 @@ func (m *Manager) ApplyEvent(ev Event) {
 
 // storedRevocation reads whether the tenant's record marks its consent as
 // revoked; known is false when there is no record or it cannot be read.
-func (m *Manager) storedRevocation(tenant string) (revoked, known bool) {
+func (cs consents) storedRevocation(tenant string) (revoked, known bool) {
+	m := cs.m
 	s := m.Settings.Load()
 	if s == nil || s.Records == nil {
 		return false, false
@@ -77,7 +78,7 @@ func (m *Manager) Resync() {
 		}
 	}
 	for _, tenant := range tenants {
-		if m.revokedError(s, tenant) != nil {
+		if m.consent.revokedError(s, tenant) != nil {
 			m.drop(Subject{Tenant: tenant}, nil)
 		}
 	}

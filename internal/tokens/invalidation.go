@@ -34,7 +34,7 @@ func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
 	n := m.clock.Now()
 	if n.Sub(t.issuedAt) < FreshTokenGrace {
 		metrics.InvalidationsBounded.Inc()
-		m.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
+		m.invalidate.debug401(subj, "a 401 on a token minted seconds ago: passed through, the token is kept")
 		return false
 	}
 	if m.ledger.wasRejected(subj.Key(), t.Bearer) {
@@ -45,32 +45,39 @@ func (m *Manager) Unauthorized(subj Subject, t *Token) bool {
 	cancel()
 	if err == nil && !allowed {
 		metrics.InvalidationsBounded.Inc()
-		m.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
+		m.invalidate.debug401(subj, "Fortnox keeps answering 401 with new tokens: passed through, the token is kept (a wrong path or a missing scope?)")
 		return false
 	}
-	m.reject(subj, t.Bearer)
+	m.invalidate.reject(subj, t.Bearer)
 	m.drop(subj, t)
-	go m.dropEverywhere(subj, t)
+	go m.invalidate.dropEverywhere(subj, t)
 	return true
 }
 
+// invalidator drops a token Fortnox answered 401 to, here and in every
+// sidecar, at most so often per subject.
+type invalidator struct{ m *Manager }
+
 // reject remembers the access token Fortnox refused: it is never used again.
-func (m *Manager) reject(subj Subject, bearer string) {
+func (iv invalidator) reject(subj Subject, bearer string) {
+	m := iv.m
 	m.ledger.reject(subj.Key(), bearer)
 }
 
 // dropEverywhere removes a refused token from the stores and tells the
 // other sidecars.
-func (m *Manager) dropEverywhere(subj Subject, t *Token) {
+func (iv invalidator) dropEverywhere(subj Subject, t *Token) {
+	m := iv.m
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
 	_ = m.Shared().DropToken(ctx, subj, t.accessToken())
 	cancel()
 	if t.grant == GrantRefreshToken {
-		m.dropStoredAccessToken(subj, t.accessToken())
+		m.invalidate.dropStoredAccessToken(subj, t.accessToken())
 	}
 }
 
-func (m *Manager) debug401(subj Subject, msg string) {
+func (iv invalidator) debug401(subj Subject, msg string) {
+	m := iv.m
 	if ce := m.Logger().Check(zap.DebugLevel, msg); ce != nil {
 		ce.Write(subj.LogFields()...)
 	}
@@ -81,7 +88,8 @@ func (m *Manager) debug401(subj Subject, msg string) {
 // invalidate: a newer token stored meanwhile stays), so that no process
 // reads it back. Under the record's lock: the record holds the refresh
 // token too.
-func (m *Manager) dropStoredAccessToken(subj Subject, accessToken string) {
+func (iv invalidator) dropStoredAccessToken(subj Subject, accessToken string) {
+	m := iv.m
 	s := m.Settings.Load()
 	if s == nil || s.Records == nil {
 		return

@@ -19,9 +19,14 @@ const (
 	keepAliveEvery = time.Hour
 )
 
+// keeper keeps stored refresh tokens alive: each is refreshed before
+// Fortnox would let it expire unused.
+type keeper struct{ m *Manager }
+
 // keepAliveLoop runs keepAlive a few minutes after the manager starts,
 // then every keepAliveEvery, until the manager is destroyed.
-func (m *Manager) keepAliveLoop() {
+func (kp keeper) keepAliveLoop() {
+	m := kp.m
 	t := time.NewTimer(5 * time.Minute)
 	defer t.Stop()
 	for {
@@ -75,7 +80,7 @@ func (m *Manager) KeepAlive() int {
 		if !ok {
 			continue
 		}
-		if age >= keepAliveAfter && m.keepAliveOne(ctx, s, subj) {
+		if age >= keepAliveAfter && m.keeper.keepAliveOne(ctx, s, subj) {
 			refreshed++
 			continue
 		}
@@ -89,7 +94,8 @@ func (m *Manager) KeepAlive() int {
 // it is still old when read again (another process may have refreshed it).
 // The new access token is stored but not cached: a tenant on client
 // credentials keeps using its service account's token.
-func (m *Manager) keepAliveOne(ctx context.Context, s *Settings, subj Subject) bool {
+func (kp keeper) keepAliveOne(ctx context.Context, s *Settings, subj Subject) bool {
+	m := kp.m
 	var r rotated
 	_, _, _ = m.Flights.Do(subj.Key(), func() (any, error) {
 		err := s.Records.withLock(ctx, subj, func() error {
@@ -100,7 +106,7 @@ func (m *Manager) keepAliveOne(ctx context.Context, s *Settings, subj Subject) b
 			if age, ok := refreshTokenAge(rec, m.clock.Now()); !ok || age < keepAliveAfter {
 				return nil
 			}
-			r = m.refreshStored(ctx, s, subj, rec)
+			r = m.refresh.refreshStored(ctx, s, subj, rec)
 			return nil
 		})
 		if err != nil {
@@ -108,7 +114,7 @@ func (m *Manager) keepAliveOne(ctx context.Context, s *Settings, subj Subject) b
 		}
 		return nil, nil
 	})
-	m.settle(r)
+	m.refresh.settle(r)
 	switch {
 	case r.failure != nil:
 		m.RecordFailure(subj, GrantRefreshToken, r.failure, r.took)

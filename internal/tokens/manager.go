@@ -204,6 +204,19 @@ type Manager struct {
 	// traces: the span of the request each traced flight runs for.
 	traces flightTraces
 
+	// refresh and clientCredentials are the grants.
+	refresh           refreshGrant
+	clientCredentials clientCredentialsGrant
+
+	// The manager's parts, each for one concern (see their types).
+	quarantine quarantine
+	invalidate invalidator
+	keeper     keeper
+	consent    consents
+	tracer     tracer
+	sharing    sharing
+	sweeper    sweeper
+
 	// ledger is what the manager remembers per subject besides its token.
 	ledger *Ledger
 	// stranded holds quarantine records that could not be written yet.
@@ -254,9 +267,18 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 		cancel:   cancel,
 	}
 	m.RefusalLog = NewLogLimiter(clk)
+	m.refresh = refreshGrant{m}
+	m.clientCredentials = clientCredentialsGrant{m}
 	m.notes = newNotifier(m)
-	go m.sweep(sweepInterval)
-	go m.keepAliveLoop()
+	m.quarantine = quarantine{m}
+	m.invalidate = invalidator{m}
+	m.keeper = keeper{m}
+	m.consent = consents{m}
+	m.tracer = tracer{m}
+	m.sharing = sharing{m}
+	m.sweeper = sweeper{m}
+	go m.sweeper.sweep(sweepInterval)
+	go m.keeper.keepAliveLoop()
 	go m.notes.run()
 	return m
 }
@@ -275,8 +297,13 @@ const (
 	MaxUnknownSubjects = 10000
 )
 
+// sweeper reclaims memory until the manager is destroyed: dead tokens,
+// idle subjects, stranded quarantine records, quiet log causes.
+type sweeper struct{ m *Manager }
+
 // sweep reclaims memory until the manager is destroyed.
-func (m *Manager) sweep(every time.Duration) {
+func (sw sweeper) sweep(every time.Duration) {
+	m := sw.m
 	t := time.NewTicker(every)
 	defer t.Stop()
 	for {
@@ -284,17 +311,18 @@ func (m *Manager) sweep(every time.Duration) {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			m.dropDeadTokens()
+			m.sweeper.dropDeadTokens()
 			m.ForgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
-			m.saveStranded(m.ctx)
+			m.quarantine.saveStranded(m.ctx)
 			m.RefusalLog.Flush(m.Logger())
 		}
 	}
 }
 
 // dropDeadTokens removes expired tokens from the cache.
-func (m *Manager) dropDeadTokens() {
+func (sw sweeper) dropDeadTokens() {
+	m := sw.m
 	n := m.clock.Now().UnixNano()
 	for key, item := range m.Cache.Items() {
 		if t := item.Object.(*Token); n >= t.expiresAt {
@@ -412,14 +440,14 @@ func (m *Manager) WaitForToken(ctx context.Context, subj Subject, stale *Token) 
 	key := subj.Key()
 	tctx, span := tokenSpan(ctx, subj)
 	defer func() { span.endToken(tok, err) }()
-	limit := time.NewTimer(m.callerWaitLimit())
+	limit := time.NewTimer(callerWaitLimit(m.Settings.Load()))
 	defer limit.Stop()
 	for attempt := 0; ; attempt++ {
 		ch := m.Flights.DoChan(key, func() (any, error) {
 			defer m.traces.begin(key, tctx)()
 			return m.obtain(subj, stale)
 		})
-		m.joined(span, key, tctx)
+		m.tracer.joined(span, key, tctx)
 		select {
 		case res := <-ch:
 			if res.Err != nil {
@@ -440,8 +468,7 @@ func (m *Manager) WaitForToken(ctx context.Context, subj Subject, stale *Token) 
 
 // callerWaitLimit is the longest a request waits for a token request: the
 // storage lock and the token request itself.
-func (m *Manager) callerWaitLimit() time.Duration {
-	s := m.Settings.Load()
+func callerWaitLimit(s *Settings) time.Duration {
 	if s == nil {
 		return LockBudget + DefaultTokenTimeout
 	}
@@ -462,7 +489,7 @@ func (m *Manager) refreshAhead(subj Subject, t *Token, link spanLink, traced boo
 		defer m.traces.begin(subj.Key(), tctx)()
 		return m.obtain(subj, t)
 	})
-	m.joined(span, subj.Key(), tctx)
+	m.tracer.joined(span, subj.Key(), tctx)
 	res := <-ch
 	tok, _ := res.Val.(*Token)
 	span.endToken(tok, res.Err)
@@ -504,7 +531,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 	}
 	s := m.Settings.Load()
 	if subj.Account == "" {
-		if err := m.revokedError(s, subj.Tenant); err != nil {
+		if err := m.consent.revokedError(s, subj.Tenant); err != nil {
 			return nil, err
 		}
 	}
@@ -512,9 +539,9 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		return nil, err
 	}
 	if subj.Account != "" {
-		t, err := m.viaRefreshToken(s, subj, stale)
+		t, err := m.refresh.viaRefreshToken(s, subj, stale)
 		if errors.Is(err, errNoRefreshToken) {
-			m.notifyRecordLost(subj)
+			m.notes.notifyRecordLost(subj)
 			terr := &Error{Failure: FailAccountNotAuthorized}
 			m.RecordFailure(subj, GrantRefreshToken, terr, 0)
 			return nil, terr
@@ -522,39 +549,48 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		return t, err
 	}
 	if m.ledger.refreshTokenFirst(subj.Tenant, n) {
-		t, err := m.viaRefreshToken(s, subj, stale)
+		t, err := m.refresh.viaRefreshToken(s, subj, stale)
 		if !errors.Is(err, errNoRefreshToken) {
 			return t, err
 		}
 		// The record is gone (deleted by hand, or moved): start over with
 		// client credentials, which answers "no consent" with a backoff.
-		m.notifyRecordLost(subj)
+		m.notes.notifyRecordLost(subj)
 		m.ledger.forgetMode(subj.Tenant)
 	}
-	return m.viaClientCredentials(s, subj, stale)
+	return m.clientCredentials.viaClientCredentials(s, subj, stale)
 }
+
+// clientCredentialsGrant is the client-credentials grant, the service
+// account's first choice: a token for the tenant from the client id and
+// secret, with the tenant's refresh token as fallback when Fortnox refuses.
+type clientCredentialsGrant struct{ m *Manager }
+
+// Grant names the grant.
+func (clientCredentialsGrant) Grant() Grant { return GrantClientCredentials }
 
 // viaClientCredentials asks for the tenant's service-account token and
 // falls back to its stored refresh token when Fortnox refuses.
-func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) (*Token, error) {
+func (g clientCredentialsGrant) viaClientCredentials(s *Settings, subj Subject, stale *Token) (*Token, error) {
+	m := g.m
 	// In a cluster another sidecar may have the token already; one asks
 	// Fortnox for it, under the subject's lock, and shares it.
-	if t := m.sharedFresh(s, subj, stale); t != nil {
+	if t := m.sharing.sharedFresh(s, subj, stale); t != nil {
 		return t, nil
 	}
 	lctx, lcancel := context.WithTimeout(m.ctx, LockBudget)
-	lspan := m.sharedSpan(subj, SpanLock, "")
+	lspan := m.tracer.sharedSpan(subj, SpanLock, "")
 	unlock, lerr := m.Shared().LockToken(lctx, subj)
 	lspan.EndErr(lerr)
 	lcancel()
 	if lerr == nil {
 		defer unlock()
-		if t := m.sharedFresh(s, subj, stale); t != nil {
+		if t := m.sharing.sharedFresh(s, subj, stale); t != nil {
 			return t, nil
 		}
 	}
-	rspan := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantClientCredentials))))
-	release, err := m.tokenSlot(s)
+	rspan := m.tracer.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantClientCredentials))))
+	release, err := m.sharing.tokenSlot(s)
 	if err != nil {
 		rspan.EndErr(err)
 		return nil, err
@@ -574,21 +610,21 @@ func (m *Manager) viaClientCredentials(s *Settings, subj Subject, stale *Token) 
 		}
 		t := m.Store(subj, GrantClientCredentials, answer, s.RefreshBefore)
 		m.RecordSuccess(subj, GrantClientCredentials, t, took)
-		m.share(subj, t)
+		m.sharing.share(subj, t)
 		return t, nil
 	}
 	terr := AsTokenError(err)
 	if terr.Failure == FailNoConsent && s.Records != nil {
-		t, rerr := m.viaRefreshToken(s, subj, stale)
+		t, rerr := m.refresh.viaRefreshToken(s, subj, stale)
 		if !errors.Is(rerr, errNoRefreshToken) {
 			m.ledger.clientCredentialsRefused(subj.Tenant, m.clock.Now().Add(s.RetryClientCredentials))
 			metrics.TokenRequests.WithLabelValues(string(GrantClientCredentials), terr.ErrorCode()).Inc()
 			if rerr == nil {
-				m.share(subj, t) // the other sidecars need not ask for client credentials
+				m.sharing.share(subj, t) // the other sidecars need not ask for client credentials
 			}
 			return t, rerr
 		}
-		m.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
+		m.notes.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
 	}
 	m.RecordFailure(subj, GrantClientCredentials, terr, took)
 	return nil, terr
@@ -602,12 +638,17 @@ func (m *Manager) Shared() Backend {
 	return m.local
 }
 
+// sharing reads and writes the tokens the sidecars of one client id share
+// (Backend), and takes their token-request slots.
+type sharing struct{ m *Manager }
+
 // sharedFresh caches and returns the subject's token as another sidecar
 // shared it, when it is fresh (not stale, not refused, not yet due for
 // refresh) and the tenant's. Local: there is none.
-func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
+func (sh sharing) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
+	m := sh.m
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
-	span := m.sharedSpan(subj, SpanStore, OpLoadSharedToken)
+	span := m.tracer.sharedSpan(subj, SpanStore, OpLoadSharedToken)
 	st, err := m.Shared().LoadToken(ctx, subj)
 	span.EndErr(err)
 	cancel()
@@ -632,10 +673,11 @@ func (m *Manager) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
 }
 
 // share gives a new token to the other sidecars (cluster mode).
-func (m *Manager) share(subj Subject, t *Token) {
+func (sh sharing) share(subj Subject, t *Token) {
+	m := sh.m
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
 	defer cancel()
-	span := m.sharedSpan(subj, SpanStore, OpShareToken)
+	span := m.tracer.sharedSpan(subj, SpanStore, OpShareToken)
 	span.EndErr(m.Shared().StoreToken(ctx, subj, &SharedToken{AccessToken: t.accessToken(), Grant: t.grant,
 		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()}))
 }
@@ -643,7 +685,8 @@ func (m *Manager) share(subj Subject, t *Token) {
 // tokenSlot waits for one of the client's token-request slots (at most
 // max_token_requests in flight, across the cluster in cluster mode), for
 // up to token_timeout.
-func (m *Manager) tokenSlot(s *Settings) (release func(), err error) {
+func (sh sharing) tokenSlot(s *Settings) (release func(), err error) {
+	m := sh.m
 	n := s.MaxTokenRequests
 	if n <= 0 {
 		n = defaultMaxTokenRequests

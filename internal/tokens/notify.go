@@ -479,7 +479,8 @@ func (n *notifier) post(ns *NotifySettings, ev *PendingEvent) error {
 
 // notifyChainBroken tells the app that subj's refresh-token chain was
 // rejected (reason refresh_token_rejected) and must be connected again.
-func (m *Manager) notifyChainBroken(subj Subject, reason string) {
+func (n *notifier) notifyChainBroken(subj Subject, reason string) {
+	m := n.m
 	m.notes.emit(notifyReconnectRequired, subj, reason, &NotifyClaim{Key: claimKey(subj, topicChain), State: "broken"})
 }
 
@@ -487,22 +488,25 @@ func (m *Manager) notifyChainBroken(subj Subject, reason string) {
 // run on a refresh token, has no record any more (reason record_lost).
 // What this sidecar remembers of the chain goes with it, so that it is
 // noticed once.
-func (m *Manager) notifyRecordLost(subj Subject) {
+func (n *notifier) notifyRecordLost(subj Subject) {
+	m := n.m
 	if m.ledger.lostRecord(subj.Key()) {
-		m.notifyChainBroken(subj, "record_lost")
+		m.notes.notifyChainBroken(subj, "record_lost")
 	}
 }
 
 // notifyChainRestored re-arms reconnect_required for subj: a new refresh
 // token was stored.
-func (m *Manager) notifyChainRestored(subj Subject) {
+func (n *notifier) notifyChainRestored(subj Subject) {
+	m := n.m
 	m.notes.release(claimKey(subj, topicChain))
 }
 
 // notifyConsent tells the app of a consent revoked or created (kind is
 // eventRevoked or eventCreated); applied by several sidecars, it is told
 // once.
-func (m *Manager) notifyConsent(tenant, kind string) {
+func (n *notifier) notifyConsent(tenant, kind string) {
+	m := n.m
 	state, event := "created", notifyConsentCreated
 	if kind == eventRevoked {
 		state, event = "revoked", notifyConsentRevoked
@@ -513,7 +517,8 @@ func (m *Manager) notifyConsent(tenant, kind string) {
 
 // notifyQuarantined tells the app that a refresh token handed over (or
 // rotated) for q.SubmittedFor was put in the quarantine.
-func (m *Manager) notifyQuarantined(q *quarantineRecord) {
+func (n *notifier) notifyQuarantined(q *quarantineRecord) {
+	m := n.m
 	reason := "tenant_mismatch"
 	if q.Tenant == q.SubmittedFor && q.Tenant != "" {
 		reason = "account_user_mismatch"

@@ -117,7 +117,7 @@ func (o Ops) HandOver(ctx context.Context, subj Subject, refreshToken, how strin
 		if err != nil {
 			return err
 		}
-		answer, took, stored, err := m.spendRefreshToken(s, refreshToken)
+		answer, took, stored, err := m.refresh.spendRefreshToken(s, refreshToken)
 		defer stored()
 		if err != nil {
 			terr := AsTokenError(err)
@@ -158,7 +158,7 @@ func (o Ops) StoreAnswer(ctx context.Context, subj Subject, answer *Answer) erro
 	if err != nil {
 		terr := &Error{Failure: FailStorage, Tenant: subj.Tenant, Cause: err}
 		where := "lost"
-		if st := m.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
+		if st := m.quarantine.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
 			where = quarantinedWhere(st)
 		}
 		return opErrorf(opStorage, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
@@ -178,15 +178,15 @@ type keptAnswer struct {
 func (o Ops) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer) keptAnswer {
 	m := o.m
 	if terr := checkTokenBinding(answer.AccessToken, subj, GrantRefreshToken, rec.UserID); terr != nil {
-		return keptAnswer{stranded: m.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
+		return keptAnswer{stranded: m.quarantine.quarantineAnswer(ctx, s, subj, answer, terr), mismatch: terr}
 	}
 	var kept keptAnswer
 	issued := m.clock.Now()
-	m.keepAnswer(rec, answer, issued, subj)
+	m.refresh.keepAnswer(rec, answer, issued, subj)
 	if subj.Account == "" {
 		rec.ConsentRevokedAt = time.Time{}
 	}
-	if err := m.storeRotated(ctx, s, subj, rec); err != nil {
+	if err := m.refresh.storeRotated(ctx, s, subj, rec); err != nil {
 		kept.failure = opErrorf(opStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
 	}
 	if subj.Account != "" {
@@ -221,14 +221,9 @@ func (o Ops) finishHandOver(subj Subject, kept keptAnswer, how string) error {
 // here and in every sidecar.
 func (o Ops) tenantRecovered(subj Subject) {
 	m := o.m
-	m.noteRecovered(subj)
-	m.notifyChainRestored(subj)
-	m.tell(Event{Kind: eventRecovered, Tenant: subj.Tenant, Account: subj.Account})
-}
-
-// noteRecovered is tenantRecovered in this process's memory.
-func (m *Manager) noteRecovered(subj Subject) {
 	m.ledger.recovered(subj)
+	m.notes.notifyChainRestored(subj)
+	m.tell(Event{Kind: eventRecovered, Tenant: subj.Tenant, Account: subj.Account})
 }
 
 // importRefreshToken uses a refresh token of an unknown tenant once, reads
@@ -244,7 +239,7 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 	s := m.Settings.Load()
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), LockBudget+RefreshCallLimit+time.Minute)
 	defer cancel()
-	answer, took, stored, err := m.spendRefreshToken(s, refreshToken)
+	answer, took, stored, err := m.refresh.spendRefreshToken(s, refreshToken)
 	defer stored()
 	if err != nil {
 		terr := AsTokenError(err)
@@ -256,7 +251,7 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 	if terr != nil {
 		mismatch := &Error{Failure: FailTenantMismatch, Cause: fmt.Errorf("Fortnox's token names no tenant (%v)", terr)}
 		where := "lost"
-		if st := m.quarantineAnswer(ctx, s, Subject{}, answer, mismatch); st != nil {
+		if st := m.quarantine.quarantineAnswer(ctx, s, Subject{}, answer, mismatch); st != nil {
 			where = quarantinedWhere(st)
 		}
 		return "", opErrorf(OpBadGateway, "bad_token_response", "the new access token carries no tenantId (%v), so the tenant is unknown; the new refresh token was %s", terr, where)
@@ -268,13 +263,13 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 		if err != nil {
 			return err
 		}
-		m.keepAnswer(rec, answer, issued, subj)
+		m.refresh.keepAnswer(rec, answer, issued, subj)
 		rec.ConsentRevokedAt = time.Time{}
 		return rs.saveHard(ctx, subj, rec)
 	})
 	if err != nil {
 		rec := &Record{Mode: GrantRefreshToken}
-		m.keepAnswer(rec, answer, issued, subj)
+		m.refresh.keepAnswer(rec, answer, issued, subj)
 		m.ledger.keepUnsaved(subj.Key(), rec)
 		m.Logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", zap.String("tenant", tenant), zap.Error(err))
 		return "", opErrorf(opStorage, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)

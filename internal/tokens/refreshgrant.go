@@ -23,6 +23,15 @@ const (
 	RefreshCallLimit = 30 * time.Second
 )
 
+// refreshGrant is the refresh-token grant: it spends a subject's stored,
+// single-use refresh token under the subject's lock, stores the rotated
+// one before the new access token is used, and keeps what could not be
+// stored. The Manager caches, shares and records what it returns.
+type refreshGrant struct{ m *Manager }
+
+// Grant names the grant.
+func (refreshGrant) Grant() Grant { return GrantRefreshToken }
+
 // errNoRefreshToken: the subject has no stored refresh token to use.
 var errNoRefreshToken = errors.New("no refresh token stored")
 
@@ -45,8 +54,9 @@ var ErrStopping = errors.New("the sidecar is reloading or stopping")
 // cancels it (see refreshCallLimit). The caller stores its answer before
 // anything else, then calls stored: until then a manager being destroyed
 // waits (see Destruct).
-func (m *Manager) spendRefreshToken(s *Settings, refreshToken string) (answer *Answer, took time.Duration, stored func(), err error) {
-	release, err := m.tokenSlot(s)
+func (g refreshGrant) spendRefreshToken(s *Settings, refreshToken string) (answer *Answer, took time.Duration, stored func(), err error) {
+	m := g.m
+	release, err := m.sharing.tokenSlot(s)
 	if err != nil {
 		return nil, 0, func() {}, err
 	}
@@ -69,33 +79,34 @@ func (m *Manager) spendRefreshToken(s *Settings, refreshToken string) (answer *A
 // process tries it again; only a new one (admin API) recovers the subject.
 // The new access token must name the subject's tenant: one that names
 // another is never used (see strand).
-func (m *Manager) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Token, error) {
+func (g refreshGrant) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Token, error) {
+	m := g.m
 	if s.Records == nil {
 		return nil, errNoRefreshToken
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, LockBudget+s.TokenTimeout)
 	defer cancel()
-	if err := m.saveUnsaved(ctx, s, subj); err != nil {
-		return nil, m.storageFailure(subj, err)
+	if err := m.refresh.saveUnsaved(ctx, s, subj); err != nil {
+		return nil, m.refresh.storageFailure(subj, err)
 	}
 
 	// A look without the lock: most tenants have no record at all, and a
 	// fresh access token stored by another replica needs no lock either.
-	span := m.storeSpan(subj, OpLoadRecord)
+	span := m.tracer.storeSpan(subj, OpLoadRecord)
 	rec, err := s.Records.load(ctx, subj)
 	span.EndErr(err)
 	if err != nil {
-		return nil, m.storageFailure(subj, err)
+		return nil, m.refresh.storageFailure(subj, err)
 	}
 	if terr := noRefreshToken(subj, rec); terr != nil {
-		return nil, m.failedWithoutRequest(subj, terr)
+		return nil, m.refresh.failedWithoutRequest(subj, terr)
 	}
 	if rec == nil || rec.RefreshToken == "" {
 		return nil, errNoRefreshToken
 	}
-	if t, terr := m.useStored(s, subj, rec, stale); t != nil || terr != nil {
+	if t, terr := m.refresh.useStored(s, subj, rec, stale); t != nil || terr != nil {
 		if terr != nil {
-			return nil, m.failedWithoutRequest(subj, terr)
+			return nil, m.refresh.failedWithoutRequest(subj, terr)
 		}
 		return t, nil
 	}
@@ -103,10 +114,10 @@ func (m *Manager) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Tok
 	var token *Token
 	var failure *Error
 	var r rotated
-	lock := m.childSpan(subj, SpanLock)
+	lock := m.tracer.childSpan(subj, SpanLock)
 	err = s.Records.withLock(ctx, subj, func() error {
 		lock.End(outcomeOK)
-		span := m.storeSpan(subj, OpLoadRecord)
+		span := m.tracer.storeSpan(subj, OpLoadRecord)
 		rec, err := s.Records.load(ctx, subj)
 		span.EndErr(err)
 		if err != nil {
@@ -118,14 +129,14 @@ func (m *Manager) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Tok
 		if rec == nil || rec.RefreshToken == "" {
 			return errNoRefreshToken
 		}
-		if token, failure = m.useStored(s, subj, rec, stale); token != nil || failure != nil {
+		if token, failure = m.refresh.useStored(s, subj, rec, stale); token != nil || failure != nil {
 			return nil
 		}
 		if !rec.RejectedAt.IsZero() {
 			failure = &Error{Failure: FailGrantRejected, Code: "invalid_grant", Description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
-		if r = m.refreshStored(ctx, s, subj, rec); r.failure != nil {
+		if r = m.refresh.refreshStored(ctx, s, subj, rec); r.failure != nil {
 			failure = r.failure
 			return nil
 		}
@@ -133,20 +144,20 @@ func (m *Manager) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Tok
 		return nil
 	})
 	lock.EndErr(err) // the lock was not had (when it was, its span ended)
-	m.settle(r)
+	m.refresh.settle(r)
 	took := r.took
 	switch {
 	case errors.Is(err, errNoRefreshToken):
 		return nil, errNoRefreshToken
 	case err != nil:
-		return nil, m.storageFailure(subj, err)
+		return nil, m.refresh.storageFailure(subj, err)
 	case failure != nil:
 		m.RecordFailure(subj, GrantRefreshToken, failure, took)
 		return nil, failure
 	}
 	if took > 0 {
 		m.RecordSuccess(subj, GrantRefreshToken, token, took)
-		m.share(subj, token)
+		m.sharing.share(subj, token)
 	} else {
 		m.ledger.found(subj.Key(), GrantRefreshToken)
 	}
@@ -166,31 +177,32 @@ type rotated struct {
 // and stores the new one before anything else. A refresh token Fortnox
 // rejected is marked (refreshRefused); an answer that is another tenant's
 // (or user's) is stranded, and the caller calls settle without the lock.
-func (m *Manager) refreshStored(ctx context.Context, s *Settings, subj Subject, rec *Record) rotated {
-	span := m.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantRefreshToken))))
-	answer, took, stored, err := m.spendRefreshToken(s, rec.RefreshToken)
+func (g refreshGrant) refreshStored(ctx context.Context, s *Settings, subj Subject, rec *Record) rotated {
+	m := g.m
+	span := m.tracer.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantRefreshToken))))
+	answer, took, stored, err := m.refresh.spendRefreshToken(s, rec.RefreshToken)
 	span.endAnswer(answer, err)
 	defer stored()
 	r := rotated{took: took}
 	if err != nil {
-		r.failure = m.refreshRefused(ctx, s, subj, rec, err)
+		r.failure = m.refresh.refreshRefused(ctx, s, subj, rec, err)
 		return r
 	}
 	// The old refresh token is dead now: the new one goes to storage
 	// before the access token is used.
 	if terr := checkTokenBinding(answer.AccessToken, subj, GrantRefreshToken, rec.UserID); terr != nil {
-		r.stranded, r.failure = m.strand(ctx, s, subj, rec, answer, terr)
+		r.stranded, r.failure = m.quarantine.strand(ctx, s, subj, rec, answer, terr)
 		return r
 	}
 	r.answer, r.issued = answer, m.clock.Now()
-	m.keepAnswer(rec, answer, r.issued, subj)
-	_ = m.storeRotated(ctx, s, subj, rec)
+	m.refresh.keepAnswer(rec, answer, r.issued, subj)
+	_ = m.refresh.storeRotated(ctx, s, subj, rec)
 	return r
 }
 
 // settle says where a stranded refresh token went: the quarantine, never
 // another tenant's record.
-func (m *Manager) settle(r rotated) {
+func (g refreshGrant) settle(r rotated) {
 	if r.stranded != nil {
 		r.failure.detail = "The new refresh token Fortnox returned was " + quarantinedWhere(r.stranded) + "."
 	}
@@ -200,8 +212,9 @@ func (m *Manager) settle(r rotated) {
 // is dead). If storage still fails, the record is kept in memory and
 // written before any further refresh of the subject, and the loudest line
 // says so.
-func (m *Manager) storeRotated(ctx context.Context, s *Settings, subj Subject, rec *Record) error {
-	span := m.storeSpan(subj, OpSaveRecord)
+func (g refreshGrant) storeRotated(ctx context.Context, s *Settings, subj Subject, rec *Record) error {
+	m := g.m
+	span := m.tracer.storeSpan(subj, OpSaveRecord)
 	err := s.Records.saveHard(ctx, subj, rec)
 	span.EndErr(err)
 	if err != nil {
@@ -224,7 +237,8 @@ func noRefreshToken(subj Subject, rec *Record) *Error {
 }
 
 // keepAnswer puts a refresh answer into the record.
-func (m *Manager) keepAnswer(rec *Record, answer *Answer, issued time.Time, subj Subject) {
+func (g refreshGrant) keepAnswer(rec *Record, answer *Answer, issued time.Time, subj Subject) {
+	m := g.m
 	if answer.RefreshToken != "" {
 		rec.RefreshToken = answer.RefreshToken
 		rec.RefreshTokenAt = issued.UTC()
@@ -244,7 +258,8 @@ func (m *Manager) keepAnswer(rec *Record, answer *Answer, issued time.Time, subj
 
 // refreshRefused turns a failed refresh into the subject's failure, and
 // marks a refresh token Fortnox rejected so that no process tries it again.
-func (m *Manager) refreshRefused(ctx context.Context, s *Settings, subj Subject, rec *Record, err error) *Error {
+func (g refreshGrant) refreshRefused(ctx context.Context, s *Settings, subj Subject, rec *Record, err error) *Error {
+	m := g.m
 	failure := AsTokenError(err)
 	switch {
 	case failure.Failure == FailNoConsent && failure.Code != "invalid_grant":
@@ -254,13 +269,13 @@ func (m *Manager) refreshRefused(ctx context.Context, s *Settings, subj Subject,
 	case failure.Failure == FailNoConsent: // invalid_grant: the refresh token is dead
 		failure.Failure = FailGrantRejected
 		rec.RejectedAt = m.clock.Now().UTC()
-		span := m.storeSpan(subj, OpSaveRecord)
+		span := m.tracer.storeSpan(subj, OpSaveRecord)
 		serr := s.Records.save(ctx, subj, rec)
 		span.EndErr(serr)
 		if serr != nil {
 			m.Logger().Error("could not mark the rejected refresh token in storage", append(subj.LogFields(), zap.Error(serr))...)
 		}
-		m.notifyChainBroken(subj, "refresh_token_rejected")
+		m.notes.notifyChainBroken(subj, "refresh_token_rejected")
 	}
 	return failure
 }
@@ -269,7 +284,8 @@ func (m *Manager) refreshRefused(ctx context.Context, s *Settings, subj Subject,
 // (not the stale one, not one Fortnox refused, and not yet due for
 // refresh). A stored token that names another tenant (or user) than its
 // record is refused with an error: the record was tampered with.
-func (m *Manager) useStored(s *Settings, subj Subject, rec *Record, stale *Token) (*Token, *Error) {
+func (g refreshGrant) useStored(s *Settings, subj Subject, rec *Record, stale *Token) (*Token, *Error) {
+	m := g.m
 	if rec.AccessToken == "" || rec.IssuedAt.IsZero() || !rec.ExpiresAt.After(rec.IssuedAt) {
 		return nil, nil
 	}
@@ -293,7 +309,8 @@ func (m *Manager) useStored(s *Settings, subj Subject, rec *Record, stale *Token
 
 // saveUnsaved writes a record whose save failed earlier. Until it is
 // written, no refresh may happen: its refresh token is the only live one.
-func (m *Manager) saveUnsaved(ctx context.Context, s *Settings, subj Subject) error {
+func (g refreshGrant) saveUnsaved(ctx context.Context, s *Settings, subj Subject) error {
+	m := g.m
 	rec := m.ledger.unsaved(subj.Key())
 	if rec == nil {
 		return nil
@@ -307,12 +324,14 @@ func (m *Manager) saveUnsaved(ctx context.Context, s *Settings, subj Subject) er
 }
 
 // storageFailure records a storage error as the subject's failure.
-func (m *Manager) storageFailure(subj Subject, err error) *Error {
-	return m.failedWithoutRequest(subj, asStorageError(err))
+func (g refreshGrant) storageFailure(subj Subject, err error) *Error {
+	m := g.m
+	return m.refresh.failedWithoutRequest(subj, asStorageError(err))
 }
 
 // failedWithoutRequest records a failure found before any token request.
-func (m *Manager) failedWithoutRequest(subj Subject, terr *Error) *Error {
+func (g refreshGrant) failedWithoutRequest(subj Subject, terr *Error) *Error {
+	m := g.m
 	m.RecordFailure(subj, GrantRefreshToken, terr, 0)
 	return terr
 }

@@ -218,8 +218,12 @@ func (f *flightTraces) of(key string) context.Context {
 	return nil
 }
 
+// tracer starts the manager's spans below the request's.
+type tracer struct{ m *Manager }
+
 // childSpan starts a span under the traced flight of subj, if any.
-func (m *Manager) childSpan(subj Subject, name string, opts ...trace.SpanStartOption) tspan {
+func (tr tracer) childSpan(subj Subject, name string, opts ...trace.SpanStartOption) tspan {
+	m := tr.m
 	parent := m.traces.of(subj.Key())
 	if parent == nil {
 		return tspan{}
@@ -233,20 +237,22 @@ func (m *Manager) childSpan(subj Subject, name string, opts ...trace.SpanStartOp
 }
 
 // storeSpan is a fortnox.store span for op under subj's traced flight.
-func (m *Manager) storeSpan(subj Subject, op string) tspan {
-	return m.childSpan(subj, SpanStore, trace.WithAttributes(AttrOperation.String(op)))
+func (tr tracer) storeSpan(subj Subject, op string) tspan {
+	m := tr.m
+	return m.tracer.childSpan(subj, SpanStore, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // sharedSpan is a span for a call to what the sidecars share: only in
 // cluster mode (in one process those calls do nothing).
-func (m *Manager) sharedSpan(subj Subject, name, op string) tspan {
+func (tr tracer) sharedSpan(subj Subject, name, op string) tspan {
+	m := tr.m
 	if m.Cluster.Load() == nil {
 		return tspan{}
 	}
 	if op == "" {
-		return m.childSpan(subj, name)
+		return m.tracer.childSpan(subj, name)
 	}
-	return m.childSpan(subj, name, trace.WithAttributes(AttrOperation.String(op)))
+	return m.tracer.childSpan(subj, name, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // tokenSpan starts the fortnox.token span of a caller that waits for a
@@ -262,7 +268,8 @@ func tokenSpan(ctx context.Context, subj Subject) (tctx context.Context, t tspan
 // joined links a caller's fortnox.token span to the flight it joined, when
 // another request's (its fortnox.token_request span is there). Best
 // effort: a flight whose goroutine has not begun yet is not seen.
-func (m *Manager) joined(t tspan, key string, own context.Context) {
+func (tr tracer) joined(t tspan, key string, own context.Context) {
+	m := tr.m
 	if !t.Recording() {
 		return
 	}

@@ -3,7 +3,6 @@ package fortnox
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"net/http"
 	"os"
 	"strings"
@@ -307,137 +306,20 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 	}
 }
 
-// Every Lua script the plugin sends compiles in a real Redis: a script
-// that does not (a Lua keyword as a variable name, once) fails only when
-// it first runs, and looks like a Redis outage then.
+// Every Lua script of the shared rate budget compiles in a real Redis: a
+// script that does not (a Lua keyword as a variable name, once) fails only
+// when it first runs, and looks like a Redis outage then. (The Backend's
+// scripts run in internal/tokens's TestBackendConformance, which fails on
+// a call that made the connection count Redis as down.)
 func TestRedisScriptsCompile(t *testing.T) {
 	addr := redisstorage.StartRedis(t)
 	client := redis.NewClient(&redis.Options{Addr: addr})
 	defer client.Close()
 	for name, s := range map[string]*redis.Script{
-		"turn": redisstate.TurnScript, "pause": redisstate.PauseScript, "drop": redisstate.DropScript, "newer": redisstate.NewerScript,
-		"invalidation": redisstate.InvalidationScript, "slot": redisstate.SlotScript,
+		"turn": redisstate.TurnScript, "pause": redisstate.PauseScript,
 	} {
 		if err := s.Load(context.Background(), client).Err(); err != nil {
 			t.Errorf("the %s script: %v", name, err)
-		}
-	}
-}
-
-// What the sidecars share, through a real Redis and each script: every
-// seam call answers as its contract says, from Redis (not from the
-// in-process fallback that an unreachable Redis or a failing script would
-// fall back to).
-func TestRedisSharedStateKeepsItsContracts(t *testing.T) {
-	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
-	sc, client := redisSidecar(t, fake, "")
-	r := sc.manager().Cluster.Load()
-	if r == nil {
-		t.Fatal("the sidecar has no cluster")
-	}
-	ctx := context.Background()
-	subj := tokens.Subject{Tenant: "1234567"}
-	must := func(ok bool, err error, what string) {
-		t.Helper()
-		if err != nil || !ok {
-			t.Errorf("%s: %v %v", what, ok, err)
-		}
-	}
-	mustNot := func(ok bool, err error, what string) {
-		t.Helper()
-		if err != nil || ok {
-			t.Errorf("%s: %v %v", what, ok, err)
-		}
-	}
-
-	// Compare and invalidate: a 401 on an older token keeps the newer one.
-	newer := &tokens.SharedToken{AccessToken: "newer-token", Grant: tokens.GrantClientCredentials, IssuedAt: clk.Now(), ExpiresAt: clk.Now().Add(time.Hour)}
-	if err := r.StoreToken(ctx, subj, newer); err != nil {
-		t.Fatal(err)
-	}
-	if err := r.DropToken(ctx, subj, "older-token"); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := r.LoadToken(ctx, subj); err != nil || got == nil || got.AccessToken != "newer-token" {
-		t.Errorf("after a 401 on an older token: %+v %v, want the newer token kept", got, err)
-	}
-	if err := r.DropToken(ctx, subj, "newer-token"); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := r.LoadToken(ctx, subj); err != nil || got != nil {
-		t.Errorf("after a 401 on the token itself: %+v %v, want it gone", got, err)
-	}
-
-	// Consent events apply in order: an old one replayed changes nothing.
-	at := clk.Now().Truncate(time.Second)
-	ok, err := r.NewerEvent(ctx, subj.Tenant, at)
-	must(ok, err, "the first event")
-	ok, err = r.NewerEvent(ctx, subj.Tenant, at.Add(-time.Second))
-	mustNot(ok, err, "an older event")
-	ok, err = r.NewerEvent(ctx, subj.Tenant, at)
-	mustNot(ok, err, "the same event again")
-	ok, err = r.NewerEvent(ctx, subj.Tenant, at.Add(time.Second))
-	must(ok, err, "a newer event")
-
-	// A connect state works once.
-	ok, err = r.FirstUse(ctx, "state-1", time.Minute)
-	must(ok, err, "a state's first use")
-	ok, err = r.FirstUse(ctx, "state-1", time.Minute)
-	mustNot(ok, err, "a state used again")
-	// How a connect flow ended is kept for every sidecar, for its time.
-	if got, err := r.FlowResult(ctx, "connect-result:state-1"); err != nil || got != "" {
-		t.Errorf("a result before one was kept: %q %v", got, err)
-	}
-	if err := r.KeepResult(ctx, "connect-result:state-1", "sealed-result", 50*time.Millisecond); err != nil {
-		t.Fatal(err)
-	}
-	if got, err := r.FlowResult(ctx, "connect-result:state-1"); err != nil || got != "sealed-result" {
-		t.Errorf("the kept result: %q %v", got, err)
-	}
-	eventually(t, 5*time.Second, "the kept result to expire", func() bool {
-		got, err := r.FlowResult(ctx, "connect-result:state-1")
-		return err == nil && got == ""
-	})
-
-	// At most max invalidations per window.
-	for i := range 3 {
-		ok, err = r.AllowInvalidation(ctx, subj, 3, time.Minute)
-		must(ok, err, fmt.Sprintf("invalidation %d of 3", i+1))
-	}
-	ok, err = r.AllowInvalidation(ctx, subj, 3, time.Minute)
-	mustNot(ok, err, "a 4th invalidation in the minute")
-
-	// At most max token requests in flight for the client id.
-	release1, err := r.TokenSlot(ctx, 2, time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	release2, err := r.TokenSlot(ctx, 2, time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := r.TokenSlot(ctx, 2, 100*time.Millisecond); err == nil {
-		t.Error("a third token-request slot of 2")
-	}
-	release1()
-	release3, err := r.TokenSlot(ctx, 2, time.Second)
-	if err != nil {
-		t.Errorf("a slot after one was released: %v", err)
-	} else {
-		release3()
-	}
-	release2()
-
-	// Each answer came from Redis.
-	if r.ClusterState.(*redisstate.Backend).Down() {
-		t.Error("the cluster counts Redis as down")
-	}
-	if lines := sc.logLinesStarting("Redis cannot be reached"); len(lines) != 0 {
-		t.Errorf("Redis calls failed: %v", lines)
-	}
-	for _, kind := range []string{"event", "invalidations"} {
-		if keys := client.Keys(ctx, redisstate.RedisKeyPrefix+kind+":*").Val(); len(keys) == 0 {
-			t.Errorf("no %s key in Redis", kind)
 		}
 	}
 }

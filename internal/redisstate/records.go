@@ -32,6 +32,19 @@ type Records struct {
 	c    *Conn
 	mu   sync.Mutex
 	held map[string]*heldRedisLock
+	ttl  time.Duration // redisLockTTL unless SetLockTTL
+}
+
+// SetLockTTL sets how soon a lock whose holder died frees itself (a live
+// holder refreshes it every third of it): redisLockTTL unless set. For
+// tests, which cannot wait that long; call it before the first Lock.
+func (r *Records) SetLockTTL(d time.Duration) { r.ttl = d }
+
+func (r *Records) lockTTL() time.Duration {
+	if r.ttl > 0 {
+		return r.ttl
+	}
+	return redisLockTTL
 }
 
 type heldRedisLock struct {
@@ -145,7 +158,7 @@ func (r *Records) Lock(ctx context.Context, name string) error {
 		var l *redislock.Lock
 		err := r.c.call(ctx, "lock", func(cctx context.Context) error {
 			var err error
-			l, err = r.c.locker.Obtain(cctx, r.lockKey(name), redisLockTTL, nil)
+			l, err = r.c.locker.Obtain(cctx, r.lockKey(name), r.lockTTL(), nil)
 			if errors.Is(err, redislock.ErrNotObtained) {
 				return nil // not an outage
 			}
@@ -181,7 +194,8 @@ func (r *Records) keepFresh(name string, l *redislock.Lock) {
 	}
 	go func() {
 		defer close(h.done)
-		t := time.NewTicker(redisLockTTL / 3)
+		ttl := r.lockTTL()
+		t := time.NewTicker(ttl / 3)
 		defer t.Stop()
 		for {
 			select {
@@ -189,8 +203,8 @@ func (r *Records) keepFresh(name string, l *redislock.Lock) {
 				return
 			case <-t.C:
 			}
-			rctx, cancel := context.WithTimeout(ctx, redisLockTTL/3)
-			err := l.Refresh(rctx, redisLockTTL, nil)
+			rctx, cancel := context.WithTimeout(ctx, ttl/3)
+			err := l.Refresh(rctx, ttl, nil)
 			cancel()
 			if errors.Is(err, redislock.ErrNotObtained) {
 				r.c.logger().Error("a Redis lock expired while held: another sidecar may have refreshed the same refresh token", zap.String("lock", name))

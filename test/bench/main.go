@@ -60,6 +60,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 type options struct {
@@ -461,15 +462,6 @@ func firstNonNil(errs ...error) error {
 
 func listen() (net.Listener, error) { return net.Listen("tcp", "127.0.0.1:0") }
 
-func freePort() (int, error) {
-	ln, err := listen()
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 // mintToken asks the fake Fortnox for a client-credentials token.
 func mintToken(tokenURL, clientID, secret, tenant string) (string, error) {
 	req, err := http.NewRequest(http.MethodPost, tokenURL, strings.NewReader("grant_type=client_credentials"))
@@ -495,7 +487,7 @@ func mintToken(tokenURL, clientID, secret, tenant string) (string, error) {
 }
 
 type caddyServer struct {
-	cmd      *exec.Cmd
+	proc     *testproc.Proc
 	url      string
 	adminURL string // "" when admin is off
 }
@@ -506,13 +498,13 @@ func startCaddy(bin, dir, site string, withAdmin bool) (*caddyServer, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	port, err := freePort()
+	port, err := testproc.PickPort()
 	if err != nil {
 		return nil, err
 	}
 	admin, adminURL := "admin off", ""
 	if withAdmin {
-		adminPort, err := freePort()
+		adminPort, err := testproc.PickPort()
 		if err != nil {
 			return nil, err
 		}
@@ -528,25 +520,27 @@ func startCaddy(bin, dir, site string, withAdmin bool) (*caddyServer, error) {
 	cmd := exec.Command(bin, "run", "--config", cfg, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(), "XDG_DATA_HOME="+dir, "XDG_CONFIG_HOME="+dir)
 	cmd.Stderr = io.Discard
-	if err := cmd.Start(); err != nil {
+	proc, err := testproc.Launch(cmd)
+	if err != nil {
 		return nil, err
 	}
-	s := &caddyServer{cmd: cmd, url: fmt.Sprintf("http://127.0.0.1:%d/3/companyinformation", port), adminURL: adminURL}
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		if c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+	s := &caddyServer{proc: proc, url: fmt.Sprintf("http://127.0.0.1:%d/3/companyinformation", port), adminURL: adminURL}
+	if _, err := testproc.Poll(20*time.Second, func() bool {
+		c, err := net.Dial("tcp", testproc.Addr(port))
+		if err == nil {
 			c.Close()
-			return s, nil
 		}
-		time.Sleep(20 * time.Millisecond)
+		return err == nil
+	}); err != nil {
+		s.stop()
+		return nil, errors.New("caddy did not start")
 	}
-	s.stop()
-	return nil, errors.New("caddy did not start")
+	return s, nil
 }
 
 // cpu is the CPU time the Caddy process has used so far (Linux; 0
 // elsewhere).
-func (s *caddyServer) cpu() time.Duration { return processCPU(s.cmd.Process.Pid) }
+func (s *caddyServer) cpu() time.Duration { return processCPU(s.proc.Pid()) }
 
 // globTasks lists /proc/<pid>/task/*/schedstat.
 func globTasks(pid int) ([]string, error) {
@@ -641,16 +635,9 @@ func (s *caddyServer) cpuProfile(path string, d time.Duration) error {
 	return f.Close()
 }
 
+// stop interrupts Caddy, and kills it after 5 s.
 func (s *caddyServer) stop() {
-	_ = s.cmd.Process.Signal(os.Interrupt)
-	done := make(chan struct{})
-	go func() { _ = s.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		_ = s.cmd.Process.Kill()
-		<-done
-	}
+	_ = s.proc.Stop(os.Interrupt, 5*time.Second)
 }
 
 type loadResult struct {

@@ -5,7 +5,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"os"
@@ -17,6 +16,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // The limiter comparison (-compare limiter) runs Redis beside the two
@@ -25,7 +26,7 @@ import (
 
 // redisServer is a redis-server for the bench, on 127.0.0.1.
 type redisServer struct {
-	cmd    *exec.Cmd
+	server *testproc.Redis
 	addr   string
 	client *redis.Client
 }
@@ -33,52 +34,31 @@ type redisServer struct {
 // startRedis starts redis-server in dir. appendfsync is always, everysec
 // or off (no append-only file at all).
 func startRedis(dir, appendfsync string) (*redisServer, error) {
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
+	if _, err := exec.LookPath("redis-server"); err != nil {
 		return nil, errors.New("-compare limiter needs redis-server on PATH (apt-get install redis-server)")
 	}
-	port, err := freePort()
-	if err != nil {
-		return nil, err
-	}
-	args := []string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--dir", dir}
+	cfg := testproc.RedisConfig{Dir: dir}
 	switch appendfsync {
 	case "off":
-		args = append(args, "--appendonly", "no")
 	case "always", "everysec":
-		args = append(args, "--appendonly", "yes", "--appendfsync", appendfsync)
+		cfg.AppendOnly, cfg.AppendFsync = true, appendfsync
 	default:
 		return nil, fmt.Errorf("-appendfsync %q: want always, everysec or off", appendfsync)
 	}
-	cmd := exec.Command(bin, args...)
-	cmd.Stdout, cmd.Stderr = io.Discard, io.Discard
-	if err := cmd.Start(); err != nil {
+	server, err := testproc.LaunchRedis(cfg)
+	if err != nil {
 		return nil, err
 	}
-	r := &redisServer{cmd: cmd, addr: fmt.Sprintf("127.0.0.1:%d", port)}
+	r := &redisServer{server: server, addr: server.Addr()}
 	r.client = redis.NewClient(&redis.Options{Addr: r.addr})
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-		info, err := r.client.Info(ctx, "server").Result()
-		cancel()
-		if err == nil && strings.Contains(info, "process_id:"+strconv.Itoa(cmd.Process.Pid)+"\r\n") {
-			return r, nil
-		}
-		if time.Now().After(deadline) {
-			r.stop()
-			return nil, errors.New("redis-server did not answer within 10s")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	return r, nil
 }
 
 func (r *redisServer) url() string { return "redis://" + r.addr + "/0" }
 
 func (r *redisServer) stop() {
 	r.client.Close()
-	_ = r.cmd.Process.Kill()
-	_ = r.cmd.Wait()
+	r.server.Kill()
 }
 
 // flush empties Redis between rounds, so that each round's (b) fetches its
@@ -90,7 +70,7 @@ func (r *redisServer) flush() error {
 }
 
 // cpu is the CPU time redis-server has used so far (Linux; 0 elsewhere).
-func (r *redisServer) cpu() time.Duration { return processCPU(r.cmd.Process.Pid) }
+func (r *redisServer) cpu() time.Duration { return processCPU(r.server.Pid()) }
 
 // commandStats reads INFO commandstats: calls per command.
 func (r *redisServer) commandStats() (map[string]int64, error) {

@@ -17,10 +17,10 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -38,7 +38,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/caddybin"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 const (
@@ -65,10 +65,10 @@ var (
 func TestMain(m *testing.M) {
 	flag.Parse() // for testing.Short
 	if testing.Short() {
-		if !redisstorage.AnnounceSkip("test/cluster: three sidecars in cluster mode on Redis", "go test -short") {
+		if !testproc.AnnounceSkip("test/cluster: three sidecars in cluster mode on Redis", "go test -short") {
 			os.Exit(1)
 		}
-	} else if !redisstorage.CheckRedisServer("test/cluster: three sidecars in cluster mode on Redis") {
+	} else if !testproc.CheckBinaries("test/cluster: three sidecars in cluster mode on Redis", "redis-server") {
 		os.Exit(1)
 	}
 	dir, err := os.MkdirTemp("", "fortnox-cluster-")
@@ -112,31 +112,16 @@ func buildCaddy(t *testing.T) string {
 	return caddybin.Build(t, logDir)
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // startFake starts the fake Fortnox with Fortnox's rate limit (25 per 5 s)
 // and the given token lifetime (0: an hour).
 func startFake(t *testing.T, lifetime time.Duration) *fakefortnox.Server {
 	t.Helper()
-	fake, err := fakefortnox.Start(fakefortnox.Options{
+	return testproc.StartFake(t, fakefortnox.Options{
 		Clients:       map[string]string{clientID: clientSecret},
 		TokenLifetime: lifetime,
 		RateLimit:     budget,
 		RateWindow:    budgetWindow,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Close)
-	return fake
 }
 
 // settings are what differ between the tests' sidecars.
@@ -164,8 +149,7 @@ type sidecar struct {
 	redisURL string
 
 	mu   sync.Mutex
-	cmd  *exec.Cmd
-	done chan struct{}
+	proc *testproc.Proc // nil before the first start
 	// generation counts starts: a request that began under an earlier one
 	// met a kill.
 	generation atomic.Int64
@@ -176,7 +160,7 @@ func newSidecar(t *testing.T, name string, fake *fakefortnox.Server, s settings)
 	t.Helper()
 	buildCaddy(t)
 	sc := &sidecar{t: t, name: name, fake: fake, storage: t.TempDir()}
-	sc.ports = [3]int{freePort(t), freePort(t), freePort(t)}
+	sc.ports = [3]int{testproc.FreePort(t), testproc.FreePort(t), testproc.FreePort(t)}
 	sc.url = fmt.Sprintf("http://127.0.0.1:%d", sc.ports[0])
 	sc.adminURL = fmt.Sprintf("http://127.0.0.1:%d", sc.ports[1])
 	sc.hookURL = fmt.Sprintf("http://127.0.0.1:%d/fortnox/webhook", sc.ports[2])
@@ -247,17 +231,15 @@ func (sc *sidecar) start() {
 	sc.t.Helper()
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if sc.cmd != nil {
-		select {
-		case <-sc.done:
-		default:
-			sc.t.Fatalf("%s: start while running", sc.name)
-		}
+	if sc.proc != nil && !sc.proc.Exited() {
+		sc.t.Fatalf("%s: start while running", sc.name)
 	}
-	stderr, err := os.OpenFile(strings.TrimSuffix(sc.logPath, ".log")+".stderr.log", os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	stderrPath := strings.TrimSuffix(sc.logPath, ".log") + ".stderr.log"
+	stderr, err := os.OpenFile(stderrPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		sc.t.Fatal(err)
 	}
+	defer stderr.Close() // the process has its own copy
 	cmd := exec.Command(buildCaddy(sc.t), "run", "--config", sc.config, "--adapter", "caddyfile")
 	home := filepath.Join(sc.storage, "home")
 	cmd.Env = append(os.Environ(),
@@ -266,38 +248,19 @@ func (sc *sidecar) start() {
 		"FORTNOX_REDIS_URL="+sc.redisURL, "FORTNOX_NOTIFY_SECRET="+notifySecret,
 		"XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home, "HOME="+home)
 	cmd.Stdout, cmd.Stderr = stderr, stderr
-	dieWithParent(cmd)
-	if err := cmd.Start(); err != nil {
-		stderr.Close()
+	proc, err := testproc.Launch(cmd)
+	if err != nil {
 		sc.t.Fatal(err)
 	}
-	done := make(chan struct{})
-	go func() {
-		_ = cmd.Wait()
-		stderr.Close()
-		close(done)
-	}()
-	sc.cmd, sc.done = cmd, done
+	sc.proc = proc
 	sc.generation.Add(1)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		select {
-		case <-done:
-			sc.t.Fatalf("%s exited while starting (see %s)", sc.name, strings.TrimSuffix(sc.logPath, ".log")+".stderr.log")
-		default:
-		}
-		if resp, err := http.Get(sc.adminURL + "/config/"); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				sc.up.Store(true)
-				return
-			}
-		}
-		if time.Now().After(deadline) {
-			sc.t.Fatalf("%s did not start within 30s", sc.name)
-		}
-		time.Sleep(25 * time.Millisecond)
+	switch err := proc.WaitHTTP(sc.adminURL+"/config/", 30*time.Second); {
+	case errors.Is(err, testproc.ErrExited):
+		sc.t.Fatalf("%s exited while starting (see %s)", sc.name, stderrPath)
+	case err != nil:
+		sc.t.Fatalf("%s did not start within 30s", sc.name)
 	}
+	sc.up.Store(true)
 }
 
 // kill ends the process with SIGKILL: no cleanup, Redis locks left behind.
@@ -305,32 +268,22 @@ func (sc *sidecar) kill() {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
 	sc.up.Store(false)
-	_ = sc.cmd.Process.Kill()
-	<-sc.done
+	sc.proc.Kill()
 }
 
 // stop ends the process gracefully (SIGTERM), as a rolling restart does.
 func (sc *sidecar) stop() {
 	sc.mu.Lock()
 	defer sc.mu.Unlock()
-	if sc.cmd == nil {
+	if sc.proc == nil || sc.proc.Exited() {
 		return
-	}
-	select {
-	case <-sc.done:
-		return
-	default:
 	}
 	sc.up.Store(false)
-	_ = sc.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-sc.done:
-	case <-time.After(stopWithin):
+	if err := sc.proc.Stop(syscall.SIGTERM, stopWithin); err != nil {
 		// A rolling restart would hang: Kubernetes kills it after its
-		// grace period, maybe in the middle of a refresh.
+		// grace period, maybe in the middle of a refresh. (Stop killed
+		// it.)
 		sc.t.Errorf("%s did not stop within %v of SIGTERM", sc.name, stopWithin)
-		_ = sc.cmd.Process.Kill()
-		<-sc.done
 	}
 }
 
@@ -493,15 +446,20 @@ func (sc *sidecar) waitLog(substr string, n int, within time.Duration) {
 type cluster struct {
 	t        *testing.T
 	fake     *fakefortnox.Server
-	redis    *redisstorage.Server
+	redis    *testproc.Redis
 	sidecars []*sidecar
 }
+
+// redisAOF is the cluster's Redis: it persists to an append-only file with
+// fsync on every write, as the plugin's docs recommend, so that a test can
+// kill it (SIGKILL) and start it again with what it acknowledged.
+var redisAOF = testproc.RedisConfig{AppendOnly: true, AppendFsync: "always"}
 
 // startCluster starts Redis (AOF, fsync always) and three sidecars on it.
 func startCluster(t *testing.T, fake *fakefortnox.Server, s settings) *cluster {
 	t.Helper()
 	buildCaddy(t)
-	rs := redisstorage.StartRedisAOF(t)
+	rs := testproc.StartRedis(t, redisAOF)
 	s.redisURL = rs.URL()
 	c := &cluster{t: t, fake: fake, redis: rs}
 	for _, name := range []string{"a", "b", "c"} {
@@ -525,26 +483,12 @@ func (c *cluster) waitSubscribed() {
 			running++
 		}
 	}
-	waitFor(c.t, "every sidecar subscribes to the cluster's events", 10*time.Second, func() bool {
+	testproc.WaitFor(c.t, "every sidecar subscribes to the cluster's events", 10*time.Second, func() bool {
 		ctx, cancel := redisContext()
 		defer cancel()
 		n, err := rc.PubSubNumSub(ctx, eventsChannel).Result()
 		return err == nil && n[eventsChannel] == int64(running)
 	})
-}
-
-// waitFor polls cond every 20 ms until it holds or within passes; it
-// returns how long it took, or fails the test.
-func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) time.Duration {
-	t.Helper()
-	start := time.Now()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %v", what, within)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return time.Since(start)
 }
 
 // redisClient is the test's own connection to the cluster's Redis.

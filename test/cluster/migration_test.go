@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // The way into cluster mode: three sidecars without `redis`, each on its
@@ -22,7 +22,7 @@ import (
 func TestRecordsMoveToRedisOnFirstUse(t *testing.T) {
 	t.Parallel()
 	fake := startFake(t, 0)
-	rs := redisstorage.StartRedisAOF(t)
+	rs := testproc.StartRedis(t, redisAOF)
 	s := settings{maxWait: 10 * time.Second}
 	c := &cluster{t: t, fake: fake, redis: rs}
 	for _, name := range []string{"a", "b", "c"} {

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // appReceiver is the app's end of notify for the cluster: it checks each
@@ -127,7 +129,7 @@ func TestNotifyOnceAcrossTheCluster(t *testing.T) {
 	for i, rd := range rounds {
 		c.sidecars[rd.through].postConsentEvent(rd.via, tenant)
 		want := 1 + i/2
-		waitFor(t, rd.event+" delivered", 15*time.Second, func() bool { return app.count(rd.event, tenant) >= want })
+		testproc.WaitFor(t, rd.event+" delivered", 15*time.Second, func() bool { return app.count(rd.event, tenant) >= want })
 		// Every sidecar applies it (and would claim it) meanwhile; the
 		// others scan the store every 5 s.
 		untilAll(t, c, tenant, time.Now(), 5*time.Second, func(a answer) bool {
@@ -152,7 +154,7 @@ func TestNotifyOnceAcrossTheCluster(t *testing.T) {
 	attempts := app.attempts
 	app.mu.Unlock()
 	c.sidecars[0].postConsentEvent("client_credentials_consent_revoked", second)
-	waitFor(t, "the app holds a delivery", 15*time.Second, func() bool {
+	testproc.WaitFor(t, "the app holds a delivery", 15*time.Second, func() bool {
 		app.mu.Lock()
 		defer app.mu.Unlock()
 		return app.attempts > attempts
@@ -190,7 +192,7 @@ func TestNotifyOnceAcrossTheCluster(t *testing.T) {
 	app.hold = nil
 	app.mu.Unlock()
 	close(hold)
-	took := waitFor(t, "the event delivered by another sidecar", 60*time.Second, func() bool { return app.count("consent_revoked", second) == 1 })
+	took := testproc.WaitFor(t, "the event delivered by another sidecar", 60*time.Second, func() bool { return app.count("consent_revoked", second) == 1 })
 	t.Logf("delivered %v after the deliverer died (lease %v)", took, 30*time.Second)
 	deliverer.start()
 	time.Sleep(6 * time.Second)

@@ -125,7 +125,9 @@ func TestRedisOutage(t *testing.T) {
 		}
 	}
 
-	c.redis.Restart()
+	if err := c.redis.Restart(); err != nil {
+		t.Fatal(err)
+	}
 	restarted := time.Now()
 	for _, sc := range c.sidecars {
 		sc.waitLog("Redis can be reached again", 1, 10*time.Second)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // redisDump returns every key the plugin wrote and its whole value
@@ -117,7 +118,7 @@ func TestNoPlaintextTokenInRedisOrLogs(t *testing.T) {
 			mu.Unlock()
 		}
 	}()
-	waitFor(t, "the test's subscription", 5*time.Second, func() bool {
+	testproc.WaitFor(t, "the test's subscription", 5*time.Second, func() bool {
 		ctx, cancel := redisContext()
 		defer cancel()
 		return rc.PubSubNumPat(ctx).Val() == 1
@@ -147,7 +148,7 @@ func TestNoPlaintextTokenInRedisOrLogs(t *testing.T) {
 	c.sidecars[0].postConsentEvent("client_credentials_consent_revoked", cc)
 	c.sidecars[1].postConsentEvent("client_credentials_consent", cc)
 	untilAll(t, c, cc, time.Now(), 2*time.Second, func(a answer) bool { return a.status == http.StatusOK })
-	waitFor(t, "the broadcasts", 5*time.Second, func() bool {
+	testproc.WaitFor(t, "the broadcasts", 5*time.Second, func() bool {
 		mu.Lock()
 		defer mu.Unlock()
 		return len(messages) >= 3

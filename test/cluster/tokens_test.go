@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // A tenant's first requests through all three sidecars at once make
@@ -315,7 +316,7 @@ func TestSidecarKilledHoldingTheLock(t *testing.T) {
 	a.mustServe(tenant)
 	lockKey := "caddy-fortnox:lock:fortnox/" + clientID + "/" + tenant
 	rc := c.redisClient()
-	waitFor(t, "a takes the lock", 5*time.Second, func() bool {
+	testproc.WaitFor(t, "a takes the lock", 5*time.Second, func() bool {
 		ctx, cancel := redisContext()
 		defer cancel()
 		return rc.Exists(ctx, lockKey).Val() == 1

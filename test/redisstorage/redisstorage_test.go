@@ -2,18 +2,15 @@ package redisstorage
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -635,42 +632,3 @@ func TestModuleCleanupWaitsForUnlock(t *testing.T) {
 		t.Errorf("Store after Cleanup and Unlock: err = %v, want the client closed", err)
 	}
 }
-
-func TestAnnounceSkip(t *testing.T) {
-	var out, tty bytes.Buffer
-	terminal := func() io.WriteCloser { return nopCloser{&tty} }
-	if !announceSkip(&out, terminal, false, "test/x: the Redis tests", "redis-server is not on PATH (apt-get install redis-server)") {
-		t.Error("outside CI a skip is allowed")
-	}
-	want := "SKIP test/x: the Redis tests: redis-server is not on PATH (apt-get install redis-server)\n"
-	if out.String() != want || tty.String() != want {
-		t.Errorf("stdout %q, terminal %q; want both %q", out.String(), tty.String(), want)
-	}
-
-	out.Reset()
-	tty.Reset()
-	if announceSkip(&out, terminal, true, "test/x: the Redis tests", "redis-server is not on PATH") {
-		t.Error("in CI a skip must not be allowed")
-	}
-	if got := out.String(); !strings.HasPrefix(got, "FAIL test/x: the Redis tests: redis-server is not on PATH, and CI must run every test") {
-		t.Errorf("in CI: %q", got)
-	}
-
-	out.Reset()
-	if !announceSkip(&out, func() io.WriteCloser { return nil }, false, "g", "r") || out.String() != "SKIP g: r\n" {
-		t.Errorf("without a terminal: %q", out.String())
-	}
-}
-
-func TestInCI(t *testing.T) {
-	for v, want := range map[string]bool{"": false, "0": false, "false": false, "FALSE": false, "true": true, "1": true, "yes": true} {
-		t.Setenv("CI", v)
-		if got := InCI(); got != want {
-			t.Errorf("CI=%q: InCI() = %v", v, got)
-		}
-	}
-}
-
-type nopCloser struct{ io.Writer }
-
-func (nopCloser) Close() error { return nil }

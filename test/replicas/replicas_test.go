@@ -5,10 +5,10 @@
 package replicas
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -24,7 +24,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/caddybin"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 const (
@@ -42,10 +42,10 @@ var (
 func TestMain(m *testing.M) {
 	flag.Parse() // for testing.Short
 	if testing.Short() {
-		if !redisstorage.AnnounceSkip("test/replicas: the multi-process tests", "go test -short") {
+		if !testproc.AnnounceSkip("test/replicas: the multi-process tests", "go test -short") {
 			os.Exit(1)
 		}
-	} else if !redisstorage.CheckRedisServer("test/replicas: TestThreeReplicasOnRedis") {
+	} else if !testproc.CheckBinaries("test/replicas: TestThreeReplicasOnRedis", "redis-server") {
 		os.Exit(1)
 	}
 	dir, err := os.MkdirTemp("", "fortnox-replicas-")
@@ -81,34 +81,22 @@ func buildCaddy(t *testing.T) string {
 	return caddybin.Build(t, logDir)
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // replica is one Caddy process.
 type replica struct {
-	t         *testing.T
-	name      string
-	cmd       *exec.Cmd
-	url       string
-	adminURL  string
-	config    string
-	done      chan struct{}
-	exitState atomic.Value
+	t        *testing.T
+	name     string
+	proc     *testproc.Proc
+	url      string
+	adminURL string
+	config   string
 }
 
 // startReplica starts a Caddy process with storageConfig as its storage.
 func startReplica(t *testing.T, name string, fake *fakefortnox.Server, storageConfig string) *replica {
 	t.Helper()
 	bin := buildCaddy(t)
-	port, adminPort := freePort(t), freePort(t)
-	r := &replica{t: t, name: name, url: fmt.Sprintf("http://127.0.0.1:%d", port), adminURL: fmt.Sprintf("http://127.0.0.1:%d", adminPort), done: make(chan struct{})}
+	port, adminPort := testproc.FreePort(t), testproc.FreePort(t)
+	r := &replica{t: t, name: name, url: fmt.Sprintf("http://127.0.0.1:%d", port), adminURL: fmt.Sprintf("http://127.0.0.1:%d", adminPort)}
 	r.config = filepath.Join(t.TempDir(), "Caddyfile")
 	caddyfile := fmt.Sprintf(`{
 	admin 127.0.0.1:%d
@@ -137,22 +125,18 @@ http://127.0.0.1:%d {
 	if err := os.WriteFile(r.config, []byte(caddyfile), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r.cmd = exec.Command(bin, "run", "--config", r.config, "--adapter", "caddyfile")
-	r.cmd.Env = append(os.Environ(), "FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,
+	cmd := exec.Command(bin, "run", "--config", r.config, "--adapter", "caddyfile")
+	cmd.Env = append(os.Environ(), "FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,
 		"XDG_DATA_HOME="+t.TempDir(), "XDG_CONFIG_HOME="+t.TempDir(), "HOME="+t.TempDir())
 	stderr, err := os.Create(filepath.Join(logDir, strings.ReplaceAll(t.Name(), "/", "_")+"-"+name+".stderr.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	r.cmd.Stdout, r.cmd.Stderr = stderr, stderr
-	if err := r.cmd.Start(); err != nil {
+	defer stderr.Close() // the process has its own copy
+	cmd.Stdout, cmd.Stderr = stderr, stderr
+	if r.proc, err = testproc.Launch(cmd); err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		_ = r.cmd.Wait()
-		stderr.Close()
-		close(r.done)
-	}()
 	t.Cleanup(r.stop)
 	r.waitReady()
 	return r
@@ -160,45 +144,22 @@ http://127.0.0.1:%d {
 
 func (r *replica) waitReady() {
 	r.t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-r.done:
-			r.t.Fatalf("%s exited while starting", r.name)
-		default:
-		}
-		resp, err := http.Get(r.adminURL + "/config/")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
+	switch err := r.proc.WaitHTTP(r.adminURL+"/config/", 30*time.Second); {
+	case errors.Is(err, testproc.ErrExited):
+		r.t.Fatalf("%s exited while starting", r.name)
+	case err != nil:
+		r.t.Fatalf("%s did not start", r.name)
 	}
-	r.t.Fatalf("%s did not start", r.name)
 }
 
-// stop ends the process gracefully.
+// stop ends the process gracefully (SIGTERM; SIGKILL after 10 s).
 func (r *replica) stop() {
-	select {
-	case <-r.done:
-		return
-	default:
-	}
-	_ = r.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-r.done:
-	case <-time.After(10 * time.Second):
-		_ = r.cmd.Process.Kill()
-		<-r.done
-	}
+	_ = r.proc.Stop(syscall.SIGTERM, 10*time.Second)
 }
 
 // kill ends the process with SIGKILL: no cleanup, locks left behind.
 func (r *replica) kill() {
-	_ = r.cmd.Process.Kill()
-	<-r.done
+	r.proc.Kill()
 }
 
 var client = &http.Client{Timeout: 60 * time.Second, Transport: &http.Transport{MaxIdleConnsPerHost: 64}}
@@ -231,16 +192,11 @@ func (r *replica) putRefreshToken(tenant, rt string) {
 
 func startFake(t *testing.T) *fakefortnox.Server {
 	t.Helper()
-	fake, err := fakefortnox.Start(fakefortnox.Options{
+	return testproc.StartFake(t, fakefortnox.Options{
 		Clients:       map[string]string{clientID: clientSecret},
 		TokenLifetime: lifetime,
 		RateLimit:     -1,
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(fake.Close)
-	return fake
 }
 
 func fileStorage(t *testing.T) string {
@@ -288,7 +244,7 @@ func TestThreeReplicasOnFileStorage(t *testing.T) {
 // needs no change for a networked store.
 func TestThreeReplicasOnRedis(t *testing.T) {
 	buildCaddy(t)
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	testThreeReplicas(t, fmt.Sprintf("storage fortnox_test_redis {\n\t\taddress %s\n\t\tprefix %s\n\t}", addr, "t"+fmt.Sprint(time.Now().UnixNano())))
 }
 
@@ -371,16 +327,11 @@ func TestReplicaKilledHoldingTheLock(t *testing.T) {
 	fake.SetFault(fakefortnox.Fault{Delay: time.Minute})
 	go a.get("1234567")
 	lockDir := filepath.Join(dir, "locks")
-	deadline := time.Now().Add(10 * time.Second)
-	for {
+	if _, err := testproc.Poll(10*time.Second, func() bool {
 		entries, _ := os.ReadDir(lockDir)
-		if len(entries) > 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("a never took the lock")
-		}
-		time.Sleep(20 * time.Millisecond)
+		return len(entries) > 0
+	}); err != nil {
+		t.Fatal("a never took the lock")
 	}
 	a.kill()
 	fake.ClearFault()

@@ -6,8 +6,8 @@ package tracing
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -20,6 +20,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/caddybin"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 const (
@@ -47,29 +48,15 @@ func (s consoleSpan) attr(key string) string {
 	return ""
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // The console exporter shows the plugin's spans with their attributes,
 // and never a token or the secret.
 func TestConsoleExporterShowsFortnoxSpans(t *testing.T) {
 	dir := t.TempDir()
 	bin := caddybin.Build(t, dir)
-	fake, err := fakefortnox.Start(fakefortnox.Options{RateLimit: -1, Clients: map[string]string{clientID: clientSecret}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fake.Close()
+	fake := testproc.StartFake(t, fakefortnox.Options{RateLimit: -1, Clients: map[string]string{clientID: clientSecret}})
 	fake.GrantConsent(clientID, "1234567")
 
-	port, adminPort := freePort(t), freePort(t)
+	port, adminPort := testproc.FreePort(t), testproc.FreePort(t)
 	config := filepath.Join(dir, "Caddyfile")
 	logFile := filepath.Join(dir, "caddy.log")
 	if err := os.WriteFile(config, []byte(fmt.Sprintf(`{
@@ -104,6 +91,7 @@ http://127.0.0.1:%d {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer out.Close() // the process has its own copy
 	cmd := exec.Command(bin, "run", "--config", config, "--adapter", "caddyfile")
 	cmd.Env = append(os.Environ(), "FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,
 		"OTEL_TRACES_EXPORTER=console", "OTEL_BSP_SCHEDULE_DELAY=10",
@@ -114,16 +102,13 @@ http://127.0.0.1:%d {
 	}
 	defer errOut.Close()
 	cmd.Stdout, cmd.Stderr = out, errOut
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
+	proc := testproc.Start(t, cmd) // killed when the test ends
+	switch err := proc.WaitHTTP(fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort), 60*time.Second); {
+	case errors.Is(err, testproc.ErrExited):
+		t.Fatal("caddy exited while starting")
+	case err != nil:
+		t.Fatal("caddy did not start")
 	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); out.Close(); close(done) }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-done
-	}()
-	waitReady(t, fmt.Sprintf("http://127.0.0.1:%d/config/", adminPort), done)
 
 	url := fmt.Sprintf("http://127.0.0.1:%d/3/companyinformation", port)
 	for i := range 2 { // a cold token, then a cached one that waits for its turn
@@ -139,10 +124,7 @@ http://127.0.0.1:%d {
 		}
 	}
 	// A graceful stop flushes every span.
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-done:
-	case <-time.After(20 * time.Second):
+	if err := proc.Stop(syscall.SIGTERM, 20*time.Second); err != nil {
 		t.Fatal("caddy did not stop")
 	}
 
@@ -219,24 +201,4 @@ func names(spans []consoleSpan) string {
 		out = append(out, s.Name)
 	}
 	return strings.Join(out, ", ")
-}
-
-func waitReady(t *testing.T, url string, done chan struct{}) {
-	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for time.Now().Before(deadline) {
-		select {
-		case <-done:
-			t.Fatal("caddy exited while starting")
-		default:
-		}
-		if resp, err := http.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return
-			}
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	t.Fatal("caddy did not start")
 }

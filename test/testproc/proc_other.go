@@ -1,9 +1,9 @@
 //go:build !linux
 
-package cluster
+package testproc
 
 import "os/exec"
 
 // dieWithParent does nothing off Linux: an interrupted run may leave its
-// sidecars running there.
+// processes running there.
 func dieWithParent(cmd *exec.Cmd) {}

@@ -13,7 +13,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/redis/go-redis/v9"
 )
 
@@ -24,7 +24,7 @@ import (
 
 func redisSidecar(t *testing.T, fake *fakefortnox.Server, extra string) (*sidecar, *redis.Client) {
 	t.Helper()
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
 	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
 	sc := startSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}\nencryption_key {env.FORTNOX_TEST_KEY}\n"+extra)
@@ -117,7 +117,7 @@ func keysOf(m map[string]string) []string {
 // then refuses clearly instead of spending a dead refresh token.
 func TestRecordsMoveToRedisAndLeaveATombstone(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr)
 	sc := startSidecar(t, fake, "")
 	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
@@ -312,7 +312,7 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 // scripts run in internal/tokens's TestBackendConformance, which fails on
 // a call that made the connection count Redis as down.)
 func TestRedisScriptsCompile(t *testing.T) {
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	client := redis.NewClient(&redis.Options{Addr: addr})
 	defer client.Close()
 	for name, s := range map[string]*redis.Script{

@@ -17,7 +17,7 @@ import (
 	"testing"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"gopkg.in/yaml.v3"
 )
@@ -184,7 +184,7 @@ func TestBuildFlagsAgree(t *testing.T) {
 	builder := filepath.Join(strings.TrimSpace(string(out)), "github.com/caddyserver/xcaddy@v0.4.5", "builder.go")
 	src, err := os.ReadFile(builder)
 	switch {
-	case err != nil && redisstorage.InCI():
+	case err != nil && testproc.InCI():
 		t.Errorf("%v: .ci/run installs xcaddy v0.4.5, whose flags this test compares", err)
 	case err != nil:
 		t.Logf("not compared with xcaddy's source (%v); .ci/run installs it", err)

@@ -11,7 +11,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/redis/go-redis/v9"
 )
@@ -358,7 +358,7 @@ http://127.0.0.1:%d {
 // admin API lists and releases it.
 func TestHandoverInClusterMode(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
 	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
 	sc := startSidecarSite(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}\nencryption_key {env.FORTNOX_TEST_KEY}", handoverSite)

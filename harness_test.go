@@ -18,7 +18,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -38,7 +38,7 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	if !redisstorage.CheckRedisServer("caddy-fortnox (root package): the tests that need Redis") {
+	if !testproc.CheckBinaries("caddy-fortnox (root package): the tests that need Redis", "redis-server") {
 		os.Exit(1) // in CI nothing may skip
 	}
 	dir, err := os.MkdirTemp("", "caddy-fortnox-logs-")

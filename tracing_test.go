@@ -14,7 +14,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
 	"github.com/caddy-fortnox/caddy-fortnox/test/logscan"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"go.opentelemetry.io/contrib/exporters/autoexport"
@@ -417,7 +417,7 @@ func TestTracingRefreshAheadIsLinked(t *testing.T) {
 // sharing of the new token.
 func TestTracingClusterMode(t *testing.T) {
 	fake := startFakeWithConsent(t)
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
 	sc := startTracedSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}")
 	status, body, tid := sc.tracedGet("/3/companyinformation", "1234567")

@@ -15,7 +15,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
-	"github.com/caddy-fortnox/caddy-fortnox/test/redisstorage"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -346,7 +346,7 @@ func TestEncryptLeavesCopiedRecordAlone(t *testing.T) {
 // way, and encrypted in place there by POST /fortnox/encrypt.
 func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
-	addr := redisstorage.StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("FORTNOX_TEST_REDIS_URL", "redis://"+addr+"/0")
 	t.Setenv("FORTNOX_TEST_KEY", "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=")
 	client := redis.NewClient(&redis.Options{Addr: addr})

@@ -4,13 +4,8 @@ import (
 	"context"
 	"crypto/cipher"
 	"errors"
-	"fmt"
 	"net"
-	"os"
 	"os/exec"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -19,6 +14,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/redisstate"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens/tokenstest"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/certmagic"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
@@ -235,61 +231,14 @@ func (d *cuttableDialer) cut() {
 	}
 }
 
-// startRedis starts a redis-server of the test's own on a free 127.0.0.1
-// port, and stops it when the test ends. (test/testproc will have one for
-// every test; this one goes once that is in.)
+// startRedis starts a redis-server of this test's own on a free
+// 127.0.0.1 port (test/testproc), stopped when the test ends. It never
+// skips: without redis-server the Redis cases fail and say what to
+// install (.ci/run installs it).
 func startRedis(t *testing.T) (addr string) {
 	t.Helper()
-	bin, err := exec.LookPath("redis-server")
-	if err != nil {
+	if _, err := exec.LookPath("redis-server"); err != nil {
 		t.Fatal("redis-server is not on PATH, and the Redis conformance cases need it: install it (apt-get install redis-server; CI does)")
 	}
-	var last string
-	for range 3 { // the free port may be taken before redis-server binds it
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		l.Close()
-		addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-		dir := t.TempDir()
-		log := filepath.Join(dir, "redis.log")
-		cmd := exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", dir, "--logfile", log)
-		if err := cmd.Start(); err != nil {
-			t.Fatalf("starting redis-server: %v", err)
-		}
-		exited := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(exited) }()
-		stop := func() { _ = cmd.Process.Kill(); <-exited }
-		// INFO rather than PING: the server that answers is this one, not
-		// another that took the port.
-		client := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
-		ours := "process_id:" + strconv.Itoa(cmd.Process.Pid) + "\r\n"
-		up := false
-	wait:
-		for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); {
-			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
-			info, err := client.Info(ctx, "server").Result()
-			cancel()
-			if up = err == nil && strings.Contains(info, ours); up {
-				break
-			}
-			select {
-			case <-exited:
-				break wait
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-		client.Close()
-		if up {
-			t.Cleanup(stop)
-			return addr
-		}
-		stop()
-		out, _ := os.ReadFile(log)
-		last = fmt.Sprintf("redis-server did not start on port %d within 5s: %s", port, out)
-	}
-	t.Fatal(last)
-	return ""
+	return testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 }

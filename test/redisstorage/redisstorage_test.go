@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	_ "github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -50,7 +51,7 @@ func mustList(t *testing.T, s certmagic.Storage, dir string, recursive bool) []s
 
 func TestStorageSemantics(t *testing.T) {
 	ctx := t.Context()
-	s := newStorage(t, StartRedis(t), "conf", 0)
+	s := newStorage(t, testproc.StartRedis(t, testproc.RedisConfig{}).Addr(), "conf", 0)
 
 	// missing keys: fs.ErrNotExist from Load, Stat and List
 	if _, err := s.Load(ctx, "nope/x"); !errors.Is(err, fs.ErrNotExist) {
@@ -190,7 +191,7 @@ func TestStorageSemantics(t *testing.T) {
 // and in Redis and compares what List, Exists and Stat say.
 func TestListMatchesFileStorage(t *testing.T) {
 	ctx := t.Context()
-	rs := newStorage(t, StartRedis(t), "cmp", 0)
+	rs := newStorage(t, testproc.StartRedis(t, testproc.RedisConfig{}).Addr(), "cmp", 0)
 	fsys := &certmagic.FileStorage{Path: t.TempDir()}
 	keys := []string{
 		"certificates/acme/example.com/example.com.crt",
@@ -232,7 +233,7 @@ func TestListMatchesFileStorage(t *testing.T) {
 // counter kept in the storage, under the lock. No increment may be lost
 // and no two critical sections may overlap.
 func TestLockMutualExclusion(t *testing.T) {
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	instances := []*Storage{newStorage(t, addr, "mx", time.Second), newStorage(t, addr, "mx", time.Second)}
 	const perInstance, iterations = 4, 25
 
@@ -291,7 +292,7 @@ func TestLockMutualExclusion(t *testing.T) {
 // it, and only Unlock frees it.
 func TestLockRefresh(t *testing.T) {
 	ctx := t.Context()
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	a := newStorage(t, addr, "rf", 300*time.Millisecond)
 	b := newStorage(t, addr, "rf", 300*time.Millisecond)
 	if err := a.Lock(ctx, "job"); err != nil {
@@ -319,7 +320,7 @@ func TestLockRefresh(t *testing.T) {
 // lock once the TTL has run out, not before and not much later.
 func TestDeadHolderLockExpires(t *testing.T) {
 	ctx := t.Context()
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	const ttl = time.Second
 	a := newStorage(t, addr, "dead", ttl)
 	b := newStorage(t, addr, "dead", ttl)
@@ -358,7 +359,7 @@ func TestMain(m *testing.M) {
 		holdLockUntilKilled(addr)
 		return
 	}
-	if !CheckRedisServer("test/redisstorage: the tests that need Redis") {
+	if !testproc.CheckBinaries("test/redisstorage: the tests that need Redis", "redis-server") {
 		os.Exit(1)
 	}
 	os.Exit(m.Run())
@@ -390,7 +391,7 @@ func holdLockUntilKilled(addr string) {
 // holds and refreshes a lock; another instance gets it within the TTL.
 func TestKilledProcessLockExpires(t *testing.T) {
 	ctx := t.Context()
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	const ttl = time.Second
 	// The test binary itself, as the lock holder (see TestMain).
 	cmd := exec.Command(os.Args[0], "-test.timeout=1m")
@@ -435,7 +436,7 @@ func TestKilledProcessLockExpires(t *testing.T) {
 
 func TestUnlockOnlyOwnLock(t *testing.T) {
 	ctx := t.Context()
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	a := newStorage(t, addr, "own", 0)
 	b := newStorage(t, addr, "own", 0)
 	if err := a.Unlock(ctx, "x"); !errors.Is(err, ErrLockNotHeld) {
@@ -463,7 +464,7 @@ func TestUnlockOnlyOwnLock(t *testing.T) {
 }
 
 func TestLockHonorsContext(t *testing.T) {
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	a := newStorage(t, addr, "ctx", 0)
 	b := newStorage(t, addr, "ctx", 0)
 	if err := a.Lock(t.Context(), "x"); err != nil {
@@ -499,7 +500,7 @@ const caddyAdmin = `"admin": {"disabled": true, "config": {"persist": false}}`
 // TestModuleFromJSON configures Caddy's storage as the module from JSON and
 // checks that ctx.Storage() is a Storage on the configured server/prefix.
 func TestModuleFromJSON(t *testing.T) {
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	t.Setenv("REDISSTORAGE_TEST_ADDR", addr)
 	loadCaddy(t, []byte(`{`+caddyAdmin+`,
 		"storage": {"module": "fortnox_test_redis", "address": "{env.REDISSTORAGE_TEST_ADDR}", "prefix": "fromjson", "lock_ttl": "2s"}}`))
@@ -521,7 +522,7 @@ func TestModuleFromJSON(t *testing.T) {
 // TestModuleFromCaddyfile adapts the global option from a Caddyfile and runs
 // the result.
 func TestModuleFromCaddyfile(t *testing.T) {
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	caddyfile := fmt.Sprintf(`{
 	admin off
 	persist_config off
@@ -579,7 +580,7 @@ func provision(t *testing.T, m *Module) error {
 }
 
 func TestModuleProvisionErrors(t *testing.T) {
-	addr := StartRedis(t)
+	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
 	for name, m := range map[string]*Module{
 		"no address":    {},
 		"bad address":   {Address: "localhost"},
@@ -609,7 +610,7 @@ func TestModuleProvisionErrors(t *testing.T) {
 // held keeps the client open until the holder unlocks, then closes it.
 func TestModuleCleanupWaitsForUnlock(t *testing.T) {
 	ctx := t.Context()
-	m := &Module{Address: StartRedis(t), LockTTL: caddy.Duration(300 * time.Millisecond)}
+	m := &Module{Address: testproc.StartRedis(t, testproc.RedisConfig{}).Addr(), LockTTL: caddy.Duration(300 * time.Millisecond)}
 	if err := provision(t, m); err != nil {
 		t.Fatal(err)
 	}

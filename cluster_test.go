@@ -306,24 +306,6 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 	}
 }
 
-// Every Lua script of the shared rate budget compiles in a real Redis: a
-// script that does not (a Lua keyword as a variable name, once) fails only
-// when it first runs, and looks like a Redis outage then. (The Backend's
-// scripts run in internal/tokens's TestBackendConformance, which fails on
-// a call that made the connection count Redis as down.)
-func TestRedisScriptsCompile(t *testing.T) {
-	addr := testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
-	client := redis.NewClient(&redis.Options{Addr: addr})
-	defer client.Close()
-	for name, s := range map[string]*redis.Script{
-		"turn": redisstate.TurnScript, "pause": redisstate.PauseScript,
-	} {
-		if err := s.Load(context.Background(), client).Err(); err != nil {
-			t.Errorf("the %s script: %v", name, err)
-		}
-	}
-}
-
 // The admin API in cluster mode reads and writes Redis: the tenants list,
 // dropping a token, deleting an account and the quarantine all act on the
 // shared records, not on this sidecar's Caddy storage.

@@ -78,7 +78,7 @@ func (r *Backend) StoreToken(ctx context.Context, subj tokens.Subject, t *tokens
 }
 
 // dropScript deletes a shared token only if it is still the one named.
-var DropScript = redis.NewScript(`
+var dropScript = redis.NewScript(`
 if redis.call('HGET', KEYS[1], 'hash') == ARGV[1] then
 	return redis.call('DEL', KEYS[1])
 end
@@ -87,7 +87,7 @@ return 0`)
 func (r *Backend) DropToken(ctx context.Context, subj tokens.Subject, accessToken string) error {
 	hash := tokens.TokenHash(accessToken)
 	err := r.c.call(ctx, "drop token", func(ctx context.Context) error {
-		return DropScript.Run(ctx, r.c.client, []string{r.tokenKey(subj)}, hash).Err()
+		return dropScript.Run(ctx, r.c.client, []string{r.tokenKey(subj)}, hash).Err()
 	})
 	perr := r.Publish(ctx, tokens.Event{Kind: tokens.EventInvalidate, Tenant: subj.Tenant, Account: subj.Account, TokenHash: hash})
 	return errors.Join(err, perr)
@@ -159,7 +159,7 @@ func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
 }
 
 // newerScript remembers the newest event time of a tenant.
-var NewerScript = redis.NewScript(`
+var newerScript = redis.NewScript(`
 local last = redis.call('GET', KEYS[1])
 if last and tonumber(last) >= tonumber(ARGV[1]) then
 	return 0
@@ -173,7 +173,7 @@ const eventMemory = 90 * 24 * time.Hour
 func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (bool, error) {
 	var newer bool
 	err := r.c.call(ctx, "event order", func(ctx context.Context) error {
-		n, err := NewerScript.Run(ctx, r.c.client, []string{r.clientKey("event") + tenant},
+		n, err := newerScript.Run(ctx, r.c.client, []string{r.clientKey("event") + tenant},
 			at.UnixNano(), eventMemory.Milliseconds()).Int()
 		newer = n == 1
 		return err
@@ -185,7 +185,7 @@ func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (
 }
 
 // invalidationScript counts 401-invalidations in a sliding window.
-var InvalidationScript = redis.NewScript(`
+var invalidationScript = redis.NewScript(`
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]))
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
 	return 0
@@ -197,7 +197,7 @@ return 1`)
 func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, max int, window time.Duration) (bool, error) {
 	var allowed bool
 	err := r.c.call(ctx, "invalidation bound", func(ctx context.Context) error {
-		n, err := InvalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.Key()},
+		n, err := invalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.Key()},
 			r.c.clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
 		allowed = n == 1
 		return err
@@ -210,7 +210,7 @@ func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, ma
 
 // slotScript takes one of a client's token-request slots: a sorted set of
 // holders by expiry, so that a dead holder's slot frees itself.
-var SlotScript = redis.NewScript(`
+var slotScript = redis.NewScript(`
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
 	return 0
@@ -229,7 +229,7 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 		var got bool
 		err := r.c.call(ctx, "token slot", func(cctx context.Context) error {
 			n := r.c.clock.Now()
-			res, err := SlotScript.Run(cctx, r.c.client, []string{key}, n.UnixMilli(), max,
+			res, err := slotScript.Run(cctx, r.c.client, []string{key}, n.UnixMilli(), max,
 				n.Add(tokens.RefreshCallLimit+tokens.LockBudget).UnixMilli(), id).Int()
 			got = res == 1
 			return err

@@ -28,7 +28,7 @@ var clusterGen atomic.Uint64
 const RedisKeyPrefix = "caddy-fortnox:"
 
 // clusterOwner is what the Redis code needs of the tokens it serves: it
-// never sees the Manager itself.
+// never sees the token manager itself.
 type Owner interface {
 	ClientID() string
 	// Clock is the owner's clock.

@@ -26,7 +26,7 @@ import (
 // never moves it.
 var clk = clock.New()
 
-// clusters holds one *redisCluster per (token URL, client id, Redis URL).
+// clusters holds one *redisstate.Conn per (token URL, client id, Redis URL).
 var clusters = caddy.NewUsagePool()
 
 // joinCluster takes a hold on the Redis connection of m's client for
@@ -77,7 +77,7 @@ func pickCluster(m *tokens.Manager) {
 	m.Cluster.Store(&tokens.ClusterRef{ClusterState: newest.Backend()})
 }
 
-// managers holds one tokenManager per (token_url, client_id), shared by all
+// managers holds one tokens.Manager per (token_url, client_id), shared by all
 // handlers of all loaded configs, so that cached tokens survive a config
 // reload. Keyed by managerKey.
 var managers = caddy.NewUsagePool()

@@ -12,7 +12,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// redisShared is the seam to a cluster of sidecars through Redis. Every
+// Backend is the seam to a cluster of sidecars through Redis. Every
 // call is bounded in time (sharedCallLimit). When Redis cannot be reached,
 // each guard falls back to this process's own (local), so a sidecar keeps
 // serving; what must never happen without Redis (a refresh token used
@@ -309,10 +309,10 @@ func (c *Conn) subscribe(logger *zap.Logger) {
 
 var _ tokens.Backend = (*Backend)(nil)
 
-// notes is where notifications are kept in cluster mode.
+// Notes is where notifications are kept in cluster mode.
 func (r *Backend) Notes() tokens.NotifyStore { return &Notes{c: r.c} }
 
-// dropAnyToken removes the subject's shared token, whichever it is.
+// DropAnyToken removes the subject's shared token, whichever it is.
 func (r *Backend) DropAnyToken(ctx context.Context, subj tokens.Subject) error {
 	return r.c.call(ctx, "drop token", func(ctx context.Context) error {
 		return r.c.client.Del(ctx, r.tokenKey(subj)).Err()

@@ -24,10 +24,10 @@ import (
 // manager is the one it uses.
 var clusterGen atomic.Uint64
 
-// redisKeyPrefix starts every Redis key the plugin writes.
+// RedisKeyPrefix starts every Redis key the plugin writes.
 const RedisKeyPrefix = "caddy-fortnox:"
 
-// clusterOwner is what the Redis code needs of the tokens it serves: it
+// Owner is what the Redis code needs of the tokens it serves: it
 // never sees the token manager itself.
 type Owner interface {
 	ClientID() string
@@ -42,7 +42,7 @@ type Owner interface {
 	Resync()
 }
 
-// redisCluster is the Redis connection of one (token URL, client id).
+// Conn is the Redis connection of one (token URL, client id).
 type Conn struct {
 	clock *clock.Clock // the owner's
 	gen   uint64
@@ -64,7 +64,7 @@ type Conn struct {
 	background sync.WaitGroup
 }
 
-// parseRedisURL checks a `redis` setting without connecting.
+// ParseRedisURL checks a `redis` setting without connecting.
 func ParseRedisURL(raw string) (*redis.Options, error) {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
@@ -83,7 +83,7 @@ func ParseRedisURL(raw string) (*redis.Options, error) {
 	return opts, nil
 }
 
-// redactURL hides a Redis URL's password.
+// RedactURL hides a Redis URL's password.
 func RedactURL(raw string) string {
 	u, err := url.Parse(raw)
 	if err != nil {

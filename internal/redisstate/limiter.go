@@ -9,7 +9,7 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// redisLimiter is the rate budget of a cluster of sidecars: one
+// Limiter is the rate budget of a cluster of sidecars: one
 // reservation log per (client id, tenant) in Redis, updated by one atomic
 // script per request. Its semantics are the in-process limiter's: each
 // request reserves the earliest time the window allows after every earlier

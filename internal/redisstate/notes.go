@@ -10,7 +10,7 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// redisNotes keeps claims and pending events in Redis (cluster mode), all
+// Notes keeps claims and pending events in Redis (cluster mode), all
 // under one hash tag per client id:
 //
 //	caddy-fortnox:notify:{fortnox/<client_id>/}:due         sorted set: event id -> due time (ms); a lease moves it

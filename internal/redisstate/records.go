@@ -27,7 +27,7 @@ import (
 // last refresh; a live holder refreshes it every third of it.
 const redisLockTTL = 10 * time.Second
 
-// redisRecords is a recordBackend on Redis.
+// Records is a tokens.Storage on Redis.
 type Records struct {
 	c    *Conn
 	mu   sync.Mutex
@@ -70,7 +70,7 @@ func (r *Records) Store(ctx context.Context, key string, value []byte) error {
 	})
 }
 
-// storeIfAbsent stores value unless the key holds one already, and says
+// StoreIfAbsent stores value unless the key holds one already, and says
 // whether it did.
 func (r *Records) StoreIfAbsent(ctx context.Context, key string, value []byte) (bool, error) {
 	var stored bool
@@ -248,7 +248,7 @@ func (r *Records) releaseAll() {
 	}
 }
 
-// migratingRecords is the record backend of cluster mode: Redis, with
+// MigratingRecords is the record backend of cluster mode: Redis, with
 // records still in Caddy's storage (from before `redis` was set) moved
 // over on first use. The move is a set-if-absent, so it never overwrites
 // what a refresh already wrote to Redis; then a tombstone replaces the

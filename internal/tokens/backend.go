@@ -16,11 +16,11 @@ import (
 // What the sidecars of one (token URL, client id) share. Fortnox's rate
 // limit, its consents and its single-use refresh tokens belong to (client
 // id, tenant), not to one process, so with several sidecars (one beside
-// each app pod) they must be shared. sharedState is the seam: localShared
+// each app pod) they must be shared. Backend is the seam: LocalBackend
 // keeps them in this process (no `redis` line: one sidecar, exactly as
-// before), redisShared keeps them in Redis for a cluster of sidecars.
+// before), redisstate.Backend keeps them in Redis for a cluster of sidecars.
 // Nothing above the seam knows which it talks to. Token records are shared
-// the same way one level down: recordStore's backend is Caddy's storage or
+// the same way one level down: Records's backend is Caddy's storage or
 // Redis. The rate budget is the handler's ratelimit.Waiter (internal/ratelimit).
 type Backend interface {
 	// loadToken returns the subject's access token as another sidecar
@@ -57,7 +57,7 @@ type Backend interface {
 	TokenSlot(ctx context.Context, max int, wait time.Duration) (release func(), err error)
 }
 
-// sharedToken is an access token as it is shared between sidecars.
+// SharedToken is an access token as it is shared between sidecars.
 type SharedToken struct {
 	AccessToken string    `json:"access_token"`
 	Grant       Grant     `json:"grant"`
@@ -65,7 +65,7 @@ type SharedToken struct {
 	ExpiresAt   time.Time `json:"expires_at"`
 }
 
-// event is what one sidecar tells the others.
+// Event is what one sidecar tells the others.
 type Event struct {
 	Kind    string `json:"kind"`
 	Tenant  string `json:"tenant"`
@@ -88,16 +88,16 @@ const (
 	eventDropped    = "token_dropped"   // the subject's token was dropped through the admin API
 )
 
-// tokenHash names an access token without showing it.
+// TokenHash names an access token without showing it.
 func TokenHash(accessToken string) string {
 	sum := sha256.Sum256([]byte(accessToken))
 	return hex.EncodeToString(sum[:12])
 }
 
-// errSharedUnavailable: the shared store cannot be reached.
+// ErrSharedUnavailable: the shared store cannot be reached.
 var ErrSharedUnavailable = errors.New("the shared state (Redis) cannot be reached")
 
-// localShared is the seam in one process.
+// LocalBackend is the seam in one process.
 type LocalBackend struct {
 	clock   *clock.Clock
 	slotsMu sync.Mutex

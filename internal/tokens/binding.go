@@ -90,7 +90,7 @@ type quarantineRecord struct {
 	CreatedAt    time.Time `json:"created_at"`
 }
 
-// quarantineInfo is a quarantine record as the admin API lists it.
+// QuarantineInfo is a quarantine record as the admin API lists it.
 type QuarantineInfo struct {
 	ID           string    `json:"id"`
 	Tenant       *string   `json:"tenant"`
@@ -274,7 +274,7 @@ func quarantinedWhere(st *strandedToken) string {
 		st.q.ID + "/release on the admin endpoint) or deletes it"
 }
 
-// releaseQuarantine serves a quarantined refresh token under its own
+// ReleaseQuarantine serves a quarantined refresh token under its own
 // tenant (the one its access token names) and the account it was handed
 // over as, with the rules of a hand-over: never over a live refresh token,
 // never under an account bound to another user. The quarantine record is
@@ -368,7 +368,7 @@ func (o Ops) ReleaseQuarantine(ctx context.Context, id string) (Subject, error) 
 	return owner, nil
 }
 
-// listQuarantine lists the quarantine records, never a token.
+// ListQuarantine lists the quarantine records, never a token.
 func (o Ops) ListQuarantine(ctx context.Context, rs *Records) ([]QuarantineInfo, error) {
 	m := o.m
 	ids, err := rs.names(ctx, strings.TrimSuffix(quarantinePrefix(m.clientID), "/"), ".json", validQuarantineID)

@@ -13,11 +13,11 @@ import (
 // 15 leaves room and keeps it an exact integer in a JSON number.
 const maxTenantIDLength = 15
 
-// maxJWTLength bounds the app's legacy token we are willing to decode.
+// MaxJWTLength bounds the app's legacy token we are willing to decode.
 // Fortnox tokens are about 3 KB.
 const MaxJWTLength = 16 << 10
 
-// validTenantID: 1 to 15 digits, no leading zero (so each tenant has one
+// ValidTenantID: 1 to 15 digits, no leading zero (so each tenant has one
 // spelling and one cache entry).
 func ValidTenantID(s string) bool {
 	if len(s) == 0 || len(s) > maxTenantIDLength || s[0] == '0' {
@@ -44,7 +44,7 @@ type jwtClaims struct {
 	Iat      int64           `json:"iat"`
 }
 
-// tenant returns the tenantId claim as a TenantId string. Fortnox sends a
+// Tenant returns the tenantId claim as a TenantId string. Fortnox sends a
 // JSON integer; a numeric string is accepted too.
 func (c *jwtClaims) Tenant() (string, error) {
 	raw := bytes.TrimSpace(c.TenantID)
@@ -68,7 +68,7 @@ func (c *jwtClaims) user() string {
 	return strings.Trim(raw, `"`)
 }
 
-// decodeJWTClaims reads the payload of a JWT without checking its signature.
+// DecodeJWTClaims reads the payload of a JWT without checking its signature.
 func DecodeJWTClaims(token string) (*jwtClaims, error) {
 	if len(token) > MaxJWTLength {
 		return nil, errors.New("the token is too long")
@@ -93,7 +93,7 @@ func DecodeJWTClaims(token string) (*jwtClaims, error) {
 	return &c, nil
 }
 
-// tenantFromToken reads the tenantId claim of an access token.
+// TenantFromToken reads the tenantId claim of an access token.
 func TenantFromToken(token string) (string, error) {
 	c, err := DecodeJWTClaims(token)
 	if err != nil {
@@ -102,7 +102,7 @@ func TenantFromToken(token string) (string, error) {
 	return c.Tenant()
 }
 
-// tenantFromBearer reads the tenant from an `Authorization: Bearer <jwt>`
+// TenantFromBearer reads the tenant from an `Authorization: Bearer <jwt>`
 // header: the app's token from before it used the sidecar.
 func TenantFromBearer(auth string) (string, error) {
 	const prefix = "bearer "
@@ -115,7 +115,7 @@ func TenantFromBearer(auth string) (string, error) {
 // maxAccountNameLength bounds a named account's name.
 const maxAccountNameLength = 64
 
-// validAccountName: 1 to 64 of [A-Za-z0-9._@-], and not dots only (the
+// ValidAccountName: 1 to 64 of [A-Za-z0-9._@-], and not dots only (the
 // admin API's paths would be cleaned: …/accounts/../…). Case-sensitive.
 func ValidAccountName(s string) bool {
 	if len(s) == 0 || len(s) > maxAccountNameLength {
@@ -133,7 +133,7 @@ func ValidAccountName(s string) bool {
 	return !dotsOnly
 }
 
-// validateTenantNames checks the `tenant` declarations of a config.
+// ValidateTenantNames checks the `tenant` declarations of a config.
 func ValidateTenantNames(tenants map[string]string) error {
 	for name, id := range tenants {
 		if !ValidTenantID(id) {

@@ -22,12 +22,12 @@ import (
 	"golang.org/x/oauth2/clientcredentials"
 )
 
-// maxTokenAnswer bounds how much of a token endpoint answer is read. Real
+// MaxTokenAnswer bounds how much of a token endpoint answer is read. Real
 // answers are about 3 KB; anything near this limit is not a token answer.
 // (x/oauth2 would read up to 1 MiB: the transport below cuts it first.)
 const MaxTokenAnswer = 64 << 10
 
-// maxDescription bounds how much of Fortnox's error_description we repeat.
+// MaxDescription bounds how much of Fortnox's error_description we repeat.
 const MaxDescription = 200
 
 // Lifetimes outside these bounds are not believed (see tokenLifetime).
@@ -51,7 +51,7 @@ const (
 // String is the grant's name.
 func (g Grant) String() string { return string(g) }
 
-// tokenAnswer is a successful token endpoint answer.
+// Answer is a successful token endpoint answer.
 type Answer struct {
 	AccessToken  string
 	RefreshToken string // only for the refresh-token and code grants; "" when Fortnox sent no new one
@@ -60,7 +60,7 @@ type Answer struct {
 	status       int // Fortnox's HTTP status (2xx), for tracing
 }
 
-// tokenClient speaks to Fortnox's token endpoint through golang.org/x/oauth2,
+// Client speaks to Fortnox's token endpoint through golang.org/x/oauth2,
 // with Fortnox's quirks kept around it:
 //   - the client id and secret always go in the Basic header
 //     (AuthStyleInHeader): x/oauth2's auto-detection would send a refused
@@ -105,7 +105,7 @@ func hostOf(rawURL string) string {
 	return "the token endpoint"
 }
 
-// clientCredentials asks for a service-account token for tenant.
+// ClientCredentials asks for a service-account token for tenant.
 func (c *Client) ClientCredentials(ctx context.Context, cred Credentials, tenant string) (*Answer, error) {
 	conf := &clientcredentials.Config{
 		ClientID:     cred.ClientID,
@@ -118,7 +118,7 @@ func (c *Client) ClientCredentials(ctx context.Context, cred Credentials, tenant
 	return c.answer(tr, tok, err, "")
 }
 
-// refresh trades a refresh token for a new access and refresh token. The
+// Refresh trades a refresh token for a new access and refresh token. The
 // refresh token is sent once, whatever the answer.
 func (c *Client) Refresh(ctx context.Context, cred Credentials, refreshToken string) (*Answer, error) {
 	if refreshToken == "" {
@@ -130,7 +130,7 @@ func (c *Client) Refresh(ctx context.Context, cred Credentials, refreshToken str
 	return c.answer(tr, tok, err, refreshToken)
 }
 
-// exchangeCode trades an authorization code for tokens.
+// ExchangeCode trades an authorization code for tokens.
 func (c *Client) ExchangeCode(ctx context.Context, cred Credentials, code, redirectURI string) (*Answer, error) {
 	ctx, tr := c.requestContext(ctx, "")
 	tok, err := c.config(cred, redirectURI).Exchange(ctx, code)
@@ -253,7 +253,7 @@ type answerTooLarge struct {
 
 func (e *answerTooLarge) Error() string { return "answer too large" }
 
-// answer turns what x/oauth2 returned into a tokenAnswer or a *tokenError.
+// answer turns what x/oauth2 returned into a Answer or a *Error.
 // sentRefresh is the refresh token the request carried ("" for the other
 // grants): x/oauth2 copies it into an answer that has none.
 func (c *Client) answer(tr *fortnoxTransport, tok *oauth2.Token, err error, sentRefresh string) (*Answer, error) {
@@ -280,7 +280,7 @@ func (c *Client) answer(tr *fortnoxTransport, tok *oauth2.Token, err error, sent
 	}, nil
 }
 
-// classify turns an x/oauth2 error into a *tokenError. It never repeats the
+// classify turns an x/oauth2 error into a *Error. It never repeats the
 // answer's body (which may hold a token) nor the token URL's path or query.
 // body is the answer as read, when there was one.
 func (c *Client) classify(err error, body []byte) *Error {
@@ -414,7 +414,7 @@ func CutDescription(s string) string {
 	return s
 }
 
-// parseRetryAfter reads a Retry-After header given in seconds (the form a
+// ParseRetryAfter reads a Retry-After header given in seconds (the form a
 // token endpoint uses); dates and nonsense are ignored. Capped at an hour.
 func ParseRetryAfter(v string) (time.Duration, bool) {
 	secs, err := strconv.Atoi(strings.TrimSpace(v))
@@ -434,7 +434,7 @@ func transportCause(err error) error {
 	return classifyTransport(err, "")
 }
 
-// transportKind is why a request got no HTTP answer.
+// TransportKind is why a request got no HTTP answer.
 type TransportKind int
 
 const (
@@ -447,7 +447,7 @@ const (
 	transportCancelled
 )
 
-// transportError is a request that got no HTTP answer, reduced to its
+// TransportError is a request that got no HTTP answer, reduced to its
 // class and the host it tried. Its text holds no URL, token or secret.
 type TransportError struct {
 	Kind TransportKind

@@ -13,7 +13,7 @@ import (
 // so that it survives a restart. Named user accounts rest on their own
 // consents and are not blocked.
 
-// consentCreated notes that a customer gave the integration a
+// ConsentCreated notes that a customer gave the integration a
 // service-account consent: the tenant is known, and its next request tries
 // client credentials at once (no backoff left from earlier refusals). The
 // mark is cleared in the tenant's record and every sidecar is told.
@@ -41,7 +41,7 @@ func (cs consents) noteCreated(tenant string) {
 	m.ledger.consentCreated(tenant)
 }
 
-// consentRevoked notes that a customer revoked the consent: its cached
+// ConsentRevoked notes that a customer revoked the consent: its cached
 // token is dropped and its requests are refused until a new consent or
 // refresh token arrives. The mark is written into the tenant's record
 // (it survives a restart; first, as in consentCreated) and every sidecar

@@ -22,19 +22,19 @@ import (
 // waits credCheckDelay under the manager's context, so they never touch the
 // network.
 
-// credCheckDelay is how long after Provision the check is made.
+// CredCheckDelay is how long after Provision the check is made.
 var CredCheckDelay = 1500 * time.Millisecond
 
 // credCheckRefreshToken is the refresh token the check sends: not a token
 // Fortnox can have issued (those are 40 hex characters).
 const credCheckRefreshToken = "caddy-fortnox-credential-check"
 
-// credChecked holds, for each live token manager, a fingerprint of the
+// CredChecked holds, for each live token manager, a fingerprint of the
 // credentials last checked, so that each manager checks them once (and
 // again only when a reload changes them).
-var CredChecked sync.Map // *tokenManager -> [sha256.Size]byte
+var CredChecked sync.Map // *Manager -> [sha256.Size]byte
 
-// checkCredentialsSoon schedules the check of cred for this manager, unless
+// CheckCredentialsSoon schedules the check of cred for this manager, unless
 // these credentials were checked (or are being checked) already.
 func (m *Manager) CheckCredentialsSoon(cred Credentials, timeout time.Duration, logger *zap.Logger) {
 	fingerprint := sha256.Sum256([]byte(cred.ClientID + "\x00" + cred.ClientSecret))

@@ -46,7 +46,7 @@ func recordRefusalAdvice(cause error, whose string) string {
 	return ""
 }
 
-// encryptResult is what POST /fortnox/encrypt did. Never a token.
+// EncryptResult is what POST /fortnox/encrypt did. Never a token.
 type EncryptResult struct {
 	// Encrypted lists the keys rewritten encrypted now.
 	Encrypted []string `json:"encrypted"`
@@ -59,7 +59,7 @@ type EncryptResult struct {
 	Failed []string `json:"failed"`
 }
 
-// encryptRecords rewrites every unencrypted record (and quarantine record)
+// EncryptRecords rewrites every unencrypted record (and quarantine record)
 // of the client with the configured key.
 func (o Ops) EncryptRecords(ctx context.Context) (*EncryptResult, error) {
 	m := o.m

@@ -9,7 +9,7 @@ import (
 	"time"
 )
 
-// withAccount is terr naming subj's account, so that its advice says how
+// WithAccount is terr naming subj's account, so that its advice says how
 // to connect that account. A copy: the error may be shared with other
 // requests (a subject's last error is handed to each while it backs off).
 func WithAccount(terr *Error, subj Subject) *Error {
@@ -21,7 +21,7 @@ func WithAccount(terr *Error, subj Subject) *Error {
 	return &named
 }
 
-// tokenFailure says why no token could be had, and so what the app is told.
+// TokenFailure says why no token could be had, and so what the app is told.
 type TokenFailure int
 
 const (
@@ -58,7 +58,7 @@ const (
 	FailUserMismatch
 )
 
-// tokenError is what the token manager returns when it has no token for a
+// Error is what the token manager returns when it has no token for a
 // tenant. It never holds a token, a refresh token or a secret: its text is
 // safe for logs and for the app.
 type Error struct {
@@ -137,7 +137,7 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Cause }
 
-// httpStatus is the status the app gets for this failure (DESIGN's table).
+// HttpStatus is the status the app gets for this failure (DESIGN's table).
 func (e *Error) HttpStatus() int {
 	switch e.Failure {
 	case FailNoConsent, FailGrantRejected, FailConsentRevoked, FailAccountNotAuthorized:
@@ -151,7 +151,7 @@ func (e *Error) HttpStatus() int {
 	}
 }
 
-// errorCode is the machine-readable "error" field of the app's answer.
+// ErrorCode is the machine-readable "error" field of the app's answer.
 func (e *Error) ErrorCode() string {
 	switch e.Failure {
 	case FailNoConsent:
@@ -177,7 +177,7 @@ func (e *Error) ErrorCode() string {
 	}
 }
 
-// advice is the "message" field: what happened and what to do.
+// Advice is the "message" field: what happened and what to do.
 func (e *Error) Advice(tenant string) string {
 	switch e.Failure {
 	case FailNoConsent:
@@ -344,7 +344,7 @@ func handoverStep(tenant, account string) string {
 	return "PUT " + path + " with {\"refresh_token\":\"…\"} on the sidecar's hand-over route (fortnox_handover)"
 }
 
-// retryAfterSeconds is the Retry-After value for an answer given at t:
+// RetryAfterSeconds is the Retry-After value for an answer given at t:
 // whole seconds until the next attempt, at least 1.
 func RetryAfterSeconds(retryAt, t time.Time) int {
 	s := int(math.Ceil(retryAt.Sub(t).Seconds()))

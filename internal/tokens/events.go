@@ -6,7 +6,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// applyEvent applies another sidecar's event to this one's memory.
+// ApplyEvent applies another sidecar's event to this one's memory.
 func (m *Manager) ApplyEvent(ev Event) {
 	subj := Subject{Tenant: ev.Tenant, Account: ev.Account}
 	if ce := m.Logger().Check(zap.DebugLevel, "event from another sidecar"); ce != nil {
@@ -66,7 +66,7 @@ func (m *Manager) forget(subj Subject) {
 	m.drop(subj, nil)
 }
 
-// resync reads the shared state again after an outage, or once subscribed:
+// Resync reads the shared state again after an outage, or once subscribed:
 // revocations and new consents broadcast meanwhile are read from the
 // tenants' records.
 func (m *Manager) Resync() {

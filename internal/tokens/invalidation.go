@@ -26,7 +26,7 @@ const (
 	invalidationWindow = time.Minute
 )
 
-// unauthorized handles Fortnox's 401 to t (not a replay's). It drops t,
+// Unauthorized handles Fortnox's 401 to t (not a replay's). It drops t,
 // cached and stored, unless t is fresh or the subject's invalidations are
 // used up, and reports whether it did: then the request may be replayed
 // with a new token.

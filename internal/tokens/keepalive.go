@@ -53,7 +53,7 @@ func refreshTokenAge(rec *Record, n time.Time) (time.Duration, bool) {
 	return n.Sub(at), true
 }
 
-// keepAlive refreshes the stored refresh tokens that are older than
+// KeepAlive refreshes the stored refresh tokens that are older than
 // keepAliveAfter, and updates the age metric. It returns how many it
 // refreshed.
 func (m *Manager) KeepAlive() int {

@@ -28,7 +28,7 @@ const (
 	overflowLogCause = "\x00overflow"
 )
 
-// logLimiter lets one line per cause through per logCauseEvery, on the
+// LogLimiter lets one line per cause through per logCauseEvery, on the
 // plugin's clock.
 type LogLimiter struct {
 	clock  *clock.Clock
@@ -52,7 +52,7 @@ func NewLogLimiter(clk *clock.Clock) *LogLimiter {
 	return &LogLimiter{clock: clk, Causes: make(map[string]*limitedCause)}
 }
 
-// write logs msg at level unless a line of the same cause was written
+// Write logs msg at level unless a line of the same cause was written
 // less than a minute ago (then it only counts it). A line written after
 // some were left out carries their number as `suppressed`.
 func (l *LogLimiter) Write(log *zap.Logger, level zapcore.Level, cause, msg string, fields ...zap.Field) {
@@ -105,7 +105,7 @@ func (l *LogLimiter) forgetQuiet(n time.Time) {
 	}
 }
 
-// flush writes, for each cause whose minute has passed with lines left
+// Flush writes, for each cause whose minute has passed with lines left
 // out, one line that says how many (so a burst that stopped is still
 // counted in the log), and forgets the quiet causes.
 func (l *LogLimiter) Flush(log *zap.Logger) {
@@ -133,7 +133,7 @@ func (l *LogLimiter) Flush(log *zap.Logger) {
 	}
 }
 
-// countRefusal counts a refused request by its kind (the error code of
+// CountRefusal counts a refused request by its kind (the error code of
 // the answer): every one, whether or not its log line was written.
 func CountRefusal(kind string) {
 	metrics.Refusals.WithLabelValues(kind).Inc()

@@ -37,10 +37,10 @@ const (
 	BackoffCap  = time.Minute
 )
 
-// settingsGeneration numbers managerSettings in provisioning order.
+// SettingsGeneration numbers Settings in provisioning order.
 var SettingsGeneration atomic.Uint64
 
-// adopt installs s as the manager's settings unless newer ones are in.
+// Adopt installs s as the manager's settings unless newer ones are in.
 func (m *Manager) Adopt(s *Settings) {
 	for {
 		cur := m.Settings.Load()
@@ -53,14 +53,14 @@ func (m *Manager) Adopt(s *Settings) {
 	}
 }
 
-// credentials are the client's id and secret. The secret is only ever put
+// Credentials are the client's id and secret. The secret is only ever put
 // into the Basic auth header of a token request.
 type Credentials struct {
 	ClientID     string
 	ClientSecret string
 }
 
-// managerSettings can change with each config load. A handler's settings
+// Settings can change with each config load. A handler's settings
 // are installed on the shared manager when the handler serves its first
 // request (or when the manager is new), never merely because a config was
 // provisioned: a config that fails to load must not leave its secret or
@@ -93,7 +93,7 @@ func (s *Settings) listedTenants() map[string]struct{} {
 	return s.Listed
 }
 
-// subject is whose token: a tenant's service account (account "", the
+// Subject is whose token: a tenant's service account (account "", the
 // client-credentials token with the tenant's own refresh token as
 // fallback), or a named user account of the tenant (its own refresh-token
 // chain only).
@@ -101,7 +101,7 @@ type Subject struct {
 	Tenant, Account string
 }
 
-// key is the subject's key in the manager's maps: the TenantId itself for
+// Key is the subject's key in the manager's maps: the TenantId itself for
 // the service account (no allocation on the hot path), tenant/account
 // otherwise (account names cannot hold a slash).
 func (s Subject) Key() string {
@@ -118,7 +118,7 @@ func (s Subject) String() string {
 	return "account " + s.Account + " of tenant " + s.Tenant
 }
 
-// logFields names the subject in a log line.
+// LogFields names the subject in a log line.
 func (s Subject) LogFields() []zap.Field {
 	if s.Account == "" {
 		return []zap.Field{zap.String("tenant", s.Tenant)}
@@ -126,7 +126,7 @@ func (s Subject) LogFields() []zap.Field {
 	return []zap.Field{zap.String("tenant", s.Tenant), zap.String("account", s.Account)}
 }
 
-// cachedToken is an access token ready to be sent. It is never changed after
+// Token is an access token ready to be sent. It is never changed after
 // it is cached except for the refresh-ahead bookkeeping, which is atomic.
 type Token struct {
 	// bearer is the whole Authorization header value, made once.
@@ -151,12 +151,12 @@ func (t *Token) expiry() time.Time { return time.Unix(0, t.expiresAt) }
 // accessToken is the token without its "Bearer " prefix.
 func (t *Token) accessToken() string { return strings.TrimPrefix(t.Bearer, "Bearer ") }
 
-// usableAt says whether t may still be sent at time n (unix ns).
+// UsableAt says whether t may still be sent at time n (unix ns).
 func (t *Token) UsableAt(n int64) bool {
 	return n < t.usableUntil
 }
 
-// tenantState is what the manager remembers about a subject besides its
+// TenantState is what the manager remembers about a subject besides its
 // token: the last failure and when to try again.
 type TenantState struct {
 	Mode      Grant // GrantClientCredentials, grantRefreshToken or "" (none yet)
@@ -185,7 +185,7 @@ type TenantState struct {
 	Unknown bool
 }
 
-// tokenManager gets, caches and refreshes tokens for one (token_url,
+// Manager gets, caches and refreshes tokens for one (token_url,
 // client_id). The hot path (tokenFor with a cached, fresh token) takes no
 // lock of its own and allocates nothing.
 type Manager struct {
@@ -196,7 +196,7 @@ type Manager struct {
 	Client   *Client
 	Settings atomic.Pointer[Settings]
 
-	// cache holds *cachedToken by subject key. Dead tokens are removed by
+	// cache holds *Token by subject key. Dead tokens are removed by
 	// the manager's sweeper (go-cache's own janitor is not used: it would
 	// outlive the manager).
 	Cache   *gocache.Cache
@@ -226,7 +226,7 @@ type Manager struct {
 	lifecycle sync.Mutex
 
 	// local is what is shared in one process; cluster, when set, what a
-	// cluster of sidecars shares through Redis (see sharedState).
+	// cluster of sidecars shares through Redis (see Backend).
 	local   *LocalBackend
 	Cluster atomic.Pointer[ClusterRef]
 
@@ -331,7 +331,7 @@ func (sw sweeper) dropDeadTokens() {
 	}
 }
 
-// forgetIdleTenants drops what is remembered about subjects with no cached
+// ForgetIdleTenants drops what is remembered about subjects with no cached
 // token, unless it still matters: an unsaved refresh token, a revoked
 // consent, or a recent error.
 func (m *Manager) ForgetIdleTenants() {
@@ -386,11 +386,11 @@ func (m *Manager) Codec() *Records {
 	return &Records{ClientID: m.clientID, Clock: m.clock}
 }
 
-// clusterRef holds what cluster mode shares (internal/redisstate), set by
+// ClusterRef holds what cluster mode shares (internal/redisstate), set by
 // the glue (pickCluster).
 type ClusterRef struct{ ClusterState }
 
-// clusterState is the Backend of cluster mode with what only it has.
+// ClusterState is the Backend of cluster mode with what only it has.
 type ClusterState interface {
 	Backend
 	// dropAnyToken removes the subject's shared token, whichever it is.
@@ -406,7 +406,7 @@ func (m *Manager) Logger() *zap.Logger {
 	return zap.NewNop()
 }
 
-// tokenFor returns a token for the subject. ctx bounds only this caller's wait.
+// TokenFor returns a token for the subject. ctx bounds only this caller's wait.
 func (m *Manager) TokenFor(ctx context.Context, subj Subject) (*Token, error) {
 	if v, ok := m.Cache.Get(subj.Key()); ok {
 		t := v.(*Token)
@@ -431,7 +431,7 @@ func (m *Manager) TokenFor(ctx context.Context, subj Subject) (*Token, error) {
 // is never cut short: its answer is stored first).
 var errStillWorking = errors.New("the token request for the tenant is still running")
 
-// waitForToken joins (or starts) the single token request for the subject
+// WaitForToken joins (or starts) the single token request for the subject
 // and waits for it or for ctx, whichever comes first. stale, when set, is a
 // token the caller knows is bad and that must not be returned again: a
 // flight that started before the caller knew (and so may hand it back) is
@@ -630,7 +630,7 @@ func (g clientCredentialsGrant) viaClientCredentials(s *Settings, subj Subject, 
 	return nil, terr
 }
 
-// shared is the seam to what the client's sidecars share.
+// Shared is the seam to what the client's sidecars share.
 func (m *Manager) Shared() Backend {
 	if c := m.Cluster.Load(); c != nil {
 		return c
@@ -698,12 +698,12 @@ func (sh sharing) tokenSlot(s *Settings) (release func(), err error) {
 	return release, nil
 }
 
-// store caches a new token for the subject and returns it.
+// Store caches a new token for the subject and returns it.
 func (m *Manager) Store(subj Subject, grant Grant, a *Answer, refreshBefore time.Duration) *Token {
 	return m.CacheToken(subj, grant, a.AccessToken, m.clock.Now(), a.Lifetime, refreshBefore)
 }
 
-// cacheToken caches an access token issued at issued for lifetime.
+// CacheToken caches an access token issued at issued for lifetime.
 func (m *Manager) CacheToken(subj Subject, grant Grant, accessToken string, issued time.Time, lifetime, refreshBefore time.Duration) *Token {
 	t := &Token{
 		Bearer:    "Bearer " + accessToken,
@@ -726,7 +726,7 @@ func skewFor(lifetime time.Duration) time.Duration {
 	return min(expirySkew, lifetime/4)
 }
 
-// refreshAheadAfter is how long after issue a token is due for a
+// RefreshAheadAfter is how long after issue a token is due for a
 // background refresh: max(lifetime-refreshBefore, lifetime/2), so that a
 // short lifetime is not refreshed on every request.
 func RefreshAheadAfter(lifetime, refreshBefore time.Duration) time.Duration {
@@ -741,7 +741,7 @@ func refreshSpread(lifetime time.Duration) time.Duration {
 	return time.Duration(rand.Int64N(int64(lifetime/10) + 1))
 }
 
-// recordFailure remembers a failed token request, sets the subject's next
+// RecordFailure remembers a failed token request, sets the subject's next
 // attempt (exponential backoff with jitter, or Fortnox's Retry-After if
 // longer) and logs it once.
 func (m *Manager) RecordFailure(subj Subject, grant Grant, terr *Error, took time.Duration) {
@@ -802,7 +802,7 @@ func (m *Manager) RecordSuccess(subj Subject, grant Grant, t *Token, took time.D
 		zap.Time("expires_at", t.expiry()))...)
 }
 
-// backoffDelay is the wait after the n-th consecutive failure.
+// BackoffDelay is the wait after the n-th consecutive failure.
 func BackoffDelay(n int) time.Duration {
 	d := BackoffCap
 	if n < 7 {
@@ -812,7 +812,7 @@ func BackoffDelay(n int) time.Duration {
 	return time.Duration(float64(d) * jitter)
 }
 
-// asTokenError is the token error of err: err itself when it is one, a
+// AsTokenError is the token error of err: err itself when it is one, a
 // tenant mismatch for a record that names another tenant, and otherwise
 // the token endpoint's failure.
 func AsTokenError(err error) *Error {

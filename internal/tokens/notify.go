@@ -68,7 +68,7 @@ const (
 	notifyMaxUnsent = 1000
 )
 
-// notifySettings is a resolved Notify.
+// NotifySettings is a resolved Notify.
 type NotifySettings struct {
 	Url    string
 	Host   string // for log lines: never the path or query, which may carry a key
@@ -82,7 +82,7 @@ func (ns *NotifySettings) sign(body []byte) string {
 	return "sha256=" + hex.EncodeToString(mac.Sum(nil))
 }
 
-// notification is the body the app receives.
+// Notification is the body the app receives.
 type Notification struct {
 	ID      string `json:"id"`
 	Event   string `json:"event"`
@@ -92,7 +92,7 @@ type Notification struct {
 	At      string `json:"at"`
 }
 
-// pendingEvent is a notification not delivered yet, as the store keeps it.
+// PendingEvent is a notification not delivered yet, as the store keeps it.
 type PendingEvent struct {
 	ID string `json:"id"`
 	// Body is exactly what is POSTed, every time (its signature too).
@@ -120,7 +120,7 @@ func newNotificationID() string {
 	return RandomID() + RandomID()
 }
 
-// validNotificationID: what newNotificationID makes.
+// ValidNotificationID: what newNotificationID makes.
 func ValidNotificationID(id string) bool {
 	if len(id) != 32 {
 		return false
@@ -137,7 +137,7 @@ func (ev *PendingEvent) logFields() []zap.Field {
 	return f
 }
 
-// notifyRetryAfter is the wait after the n-th failed attempt.
+// NotifyRetryAfter is the wait after the n-th failed attempt.
 func NotifyRetryAfter(attempts int) time.Duration {
 	if attempts > 10 {
 		return NotifyMaxRetry
@@ -145,8 +145,8 @@ func NotifyRetryAfter(attempts int) time.Duration {
 	return min(notifyFirstRetry<<(attempts-1), NotifyMaxRetry)
 }
 
-// notifyStore is where claims and pending events live: Caddy's storage
-// (storageNotes), or Redis in cluster mode (redisNotes).
+// NotifyStore is where claims and pending events live: Caddy's storage
+// (storageNotes), or Redis in cluster mode (redisstate.Notes).
 type NotifyStore interface {
 	// enqueue stores ev as pending. With a claim, only when claim's state
 	// differs from the one recorded last (then it is recorded): it says
@@ -163,7 +163,7 @@ type NotifyStore interface {
 	Later(ctx context.Context, ev *PendingEvent) error
 }
 
-// notifyClaim names a subject's kind of state and the state the app is
+// NotifyClaim names a subject's kind of state and the state the app is
 // about to be told of.
 type NotifyClaim struct {
 	Key   string // tenant[/accounts/account]/topic

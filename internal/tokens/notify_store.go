@@ -95,7 +95,7 @@ func (s *storageNotes) load(ctx context.Context, key string) (*PendingEvent, err
 	return &ev, nil
 }
 
-// take reads the pending events and leases those due, each under its own
+// Take reads the pending events and leases those due, each under its own
 // storage lock, so that processes sharing the storage deliver each once.
 func (s *storageNotes) Take(ctx context.Context, n, until time.Time, max int) ([]*PendingEvent, error) {
 	keys, err := s.storage.List(ctx, s.pendingDir(), false)
@@ -169,7 +169,7 @@ func (s *storageNotes) Later(ctx context.Context, ev *PendingEvent) error {
 	return s.store(ctx, ev)
 }
 
-// notifyEventTTL: an event the store keeps outlives the day it is tried.
+// NotifyEventTTL: an event the store keeps outlives the day it is tried.
 const NotifyEventTTL = notifyGiveUp + time.Hour
 
 var (

@@ -11,7 +11,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// opError is an operation's failure as the core says it: its kind, a
+// OpError is an operation's failure as the core says it: its kind, a
 // stable code and a message that says what to do. The admin routes answer
 // it with the status of its kind (statusOf).
 type OpError struct {
@@ -25,7 +25,7 @@ type OpError struct {
 
 func (e *OpError) Error() string { return e.Message }
 
-// opKind is what went wrong in an operation, in the core's words.
+// OpKind is what went wrong in an operation, in the core's words.
 type OpKind int
 
 // Kinds of operation failures.
@@ -92,7 +92,7 @@ func adminTokenError(subj Subject, terr *Error, at time.Time) error {
 	return &OpError{Kind: OpToken, Token: terr, Code: terr.ErrorCode(), Message: terr.Error() + ": " + terr.Advice(subj.Tenant)}
 }
 
-// handOver spends a refresh token once to learn whose it is, and stores
+// HandOver spends a refresh token once to learn whose it is, and stores
 // the new one under subj when the new access token names subj's tenant
 // (and, for a named account bound to a user, that user). A token that is
 // another tenant's (or user's) is never stored under subj, nor under its
@@ -135,7 +135,7 @@ func (o Ops) HandOver(ctx context.Context, subj Subject, refreshToken, how strin
 	return o.finishHandOver(subj, kept, how)
 }
 
-// storeAnswer stores a code exchange's answer under subj, as handOver
+// StoreAnswer stores a code exchange's answer under subj, as handOver
 // stores a refresh answer: only when it is subj's. The code is spent, so
 // the answer is never lost: a record that cannot be written to goes to
 // quarantine.
@@ -226,7 +226,7 @@ func (o Ops) tenantRecovered(subj Subject) {
 	m.tell(Event{Kind: eventRecovered, Tenant: subj.Tenant, Account: subj.Account})
 }
 
-// importRefreshToken uses a refresh token of an unknown tenant once, reads
+// ImportRefreshToken uses a refresh token of an unknown tenant once, reads
 // the tenant from the new access token and stores the new refresh token
 // under it. The old token is dead once Fortnox answers, so the new one is
 // stored before anything else: in quarantine when no tenant can be read.
@@ -281,7 +281,7 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 	return tenant, nil
 }
 
-// dropToken drops the tenant's access token, cached and stored, so that
+// DropToken drops the tenant's access token, cached and stored, so that
 // the next request gets a new one.
 func (o Ops) DropToken(ctx context.Context, tenant string) error {
 	m := o.m
@@ -322,7 +322,7 @@ func (o Ops) DropToken(ctx context.Context, tenant string) error {
 	return nil
 }
 
-// deleteAccount forgets a named account: its record, its cached token and
+// DeleteAccount forgets a named account: its record, its cached token and
 // its state. With revoke, its refresh token is first revoked at Fortnox; if
 // that fails, nothing is deleted.
 func (o Ops) DeleteAccount(ctx context.Context, subj Subject, revoke bool) error {
@@ -371,7 +371,7 @@ func (o Ops) DeleteAccount(ctx context.Context, subj Subject, revoke bool) error
 	return nil
 }
 
-// deleteQuarantine removes a quarantine record.
+// DeleteQuarantine removes a quarantine record.
 func (o Ops) DeleteQuarantine(ctx context.Context, id string) error {
 	m := o.m
 	rs, err := o.Records()
@@ -391,7 +391,7 @@ func (o Ops) DeleteQuarantine(ctx context.Context, id string) error {
 	return nil
 }
 
-// tenantInfo is one row of GET /fortnox/tenants. Never a token.
+// TenantInfo is one row of GET /fortnox/tenants. Never a token.
 type TenantInfo struct {
 	Tenant          string     `json:"tenant"`
 	Mode            string     `json:"mode"`
@@ -420,7 +420,7 @@ type quarantinedInfo struct {
 	At            time.Time `json:"at"`
 }
 
-// accountInfo is a named user account in a tenantInfo row. Never a token.
+// AccountInfo is a named user account in a tenantInfo row. Never a token.
 type AccountInfo struct {
 	Name            string     `json:"name"`
 	UserID          *string    `json:"user_id"`
@@ -441,7 +441,7 @@ type subjectInfo struct {
 	revoked         bool
 }
 
-// tenantsInfo lists every tenant (and named account) known in memory or
+// TenantsInfo lists every tenant (and named account) known in memory or
 // in storage.
 func (o Ops) TenantsInfo(ctx context.Context) ([]TenantInfo, error) {
 	m := o.m

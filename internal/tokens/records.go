@@ -21,7 +21,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 )
 
-// tombstone is what a record moved to Redis leaves in Caddy's storage, so
+// Tombstone is what a record moved to Redis leaves in Caddy's storage, so
 // that a sidecar still without `redis` (a rolling upgrade) refuses clearly
 // instead of spending a dead refresh token.
 type Tombstone struct {
@@ -31,7 +31,7 @@ type Tombstone struct {
 	MovedAt  time.Time `json:"moved_at"`
 }
 
-// isTombstone says whether a stored value is a tombstone.
+// IsTombstone says whether a stored value is a tombstone.
 func IsTombstone(raw []byte) (*Tombstone, bool) {
 	var t Tombstone
 	if json.Unmarshal(raw, &t) != nil || t.MovedTo == "" {
@@ -40,7 +40,7 @@ func IsTombstone(raw []byte) (*Tombstone, bool) {
 	return &t, true
 }
 
-// migratingStorage is a shared store that takes records over from Caddy's
+// Migrating is a shared store that takes records over from Caddy's
 // storage (cluster mode's record storage).
 type Migrating interface {
 	Storage
@@ -51,7 +51,7 @@ type Migrating interface {
 	StoreIfAbsent(ctx context.Context, key string, value []byte) (bool, error)
 }
 
-// tokenRecord is what the store holds for one subject (a tenant's service
+// Record is what the store holds for one subject (a tenant's service
 // account, or a named user account of a tenant) of one client id: the
 // refresh token (the only copy of a single-use secret), and the access
 // token with its times, so that another replica or a restarted process can
@@ -156,7 +156,7 @@ func (e *otherTokenURLError) Error() string {
 
 func (e *otherTokenURLError) Unwrap() error { return errRecordUnreadable }
 
-// recordKey is where a record lives in the store.
+// RecordKey is where a record lives in the store.
 func RecordKey(clientID string, id Subject) string {
 	if id.Account == "" {
 		return RecordPrefix(clientID) + id.Tenant + ".json"
@@ -174,7 +174,7 @@ func quarantinePrefix(clientID string) string {
 	return RecordPrefix(clientID) + "quarantine/"
 }
 
-// lockName is the storage lock that serializes refreshes of a record's
+// LockName is the storage lock that serializes refreshes of a record's
 // refresh token across processes.
 func LockName(clientID string, id Subject) string {
 	name := "fortnox/" + url.PathEscape(clientID) + "/" + id.Tenant
@@ -184,7 +184,7 @@ func LockName(clientID string, id Subject) string {
 	return name
 }
 
-// recordBackend is where records live: Caddy's storage (certmagic.Storage
+// Storage is where records live: Caddy's storage (certmagic.Storage
 // satisfies it), or Redis in cluster mode. Load answers fs.ErrNotExist
 // for a missing key.
 type Storage interface {
@@ -196,7 +196,7 @@ type Storage interface {
 	Unlock(ctx context.Context, name string) error
 }
 
-// recordStore reads and writes token records, encrypting them when a key
+// Records reads and writes token records, encrypting them when a key
 // is configured.
 type Records struct {
 	// Clock stamps what is saved (nil: real time).
@@ -213,7 +213,7 @@ type Records struct {
 	Keys []cipher.AEAD
 }
 
-// encryptedRecord is the stored form of an encrypted record.
+// EncryptedRecord is the stored form of an encrypted record.
 type EncryptedRecord struct {
 	Encrypted string `json:"encrypted"` // the algorithm: "AES-256-GCM"
 	Data      string `json:"data"`      // base64(nonce || ciphertext)
@@ -221,7 +221,7 @@ type EncryptedRecord struct {
 
 const EncryptionAlgorithm = "AES-256-GCM"
 
-// parseEncryptionKey reads a 32-byte key given as base64 (standard or URL
+// ParseEncryptionKey reads a 32-byte key given as base64 (standard or URL
 // alphabet, padded or not) or as 64 hex characters.
 func ParseEncryptionKey(s string) (cipher.AEAD, error) {
 	s = strings.TrimSpace(s)
@@ -310,7 +310,7 @@ func (rs *Records) loadOrNew(ctx context.Context, id Subject) (*Record, error) {
 	return rec, err
 }
 
-// decode reads a stored record. With encryption_key set, a plain one is
+// Decode reads a stored record. With encryption_key set, a plain one is
 // refused (unencryptedRecordError).
 func (rs *Records) Decode(key string, raw []byte) (*Record, error) {
 	plain, err := rs.Plain(key, raw)
@@ -324,7 +324,7 @@ func (rs *Records) Decode(key string, raw []byte) (*Record, error) {
 	return &rec, nil
 }
 
-// plain returns the JSON of a stored value, decrypted when it is encrypted.
+// Plain returns the JSON of a stored value, decrypted when it is encrypted.
 func (rs *Records) Plain(key string, raw []byte) ([]byte, error) {
 	if len(raw) > maxRecordSize {
 		return nil, fmt.Errorf("%w: %s is larger than %d bytes", errRecordUnreadable, key, maxRecordSize)
@@ -527,7 +527,7 @@ func storageError(op, key string, err error) error {
 	return fmt.Errorf("%s %s in the token store: %w", op, key, &ScrubbedError{err})
 }
 
-// scrubbedError is an error whose text has no absolute path; errors.Is
+// ScrubbedError is an error whose text has no absolute path; errors.Is
 // and errors.As still reach the original.
 type ScrubbedError struct{ Err error }
 

@@ -60,7 +60,7 @@ const (
 // sampled): then every method does nothing.
 type tspan struct{ s trace.Span }
 
-// startSpan starts a child named name of the span in parent, if that span
+// StartSpan starts a child named name of the span in parent, if that span
 // is recording; ctx then carries the new span.
 func StartSpan(parent context.Context, name string, subj Subject, opts ...trace.SpanStartOption) (context.Context, tspan) {
 	p := trace.SpanFromContext(parent)
@@ -88,7 +88,7 @@ func (t tspan) set(attrs ...attribute.KeyValue) {
 	}
 }
 
-// end ends the span with outcome (a second end does nothing).
+// End ends the span with outcome (a second end does nothing).
 func (t tspan) End(outcome string, opts ...trace.SpanEndOption) {
 	if !t.Recording() {
 		return
@@ -100,7 +100,7 @@ func (t tspan) End(outcome string, opts ...trace.SpanEndOption) {
 	t.s.End(opts...)
 }
 
-// endErr ends the span with err's outcome ("ok" for nil).
+// EndErr ends the span with err's outcome ("ok" for nil).
 func (t tspan) EndErr(err error) {
 	if t.Recording() {
 		t.End(outcomeOf(err))

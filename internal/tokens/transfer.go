@@ -37,7 +37,7 @@ func (o Ops) transferStores() (Migrating, error) {
 	return mr, nil
 }
 
-// exportRecords copies every record of the client from Redis to Caddy's
+// ExportRecords copies every record of the client from Redis to Caddy's
 // storage, replacing what is there (tombstones included).
 func (o Ops) ExportRecords(ctx context.Context) (*transferResult, error) {
 	m := o.m
@@ -68,7 +68,7 @@ func (o Ops) ExportRecords(ctx context.Context) (*transferResult, error) {
 	return res, nil
 }
 
-// importRecords copies every record of the client still in Caddy's storage
+// ImportRecords copies every record of the client still in Caddy's storage
 // into Redis (not over a record Redis has, unless overwrite), and leaves a
 // tombstone for each.
 func (o Ops) ImportRecords(ctx context.Context, overwrite bool) (*transferResult, error) {

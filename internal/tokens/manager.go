@@ -12,7 +12,6 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	gocache "github.com/patrickmn/go-cache"
-	"go.opentelemetry.io/otel/trace"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"golang.org/x/sync/singleflight"
@@ -539,7 +538,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		return nil, err
 	}
 	if subj.Account != "" {
-		t, err := m.refresh.viaRefreshToken(s, subj, stale)
+		t, err := m.refresh.token(s, subj, stale)
 		if errors.Is(err, errNoRefreshToken) {
 			m.notes.notifyRecordLost(subj)
 			terr := &Error{Failure: FailAccountNotAuthorized}
@@ -549,7 +548,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		return t, err
 	}
 	if m.ledger.refreshTokenFirst(subj.Tenant, n) {
-		t, err := m.refresh.viaRefreshToken(s, subj, stale)
+		t, err := m.refresh.token(s, subj, stale)
 		if !errors.Is(err, errNoRefreshToken) {
 			return t, err
 		}
@@ -558,76 +557,7 @@ func (m *Manager) obtain(subj Subject, stale *Token) (*Token, error) {
 		m.notes.notifyRecordLost(subj)
 		m.ledger.forgetMode(subj.Tenant)
 	}
-	return m.clientCredentials.viaClientCredentials(s, subj, stale)
-}
-
-// clientCredentialsGrant is the client-credentials grant, the service
-// account's first choice: a token for the tenant from the client id and
-// secret, with the tenant's refresh token as fallback when Fortnox refuses.
-type clientCredentialsGrant struct{ m *Manager }
-
-// Grant names the grant.
-func (clientCredentialsGrant) Grant() Grant { return GrantClientCredentials }
-
-// viaClientCredentials asks for the tenant's service-account token and
-// falls back to its stored refresh token when Fortnox refuses.
-func (g clientCredentialsGrant) viaClientCredentials(s *Settings, subj Subject, stale *Token) (*Token, error) {
-	m := g.m
-	// In a cluster another sidecar may have the token already; one asks
-	// Fortnox for it, under the subject's lock, and shares it.
-	if t := m.sharing.sharedFresh(s, subj, stale); t != nil {
-		return t, nil
-	}
-	lctx, lcancel := context.WithTimeout(m.ctx, LockBudget)
-	lspan := m.tracer.sharedSpan(subj, SpanLock, "")
-	unlock, lerr := m.Shared().LockToken(lctx, subj)
-	lspan.EndErr(lerr)
-	lcancel()
-	if lerr == nil {
-		defer unlock()
-		if t := m.sharing.sharedFresh(s, subj, stale); t != nil {
-			return t, nil
-		}
-	}
-	rspan := m.tracer.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantClientCredentials))))
-	release, err := m.sharing.tokenSlot(s)
-	if err != nil {
-		rspan.EndErr(err)
-		return nil, err
-	}
-	ctx, cancel := context.WithTimeout(m.ctx, s.TokenTimeout)
-	start := time.Now()
-	answer, err := m.Client.ClientCredentials(ctx, s.Cred, subj.Tenant)
-	took := time.Since(start)
-	cancel()
-	release()
-	rspan.endAnswer(answer, err)
-	if err == nil {
-		if terr := checkTokenTenant(answer.AccessToken, subj.Tenant, GrantClientCredentials); terr != nil {
-			terr.FromClientCredentials = true
-			m.RecordFailure(subj, GrantClientCredentials, terr, took)
-			return nil, terr
-		}
-		t := m.Store(subj, GrantClientCredentials, answer, s.RefreshBefore)
-		m.RecordSuccess(subj, GrantClientCredentials, t, took)
-		m.sharing.share(subj, t)
-		return t, nil
-	}
-	terr := AsTokenError(err)
-	if terr.Failure == FailNoConsent && s.Records != nil {
-		t, rerr := m.refresh.viaRefreshToken(s, subj, stale)
-		if !errors.Is(rerr, errNoRefreshToken) {
-			m.ledger.clientCredentialsRefused(subj.Tenant, m.clock.Now().Add(s.RetryClientCredentials))
-			metrics.TokenRequests.WithLabelValues(string(GrantClientCredentials), terr.ErrorCode()).Inc()
-			if rerr == nil {
-				m.sharing.share(subj, t) // the other sidecars need not ask for client credentials
-			}
-			return t, rerr
-		}
-		m.notes.notifyRecordLost(subj) // a refresh-token tenant whose record is gone
-	}
-	m.RecordFailure(subj, GrantClientCredentials, terr, took)
-	return nil, terr
+	return m.clientCredentials.token(s, subj, stale)
 }
 
 // Shared is the seam to what the client's sidecars share.

@@ -23,6 +23,19 @@ const (
 	RefreshCallLimit = 30 * time.Second
 )
 
+// A grant gets a subject a token, after x/oauth2's TokenSource: it
+// returns the token, and the Manager caches, shares and records it. stale
+// is the token being replaced (nil: none).
+type grant interface {
+	Grant() Grant
+	token(s *Settings, subj Subject, stale *Token) (*Token, error)
+}
+
+var (
+	_ grant = refreshGrant{}
+	_ grant = clientCredentialsGrant{}
+)
+
 // refreshGrant is the refresh-token grant: it spends a subject's stored,
 // single-use refresh token under the subject's lock, stores the rotated
 // one before the new access token is used, and keeps what could not be
@@ -71,7 +84,7 @@ func (g refreshGrant) spendRefreshToken(s *Settings, refreshToken string) (answe
 	return answer, max(time.Since(start), time.Nanosecond), sync.OnceFunc(m.refreshes.Done), err
 }
 
-// viaRefreshToken gets a token with the subject's stored refresh token,
+// token gets a token with the subject's stored refresh token,
 // safely across processes: under the subject's storage lock it re-reads
 // the record (another replica may have refreshed already: then its access
 // token is used), refreshes, and stores the new refresh token before
@@ -79,7 +92,7 @@ func (g refreshGrant) spendRefreshToken(s *Settings, refreshToken string) (answe
 // process tries it again; only a new one (admin API) recovers the subject.
 // The new access token must name the subject's tenant: one that names
 // another is never used (see strand).
-func (g refreshGrant) viaRefreshToken(s *Settings, subj Subject, stale *Token) (*Token, error) {
+func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, error) {
 	m := g.m
 	if s.Records == nil {
 		return nil, errNoRefreshToken

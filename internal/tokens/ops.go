@@ -33,7 +33,7 @@ const (
 	OpInvalid     OpKind = iota + 1 // the request cannot be done as asked
 	OpNotFound                      // there is nothing of that name
 	OpConflict                      // what is stored stands in the way
-	opStorage                       // the token store failed
+	OpStorage                       // the token store failed
 	OpUnavailable                   // Fortnox or the shared store did not answer; retry
 	OpBadGateway                    // Fortnox answered with something unusable
 	OpToken                         // the token endpoint failed as token says
@@ -73,7 +73,7 @@ func adminStoreError(what string, err error) error {
 	case errors.Is(err, errRecordUnreadable):
 		return opErrorf(OpConflict, "record_unreadable", "%v; nothing was changed (configure the key it was written with, or delete the record from storage)", err)
 	}
-	return opErrorf(opStorage, "token_storage_unavailable", "%s: %v", what, err)
+	return opErrorf(OpStorage, "token_storage_unavailable", "%s: %v", what, err)
 }
 
 // adminTokenError answers a failed refresh of a handed-over token.
@@ -161,7 +161,7 @@ func (o Ops) StoreAnswer(ctx context.Context, subj Subject, answer *Answer) erro
 		if st := m.quarantine.quarantineAnswer(ctx, s, subj, answer, terr); st != nil {
 			where = quarantinedWhere(st)
 		}
-		return opErrorf(opStorage, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
+		return opErrorf(OpStorage, "token_storage_unavailable", "the record of %s could not be used (%v); the new refresh token was %s", subj, err, where)
 	}
 	return o.finishHandOver(subj, kept, "from a connection")
 }
@@ -187,7 +187,7 @@ func (o Ops) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, rec *
 		rec.ConsentRevokedAt = time.Time{}
 	}
 	if err := m.refresh.storeRotated(ctx, s, subj, rec); err != nil {
-		kept.failure = opErrorf(opStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
+		kept.failure = opErrorf(OpStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
 	}
 	if subj.Account != "" {
 		m.CacheToken(subj, GrantRefreshToken, answer.AccessToken, issued, answer.Lifetime, s.RefreshBefore)
@@ -272,7 +272,7 @@ func (o Ops) ImportRefreshToken(ctx context.Context, refreshToken string) (strin
 		m.refresh.keepAnswer(rec, answer, issued, subj)
 		m.ledger.keepUnsaved(subj.Key(), rec)
 		m.Logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: kept in memory until storage works", zap.String("tenant", tenant), zap.Error(err))
-		return "", opErrorf(opStorage, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
+		return "", opErrorf(OpStorage, "token_storage_unavailable", "storing the refresh token for tenant %s failed (%v); it is kept in memory and saved on the tenant's next token request", tenant, err)
 	}
 	m.drop(subj, nil)
 	m.CacheToken(subj, GrantRefreshToken, answer.AccessToken, issued, answer.Lifetime, s.RefreshBefore)

@@ -82,7 +82,7 @@ func (o Ops) ImportRecords(ctx context.Context, overwrite bool) (*transferResult
 		keys, err = nil, nil
 	}
 	if err != nil {
-		return nil, opErrorf(opStorage, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &ScrubbedError{err})
+		return nil, opErrorf(OpStorage, "token_storage_unavailable", "listing the records in Caddy's storage: %v", &ScrubbedError{err})
 	}
 	res := &transferResult{Copied: []string{}, Skipped: []string{}, Failed: []string{}}
 	for _, key := range keys {

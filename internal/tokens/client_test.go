@@ -23,6 +23,9 @@ import (
 // answer and records every request it gets.
 type tokenEndpoint struct {
 	*httptest.Server
+	// clk is the clock of the clients made for this endpoint: each test
+	// moves its own.
+	clk      *clock.Clock
 	mu       sync.Mutex
 	requests []seenRequest
 }
@@ -35,7 +38,7 @@ type seenRequest struct {
 
 func newTokenEndpoint(t *testing.T, answer http.HandlerFunc) *tokenEndpoint {
 	t.Helper()
-	e := &tokenEndpoint{}
+	e := &tokenEndpoint{clk: clock.New()}
 	e.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
 		e.mu.Lock()
@@ -49,7 +52,7 @@ func newTokenEndpoint(t *testing.T, answer http.HandlerFunc) *tokenEndpoint {
 
 func (e *tokenEndpoint) tokenURL() string { return e.URL + "/oauth-v1/token" }
 
-func (e *tokenEndpoint) client() *tokens.Client { return tokens.NewTokenClient(e.tokenURL(), clk) }
+func (e *tokenEndpoint) client() *tokens.Client { return tokens.NewTokenClient(e.tokenURL(), e.clk) }
 
 func (e *tokenEndpoint) seen() []seenRequest {
 	e.mu.Lock()
@@ -91,6 +94,7 @@ func wantFailure(t *testing.T, err error, want tokens.TokenFailure) *tokens.Erro
 // Fortnox's quirks and the lifetime bounds, at the wire: each answer is
 // served by a real HTTP server and read through x/oauth2.
 func TestTokenAnswers(t *testing.T) {
+	t.Parallel()
 	jwt := fakeJWT(`{"tenantId":1,"iat":1000,"exp":1600}`)
 	tests := []struct {
 		name         string
@@ -152,6 +156,7 @@ func TestTokenAnswers(t *testing.T) {
 // Each error class comes out right whatever Content-Type Fortnox puts on
 // its JSON, and from the status alone when the body is not JSON.
 func TestTokenErrorClassesForEachContentType(t *testing.T) {
+	t.Parallel()
 	classes := []struct {
 		name     string
 		status   int
@@ -198,6 +203,7 @@ func TestTokenErrorClassesForEachContentType(t *testing.T) {
 // the secret in the body; pinned to the header, a no-consent answer is one
 // request and a single-use refresh token is spent once.
 func TestRefusedRequestIsNotSentAgain(t *testing.T) {
+	t.Parallel()
 	answers := map[string]http.HandlerFunc{
 		"no consent":     answering(400, "application/json", `{"error":"unauthorized_client"}`),
 		"invalid_client": answering(401, "text/plain", `{"error":"invalid_client"}`),
@@ -230,6 +236,7 @@ func TestRefusedRequestIsNotSentAgain(t *testing.T) {
 // The client id and secret only ever travel in the Basic header; Fortnox's
 // headers are set, and TenantId only on client credentials.
 func TestWhatEachGrantSends(t *testing.T) {
+	t.Parallel()
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
 	c := ep.client()
 	ctx := context.Background()
@@ -283,6 +290,7 @@ func TestWhatEachGrantSends(t *testing.T) {
 // x/oauth2 copies the refresh token sent into an answer that has none: that
 // is "no new refresh token", not the old one back.
 func TestRefreshAnswerWithoutNewRefreshToken(t *testing.T) {
+	t.Parallel()
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
 	a, err := ep.client().Refresh(context.Background(), testCred, testRefreshToken)
 	if err != nil {
@@ -305,8 +313,9 @@ func TestRefreshAnswerWithoutNewRefreshToken(t *testing.T) {
 // The lifetime is read from the raw expires_in, not from x/oauth2's Expiry
 // (time.Now based): it is exact, however far the plugin's clock has moved.
 func TestLifetimeIgnoresTheWallClock(t *testing.T) {
-	clk.Advance(3 * time.Hour)
+	t.Parallel()
 	ep := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
+	ep.clk.Advance(3 * time.Hour)
 	a, err := ep.client().ClientCredentials(context.Background(), testCred, "1234567")
 	if err != nil {
 		t.Fatal(err)
@@ -318,6 +327,7 @@ func TestLifetimeIgnoresTheWallClock(t *testing.T) {
 
 // Retry-After on 429 and 5xx sets when the next attempt may be made.
 func TestRetryAfterFromFortnox(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		status int
 		body   string
@@ -341,7 +351,7 @@ func TestRetryAfterFromFortnox(t *testing.T) {
 				}
 				return
 			}
-			if got := terr.RetryAt.Sub(clk.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
+			if got := terr.RetryAt.Sub(ep.clk.Now()); got < tt.want-time.Second || got > tt.want+time.Second {
 				t.Errorf("retryAt in %v, want about %v", got, tt.want)
 			}
 		})
@@ -351,6 +361,7 @@ func TestRetryAfterFromFortnox(t *testing.T) {
 // Answers are bounded at 64 KiB: a 2xx or 4xx over it is unusable, a 5xx
 // or 429 over it is still "try later"; an answer at the bound is read.
 func TestAnswerSizeBound(t *testing.T) {
+	t.Parallel()
 	valid := `{"access_token":"abc","expires_in":3600}`
 	atBound := valid + strings.Repeat(" ", tokens.MaxTokenAnswer-len(valid))
 	tests := []struct {
@@ -385,6 +396,7 @@ func TestAnswerSizeBound(t *testing.T) {
 
 // Redirects are never followed: the secret would go elsewhere.
 func TestNoRedirects(t *testing.T) {
+	t.Parallel()
 	elsewhere := newTokenEndpoint(t, answering(200, "application/json", `{"access_token":"abc","expires_in":3600}`))
 	for _, status := range []int{301, 302, 307, 308} {
 		ep := newTokenEndpoint(t, func(w http.ResponseWriter, r *http.Request) {
@@ -403,6 +415,7 @@ func TestNoRedirects(t *testing.T) {
 
 // Error texts never repeat the answer's body (which may hold a token).
 func TestTokenErrorTextHasNoBody(t *testing.T) {
+	t.Parallel()
 	for _, tt := range []struct {
 		status int
 		body   string
@@ -426,6 +439,7 @@ func TestTokenErrorTextHasNoBody(t *testing.T) {
 
 // An unusable 2xx answer says what is wrong with it.
 func TestUnusableAnswerSaysWhy(t *testing.T) {
+	t.Parallel()
 	for body, want := range map[string]string{
 		`<html>maintenance</html>`:                         "not a JSON object",
 		`{"token_type":"bearer"}`:                          "no access_token",
@@ -454,6 +468,7 @@ func closedPort(t *testing.T) string {
 // A request that gets no HTTP answer is "unavailable", and its text names
 // the class of failure and the host, never the URL's path.
 func TestTransportFailureClasses(t *testing.T) {
+	t.Parallel()
 	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body) // so the server notices the client leave
 		select {
@@ -497,7 +512,7 @@ func TestTransportFailureClasses(t *testing.T) {
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), budget)
 			defer cancel()
-			_, err := tokens.NewTokenClient(tt.url, clk).ClientCredentials(ctx, testCred, "1234567")
+			_, err := tokens.NewTokenClient(tt.url, clock.New()).ClientCredentials(ctx, testCred, "1234567")
 			terr := wantFailure(t, err, tokens.FailUnavailable)
 			var te *tokens.TransportError
 			if !errors.As(terr.Cause, &te) || te.Kind != tt.kind {
@@ -522,6 +537,7 @@ func TestTransportFailureClasses(t *testing.T) {
 }
 
 func TestRefreshAheadAfter(t *testing.T) {
+	t.Parallel()
 	if got := tokens.RefreshAheadAfter(time.Hour, 5*time.Minute); got != 55*time.Minute {
 		t.Errorf("1h token: %v", got)
 	}
@@ -531,6 +547,7 @@ func TestRefreshAheadAfter(t *testing.T) {
 }
 
 func TestBackoffDelayGrowsAndCaps(t *testing.T) {
+	t.Parallel()
 	for n, want := range map[int]time.Duration{1: time.Second, 2: 2 * time.Second, 3: 4 * time.Second, 7: time.Minute, 50: time.Minute} {
 		got := tokens.BackoffDelay(n)
 		if got < want*8/10 || got > want*12/10 {
@@ -567,8 +584,9 @@ func (t bodyTransport) RoundTrip(r *http.Request) (*http.Response, error) {
 
 // A huge answer is not read past the bound (x/oauth2 would read a MiB).
 func TestAnswerIsNotReadPastTheBound(t *testing.T) {
+	t.Parallel()
 	body := &countingBody{left: 8 << 20}
-	c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token", clk)
+	c := tokens.NewTokenClient("https://apps.fortnox.example/oauth-v1/token", clock.New())
 	c.Transport = bodyTransport{body}
 	_, err := c.ClientCredentials(context.Background(), testCred, "1234567")
 	wantFailure(t, err, tokens.FailBadAnswer)
@@ -577,10 +595,8 @@ func TestAnswerIsNotReadPastTheBound(t *testing.T) {
 	}
 }
 
-// The client's own tests: a clock of their own (no other package's test
-// moves it), the test client's credentials, and unsigned JWT-shaped tokens.
-var clk = clock.New()
-
+// The client's tests run in parallel, each on clocks of its own; the test
+// client's credentials, and unsigned JWT-shaped tokens.
 const (
 	testClientID     = "test-client"
 	testClientSecret = "test-secret-0c1a8f3e9b"

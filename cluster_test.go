@@ -3,6 +3,7 @@ package fortnox
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"strings"
@@ -407,5 +408,65 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	}
 	if n := fake.TokenErrors("invalid_grant"); n != 0 {
 		t.Errorf("%d invalid_grant: a refresh token was used twice", n)
+	}
+}
+
+// After a reconnect, one sidecar revalidates a few hundred subjects within
+// a second against a near Redis (issue "The shared store may fail", item
+// 3): the accounts whose records are gone are forgotten, the tokens the
+// store holds newer ones of are dropped, and a token the store never held
+// (fetched while Redis was unreachable) is kept.
+func TestResyncRevalidatesHundredsOfSubjectsWithinASecond(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	fake.GrantConsent(testClientID, "1234567")
+	sc, _ := redisSidecar(t, fake, "")
+	if status, body, _ := sc.get("/3/companyinformation", "1234567"); status != http.StatusOK {
+		t.Fatalf("%d %s", status, body)
+	}
+	m := sc.manager()
+	const n = 100
+	now := m.Clock().Now()
+	ctx := context.Background()
+	var kept, replaced, deleted []tokens.Subject
+	for i := range n {
+		k := tokens.Subject{Tenant: fmt.Sprintf("31%05d", i)}
+		m.CacheToken(k, tokens.GrantClientCredentials, fmt.Sprintf("kept-%d", i), now.Add(-time.Minute), time.Hour, 5*time.Minute)
+		kept = append(kept, k)
+		r := tokens.Subject{Tenant: fmt.Sprintf("32%05d", i)}
+		m.CacheToken(r, tokens.GrantClientCredentials, fmt.Sprintf("old-%d", i), now.Add(-time.Minute), time.Hour, 5*time.Minute)
+		if err := m.Shared().StoreToken(ctx, r, &tokens.SharedToken{AccessToken: fmt.Sprintf("new-%d", i), Grant: tokens.GrantClientCredentials,
+			IssuedAt: now.UTC(), ExpiresAt: now.Add(time.Hour).UTC()}); err != nil {
+			t.Fatal(err)
+		}
+		replaced = append(replaced, r)
+		d := tokens.Subject{Tenant: "1234567", Account: fmt.Sprintf("user%d", i)}
+		m.CacheToken(d, tokens.GrantRefreshToken, fmt.Sprintf("gone-%d", i), now.Add(-time.Minute), time.Hour, 5*time.Minute)
+		deleted = append(deleted, d)
+	}
+	cached := func(subjects []tokens.Subject) (k int) {
+		for _, s := range subjects {
+			if _, ok := m.Cache.Get(s.Key()); ok {
+				k++
+			}
+		}
+		return k
+	}
+	start := time.Now()
+	go m.Resync() // as a reconnect does; a pass already running runs one more
+	for cached(replaced) > 0 || cached(deleted) > 0 {
+		if time.Since(start) > time.Second {
+			t.Fatalf("1 s after the resync began: %d of %d replaced tokens and %d of %d deleted accounts' tokens still cached",
+				cached(replaced), n, cached(deleted), n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Logf("%d subjects revalidated in %v", 3*n+1, time.Since(start).Round(time.Millisecond))
+	if k := cached(kept); k != n {
+		t.Errorf("%d of %d tokens the store never held were dropped", n-k, n)
+	}
+	for _, d := range deleted[:3] {
+		if m.Ledger().Knows(d.Key()) {
+			t.Errorf("%s is still remembered", d)
+		}
 	}
 }

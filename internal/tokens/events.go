@@ -2,6 +2,9 @@ package tokens
 
 import (
 	"context"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"go.uber.org/zap"
 )
@@ -67,20 +70,219 @@ func (m *Manager) forget(subj Subject) {
 }
 
 // Resync reads the shared state again after an outage, or once subscribed:
+// pub/sub is the fast path, the store is the truth. Every subject this
+// sidecar remembers or holds a token for is revalidated against the store:
 // revocations and new consents broadcast meanwhile are read from the
-// tenants' records.
+// tenants' records, a named account whose record is gone (deleted through
+// another sidecar) is forgotten, and a cached token the store no longer
+// holds (dropped after a 401 elsewhere, through the admin API, or replaced)
+// is dropped, so that the next request reads the current one. Calls to the
+// shared state are bounded (SharedCallLimit) and run resyncWorkers at a
+// time. Resyncs that arrive while a pass runs are folded into one more
+// pass after it.
 func (m *Manager) Resync() {
-	s := m.Settings.Load()
-	tenants := m.ledger.resync()
-	for key := range m.Cache.Items() {
-		if _, _, isAccount := cutAccount(key); !isAccount {
-			tenants = append(tenants, key)
+	if !m.resyncs.begin() {
+		return
+	}
+	for {
+		m.resyncPass()
+		if !m.resyncs.again() {
+			return
 		}
 	}
-	for _, tenant := range tenants {
-		if m.consent.revokedError(s, tenant) != nil {
-			m.drop(Subject{Tenant: tenant}, nil)
+}
+
+// resyncWorkers is how many subjects are revalidated at once after a
+// reconnect: a few hundred take well under a second against a near Redis,
+// and a slow one does not hold the pass up (SharedCallLimit per call).
+const resyncWorkers = 16
+
+// resyncRuns lets one revalidation pass run at a time; a Resync that comes
+// meanwhile asks for one more pass after it (what it must see may have
+// changed after the running pass read it).
+type resyncRuns struct {
+	mu               sync.Mutex
+	running, pending bool
+}
+
+// begin reports whether the caller runs the passes (none was running).
+func (r *resyncRuns) begin() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.running {
+		r.pending = true
+		return false
+	}
+	r.running = true
+	return true
+}
+
+// again reports whether another pass was asked for meanwhile; if not, the
+// caller stops running passes.
+func (r *resyncRuns) again() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pending {
+		r.pending = false
+		return true
+	}
+	r.running = false
+	return false
+}
+
+// resyncPass revalidates every remembered tenant and every subject with a
+// cached token, resyncWorkers at a time.
+func (m *Manager) resyncPass() {
+	s := m.Settings.Load()
+	start := time.Now()
+	keys := m.ledger.resync()
+	seen := make(map[string]struct{}, len(keys))
+	for _, key := range keys {
+		seen[key] = struct{}{}
+	}
+	for key := range m.Cache.Items() {
+		if _, dup := seen[key]; !dup {
+			seen[key] = struct{}{}
+			keys = append(keys, key)
 		}
+	}
+	var dropped, forgotten atomic.Int64
+	work := make(chan string)
+	var wg sync.WaitGroup
+	for range min(resyncWorkers, len(keys)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for key := range work {
+				switch m.revalidate(s, key) {
+				case revalidDropped:
+					dropped.Add(1)
+				case revalidForgotten:
+					forgotten.Add(1)
+				}
+			}
+		}()
+	}
+	for _, key := range keys {
+		select {
+		case work <- key:
+		case <-m.ctx.Done():
+		}
+		if m.ctx.Err() != nil {
+			break
+		}
+	}
+	close(work)
+	wg.Wait()
+	if dropped.Load() > 0 || forgotten.Load() > 0 {
+		m.Logger().Info("revalidated the cached state against the shared store",
+			zap.Int("subjects", len(keys)), zap.Int64("tokens_dropped", dropped.Load()),
+			zap.Int64("accounts_forgotten", forgotten.Load()), zap.Duration("took", time.Since(start)))
+	}
+}
+
+// What revalidate did to a subject.
+type revalidation int
+
+const (
+	revalidKept revalidation = iota
+	revalidDropped
+	revalidForgotten
+)
+
+// revalidate checks one subject (by key) against the store: a revoked
+// service-account consent drops the tenant's token; a named account whose
+// record is gone is forgotten, as DeleteAccount forgets it; a cached token
+// the store no longer holds is dropped (revalidateToken).
+func (m *Manager) revalidate(s *Settings, key string) revalidation {
+	tenant, account, isAccount := cutAccount(key)
+	subj := Subject{Tenant: tenant, Account: account}
+	if !isAccount && m.consent.revokedError(s, tenant) != nil {
+		if _, cached := m.Cache.Get(key); cached {
+			m.drop(subj, nil)
+			return revalidDropped
+		}
+		return revalidKept
+	}
+	v, cached := m.Cache.Get(key)
+	if !cached {
+		return revalidKept
+	}
+	t := v.(*Token)
+	var rec *Record
+	recRead := false
+	if isAccount && s != nil && s.Records != nil {
+		ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+		r, err := s.Records.load(ctx, subj)
+		cancel()
+		if err == nil && r == nil {
+			// Deleted through another sidecar (its `forget` was missed).
+			m.forget(subj)
+			m.debugResync(subj, "the account's record is gone from the store: the account is forgotten")
+			return revalidForgotten
+		}
+		rec, recRead = r, err == nil
+	}
+	if m.revalidateToken(s, subj, t, rec, recRead) {
+		m.drop(subj, t)
+		return revalidDropped
+	}
+	return revalidKept
+}
+
+// revalidateToken reports whether the cached token t is stale: the store
+// holds another token as new or newer, or no longer holds t although t was
+// in it (dropped after a 401 elsewhere, through the admin API, or on a
+// revocation). Then the next request reads the current one from the store
+// (one Redis read; a token request only when the store has none). A token
+// the store never held is kept: a client-credentials token fetched while
+// the store was unreachable was never seen by another sidecar, and a
+// refresh-token chain's token read from its record is checked against the
+// record (rec, when recRead; loaded here otherwise). When the store cannot
+// be read, nothing is dropped.
+func (m *Manager) revalidateToken(s *Settings, subj Subject, t *Token, rec *Record, recRead bool) bool {
+	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+	st, err := m.Shared().LoadToken(ctx, subj)
+	cancel()
+	switch {
+	case err != nil:
+		return false
+	case st != nil && st.AccessToken == t.accessToken():
+		return false
+	case st != nil:
+		if !st.IssuedAt.Before(t.issuedAt) {
+			m.debugResync(subj, "the shared store holds a newer token: the cached one is dropped")
+			return true
+		}
+		return false // this one is newer (the store may be catching up)
+	case t.shared.Load():
+		m.debugResync(subj, "the shared store no longer holds the cached token (dropped by another sidecar): it is dropped here too")
+		return true
+	case t.grant != GrantRefreshToken || s == nil || s.Records == nil:
+		return false
+	}
+	if !recRead {
+		ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
+		r, err := s.Records.load(ctx, subj)
+		cancel()
+		if err != nil || r == nil {
+			return false
+		}
+		rec = r
+	}
+	if rec == nil || rec.AccessToken == t.accessToken() {
+		return false
+	}
+	if rec.AccessToken == "" || !rec.IssuedAt.Before(t.issuedAt) {
+		m.debugResync(subj, "the record no longer holds the cached token (dropped after a 401, or replaced): it is dropped here too")
+		return true
+	}
+	return false
+}
+
+func (m *Manager) debugResync(subj Subject, msg string) {
+	if ce := m.Logger().Check(zap.DebugLevel, msg); ce != nil {
+		ce.Write(subj.LogFields()...)
 	}
 }
 

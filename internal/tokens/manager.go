@@ -143,6 +143,10 @@ type Token struct {
 	// another one before the tenant's backoff has passed.
 	RefreshAt  atomic.Int64
 	Refreshing atomic.Bool
+	// shared: the token was in the shared store (this process stored it
+	// there, or read it from there). One the store no longer holds was
+	// dropped by another sidecar (see revalidateToken).
+	shared atomic.Bool
 }
 
 func (t *Token) expiry() time.Time { return time.Unix(0, t.expiresAt) }
@@ -250,6 +254,8 @@ type Manager struct {
 
 	// notes tells the app of state changes (notify).
 	notes *notifier
+	// resyncs runs one revalidation pass at a time after reconnects.
+	resyncs resyncRuns
 }
 
 func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
@@ -598,6 +604,7 @@ func (sh sharing) sharedFresh(s *Settings, subj Subject, stale *Token) *Token {
 		return nil
 	}
 	t := m.CacheToken(subj, st.Grant, st.AccessToken, st.IssuedAt, lifetime, s.RefreshBefore)
+	t.shared.Store(true)
 	m.ledger.sharedFound(subj, st.Grant, n.Add(s.RetryClientCredentials))
 	return t
 }
@@ -608,8 +615,12 @@ func (sh sharing) share(subj Subject, t *Token) {
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
 	defer cancel()
 	span := m.tracer.sharedSpan(subj, SpanStore, OpShareToken)
-	span.EndErr(m.Shared().StoreToken(ctx, subj, &SharedToken{AccessToken: t.accessToken(), Grant: t.grant,
-		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()}))
+	err := m.Shared().StoreToken(ctx, subj, &SharedToken{AccessToken: t.accessToken(), Grant: t.grant,
+		IssuedAt: t.issuedAt.UTC(), ExpiresAt: t.expiry().UTC()})
+	span.EndErr(err)
+	if err == nil && m.Cluster.Load() != nil {
+		t.shared.Store(true)
+	}
 }
 
 // tokenSlot waits for one of the client's token-request slots (at most

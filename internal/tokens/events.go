@@ -85,7 +85,7 @@ func (m *Manager) Resync() {
 		return
 	}
 	for {
-		m.resyncPass()
+		m.revalidator.resyncPass()
 		if !m.resyncs.again() {
 			return
 		}
@@ -130,9 +130,15 @@ func (r *resyncRuns) again() bool {
 	return false
 }
 
+// revalidator checks what the manager holds against the shared store
+// after a reconnect (Resync): tokens, accounts, revocations and 401
+// invalidations that pub/sub may have missed.
+type revalidator struct{ m *Manager }
+
 // resyncPass revalidates every remembered tenant and every subject with a
 // cached token, resyncWorkers at a time.
-func (m *Manager) resyncPass() {
+func (rv revalidator) resyncPass() {
+	m := rv.m
 	s := m.Settings.Load()
 	start := time.Now()
 	keys := m.ledger.resync()
@@ -154,7 +160,7 @@ func (m *Manager) resyncPass() {
 		go func() {
 			defer wg.Done()
 			for key := range work {
-				switch m.revalidate(s, key) {
+				switch m.revalidator.revalidate(s, key) {
 				case revalidDropped:
 					dropped.Add(1)
 				case revalidForgotten:
@@ -194,7 +200,8 @@ const (
 // service-account consent drops the tenant's token; a named account whose
 // record is gone is forgotten, as DeleteAccount forgets it; a cached token
 // the store no longer holds is dropped (revalidateToken).
-func (m *Manager) revalidate(s *Settings, key string) revalidation {
+func (rv revalidator) revalidate(s *Settings, key string) revalidation {
+	m := rv.m
 	tenant, account, isAccount := cutAccount(key)
 	subj := Subject{Tenant: tenant, Account: account}
 	if !isAccount && m.consent.revokedError(s, tenant) != nil {
@@ -218,12 +225,12 @@ func (m *Manager) revalidate(s *Settings, key string) revalidation {
 		if err == nil && r == nil {
 			// Deleted through another sidecar (its `forget` was missed).
 			m.forget(subj)
-			m.debugResync(subj, "the account's record is gone from the store: the account is forgotten")
+			m.revalidator.debugResync(subj, "the account's record is gone from the store: the account is forgotten")
 			return revalidForgotten
 		}
 		rec, recRead = r, err == nil
 	}
-	if m.revalidateToken(s, subj, t, rec, recRead) {
+	if m.revalidator.revalidateToken(s, subj, t, rec, recRead) {
 		m.drop(subj, t)
 		return revalidDropped
 	}
@@ -240,7 +247,8 @@ func (m *Manager) revalidate(s *Settings, key string) revalidation {
 // refresh-token chain's token read from its record is checked against the
 // record (rec, when recRead; loaded here otherwise). When the store cannot
 // be read, nothing is dropped.
-func (m *Manager) revalidateToken(s *Settings, subj Subject, t *Token, rec *Record, recRead bool) bool {
+func (rv revalidator) revalidateToken(s *Settings, subj Subject, t *Token, rec *Record, recRead bool) bool {
+	m := rv.m
 	ctx, cancel := context.WithTimeout(m.ctx, SharedCallLimit)
 	st, err := m.Shared().LoadToken(ctx, subj)
 	cancel()
@@ -251,12 +259,12 @@ func (m *Manager) revalidateToken(s *Settings, subj Subject, t *Token, rec *Reco
 		return false
 	case st != nil:
 		if !st.IssuedAt.Before(t.issuedAt) {
-			m.debugResync(subj, "the shared store holds a newer token: the cached one is dropped")
+			m.revalidator.debugResync(subj, "the shared store holds a newer token: the cached one is dropped")
 			return true
 		}
 		return false // this one is newer (the store may be catching up)
 	case t.shared.Load():
-		m.debugResync(subj, "the shared store no longer holds the cached token (dropped by another sidecar): it is dropped here too")
+		m.revalidator.debugResync(subj, "the shared store no longer holds the cached token (dropped by another sidecar): it is dropped here too")
 		return true
 	case t.grant != GrantRefreshToken || s == nil || s.Records == nil:
 		return false
@@ -274,13 +282,14 @@ func (m *Manager) revalidateToken(s *Settings, subj Subject, t *Token, rec *Reco
 		return false
 	}
 	if rec.AccessToken == "" || !rec.IssuedAt.Before(t.issuedAt) {
-		m.debugResync(subj, "the record no longer holds the cached token (dropped after a 401, or replaced): it is dropped here too")
+		m.revalidator.debugResync(subj, "the record no longer holds the cached token (dropped after a 401, or replaced): it is dropped here too")
 		return true
 	}
 	return false
 }
 
-func (m *Manager) debugResync(subj Subject, msg string) {
+func (rv revalidator) debugResync(subj Subject, msg string) {
+	m := rv.m
 	if ce := m.Logger().Check(zap.DebugLevel, msg); ce != nil {
 		ce.Write(subj.LogFields()...)
 	}

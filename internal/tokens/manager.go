@@ -212,13 +212,14 @@ type Manager struct {
 	clientCredentials clientCredentialsGrant
 
 	// The manager's parts, each for one concern (see their types).
-	quarantine quarantine
-	invalidate invalidator
-	keeper     keeper
-	consent    consents
-	tracer     tracer
-	sharing    sharing
-	sweeper    sweeper
+	quarantine  quarantine
+	invalidate  invalidator
+	keeper      keeper
+	consent     consents
+	tracer      tracer
+	sharing     sharing
+	sweeper     sweeper
+	revalidator revalidator
 
 	// ledger is what the manager remembers per subject besides its token.
 	ledger *Ledger
@@ -282,6 +283,7 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 	m.tracer = tracer{m}
 	m.sharing = sharing{m}
 	m.sweeper = sweeper{m}
+	m.revalidator = revalidator{m}
 	go m.sweeper.sweep(sweepInterval)
 	go m.keeper.keepAliveLoop()
 	go m.notes.run()

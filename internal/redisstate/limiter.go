@@ -42,39 +42,77 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
 
 // turnScript reserves a turn: KEYS[1] the reservation log (a list of the
-// last `limit` reserved times, oldest first), KEYS[2] the pause (after a
-// 429); ARGV window, limit, max wait (milliseconds). Now is Redis's
-// clock. It answers {slot, wait}, or {-1, wait} when the wait would be
-// too long.
+// reserved times, oldest first, the last `limit` of which count), KEYS[2]
+// the pause (after a 429), KEYS[3] (optional) the tenant's generation;
+// ARGV window, limit, max wait (milliseconds). Now is Redis's clock. It
+// answers {slot, wait, generation}, or {-1, wait, generation} when the
+// wait would be too long (generation 0 when there is no KEYS[3] or no such
+// key), so that a sidecar can learn of a newer generation without a round
+// trip of its own.
 //
 // Its writes stay out of Redis's append-only file (and replicas): the log
 // needs no durability (a Redis restart that forgets it costs at most one
 // window of budget), and with appendfsync always, which the refresh tokens
 // need, each request would otherwise wait for an fsync (measured: b/a
 // throughput 0.56 instead of 0.76, see docs/performance.md).
-var turnScript = redis.NewScript(redisNow + `
+//
+// It runs 5 commands per request (TIME, MGET, LINDEX twice, RPUSH; LINDEX
+// once for a tenant's first turn) where its first version ran 8 (9 once a
+// tenant had `limit` turns), and reads and writes the same keys the same
+// way, so that sidecars of both versions can share a log (each redis.call
+// costs Redis about as much as a bare EVALSHA's own work, see
+// docs/performance.md):
+//   - one MGET reads the pause and the generation;
+//   - LINDEX -1 is the latest turn (FIFO keeps every new turn after it) and
+//     LINDEX -limit the turn the next one must be a window after (none
+//     while the log holds fewer than `limit`), with no LLEN: one LRANGE of
+//     the last `limit` measured slower once the log is full;
+//   - the log is trimmed lazily, back to `limit` once it holds twice that
+//     (LTRIM once per `limit` requests, not every request): only its last
+//     `limit` times are ever read;
+//   - PEXPIRE runs only when a turn is the first of its second (floor(slot /
+//     1000) moved on), and then keeps the log a window and 2 s past that
+//     turn: every later turn of the same second is less than 1 s after it,
+//     so the log still outlives each turn by a window and a second. (The
+//     first script's PEXPIRE, a window and 1 s past its own turn, still
+//     covers the later turns of its second by a window.)
+var turnScript = redis.NewScript(TurnScriptSource)
+
+// TurnScriptSource is turnScript's Lua (test/bench measures it).
+const TurnScriptSource = redisNow + `
 redis.set_repl(redis.REPL_NONE)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local maxwait = tonumber(ARGV[3])
+local pause, gen
+if KEYS[3] then
+	local v = redis.call('MGET', KEYS[2], KEYS[3])
+	pause, gen = v[1], v[2]
+else
+	pause = redis.call('GET', KEYS[2])
+end
 local slot = now
-local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+pause = tonumber(pause or 0) or 0
 if pause > slot then slot = pause end
-local n = redis.call('LLEN', KEYS[1])
-if n >= limit then
-	local oldest = tonumber(redis.call('LINDEX', KEYS[1], n - limit))
-	if oldest + window > slot then slot = oldest + window end
-end
-if n > 0 then
-	local last = tonumber(redis.call('LINDEX', KEYS[1], -1))
+local last = redis.call('LINDEX', KEYS[1], -1)
+if last then
+	last = tonumber(last)
 	if last > slot then slot = last end
+	local first = redis.call('LINDEX', KEYS[1], -limit)
+	if first then
+		local oldest = tonumber(first) + window
+		if oldest > slot then slot = oldest end
+	end
 end
+gen = tonumber(gen or 0) or 0
 local wait = slot - now
-if wait > maxwait then return {-1, wait} end
-redis.call('RPUSH', KEYS[1], slot)
-redis.call('LTRIM', KEYS[1], -limit, -1)
-redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
-return {slot, wait}`)
+if wait > maxwait then return {-1, wait, gen} end
+local len = redis.call('RPUSH', KEYS[1], slot)
+if len >= 2 * limit then redis.call('LTRIM', KEYS[1], -limit, -1) end
+if not last or math.floor(slot / 1000) ~= math.floor(last / 1000) then
+	redis.call('PEXPIRE', KEYS[1], wait + window + 2000)
+end
+return {slot, wait, gen}`
 
 // pauseScript moves the pause (Redis's clock + ARGV[1] milliseconds)
 // later, never earlier; ARGV[2] is the key's time to live.
@@ -84,9 +122,11 @@ local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
 if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2]) end
 return 0`)
 
+// keys are a tenant's reservation log, its pause and its generation
+// (read with each turn; nothing writes it yet).
 func (l *Limiter) keys(key string) []string {
 	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.c.owner.ClientID()) + key
-	return []string{base, base + ":pause"}
+	return []string{base, base + ":pause", base + ":generation"}
 }
 
 func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
@@ -104,7 +144,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 			l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
 		return err
 	})
-	if err != nil || len(res) != 2 {
+	if err != nil || len(res) < 2 { // res[2], the generation, is not used yet
 		return l.local.Wait(ctx, key, maxWait)
 	}
 	need := time.Duration(res[1]) * time.Millisecond
@@ -129,7 +169,7 @@ func (l *Limiter) Penalize(key string, d time.Duration) {
 	ctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
 	defer cancel()
 	_ = l.c.call(ctx, "rate limit pause", func(ctx context.Context) error {
-		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
+		return pauseScript.Run(ctx, l.c.client, l.keys(key)[1:2], d.Milliseconds(), (d + time.Second).Milliseconds()).Err()
 	})
 }
 

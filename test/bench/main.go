@@ -32,11 +32,17 @@
 // redis-server's CPU per request and, each round, the Redis commands per
 // cached request through (b): those the sidecar sent (MONITOR) and all
 // that ran (INFO commandstats, which counts the script's own commands).
+// Before the rounds it compares the limiter's Lua script itself (-scripts
+// calls of each, straight to Redis; see scripts.go): as it ships, as it
+// was before issue 6, and a bare one-command EVALSHA, interleaved, with
+// Redis's CPU per call and the p50/p99 round trip, as ratios to the bare
+// one. -rounds 0 runs only that, without Caddy (nor the build).
 //
 //	go run ./test/bench                 # builds ./caddy with ./xcaddy.sh first
 //	go run ./test/bench -caddy ./caddy -rounds 3 -duration 3s -rate 2000
 //	go run ./test/bench -cpuprofile /tmp/prof   # CPU profiles of round 1's full-speed runs
 //	go run ./test/bench -compare limiter [-appendfsync always|everysec|off]
+//	go run ./test/bench -compare limiter -rounds 0 -scripts 10000   # the script comparison alone
 //	go tool pprof -top -diff_base /tmp/prof/a.pprof ./caddy /tmp/prof/b.pprof
 package main
 
@@ -74,6 +80,7 @@ type options struct {
 	compare     string // proxy or limiter
 	appendfsync string // limiter: Redis's persistence
 	commands    int    // limiter: requests for the Redis command count
+	scripts     int    // limiter: calls of each script in the script comparison
 }
 
 func main() {
@@ -88,6 +95,7 @@ func main() {
 	flag.StringVar(&o.compare, "compare", "proxy", "proxy: (a) plain reverse_proxy, (b) fortnox; limiter: (a) fortnox with its rate limiter in process, (b) the same in cluster mode, the limiter in Redis")
 	flag.StringVar(&o.appendfsync, "appendfsync", "always", "-compare limiter: Redis's append-only file fsync policy, always (what the docs recommend), everysec, or off (no append-only file)")
 	flag.IntVar(&o.commands, "commands", 2000, "-compare limiter: cached requests through (b) over which Redis's commands are counted")
+	flag.IntVar(&o.scripts, "scripts", 10000, "-compare limiter: calls of each Lua script (the limiter's, the one before issue 6, a bare one-command script) in the script comparison, straight to Redis; 0: none. With -rounds 0 the bench runs only the script comparison (no Caddy, no build)")
 	flag.Parse()
 	tenantsSet := false
 	flag.Visit(func(f *flag.Flag) { tenantsSet = tenantsSet || f.Name == "tenants" })
@@ -95,6 +103,17 @@ func main() {
 		// Enough that no tenant comes near its budget (25 per 5 s) at
 		// full speed: the limiters then count turns and never wait.
 		o.tenants = 5000
+	}
+	if o.compare == "limiter" && o.rounds == 0 {
+		if o.scripts < 1 {
+			fmt.Fprintln(os.Stderr, "bench: -rounds 0 needs -scripts >= 1")
+			os.Exit(2)
+		}
+		if err := runScriptsOnly(o); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if o.rounds < 1 || o.duration < time.Second || o.duration > time.Minute || o.concurrency < 1 || o.rate < 2 || o.tenants < 1 || o.commands < 1 {
 		fmt.Fprintln(os.Stderr, "bench: need rounds >= 1, 1s <= duration <= 1m, c >= 1, rate >= 2, tenants >= 1, commands >= 1")
@@ -203,6 +222,12 @@ func run(o options) error {
 		configs[0].name, configs[0].site, configs[0].tokens = "a limiter in process", fortnox("\t\trate_limit 25 5s\n"), o.tenants
 		configs[1].name, configs[1].site = "b limiter in Redis", fortnox("\t\trate_limit 25 5s\n\t\tredis "+rs.url()+"\n")
 		fmt.Printf("limiter comparison: both rate_limit 25 5s; (b) with redis at %s, appendfsync %s\n", rs.addr, o.appendfsync)
+		if o.scripts > 0 {
+			if err := compareScripts(rs, o.scripts, o.tenants); err != nil {
+				return err
+			}
+			fmt.Println()
+		}
 	}
 	wantTokens := 0
 	for _, cfg := range configs {

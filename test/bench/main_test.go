@@ -88,3 +88,18 @@ func TestParseCommandStats(t *testing.T) {
 		t.Errorf("perRequest: %s", s)
 	}
 }
+
+// The script comparison reads evalsha's calls and usec.
+func TestParseCommandStat(t *testing.T) {
+	info := "# Commandstats\r\ncmdstat_get:calls=3,usec=6,usec_per_call=2.00,rejected_calls=0,failed_calls=0\r\n" +
+		"cmdstat_evalsha:calls=12345,usec=66,usec_per_call=66.00,rejected_calls=0,failed_calls=0\r\n"
+	if calls, usec, err := parseCommandStat(info, "evalsha"); err != nil || calls != 12345 || usec != 66 {
+		t.Errorf("evalsha: %d %d %v", calls, usec, err)
+	}
+	if calls, usec, err := parseCommandStat(info, "eval"); err != nil || calls != 0 || usec != 0 {
+		t.Errorf("eval (not run): %d %d %v", calls, usec, err)
+	}
+	if _, _, err := parseCommandStat("cmdstat_evalsha:calls=x,usec=1\r\n", "evalsha"); err == nil {
+		t.Error("a broken line was read")
+	}
+}

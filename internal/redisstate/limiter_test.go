@@ -1,0 +1,311 @@
+package redisstate
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os/exec"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
+	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
+	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+)
+
+// firstTurnScript is the turn script as it was before issue 6 of "The
+// shared store may fail" (8 commands a request): the reference the
+// current one must agree with, turn for turn, also when both share a log
+// (sidecars of both versions during an upgrade).
+var firstTurnScript = redis.NewScript(redisNow + `
+redis.set_repl(redis.REPL_NONE)
+local window = tonumber(ARGV[1])
+local limit = tonumber(ARGV[2])
+local maxwait = tonumber(ARGV[3])
+local slot = now
+local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
+if pause > slot then slot = pause end
+local n = redis.call('LLEN', KEYS[1])
+if n >= limit then
+	local oldest = tonumber(redis.call('LINDEX', KEYS[1], n - limit))
+	if oldest + window > slot then slot = oldest + window end
+end
+if n > 0 then
+	local last = tonumber(redis.call('LINDEX', KEYS[1], -1))
+	if last > slot then slot = last end
+end
+local wait = slot - now
+if wait > maxwait then return {-1, wait} end
+redis.call('RPUSH', KEYS[1], slot)
+redis.call('LTRIM', KEYS[1], -limit, -1)
+redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
+return {slot, wait}`)
+
+func startLimiterRedis(t *testing.T) (*testproc.Redis, *redis.Client) {
+	t.Helper()
+	if _, err := exec.LookPath("redis-server"); err != nil {
+		t.Fatal("redis-server is not on PATH: install it (apt-get install redis-server; CI does)")
+	}
+	r := testproc.StartRedis(t, testproc.RedisConfig{})
+	client := redis.NewClient(&redis.Options{Addr: r.Addr()})
+	t.Cleanup(func() { client.Close() })
+	return r, client
+}
+
+// windowModel is the exact sliding window in arrival order, as
+// internal/ratelimit keeps it: a turn goes at the earliest of now, the
+// pause, a window after the limit-th latest turn, and the latest turn.
+type windowModel struct {
+	limit, window int64
+	turns         []int64
+	pause         int64
+}
+
+func (m *windowModel) next(now int64) int64 {
+	slot := max(now, m.pause)
+	if n := len(m.turns); n > 0 {
+		slot = max(slot, m.turns[n-1])
+		if n >= int(m.limit) {
+			slot = max(slot, m.turns[n-int(m.limit)]+m.window)
+		}
+	}
+	return slot
+}
+
+// The turn script answers exactly what the window promises, turn for turn,
+// as the first script did, also with both taking turns in one log: a random
+// sequence of turns (some refused for their max wait), pauses and idle
+// moments, over two tenants, checked against the model.
+func TestTurnScriptKeepsTheExactWindow(t *testing.T) {
+	_, client := startLimiterRedis(t)
+	ctx := context.Background()
+	const limit, window = 3, 150
+	for _, mix := range []struct {
+		name    string
+		scripts []*redis.Script
+	}{
+		{"first script", []*redis.Script{firstTurnScript}},
+		{"turn script", []*redis.Script{turnScript}},
+		{"both in one log", []*redis.Script{turnScript, firstTurnScript}},
+	} {
+		t.Run(mix.name, func(t *testing.T) {
+			rng := rand.New(rand.NewPCG(1, uint64(len(mix.scripts))))
+			models := map[string]*windowModel{}
+			granted, refused := 0, 0
+			for i := range 400 {
+				tenant := "t" + strconv.Itoa(rng.IntN(2))
+				base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix("model-"+mix.name) + tenant
+				keys := []string{base, base + ":pause", base + ":generation"}
+				m := models[tenant]
+				if m == nil {
+					m = &windowModel{limit: limit, window: window}
+					models[tenant] = m
+				}
+				switch r := rng.IntN(20); {
+				case r == 0: // a 429: pause the tenant
+					d := int64(rng.IntN(200))
+					if err := pauseScript.Run(ctx, client, keys[1:2], d, d+1000).Err(); err != nil {
+						t.Fatal(err)
+					}
+					p, err := client.Get(ctx, keys[1]).Int64()
+					if err != nil {
+						t.Fatalf("the pause: %v", err)
+					}
+					if p < m.pause {
+						t.Fatalf("the pause moved earlier: %d after %d", p, m.pause)
+					}
+					m.pause = p
+					continue
+				case r <= 4:
+					time.Sleep(time.Duration(rng.IntN(100)) * time.Millisecond)
+				case r == 5:
+					gen := rng.Int64N(1000)
+					client.Set(ctx, keys[2], gen, time.Minute)
+				}
+				maxWait := int64(rng.IntN(800))
+				s := mix.scripts[i%len(mix.scripts)]
+				lo := redisMillis(t, client)
+				res, err := s.Run(ctx, client, keys, window, limit, maxWait).Int64Slice()
+				if err != nil {
+					t.Fatal(err)
+				}
+				hi := redisMillis(t, client)
+				slot, wait := res[0], res[1]
+				if slot < 0 {
+					// Refused: the wait the model gives at some moment
+					// during the call is over maxWait.
+					refused++
+					if wait <= maxWait {
+						t.Fatalf("call %d refused with wait %d <= max wait %d", i, wait, maxWait)
+					}
+					if x := m.next(0); wait < x-hi || wait > x-lo {
+						t.Fatalf("call %d refused with wait %d, want %d to %d", i, wait, x-hi, x-lo)
+					}
+					continue
+				}
+				now := slot - wait
+				if now < lo || now > hi {
+					t.Fatalf("call %d: now %d is not Redis's clock (%d to %d)", i, now, lo, hi)
+				}
+				if want := m.next(now); slot != want {
+					t.Fatalf("call %d (%s, now %d): slot %d, want %d (turns %v, pause %d)", i, tenant, now, slot, want, m.turns, m.pause)
+				}
+				if wait > maxWait {
+					t.Fatalf("call %d granted a wait of %d over max wait %d", i, wait, maxWait)
+				}
+				granted++
+				m.turns = append(m.turns, slot)
+				if s == turnScript {
+					want, _ := client.Get(ctx, keys[2]).Int64()
+					if len(res) != 3 || res[2] != want {
+						t.Fatalf("call %d: answer %v, want the generation %d third", i, res, want)
+					}
+				}
+				// The log outlives each turn by a window (and a second).
+				ttl, err := client.PTTL(ctx, keys[0]).Result()
+				if err != nil || ttl < time.Duration(slot+window-now)*time.Millisecond {
+					t.Fatalf("call %d: the log expires in %v, before its turn at +%dms leaves the window (%v)", i, ttl, slot-now, err)
+				}
+				if n, _ := client.LLen(ctx, keys[0]).Result(); n > 2*limit {
+					t.Fatalf("call %d: the log holds %d times", i, n)
+				}
+			}
+			t.Logf("%d granted, %d refused", granted, refused)
+			if granted < 150 || refused < 10 {
+				t.Fatalf("%d granted, %d refused: the sequence did not exercise both", granted, refused)
+			}
+		})
+	}
+}
+
+// redisMillis is Redis's clock in milliseconds, as the scripts read it.
+func redisMillis(t *testing.T, client *redis.Client) int64 {
+	now, err := client.Time(context.Background()).Result()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return now.UnixMilli()
+}
+
+// limiterOwner is the little of an owner the limiter needs.
+type limiterOwner struct{ clk *clock.Clock }
+
+func (o limiterOwner) ClientID() string        { return "limiter-test" }
+func (o limiterOwner) Clock() *clock.Clock     { return o.clk }
+func (o limiterOwner) Logger() *zap.Logger     { return zap.NewNop() }
+func (o limiterOwner) Codec() *tokens.Records  { return &tokens.Records{ClientID: "limiter-test"} }
+func (o limiterOwner) ApplyEvent(tokens.Event) {}
+func (o limiterOwner) Resync()                 {}
+
+func newTestLimiter(t *testing.T, addr string, limit int, window time.Duration) *Limiter {
+	t.Helper()
+	opts, err := ParseRedisURL("redis://" + addr + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(t.Name(), limiterOwner{clk: clock.New()}, opts, "redis://"+addr+"/0", zap.NewNop(), func() {})
+	t.Cleanup(func() { _ = c.Destruct() })
+	return NewLimiter(c, limit, window, ratelimit.New(limit, window, nil))
+}
+
+// The promises of internal/ratelimit's tests, kept by the Redis limiter
+// (3 per 500 ms): the 4th request waits until the 1st leaves the window;
+// waiters go in arrival order, each a window after the turn it follows;
+// a wait past max_wait is refused at once with the wait it would have
+// been; a pause delays everyone; and with Redis gone, the in-process
+// limiter keeps the budget.
+func TestRedisLimiterKeepsTheWindowsPromises(t *testing.T) {
+	r, _ := startLimiterRedis(t)
+	const window = 500 * time.Millisecond
+	l := newTestLimiter(t, r.Addr(), 3, window)
+	ctx := context.Background()
+	const slack = 15 * time.Millisecond // timers, and Redis's clock in ms
+
+	var firsts [3]time.Time
+	for i := range firsts {
+		if waited, err := l.Wait(ctx, "a", time.Second); err != nil || waited != 0 {
+			t.Fatalf("request %d waited %v, %v: want at once", i+1, waited, err)
+		}
+		firsts[i] = time.Now()
+		time.Sleep(30 * time.Millisecond)
+	}
+	// Three waiters, in arrival order, each a window after one of the first three.
+	var mu sync.Mutex
+	var order []int
+	admitted := make([]time.Time, 3)
+	var wg sync.WaitGroup
+	for i := range 3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := l.Wait(ctx, "a", 2*time.Second); err != nil {
+				t.Errorf("waiter %d: %v", i, err)
+			}
+			mu.Lock()
+			order = append(order, i)
+			admitted[i] = time.Now()
+			mu.Unlock()
+		}()
+		time.Sleep(10 * time.Millisecond) // arrival order
+	}
+	// A 7th that would wait past its max wait is refused at once.
+	before := time.Now()
+	_, err := l.Wait(ctx, "a", 300*time.Millisecond)
+	var rl *ratelimit.Error
+	if !errors.As(err, &rl) || !errors.Is(err, ratelimit.ErrRateLimited) {
+		t.Fatalf("7th request: %v, want a *ratelimit.Error", err)
+	}
+	if took := time.Since(before); took > 100*time.Millisecond {
+		t.Errorf("the refusal took %v", took)
+	}
+	// Its turn would have been a window after the 4th's (at about firsts[0]+window).
+	if want := firsts[0].Add(2 * window).Sub(before); rl.RetryAfter < want-60*time.Millisecond || rl.RetryAfter > want+slack {
+		t.Errorf("RetryAfter %v, want about %v", rl.RetryAfter, want)
+	}
+	wg.Wait()
+	if order[0] != 0 || order[1] != 1 || order[2] != 2 {
+		t.Errorf("waiters admitted in order %v, want arrival order", order)
+	}
+	for i := range 3 {
+		if early := firsts[i].Add(window).Sub(admitted[i]); early > slack {
+			t.Errorf("waiter %d admitted %v before request %d left the window", i, early, i+1)
+		}
+		if late := admitted[i].Sub(firsts[i].Add(window)); late > 150*time.Millisecond {
+			t.Errorf("waiter %d admitted %v after request %d left the window", i, late, i+1)
+		}
+	}
+
+	// A pause (Fortnox's 429) delays everyone, on a tenant with budget to spare.
+	l.Penalize("b", 300*time.Millisecond)
+	before = time.Now()
+	if waited, err := l.Wait(ctx, "b", time.Second); err != nil || waited < 300*time.Millisecond-slack {
+		t.Errorf("after a 300ms pause the request waited %v, %v", waited, err)
+	}
+	if _, err := l.Wait(ctx, "b", 100*time.Millisecond); err != nil {
+		t.Errorf("after the pause: %v", err)
+	}
+	if took := time.Since(before); took > 300*time.Millisecond+150*time.Millisecond {
+		t.Errorf("two requests after a 300ms pause took %v", took)
+	}
+
+	// Redis gone: the in-process limiter takes over, with the same window
+	// (the calls that find out whether Redis is back take their time too).
+	r.Kill()
+	var served []time.Time
+	for i := range 6 {
+		if _, err := l.Wait(ctx, "c", 2*time.Second); err != nil {
+			t.Fatalf("Redis down, request %d: %v", i+1, err)
+		}
+		served = append(served, time.Now())
+	}
+	for i := 3; i < len(served); i++ {
+		if d := served[i].Sub(served[i-3]); d < window-slack {
+			t.Errorf("Redis down: requests %d and %d %v apart, within one window", i-2, i+1, d)
+		}
+	}
+}

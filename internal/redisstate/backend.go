@@ -235,6 +235,9 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 			return err
 		})
 		if err != nil {
+			if ctx.Err() != nil {
+				return nil, tokens.ErrStopping // the caller gave up: no slot
+			}
 			return r.local.TokenSlot(ctx, max, time.Until(deadline))
 		}
 		if got {

@@ -211,11 +211,17 @@ func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context)
 			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", tokens.ErrSharedUnavailable, op)
 		}
 	}
-	ctx, cancel := context.WithTimeout(ctx, tokens.SharedCallLimit)
+	if err := ctx.Err(); err != nil {
+		return err // the caller gave up: not Redis's failure
+	}
+	cctx, cancel := context.WithTimeout(ctx, tokens.SharedCallLimit)
 	defer cancel()
 	start := time.Now()
-	err := fn(ctx)
+	err := fn(cctx)
 	metrics.RedisDuration.Observe(time.Since(start).Seconds())
+	if err != nil && ctx.Err() != nil {
+		return ctx.Err() // the caller gave up meanwhile: not an outage
+	}
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)
 		return fmt.Errorf("%w: %s: %v", tokens.ErrSharedUnavailable, op, err)

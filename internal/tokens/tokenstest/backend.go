@@ -74,6 +74,7 @@ func BackendSuite(t *testing.T, newBackend func(t *testing.T) tokens.Backend, ca
 	run("LockTokenExcludes", lockTokenExcludes)
 	run("LockTokenOfDeadHolderExpires", lockTokenOfDeadHolderExpires)
 	run("TokenSlot", tokenSlot)
+	run("TokenSlotHonoursContext", tokenSlotHonoursContext)
 	run("PublishReachesOthers", publishReachesOthers)
 	run("FirstUse", firstUse)
 	run("KeepResult", keepResult)
@@ -432,6 +433,35 @@ func tokenSlot(t *testing.T, s *sidecars) {
 	}
 	for _, r := range releases {
 		r()
+	}
+}
+
+// A caller whose context ends while every slot is held gets no slot and an
+// error, at once: the end of its context is not an outage of the store, and
+// no slot is handed out past max.
+func tokenSlotHonoursContext(t *testing.T, s *sidecars) {
+	c := ctx(t)
+	a, b := s.two()
+	const slots = 1
+	held, err := a.TokenSlot(c, slots, time.Second)
+	if err != nil {
+		t.Fatalf("the slot: %v", err)
+	}
+	defer held()
+	gone, cancel := context.WithCancel(c)
+	cancel()
+	start := time.Now()
+	if r, err := b.TokenSlot(gone, slots, 2*time.Second); err == nil {
+		r()
+		t.Fatalf("a slot for a caller whose context had ended, with all %d held", slots)
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("a caller whose context had ended waited %v for its refusal", took)
+	}
+	// The store still counts the held slot: one more caller waits.
+	if r, err := b.TokenSlot(c, slots, 100*time.Millisecond); err == nil {
+		r()
+		t.Errorf("a second slot of %d after a cancelled caller", slots)
 	}
 }
 

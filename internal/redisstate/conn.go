@@ -89,6 +89,11 @@ func RedactURL(raw string) string {
 	if err != nil {
 		return "(unparsable URL)"
 	}
+	if u.User == nil && strings.Contains(raw, "@") {
+		// Not parsed as user@host (redis//u:pw@h, say): it may hold a
+		// password all the same.
+		return "(a malformed URL, not shown: it may hold a password)"
+	}
 	return u.Redacted()
 }
 

@@ -128,6 +128,15 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		encryption_key <key> [<previous_key>...]
 //		account_header <header>
 //		redis          <url>
+//		redis {
+//			url          <url>                   # exactly one of url,
+//			sentinel     <master> <host:port>... # sentinel
+//			cluster      <host:port>...          # and cluster (not supported yet)
+//			username     <user>
+//			password     <password>
+//			tls
+//			replica_acks <n>                     # parsed only, for now
+//		}
 //		max_token_requests <n>
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
@@ -215,7 +224,11 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				h.PreviousEncryptionKeys = nil
 			}
 		case "redis":
-			if err := oneArg(d, &h.Redis); err != nil {
+			if h.Redis != nil {
+				return d.Errf("redis is given twice")
+			}
+			h.Redis = new(RedisConfig)
+			if err := h.Redis.unmarshalCaddyfile(d); err != nil {
 				return err
 			}
 		case "account_header":

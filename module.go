@@ -99,12 +99,14 @@ type Handler struct {
 	MaxTokenRequests int `json:"max_token_requests,omitempty"`
 
 	// Cluster mode: a Redis URL (redis://[user:password@]host:port/db, or
-	// rediss:// for TLS; placeholders such as {env.FORTNOX_REDIS_URL}).
-	// Every sidecar of the same client id with the same Redis shares each
-	// tenant's rate budget, tokens, refresh tokens and revocations. Run
-	// Redis with appendonly yes and appendfsync always: it holds the only
-	// copy of rotated refresh tokens. Optional.
-	Redis string `json:"redis,omitempty"`
+	// rediss:// for TLS; placeholders such as {env.FORTNOX_REDIS_URL}), or
+	// an object with exactly one of url, sentinel ({"master": …, "addrs":
+	// […]}) and cluster (not supported yet), and username, password, tls,
+	// replica_acks (see RedisConfig). Every sidecar of the same client id
+	// with the same Redis shares each tenant's rate budget, tokens, refresh
+	// tokens and revocations. Run Redis with appendonly yes and appendfsync
+	// always: it holds the only copy of rotated refresh tokens. Optional.
+	Redis *RedisConfig `json:"redis,omitempty"`
 
 	// The per-tenant rate limit, shared by all requests of this process for
 	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
@@ -253,12 +255,12 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if h.tokens, h.poolKey, err = joinManager(tokenURL, clientID); err != nil {
 		return err
 	}
-	if strings.TrimSpace(h.Redis) != "" {
-		rawURL, err := resolveSetting(repl, "redis", h.Redis)
+	if h.Redis.set() {
+		target, err := h.Redis.target(repl)
 		if err != nil {
 			return err
 		}
-		if h.cluster, h.clusterKey, err = joinCluster(h.tokens, rawURL, h.logger); err != nil {
+		if h.cluster, h.clusterKey, err = joinCluster(h.tokens, target, h.logger); err != nil {
 			return err
 		}
 		records.Storage = h.cluster.Migrating(ctx.Storage())

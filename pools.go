@@ -10,7 +10,7 @@ import (
 	"go.uber.org/zap"
 )
 
-// Cluster mode: `redis <url>` in the fortnox block makes every handler of
+// Cluster mode: `redis <url>` (or a redis block) in the fortnox block makes every handler of
 // that (token URL, client id) share its tenants' rate budget, tokens,
 // refresh tokens and revocations with the other sidecars through Redis.
 //
@@ -26,20 +26,17 @@ import (
 // never moves it.
 var clk = clock.New()
 
-// clusters holds one *redisstate.Conn per (token URL, client id, Redis URL).
+// clusters holds one *redisstate.Conn per (token URL, client id, redis
+// setting): the setting by its redacted name and a tag of its password.
 var clusters = caddy.NewUsagePool()
 
 // joinCluster takes a hold on the Redis connection of m's client for
-// rawURL, creating it if needed, and makes it m's: the newest wins. The
+// target, creating it if needed, and makes it m's: the newest wins. The
 // caller releases it with leaveCluster(key) in its Cleanup.
-func joinCluster(m *tokens.Manager, rawURL string, logger *zap.Logger) (*redisstate.Conn, string, error) {
-	opts, err := redisstate.ParseRedisURL(rawURL)
-	if err != nil {
-		return nil, "", err
-	}
-	key := managerKey(m.TokenURL, m.ClientID()) + "\x00" + rawURL
+func joinCluster(m *tokens.Manager, target *redisTarget, logger *zap.Logger) (*redisstate.Conn, string, error) {
+	key := managerKey(m.TokenURL, m.ClientID()) + "\x00" + target.name + "\x00" + target.secrets
 	val, _, err := clusters.LoadOrNew(key, func() (caddy.Destructor, error) {
-		return redisstate.New(key, m, opts, redisstate.RedactURL(rawURL), logger, func() { pickCluster(m) }), nil
+		return target.connect(key, m, logger, func() { pickCluster(m) }), nil
 	})
 	if err != nil {
 		return nil, "", err

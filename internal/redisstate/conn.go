@@ -89,6 +89,11 @@ func RedactURL(raw string) string {
 	if err != nil {
 		return "(unparsable URL)"
 	}
+	if u.User == nil && strings.Contains(raw, "@") {
+		// Not parsed as user@host (redis//u:pw@h, say): it may hold a
+		// password all the same.
+		return "(a malformed URL, not shown: it may hold a password)"
+	}
 	return u.Redacted()
 }
 
@@ -108,10 +113,15 @@ func redactErr(err error, raw string) error {
 // called once it is closed, so that the owner moves to its newest live
 // connection.
 func New(key string, owner Owner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *Conn {
+	return NewWithClient(key, owner, redis.NewClient(opts), redacted, logger, repick)
+}
+
+// NewWithClient is New with a client already made (a Sentinel failover
+// client, say): the Conn owns it and closes it in Destruct.
+func NewWithClient(key string, owner Owner, client *redis.Client, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)
-	client := redis.NewClient(opts)
 	c := &Conn{
 		gen:      clusterGen.Add(1),
 		key:      key,

@@ -1,0 +1,73 @@
+package redisstate
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+)
+
+// SentinelConfig is a primary that Sentinel watches: the master's name,
+// the Sentinels' host:port addresses, and how to reach the data nodes.
+type SentinelConfig struct {
+	Master   string
+	Addrs    []string
+	Username string // for the data nodes (the Sentinels are asked without)
+	Password string // for the data nodes
+	TLS      bool   // to the Sentinels and the data nodes
+}
+
+// FailoverOptions checks a Sentinel setting without connecting and returns
+// the options of a failover client (redis.NewFailoverClient), every call
+// bounded as ParseRedisURL bounds it. Its errors never hold the password.
+func FailoverOptions(cfg SentinelConfig) (*redis.FailoverOptions, error) {
+	if strings.TrimSpace(cfg.Master) == "" {
+		return nil, errors.New("redis sentinel: no master name (sentinel <master> <host:port>...)")
+	}
+	if len(cfg.Addrs) == 0 {
+		return nil, fmt.Errorf("redis sentinel %s: no Sentinel address (sentinel <master> <host:port>...)", cfg.Master)
+	}
+	for _, a := range cfg.Addrs {
+		host, port, err := net.SplitHostPort(a)
+		if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
+			return nil, fmt.Errorf("redis sentinel %s: %q is not a host:port address", cfg.Master, a)
+		}
+	}
+	opts := &redis.FailoverOptions{
+		MasterName:    cfg.Master,
+		SentinelAddrs: append([]string(nil), cfg.Addrs...),
+		Username:      cfg.Username,
+		Password:      cfg.Password,
+		// Every call is bounded: a slow Redis must not hold requests up.
+		DialTimeout:  2 * time.Second,
+		ReadTimeout:  time.Second,
+		WriteTimeout: time.Second,
+		PoolTimeout:  2 * time.Second,
+		MaxRetries:   1,
+	}
+	if cfg.TLS {
+		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	return opts, nil
+}
+
+// RedactSentinel names a Sentinel setting in logs and in the glue's pool
+// key: the master, the addresses, the user and TLS, never the password.
+func RedactSentinel(cfg SentinelConfig) string {
+	s := "sentinel " + cfg.Master + " " + strings.Join(cfg.Addrs, ",")
+	if cfg.Username != "" {
+		s += " user " + cfg.Username
+	}
+	if cfg.Password != "" {
+		s += " password xxxxx"
+	}
+	if cfg.TLS {
+		s += " tls"
+	}
+	return s
+}

@@ -150,10 +150,19 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		maxWait = min(maxWait, time.Until(deadline))
 	}
 	start := l.c.clock.Now()
-	shared := l.trusts(start)
+	// Each turn is taken as late as it can be: the time it records is
+	// the time the request leaves, or a later turn could count it out of
+	// the window too soon.
+	//   - Redis trusted alone: the script's turn.
+	//   - The window after Redis came back (or the Conn was made): the
+	//     share's turn, then the script's, which records when it leaves.
+	//   - Redis down: the script first (it fails at once, or it is the
+	//     call that finds out whether Redis is back, which may take a
+	//     while), then the share's turn.
+	down := l.c.Down()
+	shareFirst := !down && !l.trusts(start)
 	var waited time.Duration // for the share's turn
-	if !shared {
-		// First this sidecar's share in process.
+	if shareFirst {
 		var err error
 		if waited, err = l.local.WaitAtMost(ctx, key, maxWait, l.Share()); err != nil {
 			return waited, err
@@ -168,29 +177,37 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		return err
 	})
 	if err != nil || len(res) < 2 { // res[2], the generation, is not used yet
-		if !shared {
-			// The share's turn is taken; ctx ended, or Redis is (still) down.
+		if shareFirst {
+			// The share's turn is taken; ctx ended, or Redis went down.
 			return waited, ctx.Err()
 		}
 		return l.local.WaitAtMost(ctx, key, maxWait, l.Share())
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
-		// (Without the script trusted alone, the share's turn stays
-		// taken: it only makes the window stricter.)
+		// (A share's turn taken first stays taken: it only makes the
+		// window stricter.)
 		return 0, &ratelimit.Error{RetryAfter: need}
 	}
-	if need <= 0 {
-		return waited, nil
+	if need > 0 {
+		t := time.NewTimer(need)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return l.c.clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
+		case <-t.C:
+		}
 	}
-	t := time.NewTimer(need)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return l.c.clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
-	case <-t.C:
-		return l.c.clock.Now().Sub(start), nil
+	if down {
+		// This call found Redis back: the share holds for a window yet.
+		if _, err := l.local.WaitAtMost(ctx, key, max(0, maxWait-need), l.Share()); err != nil {
+			return l.c.clock.Now().Sub(start), err
+		}
 	}
+	if need <= 0 && waited == 0 && !down {
+		return 0, nil
+	}
+	return l.c.clock.Now().Sub(start), nil
 }
 
 // Share is what this sidecar may admit per window per tenant while Redis

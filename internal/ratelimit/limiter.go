@@ -112,12 +112,24 @@ func New(limit int, window time.Duration, clk *clock.Clock) *Limiter {
 // newcomer would let the newcomer jump the queue, and keeping it costs at
 // most one of limit slots for one window.
 func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (time.Duration, error) {
+	return l.WaitAtMost(ctx, key, maxWait, l.limit)
+}
+
+// WaitAtMost is Wait admitting at most n requests per window for key
+// (n is clamped to 1..limit), in the same arrival order and on the same
+// schedule as Wait: the turns it admits count for Wait and the other way
+// round. A cluster's sidecar uses it to keep to its share of a budget
+// while the budget's store cannot be reached; n may change from call to
+// call (a smaller n takes effect at once, with the turns already
+// reserved counted against it).
+func (l *Limiter) WaitAtMost(ctx context.Context, key string, maxWait time.Duration, n int) (time.Duration, error) {
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
+	n = max(1, min(n, l.limit))
 	k := l.lockedState(key)
 	start := l.clock.Now()
-	need := k.earliestSlot(start, l.window).Sub(start)
+	need := k.earliestSlot(start, l.window, n).Sub(start)
 	if need <= 0 {
 		k.reserve(start)
 		k.mu.Unlock()
@@ -306,14 +318,17 @@ func (k *keyState) idle(t time.Time, window time.Duration) bool {
 }
 
 // earliestSlot is the first time at or after now when one more admission
-// keeps at most len(k.slots) of them in any window-long interval and falls
-// outside any pause.
-func (k *keyState) earliestSlot(now time.Time, window time.Duration) time.Time {
+// keeps at most n (1..len(k.slots)) of them in any window-long interval
+// and falls outside any pause. The ring holds the last len(k.slots)
+// admissions, so the n-th latest is in it; with n = len(k.slots) it is
+// slots[next], the oldest.
+func (k *keyState) earliestSlot(now time.Time, window time.Duration, n int) time.Time {
 	slot := latest(now, k.pausedUntil)
-	if !k.full {
+	if !k.full && k.next < n {
 		return slot
 	}
-	return latest(slot, k.slots[k.next].Add(window))
+	i := (k.next - n + len(k.slots)) % len(k.slots)
+	return latest(slot, k.slots[i].Add(window))
 }
 
 // reserve records slot as the newest admission, pushing out the oldest.

@@ -412,3 +412,58 @@ func BenchmarkRateLimiterUnderLimitParallel(b *testing.B) {
 		}
 	})
 }
+
+// WaitAtMost keeps the same window with a smaller limit: of 25 per window,
+// a share of 8 admits 8 at once, refuses the 9th with the wait until the
+// 1st leaves the window, and admits 8 more once it moved on; the turns
+// count for Wait too (the full limit sees 8 + 8 in the ring), and a larger
+// share later counts the turns already taken.
+func TestRateLimiterWaitAtMostKeepsItsShareOfTheWindow(t *testing.T) {
+	const window = 5 * time.Second
+	l := newRateLimiter(25, window)
+	ctx := context.Background()
+	admit := func(n, share int) {
+		t.Helper()
+		for i := range n {
+			if waited, err := l.WaitAtMost(ctx, "tenant", 0, share); err != nil || waited != 0 {
+				t.Fatalf("turn %d of a share of %d: %v, %v; want it at once", i+1, share, waited, err)
+			}
+		}
+	}
+	admit(8, 8)
+	_, err := l.WaitAtMost(ctx, "tenant", 0, 8)
+	if ra := rateLimitedFor(t, err); ra <= window-time.Second || ra > window {
+		t.Fatalf("the 9th of a share of 8 would wait %v, want just under %v", ra, window)
+	}
+	clk.Advance(window)
+	admit(8, 8)
+	if _, err := l.WaitAtMost(ctx, "tenant", 0, 8); err == nil {
+		t.Fatal("a 9th in the second window was admitted")
+	}
+	// The share grows to 12 (fewer sidecars): 4 more in this window.
+	admit(4, 12)
+	if _, err := l.WaitAtMost(ctx, "tenant", 0, 12); err == nil {
+		t.Fatal("a 13th with a share of 12 was admitted")
+	}
+	// The full limit counts the 12 of this window: 13 more.
+	admit(13, 25)
+	if _, err := l.Wait(ctx, "tenant", 0); err == nil {
+		t.Fatal("a 26th in one window was admitted")
+	}
+	// Out of range: 0 is 1, more than the limit is the limit.
+	l2 := newRateLimiter(3, window)
+	if _, err := l2.WaitAtMost(ctx, "x", 0, 0); err != nil {
+		t.Fatalf("a share of 0 admits one: %v", err)
+	}
+	if _, err := l2.WaitAtMost(ctx, "x", 0, 0); err == nil {
+		t.Fatal("a share of 0 admitted two")
+	}
+	for range 2 {
+		if _, err := l2.WaitAtMost(ctx, "x", 0, 99); err != nil {
+			t.Fatalf("a share of 99 on a limit of 3: %v", err)
+		}
+	}
+	if _, err := l2.WaitAtMost(ctx, "x", 0, 99); err == nil {
+		t.Fatal("a share of 99 admitted past the limit of 3")
+	}
+}

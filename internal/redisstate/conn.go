@@ -57,8 +57,17 @@ type Conn struct {
 	redacted string // the URL without its password, for logs
 	origin   string // this sidecar, in the events it sends
 
-	down       atomic.Bool  // an outage is under way (logged once)
-	lastProbe  atomic.Int64 // unix ns of the last call tried during an outage
+	down      atomic.Bool  // an outage is under way (logged once)
+	lastProbe atomic.Int64 // unix ns of the last call tried during an outage
+	// upSince is when (c.clock, unix ns) Redis last became reachable: the
+	// Conn was made, or an outage ended. See Limiter.trusts.
+	upSince atomic.Int64
+	// sidecars is the count of live sidecars kept from the registry
+	// (sidecars.go), lastCount the last one read; registered is set once
+	// this one is in it.
+	sidecars   atomic.Int64
+	lastCount  atomic.Int64
+	registered atomic.Bool
 	ctx        context.Context
 	cancel     context.CancelFunc
 	background sync.WaitGroup
@@ -137,7 +146,10 @@ func NewWithClient(key string, owner Owner, client *redis.Client, redacted strin
 	}
 	c.records = &Records{c: c, held: make(map[string]*heldRedisLock)}
 	c.backend = newRedisShared(c)
-	c.background.Add(1)
+	c.upSince.Store(c.clock.Now().UnixNano())
+	c.sidecars.Store(1)
+	c.background.Add(2)
+	go c.beat()
 	go func() {
 		defer c.background.Done()
 		// Not at once: `caddy validate` provisions and cleans up right
@@ -175,6 +187,7 @@ func (c *Conn) Down() bool { return c.down.Load() }
 func (c *Conn) Destruct() error {
 	c.cancel()
 	c.background.Wait()
+	c.unregister()
 	c.records.releaseAll()
 	c.repick()
 	return c.client.Close()
@@ -200,6 +213,12 @@ func (c *Conn) failed(op string, err error) {
 // ok notes a Redis call that worked: the end of an outage is logged once,
 // and what was shared meanwhile is read again.
 func (c *Conn) ok() {
+	if !c.down.Load() {
+		return
+	}
+	// Before down goes false: a turn that sees Redis up sees the new
+	// upSince too.
+	c.upSince.Store(c.clock.Now().UnixNano())
 	if c.down.CompareAndSwap(true, false) {
 		c.logger().Info("Redis can be reached again: the cluster's state is shared again")
 		go c.owner.Resync()

@@ -14,8 +14,21 @@ import (
 // script per request. Its semantics are the in-process limiter's: each
 // request reserves the earliest time the window allows after every earlier
 // reservation (arrival order), then sleeps until then; a wait past
-// max_wait is refused at once and reserves nothing. While Redis cannot be
-// reached, the in-process limiter (local) takes over.
+// max_wait is refused at once and reserves nothing.
+//
+// While Redis cannot be reached, the in-process limiter (local) takes
+// over, admitting this sidecar's share: floor(limit ÷ the sidecars seen in
+// the last minute) per window per tenant, at least 1 (Conn.Sidecars, the
+// last count the registry gave). The log is not replicated nor persisted
+// (see turnScript), so after a Redis restart or failover it may have
+// forgotten the turns of the last window; and while Redis was down, the
+// sidecars' turns did not reach it. So for a window (and a probe interval,
+// for the other sidecars to notice too) after Redis becomes reachable
+// again, or after the Conn is made, a turn needs both: one of the share
+// in process, then one of the script (which records it for the others).
+// Across the end of an outage each sidecar then keeps to its share for
+// every window, and once the script is trusted alone, its log holds every
+// turn of the last window.
 //
 // Times are Redis's clock (TIME, read inside the script), not the
 // sidecars': a pod whose clock is off, or a sidecar held up between
@@ -137,6 +150,25 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		maxWait = min(maxWait, time.Until(deadline))
 	}
 	start := l.c.clock.Now()
+	// Each turn is taken as late as it can be: the time it records is
+	// the time the request leaves, or a later turn could count it out of
+	// the window too soon.
+	//   - Redis trusted alone: the script's turn.
+	//   - The window after Redis came back (or the Conn was made): the
+	//     share's turn, then the script's, which records when it leaves.
+	//   - Redis down: the script first (it fails at once, or it is the
+	//     call that finds out whether Redis is back, which may take a
+	//     while), then the share's turn.
+	down := l.c.Down()
+	shareFirst := !down && !l.trusts(start)
+	var waited time.Duration // for the share's turn
+	if shareFirst {
+		var err error
+		if waited, err = l.local.WaitAtMost(ctx, key, maxWait, l.Share()); err != nil {
+			return waited, err
+		}
+		maxWait = max(0, maxWait-waited)
+	}
 	var res []int64
 	err := l.c.call(ctx, "rate limit", func(cctx context.Context) error {
 		var err error
@@ -145,23 +177,55 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		return err
 	})
 	if err != nil || len(res) < 2 { // res[2], the generation, is not used yet
-		return l.local.Wait(ctx, key, maxWait)
+		if shareFirst {
+			// The share's turn is taken; ctx ended, or Redis went down.
+			return waited, ctx.Err()
+		}
+		return l.local.WaitAtMost(ctx, key, maxWait, l.Share())
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
+		// (A share's turn taken first stays taken: it only makes the
+		// window stricter.)
 		return 0, &ratelimit.Error{RetryAfter: need}
 	}
-	if need <= 0 {
+	if need > 0 {
+		t := time.NewTimer(need)
+		defer t.Stop()
+		select {
+		case <-ctx.Done():
+			return l.c.clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
+		case <-t.C:
+		}
+	}
+	if down {
+		// This call found Redis back: the share holds for a window yet.
+		if _, err := l.local.WaitAtMost(ctx, key, max(0, maxWait-need), l.Share()); err != nil {
+			return l.c.clock.Now().Sub(start), err
+		}
+	}
+	if need <= 0 && waited == 0 && !down {
 		return 0, nil
 	}
-	t := time.NewTimer(need)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return l.c.clock.Now().Sub(start), ctx.Err() // the turn stays taken, as in process
-	case <-t.C:
-		return l.c.clock.Now().Sub(start), nil
+	return l.c.clock.Now().Sub(start), nil
+}
+
+// Share is what this sidecar may admit per window per tenant while Redis
+// cannot be trusted alone: floor(limit ÷ the sidecars seen in the last
+// minute), at least 1.
+func (l *Limiter) Share() int {
+	return max(1, l.limit/l.c.Sidecars())
+}
+
+// trusts reports whether the script's counts are trusted alone at now:
+// Redis is up, and has been for a window and a probe interval (by then
+// every sidecar with requests has noticed it is back, and the log holds
+// the last window's turns of all of them).
+func (l *Limiter) trusts(now time.Time) bool {
+	if l.c.Down() {
+		return false
 	}
+	return now.Sub(time.Unix(0, l.c.upSince.Load())) >= l.window+outageProbeEvery
 }
 
 func (l *Limiter) Penalize(key string, d time.Duration) {

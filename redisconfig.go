@@ -16,7 +16,6 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
-	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
 
@@ -270,7 +269,7 @@ func (r *RedisConfig) target(repl *caddy.Replacer) (*redisTarget, error) {
 			name:    name,
 			secrets: secretTag(password),
 			connect: func(key string, m *tokens.Manager, logger *zap.Logger, repick func()) *redisstate.Conn {
-				return redisstate.NewWithClient(key, m, redis.NewFailoverClient(opts), name, logger, repick)
+				return redisstate.NewSentinel(key, m, opts, name, logger, repick)
 			},
 		}, nil
 	default:

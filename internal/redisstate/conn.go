@@ -74,6 +74,15 @@ type Conn struct {
 }
 
 // ParseRedisURL checks a `redis` setting without connecting.
+// Every call is bounded, whichever way Redis is reached: a slow Redis must
+// not hold requests up.
+const (
+	dialTimeout = 2 * time.Second
+	ioTimeout   = time.Second // reading and writing
+	poolTimeout = 2 * time.Second
+	maxRetries  = 1
+)
+
 func ParseRedisURL(raw string) (*redis.Options, error) {
 	u, err := url.Parse(raw)
 	if err != nil || (u.Scheme != "redis" && u.Scheme != "rediss") || u.Host == "" {
@@ -83,12 +92,8 @@ func ParseRedisURL(raw string) (*redis.Options, error) {
 	if err != nil {
 		return nil, fmt.Errorf("redis %s: %v", RedactURL(raw), redactErr(err, raw))
 	}
-	// Every call is bounded: a slow Redis must not hold requests up.
-	opts.DialTimeout = 2 * time.Second
-	opts.ReadTimeout = time.Second
-	opts.WriteTimeout = time.Second
-	opts.PoolTimeout = 2 * time.Second
-	opts.MaxRetries = 1
+	opts.DialTimeout, opts.ReadTimeout, opts.WriteTimeout = dialTimeout, ioTimeout, ioTimeout
+	opts.PoolTimeout, opts.MaxRetries = poolTimeout, maxRetries
 	return opts, nil
 }
 
@@ -122,12 +127,18 @@ func redactErr(err error, raw string) error {
 // called once it is closed, so that the owner moves to its newest live
 // connection.
 func New(key string, owner Owner, opts *redis.Options, redacted string, logger *zap.Logger, repick func()) *Conn {
-	return NewWithClient(key, owner, redis.NewClient(opts), redacted, logger, repick)
+	return newWithClient(key, owner, redis.NewClient(opts), redacted, logger, repick)
 }
 
-// NewWithClient is New with a client already made (a Sentinel failover
-// client, say): the Conn owns it and closes it in Destruct.
-func NewWithClient(key string, owner Owner, client *redis.Client, redacted string, logger *zap.Logger, repick func()) *Conn {
+// NewSentinel is New for a primary that Sentinel watches (opts from
+// FailoverOptions): the failover client follows the primary Sentinel names.
+func NewSentinel(key string, owner Owner, opts *redis.FailoverOptions, redacted string, logger *zap.Logger, repick func()) *Conn {
+	return newWithClient(key, owner, redis.NewFailoverClient(opts), redacted, logger, repick)
+}
+
+// newWithClient is New with its client made: the Conn owns it and closes it
+// in Destruct.
+func newWithClient(key string, owner Owner, client *redis.Client, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)

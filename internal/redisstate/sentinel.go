@@ -7,7 +7,6 @@ import (
 	"net"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/redis/go-redis/v9"
 )
@@ -43,12 +42,11 @@ func FailoverOptions(cfg SentinelConfig) (*redis.FailoverOptions, error) {
 		SentinelAddrs: append([]string(nil), cfg.Addrs...),
 		Username:      cfg.Username,
 		Password:      cfg.Password,
-		// Every call is bounded: a slow Redis must not hold requests up.
-		DialTimeout:  2 * time.Second,
-		ReadTimeout:  time.Second,
-		WriteTimeout: time.Second,
-		PoolTimeout:  2 * time.Second,
-		MaxRetries:   1,
+		DialTimeout:   dialTimeout,
+		ReadTimeout:   ioTimeout,
+		WriteTimeout:  ioTimeout,
+		PoolTimeout:   poolTimeout,
+		MaxRetries:    maxRetries,
 	}
 	if cfg.TLS {
 		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}

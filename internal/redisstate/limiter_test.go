@@ -18,33 +18,10 @@ import (
 	"go.uber.org/zap"
 )
 
-// firstTurnScript is the turn script as it was before issue 6 of "The
-// shared store may fail" (8 commands a request): the reference the
-// current one must agree with, turn for turn, also when both share a log
-// (sidecars of both versions during an upgrade).
-var firstTurnScript = redis.NewScript(redisNow + `
-redis.set_repl(redis.REPL_NONE)
-local window = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local maxwait = tonumber(ARGV[3])
-local slot = now
-local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
-if pause > slot then slot = pause end
-local n = redis.call('LLEN', KEYS[1])
-if n >= limit then
-	local oldest = tonumber(redis.call('LINDEX', KEYS[1], n - limit))
-	if oldest + window > slot then slot = oldest + window end
-end
-if n > 0 then
-	local last = tonumber(redis.call('LINDEX', KEYS[1], -1))
-	if last > slot then slot = last end
-end
-local wait = slot - now
-if wait > maxwait then return {-1, wait} end
-redis.call('RPUSH', KEYS[1], slot)
-redis.call('LTRIM', KEYS[1], -limit, -1)
-redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
-return {slot, wait}`)
+// firstTurnScript is the turn script before the rewrite: the reference
+// the current one must agree with, turn for turn, also when both share a
+// log (sidecars of both versions during an upgrade).
+var firstTurnScript = redis.NewScript(FirstTurnScriptSource)
 
 func startLimiterRedis(t *testing.T) (*testproc.Redis, *redis.Client) {
 	t.Helper()

@@ -24,34 +24,9 @@ import (
 // evalsha usec (the script's run inside Redis), and the p50 and p99 of the
 // round trip the client sees.
 
-// oldTurnScript is the limiter's turn script before issue 6, kept to
-// compare: TIME, GET, LLEN, LINDEX (twice once a tenant has `limit`
-// turns), RPUSH, LTRIM and PEXPIRE on every request.
-var oldTurnScript = redis.NewScript(`
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.set_repl(redis.REPL_NONE)
-local window = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local maxwait = tonumber(ARGV[3])
-local slot = now
-local pause = tonumber(redis.call('GET', KEYS[2]) or '0')
-if pause > slot then slot = pause end
-local n = redis.call('LLEN', KEYS[1])
-if n >= limit then
-	local oldest = tonumber(redis.call('LINDEX', KEYS[1], n - limit))
-	if oldest + window > slot then slot = oldest + window end
-end
-if n > 0 then
-	local last = tonumber(redis.call('LINDEX', KEYS[1], -1))
-	if last > slot then slot = last end
-end
-local wait = slot - now
-if wait > maxwait then return {-1, wait} end
-redis.call('RPUSH', KEYS[1], slot)
-redis.call('LTRIM', KEYS[1], -limit, -1)
-redis.call('PEXPIRE', KEYS[1], wait + window + 1000)
-return {slot, wait}`)
+// oldTurnScript is the limiter's turn script before the rewrite, kept
+// to compare.
+var oldTurnScript = redis.NewScript(redisstate.FirstTurnScriptSource)
 
 // bareScript is one command: what any EVALSHA costs at the least.
 var bareScript = redis.NewScript(`return redis.call('GET', KEYS[1])`)

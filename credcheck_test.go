@@ -11,6 +11,7 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
@@ -137,7 +138,7 @@ func TestCredentialCheckAfterTheSecretChanges(t *testing.T) {
 func TestCredentialCheckUnreachable(t *testing.T) {
 	shortCredCheckDelay(t)
 	fake := startFake(t, fakefortnox.Options{})
-	refused := closedPort(t)
+	refused := testproc.Addr(testproc.FreePort(t)) // nothing listens there
 	sc := startSidecar(t, fake, "check_credentials on\ntoken_url http://"+refused+"/oauth-v1/token")
 	line := sc.waitForCheck()
 	if line["level"] != "warn" || !strings.Contains(line["msg"].(string), "cannot be reached") {

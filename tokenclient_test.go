@@ -1,19 +1,19 @@
 package fortnox
 
 import (
-	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/test/fakefortnox"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // The app's 503 names the cause: Fortnox's own status, a name that does not
 // resolve, a refused connection, a timeout.
 func TestUnavailableAnswerNamesTheCause(t *testing.T) {
-	refused := closedPort(t)
+	refused := testproc.Addr(testproc.FreePort(t)) // nothing listens there
 	tests := []struct {
 		name    string
 		options string
@@ -52,15 +52,4 @@ func TestUnavailableAnswerNamesTheCause(t *testing.T) {
 			}
 		})
 	}
-}
-
-// closedPort returns a loopback address nothing listens on.
-func closedPort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
+	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 )
 
 // tokenEndpoint is a token endpoint for tests at the wire: it answers with
@@ -454,17 +454,6 @@ func TestUnusableAnswerSaysWhy(t *testing.T) {
 	}
 }
 
-// closedPort returns a loopback address nothing listens on.
-func closedPort(t *testing.T) string {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 // A request that gets no HTTP answer is "unavailable", and its text names
 // the class of failure and the host, never the URL's path.
 func TestTransportFailureClasses(t *testing.T) {
@@ -488,7 +477,7 @@ func TestTransportFailureClasses(t *testing.T) {
 		}
 	}))
 	defer hangUp.Close()
-	refused := closedPort(t)
+	refused := testproc.Addr(testproc.FreePort(t)) // nothing listens there
 
 	tests := []struct {
 		name     string

@@ -164,7 +164,7 @@ func (qu quarantine) quarantineAnswer(ctx context.Context, s *Settings, subj Sub
 		q.Tenant = tenant // whose it is, whatever the failure was
 	}
 	st := &strandedToken{q: q, quarantine: true}
-	if err := m.quarantine.writeQuarantine(ctx, s, q); err != nil {
+	if err := qu.writeQuarantine(ctx, s, q); err != nil {
 		m.Logger().Error("THE NEW REFRESH TOKEN OF ANOTHER TENANT COULD NOT BE SAVED TO QUARANTINE: it is kept in memory and written as soon as storage works; do not restart this process before",
 			append(subj.LogFields(), zap.String("token_tenant", q.Tenant), zap.Error(err))...)
 		st.quarantine = false
@@ -180,7 +180,7 @@ func (qu quarantine) quarantineAnswer(ctx context.Context, s *Settings, subj Sub
 // lock.
 func (qu quarantine) strand(ctx context.Context, s *Settings, subj Subject, rec *Record, answer *Answer, terr *Error) (*strandedToken, *Error) {
 	m := qu.m
-	st := m.quarantine.quarantineAnswer(ctx, s, subj, answer, terr)
+	st := qu.quarantineAnswer(ctx, s, subj, answer, terr)
 	rec.RefreshToken, rec.AccessToken = "", ""
 	rec.IssuedAt, rec.ExpiresAt = time.Time{}, time.Time{}
 	rec.MismatchTenant = CmpOr(terr.TokenTenant, "(none)")
@@ -255,7 +255,7 @@ func (qu quarantine) saveStranded(ctx context.Context) {
 	}
 	pending := m.stranded.take()
 	for _, q := range pending {
-		if err := m.quarantine.writeQuarantine(ctx, s, q); err != nil {
+		if err := qu.writeQuarantine(ctx, s, q); err != nil {
 			m.stranded.keep(q)
 			continue
 		}

@@ -160,7 +160,7 @@ func (rv revalidator) resyncPass() {
 		go func() {
 			defer wg.Done()
 			for key := range work {
-				switch m.revalidator.revalidate(s, key) {
+				switch rv.revalidate(s, key) {
 				case revalidDropped:
 					dropped.Add(1)
 				case revalidForgotten:
@@ -225,12 +225,12 @@ func (rv revalidator) revalidate(s *Settings, key string) revalidation {
 		if err == nil && r == nil {
 			// Deleted through another sidecar (its `forget` was missed).
 			m.forget(subj)
-			m.revalidator.debugResync(subj, "the account's record is gone from the store: the account is forgotten")
+			rv.debugResync(subj, "the account's record is gone from the store: the account is forgotten")
 			return revalidForgotten
 		}
 		rec, recRead = r, err == nil
 	}
-	if m.revalidator.revalidateToken(s, subj, t, rec, recRead) {
+	if rv.revalidateToken(s, subj, t, rec, recRead) {
 		m.drop(subj, t)
 		return revalidDropped
 	}
@@ -259,12 +259,12 @@ func (rv revalidator) revalidateToken(s *Settings, subj Subject, t *Token, rec *
 		return false
 	case st != nil:
 		if !st.IssuedAt.Before(t.issuedAt) {
-			m.revalidator.debugResync(subj, "the shared store holds a newer token: the cached one is dropped")
+			rv.debugResync(subj, "the shared store holds a newer token: the cached one is dropped")
 			return true
 		}
 		return false // this one is newer (the store may be catching up)
 	case t.shared.Load():
-		m.revalidator.debugResync(subj, "the shared store no longer holds the cached token (dropped by another sidecar): it is dropped here too")
+		rv.debugResync(subj, "the shared store no longer holds the cached token (dropped by another sidecar): it is dropped here too")
 		return true
 	case t.grant != GrantRefreshToken || s == nil || s.Records == nil:
 		return false
@@ -282,7 +282,7 @@ func (rv revalidator) revalidateToken(s *Settings, subj Subject, t *Token, rec *
 		return false
 	}
 	if rec.AccessToken == "" || !rec.IssuedAt.Before(t.issuedAt) {
-		m.revalidator.debugResync(subj, "the record no longer holds the cached token (dropped after a 401, or replaced): it is dropped here too")
+		rv.debugResync(subj, "the record no longer holds the cached token (dropped after a 401, or replaced): it is dropped here too")
 		return true
 	}
 	return false

@@ -72,7 +72,7 @@ func (iv invalidator) dropEverywhere(subj Subject, t *Token) {
 	_ = m.Shared().DropToken(ctx, subj, t.accessToken())
 	cancel()
 	if t.grant == GrantRefreshToken {
-		m.invalidate.dropStoredAccessToken(subj, t.accessToken())
+		iv.dropStoredAccessToken(subj, t.accessToken())
 	}
 }
 

@@ -318,7 +318,7 @@ func (sw sweeper) sweep(every time.Duration) {
 		case <-m.ctx.Done():
 			return
 		case <-t.C:
-			m.sweeper.dropDeadTokens()
+			sw.dropDeadTokens()
 			m.ForgetIdleTenants()
 			m.local.forgetIdle(invalidationWindow)
 			m.quarantine.saveStranded(m.ctx)

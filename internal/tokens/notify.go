@@ -480,8 +480,7 @@ func (n *notifier) post(ns *NotifySettings, ev *PendingEvent) error {
 // notifyChainBroken tells the app that subj's refresh-token chain was
 // rejected (reason refresh_token_rejected) and must be connected again.
 func (n *notifier) notifyChainBroken(subj Subject, reason string) {
-	m := n.m
-	m.notes.emit(notifyReconnectRequired, subj, reason, &NotifyClaim{Key: claimKey(subj, topicChain), State: "broken"})
+	n.emit(notifyReconnectRequired, subj, reason, &NotifyClaim{Key: claimKey(subj, topicChain), State: "broken"})
 }
 
 // notifyRecordLost tells the app that subj, which this sidecar knew to
@@ -491,37 +490,34 @@ func (n *notifier) notifyChainBroken(subj Subject, reason string) {
 func (n *notifier) notifyRecordLost(subj Subject) {
 	m := n.m
 	if m.ledger.lostRecord(subj.Key()) {
-		m.notes.notifyChainBroken(subj, "record_lost")
+		n.notifyChainBroken(subj, "record_lost")
 	}
 }
 
 // notifyChainRestored re-arms reconnect_required for subj: a new refresh
 // token was stored.
 func (n *notifier) notifyChainRestored(subj Subject) {
-	m := n.m
-	m.notes.release(claimKey(subj, topicChain))
+	n.release(claimKey(subj, topicChain))
 }
 
 // notifyConsent tells the app of a consent revoked or created (kind is
 // eventRevoked or eventCreated); applied by several sidecars, it is told
 // once.
 func (n *notifier) notifyConsent(tenant, kind string) {
-	m := n.m
 	state, event := "created", notifyConsentCreated
 	if kind == eventRevoked {
 		state, event = "revoked", notifyConsentRevoked
 	}
 	subj := Subject{Tenant: tenant}
-	m.notes.emit(event, subj, "webhook", &NotifyClaim{Key: claimKey(subj, topicConsent), State: state})
+	n.emit(event, subj, "webhook", &NotifyClaim{Key: claimKey(subj, topicConsent), State: state})
 }
 
 // notifyQuarantined tells the app that a refresh token handed over (or
 // rotated) for q.SubmittedFor was put in the quarantine.
 func (n *notifier) notifyQuarantined(q *quarantineRecord) {
-	m := n.m
 	reason := "tenant_mismatch"
 	if q.Tenant == q.SubmittedFor && q.Tenant != "" {
 		reason = "account_user_mismatch"
 	}
-	m.notes.emit(notifyQuarantined, Subject{Tenant: q.SubmittedFor, Account: q.Account}, reason, nil)
+	n.emit(notifyQuarantined, Subject{Tenant: q.SubmittedFor, Account: q.Account}, reason, nil)
 }

@@ -99,8 +99,8 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, LockBudget+s.TokenTimeout)
 	defer cancel()
-	if err := m.refresh.saveUnsaved(ctx, s, subj); err != nil {
-		return nil, m.refresh.storageFailure(subj, err)
+	if err := g.saveUnsaved(ctx, s, subj); err != nil {
+		return nil, g.storageFailure(subj, err)
 	}
 
 	// A look without the lock: most tenants have no record at all, and a
@@ -109,17 +109,17 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 	rec, err := s.Records.load(ctx, subj)
 	span.EndErr(err)
 	if err != nil {
-		return nil, m.refresh.storageFailure(subj, err)
+		return nil, g.storageFailure(subj, err)
 	}
 	if terr := noRefreshToken(subj, rec); terr != nil {
-		return nil, m.refresh.failedWithoutRequest(subj, terr)
+		return nil, g.failedWithoutRequest(subj, terr)
 	}
 	if rec == nil || rec.RefreshToken == "" {
 		return nil, errNoRefreshToken
 	}
-	if t, terr := m.refresh.useStored(s, subj, rec, stale); t != nil || terr != nil {
+	if t, terr := g.useStored(s, subj, rec, stale); t != nil || terr != nil {
 		if terr != nil {
-			return nil, m.refresh.failedWithoutRequest(subj, terr)
+			return nil, g.failedWithoutRequest(subj, terr)
 		}
 		return t, nil
 	}
@@ -142,14 +142,14 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 		if rec == nil || rec.RefreshToken == "" {
 			return errNoRefreshToken
 		}
-		if token, failure = m.refresh.useStored(s, subj, rec, stale); token != nil || failure != nil {
+		if token, failure = g.useStored(s, subj, rec, stale); token != nil || failure != nil {
 			return nil
 		}
 		if !rec.RejectedAt.IsZero() {
 			failure = &Error{Failure: FailGrantRejected, Code: "invalid_grant", Description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
-		if r = m.refresh.refreshStored(ctx, s, subj, rec); r.failure != nil {
+		if r = g.refreshStored(ctx, s, subj, rec); r.failure != nil {
 			failure = r.failure
 			return nil
 		}
@@ -157,13 +157,13 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 		return nil
 	})
 	lock.EndErr(err) // the lock was not had (when it was, its span ended)
-	m.refresh.settle(r)
+	g.settle(r)
 	took := r.took
 	switch {
 	case errors.Is(err, errNoRefreshToken):
 		return nil, errNoRefreshToken
 	case err != nil:
-		return nil, m.refresh.storageFailure(subj, err)
+		return nil, g.storageFailure(subj, err)
 	case failure != nil:
 		m.RecordFailure(subj, GrantRefreshToken, failure, took)
 		return nil, failure
@@ -193,12 +193,12 @@ type rotated struct {
 func (g refreshGrant) refreshStored(ctx context.Context, s *Settings, subj Subject, rec *Record) rotated {
 	m := g.m
 	span := m.tracer.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantRefreshToken))))
-	answer, took, stored, err := m.refresh.spendRefreshToken(s, rec.RefreshToken)
+	answer, took, stored, err := g.spendRefreshToken(s, rec.RefreshToken)
 	span.endAnswer(answer, err)
 	defer stored()
 	r := rotated{took: took}
 	if err != nil {
-		r.failure = m.refresh.refreshRefused(ctx, s, subj, rec, err)
+		r.failure = g.refreshRefused(ctx, s, subj, rec, err)
 		return r
 	}
 	// The old refresh token is dead now: the new one goes to storage
@@ -208,8 +208,8 @@ func (g refreshGrant) refreshStored(ctx context.Context, s *Settings, subj Subje
 		return r
 	}
 	r.answer, r.issued = answer, m.clock.Now()
-	m.refresh.keepAnswer(rec, answer, r.issued, subj)
-	_ = m.refresh.storeRotated(ctx, s, subj, rec)
+	g.keepAnswer(rec, answer, r.issued, subj)
+	_ = g.storeRotated(ctx, s, subj, rec)
 	return r
 }
 
@@ -338,8 +338,7 @@ func (g refreshGrant) saveUnsaved(ctx context.Context, s *Settings, subj Subject
 
 // storageFailure records a storage error as the subject's failure.
 func (g refreshGrant) storageFailure(subj Subject, err error) *Error {
-	m := g.m
-	return m.refresh.failedWithoutRequest(subj, asStorageError(err))
+	return g.failedWithoutRequest(subj, asStorageError(err))
 }
 
 // failedWithoutRequest records a failure found before any token request.

@@ -238,8 +238,7 @@ func (tr tracer) childSpan(subj Subject, name string, opts ...trace.SpanStartOpt
 
 // storeSpan is a fortnox.store span for op under subj's traced flight.
 func (tr tracer) storeSpan(subj Subject, op string) tspan {
-	m := tr.m
-	return m.tracer.childSpan(subj, SpanStore, trace.WithAttributes(AttrOperation.String(op)))
+	return tr.childSpan(subj, SpanStore, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // sharedSpan is a span for a call to what the sidecars share: only in
@@ -250,9 +249,9 @@ func (tr tracer) sharedSpan(subj Subject, name, op string) tspan {
 		return tspan{}
 	}
 	if op == "" {
-		return m.tracer.childSpan(subj, name)
+		return tr.childSpan(subj, name)
 	}
-	return m.tracer.childSpan(subj, name, trace.WithAttributes(AttrOperation.String(op)))
+	return tr.childSpan(subj, name, trace.WithAttributes(AttrOperation.String(op)))
 }
 
 // tokenSpan starts the fortnox.token span of a caller that waits for a

@@ -119,6 +119,12 @@ func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
 	})
 }
 
+// unavailable reports whether a call's error means Redis could not be
+// reached, when this sidecar's in-process state stands in. Any other error
+// (the caller gave up: Conn.call answers its context's error) is the
+// caller's answer, and nothing is done in process for it.
+func unavailable(err error) bool { return errors.Is(err, tokens.ErrSharedUnavailable) }
+
 func (r *Backend) FirstUse(ctx context.Context, name string, ttl time.Duration) (bool, error) {
 	var fresh bool
 	err := r.c.call(ctx, "first use", func(ctx context.Context) error {
@@ -126,20 +132,20 @@ func (r *Backend) FirstUse(ctx context.Context, name string, ttl time.Duration) 
 		fresh, err = r.c.client.SetNX(ctx, r.clientKey("used")+name, 1, ttl).Result()
 		return err
 	})
-	if err != nil {
+	if unavailable(err) {
 		return r.local.FirstUse(ctx, name, ttl)
 	}
-	return fresh, nil
+	return fresh, err
 }
 
 func (r *Backend) KeepResult(ctx context.Context, name, result string, ttl time.Duration) error {
 	err := r.c.call(ctx, "keep connect result", func(ctx context.Context) error {
 		return r.c.client.Set(ctx, r.clientKey("result")+name, result, ttl).Err()
 	})
-	if err != nil {
+	if unavailable(err) {
 		return r.local.KeepResult(ctx, name, result, ttl)
 	}
-	return nil
+	return err
 }
 
 func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
@@ -152,10 +158,10 @@ func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
 		result = v
 		return err
 	})
-	if err != nil || result == "" {
+	if unavailable(err) || (err == nil && result == "") {
 		return r.local.FlowResult(ctx, name)
 	}
-	return result, nil
+	return result, err
 }
 
 // newerScript remembers the newest event time of a tenant.
@@ -178,10 +184,10 @@ func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (
 		newer = n == 1
 		return err
 	})
-	if err != nil {
+	if unavailable(err) {
 		return r.local.NewerEvent(ctx, tenant, at)
 	}
-	return newer, nil
+	return newer, err
 }
 
 // invalidationScript counts 401-invalidations in a sliding window.
@@ -202,10 +208,10 @@ func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, ma
 		allowed = n == 1
 		return err
 	})
-	if err != nil {
+	if unavailable(err) {
 		return r.local.AllowInvalidation(ctx, subj, max, window)
 	}
-	return allowed, nil
+	return allowed, err
 }
 
 // slotScript takes one of a client's token-request slots: a sorted set of
@@ -234,11 +240,11 @@ func (r *Backend) TokenSlot(ctx context.Context, max int, wait time.Duration) (f
 			got = res == 1
 			return err
 		})
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, tokens.ErrStopping // the caller gave up: no slot
-			}
+		if unavailable(err) {
 			return r.local.TokenSlot(ctx, max, time.Until(deadline))
+		}
+		if err != nil {
+			return nil, tokens.ErrStopping // the caller gave up: no slot
 		}
 		if got {
 			return func() {

@@ -84,6 +84,9 @@ func (s *Server) LiveRefreshTokens(clientID, tenant, userID string) int {
 func (s *Server) issueRefreshTokenLocked(g refreshGrant) string {
 	token := randomHex(20) // 40 lowercase hex characters, like Fortnox's
 	g.issuedAt = s.Now()
+	if g.chain == "" {
+		g.chain = token
+	}
 	s.refreshTokens[token] = g
 	return token
 }
@@ -228,4 +231,13 @@ func (s *Server) SetAuthorizeDeny(errCode, description string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.denyError, s.denyDescription = errCode, description
+}
+
+// SetRevokeChainOnReuse makes a spent refresh token presented again revoke
+// the live refresh token of its chain as well (OAuth 2.1 allows a server
+// to do that): the customer must authorize again. Off by default.
+func (s *Server) SetRevokeChainOnReuse(on bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.revokeChainOnReuse = on
 }

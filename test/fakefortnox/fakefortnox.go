@@ -127,6 +127,9 @@ type refreshGrant struct {
 	userID   string
 	scopes   []string
 	issuedAt time.Time
+	// chain names the line of rotations the token belongs to: every token
+	// rotated from it carries the same chain.
+	chain string
 }
 
 type authCode struct {
@@ -146,29 +149,35 @@ type Server struct {
 	clockOffset atomic.Int64  // nanoseconds added to time.Now by Advance
 	tokenSeq    atomic.Uint64 // sequence number of the last access token minted
 
-	mu              sync.Mutex
-	clients         map[string]string
-	consents        map[grantKey][]string // scopes of each service-account consent
-	refreshTokens   map[string]refreshGrant
-	codes           map[string]authCode
-	revokedUpTo     map[grantKey]uint64 // tokens with a sequence number up to this are revoked
-	tokenLifetime   time.Duration
-	rateLimit       int // <0: off
-	rateWindow      time.Duration
-	rateHits        map[grantKey][]time.Time
-	fault           Fault
-	tenantFaults    map[string]Fault    // by tenant (SetTenantFault)
-	misbound        map[grantKey]string // (client, asked tenant) -> tenant the token names
-	omitTenantClaim bool
-	boundTenants    map[string]tenantBinding // jti -> tenant, for tokens without a tenantId claim
-	bindingsPruneAt int                      // prune expired bindings when the map reaches this size
-	noConsentStatus int
-	noConsentError  string
-	authorizeTenant string
-	authorizeUser   string
-	denyError       string
-	denyDescription string
-	companies       []Company // the authorize page's choice (SetAuthorizePage); nil: approve at once
+	mu            sync.Mutex
+	clients       map[string]string
+	consents      map[grantKey][]string // scopes of each service-account consent
+	refreshTokens map[string]refreshGrant
+	// spentTokens: refresh tokens that were rotated (spent), with their
+	// chain; presenting one again is a reuse (see SpentRefreshTokenReuses).
+	spentTokens map[string]string
+	// revokeChainOnReuse: a spent refresh token presented again kills the
+	// live token of its chain too (OAuth 2.1's reuse detection).
+	revokeChainOnReuse bool
+	codes              map[string]authCode
+	revokedUpTo        map[grantKey]uint64 // tokens with a sequence number up to this are revoked
+	tokenLifetime      time.Duration
+	rateLimit          int // <0: off
+	rateWindow         time.Duration
+	rateHits           map[grantKey][]time.Time
+	fault              Fault
+	tenantFaults       map[string]Fault    // by tenant (SetTenantFault)
+	misbound           map[grantKey]string // (client, asked tenant) -> tenant the token names
+	omitTenantClaim    bool
+	boundTenants       map[string]tenantBinding // jti -> tenant, for tokens without a tenantId claim
+	bindingsPruneAt    int                      // prune expired bindings when the map reaches this size
+	noConsentStatus    int
+	noConsentError     string
+	authorizeTenant    string
+	authorizeUser      string
+	denyError          string
+	denyDescription    string
+	companies          []Company // the authorize page's choice (SetAuthorizePage); nil: approve at once
 
 	stats stats
 
@@ -185,6 +194,7 @@ func New(opts Options) *Server {
 		clients:         make(map[string]string),
 		consents:        make(map[grantKey][]string),
 		refreshTokens:   make(map[string]refreshGrant),
+		spentTokens:     make(map[string]string),
 		codes:           make(map[string]authCode),
 		revokedUpTo:     make(map[grantKey]uint64),
 		rateHits:        make(map[grantKey][]time.Time),

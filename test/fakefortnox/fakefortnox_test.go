@@ -1208,3 +1208,41 @@ func TestRoutes(t *testing.T) {
 		t.Error("a second Listen succeeded")
 	}
 }
+
+func TestSpentRefreshTokenReuseIsCountedAndMayKillTheChain(t *testing.T) {
+	s := startFake(t, Options{})
+	unknown := postToken(t, s, refreshWith(clientA, secretA, strings.Repeat("a", 40)))
+	if unknown.status != http.StatusBadRequest || s.SpentRefreshTokenReuses() != 0 {
+		t.Fatalf("an unknown token: %d, reuses %d (want 400, 0)", unknown.status, s.SpentRefreshTokenReuses())
+	}
+	first := s.IssueRefreshToken(clientA, tenantA)
+	second := postToken(t, s, refreshWith(clientA, secretA, first)).str(t, "refresh_token")
+	if s.SpentRefreshTokenReuses() != 0 {
+		t.Fatal("a first use counted as a reuse")
+	}
+	postToken(t, s, refreshWith(clientA, secretA, first))
+	if got := s.SpentRefreshTokenReuses(); got != 1 {
+		t.Fatalf("reuses = %d after the spent token came back, want 1", got)
+	}
+	if !s.RefreshTokenValid(second) {
+		t.Fatal("the chain died without SetRevokeChainOnReuse")
+	}
+
+	s.SetRevokeChainOnReuse(true)
+	third := postToken(t, s, refreshWith(clientA, secretA, second)).str(t, "refresh_token")
+	other := s.IssueRefreshToken(clientA, tenantB)
+	postToken(t, s, refreshWith(clientA, secretA, first))
+	if s.RefreshTokenValid(third) {
+		t.Error("the live token of a chain whose spent token came back still works")
+	}
+	if !s.RefreshTokenValid(other) {
+		t.Error("another chain died with it")
+	}
+	if got := s.SpentRefreshTokenReuses(); got != 2 {
+		t.Errorf("reuses = %d, want 2", got)
+	}
+	s.Reset()
+	if s.SpentRefreshTokenReuses() != 0 {
+		t.Error("Reset kept the reuse count")
+	}
+}

@@ -90,6 +90,7 @@ type stats struct {
 	tokenLogLen   int
 	refreshUses   map[string]int // refresh_token form value -> requests that sent it
 	revocations   int
+	spentReuses   int
 }
 
 func (st *stats) reset() {
@@ -108,6 +109,13 @@ func (st *stats) reset() {
 	st.tokenLogStart, st.tokenLogLen = 0, 0
 	st.refreshUses = make(map[string]int)
 	st.revocations = 0
+	st.spentReuses = 0
+}
+
+func (st *stats) countSpentReuse() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.spentReuses++
 }
 
 // beginTokenRequest counts a token request and notes the concurrency; the
@@ -284,6 +292,16 @@ func (s *Server) RefreshTokenUses(token string) int {
 	s.stats.mu.Lock()
 	defer s.stats.mu.Unlock()
 	return s.stats.refreshUses[token]
+}
+
+// SpentRefreshTokenReuses counts the refresh-token requests that presented
+// a refresh token which had already been rotated (spent), since New or
+// Reset: what a sidecar must never do, since a server may revoke the whole
+// chain for it (see SetRevokeChainOnReuse).
+func (s *Server) SpentRefreshTokenReuses() int {
+	s.stats.mu.Lock()
+	defer s.stats.mu.Unlock()
+	return s.stats.spentReuses
 }
 
 // Revocations counts the requests to /oauth-v1/revoke that killed a live

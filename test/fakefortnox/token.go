@@ -381,6 +381,16 @@ func (s *Server) refreshTokenGrant(w http.ResponseWriter, clientID, refreshToken
 	if expired {
 		delete(s.refreshTokens, refreshToken)
 	}
+	if chain, spent := s.spentTokens[refreshToken]; spent && !ok {
+		s.stats.countSpentReuse()
+		if s.revokeChainOnReuse {
+			for t, live := range s.refreshTokens {
+				if live.chain == chain {
+					delete(s.refreshTokens, t)
+				}
+			}
+		}
+	}
 	if !ok || expired || g.clientID != clientID {
 		s.mu.Unlock()
 		s.invalidGrant(w, "Invalid refresh token")
@@ -388,6 +398,7 @@ func (s *Server) refreshTokenGrant(w http.ResponseWriter, clientID, refreshToken
 	}
 	// The old token dies the moment the new one exists: it works once.
 	delete(s.refreshTokens, refreshToken)
+	s.spentTokens[refreshToken] = g.chain
 	newRefresh := s.issueRefreshTokenLocked(g)
 	s.mu.Unlock()
 

@@ -90,7 +90,7 @@ func TestTurnAnswersTheGenerationEventsBump(t *testing.T) {
 	}
 
 	// A sidecar that meets the tenant first after it changed revalidates
-	// (what it holds may predate the change); a refused turn does not.
+	// (what it holds may predate the change).
 	c := New(t.Name(), owners[1], opts, r.URL(), zap.NewNop(), func() {})
 	t.Cleanup(func() { _ = c.Destruct() })
 	fresh := NewLimiter(c, 25, 5*time.Second, ratelimit.New(25, 5*time.Second, clk))

@@ -79,9 +79,11 @@ func (h *Handler) turnWithToken(w http.ResponseWriter, r *http.Request, subj tok
 	if !ok {
 		return nil, nil
 	}
-	if waited == 0 || tok.UsableAt(clk.Now().UnixNano()) {
+	if (waited == 0 || tok.UsableAt(clk.Now().UnixNano())) && !tok.Dropped() {
 		return tok, nil // no wait: the token was usable a moment ago
 	}
+	// The wait outlived the token, or it was dropped meanwhile (another
+	// sidecar's event, or the turn found the tenant's shared state changed).
 	return h.tokens.TokenFor(r.Context(), subj)
 }
 

@@ -20,6 +20,8 @@ import (
 type Backend struct {
 	c     *Conn
 	local *tokens.LocalBackend
+	// generations are the tenants' generations seen (generation.go).
+	generations generations
 }
 
 func newRedisShared(c *Conn) *Backend {
@@ -114,8 +116,22 @@ func (r *Backend) Publish(ctx context.Context, ev tokens.Event) error {
 	if err != nil {
 		return err
 	}
+	// The tenant's generation moves with the event, in the same round
+	// trip: a sidecar that misses the message sees it on its next turn
+	// (generation.go).
+	gkey := generationKey(r.c, ev.Tenant)
 	return r.c.call(ctx, "publish", func(ctx context.Context) error {
-		return r.c.client.Publish(ctx, r.channel(), msg).Err()
+		var gen *redis.IntCmd
+		_, err := r.c.client.Pipelined(ctx, func(p redis.Pipeliner) error {
+			gen = p.Incr(ctx, gkey)
+			p.PExpire(ctx, gkey, eventMemory)
+			p.Publish(ctx, r.channel(), msg)
+			return nil
+		})
+		if err == nil {
+			r.generations.bumped(ev.Tenant, gen.Val())
+		}
+		return err
 	})
 }
 

@@ -40,6 +40,9 @@ type Owner interface {
 	// state again after an outage or a new subscription.
 	ApplyEvent(ev tokens.Event)
 	Resync()
+	// RevalidateTenant is Resync for one tenant, whose shared state
+	// changed since this sidecar last looked (generation.go).
+	RevalidateTenant(tenant string)
 }
 
 // Conn is the Redis connection of one (token URL, client id).

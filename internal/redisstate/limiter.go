@@ -165,7 +165,7 @@ if pause_until > cur then redis.call('SET', KEYS[1], pause_until, 'PX', ARGV[2])
 return 0`)
 
 // keys are a tenant's reservation log, its pause and its generation
-// (read with each turn; nothing writes it yet).
+// (read with each turn, bumped by each event: generation.go).
 func (l *Limiter) keys(key string) []string {
 	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.c.owner.ClientID()) + key
 	return []string{base, base + ":pause", base + ":generation"}
@@ -205,7 +205,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 			l.window.Milliseconds(), l.limit, maxWait.Milliseconds()).Int64Slice()
 		return err
 	})
-	if err != nil || len(res) < 2 { // res[2], the generation, is not used yet
+	if err != nil || len(res) < 3 {
 		if shareFirst {
 			// The share's turn is taken; ctx ended, or Redis went down.
 			return waited, ctx.Err()
@@ -218,6 +218,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		// window stricter.)
 		return 0, &ratelimit.Error{RetryAfter: need}
 	}
+	l.c.turnSaw(key, res[2])
 	if need > 0 {
 		t := time.NewTimer(need)
 		defer t.Stop()

@@ -178,6 +178,7 @@ func (o limiterOwner) Logger() *zap.Logger     { return zap.NewNop() }
 func (o limiterOwner) Codec() *tokens.Records  { return &tokens.Records{ClientID: "limiter-test"} }
 func (o limiterOwner) ApplyEvent(tokens.Event) {}
 func (o limiterOwner) Resync()                 {}
+func (o limiterOwner) RevalidateTenant(string) {}
 
 func newTestLimiter(t *testing.T, addr string, limit int, window time.Duration) *Limiter {
 	t.Helper()

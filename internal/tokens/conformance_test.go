@@ -180,11 +180,12 @@ func newFakeOwner(clientID string) *fakeOwner {
 	}
 }
 
-func (o *fakeOwner) ClientID() string       { return o.clientID }
-func (o *fakeOwner) Clock() *clock.Clock    { return o.clock }
-func (o *fakeOwner) Logger() *zap.Logger    { return zap.NewNop() }
-func (o *fakeOwner) Codec() *tokens.Records { return o.codec }
-func (o *fakeOwner) Resync()                { o.once.Do(func() { close(o.subscribed) }) }
+func (o *fakeOwner) ClientID() string        { return o.clientID }
+func (o *fakeOwner) Clock() *clock.Clock     { return o.clock }
+func (o *fakeOwner) Logger() *zap.Logger     { return zap.NewNop() }
+func (o *fakeOwner) Codec() *tokens.Records  { return o.codec }
+func (o *fakeOwner) Resync()                 { o.once.Do(func() { close(o.subscribed) }) }
+func (o *fakeOwner) RevalidateTenant(string) {}
 func (o *fakeOwner) ApplyEvent(ev tokens.Event) {
 	o.mu.Lock()
 	defer o.mu.Unlock()

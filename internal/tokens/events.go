@@ -92,6 +92,41 @@ func (m *Manager) Resync() {
 	}
 }
 
+// RevalidateTenant is Resync for one tenant and its named accounts: its
+// shared state changed since this sidecar last looked (the limiter's turn
+// answered a generation it had not seen), so a broadcast may have been
+// missed. The tenant's revocation mark is read again, a deleted account
+// is forgotten and a cached token the store no longer holds is dropped,
+// before the request that noticed uses its token. A dropped token a
+// request already holds is marked (Token.Dropped): the request gets the
+// current one.
+func (m *Manager) RevalidateTenant(tenant string) {
+	s := m.Settings.Load()
+	seen := map[string]struct{}{}
+	m.ledger.each(func(key string, st *TenantState) {
+		if t, _, _ := cutAccount(key); t == tenant {
+			st.revocationRead = false
+			seen[key] = struct{}{}
+		}
+	})
+	if _, ok := m.Cache.Get(tenant); ok {
+		seen[tenant] = struct{}{}
+	}
+	for key := range m.Cache.Items() {
+		if t, _, isAccount := cutAccount(key); isAccount && t == tenant {
+			seen[key] = struct{}{}
+		}
+	}
+	for key := range seen {
+		switch m.revalidator.revalidate(s, key) {
+		case revalidDropped, revalidForgotten:
+			_, account, _ := cutAccount(key)
+			m.Logger().Info("the subject's shared state changed (a broadcast was missed): its cached state is dropped",
+				Subject{Tenant: tenant, Account: account}.LogFields()...)
+		}
+	}
+}
+
 // resyncWorkers is how many subjects are revalidated at once after a
 // reconnect: a few hundred take well under a second against a near Redis,
 // and a slow one does not hold the pass up (SharedCallLimit per call).

@@ -147,7 +147,14 @@ type Token struct {
 	// there, or read it from there). One the store no longer holds was
 	// dropped by another sidecar (see revalidateToken).
 	shared atomic.Bool
+	// dropped: the token was dropped from the cache (Dropped).
+	dropped atomic.Bool
 }
+
+// Dropped reports whether t was dropped from the cache (a 401, another
+// sidecar's event, a revalidation): a request that holds it gets the
+// current token instead of sending it.
+func (t *Token) Dropped() bool { return t.dropped.Load() }
 
 func (t *Token) expiry() time.Time { return time.Unix(0, t.expiresAt) }
 
@@ -514,13 +521,12 @@ func (m *Manager) refreshAhead(subj Subject, t *Token, link spanLink, traced boo
 // is cached).
 func (m *Manager) drop(subj Subject, t *Token) {
 	key := subj.Key()
-	if t == nil {
-		m.Cache.Delete(key)
+	v, ok := m.Cache.Get(key)
+	if !ok || (t != nil && v.(*Token) != t) {
 		return
 	}
-	if v, ok := m.Cache.Get(key); ok && v.(*Token) == t {
-		m.Cache.Delete(key)
-	}
+	v.(*Token).dropped.Store(true)
+	m.Cache.Delete(key)
 }
 
 // obtain runs once per subject at a time (single flight). It returns a

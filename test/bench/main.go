@@ -43,6 +43,7 @@
 //	go run ./test/bench -cpuprofile /tmp/prof   # CPU profiles of round 1's full-speed runs
 //	go run ./test/bench -compare limiter [-appendfsync always|everysec|off]
 //	go run ./test/bench -compare limiter -rounds 0 -scripts 10000   # the script comparison alone
+//	go run ./test/bench -compare clients -scripts 20000   # go-redis against rueidis (clients.go)
 //	go tool pprof -top -diff_base /tmp/prof/a.pprof ./caddy /tmp/prof/b.pprof
 package main
 
@@ -92,7 +93,7 @@ func main() {
 	flag.IntVar(&o.rate, "rate", 2000, "requests per second in all for the fixed-rate run (half to a, half to b)")
 	flag.IntVar(&o.tenants, "tenants", 100, "tenants the requests are spread over")
 	flag.StringVar(&o.profileDir, "cpuprofile", "", "write CPU profiles of round 1's full-speed slices (a.pprof, b.pprof) to this directory")
-	flag.StringVar(&o.compare, "compare", "proxy", "proxy: (a) plain reverse_proxy, (b) fortnox; limiter: (a) fortnox with its rate limiter in process, (b) the same in cluster mode, the limiter in Redis")
+	flag.StringVar(&o.compare, "compare", "proxy", "proxy: (a) plain reverse_proxy, (b) fortnox; limiter: (a) fortnox with its rate limiter in process, (b) the same in cluster mode, the limiter in Redis; clients: go-redis against rueidis, straight to Redis (no Caddy; -scripts calls each)")
 	flag.StringVar(&o.appendfsync, "appendfsync", "always", "-compare limiter: Redis's append-only file fsync policy, always (what the docs recommend), everysec, or off (no append-only file)")
 	flag.IntVar(&o.commands, "commands", 2000, "-compare limiter: cached requests through (b) over which Redis's commands are counted")
 	flag.IntVar(&o.scripts, "scripts", 10000, "-compare limiter: calls of each Lua script (the limiter's, the one before issue 6, a bare one-command script) in the script comparison, straight to Redis; 0: none. With -rounds 0 the bench runs only the script comparison (no Caddy, no build)")
@@ -103,6 +104,20 @@ func main() {
 		// Enough that no tenant comes near its budget (25 per 5 s) at
 		// full speed: the limiters then count turns and never wait.
 		o.tenants = 5000
+	}
+	if o.compare == "clients" {
+		if o.scripts < clientSliceCalls {
+			fmt.Fprintf(os.Stderr, "bench: -compare clients needs -scripts >= %d (the calls per client, operation and concurrency)\n", clientSliceCalls)
+			os.Exit(2)
+		}
+		if !tenantsSet {
+			o.tenants = 5000
+		}
+		if err := runClients(o); err != nil {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+			os.Exit(1)
+		}
+		return
 	}
 	if o.compare == "limiter" && o.rounds == 0 {
 		if o.scripts < 1 {

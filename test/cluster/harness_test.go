@@ -130,6 +130,9 @@ type settings struct {
 	maxWait       time.Duration // max_wait, always set explicitly
 	refreshBefore time.Duration // refresh_before (0: 5m, the default)
 	notifyURL     string        // notify's url ("" = no notify block)
+	// sentinel is `<master> <host:port>...` for a `redis { sentinel … }`
+	// block instead of redisURL.
+	sentinel string
 }
 
 // sidecar is one Caddy process with the fortnox handler on its own port,
@@ -182,6 +185,9 @@ func (sc *sidecar) configure(s settings) {
 	}
 	if s.redisURL != "" {
 		opts.WriteString("\t\tredis {env.FORTNOX_REDIS_URL}\n")
+	}
+	if s.sentinel != "" {
+		fmt.Fprintf(&opts, "\t\tredis {\n\t\t\tsentinel %s\n\t\t}\n", s.sentinel)
 	}
 	if s.notifyURL != "" {
 		fmt.Fprintf(&opts, "\t\tnotify {\n\t\t\turl %s\n\t\t\tsecret {env.FORTNOX_NOTIFY_SECRET}\n\t\t}\n", s.notifyURL)

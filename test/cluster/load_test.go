@@ -19,7 +19,9 @@ type loadResult struct {
 	statuses   map[int]int
 	failures   []string // the first few answers other than 200
 	failed     int
-	latencies  []time.Duration // of every request, as the app saw it
+	// refusedBare counts 429 and 503 answers without a Retry-After.
+	refusedBare int
+	latencies   []time.Duration // of every request, as the app saw it
 }
 
 func (r *loadResult) served() int { return r.statuses[http.StatusOK] }
@@ -63,6 +65,9 @@ func drive(sidecars []*sidecar, tenant string, rate float64, d time.Duration, in
 			res.sent++
 			res.statuses[a.status]++
 			res.latencies = append(res.latencies, a.took)
+			if (a.status == http.StatusTooManyRequests || a.status == http.StatusServiceUnavailable) && a.retryAfter == "" {
+				res.refusedBare++
+			}
 			if a.status != http.StatusOK {
 				res.failed++
 				if len(res.failures) < 5 {

@@ -1,10 +1,12 @@
 package testproc
 
 import (
+	"bytes"
 	"errors"
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -23,6 +25,8 @@ type Relay struct {
 	conns  map[net.Conn]struct{}
 	closed bool
 	wg     sync.WaitGroup
+	// muted: what Redis sends a subscriber is dropped (MuteSubscribers).
+	muted atomic.Bool
 }
 
 // StartRelay starts a relay to target on a free 127.0.0.1 port, and closes
@@ -164,9 +168,48 @@ func (r *Relay) relay(c net.Conn, gen int) {
 		return
 	}
 	done := make(chan struct{}, 2)
-	go func() { _, _ = io.Copy(up, c); done <- struct{}{} }()
-	go func() { _, _ = io.Copy(c, up); done <- struct{}{} }()
+	var subscriber atomic.Bool
+	go func() { _, _ = io.Copy(up, subscriberWatch{c, &subscriber}); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(c, muting{up, &subscriber, &r.muted}); done <- struct{}{} }()
 	<-done
 	r.untrack(c, up) // ends the other copy
 	<-done
+}
+
+// MuteSubscribers drops what the target sends on the connections that
+// subscribed (SUBSCRIBE), while on, and nothing else: a pub/sub message
+// is lost on its way to the client, which neither side notices (keep it
+// shorter than the client's health check of the subscription). Commands
+// on the other connections go on.
+func (r *Relay) MuteSubscribers(on bool) { r.muted.Store(on) }
+
+// subscriberWatch reads a client's connection and notes when it
+// subscribes.
+type subscriberWatch struct {
+	c   net.Conn
+	sub *atomic.Bool
+}
+
+func (w subscriberWatch) Read(p []byte) (int, error) {
+	n, err := w.c.Read(p)
+	if n > 0 && !w.sub.Load() && bytes.Contains(bytes.ToLower(p[:n]), []byte("subscribe")) {
+		w.sub.Store(true)
+	}
+	return n, err
+}
+
+// muting reads the target's connection, dropping what it reads while the
+// client is a subscriber and the relay is muted.
+type muting struct {
+	up         net.Conn
+	sub, muted *atomic.Bool
+}
+
+func (m muting) Read(p []byte) (int, error) {
+	for {
+		n, err := m.up.Read(p)
+		if err != nil || n == 0 || !m.sub.Load() || !m.muted.Load() {
+			return n, err
+		}
+	}
 }

@@ -91,3 +91,59 @@ func TestRelayTargetDown(t *testing.T) {
 		t.Errorf("PING through the relay to a killed Redis: %q, %v; want the connection closed", got, err)
 	}
 }
+
+// MuteSubscribers drops what Redis sends a subscriber, and only that: a
+// message published meanwhile never reaches it, one published after is
+// read whole, and a plain connection's commands go on throughout.
+func TestRelayMutesSubscribers(t *testing.T) {
+	r := StartRedis(t, RedisConfig{})
+	relay := StartRelay(t, r.Addr())
+	sub, err := dial(relay.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sub.Close()
+	subR := bufio.NewReader(sub)
+	sub.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := sub.Write([]byte("SUBSCRIBE ch\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	for range 6 { // *3 $9 subscribe $2 ch :1
+		if _, err := subR.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd, err := dial(relay.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Close()
+	cmdR := bufio.NewReader(cmd)
+	publish := func(msg string) {
+		t.Helper()
+		cmd.SetDeadline(time.Now().Add(2 * time.Second))
+		if _, err := cmd.Write([]byte("PUBLISH ch " + msg + "\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := cmdR.ReadString('\n'); got != ":1\r\n" {
+			t.Fatalf("PUBLISH through the relay: %q, %v", got, err)
+		}
+	}
+
+	relay.MuteSubscribers(true)
+	publish("lost")
+	time.Sleep(200 * time.Millisecond)
+	relay.MuteSubscribers(false)
+	publish("kept")
+	var got []string
+	for range 7 { // *3 $7 message $2 ch $4 kept
+		line, err := subR.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the subscription: %v (so far %q)", err, got)
+		}
+		got = append(got, line)
+	}
+	if got[6] != "kept\r\n" {
+		t.Errorf("the subscriber read %q, want only the message published after the mute", got)
+	}
+}

@@ -65,6 +65,9 @@ type Conn struct {
 	// upSince is when (c.clock, unix ns) Redis last became reachable: the
 	// Conn was made, or an outage ended. See Limiter.trusts.
 	upSince atomic.Int64
+	// downSince is when (c.clock, unix ns) the last outage began (0: none
+	// yet). See outageGate.
+	downSince atomic.Int64
 	// sidecars is the count of live sidecars kept from the registry
 	// (sidecars.go), lastCount the last one read; registered is set once
 	// this one is in it.
@@ -219,6 +222,7 @@ func (c *Conn) failed(op string, err error) {
 	}
 	metrics.RedisErrors.Inc()
 	if c.down.CompareAndSwap(false, true) {
+		c.downSince.Store(c.clock.Now().UnixNano())
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))
 	}

@@ -40,6 +40,7 @@ type Limiter struct {
 	limit  int
 	window time.Duration // with the margin
 	local  *ratelimit.Limiter
+	gate   outageGate
 }
 
 // NewLimiter is the rate budget of limit requests per window (its margin
@@ -175,6 +176,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	if err := ctx.Err(); err != nil {
 		return 0, err
 	}
+	l.gate.noteMaxWait(maxWait)
 	if deadline, ok := ctx.Deadline(); ok {
 		maxWait = min(maxWait, time.Until(deadline))
 	}
@@ -193,6 +195,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	var waited time.Duration // for the share's turn
 	if shareFirst {
 		var err error
+		l.holdShare(key)
 		if waited, err = l.local.WaitAtMost(ctx, key, maxWait, l.Share()); err != nil {
 			return waited, err
 		}
@@ -210,6 +213,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 			// The share's turn is taken; ctx ended, or Redis went down.
 			return waited, ctx.Err()
 		}
+		l.holdShare(key)
 		return l.local.WaitAtMost(ctx, key, maxWait, l.Share())
 	}
 	need := time.Duration(res[1]) * time.Millisecond
@@ -219,6 +223,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		return 0, &ratelimit.Error{RetryAfter: need}
 	}
 	l.c.turnSaw(key, res[2])
+	l.gate.noteTurn(key, l.c.clock.Now(), need)
 	if need > 0 {
 		t := time.NewTimer(need)
 		defer t.Stop()
@@ -230,6 +235,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	}
 	if down {
 		// This call found Redis back: the share holds for a window yet.
+		l.holdShare(key)
 		if _, err := l.local.WaitAtMost(ctx, key, max(0, maxWait-need), l.Share()); err != nil {
 			return l.c.clock.Now().Sub(start), err
 		}
@@ -238,6 +244,15 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		return 0, nil
 	}
 	return l.c.clock.Now().Sub(start), nil
+}
+
+// holdShare pauses the in-process share of key, once per outage, until
+// the turns Redis may have given before it are out of the window (see
+// outageGate).
+func (l *Limiter) holdShare(key string) {
+	if d := l.gate.hold(key, l.c.downSince.Load(), l.c.clock.Now(), l.window); d > 0 {
+		l.local.Penalize(key, d)
+	}
 }
 
 // Share is what this sidecar may admit per window per tenant while Redis

@@ -3,6 +3,8 @@ package redisstate
 import (
 	"context"
 	"errors"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -63,7 +65,9 @@ func admitted(t *testing.T, l *Limiter, tenant string, n int) int {
 // Three sidecars of one client id register in Redis (once each however
 // often they beat; a sidecar not seen for a minute is dropped), so N = 3.
 // With Redis killed each keeps to floor(25/3) = 8 per 5 s window per
-// tenant, not 25, window after window. Once Redis is back (its turn log
+// tenant, not 25, window after window, after a window of nothing (the
+// turns Redis gave before it died may still be in Fortnox's window, see
+// outageGate). Once Redis is back (its turn log
 // forgotten: it is neither persisted nor replicated), each still keeps to
 // 8 for a window, and the script counts those turns; then the shared
 // budget alone holds again: 25 per window for the three together, however
@@ -113,8 +117,17 @@ func TestFallbackKeepsEachSidecarsShareOfTheBudget(t *testing.T) {
 	// Move past the window that follows their start (see below).
 	clk.Advance(window + outageProbeEvery)
 
-	// Redis gone: 8 per window per tenant each, not 25.
+	// Redis gone. For a window after the outage began, nothing: the turns
+	// Redis gave just before it still count in Fortnox's window, and no
+	// sidecar can see the others' (outageGate)...
 	r.Kill()
+	for i, l := range lims {
+		if got := admitted(t, l, "a", limit); got != 0 {
+			t.Fatalf("the window Redis went down in, sidecar %d: %d admitted, want 0", i, got)
+		}
+	}
+	clk.Advance(window)
+	// ...then 8 per window per tenant each, not 25.
 	for window := range 2 {
 		for i, l := range lims {
 			for _, tenant := range []string{"a", "b"} {
@@ -179,4 +192,89 @@ func TestFallbackKeepsEachSidecarsShareOfTheBudget(t *testing.T) {
 			t.Fatalf("sidecar %d: share %d of two, want 12", i, got)
 		}
 	}
+}
+
+// Redis dies while two sidecars have a tenant's budget spent and turns
+// queued in its log (reserved for later, their requests asleep until
+// then). Those turns still go to Fortnox after Redis is gone, and each
+// sidecar knows only its own: so neither admits a turn of its share before
+// every turn Redis could have given is out of the window (the queue
+// reached max_wait ahead at most). Every admission of both, before and
+// after the outage, keeps to 3 per window.
+func TestOutageKeepsTheTurnsRedisGaveBeforeIt(t *testing.T) {
+	r, _ := startLimiterRedis(t)
+	shortHeartbeats(t)
+	const limit, window, maxWait = 3, 500 * time.Millisecond, time.Second
+	clk := clock.New()
+	owner := shareOwner{limiterOwner{clk: clk}, "outage-test"}
+	opts, err := ParseRedisURL(r.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lims [2]*Limiter
+	for i := range lims {
+		c := New(t.Name(), owner, opts, r.URL(), zap.NewNop(), func() {})
+		t.Cleanup(func() { _ = c.Destruct() })
+		lims[i] = NewLimiter(c, limit, window, ratelimit.New(limit, window, clk))
+	}
+	for _, l := range lims {
+		waitFor(t, "both sidecars read N = 2", func() bool { return l.c.Sidecars() == 2 })
+	}
+	time.Sleep(window + outageProbeEvery) // past the window after their start
+
+	var mu sync.Mutex
+	var sent []time.Time
+	take := func(l *Limiter, until time.Time) {
+		for time.Now().Before(until) {
+			_, err := l.Wait(context.Background(), "t", maxWait)
+			var rl *ratelimit.Error
+			switch {
+			case err == nil:
+				mu.Lock()
+				sent = append(sent, time.Now())
+				mu.Unlock()
+				return
+			case errors.As(err, &rl):
+				time.Sleep(min(rl.RetryAfter, time.Until(until)))
+			default:
+				t.Errorf("turn: %v", err)
+				return
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	start := time.Now()
+	// The budget spent and three turns queued behind it, split over both.
+	for i := range 2 * limit {
+		wg.Add(1)
+		go func() { defer wg.Done(); take(lims[i%2], start.Add(maxWait)) }()
+		time.Sleep(5 * time.Millisecond)
+	}
+	time.Sleep(100 * time.Millisecond)
+	r.Kill()
+	// Both go on asking through the outage.
+	for i := range 4 * limit {
+		wg.Add(1)
+		go func() { defer wg.Done(); take(lims[i%2], start.Add(4*time.Second)) }()
+		time.Sleep(20 * time.Millisecond)
+	}
+	wg.Wait()
+	slices.SortFunc(sent, func(a, b time.Time) int { return a.Compare(b) })
+	if len(sent) < 2*limit+2 {
+		t.Fatalf("%d turns in 4 s, want the 6 before the outage and some of the shares after it", len(sent))
+	}
+	const slack = 20 * time.Millisecond
+	for i := limit; i < len(sent); i++ {
+		if d := sent[i].Sub(sent[i-limit]); d < window-slack {
+			t.Errorf("turns %d and %d %v apart: %d in one window (turns at %v)", i-limit+1, i+1, d, limit+1, offsets(start, sent))
+		}
+	}
+}
+
+func offsets(start time.Time, ts []time.Time) []time.Duration {
+	out := make([]time.Duration, len(ts))
+	for i, t := range ts {
+		out[i] = t.Sub(start).Round(time.Millisecond)
+	}
+	return out
 }

@@ -49,8 +49,10 @@ type Conn struct {
 	key   string
 	owner Owner
 	// repick makes the owner use its newest live cluster (the glue's).
-	repick   func()
-	client   *redis.Client
+	repick func()
+	// client is a *redis.Client (one server, or the primary Sentinel
+	// names) or a *redis.ClusterClient.
+	client   redis.UniversalClient
 	locker   *redislock.Client
 	backend  *Backend
 	records  *Records
@@ -136,9 +138,15 @@ func NewSentinel(key string, owner Owner, opts *redis.FailoverOptions, redacted 
 	return newWithClient(key, owner, redis.NewFailoverClient(opts), redacted, logger, repick)
 }
 
+// NewCluster is New for a Redis Cluster (opts from ClusterOptions): each
+// tenant's keys share one hash tag, so its scripts run on one node.
+func NewCluster(key string, owner Owner, opts *redis.ClusterOptions, redacted string, logger *zap.Logger, repick func()) *Conn {
+	return newWithClient(key, owner, redis.NewClusterClient(opts), redacted, logger, repick)
+}
+
 // newWithClient is New with its client made: the Conn owns it and closes it
 // in Destruct.
-func newWithClient(key string, owner Owner, client *redis.Client, redacted string, logger *zap.Logger, repick func()) *Conn {
+func newWithClient(key string, owner Owner, client redis.UniversalClient, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/bsm/redislock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
@@ -53,7 +52,7 @@ type Conn struct {
 	// client is a *redis.Client (one server, or the primary Sentinel
 	// names) or a *redis.ClusterClient.
 	client   redis.UniversalClient
-	locker   *redislock.Client
+	replicas replicas
 	backend  *Backend
 	records  *Records
 	redacted string // the URL without its password, for logs
@@ -157,12 +156,12 @@ func newWithClient(key string, owner Owner, client redis.UniversalClient, redact
 		clock:    owner.Clock(),
 		repick:   repick,
 		client:   client,
-		locker:   redislock.New(client),
 		redacted: redacted,
 		origin:   hex.EncodeToString(origin),
 		ctx:      ctx,
 		cancel:   cancel,
 	}
+	c.replicas.configured = -1
 	c.records = &Records{c: c, held: make(map[string]*heldRedisLock)}
 	c.backend = newRedisShared(c)
 	c.upSince.Store(c.clock.Now().UnixNano())
@@ -269,6 +268,11 @@ func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context)
 	metrics.RedisDuration.Observe(time.Since(start).Seconds())
 	if err != nil && ctx.Err() != nil {
 		return ctx.Err() // the caller gave up meanwhile: not an outage
+	}
+	if isReplicaAcks(err) {
+		// Redis answered: not an outage, but not stored as it must be.
+		c.ok()
+		return fmt.Errorf("%w: %s: %v", tokens.ErrSharedUnavailable, op, err)
 	}
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)

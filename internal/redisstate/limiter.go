@@ -167,7 +167,7 @@ return 0`)
 // keys are a tenant's reservation log, its pause and its generation
 // (read with each turn; nothing writes it yet).
 func (l *Limiter) keys(key string) []string {
-	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.c.owner.ClientID()) + key
+	base := TurnsKey(l.c.owner.ClientID(), key)
 	return []string{base, base + ":pause", base + ":generation"}
 }
 

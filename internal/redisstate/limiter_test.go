@@ -76,7 +76,7 @@ func TestTurnScriptKeepsTheExactWindow(t *testing.T) {
 			granted, refused := 0, 0
 			for i := range 400 {
 				tenant := "t" + strconv.Itoa(rng.IntN(2))
-				base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix("model-"+mix.name) + tenant
+				base := TurnsKey("model-"+mix.name, tenant)
 				keys := []string{base, base + ":pause", base + ":generation"}
 				m := models[tenant]
 				if m == nil {

@@ -229,6 +229,23 @@ type redisTarget struct {
 // target resolves the setting's placeholders and checks it, without
 // connecting. Its errors never hold the password.
 func (r *RedisConfig) target(repl *caddy.Replacer) (*redisTarget, error) {
+	tg, err := r.topology(repl)
+	if err != nil || r.ReplicaAcks == nil {
+		return tg, err
+	}
+	// replica_acks set: its own connection (and pool key).
+	n, connect := *r.ReplicaAcks, tg.connect
+	tg.name += " replica_acks " + strconv.Itoa(n)
+	tg.connect = func(key string, m *tokens.Manager, logger *zap.Logger, repick func()) *redisstate.Conn {
+		c := connect(key, m, logger, repick)
+		c.SetReplicaAcks(n)
+		return c
+	}
+	return tg, nil
+}
+
+// topology is target without replica_acks.
+func (r *RedisConfig) topology(repl *caddy.Replacer) (*redisTarget, error) {
 	if err := r.check(); err != nil {
 		return nil, err
 	}

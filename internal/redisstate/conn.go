@@ -161,7 +161,7 @@ func newWithClient(key string, owner Owner, client redis.UniversalClient, redact
 		ctx:      ctx,
 		cancel:   cancel,
 	}
-	c.replicas.configured = -1
+	c.replicas.configured.Store(-1)
 	c.records = &Records{c: c, held: make(map[string]*heldRedisLock)}
 	c.backend = newRedisShared(c)
 	c.upSince.Store(c.clock.Now().UnixNano())
@@ -272,7 +272,7 @@ func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context)
 	if isReplicaAcks(err) {
 		// Redis answered: not an outage, but not stored as it must be.
 		c.ok()
-		return fmt.Errorf("%w: %s: %v", tokens.ErrSharedUnavailable, op, err)
+		return fmt.Errorf("Redis %s: %w", op, err)
 	}
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)

@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/redis/go-redis/v9"
@@ -45,7 +46,7 @@ func (e *ReplicaAcksError) Error() string {
 
 // replicas is a Conn's replica_acks: configured, or read per primary.
 type replicas struct {
-	configured int // -1: the default
+	configured atomic.Int64 // -1: the default
 	mu         sync.Mutex
 	read       map[string]replicasRead // by node ("" without a Cluster)
 }
@@ -57,7 +58,7 @@ type replicasRead struct {
 
 // SetReplicaAcks sets replica_acks (n < 0: the default, the current
 // primary's connected replicas, at most 1). Call it before the first use.
-func (c *Conn) SetReplicaAcks(n int) { c.replicas.configured = n }
+func (c *Conn) SetReplicaAcks(n int) { c.replicas.configured.Store(int64(n)) }
 
 // nodeFor is the client of the node that a write of key goes to, and its
 // name: the client itself for one server or Sentinel (a pipeline of a
@@ -80,8 +81,8 @@ func (c *Conn) nodeFor(ctx context.Context, key string) (*redis.Client, string, 
 // or the primary's connected replicas (at most 1), read at most
 // replicasReadEvery ago.
 func (c *Conn) acksNeeded(ctx context.Context, node *redis.Client, name string, fresh bool) (int, bool, error) {
-	if n := c.replicas.configured; n >= 0 {
-		return n, false, nil
+	if n := c.replicas.configured.Load(); n >= 0 {
+		return int(n), false, nil
 	}
 	c.replicas.mu.Lock()
 	r, ok := c.replicas.read[name]

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os/exec"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
+	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
 )
 
@@ -86,5 +88,90 @@ func TestReplicaAcks(t *testing.T) {
 	})
 	if err := configured.Records().Lock(ctx(), lock); err != nil {
 		t.Errorf("Lock once the replica answers (the failed Lock left it held?): %v", err)
+	}
+}
+
+// On a Redis Cluster whose primaries have one replica each, WAIT runs on
+// the connection to the node that took the write: with one primary's
+// replica hung, a write of a tenant on that primary fails naming
+// replica_acks (a WAIT on any connection without that write would count
+// the hung replica), and a write of a tenant on another primary still
+// counts as stored (a WAIT sent to the first primary would not).
+func TestReplicaAcksOnACluster(t *testing.T) {
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s is not on PATH: install it (apt-get install redis-server; CI does)", bin)
+		}
+	}
+	cl := testproc.StartClusterWithReplicas(t, testproc.RedisConfig{})
+	cfg := ClusterConfig{Addrs: cl.Addrs()}
+	conn := func(acks int) *Conn {
+		opts, err := ClusterOptions(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := NewCluster(t.Name(), shareOwner{limiterOwner{clk: clock.New()}, "acks"}, opts, RedactCluster(cfg), zap.NewNop(), func() {})
+		c.SetReplicaAcks(acks)
+		t.Cleanup(func() { _ = c.Destruct() })
+		return c
+	}
+	configured, byDefault := conn(1), conn(-1)
+	ctx := func() context.Context {
+		c, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		t.Cleanup(cancel)
+		return c
+	}
+	// Two tenants whose keys live on two different primaries.
+	cc := configured.client.(*redis.ClusterClient)
+	primaryOf := func(tenant string) string {
+		node, err := cc.MasterForKey(ctx(), RecordKey(tokens.RecordKey("acks", tokens.Subject{Tenant: tenant})))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return node.Options().Addr
+	}
+	hung, fine := "1000000", ""
+	for i := 1; i < 100 && fine == ""; i++ {
+		if tn := strconv.Itoa(1000000 + i); primaryOf(tn) != primaryOf(hung) {
+			fine = tn
+		}
+	}
+	if fine == "" {
+		t.Fatal("100 tenants on one primary: the slots are not spread")
+	}
+	store := func(c *Conn, tenant, v string) error {
+		return c.Records().Store(ctx(), tokens.RecordKey("acks", tokens.Subject{Tenant: tenant}), []byte(v))
+	}
+	for name, c := range map[string]*Conn{"replica_acks 1": configured, "default": byDefault} {
+		for _, tn := range []string{hung, fine} {
+			if err := store(c, tn, "v1"); err != nil {
+				t.Fatalf("%s: Store of %s with every replica up: %v", name, tn, err)
+			}
+		}
+	}
+	replica := cl.ReplicaOf(t, primaryOf(hung))
+	if replica == nil {
+		t.Fatalf("no replica of %s", primaryOf(hung))
+	}
+	replica.Freeze(t)
+	for name, c := range map[string]*Conn{"replica_acks 1": configured, "default": byDefault} {
+		start := time.Now()
+		err := store(c, hung, "v2")
+		var short *ReplicaAcksError
+		if !errors.As(err, &short) {
+			t.Errorf("%s: Store on the primary whose replica hangs: %v, want an error naming replica_acks", name, err)
+		}
+		if took := time.Since(start); took > 1500*time.Millisecond {
+			t.Errorf("%s: it took %v", name, took)
+		}
+		if err := store(c, fine, "v2"); err != nil {
+			t.Errorf("%s: Store on another primary: %v (WAIT ran elsewhere than where it wrote?)", name, err)
+		}
+		lock := tokens.LockName("acks", tokens.Subject{Tenant: fine})
+		if err := c.Records().Lock(ctx(), lock); err != nil {
+			t.Errorf("%s: Lock on another primary: %v", name, err)
+		} else {
+			_ = c.Records().Unlock(ctx(), lock)
+		}
 	}
 }

@@ -121,7 +121,28 @@ func (c *Conn) forgetReplicas() {
 // pipeline on the node that owns key, followed by WAIT for replica_acks
 // replicas when that is more than 0. Fewer acknowledgements make it a
 // *ReplicaAcksError. Run it inside Conn.call.
-func (c *Conn) durably(ctx context.Context, key string, fn func(p redis.Pipeliner)) (err error) {
+func (c *Conn) durably(ctx context.Context, key string, fn func(p redis.Pipeliner)) error {
+	err := c.durablyOnce(ctx, key, fn)
+	if cc, ok := c.client.(*redis.ClusterClient); ok && movedSlot(err) {
+		// The slot moved (a failover, a resharding): the node client
+		// does not follow redirections as the cluster client does, so
+		// learn the new map and write once more, to the new owner.
+		cc.ReloadState(ctx)
+		err = c.durablyOnce(ctx, key, fn)
+	}
+	return err
+}
+
+// movedSlot reports whether err is a Cluster's redirection.
+func movedSlot(err error) bool {
+	if err == nil {
+		return false
+	}
+	msg := err.Error()
+	return strings.HasPrefix(msg, "MOVED ") || strings.HasPrefix(msg, "ASK ") || strings.HasPrefix(msg, "CLUSTERDOWN ")
+}
+
+func (c *Conn) durablyOnce(ctx context.Context, key string, fn func(p redis.Pipeliner)) (err error) {
 	node, name, err := c.nodeFor(ctx, key)
 	if err != nil {
 		return err
@@ -136,7 +157,8 @@ func (c *Conn) durably(ctx context.Context, key string, fn func(p redis.Pipeline
 		return err
 	}
 	if need == 0 {
-		_, err := node.Pipelined(ctx, func(p redis.Pipeliner) error { fn(p); return nil })
+		// The client's own pipeline: a Cluster's follows redirections.
+		_, err := c.client.Pipelined(ctx, func(p redis.Pipeliner) error { fn(p); return nil })
 		return err
 	}
 	var wait *redis.Cmd

@@ -470,3 +470,48 @@ func TestResyncRevalidatesHundredsOfSubjectsWithinASecond(t *testing.T) {
 		}
 	}
 }
+
+// A refresh-token record that an earlier version left at its Redis key
+// from before the hash tags is served: the next refresh moves it to its
+// tagged key and leaves a tombstone at the old one (so that a sidecar
+// still on the earlier version refuses), and no refresh token is spent
+// twice.
+func TestRecordAtItsOldRedisKeyMoves(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, client := redisSidecar(t, fake, "")
+	ctx := context.Background()
+	const tenant = "7654321"
+	key := tokens.RecordKey(testClientID, tokens.Subject{Tenant: tenant})
+	oldKey := redisstate.RedisKeyPrefix + "record:" + key
+	sc.putRefreshToken(tenant, fake.IssueRefreshToken(testClientID, tenant))
+	// What an earlier version leaves: the record at its old key only.
+	raw, err := client.Get(ctx, redisstate.RecordKey(key)).Bytes()
+	if err != nil {
+		t.Fatalf("the record is not at its tagged key: %v", err)
+	}
+	if err := client.Set(ctx, oldKey, raw, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	client.Del(ctx, redisstate.RecordKey(key))
+	// Dropping the token makes the next request refresh, reading the record.
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/"+tenant+"/token", ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE token: %d %s", status, body)
+	}
+	before := fake.TokenRequests("refresh_token", tenant)
+	if status, body, _ := sc.get("/3/companyinformation", tenant); status != http.StatusOK {
+		t.Fatalf("a record at its old key: %d %s", status, body)
+	}
+	if n := fake.TokenRequests("refresh_token", tenant) - before; n != 1 {
+		t.Errorf("%d refreshes after the token was dropped, want 1 (from the moved record)", n)
+	}
+	if n := client.Exists(ctx, redisstate.RecordKey(key)).Val(); n != 1 {
+		t.Error("the record did not move to its tagged key")
+	}
+	old, _ := client.Get(ctx, oldKey).Bytes()
+	if stone, dead := tokens.IsTombstone(old); !dead || !strings.Contains(stone.MovedTo, "upgrade this sidecar") {
+		t.Errorf("the old key holds %.80q, want a tombstone that says to upgrade", old)
+	}
+	if n := fake.SpentRefreshTokenReuses(); n != 0 {
+		t.Errorf("%d spent refresh tokens presented again", n)
+	}
+}

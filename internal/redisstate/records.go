@@ -138,7 +138,8 @@ func (r *Records) Delete(ctx context.Context, key string) error {
 }
 
 // moveLegacy moves a record from its key before the hash tags
-// (legacyRecordKey; copy: to its tagged key unless one is there already)
+// (legacyRecordKey; copyValue: to its tagged key unless one is there
+// already, else it is only retired)
 // and leaves a tombstone there, so that a sidecar of an earlier version
 // refuses clearly instead of spending its refresh token. The rule that
 // keeps old and new sidecars on one lock per chain: an earlier version
@@ -147,7 +148,7 @@ func (r *Records) Delete(ctx context.Context, key string) error {
 // holds that already). So an old sidecar either finished with the record
 // before the move (its rotated token is what moves), or finds the
 // tombstone after it. Nothing to move costs one GET.
-func (r *Records) moveLegacy(ctx context.Context, key string, copy bool) error {
+func (r *Records) moveLegacy(ctx context.Context, key string, copyValue bool) error {
 	old := legacyRecordKey(key)
 	live := func() ([]byte, error) {
 		raw, err := r.load(ctx, old)
@@ -186,7 +187,7 @@ func (r *Records) moveLegacy(ctx context.Context, key string, copy bool) error {
 			return err
 		}
 	}
-	if copy {
+	if copyValue {
 		if _, err := r.StoreIfAbsent(ctx, key, raw); err != nil {
 			return err
 		}
@@ -196,7 +197,7 @@ func (r *Records) moveLegacy(ctx context.Context, key string, copy bool) error {
 		return r.c.durably(ctx, old, func(p redis.Pipeliner) { p.Set(ctx, old, stone, 0) })
 	})
 	if err == nil {
-		r.c.logger().Info("a token record moved to its hash-tagged Redis key", zap.String("key", key))
+		r.c.logger().Info("a token record at its Redis key from before the hash tags was replaced by a tombstone (moved to, or already at, its hash-tagged key)", zap.String("key", key), zap.Bool("copied", copyValue))
 	}
 	return err
 }

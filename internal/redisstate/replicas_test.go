@@ -64,6 +64,7 @@ func TestReplicaAcks(t *testing.T) {
 		start := time.Now()
 		err := c.Records().Store(ctx(), key, []byte("v2"))
 		took := time.Since(start)
+		t.Logf("%s: Store with the replica hung failed after %v: %v", name, took.Round(time.Millisecond), err)
 		var short *ReplicaAcksError
 		if !errors.As(err, &short) || !strings.Contains(err.Error(), "replica_acks") {
 			t.Errorf("%s: Store with the replica hung: %v, want an error naming replica_acks", name, err)

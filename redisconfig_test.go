@@ -228,6 +228,14 @@ func TestRedisTarget(t *testing.T) {
 	if want := "cluster 127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:7002 password xxxxx tls"; cl.name != want || cl.secrets != a.secrets {
 		t.Errorf("cluster: name %q (want %q), secret tag %q (want %q)", cl.name, want, cl.secrets, a.secrets)
 	}
+	// replica_acks is its own connection: another pool key.
+	acks, err := (&RedisConfig{Cluster: []string{"{env.FORTNOX_TEST_SENTINELS}", "127.0.0.1:7002"}, Password: "s3cr3t-value", TLS: true, ReplicaAcks: intp(1)}).target(repl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := cl.name + " replica_acks 1"; acks.name != want {
+		t.Errorf("with replica_acks: name %q, want %q", acks.name, want)
+	}
 	u, err := (&RedisConfig{URL: "redis://fortnox:s3cr3t-value@127.0.0.1:6379/0"}).target(repl)
 	if err != nil {
 		t.Fatal(err)

@@ -222,6 +222,12 @@ func (c *Conn) failed(op string, err error) {
 		return
 	}
 	metrics.RedisErrors.Inc()
+	if cc, ok := c.client.(*redis.ClusterClient); ok {
+		// A node may have died and its replica taken its slots: the
+		// client learns the slot map again only on MOVED or every 10 s,
+		// so ask it to now (in the background, once however many ask).
+		cc.ReloadState(c.ctx)
+	}
 	if c.down.CompareAndSwap(false, true) {
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))

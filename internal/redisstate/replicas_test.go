@@ -176,3 +176,68 @@ func TestReplicaAcksOnACluster(t *testing.T) {
 		}
 	}
 }
+
+// A Cluster primary killed (SIGKILL): once the Cluster has promoted its
+// replica, the same Conn stores, locks and reads again within 5 s, with no
+// new connection made, and a record stored before the kill (acknowledged by
+// the replica: replica_acks by default) is still there.
+func TestClusterFailoverResumes(t *testing.T) {
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s is not on PATH: install it (apt-get install redis-server; CI does)", bin)
+		}
+	}
+	cl := testproc.StartClusterWithReplicas(t, testproc.RedisConfig{})
+	cfg := ClusterConfig{Addrs: cl.Addrs()}
+	opts, err := ClusterOptions(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCluster(t.Name(), shareOwner{limiterOwner{clk: clock.New()}, "failover"}, opts, RedactCluster(cfg), zap.NewNop(), func() {})
+	t.Cleanup(func() { _ = c.Destruct() })
+	ctx := func() context.Context {
+		cx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		t.Cleanup(cancel)
+		return cx
+	}
+	subj := tokens.Subject{Tenant: "1234567"}
+	key, lock := tokens.RecordKey("failover", subj), tokens.LockName("failover", subj)
+	if err := c.Records().Store(ctx(), key, []byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	node, err := c.client.(*redis.ClusterClient).MasterForKey(ctx(), RecordKey(key))
+	if err != nil {
+		t.Fatal(err)
+	}
+	primary := node.Options().Addr
+	replica := cl.ReplicaOf(t, primary)
+	for _, n := range cl.Nodes() {
+		if n.Addr() == primary {
+			n.Kill()
+		}
+	}
+	rc := redis.NewClient(&redis.Options{Addr: replica.Addr(), MaxRetries: -1})
+	defer rc.Close()
+	testproc.WaitFor(t, "the Cluster promotes the replica", 15*time.Second, func() bool {
+		role, err := rc.Do(ctx(), "ROLE").Slice()
+		return err == nil && len(role) > 0 && role[0] == "master"
+	})
+	promoted := time.Now()
+	var last error
+	if _, err := testproc.Poll(5*time.Second, func() bool {
+		if last = c.Records().Store(ctx(), key+".probe", []byte("after")); last != nil {
+			return false
+		}
+		if last = c.Records().Lock(ctx(), lock); last != nil {
+			return false
+		}
+		last = c.Records().Unlock(ctx(), lock)
+		return last == nil
+	}); err != nil {
+		t.Fatalf("no store and lock within 5 s of the promotion: %v", last)
+	}
+	t.Logf("stores and locks again %v after the replica was promoted", time.Since(promoted).Round(time.Millisecond))
+	if v, err := c.Records().Load(ctx(), key); err != nil || string(v) != "before" {
+		t.Errorf("the record stored before the kill: %q, %v", v, err)
+	}
+}

@@ -40,7 +40,8 @@ func TenantTag(clientID, tenant string) string {
 
 // tagOf is the hash tag of a storage key or lock name:
 // fortnox/<cid>/<tenant>.json, fortnox/<cid>/accounts/<tenant>/<a>.json,
-// fortnox/<cid>/<tenant>[/accounts/<a>][/token] all belong to <tenant>.
+// fortnox/<cid>/<tenant>[/accounts/<a>][/token], and a companion key
+// fortnox/<cid>/<tenant>.<anything>, all belong to <tenant>.
 // Any other name (a quarantined record, a name outside the layout) is its
 // own tag.
 func tagOf(name string) string {
@@ -50,7 +51,10 @@ func tagOf(name string) string {
 		if t == "accounts" && len(parts) >= 4 {
 			t = parts[3]
 		}
-		if t = strings.TrimSuffix(t, ".json"); t != "" && t != "quarantine" && !strings.ContainsAny(t, "{}") {
+		// A tenant id is digits: what follows a dot is the kind of key
+		// (.json, or a companion such as a mark beside the record).
+		t, _, _ = strings.Cut(t, ".")
+		if t != "" && t != "quarantine" && !strings.ContainsAny(t, "{}") {
 			return "{fortnox/" + parts[1] + "/" + t + "}"
 		}
 	}

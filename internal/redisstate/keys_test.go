@@ -24,6 +24,7 @@ func TestTenantKeysShareOneSlot(t *testing.T) {
 	keys := []string{
 		RecordKey(tokens.RecordKey(cid, tenantSubj)),
 		RecordKey(tokens.RecordKey(cid, anna)),
+		RecordKey(tokens.RecordPrefix(cid) + tenant + ".inflight"), // a companion beside the record
 		LockKey(tokens.LockName(cid, tenantSubj)),
 		LockKey(tokens.LockName(cid, tenantSubj) + "/token"),
 		LockKey(tokens.LockName(cid, anna)),

@@ -131,11 +131,11 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //		redis {
 //			url          <url>                   # exactly one of url,
 //			sentinel     <master> <host:port>... # sentinel
-//			cluster      <host:port>...          # and cluster (not supported yet)
+//			cluster      <host:port>...          # and cluster
 //			username     <user>
 //			password     <password>
 //			tls
-//			replica_acks <n>                     # parsed only, for now
+//			replica_acks <n>                     # default: the primary's replicas (0 or 1)
 //		}
 //		max_token_requests <n>
 //		rate_limit     <requests> <window> | off

@@ -74,10 +74,10 @@ func TestClusterModeSharesThroughRedis(t *testing.T) {
 	}
 	dump := redisDump(t, client)
 	for _, want := range []string{
-		redisstate.RedisKeyPrefix + "token:fortnox/test-client/1234567",       // the shared client-credentials token
-		redisstate.RedisKeyPrefix + "record:fortnox/test-client/7654321.json", // the refresh-token record
-		redisstate.RedisKeyPrefix + "turns:fortnox/test-client/1234567",       // the rate budget
-		redisstate.RedisKeyPrefix + "index:fortnox/test-client/",              // the record index
+		redisstate.RedisKeyPrefix + "token:{fortnox/test-client/1234567}:1234567",                           // the shared client-credentials token
+		redisstate.RedisKeyPrefix + "record:{fortnox/test-client/7654321}:fortnox/test-client/7654321.json", // the refresh-token record
+		redisstate.RedisKeyPrefix + "turns:{fortnox/test-client/1234567}",                                   // the rate budget
+		redisstate.RedisKeyPrefix + "index:fortnox/test-client/",                                            // the record index
 	} {
 		if _, ok := dump[want]; !ok {
 			t.Errorf("Redis has no %s (keys: %v)", want, keysOf(dump))
@@ -294,7 +294,7 @@ func TestFortnox429PausesTheClusterOnRedisClock(t *testing.T) {
 		t.Errorf("a 429 was logged as a Redis outage: %v", lines)
 	}
 	ctx := context.Background()
-	until, err := client.Get(ctx, redisstate.RedisKeyPrefix+"turns:fortnox/test-client/1234567:pause").Int64()
+	until, err := client.Get(ctx, redisstate.TurnsKey(testClientID, "1234567")+":pause").Int64()
 	if err != nil {
 		t.Fatalf("no pause in Redis: %v", err)
 	}
@@ -314,7 +314,7 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
 	sc, client := redisSidecar(t, fake, "")
 	ctx := context.Background()
-	exists := func(key string) bool { return client.Exists(ctx, redisstate.RedisKeyPrefix+"record:"+key).Val() == 1 }
+	exists := func(key string) bool { return client.Exists(ctx, redisstate.RecordKey(key)).Val() == 1 }
 	indexed := func(key string) bool {
 		return client.SIsMember(ctx, redisstate.RedisKeyPrefix+"index:"+tokens.RecordPrefix(testClientID), key).Val()
 	}
@@ -368,7 +368,7 @@ func TestAdminAPIActsOnRedis(t *testing.T) {
 	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/1111111/token", ""); status != http.StatusNoContent {
 		t.Fatalf("DELETE token: %d %s", status, body)
 	}
-	if n := client.Exists(ctx, redisstate.RedisKeyPrefix+"token:"+tokens.RecordPrefix(testClientID)+"1111111").Val(); n != 0 {
+	if n := client.Exists(ctx, redisstate.TokenKey(testClientID, tokens.Subject{Tenant: "1111111"})).Val(); n != 0 {
 		t.Error("the dropped token is still shared in Redis")
 	}
 	if status, body, _ := sc.get("/3/companyinformation", "1111111"); status != http.StatusOK {
@@ -468,5 +468,50 @@ func TestResyncRevalidatesHundredsOfSubjectsWithinASecond(t *testing.T) {
 		if m.Ledger().Knows(d.Key()) {
 			t.Errorf("%s is still remembered", d)
 		}
+	}
+}
+
+// A refresh-token record that an earlier version left at its Redis key
+// from before the hash tags is served: the next refresh moves it to its
+// tagged key and leaves a tombstone at the old one (so that a sidecar
+// still on the earlier version refuses), and no refresh token is spent
+// twice.
+func TestRecordAtItsOldRedisKeyMoves(t *testing.T) {
+	fake := startFake(t, fakefortnox.Options{RateLimit: -1})
+	sc, client := redisSidecar(t, fake, "")
+	ctx := context.Background()
+	const tenant = "7654321"
+	key := tokens.RecordKey(testClientID, tokens.Subject{Tenant: tenant})
+	oldKey := redisstate.RedisKeyPrefix + "record:" + key
+	sc.putRefreshToken(tenant, fake.IssueRefreshToken(testClientID, tenant))
+	// What an earlier version leaves: the record at its old key only.
+	raw, err := client.Get(ctx, redisstate.RecordKey(key)).Bytes()
+	if err != nil {
+		t.Fatalf("the record is not at its tagged key: %v", err)
+	}
+	if err := client.Set(ctx, oldKey, raw, 0).Err(); err != nil {
+		t.Fatal(err)
+	}
+	client.Del(ctx, redisstate.RecordKey(key))
+	// Dropping the token makes the next request refresh, reading the record.
+	if status, body := sc.admin(http.MethodDelete, "/fortnox/tenants/"+tenant+"/token", ""); status != http.StatusNoContent {
+		t.Fatalf("DELETE token: %d %s", status, body)
+	}
+	before := fake.TokenRequests("refresh_token", tenant)
+	if status, body, _ := sc.get("/3/companyinformation", tenant); status != http.StatusOK {
+		t.Fatalf("a record at its old key: %d %s", status, body)
+	}
+	if n := fake.TokenRequests("refresh_token", tenant) - before; n != 1 {
+		t.Errorf("%d refreshes after the token was dropped, want 1 (from the moved record)", n)
+	}
+	if n := client.Exists(ctx, redisstate.RecordKey(key)).Val(); n != 1 {
+		t.Error("the record did not move to its tagged key")
+	}
+	old, _ := client.Get(ctx, oldKey).Bytes()
+	if stone, dead := tokens.IsTombstone(old); !dead || !strings.Contains(stone.MovedTo, "upgrade this sidecar") {
+		t.Errorf("the old key holds %.80q, want a tombstone that says to upgrade", old)
+	}
+	if n := fake.SpentRefreshTokenReuses(); n != 0 {
+		t.Errorf("%d spent refresh tokens presented again", n)
 	}
 }

@@ -365,7 +365,7 @@ func TestHandoverInClusterMode(t *testing.T) {
 	client := redis.NewClient(&redis.Options{Addr: addr})
 	t.Cleanup(func() { client.Close() })
 	ctx := context.Background()
-	exists := func(key string) bool { return client.Exists(ctx, redisstate.RedisKeyPrefix+"record:"+key).Val() == 1 }
+	exists := func(key string) bool { return client.Exists(ctx, redisstate.RecordKey(key)).Val() == 1 }
 
 	rt := fake.IssueRefreshToken(testClientID, "1234567")
 	if status, body, _ := sc.handOver("/tenants/1234567/refresh_token", rt); status != http.StatusNoContent {

@@ -101,7 +101,7 @@ type Handler struct {
 	// Cluster mode: a Redis URL (redis://[user:password@]host:port/db, or
 	// rediss:// for TLS; placeholders such as {env.FORTNOX_REDIS_URL}), or
 	// an object with exactly one of url, sentinel ({"master": …, "addrs":
-	// […]}) and cluster (not supported yet), and username, password, tls,
+	// […]}) and cluster ([host:port…]), and username, password, tls,
 	// replica_acks (see RedisConfig). Every sidecar of the same client id
 	// with the same Redis shares each tenant's rate budget, tokens, refresh
 	// tokens and revocations. Run Redis with appendonly yes and appendfsync

@@ -29,8 +29,9 @@ type RedisConfig struct {
 	URL string `json:"url,omitempty"`
 	// A primary that Sentinel watches.
 	Sentinel *RedisSentinel `json:"sentinel,omitempty"`
-	// A Redis Cluster's seed addresses (host:port). Not supported yet: a
-	// config with it is refused when it is loaded.
+	// A Redis Cluster's seed addresses (host:port; a placeholder may stand
+	// for several, separated by commas or spaces): any of its nodes, the
+	// client learns the others.
 	Cluster []string `json:"cluster,omitempty"`
 	// The data nodes' user and password (with url they replace the URL's).
 	// The Sentinels themselves are asked without.
@@ -39,8 +40,10 @@ type RedisConfig struct {
 	// TLS to the Sentinels and the data nodes (sentinel, cluster); with
 	// url, use a rediss:// URL instead.
 	TLS bool `json:"tls,omitempty"`
-	// How many replicas must hold a rotated refresh token before it counts
-	// as stored. Parsed and kept only for now: nothing waits on it yet.
+	// How many replicas must hold a rotated refresh token, its in-flight
+	// mark and its lock before each counts as stored (Redis's WAIT on the
+	// connection that wrote). Default: the current primary's connected
+	// replicas, at most 1, read again after a failover.
 	ReplicaAcks *int `json:"replica_acks,omitempty"`
 
 	// short: given as a bare URL, and written back as one, so that a
@@ -226,6 +229,23 @@ type redisTarget struct {
 // target resolves the setting's placeholders and checks it, without
 // connecting. Its errors never hold the password.
 func (r *RedisConfig) target(repl *caddy.Replacer) (*redisTarget, error) {
+	tg, err := r.topology(repl)
+	if err != nil || r.ReplicaAcks == nil {
+		return tg, err
+	}
+	// replica_acks set: its own connection (and pool key).
+	n, connect := *r.ReplicaAcks, tg.connect
+	tg.name += " replica_acks " + strconv.Itoa(n)
+	tg.connect = func(key string, m *tokens.Manager, logger *zap.Logger, repick func()) *redisstate.Conn {
+		c := connect(key, m, logger, repick)
+		c.SetReplicaAcks(n)
+		return c
+	}
+	return tg, nil
+}
+
+// topology is target without replica_acks.
+func (r *RedisConfig) topology(repl *caddy.Replacer) (*redisTarget, error) {
 	if err := r.check(); err != nil {
 		return nil, err
 	}
@@ -245,17 +265,29 @@ func (r *RedisConfig) target(repl *caddy.Replacer) (*redisTarget, error) {
 	}
 	switch {
 	case len(r.Cluster) > 0:
-		return nil, errors.New("redis: cluster is not supported yet by this version of caddy-fortnox; use url (one server) or sentinel (a primary that Sentinel watches)")
+		addrs := expandAddrs(repl, r.Cluster)
+		if len(addrs) == 0 {
+			return nil, errors.New("redis: cluster has no node address once its placeholders are resolved")
+		}
+		cfg := redisstate.ClusterConfig{Addrs: addrs, Username: username, Password: password, TLS: r.TLS}
+		opts, err := redisstate.ClusterOptions(cfg)
+		if err != nil {
+			return nil, err
+		}
+		name := redisstate.RedactCluster(cfg)
+		return &redisTarget{
+			name:    name,
+			secrets: secretTag(password),
+			connect: func(key string, m *tokens.Manager, logger *zap.Logger, repick func()) *redisstate.Conn {
+				return redisstate.NewCluster(key, m, opts, name, logger, repick)
+			},
+		}, nil
 	case r.Sentinel != nil:
 		master, err := resolveSetting(repl, "redis sentinel master", r.Sentinel.Master)
 		if err != nil {
 			return nil, err
 		}
-		var addrs []string
-		for _, raw := range r.Sentinel.Addrs {
-			v := repl.ReplaceAll(raw, "")
-			addrs = append(addrs, strings.FieldsFunc(v, func(c rune) bool { return c == ',' || c == ' ' || c == '\t' || c == '\n' })...)
-		}
+		addrs := expandAddrs(repl, r.Sentinel.Addrs)
 		if len(addrs) == 0 {
 			return nil, fmt.Errorf("redis: sentinel %s has no Sentinel address once its placeholders are resolved", master)
 		}
@@ -298,6 +330,17 @@ func (r *RedisConfig) target(repl *caddy.Replacer) (*redisTarget, error) {
 			},
 		}, nil
 	}
+}
+
+// expandAddrs resolves the placeholders of host:port addresses; one may
+// stand for several, separated by commas or spaces.
+func expandAddrs(repl *caddy.Replacer, raws []string) []string {
+	var addrs []string
+	for _, raw := range raws {
+		v := repl.ReplaceAll(raw, "")
+		addrs = append(addrs, strings.FieldsFunc(v, func(c rune) bool { return c == ',' || c == ' ' || c == '\t' || c == '\n' })...)
+	}
+	return addrs
 }
 
 // secretKey keys secretTag: random per process, so a tag says nothing of

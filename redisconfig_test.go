@@ -186,7 +186,8 @@ func TestRedisTarget(t *testing.T) {
 		{"bad address", RedisConfig{Sentinel: &RedisSentinel{Master: "m", Addrs: []string{"10.0.0.1"}}, Password: "{env.FORTNOX_TEST_REDIS_PASSWORD}"}, `"10.0.0.1" is not a host:port address`},
 		{"bad URL", RedisConfig{URL: "http://u:s3cr3t-value@a:1"}, "is not a redis:// or rediss:// URL"},
 		{"bad URL, short", *redisURL("redis//u:s3cr3t-value@a:1"), "is not a redis:// or rediss:// URL"},
-		{"cluster", RedisConfig{Cluster: []string{"a:7000"}}, "redis: cluster is not supported yet"},
+		{"cluster, bad address", RedisConfig{Cluster: []string{"a:7000", "b"}, Password: "s3cr3t-value"}, `redis cluster: "b" is not a host:port address`},
+		{"cluster resolves to nothing", RedisConfig{Cluster: []string{"{env.FORTNOX_TEST_UNSET}"}}, "cluster has no node address once its placeholders are resolved"},
 		{"negative replica_acks", RedisConfig{Sentinel: &RedisSentinel{Master: "m", Addrs: []string{"a:1"}}, ReplicaAcks: intp(-1)}, "replica_acks must not be negative"},
 		{"password resolves to nothing", RedisConfig{Sentinel: &RedisSentinel{Master: "m", Addrs: []string{"a:1"}}, Password: "{env.FORTNOX_TEST_UNSET}"}, "redis password is empty: its placeholder"},
 		{"tls with url", RedisConfig{URL: "redis://a:1", TLS: true}, "use a rediss:// URL"},
@@ -219,6 +220,21 @@ func TestRedisTarget(t *testing.T) {
 		if strings.Contains(tg.name+tg.secrets, "s3cr3t-value") {
 			t.Errorf("the pool key shows the password: %q", tg.name+tg.secrets)
 		}
+	}
+	cl, err := (&RedisConfig{Cluster: []string{"{env.FORTNOX_TEST_SENTINELS}", "127.0.0.1:7002"}, Password: "s3cr3t-value", TLS: true}).target(repl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "cluster 127.0.0.1:26379,127.0.0.1:26380,127.0.0.1:7002 password xxxxx tls"; cl.name != want || cl.secrets != a.secrets {
+		t.Errorf("cluster: name %q (want %q), secret tag %q (want %q)", cl.name, want, cl.secrets, a.secrets)
+	}
+	// replica_acks is its own connection: another pool key.
+	acks, err := (&RedisConfig{Cluster: []string{"{env.FORTNOX_TEST_SENTINELS}", "127.0.0.1:7002"}, Password: "s3cr3t-value", TLS: true, ReplicaAcks: intp(1)}).target(repl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := cl.name + " replica_acks 1"; acks.name != want {
+		t.Errorf("with replica_acks: name %q, want %q", acks.name, want)
 	}
 	u, err := (&RedisConfig{URL: "redis://fortnox:s3cr3t-value@127.0.0.1:6379/0"}).target(repl)
 	if err != nil {

@@ -45,7 +45,7 @@ func TestSentinelFailoverKeepsServing(t *testing.T) {
 	}
 	pc := redis.NewClient(&redis.Options{Addr: primary, MaxRetries: -1})
 	defer pc.Close()
-	recordKey := redisstate.RedisKeyPrefix + "record:fortnox/test-client/7654321.json"
+	recordKey := redisstate.RecordKey("fortnox/test-client/7654321.json")
 	if n, err := pc.Exists(ctx, recordKey).Result(); err != nil || n != 1 {
 		t.Fatalf("the primary has no %s: %d %v", recordKey, n, err)
 	}

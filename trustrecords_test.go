@@ -355,7 +355,7 @@ func TestUnencryptedRedisRecordIsRefusedUntilEncrypted(t *testing.T) {
 	// plain JSON.
 	sc := startSidecar(t, fake, "redis {env.FORTNOX_TEST_REDIS_URL}")
 	sc.putRefreshToken("1234567", fake.IssueRefreshToken(testClientID, "1234567"))
-	valueKey := redisstate.RedisKeyPrefix + "record:" + tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567"})
+	valueKey := redisstate.RecordKey(tokens.RecordKey(testClientID, tokens.Subject{Tenant: "1234567"}))
 	plain := client.Get(context.Background(), valueKey).Val()
 	if !strings.Contains(plain, `"refresh_token"`) {
 		t.Fatalf("no plain record in Redis: %q", plain)

@@ -32,7 +32,13 @@ func (r *Backend) clientKey(kind string) string {
 	return RedisKeyPrefix + kind + ":" + tokens.RecordPrefix(r.c.owner.ClientID())
 }
 
-func (r *Backend) tokenKey(subj tokens.Subject) string { return r.clientKey("token") + subj.Key() }
+// tenantKey is one of a (client id, tenant)'s keys (keys.go): all of them
+// carry the tenant's hash tag.
+func (r *Backend) tenantKey(kind, tenant string) string {
+	return RedisKeyPrefix + kind + ":" + TenantTag(r.c.owner.ClientID(), tenant)
+}
+
+func (r *Backend) tokenKey(subj tokens.Subject) string { return TokenKey(r.c.owner.ClientID(), subj) }
 func (r *Backend) channel() string                     { return r.clientKey("events") }
 
 // records is the store's encoder: shared tokens are encrypted like records.
@@ -195,7 +201,7 @@ const eventMemory = 90 * 24 * time.Hour
 func (r *Backend) NewerEvent(ctx context.Context, tenant string, at time.Time) (bool, error) {
 	var newer bool
 	err := r.c.call(ctx, "event order", func(ctx context.Context) error {
-		n, err := newerScript.Run(ctx, r.c.client, []string{r.clientKey("event") + tenant},
+		n, err := newerScript.Run(ctx, r.c.client, []string{r.tenantKey("event", tenant)},
 			at.UnixNano(), eventMemory.Milliseconds()).Int()
 		newer = n == 1
 		return err
@@ -219,7 +225,7 @@ return 1`)
 func (r *Backend) AllowInvalidation(ctx context.Context, subj tokens.Subject, max int, window time.Duration) (bool, error) {
 	var allowed bool
 	err := r.c.call(ctx, "invalidation bound", func(ctx context.Context) error {
-		n, err := invalidationScript.Run(ctx, r.c.client, []string{r.clientKey("invalidations") + subj.Key()},
+		n, err := invalidationScript.Run(ctx, r.c.client, []string{r.tenantKey("invalidations", subj.Tenant) + ":" + subj.Key()},
 			r.c.clock.Now().UnixMilli(), window.Milliseconds(), max, tokens.RandomID()).Int()
 		allowed = n == 1
 		return err

@@ -12,7 +12,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/bsm/redislock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/clock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/metrics"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
@@ -52,9 +51,11 @@ type Conn struct {
 	key   string
 	owner Owner
 	// repick makes the owner use its newest live cluster (the glue's).
-	repick   func()
-	client   *redis.Client
-	locker   *redislock.Client
+	repick func()
+	// client is a *redis.Client (one server, or the primary Sentinel
+	// names) or a *redis.ClusterClient.
+	client   redis.UniversalClient
+	replicas replicas
 	backend  *Backend
 	records  *Records
 	redacted string // the URL without its password, for logs
@@ -142,9 +143,15 @@ func NewSentinel(key string, owner Owner, opts *redis.FailoverOptions, redacted 
 	return newWithClient(key, owner, redis.NewFailoverClient(opts), redacted, logger, repick)
 }
 
+// NewCluster is New for a Redis Cluster (opts from ClusterOptions): each
+// tenant's keys share one hash tag, so its scripts run on one node.
+func NewCluster(key string, owner Owner, opts *redis.ClusterOptions, redacted string, logger *zap.Logger, repick func()) *Conn {
+	return newWithClient(key, owner, redis.NewClusterClient(opts), redacted, logger, repick)
+}
+
 // newWithClient is New with its client made: the Conn owns it and closes it
 // in Destruct.
-func newWithClient(key string, owner Owner, client *redis.Client, redacted string, logger *zap.Logger, repick func()) *Conn {
+func newWithClient(key string, owner Owner, client redis.UniversalClient, redacted string, logger *zap.Logger, repick func()) *Conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)
@@ -155,12 +162,12 @@ func newWithClient(key string, owner Owner, client *redis.Client, redacted strin
 		clock:    owner.Clock(),
 		repick:   repick,
 		client:   client,
-		locker:   redislock.New(client),
 		redacted: redacted,
 		origin:   hex.EncodeToString(origin),
 		ctx:      ctx,
 		cancel:   cancel,
 	}
+	c.replicas.configured.Store(-1)
 	c.records = &Records{c: c, held: make(map[string]*heldRedisLock)}
 	c.backend = newRedisShared(c)
 	c.upSince.Store(c.clock.Now().UnixNano())
@@ -221,6 +228,12 @@ func (c *Conn) failed(op string, err error) {
 		return
 	}
 	metrics.RedisErrors.Inc()
+	if cc, ok := c.client.(*redis.ClusterClient); ok {
+		// A node may have died and its replica taken its slots: the
+		// client learns the slot map again only on MOVED or every 10 s,
+		// so ask it to now (in the background, once however many ask).
+		cc.ReloadState(c.ctx)
+	}
 	if c.down.CompareAndSwap(false, true) {
 		c.downSince.Store(c.clock.Now().UnixNano())
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
@@ -268,6 +281,11 @@ func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context)
 	metrics.RedisDuration.Observe(time.Since(start).Seconds())
 	if err != nil && ctx.Err() != nil {
 		return ctx.Err() // the caller gave up meanwhile: not an outage
+	}
+	if isReplicaAcks(err) {
+		// Redis answered: not an outage, but not stored as it must be.
+		c.ok()
+		return fmt.Errorf("Redis %s: %w", op, err)
 	}
 	if err != nil && !errors.Is(err, redis.Nil) {
 		c.failed(op, err)

@@ -168,7 +168,7 @@ return 0`)
 // keys are a tenant's reservation log, its pause and its generation
 // (read with each turn, bumped by each event: generation.go).
 func (l *Limiter) keys(key string) []string {
-	base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix(l.c.owner.ClientID()) + key
+	base := TurnsKey(l.c.owner.ClientID(), key)
 	return []string{base, base + ":pause", base + ":generation"}
 }
 

@@ -76,7 +76,7 @@ func TestTurnScriptKeepsTheExactWindow(t *testing.T) {
 			granted, refused := 0, 0
 			for i := range 400 {
 				tenant := "t" + strconv.Itoa(rng.IntN(2))
-				base := RedisKeyPrefix + "turns:" + tokens.RecordPrefix("model-"+mix.name) + tenant
+				base := TurnsKey("model-"+mix.name, tenant)
 				keys := []string{base, base + ":pause", base + ":generation"}
 				m := models[tenant]
 				if m == nil {
@@ -285,5 +285,41 @@ func TestRedisLimiterKeepsTheWindowsPromises(t *testing.T) {
 		if d := served[i].Sub(served[i-3]); d < window-slack {
 			t.Errorf("Redis down: requests %d and %d %v apart, within one window", i-2, i+1, d)
 		}
+	}
+}
+
+// On a Redis Cluster the turn script's keys (the log, the pause, the
+// generation) share the tenant's slot: turns are counted, a pause holds,
+// and no call fails with CROSSSLOT (which would count as an outage and
+// fall back to the share).
+func TestRedisLimiterOnACluster(t *testing.T) {
+	for _, bin := range []string{"redis-server", "redis-cli"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			t.Fatalf("%s is not on PATH: install it (apt-get install redis-server; CI does)", bin)
+		}
+	}
+	cl := testproc.StartCluster(t, testproc.RedisConfig{})
+	opts, err := ClusterOptions(ClusterConfig{Addrs: cl.Addrs()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewCluster(t.Name(), limiterOwner{clk: clock.New()}, opts, "cluster", zap.NewNop(), func() {})
+	t.Cleanup(func() { _ = c.Destruct() })
+	const window = 2 * time.Second
+	l := NewLimiter(c, 3, window, ratelimit.New(3, window, nil))
+	// Trusted alone from the start, so that the script's count is what is
+	// checked (not the share's).
+	c.upSince.Store(time.Now().Add(-time.Minute).UnixNano())
+	for _, tenant := range []string{"1234567", "7654321", "1111111"} {
+		if n := admitted(t, l, tenant, 5); n != 3 {
+			t.Errorf("tenant %s: %d of 5 turns admitted at once, want 3", tenant, n)
+		}
+	}
+	l.Penalize("2222222", time.Second)
+	if n := admitted(t, l, "2222222", 1); n != 0 {
+		t.Error("a turn was admitted during the pause")
+	}
+	if c.Down() {
+		t.Error("a limiter call failed on the cluster (CROSSSLOT?): the connection counts Redis as down")
 	}
 }

@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/bsm/redislock"
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
 	"github.com/caddyserver/certmagic"
 	"github.com/redis/go-redis/v9"
@@ -48,26 +47,36 @@ func (r *Records) lockTTL() time.Duration {
 }
 
 type heldRedisLock struct {
-	lock *redislock.Lock
-	stop context.CancelFunc
-	done chan struct{}
+	key   string // the Redis key
+	token string // this holder's value at key
+	stop  context.CancelFunc
+	done  chan struct{}
 }
 
-func (r *Records) valueKey(key string) string { return RedisKeyPrefix + "record:" + key }
+func (r *Records) valueKey(key string) string { return RecordKey(key) }
 func (r *Records) indexKey() string {
 	return RedisKeyPrefix + "index:" + tokens.RecordPrefix(r.c.owner.ClientID())
 }
-func (r *Records) lockKey(name string) string { return RedisKeyPrefix + "lock:" + name }
 
+// Store writes the value, and the key into the index (a client-wide key,
+// so in a Cluster the two may be on different nodes: no MULTI spans
+// them). The index first: a key it lists may be missing for a moment, but
+// a stored value is never missing from it.
 func (r *Records) Store(ctx context.Context, key string, value []byte) error {
-	return r.c.call(ctx, "store", func(ctx context.Context) error {
-		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
+	err := r.c.call(ctx, "store", func(ctx context.Context) error {
+		if err := r.c.client.SAdd(ctx, r.indexKey(), key).Err(); err != nil {
+			return err
+		}
+		return r.c.durably(ctx, r.valueKey(key), func(p redis.Pipeliner) {
 			p.Set(ctx, r.valueKey(key), value, 0)
-			p.SAdd(ctx, r.indexKey(), key)
-			return nil
 		})
-		return err
 	})
+	if err != nil {
+		return err
+	}
+	// A record still at its key from before the hash tags is retired, so
+	// that a sidecar of an earlier version does not spend its chain.
+	return r.moveLegacy(ctx, key, false)
 }
 
 // StoreIfAbsent stores value unless the key holds one already, and says
@@ -75,21 +84,37 @@ func (r *Records) Store(ctx context.Context, key string, value []byte) error {
 func (r *Records) StoreIfAbsent(ctx context.Context, key string, value []byte) (bool, error) {
 	var stored bool
 	err := r.c.call(ctx, "store", func(ctx context.Context) error {
-		ok, err := r.c.client.SetNX(ctx, r.valueKey(key), value, 0).Result()
-		if err != nil {
+		if err := r.c.client.SAdd(ctx, r.indexKey(), key).Err(); err != nil {
 			return err
 		}
-		stored = ok
-		return r.c.client.SAdd(ctx, r.indexKey(), key).Err()
+		var cmd *redis.BoolCmd
+		err := r.c.durably(ctx, r.valueKey(key), func(p redis.Pipeliner) {
+			cmd = p.SetNX(ctx, r.valueKey(key), value, 0)
+		})
+		if cmd != nil {
+			stored = cmd.Val()
+		}
+		return err
 	})
 	return stored, err
 }
 
 func (r *Records) Load(ctx context.Context, key string) ([]byte, error) {
+	value, err := r.load(ctx, r.valueKey(key))
+	if errors.Is(err, fs.ErrNotExist) {
+		if err := r.moveLegacy(ctx, key, true); err != nil {
+			return nil, err
+		}
+		value, err = r.load(ctx, r.valueKey(key))
+	}
+	return value, err
+}
+
+func (r *Records) load(ctx context.Context, redisKey string) ([]byte, error) {
 	var value []byte
 	err := r.c.call(ctx, "load", func(ctx context.Context) error {
 		var err error
-		value, err = r.c.client.Get(ctx, r.valueKey(key)).Bytes()
+		value, err = r.c.client.Get(ctx, redisKey).Bytes()
 		return err
 	})
 	if errors.Is(err, redis.Nil) {
@@ -98,15 +123,83 @@ func (r *Records) Load(ctx context.Context, key string) ([]byte, error) {
 	return value, err
 }
 
+// Delete deletes the record, at its key from before the hash tags too
+// (else it would move back on the next Load), and from the index.
 func (r *Records) Delete(ctx context.Context, key string) error {
 	return r.c.call(ctx, "delete", func(ctx context.Context) error {
-		_, err := r.c.client.TxPipelined(ctx, func(p redis.Pipeliner) error {
-			p.Del(ctx, r.valueKey(key))
-			p.SRem(ctx, r.indexKey(), key)
-			return nil
-		})
-		return err
+		if err := r.c.client.Del(ctx, r.valueKey(key)).Err(); err != nil {
+			return err
+		}
+		if err := r.c.client.Del(ctx, legacyRecordKey(key)).Err(); err != nil {
+			return err
+		}
+		return r.c.client.SRem(ctx, r.indexKey(), key).Err()
 	})
+}
+
+// moveLegacy moves a record from its key before the hash tags
+// (legacyRecordKey; copyValue: to its tagged key unless one is there
+// already, else it is only retired)
+// and leaves a tombstone there, so that a sidecar of an earlier version
+// refuses clearly instead of spending its refresh token. The rule that
+// keeps old and new sidecars on one lock per chain: an earlier version
+// reads and writes a record only under its legacy lock, and the move
+// happens under both the legacy lock and the new one (unless this process
+// holds that already). So an old sidecar either finished with the record
+// before the move (its rotated token is what moves), or finds the
+// tombstone after it. Nothing to move costs one GET.
+func (r *Records) moveLegacy(ctx context.Context, key string, copyValue bool) error {
+	old := legacyRecordKey(key)
+	live := func() ([]byte, error) {
+		raw, err := r.load(ctx, old)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		if _, dead := tokens.IsTombstone(raw); dead {
+			return nil, nil
+		}
+		return raw, nil
+	}
+	raw, err := live()
+	if raw == nil || err != nil {
+		return err
+	}
+	if name := lockOfRecord(key); name != "" {
+		r.mu.Lock()
+		_, held := r.held[name]
+		r.mu.Unlock()
+		if !held {
+			l, err := r.acquire(ctx, LockKey(name), name)
+			if err != nil {
+				return err
+			}
+			defer r.release(l)
+		}
+		l, err := r.acquire(ctx, legacyLockKey(name), name+" (before the hash tags)")
+		if err != nil {
+			return err
+		}
+		defer r.release(l)
+		if raw, err = live(); raw == nil || err != nil {
+			return err
+		}
+	}
+	if copyValue {
+		if _, err := r.StoreIfAbsent(ctx, key, raw); err != nil {
+			return err
+		}
+	}
+	stone, _ := json.Marshal(tokens.Tombstone{MovedTo: "Redis under hash-tagged keys (upgrade this sidecar)", MovedAt: r.c.clock.Now().UTC()})
+	err = r.c.call(ctx, "store", func(ctx context.Context) error {
+		return r.c.durably(ctx, old, func(p redis.Pipeliner) { p.Set(ctx, old, stone, 0) })
+	})
+	if err == nil {
+		r.c.logger().Info("a token record at its Redis key from before the hash tags was replaced by a tombstone (moved to, or already at, its hash-tagged key)", zap.String("key", key), zap.Bool("copied", copyValue))
+	}
+	return err
 }
 
 // List lists the keys under path as Caddy's storage does: recursive, every
@@ -153,45 +246,79 @@ func childrenOf(keys []string, path string, recursive bool) []string {
 // The lock is kept alive in the background until Unlock; if this process
 // dies, it frees itself within redisLockTTL.
 func (r *Records) Lock(ctx context.Context, name string) error {
+	l, err := r.acquire(ctx, LockKey(name), name)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	old := r.held[name]
+	r.held[name] = l
+	r.mu.Unlock()
+	if old != nil { // ours, expired without an Unlock
+		old.stop()
+		<-old.done
+	}
+	return nil
+}
+
+// The lock is a key set if absent to this holder's random token (as
+// bsm/redislock, which earlier versions used, sets it: the two exclude
+// each other on one key), refreshed and released only by its holder.
+var (
+	refreshLockScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+	return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0`)
+	releaseLockScript = redis.NewScript(`
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+	return redis.call('DEL', KEYS[1])
+end
+return 0`)
+)
+
+// acquire takes the lock at the Redis key (name, for logs), blocking until
+// it holds it, ctx is done, or Redis fails; it is kept fresh every third
+// of its TTL until released.
+func (r *Records) acquire(ctx context.Context, key, name string) (*heldRedisLock, error) {
 	backoff := 5 * time.Millisecond
+	token := tokens.RandomID()
 	for {
-		var l *redislock.Lock
+		var got bool
 		err := r.c.call(ctx, "lock", func(cctx context.Context) error {
-			var err error
-			l, err = r.c.locker.Obtain(cctx, r.lockKey(name), r.lockTTL(), nil)
-			if errors.Is(err, redislock.ErrNotObtained) {
-				return nil // not an outage
+			var cmd *redis.BoolCmd
+			err := r.c.durably(cctx, key, func(p redis.Pipeliner) {
+				cmd = p.SetNX(cctx, key, token, r.lockTTL())
+			})
+			if cmd != nil {
+				got = cmd.Val()
 			}
 			return err
 		})
 		if err != nil {
-			return err
+			if got {
+				// Taken, but not held as durably as it must be: let go.
+				r.release(&heldRedisLock{key: key, token: token})
+			}
+			return nil, err
 		}
-		if l != nil {
-			r.keepFresh(name, l)
-			return nil
+		if got {
+			return r.keepFresh(name, key, token), nil
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("waiting for the Redis lock %s: %w", name, ctx.Err())
+			return nil, fmt.Errorf("waiting for the Redis lock %s: %w", name, ctx.Err())
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 100*time.Millisecond)
 	}
 }
 
-// keepFresh refreshes a held lock every third of its TTL until Unlock.
-func (r *Records) keepFresh(name string, l *redislock.Lock) {
+// keepFresh refreshes a held lock every third of its TTL until it is
+// released.
+func (r *Records) keepFresh(name, key, token string) *heldRedisLock {
 	ctx, stop := context.WithCancel(context.Background())
-	h := &heldRedisLock{lock: l, stop: stop, done: make(chan struct{})}
-	r.mu.Lock()
-	old := r.held[name]
-	r.held[name] = h
-	r.mu.Unlock()
-	if old != nil { // ours, expired without an Unlock
-		old.stop()
-		<-old.done
-	}
+	h := &heldRedisLock{key: key, token: token, stop: stop, done: make(chan struct{})}
 	go func() {
 		defer close(h.done)
 		ttl := r.lockTTL()
@@ -204,14 +331,30 @@ func (r *Records) keepFresh(name string, l *redislock.Lock) {
 			case <-t.C:
 			}
 			rctx, cancel := context.WithTimeout(ctx, ttl/3)
-			err := l.Refresh(rctx, ttl, nil)
+			n, err := refreshLockScript.Run(rctx, r.c.client, []string{key}, token, ttl.Milliseconds()).Int()
 			cancel()
-			if errors.Is(err, redislock.ErrNotObtained) {
+			if err == nil && n == 0 {
 				r.c.logger().Error("a Redis lock expired while held: another sidecar may have refreshed the same refresh token", zap.String("lock", name))
 				return
 			}
 		}
 	}()
+	return h
+}
+
+// release stops refreshing a held lock and lets go of it (bounded; an
+// error leaves it to expire).
+func (r *Records) release(h *heldRedisLock) error {
+	if h.stop != nil {
+		h.stop()
+		<-h.done
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), tokens.SharedCallLimit)
+	defer cancel()
+	return r.c.call(ctx, "unlock", func(ctx context.Context) error {
+		// 0: expired meanwhile (logged by keepFresh), or taken since.
+		return releaseLockScript.Run(ctx, r.c.client, []string{h.key}, h.token).Err()
+	})
 }
 
 func (r *Records) Unlock(ctx context.Context, name string) error {
@@ -225,11 +368,7 @@ func (r *Records) Unlock(ctx context.Context, name string) error {
 	h.stop()
 	<-h.done
 	return r.c.call(ctx, "unlock", func(ctx context.Context) error {
-		err := h.lock.Release(ctx)
-		if errors.Is(err, redislock.ErrLockNotHeld) {
-			return nil // expired meanwhile; logged by keepFresh
-		}
-		return err
+		return releaseLockScript.Run(ctx, r.c.client, []string{h.key}, h.token).Err()
 	})
 }
 

@@ -32,9 +32,8 @@ func FailoverOptions(cfg SentinelConfig) (*redis.FailoverOptions, error) {
 		return nil, fmt.Errorf("redis sentinel %s: no Sentinel address (sentinel <master> <host:port>...)", cfg.Master)
 	}
 	for _, a := range cfg.Addrs {
-		host, port, err := net.SplitHostPort(a)
-		if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
-			return nil, fmt.Errorf("redis sentinel %s: %q is not a host:port address", cfg.Master, a)
+		if err := checkAddr(a); err != nil {
+			return nil, fmt.Errorf("redis sentinel %s: %v", cfg.Master, err)
 		}
 	}
 	opts := &redis.FailoverOptions{
@@ -68,4 +67,69 @@ func RedactSentinel(cfg SentinelConfig) string {
 		s += " tls"
 	}
 	return s
+}
+
+// ClusterConfig is a Redis Cluster: its seed nodes' host:port addresses
+// (any of them; the client learns the others) and how to log in.
+type ClusterConfig struct {
+	Addrs    []string
+	Username string
+	Password string
+	TLS      bool
+}
+
+// ClusterOptions checks a Cluster setting without connecting and returns
+// the options of a cluster client (redis.NewClusterClient), every call
+// bounded as ParseRedisURL bounds it. Its errors never hold the password.
+func ClusterOptions(cfg ClusterConfig) (*redis.ClusterOptions, error) {
+	if len(cfg.Addrs) == 0 {
+		return nil, errors.New("redis cluster: no node address (cluster <host:port>...)")
+	}
+	for _, a := range cfg.Addrs {
+		if err := checkAddr(a); err != nil {
+			return nil, fmt.Errorf("redis cluster: %v", err)
+		}
+	}
+	opts := &redis.ClusterOptions{
+		Addrs:        append([]string(nil), cfg.Addrs...),
+		Username:     cfg.Username,
+		Password:     cfg.Password,
+		DialTimeout:  dialTimeout,
+		ReadTimeout:  ioTimeout,
+		WriteTimeout: ioTimeout,
+		PoolTimeout:  poolTimeout,
+		// A MOVED or ASK answer (a slot migrating, a failover) is followed
+		// once more than a plain retry.
+		MaxRedirects: 3,
+		MaxRetries:   maxRetries,
+	}
+	if cfg.TLS {
+		opts.TLSConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	}
+	return opts, nil
+}
+
+// RedactCluster names a Cluster setting in logs and in the glue's pool
+// key: the addresses, the user and TLS, never the password.
+func RedactCluster(cfg ClusterConfig) string {
+	s := "cluster " + strings.Join(cfg.Addrs, ",")
+	if cfg.Username != "" {
+		s += " user " + cfg.Username
+	}
+	if cfg.Password != "" {
+		s += " password xxxxx"
+	}
+	if cfg.TLS {
+		s += " tls"
+	}
+	return s
+}
+
+// checkAddr checks a host:port address.
+func checkAddr(a string) error {
+	host, port, err := net.SplitHostPort(a)
+	if n, perr := strconv.Atoi(port); err != nil || host == "" || perr != nil || n < 1 || n > 65535 {
+		return fmt.Errorf("%q is not a host:port address", a)
+	}
+	return nil
 }

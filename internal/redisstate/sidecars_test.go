@@ -160,7 +160,7 @@ func TestFallbackKeepsEachSidecarsShareOfTheBudget(t *testing.T) {
 		}
 	}
 	// ...and those turns reached the script's log.
-	if n, _ := client.LLen(ctx, RedisKeyPrefix+"turns:"+tokens.RecordPrefix(owner.id)+"a").Result(); n != 24 {
+	if n, _ := client.LLen(ctx, TurnsKey(owner.id, "a")).Result(); n != 24 {
 		t.Fatalf("the log holds %d turns of the share's window, want 24", n)
 	}
 	// Then the script alone: it counts those 24 (Redis's clock has not

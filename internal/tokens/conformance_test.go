@@ -31,24 +31,26 @@ func TestBackendConformance(t *testing.T) {
 		t.Parallel()
 		tokenstest.BackendSuite(t, func(*testing.T) tokens.Backend { return tokens.NewLocalBackend(clock.New()) }, tokenstest.BackendCaps{})
 	})
-	t.Run("redis", func(t *testing.T) {
-		t.Parallel()
-		r := newRedisSidecars(t)
-		tokenstest.BackendSuite(t, func(t *testing.T) tokens.Backend { return r.sidecar(t).Backend() }, tokenstest.BackendCaps{
-			Shared:       true,
-			SharedTokens: true,
-			TokenLock:    true,
-			Kill:         r.kill,
-			LockExpiry:   redisLockTTL,
-			Listen:       r.listen,
-			Healthy: func(b tokens.Backend) error {
-				if b.(*redisstate.Backend).Down() {
-					return errors.New("the connection counts Redis as down (a call failed)")
-				}
-				return nil
-			},
+	for _, topo := range redisTopologies {
+		t.Run(topo.name, func(t *testing.T) {
+			t.Parallel()
+			r := newRedisSidecars(t, topo.start)
+			tokenstest.BackendSuite(t, func(t *testing.T) tokens.Backend { return r.sidecar(t).Backend() }, tokenstest.BackendCaps{
+				Shared:       true,
+				SharedTokens: true,
+				TokenLock:    true,
+				Kill:         r.kill,
+				LockExpiry:   redisLockTTL,
+				Listen:       r.listen,
+				Healthy: func(b tokens.Backend) error {
+					if b.(*redisstate.Backend).Down() {
+						return errors.New("the connection counts Redis as down (a call failed)")
+					}
+					return nil
+				},
+			})
 		})
-	})
+	}
 }
 
 func TestStorageConformance(t *testing.T) {
@@ -68,27 +70,27 @@ func TestStorageConformance(t *testing.T) {
 			return &certmagic.FileStorage{Path: dirs[t]}
 		})
 	})
-	t.Run("redis", func(t *testing.T) {
-		t.Parallel()
-		// Records live under their keys whatever the client id, so each
-		// case starts on an empty Redis (the cases run one at a time).
-		r := newRedisSidecars(t)
-		client := redis.NewClient(&redis.Options{Addr: r.addr})
-		t.Cleanup(func() { client.Close() })
-		var mu sync.Mutex
-		seen := map[*testing.T]bool{}
-		tokenstest.StorageSuite(t, func(t *testing.T) tokens.Storage {
-			mu.Lock()
-			defer mu.Unlock()
-			if !seen[t] {
-				seen[t] = true
-				if err := client.FlushDB(context.Background()).Err(); err != nil {
-					t.Fatalf("emptying Redis: %v", err)
+	for _, topo := range redisTopologies {
+		t.Run(topo.name, func(t *testing.T) {
+			t.Parallel()
+			// Records live under their keys whatever the client id, so each
+			// case starts on an empty Redis (the cases run one at a time).
+			r := newRedisSidecars(t, topo.start)
+			var mu sync.Mutex
+			seen := map[*testing.T]bool{}
+			tokenstest.StorageSuite(t, func(t *testing.T) tokens.Storage {
+				mu.Lock()
+				defer mu.Unlock()
+				if !seen[t] {
+					seen[t] = true
+					if err := r.flush(context.Background()); err != nil {
+						t.Fatalf("emptying Redis: %v", err)
+					}
 				}
-			}
-			return r.sidecar(t).Records()
+				return r.sidecar(t).Records()
+			})
 		})
-	})
+	}
 }
 
 // redisLockTTL is the Redis locks' TTL in these tests (10 s in
@@ -99,27 +101,99 @@ const redisLockTTL = 300 * time.Millisecond
 // have: those made for one test share a client id (the test's name), so
 // they are sidecars of one client id, and different tests share nothing.
 type redisSidecars struct {
-	addr string
+	*redisServers
 
 	mu     sync.Mutex
 	owners map[tokens.Backend]*fakeOwner
 	cuts   map[tokens.Backend]*cuttableDialer
 }
 
-func newRedisSidecars(t *testing.T) *redisSidecars {
-	return &redisSidecars{addr: startRedis(t), owners: map[tokens.Backend]*fakeOwner{}, cuts: map[tokens.Backend]*cuttableDialer{}}
+func newRedisSidecars(t *testing.T, start func(t *testing.T) *redisServers) *redisSidecars {
+	return &redisSidecars{redisServers: start(t), owners: map[tokens.Backend]*fakeOwner{}, cuts: map[tokens.Backend]*cuttableDialer{}}
+}
+
+// redisServers is Redis as one topology runs it: connect makes a sidecar's
+// connection (its data connections dialled through dial), flush empties
+// every node.
+type redisServers struct {
+	connect func(t *testing.T, owner *fakeOwner, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *redisstate.Conn
+	flush   func(ctx context.Context) error
+}
+
+// redisTopologies are the three ways a sidecar reaches Redis: one server
+// (url), a primary with a replica that three Sentinels watch, and a
+// Cluster of three primaries.
+var redisTopologies = []struct {
+	name  string
+	start func(t *testing.T) *redisServers
+}{
+	{"redis", startRedisServer},
+	{"sentinel", startRedisSentinel},
+	{"cluster", startRedisCluster},
+}
+
+func startRedisServer(t *testing.T) *redisServers {
+	addr := startRedis(t)
+	client := redis.NewClient(&redis.Options{Addr: addr})
+	t.Cleanup(func() { client.Close() })
+	return &redisServers{
+		connect: func(t *testing.T, owner *fakeOwner, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *redisstate.Conn {
+			opts, err := redisstate.ParseRedisURL("redis://" + addr + "/0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts.Dialer = dial
+			return redisstate.New(t.Name(), owner, opts, "redis://"+addr+"/0", zap.NewNop(), func() {})
+		},
+		flush: func(ctx context.Context) error { return client.FlushDB(ctx).Err() },
+	}
+}
+
+func startRedisSentinel(t *testing.T) *redisServers {
+	needBinaries(t, "redis-server")
+	s := testproc.StartSentinel(t, testproc.SentinelConfig{})
+	cfg := redisstate.SentinelConfig{Master: s.MasterName(), Addrs: s.SentinelAddrs()}
+	client := redis.NewFailoverClient(&redis.FailoverOptions{MasterName: cfg.Master, SentinelAddrs: cfg.Addrs})
+	t.Cleanup(func() { client.Close() })
+	return &redisServers{
+		connect: func(t *testing.T, owner *fakeOwner, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *redisstate.Conn {
+			opts, err := redisstate.FailoverOptions(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts.Dialer = dial
+			return redisstate.NewSentinel(t.Name(), owner, opts, redisstate.RedactSentinel(cfg), zap.NewNop(), func() {})
+		},
+		flush: func(ctx context.Context) error { return client.FlushDB(ctx).Err() },
+	}
+}
+
+func startRedisCluster(t *testing.T) *redisServers {
+	needBinaries(t, "redis-server", "redis-cli")
+	c := testproc.StartCluster(t, testproc.RedisConfig{})
+	cfg := redisstate.ClusterConfig{Addrs: c.Addrs()}
+	client := redis.NewClusterClient(&redis.ClusterOptions{Addrs: cfg.Addrs})
+	t.Cleanup(func() { client.Close() })
+	return &redisServers{
+		connect: func(t *testing.T, owner *fakeOwner, dial func(ctx context.Context, network, addr string) (net.Conn, error)) *redisstate.Conn {
+			opts, err := redisstate.ClusterOptions(cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			opts.Dialer = dial
+			return redisstate.NewCluster(t.Name(), owner, opts, redisstate.RedactCluster(cfg), zap.NewNop(), func() {})
+		},
+		flush: func(ctx context.Context) error {
+			return client.ForEachMaster(ctx, func(ctx context.Context, node *redis.Client) error { return node.FlushDB(ctx).Err() })
+		},
+	}
 }
 
 func (r *redisSidecars) sidecar(t *testing.T) *redisstate.Conn {
 	t.Helper()
-	opts, err := redisstate.ParseRedisURL("redis://" + r.addr + "/0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	dialer := &cuttableDialer{}
-	opts.Dialer = dialer.dial
 	owner := newFakeOwner(t.Name())
-	conn := redisstate.New(t.Name(), owner, opts, "redis://"+r.addr+"/0", zap.NewNop(), func() {})
+	conn := r.connect(t, owner, dialer.dial)
 	conn.Records().SetLockTTL(redisLockTTL)
 	t.Cleanup(func() { _ = conn.Destruct() })
 	r.mu.Lock()
@@ -238,8 +312,17 @@ func (d *cuttableDialer) cut() {
 // install (.ci/run installs it).
 func startRedis(t *testing.T) (addr string) {
 	t.Helper()
-	if _, err := exec.LookPath("redis-server"); err != nil {
-		t.Fatal("redis-server is not on PATH, and the Redis conformance cases need it: install it (apt-get install redis-server; CI does)")
-	}
+	needBinaries(t, "redis-server")
 	return testproc.StartRedis(t, testproc.RedisConfig{}).Addr()
+}
+
+// needBinaries fails the test (never skips it) unless every one of names
+// is on PATH.
+func needBinaries(t *testing.T, names ...string) {
+	t.Helper()
+	for _, name := range names {
+		if _, err := exec.LookPath(name); err != nil {
+			t.Fatalf("%s is not on PATH, and the Redis conformance cases need it: install it (apt-get install redis-server, which has redis-cli too; CI does)", name)
+		}
+	}
 }

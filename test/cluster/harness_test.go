@@ -127,6 +127,7 @@ func startFake(t *testing.T, lifetime time.Duration) *fakefortnox.Server {
 // settings are what differ between the tests' sidecars.
 type settings struct {
 	redisURL      string        // "" = no `redis` line (one process, pod-local storage)
+	redisCluster  string        // a Redis Cluster's nodes, comma-separated: `redis { cluster … }` instead
 	maxWait       time.Duration // max_wait, always set explicitly
 	refreshBefore time.Duration // refresh_before (0: 5m, the default)
 	notifyURL     string        // notify's url ("" = no notify block)
@@ -150,6 +151,9 @@ type sidecar struct {
 	logPath  string
 	config   string
 	redisURL string
+	// redisCluster is FORTNOX_REDIS_CLUSTER, the nodes of `redis { cluster
+	// {env.FORTNOX_REDIS_CLUSTER} }` (one placeholder for three addresses).
+	redisCluster string
 
 	mu   sync.Mutex
 	proc *testproc.Proc // nil before the first start
@@ -183,7 +187,10 @@ func (sc *sidecar) configure(s settings) {
 	if s.refreshBefore > 0 {
 		fmt.Fprintf(&opts, "\t\trefresh_before %s\n", s.refreshBefore)
 	}
-	if s.redisURL != "" {
+	switch {
+	case s.redisCluster != "":
+		opts.WriteString("\t\tredis {\n\t\t\tcluster {env.FORTNOX_REDIS_CLUSTER}\n\t\t}\n")
+	case s.redisURL != "":
 		opts.WriteString("\t\tredis {env.FORTNOX_REDIS_URL}\n")
 	}
 	if s.sentinel != "" {
@@ -229,7 +236,7 @@ http://127.0.0.1:%[3]d {
 	if err := os.WriteFile(sc.config, []byte(caddyfile), 0o600); err != nil {
 		sc.t.Fatal(err)
 	}
-	sc.redisURL = s.redisURL
+	sc.redisURL, sc.redisCluster = s.redisURL, s.redisCluster
 }
 
 // start runs the process and waits until it serves.
@@ -251,7 +258,7 @@ func (sc *sidecar) start() {
 	cmd.Env = append(os.Environ(),
 		"FORTNOX_CLIENT_ID="+clientID, "FORTNOX_CLIENT_SECRET="+clientSecret,
 		"FORTNOX_STORAGE_KEY="+encryptionKey, "FORTNOX_WEBHOOK_SECRET="+webhookSecret,
-		"FORTNOX_REDIS_URL="+sc.redisURL, "FORTNOX_NOTIFY_SECRET="+notifySecret,
+		"FORTNOX_REDIS_URL="+sc.redisURL, "FORTNOX_REDIS_CLUSTER="+sc.redisCluster, "FORTNOX_NOTIFY_SECRET="+notifySecret,
 		"XDG_DATA_HOME="+home, "XDG_CONFIG_HOME="+home, "HOME="+home)
 	cmd.Stdout, cmd.Stderr = stderr, stderr
 	proc, err := testproc.Launch(cmd)
@@ -448,11 +455,12 @@ func (sc *sidecar) waitLog(substr string, n int, within time.Duration) {
 	}
 }
 
-// cluster is three sidecars on one Redis.
+// cluster is three sidecars on one Redis (or on a Redis Cluster: nodes).
 type cluster struct {
 	t        *testing.T
 	fake     *fakefortnox.Server
 	redis    *testproc.Redis
+	nodes    *testproc.Cluster
 	sidecars []*sidecar
 }
 
@@ -482,18 +490,34 @@ const eventsChannel = "caddy-fortnox:events:fortnox/" + clientID + "/"
 // cluster's events (each subscribes shortly after it starts).
 func (c *cluster) waitSubscribed() {
 	c.t.Helper()
-	rc := c.redisClient()
 	running := 0
 	for _, sc := range c.sidecars {
 		if sc.up.Load() {
 			running++
 		}
 	}
+	var clients []*redis.Client // a Cluster's nodes count their own subscribers
+	if c.nodes != nil {
+		for _, addr := range c.nodes.Addrs() {
+			rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+			defer rc.Close()
+			clients = append(clients, rc)
+		}
+	} else {
+		clients = append(clients, c.redisClient())
+	}
 	testproc.WaitFor(c.t, "every sidecar subscribes to the cluster's events", 10*time.Second, func() bool {
 		ctx, cancel := redisContext()
 		defer cancel()
-		n, err := rc.PubSubNumSub(ctx, eventsChannel).Result()
-		return err == nil && n[eventsChannel] == int64(running)
+		var subscribed int64
+		for _, rc := range clients {
+			n, err := rc.PubSubNumSub(ctx, eventsChannel).Result()
+			if err != nil {
+				return false
+			}
+			subscribed += n[eventsChannel]
+		}
+		return subscribed == int64(running)
 	})
 }
 

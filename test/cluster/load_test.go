@@ -181,7 +181,7 @@ func TestSharedRateBudget(t *testing.T) {
 	// tokens need) costs requests no fsync.
 	ctx, cancel := redisContext()
 	defer cancel()
-	if n := c.redisClient().Exists(ctx, "caddy-fortnox:turns:fortnox/"+clientID+"/"+tenant).Val(); n != 1 {
+	if n := c.redisClient().Exists(ctx, "caddy-fortnox:turns:{fortnox/"+clientID+"/"+tenant+"}").Val(); n != 1 {
 		t.Fatal("the tenant's reservation log is not in Redis")
 	}
 	aof, err := os.ReadFile(appendOnlyFile(t, c.redis.Dir()))

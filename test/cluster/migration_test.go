@@ -68,7 +68,7 @@ func TestRecordsMoveToRedisOnFirstUse(t *testing.T) {
 	}
 	ctx, cancel := redisContext()
 	defer cancel()
-	if n := c.redisClient().Exists(ctx, "caddy-fortnox:record:fortnox/"+clientID+"/"+tenant+".json").Val(); n != 1 {
+	if n := c.redisClient().Exists(ctx, "caddy-fortnox:record:{fortnox/"+clientID+"/"+tenant+"}:fortnox/"+clientID+"/"+tenant+".json").Val(); n != 1 {
 		t.Error("the record is not in Redis")
 	}
 	// b retries after its backoff (a second or two, with jitter) and finds

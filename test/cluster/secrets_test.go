@@ -157,10 +157,10 @@ func TestNoPlaintextTokenInRedisOrLogs(t *testing.T) {
 	secrets := knownSecrets(fake)
 	dump := redisDump(t, rc)
 	for _, want := range []string{
-		"caddy-fortnox:record:fortnox/" + clientID + "/" + chain + ".json",
-		"caddy-fortnox:record:fortnox/" + clientID + "/accounts/" + cc + "/" + account + ".json",
-		"caddy-fortnox:token:fortnox/" + clientID + "/" + cc,
-		"caddy-fortnox:turns:fortnox/" + clientID + "/" + cc,
+		"caddy-fortnox:record:{fortnox/" + clientID + "/" + chain + "}:fortnox/" + clientID + "/" + chain + ".json",
+		"caddy-fortnox:record:{fortnox/" + clientID + "/" + cc + "}:fortnox/" + clientID + "/accounts/" + cc + "/" + account + ".json",
+		"caddy-fortnox:token:{fortnox/" + clientID + "/" + cc + "}:" + cc,
+		"caddy-fortnox:turns:{fortnox/" + clientID + "/" + cc + "}",
 	} {
 		if _, ok := dump[want]; !ok {
 			t.Errorf("Redis has no %s: the scan would prove nothing about it", want)

@@ -314,7 +314,7 @@ func TestSidecarKilledHoldingTheLock(t *testing.T) {
 	time.Sleep(time.Until(lastRefresh(fake, tenant).Add(chainLifetime / 2)))
 	fake.SetTenantFault(tenant, fakefortnox.Fault{Delay: time.Minute})
 	a.mustServe(tenant)
-	lockKey := "caddy-fortnox:lock:fortnox/" + clientID + "/" + tenant
+	lockKey := "caddy-fortnox:lock:{fortnox/" + clientID + "/" + tenant + "}:fortnox/" + clientID + "/" + tenant
 	rc := c.redisClient()
 	testproc.WaitFor(t, "a takes the lock", 5*time.Second, func() bool {
 		ctx, cancel := redisContext()

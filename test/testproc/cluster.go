@@ -12,7 +12,8 @@ import (
 	"github.com/redis/go-redis/v9"
 )
 
-// Cluster is a Redis Cluster of three primaries (no replicas), each its
+// Cluster is a Redis Cluster of three primaries (no replicas, unless
+// StartClusterWithReplicas), each its
 // own redis-server process with its own port, cluster bus port and
 // directory on 127.0.0.1. cluster-node-timeout is 1 s, and a cluster that
 // lacks a node's slots refuses every command (cluster_state:fail).
@@ -30,10 +31,79 @@ const clusterNodeTimeout = time.Second
 // test is skipped, or fails in CI.
 func StartCluster(t testing.TB, node RedisConfig) *Cluster {
 	t.Helper()
+	return startCluster(t, node, 0)
+}
+
+// StartClusterWithReplicas is StartCluster with one replica of each
+// primary (six servers): it waits until every primary has its replica
+// connected and in sync. A killed primary is replaced by its replica
+// (cluster-node-timeout 1 s).
+func StartClusterWithReplicas(t testing.TB, node RedisConfig) *Cluster {
+	t.Helper()
+	c := startCluster(t, node, 1)
+	WaitFor(t, "every primary has its replica in sync", 20*time.Second, func() bool {
+		primaries := 0
+		for _, n := range c.nodes {
+			ctx, cancel := callContext()
+			info, err := c.info(ctx, n.Addr())
+			cancel()
+			if err != nil {
+				return false
+			}
+			switch {
+			case strings.Contains(info, "role:master"):
+				if !strings.Contains(info, "connected_slaves:1") || !strings.Contains(info, "state=online") {
+					return false
+				}
+				primaries++
+			case !strings.Contains(info, "master_link_status:up"):
+				return false
+			}
+		}
+		return primaries == 3
+	})
+	return c
+}
+
+// ReplicaOf is the node that replicates the primary at addr (nil: none).
+func (c *Cluster) ReplicaOf(t testing.TB, addr string) *Redis {
+	t.Helper()
+	ctx, cancel := callContext()
+	defer cancel()
+	info, err := c.info(ctx, addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(info, "\r\n") {
+		if !strings.HasPrefix(line, "slave0:") {
+			continue
+		}
+		for _, field := range strings.Split(strings.TrimPrefix(line, "slave0:"), ",") {
+			if port, ok := strings.CutPrefix(field, "port="); ok {
+				for _, n := range c.nodes {
+					if strconv.Itoa(n.Port()) == port {
+						return n
+					}
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// info is INFO replication of the node at addr.
+func (c *Cluster) info(ctx context.Context, addr string) (string, error) {
+	rc := redis.NewClient(&redis.Options{Addr: addr, MaxRetries: -1})
+	defer rc.Close()
+	return rc.Info(ctx, "replication").Result()
+}
+
+func startCluster(t testing.TB, node RedisConfig, replicas int) *Cluster {
+	t.Helper()
 	bin := Binary(t, "redis-server")
 	cli := Binary(t, "redis-cli")
 	c := &Cluster{}
-	for i := range 3 {
+	for i := range 3 * (1 + replicas) {
 		cfg := node
 		cfg.Port, cfg.Dir = 0, t.TempDir()
 		cfg.Args = append(append([]string(nil), node.Args...),
@@ -62,7 +132,7 @@ func StartCluster(t testing.TB, node RedisConfig) *Cluster {
 	}
 	args := []string{"--cluster", "create"}
 	args = append(args, c.Addrs()...)
-	args = append(args, "--cluster-replicas", "0", "--cluster-yes")
+	args = append(args, "--cluster-replicas", strconv.Itoa(replicas), "--cluster-yes")
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if out, err := exec.CommandContext(ctx, cli, args...).CombinedOutput(); err != nil {

@@ -13,3 +13,11 @@ func dieWithParent(cmd *exec.Cmd) {
 	}
 	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL
 }
+
+// pause stops (SIGSTOP) or continues (SIGCONT) a process.
+func pause(p *exec.Cmd, stop bool) error {
+	if stop {
+		return p.Process.Signal(syscall.SIGSTOP)
+	}
+	return p.Process.Signal(syscall.SIGCONT)
+}

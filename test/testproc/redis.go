@@ -230,6 +230,26 @@ func (r *Redis) Kill() {
 	}
 }
 
+// Freeze stops the server's process (SIGSTOP) until the returned thaw is
+// called (SIGCONT; also when the test ends): it holds its connections but
+// answers nothing, as a replica whose host hangs would.
+func (r *Redis) Freeze(t testing.TB) (thaw func()) {
+	t.Helper()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.proc == nil {
+		t.Fatal("Freeze: the server is not running")
+	}
+	cmd := r.proc.Cmd()
+	if err := pause(cmd, true); err != nil {
+		t.Fatalf("Freeze: %v", err)
+	}
+	var once sync.Once
+	thaw = func() { once.Do(func() { _ = pause(cmd, false) }) }
+	t.Cleanup(thaw)
+	return thaw
+}
+
 // Stop ends the server gracefully (SIGTERM: it flushes its append-only
 // file and exits) and waits until it is gone, or kills it after 10 s and
 // says so. Stopping a stopped server does nothing.

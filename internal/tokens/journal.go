@@ -88,10 +88,11 @@ type journal struct {
 	// pending: entries may remain (or the directory was not read yet).
 	pending atomic.Bool
 	kick    chan struct{}
+	every   time.Duration // JournalRetryInterval when the manager was made
 }
 
 func newJournal(m *Manager) *journal {
-	j := &journal{m: m, kick: make(chan struct{}, 1)}
+	j := &journal{m: m, kick: make(chan struct{}, 1), every: JournalRetryInterval}
 	j.pending.Store(true) // read what a stopped process left, once settings are in
 	return j
 }
@@ -351,7 +352,7 @@ func (j *journal) flushEntry(ctx context.Context, s *Settings, e *journalEntry) 
 // reconnect), until the manager is destroyed.
 func (j *journal) loop() {
 	m := j.m
-	t := time.NewTicker(JournalRetryInterval)
+	t := time.NewTicker(j.every)
 	defer t.Stop()
 	for {
 		select {

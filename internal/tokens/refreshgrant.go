@@ -356,7 +356,17 @@ func (g refreshGrant) settle(r rotated) {
 func (g refreshGrant) storeRotated(ctx context.Context, s *Settings, subj Subject, rec *Record, journaled bool) error {
 	m := g.m
 	span := m.tracer.storeSpan(subj, OpSaveRecord)
-	err := s.Records.saveHard(ctx, subj, rec)
+	var err error
+	if journaled {
+		// The journal holds it: one try, and the background retry does
+		// the rest, so the new access token is not held up by a store
+		// that is down.
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), journalWriteLimit)
+		err = s.Records.save(wctx, subj, rec)
+		cancel()
+	} else {
+		err = s.Records.saveHard(ctx, subj, rec)
+	}
 	span.EndErr(err)
 	switch {
 	case err == nil && journaled:

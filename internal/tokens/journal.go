@@ -298,16 +298,43 @@ func (j *journal) flushAll(ctx context.Context) (remain bool) {
 	return remain
 }
 
-// flushEntry writes e's record to the store under the subject's lock,
-// unless the store's record moved on, and deletes e once the store has it
-// (or it was dropped). The caller holds j.mu.
+// flushLockWait is how long a journal flush waits for the subject's
+// lock. A lock left by the rotation that wrote the entry (its holder could
+// not release it while the store was down, or was stopped) lives on until
+// its lease runs out; while the store's record still carries the entry's
+// own in-flight mark, nobody else may write it, and the entry is written
+// without the lock.
+const flushLockWait = 500 * time.Millisecond
+
+// errFlushLockBusy: the lock is held and the record is not marked by the
+// entry's rotation; the entry waits for the next try.
+var errFlushLockBusy = errors.New("the record's lock is held by another writer")
+
+// flushEntry writes e's record to the store, unless the store's record
+// moved on, and deletes e once the store has it (or it was dropped). The
+// caller holds j.mu.
 func (j *journal) flushEntry(ctx context.Context, s *Settings, e *journalEntry) error {
 	m := j.m
 	subj := e.subject()
 	wctx, cancel := context.WithTimeout(ctx, journalWriteLimit)
 	defer cancel()
+	name := LockName(s.Records.ClientID, subj)
+	lctx, lcancel := context.WithTimeout(wctx, flushLockWait)
+	err := s.Records.Storage.Lock(lctx, name)
+	busy := err != nil && lctx.Err() != nil && wctx.Err() == nil
+	lcancel()
+	if err != nil && !busy {
+		return storageError("taking the lock", name, err)
+	}
+	if err == nil {
+		defer func() {
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			defer cancel()
+			_ = s.Records.Storage.Unlock(uctx, name)
+		}()
+	}
 	var outcome string
-	err := s.Records.withLock(wctx, subj, func() error {
+	err = func() error {
 		stored, err := s.Records.load(wctx, subj)
 		if err != nil {
 			return err
@@ -315,7 +342,7 @@ func (j *journal) flushEntry(ctx context.Context, s *Settings, e *journalEntry) 
 		switch {
 		case stored != nil && stored.RefreshToken == e.Record.RefreshToken:
 			outcome = "already stored"
-			if stored.RotatingBy != "" {
+			if stored.RotatingBy != "" && !busy {
 				stored.clearMark()
 				return s.Records.save(wctx, subj, stored)
 			}
@@ -323,6 +350,8 @@ func (j *journal) flushEntry(ctx context.Context, s *Settings, e *journalEntry) 
 		case (stored == nil && e.Spent != tokenHash("")) || (stored != nil && tokenHash(stored.RefreshToken) != e.Spent):
 			outcome = "moved on"
 			return nil
+		case busy && stored.RotatingBy != e.Holder:
+			return errFlushLockBusy
 		}
 		rec := *e.Record
 		rec.clearMark()
@@ -331,7 +360,7 @@ func (j *journal) flushEntry(ctx context.Context, s *Settings, e *journalEntry) 
 		}
 		outcome = "stored"
 		return nil
-	})
+	}()
 	if err != nil {
 		return err
 	}

@@ -242,9 +242,13 @@ func (j *journal) flushSubject(ctx context.Context, s *Settings, subj Subject) e
 	if journalDir(s) == "" {
 		return nil
 	}
+	path := j.path(s, subj)
+	if _, err := os.Stat(path); errors.Is(err, fs.ErrNotExist) {
+		return nil // the usual case, without waiting for a flush of others
+	}
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	e, err := j.read(s, j.path(s, subj))
+	e, err := j.read(s, path)
 	if err != nil {
 		j.m.Logger().Error("a journal entry cannot be read; it is left in place", append(subj.LogFields(), zap.Error(err))...)
 		return nil

@@ -191,9 +191,10 @@ func TestRedisKilledMidRotation(t *testing.T) {
 
 // The holder stopped while Redis is down (SIGTERM, as a rolling restart
 // does; or SIGKILL) and started again on the same disk after Redis is
-// back: until then the others answer 503 refresh_in_progress (the mark
-// lives in Redis), never 403, never spending the token; within 5 s of the
-// holder's start its journal puts the rotated token in Redis.
+// back and the lock it held has run out: until then the others answer
+// 503 refresh_in_progress (the mark lives in Redis), never 403, never
+// spending the token; within 5 s of the holder's start its journal puts
+// the rotated token in Redis.
 func TestHolderRestartedMidRotation(t *testing.T) {
 	t.Parallel()
 	holderRestarted(t, "2100002", false)
@@ -218,7 +219,10 @@ func holderRestarted(t *testing.T, tenant string, kill bool) {
 		t.Fatal(err)
 	}
 	p := r.poll(b, c)
-	time.Sleep(2 * time.Second) // Redis is back, the holder is not
+	// Redis is back, the holder is not, and the lock it held runs out
+	// (its lease, 10 s, was last renewed before Redis died): only the
+	// mark keeps b and c from spending the refresh token meanwhile.
+	time.Sleep(time.Until(r.killedAt.Add(11 * time.Second)))
 	a.start()
 	started := time.Now()
 	took := p.servedAll(t, started, 5*time.Second, b.name, c.name)

@@ -119,6 +119,7 @@ func (p *poller) finish(t *testing.T) (inProgress int) {
 	p.done.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	var bad []string
 	for _, a := range p.answers {
 		if a.took > 10*time.Second {
 			t.Errorf("%s took %v to answer, longer than max_wait", a.sidecar, a.took)
@@ -130,8 +131,12 @@ func (p *poller) finish(t *testing.T) (inProgress int) {
 				inProgress++
 			}
 		default:
-			t.Errorf("%s at %s answered %v; want 503 with Retry-After or 200 (never 403)", a.sidecar, a.at.Format("15:04:05.000"), a.answer)
+			bad = append(bad, a.sidecar+" at "+a.at.Format("15:04:05.000")+": "+a.answer.String())
 		}
+	}
+	if len(bad) > 0 {
+		t.Errorf("%d of %d answers were neither 200 nor 503 with Retry-After (a 403 means a spent token was presented); first: %v",
+			len(bad), len(p.answers), bad[:min(3, len(bad))])
 	}
 	return inProgress
 }

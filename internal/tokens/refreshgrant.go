@@ -266,10 +266,7 @@ func (g refreshGrant) rotationInFlight(s *Settings, subj Subject, rec *Record, l
 	if rec.RotatingBy == "" || rec.RotatingBy == m.holderID {
 		return nil
 	}
-	timeout := s.RotationTimeout
-	if timeout <= 0 {
-		timeout = DefaultRotationTimeout
-	}
+	timeout := rotationTimeout(s)
 	n := m.clock.Now()
 	last := rec.RotatingSince
 	if rec.RotatingRenewed.After(last) {
@@ -283,6 +280,21 @@ func (g refreshGrant) rotationInFlight(s *Settings, subj Subject, rec *Record, l
 		return nil
 	}
 	return &Error{Failure: FailRefreshInProgress, RetryAt: n.Add(time.Second)}
+}
+
+// rotationTimeout is s's rotation_timeout.
+func rotationTimeout(s *Settings) time.Duration {
+	if s.RotationTimeout <= 0 {
+		return DefaultRotationTimeout
+	}
+	return s.RotationTimeout
+}
+
+// markRenewal is how often a holder renews its mark: every
+// MarkRenewInterval, and at least four times per rotation_timeout, so
+// that a live holder's mark never looks stale.
+func markRenewal(s *Settings) time.Duration {
+	return min(MarkRenewInterval, rotationTimeout(s)/4)
 }
 
 // mark writes the in-flight mark into rec and the store (the caller holds
@@ -310,8 +322,8 @@ func (g refreshGrant) unmark(ctx context.Context, s *Settings, subj Subject, rec
 	}
 }
 
-// renewMark renews rec's in-flight mark in the store every
-// MarkRenewInterval until the returned stop is called (which waits for a
+// renewMark renews rec's in-flight mark in the store (see markRenewal)
+// until the returned stop is called (which waits for a
 // renewal being written: the rotated record is written after it).
 func (g refreshGrant) renewMark(s *Settings, subj Subject, rec *Record) (stop func()) {
 	m := g.m
@@ -319,7 +331,8 @@ func (g refreshGrant) renewMark(s *Settings, subj Subject, rec *Record) (stop fu
 	done, exited := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(exited)
-		t := time.NewTicker(MarkRenewInterval)
+		every := markRenewal(s)
+		t := time.NewTicker(every)
 		defer t.Stop()
 		for {
 			select {
@@ -328,7 +341,7 @@ func (g refreshGrant) renewMark(s *Settings, subj Subject, rec *Record) (stop fu
 			case <-t.C:
 			}
 			marked.RotatingRenewed = m.clock.Now().UTC()
-			ctx, cancel := context.WithTimeout(context.Background(), MarkRenewInterval)
+			ctx, cancel := context.WithTimeout(context.Background(), every)
 			_ = s.Records.save(ctx, subj, &marked)
 			cancel()
 		}

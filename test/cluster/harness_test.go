@@ -130,6 +130,8 @@ type settings struct {
 	maxWait       time.Duration // max_wait, always set explicitly
 	refreshBefore time.Duration // refresh_before (0: 5m, the default)
 	notifyURL     string        // notify's url ("" = no notify block)
+	// rotationTimeout is rotation_timeout (0: 10m, the default).
+	rotationTimeout time.Duration
 }
 
 // sidecar is one Caddy process with the fortnox handler on its own port,
@@ -179,6 +181,9 @@ func (sc *sidecar) configure(s settings) {
 	fmt.Fprintf(&opts, "\t\tmax_wait %s\n", s.maxWait)
 	if s.refreshBefore > 0 {
 		fmt.Fprintf(&opts, "\t\trefresh_before %s\n", s.refreshBefore)
+	}
+	if s.rotationTimeout > 0 {
+		fmt.Fprintf(&opts, "\t\trotation_timeout %s\n", s.rotationTimeout)
 	}
 	if s.redisURL != "" {
 		opts.WriteString("\t\tredis {env.FORTNOX_REDIS_URL}\n")

@@ -39,7 +39,7 @@ func killRedisMidRotation(t *testing.T, tenant string) *rotationRig {
 	a.deleteAdmin("/fortnox/tenants/" + tenant + "/token") // the next request rotates
 	r := &rotationRig{t: t, c: c, fake: fake, tenant: tenant, before: fake.TokenRequests("refresh_token", tenant)}
 
-	fake.SetTenantFault(tenant, fakefortnox.Fault{AnswerDelay: 1500 * time.Millisecond})
+	fake.SetTenantFault(tenant, fakefortnox.Fault{AnswerDelay: time.Second})
 	held := make(chan answer, 1)
 	go func() { held <- a.get(tenant) }()
 	testproc.WaitFor(t, "a's refresh-token request reaches Fortnox", 10*time.Second, func() bool {
@@ -227,7 +227,7 @@ func holderRestarted(t *testing.T, tenant string, kill bool) {
 	// Redis is back, the holder is not, and the lock it held runs out
 	// (its lease, 10 s, was last renewed before Redis died): only the
 	// mark keeps b and c from spending the refresh token meanwhile.
-	time.Sleep(time.Until(r.killedAt.Add(11 * time.Second)))
+	time.Sleep(time.Until(r.killedAt.Add(10500 * time.Millisecond)))
 	a.start()
 	started := time.Now()
 	took := p.servedAll(t, started, 5*time.Second, b.name, c.name)

@@ -454,3 +454,59 @@ func TestStaleMarkLetsExactlyOneTry(t *testing.T) {
 		t.Fatal("the rotated record is not in the store")
 	}
 }
+
+// A lock left behind by the rotation that wrote an entry (its holder could
+// not release it while the store was down) does not hold the entry up
+// while the record still carries that rotation's mark; a lock held by
+// another writer, on a record without the entry's mark, does.
+func TestJournalFlushAndALockLeftBehind(t *testing.T) {
+	shortRetry(t, 50*time.Millisecond)
+	r := newJournalRig(t, false)
+	r.seed()
+	m := r.manager()
+	r.store.downAfter.Store(1)
+	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
+		t.Fatalf("TokenFor: %v", err)
+	}
+	lock := LockName(jClient, jSubj)
+	r.store.mu.Lock()
+	r.store.locks[lock] = true // the holder's lock, never released
+	r.store.mu.Unlock()
+	r.store.down.Store(false)
+	r.waitStored(5 * time.Second)
+
+	// Again, but the record lost the mark meanwhile (another writer holds
+	// the lock): the entry waits for the lock.
+	r.store.mu.Lock()
+	delete(r.store.locks, lock)
+	r.store.mu.Unlock()
+	m.Cache.Flush()
+	r.clk.Advance(time.Hour) // the stored access token is due
+	r.store.downAfter.Store(1)
+	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
+		t.Fatalf("TokenFor: %v", err)
+	}
+	// While the store is down: the mark goes (another writer), and the
+	// other writer holds the lock. Then the store answers again.
+	rec := r.records()
+	key := RecordKey(jClient, jSubj)
+	r.store.mu.Lock()
+	stored, err := rec.Decode(key, r.store.data[key])
+	if err != nil || stored.RotatingBy == "" {
+		r.store.mu.Unlock()
+		t.Fatalf("the marked record: %+v, %v", stored, err)
+	}
+	stored.clearMark()
+	r.store.data[key], _ = rec.Encode(key, stored)
+	r.store.locks[lock] = true
+	r.store.mu.Unlock()
+	r.store.down.Store(false)
+	time.Sleep(2*flushLockWait + 200*time.Millisecond) // a try or two
+	if len(r.entries()) != 1 {
+		t.Fatal("the entry was written past another writer's lock")
+	}
+	r.store.mu.Lock()
+	delete(r.store.locks, lock)
+	r.store.mu.Unlock()
+	r.waitStored(5 * time.Second)
+}

@@ -77,7 +77,7 @@ func TestStorageFailureMidRotationKeepsTheTokenInTheJournal(t *testing.T) {
 	recordPath := sc.recordPath("1234567")
 
 	before := fake.TokenRequests("refresh_token", "1234567")
-	advance(fake, 50*time.Second) // the handed-over access token is due for refresh
+	advance(fake, 50*time.Second)                                  // the handed-over access token is due for refresh
 	fake.SetFault(fakefortnox.Fault{AnswerDelay: 2 * time.Second}) // room to break the storage first, also on a loaded machine
 	type answer struct {
 		status int

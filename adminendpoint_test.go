@@ -30,7 +30,7 @@ func TestAppMessagesNeverPointAtTheAdminAPI(t *testing.T) {
 		tokens.FailUnavailable: "token_endpoint_unavailable", tokens.FailStorage: "token_storage_unavailable",
 		tokens.FailConsentRevoked: "consent_revoked", tokens.FailTenantMismatch: "tenant_mismatch",
 		tokens.FailRecordMisplaced: "tenant_mismatch", tokens.FailAccountNotAuthorized: "account_not_authorized",
-		tokens.FailUserMismatch: "account_user_mismatch",
+		tokens.FailUserMismatch: "account_user_mismatch", tokens.FailRefreshInProgress: "refresh_in_progress",
 	}
 	handover := map[tokens.TokenFailure]bool{tokens.FailNoConsent: true, tokens.FailGrantRejected: true, tokens.FailTenantMismatch: true, tokens.FailAccountNotAuthorized: true}
 	for failure, code := range codes {

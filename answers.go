@@ -54,6 +54,7 @@ var errorNumbers = map[string]int{
 	"invalid_client_credentials": 9100201,
 	"bad_token_response":         9100202,
 	"token_endpoint_unavailable": 9100203,
+	"refresh_in_progress":        9100204,
 
 	// The sidecar's own limits and stores (429, 500, 503).
 	"rate_limited":              9100301,

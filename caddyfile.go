@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"reflect"
 	"strconv"
+	"strings"
 	"unsafe"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/tokens"
@@ -138,6 +139,8 @@ func parseCaddyfile(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error)
 //			replica_acks <n>                     # default: the primary's replicas (0 or 1)
 //		}
 //		max_token_requests <n>
+//		journal_dir    <directory>
+//		rotation_timeout <duration>
 //		rate_limit     <requests> <window> | off
 //		max_wait       <duration>
 //		replay_body_limit <size> | off
@@ -245,6 +248,17 @@ func (h *Handler) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("max_token_requests: %q is not a positive number", raw)
 			}
 			h.MaxTokenRequests = n
+		case "journal_dir":
+			if err := oneArg(d, &h.JournalDir); err != nil {
+				return err
+			}
+			if strings.TrimSpace(h.JournalDir) == "" {
+				return d.Errf("journal_dir must name a directory")
+			}
+		case "rotation_timeout":
+			if err := durationArg(d, &h.RotationTimeout); err != nil {
+				return err
+			}
 		case "rate_limit":
 			rl, err := parseRateLimit(d)
 			if err != nil {

@@ -48,6 +48,12 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	suiteLogDir = dir
+	// Caddy's data directory holds the default journal_dir: the suite's
+	// own, not the user's.
+	if err := os.Setenv("XDG_DATA_HOME", filepath.Join(dir, "data")); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	if code == 0 {
 		if err := scanLogsForSecrets(); err != nil {

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"time"
@@ -107,6 +109,21 @@ type Handler struct {
 	// tokens and revocations. Run Redis with appendonly yes and appendfsync
 	// always: it holds the only copy of rotated refresh tokens. Optional.
 	Redis *RedisConfig `json:"redis,omitempty"`
+
+	// Where rotated refresh tokens the token store has not taken yet are
+	// kept, synced to disk (encrypted like records with encryption_key),
+	// until the store has them: a store write that fails (Redis killed, a
+	// full disk) loses no refresh token, also across a restart on the same
+	// disk. Placeholders are resolved. Default: fortnox/journal under
+	// Caddy's data directory (not Caddy's storage module, which may be
+	// what failed).
+	JournalDir string `json:"journal_dir,omitempty"`
+
+	// How long a refresh-token rotation in flight (its mark in the
+	// record) may go without its holder renewing it before another sidecar
+	// tries the last stored refresh token once. Until then, requests that
+	// need the rotated token answer 503 refresh_in_progress. Default: 10m.
+	RotationTimeout caddy.Duration `json:"rotation_timeout,omitempty"`
 
 	// The per-tenant rate limit, shared by all requests of this process for
 	// the same client id. Default: 25 requests per 5s, Fortnox's own limit.
@@ -246,6 +263,17 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 	if err != nil {
 		return err
 	}
+	journalDir, err := h.journalDir(repl)
+	if err != nil {
+		return err
+	}
+	rotationTimeout := time.Duration(h.RotationTimeout)
+	if rotationTimeout == 0 {
+		rotationTimeout = tokens.DefaultRotationTimeout
+	}
+	if rotationTimeout < 0 {
+		return errors.New("rotation_timeout must not be negative")
+	}
 	records := &tokens.Records{Storage: ctx.Storage(), ClientID: clientID, TokenURL: tokenURL, Clock: clk}
 	if records.Keys, err = h.encryptionKeys(repl); err != nil {
 		return err
@@ -277,6 +305,8 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		RetryClientCredentials: retryCC,
 		MaxTokenRequests:       h.MaxTokenRequests,
 		Records:                records,
+		JournalDir:             journalDir,
+		RotationTimeout:        rotationTimeout,
 		Listed:                 h.resolver.listed,
 		Logger:                 h.logger,
 		Notify:                 notify,
@@ -288,6 +318,26 @@ func (h *Handler) Provision(ctx caddy.Context) error {
 		h.tokens.CheckCredentialsSoon(h.settings.Cred, timeout, h.logger)
 	}
 	return nil
+}
+
+// journalDir is journal_dir resolved, absolute, or the default under
+// Caddy's data directory.
+func (h *Handler) journalDir(repl *caddy.Replacer) (string, error) {
+	if strings.TrimSpace(h.JournalDir) == "" {
+		return filepath.Join(caddy.AppDataDir(), "fortnox", "journal"), nil
+	}
+	dir := strings.TrimSpace(repl.ReplaceAll(h.JournalDir, ""))
+	if dir == "" {
+		return "", fmt.Errorf("journal_dir %q resolves to nothing", h.JournalDir)
+	}
+	abs, err := filepath.Abs(dir)
+	if err != nil {
+		return "", fmt.Errorf("journal_dir %q: %v", h.JournalDir, err)
+	}
+	if fi, err := os.Stat(abs); err == nil && !fi.IsDir() {
+		return "", fmt.Errorf("journal_dir %q is a file, not a directory", h.JournalDir)
+	}
+	return abs, nil
 }
 
 // encryptionKeys resolves encryption_key and the previous keys: the first

@@ -56,6 +56,11 @@ const (
 	// failUserMismatch: a named account's token is another Fortnox user's
 	// than the one the account is bound to.
 	FailUserMismatch
+	// failRefreshInProgress: the subject's refresh token is being rotated
+	// (by another sidecar, or this one's rotated record is not in the
+	// store yet): the new one lands shortly. Never a 403: the chain is
+	// alive.
+	FailRefreshInProgress
 )
 
 // Error is what the token manager returns when it has no token for a
@@ -116,6 +121,8 @@ func (e *Error) Error() string {
 		s = "no refresh token is stored for the account"
 	case FailUserMismatch:
 		s = fmt.Sprintf("the token is user %s's, but account %s is bound to user %s", e.TokenUser, e.Account, e.WantUser)
+	case FailRefreshInProgress:
+		s = "the refresh token is being rotated"
 	default:
 		s = "token error"
 	}
@@ -172,6 +179,8 @@ func (e *Error) ErrorCode() string {
 		return "account_not_authorized"
 	case FailUserMismatch:
 		return "account_user_mismatch"
+	case FailRefreshInProgress:
+		return "refresh_in_progress"
 	default:
 		return "token_endpoint_unavailable"
 	}
@@ -209,6 +218,8 @@ func (e *Error) Advice(tenant string) string {
 		return "No refresh token is stored for this user account of tenant " + tenant + ". Connect the user with a signed connect link (fortnox_connect, ?account=<name>&tenant=" + tenant + " signed with link_key: caddy fortnox connect-link) or hand the user's refresh token over: " + handoverStep(tenant, "<name>") + ". Requests without the account header use the service account."
 	case FailUserMismatch:
 		return "Fortnox's token for account " + e.Account + " of tenant " + tenant + " is user " + e.TokenUser + "'s, but the account is bound to user " + e.WantUser + ": it was not used. An operator must delete the account before another user can be connected under its name."
+	case FailRefreshInProgress:
+		return "The refresh token of " + e.whose(tenant) + " is being rotated (by another sidecar, or the rotated one is on its way to the token store); the new token lands shortly. Retry after the number of seconds in Retry-After."
 	case FailStorage:
 		if msg := recordRefusalAdvice(e.Cause, e.whose(tenant)); msg != "" {
 			return msg

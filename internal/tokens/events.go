@@ -81,6 +81,7 @@ func (m *Manager) forget(subj Subject) {
 // time. Resyncs that arrive while a pass runs are folded into one more
 // pass after it.
 func (m *Manager) Resync() {
+	m.journal.wake() // the store answers again: what the journal holds goes first
 	if !m.resyncs.begin() {
 		return
 	}

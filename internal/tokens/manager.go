@@ -79,6 +79,12 @@ type Settings struct {
 	Logger  *zap.Logger
 	// notify is where the app hears of state changes (nil: nowhere).
 	Notify *NotifySettings
+	// JournalDir is where rotated refresh tokens the store has not taken
+	// yet are kept (journal_dir; "": none, unit tests).
+	JournalDir string
+	// RotationTimeout: a rotation in flight whose holder has not renewed
+	// its mark for this long is given up (0: DefaultRotationTimeout).
+	RotationTimeout time.Duration
 	// listed holds the TenantIds the config names (`tenant` lines): known
 	// tenants, which log lines may name (see namedInLogLocked).
 	Listed map[string]struct{}
@@ -264,6 +270,11 @@ type Manager struct {
 	notes *notifier
 	// resyncs runs one revalidation pass at a time after reconnects.
 	resyncs resyncRuns
+
+	// journal keeps rotated refresh tokens the store has not taken yet;
+	// holderID names this manager in the in-flight marks it writes.
+	journal  *journal
+	holderID string
 }
 
 func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
@@ -291,7 +302,10 @@ func NewManager(tokenURL, clientID string, clk *clock.Clock) *Manager {
 	m.sharing = sharing{m}
 	m.sweeper = sweeper{m}
 	m.revalidator = revalidator{m}
+	m.journal = newJournal(m)
+	m.holderID = newHolderID()
 	go m.sweeper.sweep(sweepInterval)
+	go m.journal.loop()
 	go m.keeper.keepAliveLoop()
 	go m.notes.run()
 	return m
@@ -377,6 +391,7 @@ func (m *Manager) Destruct() error {
 	case <-time.After(destroyGrace):
 		m.Logger().Error("a refresh-token request sent to Fortnox had no answer within the shutdown grace period; if Fortnox rotated the refresh token, the customer must authorize again")
 	}
+	m.journal.flushAtShutdown()
 	m.Cache.Flush()
 	return nil
 }

@@ -182,12 +182,14 @@ func (o Ops) keepAnswerFor(ctx context.Context, s *Settings, subj Subject, rec *
 	}
 	var kept keptAnswer
 	issued := m.clock.Now()
+	spent := tokenHash(rec.RefreshToken)
 	m.refresh.keepAnswer(rec, answer, issued, subj)
 	if subj.Account == "" {
 		rec.ConsentRevokedAt = time.Time{}
 	}
-	if err := m.refresh.storeRotated(ctx, s, subj, rec); err != nil {
-		kept.failure = opErrorf(OpStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept in memory and saved on the next token request", subj, err)
+	journaled := m.refresh.journalRotated(s, subj, spent, rec)
+	if err := m.refresh.storeRotated(ctx, s, subj, rec, journaled); err != nil {
+		kept.failure = opErrorf(OpStorage, "token_storage_unavailable", "storing the new refresh token for %s failed (%v); it is kept (in the journal, or in memory) and saved when the store answers again", subj, err)
 	}
 	if subj.Account != "" {
 		m.CacheToken(subj, GrantRefreshToken, answer.AccessToken, issued, answer.Lifetime, s.RefreshBefore)

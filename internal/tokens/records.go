@@ -93,8 +93,22 @@ type Record struct {
 	// it is sent nowhere else (see otherTokenURLError). A record written
 	// before records carried it takes the configured token_url on its next
 	// write.
-	TokenURL  string    `json:"token_url,omitempty"`
-	UpdatedAt time.Time `json:"updated_at"`
+	TokenURL string `json:"token_url,omitempty"`
+	// RotatingBy marks a rotation in flight: the holder (a random id of
+	// one sidecar's manager) wrote it under the record's lock before it
+	// sent RefreshToken to Fortnox, since RotatingSince, and renews
+	// RotatingRenewed while its request is pending. The write of the
+	// rotated record clears it. While it is live, no other sidecar spends
+	// RefreshToken (see rotationInFlight).
+	RotatingBy      string    `json:"rotating_by,omitempty"`
+	RotatingSince   time.Time `json:"rotating_since,omitzero"`
+	RotatingRenewed time.Time `json:"rotating_renewed,omitzero"`
+	UpdatedAt       time.Time `json:"updated_at"`
+}
+
+// clearMark removes the in-flight mark.
+func (r *Record) clearMark() {
+	r.RotatingBy, r.RotatingSince, r.RotatingRenewed = "", time.Time{}, time.Time{}
 }
 
 // liveRefreshToken says whether the record holds a refresh token that may

@@ -99,6 +99,11 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 	}
 	ctx, cancel := context.WithTimeout(m.ctx, LockBudget+s.TokenTimeout)
 	defer cancel()
+	// What this process rotated and the store has not taken yet goes
+	// first: its refresh token is the only live one.
+	if err := m.journal.flushSubject(ctx, s, subj); err != nil {
+		return nil, g.storageFailure(subj, err)
+	}
 	if err := g.saveUnsaved(ctx, s, subj); err != nil {
 		return nil, g.storageFailure(subj, err)
 	}
@@ -122,6 +127,9 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 			return nil, g.failedWithoutRequest(subj, terr)
 		}
 		return t, nil
+	}
+	if terr := g.rotationInFlight(s, subj, rec, false); terr != nil {
+		return nil, terr
 	}
 
 	var token *Token
@@ -149,6 +157,14 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 			failure = &Error{Failure: FailGrantRejected, Code: "invalid_grant", Description: "rejected earlier; waiting for a new refresh token"}
 			return nil
 		}
+		if failure = g.rotationInFlight(s, subj, rec, true); failure != nil {
+			return nil
+		}
+		// The mark is in the store before the refresh token leaves: no
+		// other sidecar spends it meanwhile.
+		if err := g.mark(ctx, s, subj, rec); err != nil {
+			return err
+		}
 		if r = g.refreshStored(ctx, s, subj, rec); r.failure != nil {
 			failure = r.failure
 			return nil
@@ -164,6 +180,8 @@ func (g refreshGrant) token(s *Settings, subj Subject, stale *Token) (*Token, er
 		return nil, errNoRefreshToken
 	case err != nil:
 		return nil, g.storageFailure(subj, err)
+	case failure != nil && failure.Failure == FailRefreshInProgress:
+		return nil, failure // no backoff: the rotated token lands shortly
 	case failure != nil:
 		m.RecordFailure(subj, GrantRefreshToken, failure, took)
 		return nil, failure
@@ -193,24 +211,145 @@ type rotated struct {
 func (g refreshGrant) refreshStored(ctx context.Context, s *Settings, subj Subject, rec *Record) rotated {
 	m := g.m
 	span := m.tracer.childSpan(subj, SpanTokenRequest, trace.WithAttributes(AttrGrant.String(string(GrantRefreshToken))))
+	stopRenewing := g.renewMark(s, subj, rec)
 	answer, took, stored, err := g.spendRefreshToken(s, rec.RefreshToken)
+	stopRenewing()
 	span.endAnswer(answer, err)
 	defer stored()
+	spent := tokenHash(rec.RefreshToken)
 	r := rotated{took: took}
 	if err != nil {
+		rec.clearMark()
 		r.failure = g.refreshRefused(ctx, s, subj, rec, err)
+		if r.failure.Failure != FailGrantRejected {
+			g.unmark(ctx, s, subj, rec)
+		}
 		return r
 	}
-	// The old refresh token is dead now: the new one goes to storage
-	// before the access token is used.
+	// The old refresh token is dead now: the new one goes to the journal
+	// and to storage before the access token is used.
 	if terr := checkTokenBinding(answer.AccessToken, subj, GrantRefreshToken, rec.UserID); terr != nil {
+		rec.clearMark()
 		r.stranded, r.failure = m.quarantine.strand(ctx, s, subj, rec, answer, terr)
 		return r
 	}
 	r.answer, r.issued = answer, m.clock.Now()
 	g.keepAnswer(rec, answer, r.issued, subj)
-	_ = g.storeRotated(ctx, s, subj, rec)
+	journaled := g.journalRotated(s, subj, spent, rec)
+	_ = g.storeRotated(ctx, s, subj, rec, journaled)
 	return r
+}
+
+// journalRotated writes the rotated record to the journal, synced to disk,
+// and reports whether it is there.
+func (g refreshGrant) journalRotated(s *Settings, subj Subject, spent string, rec *Record) bool {
+	m := g.m
+	if journalDir(s) == "" {
+		return false
+	}
+	if err := m.journal.write(s, subj, spent, rec); err != nil {
+		m.Logger().Error("the rotated refresh token could not be written to the journal (journal_dir): until the store has it, it is only in memory",
+			append(subj.LogFields(), zap.Error(err))...)
+		return false
+	}
+	return true
+}
+
+// rotationInFlight answers a subject whose record carries another
+// holder's live in-flight mark: its refresh token may be spent already,
+// so it is not sent again; the rotated one lands shortly (503
+// refresh_in_progress). A mark not renewed for rotation_timeout has no live
+// holder: the last stored refresh token is then tried once (locked: the
+// caller holds the lock and takes the mark itself).
+func (g refreshGrant) rotationInFlight(s *Settings, subj Subject, rec *Record, locked bool) *Error {
+	m := g.m
+	if rec.RotatingBy == "" || rec.RotatingBy == m.holderID {
+		return nil
+	}
+	timeout := rotationTimeout(s)
+	n := m.clock.Now()
+	last := rec.RotatingSince
+	if rec.RotatingRenewed.After(last) {
+		last = rec.RotatingRenewed
+	}
+	if n.Sub(last) >= timeout {
+		if locked {
+			m.Logger().Warn("a rotation of the refresh token in flight has had no live holder for rotation_timeout: the last stored refresh token is tried once, and Fortnox's answer decides",
+				append(subj.LogFields(), zap.Time("rotating_since", rec.RotatingSince), zap.Time("renewed_at", rec.RotatingRenewed), zap.Duration("rotation_timeout", timeout))...)
+		}
+		return nil
+	}
+	return &Error{Failure: FailRefreshInProgress, RetryAt: n.Add(time.Second)}
+}
+
+// rotationTimeout is s's rotation_timeout.
+func rotationTimeout(s *Settings) time.Duration {
+	if s.RotationTimeout <= 0 {
+		return DefaultRotationTimeout
+	}
+	return s.RotationTimeout
+}
+
+// markRenewal is how often a holder renews its mark: every
+// MarkRenewInterval, and at least four times per rotation_timeout, so
+// that a live holder's mark never looks stale.
+func markRenewal(s *Settings) time.Duration {
+	return min(MarkRenewInterval, rotationTimeout(s)/4)
+}
+
+// mark writes the in-flight mark into rec and the store (the caller holds
+// the subject's lock). An error: the mark is not stored, and the refresh
+// token is not sent.
+func (g refreshGrant) mark(ctx context.Context, s *Settings, subj Subject, rec *Record) error {
+	m := g.m
+	n := m.clock.Now().UTC()
+	rec.RotatingBy, rec.RotatingSince, rec.RotatingRenewed = m.holderID, n, n
+	span := m.tracer.storeSpan(subj, OpSaveRecord)
+	err := s.Records.saveHard(ctx, subj, rec)
+	span.EndErr(err)
+	if err != nil {
+		rec.clearMark()
+	}
+	return err
+}
+
+// unmark clears the mark after a refresh that rotated nothing (best
+// effort: a mark left behind is given up after rotation_timeout).
+func (g refreshGrant) unmark(ctx context.Context, s *Settings, subj Subject, rec *Record) {
+	if err := s.Records.save(context.WithoutCancel(ctx), subj, rec); err != nil {
+		g.m.Logger().Warn("could not clear the in-flight mark of a refresh that rotated nothing; other sidecars answer refresh_in_progress until rotation_timeout",
+			append(subj.LogFields(), zap.Error(err))...)
+	}
+}
+
+// renewMark renews rec's in-flight mark in the store (see markRenewal)
+// until the returned stop is called (which waits for a
+// renewal being written: the rotated record is written after it).
+func (g refreshGrant) renewMark(s *Settings, subj Subject, rec *Record) (stop func()) {
+	m := g.m
+	marked := *rec
+	done, exited := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(exited)
+		every := markRenewal(s)
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+			}
+			marked.RotatingRenewed = m.clock.Now().UTC()
+			ctx, cancel := context.WithTimeout(context.Background(), every)
+			_ = s.Records.save(ctx, subj, &marked)
+			cancel()
+		}
+	}()
+	return func() {
+		close(done)
+		<-exited
+	}
 }
 
 // settle says where a stranded refresh token went: the quarantine, never
@@ -222,15 +361,34 @@ func (g refreshGrant) settle(r rotated) {
 }
 
 // storeRotated writes a record that holds a new refresh token (the old one
-// is dead). If storage still fails, the record is kept in memory and
-// written before any further refresh of the subject, and the loudest line
-// says so.
-func (g refreshGrant) storeRotated(ctx context.Context, s *Settings, subj Subject, rec *Record) error {
+// is dead), and deletes its journal entry once the store has it. If
+// storage still fails, the journal keeps it (journaled) and the background
+// retry writes it when the store answers again; without a journal entry it
+// is kept in memory and written before any further refresh of the subject,
+// and the loudest line says so.
+func (g refreshGrant) storeRotated(ctx context.Context, s *Settings, subj Subject, rec *Record, journaled bool) error {
 	m := g.m
 	span := m.tracer.storeSpan(subj, OpSaveRecord)
-	err := s.Records.saveHard(ctx, subj, rec)
+	var err error
+	if journaled {
+		// The journal holds it: one try, and the background retry does
+		// the rest, so the new access token is not held up by a store
+		// that is down.
+		wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), journalWriteLimit)
+		err = s.Records.save(wctx, subj, rec)
+		cancel()
+	} else {
+		err = s.Records.saveHard(ctx, subj, rec)
+	}
 	span.EndErr(err)
-	if err != nil {
+	switch {
+	case err == nil && journaled:
+		m.journal.remove(s, subj)
+	case err != nil && journaled:
+		m.journal.pending.Store(true)
+		m.Logger().Error("the new refresh token could not be saved to the store: it is kept in the journal (journal_dir) and written to the store as soon as it answers again, also after a restart on the same disk",
+			append(subj.LogFields(), zap.Error(err))...)
+	case err != nil:
 		m.ledger.keepUnsaved(subj.Key(), rec)
 		m.Logger().Error("THE NEW REFRESH TOKEN COULD NOT BE SAVED: it is kept in memory and written on the next token request for the tenant; do not restart this process before storage works again",
 			append(subj.LogFields(), zap.Error(err))...)
@@ -267,6 +425,7 @@ func (g refreshGrant) keepAnswer(rec *Record, answer *Answer, issued time.Time, 
 	rec.ExpiresAt = issued.Add(answer.Lifetime).UTC()
 	rec.RejectedAt = time.Time{}
 	rec.MismatchTenant, rec.MismatchAt = "", time.Time{}
+	rec.clearMark() // the write of the rotated record clears the mark
 }
 
 // refreshRefused turns a failed refresh into the subject's failure, and

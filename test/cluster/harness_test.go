@@ -134,6 +134,8 @@ type settings struct {
 	// sentinel is `<master> <host:port>...` for a `redis { sentinel … }`
 	// block instead of redisURL.
 	sentinel string
+	// rotationTimeout is rotation_timeout (0: 10m, the default).
+	rotationTimeout time.Duration
 }
 
 // sidecar is one Caddy process with the fortnox handler on its own port,
@@ -186,6 +188,9 @@ func (sc *sidecar) configure(s settings) {
 	fmt.Fprintf(&opts, "\t\tmax_wait %s\n", s.maxWait)
 	if s.refreshBefore > 0 {
 		fmt.Fprintf(&opts, "\t\trefresh_before %s\n", s.refreshBefore)
+	}
+	if s.rotationTimeout > 0 {
+		fmt.Fprintf(&opts, "\t\trotation_timeout %s\n", s.rotationTimeout)
 	}
 	switch {
 	case s.redisCluster != "":

@@ -2,6 +2,7 @@ package redisstate
 
 import (
 	"context"
+	"sync/atomic"
 	"time"
 
 	"github.com/caddy-fortnox/caddy-fortnox/internal/ratelimit"
@@ -19,10 +20,12 @@ import (
 // While Redis cannot be reached, the in-process limiter (local) takes
 // over, admitting this sidecar's share: floor(limit ÷ the sidecars seen in
 // the last minute) per window per tenant, at least 1 (Conn.Sidecars, the
-// last count the registry gave). The log is not replicated nor persisted
-// (see turnScript), so after a Redis restart or failover it may have
-// forgotten the turns of the last window; and while Redis was down, the
-// sidecars' turns did not reach it. So for a window (and a probe interval,
+// last count the registry gave); it starts only once the turns Redis gave
+// before the outage are out of the window (outageGate). The log reaches
+// replicas but is not persisted (see turnScript), so after a Redis restart
+// it has forgotten the turns of the last window (a failover to a replica
+// that lagged, the last few); and while Redis was down, the sidecars'
+// turns did not reach it. So for a window (and a probe interval,
 // for the other sidecars to notice too) after Redis becomes reachable
 // again, or after the Conn is made, a turn needs both: one of the share
 // in process, then one of the script (which records it for the others).
@@ -41,6 +44,9 @@ type Limiter struct {
 	window time.Duration // with the margin
 	local  *ratelimit.Limiter
 	gate   outageGate
+	// lastLocal is when (c.clock, unix ns) the latest turn taken in
+	// process alone (Redis down) left: the script's log never saw it.
+	lastLocal atomic.Int64
 }
 
 // NewLimiter is the rate budget of limit requests per window (its margin
@@ -55,48 +61,41 @@ const redisNow = `
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)`
 
-// turnScript reserves a turn: KEYS[1] the reservation log (a list of the
-// reserved times, oldest first, the last `limit` of which count), KEYS[2]
-// the pause (after a 429), KEYS[3] (optional) the tenant's generation;
-// ARGV window, limit, max wait (milliseconds). Now is Redis's clock. It
-// answers {slot, wait, generation}, or {-1, wait, generation} when the
-// wait would be too long (generation 0 when there is no KEYS[3] or no such
-// key), so that a sidecar can learn of a newer generation without a round
-// trip of its own.
+// turnScript reserves a turn: KEYS[1] the reservation log (the reserved
+// times, oldest first, of which the last `limit` count), KEYS[2] the pause
+// (after a 429), KEYS[3] (optional) the tenant's generation; ARGV window,
+// limit, max wait (milliseconds). Now is Redis's clock. It answers {slot,
+// wait, generation}, or {-1, wait, generation} when the wait would be too
+// long (generation 0 when there is no KEYS[3] or no such key), so that a
+// sidecar can learn of a newer generation without a round trip of its own.
 //
-// Its writes stay out of Redis's append-only file (and replicas): the log
-// needs no durability (a Redis restart that forgets it costs at most one
-// window of budget), and with appendfsync always, which the refresh tokens
-// need, each request would otherwise wait for an fsync (measured: b/a
-// throughput 0.56 instead of 0.76, see docs/performance.md).
+// Its writes reach the replicas but stay out of Redis's append-only file:
+// a replica that a failover promotes holds the last window's turns, so a
+// sidecar that did not even notice the failover keeps to the window; but
+// with appendfsync always, which the refresh tokens need, each request
+// would wait for an fsync (measured: b/a throughput 0.56 instead of 0.76,
+// see docs/performance.md), and a restart that forgets the log costs no
+// more than an outage: every sidecar notices it and keeps to its share for
+// a window after (see Limiter).
 //
-// It runs 5 commands per request (TIME, MGET, LINDEX twice, RPUSH; LINDEX
-// once for a tenant's first turn) where its first version ran 8 (9 once a
-// tenant had `limit` turns), and reads and writes the same keys the same
-// way, so that sidecars of both versions can share a log (each redis.call
-// costs Redis about as much as a bare EVALSHA's own work, see
-// docs/performance.md):
-//   - one MGET reads the pause and the generation;
-//   - LINDEX -1 is the latest turn (FIFO keeps every new turn after it) and
-//     LINDEX -limit the turn the next one must be a window after (none
-//     while the log holds fewer than `limit`), with no LLEN: one LRANGE of
-//     the last `limit` measured slower once the log is full;
-//   - the log is trimmed lazily, back to `limit` once it holds twice that
-//     (LTRIM once per `limit` requests, not every request): only its last
-//     `limit` times are ever read;
-//   - PEXPIRE runs only when a turn is the first of its second (floor(slot /
-//     1000) moved on), and then keeps the log a window and 2 s past that
-//     turn: every later turn of the same second is less than 1 s after it,
-//     so the log still outlives each turn by a window and a second. (The
-//     first script's PEXPIRE, a window and 1 s past its own turn, still
-//     covers the later turns of its second by a window.)
+// It runs 3 commands per request: TIME, one MGET of the log, the pause and
+// the generation, and one SET of the log with its time to live. (Each
+// redis.call costs Redis about as much as a bare EVALSHA's own work, see
+// docs/performance.md: the first version ran 8, a list-based one 5.) The
+// log is one string of the last `limit` reserved times, 13 digits each
+// (milliseconds), oldest first: the latest turn is its last 13 characters,
+// and the turn the next one must be a window after is the first of the
+// last `limit`. The SET keeps it a window and a second past the turn it
+// adds, which is the latest, so the log outlives every turn by a window.
 var turnScript = redis.NewScript(TurnScriptSource)
 
-// FirstTurnScriptSource is the turn script before the rewrite that made it
-// cheaper (8 commands a request: TIME, GET, LLEN, two LINDEX, RPUSH, LTRIM,
-// PEXPIRE). It runs nowhere in production: the limiter's tests check the
-// current script against it turn for turn (also sharing one log, as old
-// and new sidecars do during an upgrade), and test/bench measures both.
+// FirstTurnScriptSource is the turn script before the rewrites that made
+// it cheaper (8 commands a request: TIME, GET, LLEN, two LINDEX, RPUSH,
+// LTRIM, PEXPIRE, on a list). It runs nowhere in production: the
+// limiter's tests check the current script against the same model of the
+// window turn for turn, and test/bench measures both. (The two cannot
+// share a log: the current one is a string under the hash-tagged key,
+// which no sidecar before it used, see keys.go.)
 const FirstTurnScriptSource = redisNow + `
 redis.set_repl(redis.REPL_NONE)
 local window = tonumber(ARGV[1])
@@ -123,38 +122,35 @@ return {slot, wait}`
 
 // TurnScriptSource is turnScript's Lua (test/bench measures it).
 const TurnScriptSource = redisNow + `
-redis.set_repl(redis.REPL_NONE)
+redis.set_repl(redis.REPL_REPLICA)
 local window = tonumber(ARGV[1])
 local limit = tonumber(ARGV[2])
 local maxwait = tonumber(ARGV[3])
-local pause, gen
+local v
 if KEYS[3] then
-	local v = redis.call('MGET', KEYS[2], KEYS[3])
-	pause, gen = v[1], v[2]
+	v = redis.call('MGET', KEYS[1], KEYS[2], KEYS[3])
 else
-	pause = redis.call('GET', KEYS[2])
+	v = redis.call('MGET', KEYS[1], KEYS[2])
 end
+local log = v[1] or ''
 local slot = now
-pause = tonumber(pause or 0) or 0
+local pause = tonumber(v[2] or 0) or 0
 if pause > slot then slot = pause end
-local last = redis.call('LINDEX', KEYS[1], -1)
-if last then
-	last = tonumber(last)
+local n = math.floor(#log / 13)
+if n > 0 then
+	local last = tonumber(string.sub(log, -13))
 	if last > slot then slot = last end
-	local first = redis.call('LINDEX', KEYS[1], -limit)
-	if first then
-		local oldest = tonumber(first) + window
+	if n >= limit then
+		local i = (n - limit) * 13
+		local oldest = tonumber(string.sub(log, i + 1, i + 13)) + window
 		if oldest > slot then slot = oldest end
 	end
 end
-gen = tonumber(gen or 0) or 0
+local gen = tonumber(v[3] or 0) or 0
 local wait = slot - now
 if wait > maxwait then return {-1, wait, gen} end
-local len = redis.call('RPUSH', KEYS[1], slot)
-if len >= 2 * limit then redis.call('LTRIM', KEYS[1], -limit, -1) end
-if not last or math.floor(slot / 1000) ~= math.floor(last / 1000) then
-	redis.call('PEXPIRE', KEYS[1], wait + window + 2000)
-end
+if n >= limit then log = string.sub(log, (n - limit + 1) * 13 + 1) end
+redis.call('SET', KEYS[1], log .. string.format('%013d', slot), 'PX', wait + window + 1000)
 return {slot, wait, gen}`
 
 // pauseScript moves the pause (Redis's clock + ARGV[1] milliseconds)
@@ -214,7 +210,11 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 			return waited, ctx.Err()
 		}
 		l.holdShare(key)
-		return l.local.WaitAtMost(ctx, key, maxWait, l.Share())
+		waited, err := l.local.WaitAtMost(ctx, key, maxWait, l.Share())
+		if err == nil {
+			l.lastLocal.Store(max(l.lastLocal.Load(), l.c.clock.Now().UnixNano()))
+		}
+		return waited, err
 	}
 	need := time.Duration(res[1]) * time.Millisecond
 	if res[0] < 0 {
@@ -265,12 +265,15 @@ func (l *Limiter) Share() int {
 // trusts reports whether the script's counts are trusted alone at now:
 // Redis is up, and has been for a window and a probe interval (by then
 // every sidecar with requests has noticed it is back, and the log holds
-// the last window's turns of all of them).
+// the last window's turns of all of them), and this sidecar's last turn
+// taken in process alone (which the log never saw; held by outageGate, it
+// may leave after Redis is back) is a window and a probe interval old.
 func (l *Limiter) trusts(now time.Time) bool {
 	if l.c.Down() {
 		return false
 	}
-	return now.Sub(time.Unix(0, l.c.upSince.Load())) >= l.window+outageProbeEvery
+	since := max(l.c.upSince.Load(), l.lastLocal.Load())
+	return now.Sub(time.Unix(0, since)) >= l.window+outageProbeEvery
 }
 
 func (l *Limiter) Penalize(key string, d time.Duration) {

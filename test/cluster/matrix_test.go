@@ -3,6 +3,7 @@ package cluster
 import (
 	"net/http"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -332,8 +333,9 @@ func TestSentinelFailoverUnderLoad(t *testing.T) {
 	var mu sync.Mutex
 	var answers []sent
 	var wg sync.WaitGroup
-	stop := make(chan struct{})
+	stop, ticking := make(chan struct{}), make(chan struct{})
 	go func() {
+		defer close(ticking)
 		tick := time.NewTicker(125 * time.Millisecond)
 		defer tick.Stop()
 		for i := 0; ; i++ {
@@ -370,6 +372,7 @@ func TestSentinelFailoverUnderLoad(t *testing.T) {
 	})
 	time.Sleep(7 * time.Second)
 	close(stop)
+	<-ticking
 	wg.Wait()
 
 	// Service is back at the start of the last run of served requests
@@ -396,14 +399,20 @@ func TestSentinelFailoverUnderLoad(t *testing.T) {
 		t.Errorf("requests still failed at the end of the test")
 	}
 	// Served is not enough (a sidecar that lost Redis serves its cached
-	// tokens on its share of the budget): the turns reach the new primary
-	// (the turn logs are not replicated, so any there is new).
+	// tokens on its share of the budget): the turns reach the new primary.
 	nc := redis.NewClient(&redis.Options{Addr: s.WaitNewPrimary(t, old, 5*time.Second), MaxRetries: -1})
 	defer nc.Close()
 	ctx, cancel = redisContext()
 	defer cancel()
-	if keys, err := nc.Keys(ctx, "*turns*"+ccTenant).Result(); err != nil || len(keys) == 0 {
-		t.Errorf("the new primary holds no turn log of %s (%v): the sidecars did not follow the failover", ccTenant, err)
+	// The log reaches the replicas (not the AOF), so the new primary held
+	// the turns of the window before the kill; its latest turn must be
+	// one taken after the Sentinels named it.
+	log, err := nc.Get(ctx, "caddy-fortnox:turns:{fortnox/"+clientID+"/"+ccTenant+"}").Result()
+	if err != nil || len(log) < 13 {
+		t.Fatalf("the new primary holds no turn log of %s (%q, %v): the sidecars did not follow the failover", ccTenant, log, err)
+	}
+	if latest, _ := strconv.ParseInt(log[len(log)-13:], 10, 64); time.UnixMilli(latest).Before(named) {
+		t.Errorf("the latest turn in the new primary's log of %s is at %v, before it was named (%v)", ccTenant, time.UnixMilli(latest), named)
 	}
 	checkFortnoxSaw(t, fake)
 }

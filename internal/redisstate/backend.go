@@ -186,10 +186,13 @@ func (r *Backend) FlowResult(ctx context.Context, name string) (string, error) {
 	return result, err
 }
 
-// newerScript remembers the newest event time of a tenant.
+// newerScript remembers the newest event time of a tenant (unix ns, as a
+// decimal string). It compares the strings, not numbers: Lua's numbers are
+// doubles, which cannot tell stamps some 256 ns apart. Without leading
+// zeros, the longer string is the larger number.
 var newerScript = redis.NewScript(`
 local last = redis.call('GET', KEYS[1])
-if last and tonumber(last) >= tonumber(ARGV[1]) then
+if last and (#last > #ARGV[1] or (#last == #ARGV[1] and last >= ARGV[1])) then
 	return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])

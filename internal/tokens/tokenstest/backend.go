@@ -590,6 +590,12 @@ func newerEvent(t *testing.T, s *sidecars) {
 	check(a, tenant.Tenant, at.Add(time.Millisecond), false, "that newer event at another sidecar")
 	check(a, tenant.Tenant, at, false, "the first event replayed after a newer one")
 	check(a, other.Tenant, at.Add(-time.Second), false, "the other tenant's event again")
+	// Stamps are nanoseconds, beyond a float's 53 bits: one a nanosecond
+	// later is newer, one a nanosecond earlier is not.
+	ns := at.Add(time.Hour)
+	check(a, tenant.Tenant, ns, true, "an event an hour later")
+	check(b, tenant.Tenant, ns.Add(time.Nanosecond), true, "an event a nanosecond after it")
+	check(a, tenant.Tenant, ns, false, "the event a nanosecond before the newest")
 }
 
 // AllowInvalidation allows at most max per subject per window, across the

@@ -323,8 +323,7 @@ func (c *Conn) subscribe(logger *zap.Logger) {
 			// pool may refuse to dial for a moment after the subscription
 			// is back, and ok() reads the state once a command works.
 			if c.down.Load() {
-				c.background.Add(1)
-				go c.probeUntilUp()
+				c.startProbing()
 			} else {
 				go c.owner.Resync()
 			}

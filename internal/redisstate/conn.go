@@ -61,8 +61,11 @@ type Conn struct {
 	redacted string // the URL without its password, for logs
 	origin   string // this sidecar, in the events it sends
 
-	down      atomic.Bool  // an outage is under way (logged once)
-	lastProbe atomic.Int64 // unix ns of the last call tried during an outage
+	down atomic.Bool // an outage is under way (logged once)
+	// probing is set while probeUntilUp runs (one at a time); lifecycle
+	// orders its start against Destruct.
+	probing   atomic.Bool
+	lifecycle sync.Mutex
 	// upSince is when (c.clock, unix ns) Redis last became reachable: the
 	// Conn was made, or an outage ended. See Limiter.trusts.
 	upSince atomic.Int64
@@ -209,7 +212,9 @@ func (c *Conn) Down() bool { return c.down.Load() }
 // Destruct implements caddy.Destructor: the last config using this
 // connection is gone.
 func (c *Conn) Destruct() error {
+	c.lifecycle.Lock()
 	c.cancel()
+	c.lifecycle.Unlock()
 	c.background.Wait()
 	c.unregister()
 	c.records.releaseAll()
@@ -236,6 +241,7 @@ func (c *Conn) failed(op string, err error) {
 	}
 	if c.down.CompareAndSwap(false, true) {
 		c.downSince.Store(c.clock.Now().UnixNano())
+		c.startProbing()
 		c.logger().Warn("Redis cannot be reached: valid tokens keep being served, client credentials are fetched directly, the rate limit is kept per sidecar, and refresh tokens wait for Redis (their tenants get 503 once their token expires)",
 			zap.String("op", op), zap.Error(err))
 	}
@@ -256,21 +262,24 @@ func (c *Conn) ok() {
 	}
 }
 
-// outageProbeEvery: during an outage, calls fail at once except one every
-// this often, which finds out whether Redis is back. A slow or unreachable
-// Redis then costs requests nothing.
+// outageProbeEvery: during an outage, calls fail at once, and a probe in
+// the background (probeUntilUp) tries Redis this often to find out whether
+// it is back. A slow or unreachable Redis then costs requests nothing: no
+// request waits for a dial that fails.
 const outageProbeEvery = 500 * time.Millisecond
 
-// call bounds one Redis call and notes its outcome.
+// call bounds one Redis call and notes its outcome; during an outage it
+// fails at once.
 func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context) error) error {
 	if c.down.Load() {
-		last := c.lastProbe.Load()
-		n := time.Now().UnixNano()
-		if n-last < int64(outageProbeEvery) || !c.lastProbe.CompareAndSwap(last, n) {
-			metrics.RedisErrors.Inc()
-			return fmt.Errorf("%w: %s: Redis was unreachable moments ago", tokens.ErrSharedUnavailable, op)
-		}
+		metrics.RedisErrors.Inc()
+		return fmt.Errorf("%w: %s: Redis was unreachable moments ago", tokens.ErrSharedUnavailable, op)
 	}
+	return c.attempt(ctx, op, fn)
+}
+
+// attempt is call without the outage's shortcut (the probe's).
+func (c *Conn) attempt(ctx context.Context, op string, fn func(ctx context.Context) error) error {
 	if err := ctx.Err(); err != nil {
 		return err // the caller gave up: not Redis's failure
 	}
@@ -301,18 +310,42 @@ func (c *Conn) call(ctx context.Context, op string, fn func(ctx context.Context)
 // is noticed without waiting for a request.
 func (c *Conn) probeUntilUp() {
 	defer c.background.Done()
+	for {
+		c.probeWhileDown()
+		c.probing.Store(false)
+		// An outage that began as this one ended found the probe still
+		// running, and started none: this one goes on.
+		if !c.down.Load() || c.ctx.Err() != nil || !c.probing.CompareAndSwap(false, true) {
+			return
+		}
+	}
+}
+
+func (c *Conn) probeWhileDown() {
 	t := time.NewTicker(outageProbeEvery)
 	defer t.Stop()
 	for c.down.Load() {
-		ctx, cancel := context.WithTimeout(c.ctx, tokens.SharedCallLimit)
-		_ = c.call(ctx, "ping", func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
-		cancel()
 		select {
 		case <-c.ctx.Done():
 			return
 		case <-t.C:
 		}
+		ctx, cancel := context.WithTimeout(c.ctx, tokens.SharedCallLimit)
+		_ = c.attempt(ctx, "ping", func(ctx context.Context) error { return c.client.Ping(ctx).Err() })
+		cancel()
 	}
+}
+
+// startProbing starts probeUntilUp unless it runs already or the Conn is
+// being destroyed.
+func (c *Conn) startProbing() {
+	c.lifecycle.Lock()
+	defer c.lifecycle.Unlock()
+	if c.ctx.Err() != nil || !c.probing.CompareAndSwap(false, true) {
+		return
+	}
+	c.background.Add(1)
+	go c.probeUntilUp()
 }
 
 // checkPersistence warns unless a rotated refresh token is on disk before

@@ -183,9 +183,9 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 	//   - Redis trusted alone: the script's turn.
 	//   - The window after Redis came back (or the Conn was made): the
 	//     share's turn, then the script's, which records when it leaves.
-	//   - Redis down: the script first (it fails at once, or it is the
-	//     call that finds out whether Redis is back, which may take a
-	//     while), then the share's turn.
+	//   - Redis down: the script first (it fails at once; a probe in the
+	//     background finds out when Redis is back), then the share's
+	//     turn.
 	down := l.c.Down()
 	shareFirst := !down && !l.trusts(start)
 	var waited time.Duration // for the share's turn

@@ -326,3 +326,40 @@ func TestRedisLimiterOnACluster(t *testing.T) {
 		t.Error("a limiter call failed on the cluster (CROSSSLOT?): the connection counts Redis as down")
 	}
 }
+
+// A Redis that hangs (SIGSTOP) costs each request nothing once the outage
+// is known: the call that met it waited for its bound, every later one
+// fails at once (none waits to find out whether Redis is back: a probe in
+// the background does), and Redis's return is noticed without a request.
+func TestHungRedisCostsRequestsNothing(t *testing.T) {
+	r, _ := startLimiterRedis(t)
+	l := newTestLimiter(t, r.Addr(), 1000, time.Second)
+	c := l.c
+	ctx := context.Background()
+	get := func() error {
+		return c.call(ctx, "get", func(ctx context.Context) error { return c.client.Get(ctx, "k").Err() })
+	}
+	if err := get(); err != nil && !errors.Is(err, redis.Nil) {
+		t.Fatal(err)
+	}
+	thaw := r.Freeze(t)
+	if err := get(); !errors.Is(err, tokens.ErrSharedUnavailable) || !c.Down() {
+		t.Fatalf("a call to a hung Redis: %v, down %v; want an outage", err, c.Down())
+	}
+	var slowest time.Duration
+	for end := time.Now().Add(2 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		start := time.Now()
+		if err := get(); !errors.Is(err, tokens.ErrSharedUnavailable) {
+			t.Fatalf("during the outage: %v", err)
+		}
+		slowest = max(slowest, time.Since(start))
+	}
+	if slowest > 100*time.Millisecond {
+		t.Errorf("with the outage known, a call took %v: a request waited on a hung Redis", slowest)
+	}
+	thaw()
+	waitFor(t, "the outage's end noticed with no request", func() bool { return !c.Down() })
+	if err := get(); err != nil && !errors.Is(err, redis.Nil) {
+		t.Errorf("after the outage: %v", err)
+	}
+}

@@ -155,6 +155,7 @@ func NewCluster(key string, owner Owner, opts *redis.ClusterOptions, redacted st
 // newWithClient is New with its client made: the Conn owns it and closes it
 // in Destruct.
 func newWithClient(key string, owner Owner, client redis.UniversalClient, redacted string, logger *zap.Logger, repick func()) *Conn {
+	logClientTo(logger)
 	ctx, cancel := context.WithCancel(context.Background())
 	origin := make([]byte, 8)
 	_, _ = rand.Read(origin)

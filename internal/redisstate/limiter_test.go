@@ -16,6 +16,7 @@ import (
 	"github.com/caddy-fortnox/caddy-fortnox/test/testproc"
 	"github.com/redis/go-redis/v9"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 )
 
 // firstTurnScript is the turn script before the rewrite: the reference
@@ -361,5 +362,30 @@ func TestHungRedisCostsRequestsNothing(t *testing.T) {
 	waitFor(t, "the outage's end noticed with no request", func() bool { return !c.Down() })
 	if err := get(); err != nil && !errors.Is(err, redis.Nil) {
 		t.Errorf("after the outage: %v", err)
+	}
+}
+
+// go-redis's own lines (a dial that failed) reach the plugin's logger at
+// debug level, not stderr as plain text between Caddy's JSON logs.
+func TestGoRedisLinesGoToTheLogger(t *testing.T) {
+	core, logs := observer.New(zap.DebugLevel)
+	addr := testproc.Addr(testproc.FreePort(t)) // nothing listens there
+	opts, err := ParseRedisURL("redis://" + addr + "/0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := New(t.Name(), limiterOwner{clk: clock.New()}, opts, "redis://"+addr+"/0", zap.New(core), func() {})
+	t.Cleanup(func() { _ = c.Destruct() })
+	err = c.call(context.Background(), "get", func(ctx context.Context) error { return c.client.Get(ctx, "k").Err() })
+	if !errors.Is(err, tokens.ErrSharedUnavailable) {
+		t.Fatalf("a call to nothing: %v", err)
+	}
+	waitFor(t, "go-redis's line about the dial", func() bool {
+		return logs.FilterLoggerName("go-redis").FilterMessageSnippet("failed to dial").Len() > 0
+	})
+	for _, e := range logs.FilterLoggerName("go-redis").All() {
+		if e.Level != zap.DebugLevel {
+			t.Errorf("go-redis's line %q logged at %v, want debug", e.Message, e.Level)
+		}
 	}
 }

@@ -212,7 +212,7 @@ func (l *Limiter) Wait(ctx context.Context, key string, maxWait time.Duration) (
 		l.holdShare(key)
 		waited, err := l.local.WaitAtMost(ctx, key, maxWait, l.Share())
 		if err == nil {
-			l.lastLocal.Store(max(l.lastLocal.Load(), l.c.clock.Now().UnixNano()))
+			raise(&l.lastLocal, l.c.clock.Now().UnixNano())
 		}
 		return waited, err
 	}

@@ -44,23 +44,23 @@ func (g *outageGate) seen(key string) *turnsSeen {
 	return v.(*turnsSeen)
 }
 
-// noteMaxWait keeps the longest max_wait a request asked for.
-func (g *outageGate) noteMaxWait(d time.Duration) {
+// raise sets a to v unless it holds more already.
+func raise(a *atomic.Int64, v int64) {
 	for {
-		cur := g.maxWait.Load()
-		if int64(d) <= cur || g.maxWait.CompareAndSwap(cur, int64(d)) {
+		cur := a.Load()
+		if v <= cur || a.CompareAndSwap(cur, v) {
 			return
 		}
 	}
 }
 
+// noteMaxWait keeps the longest max_wait a request asked for.
+func (g *outageGate) noteMaxWait(d time.Duration) { raise(&g.maxWait, int64(d)) }
+
 // noteTurn records a turn Redis gave at now, leaving after need.
 func (g *outageGate) noteTurn(key string, now time.Time, need time.Duration) {
 	s := g.seen(key)
-	leaves := now.Add(need).UnixNano()
-	if leaves > s.leaves.Load() {
-		s.leaves.Store(leaves)
-	}
+	raise(&s.leaves, now.Add(need).UnixNano())
 	if need > 0 {
 		s.queuedAt.Store(now.UnixNano())
 	}

@@ -313,15 +313,13 @@ func (r *RedisConfig) topology(repl *caddy.Replacer) (*redisTarget, error) {
 		if err != nil {
 			return nil, err
 		}
-		name := redisstate.RedactURL(raw)
 		if username != "" {
 			opts.Username = username
-			name += " user " + username
 		}
 		if password != "" {
 			opts.Password = password
-			name += " password xxxxx"
 		}
+		name := redisstate.RedactURL(raw) + redisstate.RedactLogin(username, password, false)
 		return &redisTarget{
 			name:    name,
 			secrets: secretTag(opts.Password),

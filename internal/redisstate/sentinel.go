@@ -56,14 +56,20 @@ func FailoverOptions(cfg SentinelConfig) (*redis.FailoverOptions, error) {
 // RedactSentinel names a Sentinel setting in logs and in the glue's pool
 // key: the master, the addresses, the user and TLS, never the password.
 func RedactSentinel(cfg SentinelConfig) string {
-	s := "sentinel " + cfg.Master + " " + strings.Join(cfg.Addrs, ",")
-	if cfg.Username != "" {
-		s += " user " + cfg.Username
+	return "sentinel " + cfg.Master + " " + strings.Join(cfg.Addrs, ",") + RedactLogin(cfg.Username, cfg.Password, cfg.TLS)
+}
+
+// RedactLogin is how a setting logs in: its user, that it has a password
+// (never which), and TLS.
+func RedactLogin(user, password string, tls bool) string {
+	var s string
+	if user != "" {
+		s += " user " + user
 	}
-	if cfg.Password != "" {
+	if password != "" {
 		s += " password xxxxx"
 	}
-	if cfg.TLS {
+	if tls {
 		s += " tls"
 	}
 	return s
@@ -112,17 +118,7 @@ func ClusterOptions(cfg ClusterConfig) (*redis.ClusterOptions, error) {
 // RedactCluster names a Cluster setting in logs and in the glue's pool
 // key: the addresses, the user and TLS, never the password.
 func RedactCluster(cfg ClusterConfig) string {
-	s := "cluster " + strings.Join(cfg.Addrs, ",")
-	if cfg.Username != "" {
-		s += " user " + cfg.Username
-	}
-	if cfg.Password != "" {
-		s += " password xxxxx"
-	}
-	if cfg.TLS {
-		s += " tls"
-	}
-	return s
+	return "cluster " + strings.Join(cfg.Addrs, ",") + RedactLogin(cfg.Username, cfg.Password, cfg.TLS)
 }
 
 // checkAddr checks a host:port address.

@@ -190,6 +190,14 @@ func clientSlice(c *benchClient, op func(c *benchClient, i int) error, conc, fir
 // runClients is -compare clients: the client comparison alone, against a
 // redis-server of its own.
 func runClients(o options) error {
+	return withOwnRedis(o, "client comparison", func(rs *redisServer) error {
+		return compareClients(rs, o.scripts, o.tenants)
+	})
+}
+
+// withOwnRedis runs a comparison against a redis-server of its own, in a
+// directory removed afterwards, after a line naming it.
+func withOwnRedis(o options, what string, compare func(*redisServer) error) error {
 	dir, err := os.MkdirTemp("", "fortnox-bench-")
 	if err != nil {
 		return err
@@ -200,6 +208,6 @@ func runClients(o options) error {
 		return err
 	}
 	defer rs.stop()
-	fmt.Printf("client comparison: redis at %s, appendfsync %s\n", rs.addr, o.appendfsync)
-	return compareClients(rs, o.scripts, o.tenants)
+	fmt.Printf("%s: redis at %s, appendfsync %s\n", what, rs.addr, o.appendfsync)
+	return compare(rs)
 }

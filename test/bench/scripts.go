@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
 	"time"
@@ -222,16 +221,7 @@ func parseCommandStat(info, name string) (calls, usec int64, err error) {
 // runScriptsOnly is -compare limiter -rounds 0: the script comparison
 // alone, against a redis-server of its own.
 func runScriptsOnly(o options) error {
-	dir, err := os.MkdirTemp("", "fortnox-bench-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(dir)
-	rs, err := startRedis(dir, o.appendfsync)
-	if err != nil {
-		return err
-	}
-	defer rs.stop()
-	fmt.Printf("script comparison only (-rounds 0): redis at %s, appendfsync %s\n", rs.addr, o.appendfsync)
-	return compareScripts(rs, o.scripts, o.tenants)
+	return withOwnRedis(o, "script comparison only (-rounds 0)", func(rs *redisServer) error {
+		return compareScripts(rs, o.scripts, o.tenants)
+	})
 }

@@ -200,6 +200,17 @@ func (r *journalRig) waitStored(within time.Duration) time.Duration {
 	}
 }
 
+// rotateWithStoreDown has m refresh the subject while the store goes down
+// after one more record write: the mark is written, the rotated record is
+// not (it stays in the journal).
+func (r *journalRig) rotateWithStoreDown(m *Manager) {
+	r.t.Helper()
+	r.store.downAfter.Store(1)
+	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
+		r.t.Fatalf("TokenFor: %v", err)
+	}
+}
+
 // shortRetry makes the journal's background retry run every 50ms.
 func shortRetry(t *testing.T, every time.Duration) {
 	old := JournalRetryInterval
@@ -268,10 +279,7 @@ func TestJournalLeftByAStoppedProcessIsFlushedAtStart(t *testing.T) {
 	r := newJournalRig(t, false)
 	r.seed()
 	a := r.manager()
-	r.store.downAfter.Store(1)
-	if _, err := a.TokenFor(context.Background(), jSubj); err != nil {
-		t.Fatalf("TokenFor: %v", err)
-	}
+	r.rotateWithStoreDown(a)
 	a.cancel() // killed: its loops stop, nothing is flushed
 	time.Sleep(100 * time.Millisecond)
 	if len(r.entries()) != 1 {
@@ -295,10 +303,7 @@ func TestDestructFlushesTheJournal(t *testing.T) {
 	r := newJournalRig(t, true)
 	r.seed()
 	m := r.manager()
-	r.store.downAfter.Store(1)
-	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
-		t.Fatalf("TokenFor: %v", err)
-	}
+	r.rotateWithStoreDown(m)
 	r.store.down.Store(false)
 	if len(r.entries()) != 1 {
 		t.Fatalf("journal entries: %d, want 1", len(r.entries()))
@@ -318,10 +323,7 @@ func TestJournalNeverOverwritesARecordThatMovedOn(t *testing.T) {
 	r := newJournalRig(t, false)
 	r.seed()
 	m := r.manager()
-	r.store.downAfter.Store(1)
-	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
-		t.Fatalf("TokenFor: %v", err)
-	}
+	r.rotateWithStoreDown(m)
 	// An operator hands a new refresh token over meanwhile.
 	handed := r.fake.IssueRefreshToken(jClient, jTenant)
 	r.store.down.Store(false)
@@ -464,10 +466,7 @@ func TestJournalFlushAndALockLeftBehind(t *testing.T) {
 	r := newJournalRig(t, false)
 	r.seed()
 	m := r.manager()
-	r.store.downAfter.Store(1)
-	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
-		t.Fatalf("TokenFor: %v", err)
-	}
+	r.rotateWithStoreDown(m)
 	lock := LockName(jClient, jSubj)
 	r.store.mu.Lock()
 	r.store.locks[lock] = true // the holder's lock, never released
@@ -482,10 +481,7 @@ func TestJournalFlushAndALockLeftBehind(t *testing.T) {
 	r.store.mu.Unlock()
 	m.Cache.Flush()
 	r.clk.Advance(time.Hour) // the stored access token is due
-	r.store.downAfter.Store(1)
-	if _, err := m.TokenFor(context.Background(), jSubj); err != nil {
-		t.Fatalf("TokenFor: %v", err)
-	}
+	r.rotateWithStoreDown(m)
 	// While the store is down: the mark goes (another writer), and the
 	// other writer holds the lock. Then the store answers again.
 	rec := r.records()

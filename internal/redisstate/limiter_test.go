@@ -389,3 +389,39 @@ func TestGoRedisLinesGoToTheLogger(t *testing.T) {
 		}
 	}
 }
+
+// The turn log reaches the replicas (not the append-only file), so a
+// failover keeps the window: the replica the Sentinels promote holds the
+// turns taken on the primary before it died.
+func TestTurnLogSurvivesAFailover(t *testing.T) {
+	s := testproc.StartSentinel(t, testproc.SentinelConfig{})
+	opts, err := FailoverOptions(SentinelConfig{Master: s.MasterName(), Addrs: s.SentinelAddrs()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := NewSentinel(t.Name(), limiterOwner{clk: clock.New()}, opts, "sentinel", zap.NewNop(), func() {})
+	t.Cleanup(func() { _ = c.Destruct() })
+	l := NewLimiter(c, 3, 10*time.Second, ratelimit.New(3, 10*time.Second, nil))
+	for i := range 3 {
+		if waited, err := l.Wait(context.Background(), "a", 0); err != nil || waited != 0 {
+			t.Fatalf("turn %d: waited %v, %v", i+1, waited, err)
+		}
+	}
+	ctx := context.Background()
+	primary, err := s.Primary(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := redis.NewClient(&redis.Options{Addr: primary})
+	defer pc.Close()
+	if n, err := pc.Wait(ctx, 1, 5*time.Second).Result(); err != nil || n < 1 {
+		t.Fatalf("WAIT 1: %d replicas, %v", n, err)
+	}
+	old := s.KillPrimary(t)
+	nc := redis.NewClient(&redis.Options{Addr: s.WaitNewPrimary(t, old, 30*time.Second)})
+	defer nc.Close()
+	log, err := nc.Get(ctx, TurnsKey("limiter-test", "a")).Result()
+	if err != nil || len(log) != 3*13 {
+		t.Fatalf("the promoted replica holds %q (%v), want the three turns taken on the primary", log, err)
+	}
+}
